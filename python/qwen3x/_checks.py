@@ -1,0 +1,184 @@
+"""Input validation shared by every implementation of an op (reference, fake, fallback).
+
+Each check raises ValueError with a message that names the op and what it expected, e.g.
+``qwen3x.rms_norm: expected weight of shape [1024] (the last dim of input), got [512]``.
+The CUDA kernels repeat the checks that guard their memory accesses in C++ (csrc/core).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.int32, torch.int64)
+
+
+def fail(op: str, message: str) -> None:
+    raise ValueError(f"qwen3x.{op}: {message}")
+
+
+def expect(cond: bool, op: str, message: str) -> None:
+    if not cond:
+        fail(op, message)
+
+
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def floating(op: str, name: str, t: torch.Tensor) -> None:
+    expect(t.dtype in _FLOATS, op, f"expected {name} to be a floating tensor (bf16/fp16/fp32/fp64), got {t.dtype}")
+
+
+def integer(op: str, name: str, t: torch.Tensor) -> None:
+    expect(t.dtype in _INTS, op, f"expected {name} to be int32 or int64, got {t.dtype}")
+
+
+def same_device(op: str, **tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    for name, device in devices.items():
+        expect(device == first, op, f"expected all tensors on one device, got {name} on {device} and others on {first}")
+
+
+def rms_norm(op: str, input: torch.Tensor, weight: torch.Tensor) -> None:
+    floating(op, "input", input)
+    floating(op, "weight", weight)
+    expect(input.dim() >= 1, op, "expected input of shape [..., hidden]")
+    expect(
+        weight.dim() == 1 and weight.shape[0] == input.shape[-1],
+        op,
+        f"expected weight of shape [{input.shape[-1]}] (the last dim of input), got {_shape(weight)}",
+    )
+    same_device(op, input=input, weight=weight)
+
+
+def add_rms_norm(op: str, input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> None:
+    rms_norm(op, input, weight)
+    expect(
+        residual.shape == input.shape and residual.dtype == input.dtype,
+        op,
+        f"expected residual like input ({_shape(input)}, {input.dtype}), got {_shape(residual)}, {residual.dtype}",
+    )
+    same_device(op, input=input, residual=residual)
+
+
+def qk_norm_rope(op, q, k, q_weight, k_weight, positions, inv_freq) -> None:
+    for name, t in (("q", q), ("k", k), ("q_weight", q_weight), ("k_weight", k_weight), ("inv_freq", inv_freq)):
+        floating(op, name, t)
+    integer(op, "positions", positions)
+    expect(q.dim() >= 2 and k.dim() >= 2, op, "expected q [..., Hq, head_dim] and k [..., Hkv, head_dim]")
+    d = q.shape[-1]
+    expect(d % 2 == 0 and k.shape[-1] == d, op, f"expected q and k with one even head_dim, got {d} and {k.shape[-1]}")
+    expect(
+        q.shape[:-2] == k.shape[:-2] == positions.shape,
+        op,
+        f"expected positions of shape {_shape(q)[:-2]} (q's leading dims, one per token), got "
+        f"{_shape(positions)} (k's leading dims: {_shape(k)[:-2]})",
+    )
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        expect(w.shape == (d,), op, f"expected {name} of shape [{d}], got {_shape(w)}")
+    expect(inv_freq.shape == (d // 2,), op, f"expected inv_freq of shape [{d // 2}], got {_shape(inv_freq)}")
+    same_device(op, q=q, k=k, q_weight=q_weight, k_weight=k_weight, positions=positions, inv_freq=inv_freq)
+
+
+def silu_and_mul(op: str, input: torch.Tensor) -> None:
+    floating(op, "input", input)
+    expect(
+        input.dim() >= 1 and input.shape[-1] % 2 == 0,
+        op,
+        f"expected input [..., 2 * intermediate] with an even last dim, got {_shape(input)}",
+    )
+
+
+def attention(op, q, k, v, mask) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        floating(op, name, t)
+        expect(t.dim() == 4, op, f"expected {name} of shape [batch, heads, seqlen, head_dim], got {_shape(t)}")
+    B, Hq, Sq, D = q.shape
+    expect(k.shape == v.shape, op, f"expected k and v of one shape, got {_shape(k)} and {_shape(v)}")
+    expect(k.shape[0] == B and k.shape[3] == D, op, f"expected k of shape [{B}, Hkv, Skv, {D}], got {_shape(k)}")
+    Hkv = k.shape[1]
+    expect(Hkv > 0 and Hq % Hkv == 0, op, f"expected query heads ({Hq}) divisible by key-value heads ({Hkv})")
+    expect(q.dtype == k.dtype == v.dtype, op, f"expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if mask is not None:
+        expect(mask.dtype == torch.bool, op, f"expected a bool mask (True = attend), got {mask.dtype}")
+        ok = (
+            mask.dim() == 4
+            and mask.shape[0] in (1, B)
+            and mask.shape[1] in (1, Hq)
+            and mask.shape[2:] == (Sq, k.shape[2])
+        )
+        expect(ok, op, f"expected mask of shape [{B} or 1, 1 or {Hq}, {Sq}, {k.shape[2]}], got {_shape(mask)}")
+    same_device(op, q=q, k=k, v=v, mask=mask)
+
+
+def moe_router(op, router_logits, top_k) -> None:
+    floating(op, "router_logits", router_logits)
+    expect(router_logits.dim() == 2, op, f"expected router_logits [tokens, experts], got {_shape(router_logits)}")
+    E = router_logits.shape[1]
+    expect(1 <= top_k <= E, op, f"expected 1 <= top_k <= {E} (experts), got {top_k}")
+
+
+def expert_ids(op, ids, num_experts) -> None:
+    integer(op, "expert_ids", ids)
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())  # a host sync on CUDA: references only
+        expect(
+            lo >= 0 and hi < num_experts,
+            op,
+            f"expected expert ids in [0, {num_experts}), got values in [{lo}, {hi}]",
+        )
+
+
+def moe_permute(op, ids, num_experts, row_align) -> None:
+    expect(ids.dim() == 2, op, f"expected expert_ids [tokens, top_k], got {_shape(ids)}")
+    expect(num_experts > 0, op, f"expected num_experts > 0, got {num_experts}")
+    expect(row_align >= 1, op, f"expected row_align >= 1, got {row_align}")
+    expert_ids(op, ids, num_experts)
+
+
+def moe_weights(op, hidden_states, gate_up_proj, down_proj) -> None:
+    floating(op, "hidden_states", hidden_states)
+    expect(hidden_states.dim() == 2, op, f"expected hidden_states [tokens, hidden], got {_shape(hidden_states)}")
+    H = hidden_states.shape[1]
+    expect(
+        gate_up_proj.dim() == 3 and gate_up_proj.shape[2] == H and gate_up_proj.shape[1] % 2 == 0,
+        op,
+        f"expected gate_up_proj [experts, 2 * intermediate, {H}] (transformers 5.x layout), got {_shape(gate_up_proj)}",
+    )
+    E, I2 = gate_up_proj.shape[0], gate_up_proj.shape[1]
+    expect(
+        down_proj.shape == (E, H, I2 // 2),
+        op,
+        f"expected down_proj [{E}, {H}, {I2 // 2}] (transformers 5.x layout), got {_shape(down_proj)}",
+    )
+    expect(
+        gate_up_proj.dtype == down_proj.dtype == hidden_states.dtype,
+        op,
+        f"expected hidden_states and expert weights of one dtype, got {hidden_states.dtype}, "
+        f"{gate_up_proj.dtype}, {down_proj.dtype}",
+    )
+    same_device(op, hidden_states=hidden_states, gate_up_proj=gate_up_proj, down_proj=down_proj)
+
+
+def moe_experts(op, hidden_states, ids, weights, gate_up_proj, down_proj) -> None:
+    moe_weights(op, hidden_states, gate_up_proj, down_proj)
+    T = hidden_states.shape[0]
+    expect(
+        ids.dim() == 2 and ids.shape[0] == T and weights.shape == ids.shape,
+        op,
+        f"expected expert_ids and expert_weights of shape [{T}, top_k], got {_shape(ids)} and {_shape(weights)}",
+    )
+    floating(op, "expert_weights", weights)
+    expert_ids(op, ids, gate_up_proj.shape[0])
+
+
+def moe(op, hidden_states, router_logits, gate_up_proj, down_proj, top_k) -> None:
+    moe_weights(op, hidden_states, gate_up_proj, down_proj)
+    moe_router(op, router_logits, top_k)
+    expect(
+        router_logits.shape == (hidden_states.shape[0], gate_up_proj.shape[0]),
+        op,
+        f"expected router_logits [{hidden_states.shape[0]}, {gate_up_proj.shape[0]}], got {_shape(router_logits)}",
+    )

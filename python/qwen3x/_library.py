@@ -1,0 +1,319 @@
+"""The one op registry: ``torch.ops.qwen3x.<op>``.
+
+The schemas are declared in csrc/torch_bindings.cpp, which also registers the CUDA kernels. This
+module completes the registration from Python, once, at import:
+
+- when ``qwen3x._C`` is not built (or fails to load), it defines the same schemas (SCHEMAS below
+  mirrors the C++ file; tests/test_registry.py checks they are identical when _C is built);
+- CPU implementation = the pure-PyTorch reference (qwen3x.reference), after input validation;
+- CUDA implementation for ops without a kernel = the same reference, with a one-time warning
+  naming the op;
+- a fake (meta) implementation for torch.compile, and an autograd formula for every functional
+  op (the backward is reference math, via torch.func.vjp, until CUDA backward kernels exist).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from typing import Callable
+
+import torch
+
+from . import _checks, reference
+
+NAMESPACE = "qwen3x"
+
+# Mirror of TORCH_LIBRARY(qwen3x, m) in csrc/torch_bindings.cpp. Mutated tensors come first.
+SCHEMAS: dict[str, str] = {
+    "rms_norm": "rms_norm(Tensor input, Tensor weight, float eps) -> Tensor",
+    "add_rms_norm": "add_rms_norm(Tensor input, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)",
+    "qk_norm_rope": (
+        "qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor positions, "
+        "Tensor inv_freq, float attention_scaling, float eps) -> (Tensor, Tensor)"
+    ),
+    "qk_norm_rope_": (
+        "qk_norm_rope_(Tensor(a!) q, Tensor(b!) k, Tensor q_weight, Tensor k_weight, Tensor positions, "
+        "Tensor inv_freq, float attention_scaling, float eps) -> ()"
+    ),
+    "silu_and_mul": "silu_and_mul(Tensor input) -> Tensor",
+    "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)",
+    "moe_router": "moe_router(Tensor router_logits, int top_k, bool norm_topk_prob) -> (Tensor, Tensor, Tensor)",
+    "moe_permute": "moe_permute(Tensor expert_ids, int num_experts, int row_align) -> (Tensor, Tensor, Tensor)",
+    "moe_experts": (
+        "moe_experts(Tensor hidden_states, Tensor expert_ids, Tensor expert_weights, Tensor gate_up_proj, "
+        "Tensor down_proj) -> Tensor"
+    ),
+    "moe": (
+        "moe(Tensor hidden_states, Tensor router_logits, Tensor gate_up_proj, Tensor down_proj, int top_k, "
+        "bool norm_topk_prob) -> Tensor"
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading the extension
+# --------------------------------------------------------------------------------------------
+def _load_extension():
+    # Not built (a pure-Python install) is normal; a built module that fails to load is not.
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return None, "not built"
+    try:
+        from . import _C  # registers the schemas and the CUDA kernels
+    except (ImportError, OSError) as exc:
+        warnings.warn(f"qwen3x: the CUDA extension failed to load ({exc}); using the PyTorch references")
+        return None, str(exc)
+    return _C, None
+
+
+_C, C_LOAD_ERROR = _load_extension()
+
+# Kept alive for the life of the process: dropping a Library object deregisters what it holds.
+_DEF_LIB = None
+if _C is None:
+    _DEF_LIB = torch.library.Library(NAMESPACE, "DEF")
+    for _schema in SCHEMAS.values():
+        _DEF_LIB.define(_schema)
+_IMPL_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def qualname(op: str) -> str:
+    return f"{NAMESPACE}::{op}"
+
+
+def has_cuda_kernel(op: str) -> bool:
+    """True when the C++ extension registered a CUDA kernel for ``op`` (not the reference)."""
+    return op in _CUDA_KERNELS
+
+
+_CUDA_KERNELS = frozenset(
+    op for op in SCHEMAS if _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(qualname(op), "CUDA")
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference implementations with validation, one per op, matching the schemas
+# --------------------------------------------------------------------------------------------
+def _rms_norm(input, weight, eps):
+    _checks.rms_norm("rms_norm", input, weight)
+    return reference.rms_norm(input, weight, eps)
+
+
+def _add_rms_norm(input, residual, weight, eps):
+    _checks.add_rms_norm("add_rms_norm", input, residual, weight)
+    return reference.add_rms_norm(input, residual, weight, eps)
+
+
+def _qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps):
+    _checks.qk_norm_rope("qk_norm_rope", q, k, q_weight, k_weight, positions, inv_freq)
+    return reference.qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps)
+
+
+def _qk_norm_rope_(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps):
+    _checks.qk_norm_rope("qk_norm_rope_", q, k, q_weight, k_weight, positions, inv_freq)
+    q_out, k_out = reference.qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps)
+    q.copy_(q_out)
+    k.copy_(k_out)
+
+
+def _silu_and_mul(input):
+    _checks.silu_and_mul("silu_and_mul", input)
+    return reference.silu_and_mul(input)
+
+
+def _attention(q, k, v, mask, scale, causal):
+    _checks.attention("attention", q, k, v, mask)
+    return reference.attention(q, k, v, mask, scale, causal)
+
+
+def _moe_router(router_logits, top_k, norm_topk_prob):
+    _checks.moe_router("moe_router", router_logits, top_k)
+    return reference.moe_router(router_logits, top_k, norm_topk_prob)
+
+
+def _moe_permute(expert_ids, num_experts, row_align):
+    _checks.moe_permute("moe_permute", expert_ids, num_experts, row_align)
+    return reference.moe_permute(expert_ids, num_experts, row_align)
+
+
+def _moe_experts(hidden_states, expert_ids, expert_weights, gate_up_proj, down_proj):
+    _checks.moe_experts("moe_experts", hidden_states, expert_ids, expert_weights, gate_up_proj, down_proj)
+    return reference.moe_experts(hidden_states, expert_ids, expert_weights, gate_up_proj, down_proj)
+
+
+def _moe(hidden_states, router_logits, gate_up_proj, down_proj, top_k, norm_topk_prob):
+    _checks.moe("moe", hidden_states, router_logits, gate_up_proj, down_proj, top_k)
+    return reference.moe(hidden_states, router_logits, gate_up_proj, down_proj, top_k, norm_topk_prob)
+
+
+REFERENCE_IMPLS: dict[str, Callable] = {
+    "rms_norm": _rms_norm,
+    "add_rms_norm": _add_rms_norm,
+    "qk_norm_rope": _qk_norm_rope,
+    "qk_norm_rope_": _qk_norm_rope_,
+    "silu_and_mul": _silu_and_mul,
+    "attention": _attention,
+    "moe_router": _moe_router,
+    "moe_permute": _moe_permute,
+    "moe_experts": _moe_experts,
+    "moe": _moe,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes and dtypes only, for torch.compile
+# --------------------------------------------------------------------------------------------
+def _promote(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(a.dtype, b.dtype)
+
+
+def _fake_rms_norm(input, weight, eps):
+    _checks.rms_norm("rms_norm", input, weight)
+    return input.new_empty(input.shape, dtype=_promote(input, weight))
+
+
+def _fake_add_rms_norm(input, residual, weight, eps):
+    _checks.add_rms_norm("add_rms_norm", input, residual, weight)
+    return input.new_empty(input.shape, dtype=_promote(input, weight)), input.new_empty(input.shape)
+
+
+def _fake_qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps):
+    _checks.qk_norm_rope("qk_norm_rope", q, k, q_weight, k_weight, positions, inv_freq)
+    return q.new_empty(q.shape, dtype=_promote(q, q_weight)), k.new_empty(k.shape, dtype=_promote(k, k_weight))
+
+
+def _fake_qk_norm_rope_(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps):
+    _checks.qk_norm_rope("qk_norm_rope_", q, k, q_weight, k_weight, positions, inv_freq)
+
+
+def _fake_silu_and_mul(input):
+    _checks.silu_and_mul("silu_and_mul", input)
+    return input.new_empty((*input.shape[:-1], input.shape[-1] // 2))
+
+
+def _fake_attention(q, k, v, mask, scale, causal):
+    _checks.attention("attention", q, k, v, mask)
+    B, Hq, Sq, D = q.shape
+    return q.new_empty((B, Sq, Hq, D)), q.new_empty((B, Hq, Sq), dtype=torch.float32)
+
+
+def _fake_moe_router(router_logits, top_k, norm_topk_prob):
+    _checks.moe_router("moe_router", router_logits, top_k)
+    T, E = router_logits.shape
+    return (
+        router_logits.new_empty((T, top_k)),
+        router_logits.new_empty((T, top_k), dtype=torch.int32),
+        router_logits.new_empty((E,), dtype=torch.int32),
+    )
+
+
+def _fake_moe_permute(expert_ids, num_experts, row_align):
+    n = expert_ids.numel()
+    return (
+        expert_ids.new_empty((n + num_experts * (row_align - 1),), dtype=torch.int32),
+        expert_ids.new_empty((num_experts + 1,), dtype=torch.int32),
+        expert_ids.new_empty((n,), dtype=torch.int32),
+    )
+
+
+def _fake_moe_experts(hidden_states, expert_ids, expert_weights, gate_up_proj, down_proj):
+    return hidden_states.new_empty(hidden_states.shape)
+
+
+def _fake_moe(hidden_states, router_logits, gate_up_proj, down_proj, top_k, norm_topk_prob):
+    return hidden_states.new_empty(hidden_states.shape)
+
+
+FAKE_IMPLS: dict[str, Callable] = {
+    "rms_norm": _fake_rms_norm,
+    "add_rms_norm": _fake_add_rms_norm,
+    "qk_norm_rope": _fake_qk_norm_rope,
+    "qk_norm_rope_": _fake_qk_norm_rope_,
+    "silu_and_mul": _fake_silu_and_mul,
+    "attention": _fake_attention,
+    "moe_router": _fake_moe_router,
+    "moe_permute": _fake_moe_permute,
+    "moe_experts": _fake_moe_experts,
+    "moe": _fake_moe,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd: the backward of every functional op is the vjp of its reference
+# --------------------------------------------------------------------------------------------
+# Ops without gradients: integer outputs only, or mutating (autograd cannot be registered for them).
+NO_AUTOGRAD = frozenset({"moe_permute", "qk_norm_rope_"})
+
+
+def _make_autograd(ref: Callable):
+    def setup_context(ctx, inputs, output):
+        tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*tensors)
+        ctx.arg_is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
+        ctx.scalars = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+        outputs = output if isinstance(output, tuple) else (output,)
+        ctx.float_outputs = [o.is_floating_point() for o in outputs]
+
+    def backward(ctx, *grads):
+        saved = iter(ctx.saved_tensors)
+        args = [next(saved) if is_t else s for is_t, s in zip(ctx.arg_is_tensor, ctx.scalars)]
+        wanted = [
+            i
+            for i, a in enumerate(args)
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and ctx.needs_input_grad[i]
+        ]
+        if not wanted:
+            return tuple(None for _ in args)
+
+        def differentiable_outputs(*primals):
+            call = list(args)
+            for i, p in zip(wanted, primals):
+                call[i] = p
+            out = ref(*call)
+            out = out if isinstance(out, tuple) else (out,)
+            return tuple(o for o in out if o.is_floating_point())
+
+        outs, vjp_fn = torch.func.vjp(differentiable_outputs, *[args[i] for i in wanted])
+        float_grads = [g for g, is_float in zip(grads, ctx.float_outputs) if is_float]
+        cotangents = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, float_grads))
+        input_grads = vjp_fn(cotangents)
+        result = [None] * len(args)
+        for i, g in zip(wanted, input_grads):
+            result[i] = g
+        return tuple(result)
+
+    return setup_context, backward
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------
+_warned: set[str] = set()
+
+
+def _cuda_fallback(op: str, impl: Callable) -> Callable:
+    def fallback(*args):
+        if op not in _warned:
+            _warned.add(op)
+            warnings.warn(
+                f"qwen3x.{op}: no CUDA kernel in this build; running the PyTorch reference on the GPU",
+                stacklevel=3,
+            )
+        return impl(*args)
+
+    return fallback
+
+
+def _register() -> None:
+    for op, impl in REFERENCE_IMPLS.items():
+        name = qualname(op)
+        _IMPL_LIB.impl(op, impl, "CPU")
+        if op not in _CUDA_KERNELS:
+            _IMPL_LIB.impl(op, _cuda_fallback(op, impl), "CUDA")
+        torch.library.register_fake(name, FAKE_IMPLS[op], lib=_IMPL_LIB)
+        if op not in NO_AUTOGRAD:
+            setup_context, backward = _make_autograd(getattr(reference, op))
+            torch.library.register_autograd(name, backward, setup_context=setup_context, lib=_IMPL_LIB)
+
+
+_register()

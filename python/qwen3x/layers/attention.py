@@ -1,0 +1,156 @@
+"""Qwen3 attention: projections, fused QK-norm + RoPE, HF's KV cache, qwen3x attention, o_proj.
+
+``Attention`` replaces Qwen3Attention.forward (and Qwen3MoeAttention's). ``attention_forward`` has
+the signature of transformers' AttentionInterface and is registered as ``"qwen3x"``;
+``mask_function`` is registered as its mask builder (HF's SDPA boolean masks: None when the
+pattern is plain causal).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+from .. import ops, reference
+from .._library import has_cuda_kernel
+
+KERNEL_HEAD_DIM = 128  # the only head_dim the CUDA kernels are built for (Qwen3's)
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _unsupported_on_cuda(x: torch.Tensor, op: str) -> bool:
+    """A CUDA tensor whose head_dim the op's kernel does not serve: use the reference."""
+    if x.is_cuda and x.shape[-1] != KERNEL_HEAD_DIM and has_cuda_kernel(op):
+        _warn_once(op, f"qwen3x.{op}: head_dim {x.shape[-1]} has no CUDA kernel (built for {KERNEL_HEAD_DIM}); "
+                   "running the PyTorch reference")
+        return True
+    return False
+
+
+def _hf_function(module, name: str):
+    """HF's attention function ``name`` for this module (its own eager one, or the registry's)."""
+    if name == "eager":
+        for cls in type(module).__mro__:
+            fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+            if fn is not None:
+                return fn
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, Hq, Sq, D]
+    key: torch.Tensor,  # [B, Hkv, Skv, D]
+    value: torch.Tensor,  # [B, Hkv, Skv, D]
+    attention_mask: torch.Tensor | None,  # [B, 1, Sq, Skv] bool, or None for plain causal
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:  # out [B, Sq, Hq, D]
+    float_mask = attention_mask is not None and attention_mask.dtype != torch.bool
+    if dropout > 0.0 or float_mask or not isinstance(attention_mask, (torch.Tensor, type(None))):
+        # dropout, additive float masks and BlockMasks are HF SDPA's business, exactly as before
+        return _hf_function(module, "sdpa")(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    q_len, kv_len = query.shape[2], key.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # Same decision as HF's SDPA path: causal only for several queries and no explicit mask. The
+    # mask builder returns None with kv_len > q_len only for a prefill into an empty static cache,
+    # whose valid keys are the first q_len (HF aligns causality top-left there): keep those.
+    is_causal = q_len > 1 and attention_mask is None and is_causal
+    if is_causal and kv_len > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if _unsupported_on_cuda(query, "attention"):
+        out, _ = reference.attention(query, key, value, attention_mask, scaling, is_causal)
+    else:
+        out, _ = ops.attention(query, key, value, attention_mask, scaling, is_causal)
+    return out, None
+
+
+def mask_function(*args, **kwargs):
+    """The mask builder for attn_implementation="qwen3x": HF's SDPA mask (bool, or None)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
+
+
+def _norm_rope(module, q, k, position_embeddings, position_ids):
+    """Per-head RMSNorm of q [B, S, Hq, D] and k [B, S, Hkv, D], then RoPE. Returns (q, k)."""
+    q_norm, k_norm = module.q_norm, module.k_norm
+    eps = q_norm.variance_epsilon
+    inv_freq = getattr(position_embeddings, "inv_freq", None)
+    fused = inv_freq is not None and k_norm.variance_epsilon == eps and not _unsupported_on_cuda(q, "qk_norm_rope")
+    if fused:
+        positions = position_embeddings.position_ids.expand(q.shape[:-2]).reshape(q.shape[:-2])
+        args = (q_norm.weight, k_norm.weight, positions, inv_freq.to(q.device), position_embeddings.attention_scaling, eps)
+        if torch.is_grad_enabled():
+            return ops.qk_norm_rope(q, k, *args)
+        return ops.qk_norm_rope_(q, k, *args)  # q, k are this layer's own projection outputs
+    # plain (cos, sin) from an unpatched rotary module, or a dynamic/unsupported case
+    cos, sin = position_embeddings
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D] against [B, S, H, D]
+    return (
+        reference.apply_rope(q_norm(q), cos, sin),
+        reference.apply_rope(k_norm(k), cos, sin),
+    )
+
+
+class Attention:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, S, H]
+        position_embeddings=None,  # (cos, sin) [B, S, D]; RopeEmbeddings when the rotary is patched
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        cache_position: torch.Tensor | None = None,  # transformers 4.57 passes it to the cache
+        **kwargs,
+    ):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape)  # [B, S, Hq, D]
+        k = self.k_proj(hidden_states).view(hidden_shape)  # [B, S, Hkv, D]
+        v = self.v_proj(hidden_states).view(hidden_shape)
+        q, k = _norm_rope(self, q, k, position_embeddings, kwargs.get("position_ids"))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
+
+        if past_key_values is not None:
+            if cache_position is not None:  # transformers 4.57 cache API
+                cos, sin = position_embeddings
+                cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
+                k, v = past_key_values.update(k, v, self.layer_idx, cache_kwargs)
+            else:
+                k, v = past_key_values.update(k, v, self.layer_idx)
+
+        implementation = self.config._attn_implementation
+        if implementation in ("sdpa", "qwen3x", None):
+            attention_fn = attention_forward
+        else:  # eager (attention weights), flash, flex, paged...: what the user chose
+            attention_fn = _hf_function(self, implementation)
+        attn_output, attn_weights = attention_fn(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=getattr(self, "sliding_window", None),
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights

@@ -1,0 +1,75 @@
+"""Sparse MoE on qwen3x's router and experts ops.
+
+transformers 5.x: Qwen3MoeSparseMoeBlock calls ``self.gate`` (Qwen3MoeTopKRouter) and
+``self.experts`` (Qwen3MoeExperts, weights gate_up_proj [E, 2I, H] / down_proj [E, H, I]); both are
+patched, the block is not (so HF's router-logit recording keeps working). ``experts_forward`` is
+also what ``experts_implementation="qwen3x"`` runs.
+
+transformers 4.57: the block holds an nn.ModuleList of Qwen3MoeMLP experts; the patched block
+packs their weights once into the 5.x layout (packing.py: the parameters become views into the
+packed buffers, so memory is not doubled) and runs the whole-layer ``moe`` op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from . import packing
+
+
+class TopKRouter:
+    def forward(self, hidden_states: torch.Tensor):  # [..., H] -> logits [T, E], weights [T, k], ids [T, k]
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states, self.weight)
+        weights, ids, _ = ops.moe_router(router_logits, self.top_k, self.norm_topk_prob)
+        return router_logits, weights, ids
+
+
+def _swiglu_experts(module: nn.Module) -> bool:
+    """True for the expert layout the qwen3x ops implement (Qwen3-MoE's)."""
+    return (
+        getattr(module, "has_gate", True)
+        and not getattr(module, "has_bias", False)
+        and not getattr(module, "is_transposed", False)
+        and getattr(module, "is_concatenated", True)
+        and getattr(module.config, "hidden_act", "silu") == "silu"
+    )
+
+
+def experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """ExpertsInterface signature: hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H]."""
+    return ops.moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+
+
+class Experts:
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if not _swiglu_experts(self):
+            return super().forward(hidden_states, top_k_index.long(), top_k_weights)
+        return experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _plain_expert(expert: nn.Module) -> bool:
+    return all(
+        type(lin) is nn.Linear and lin.bias is None for lin in (expert.gate_proj, expert.up_proj, expert.down_proj)
+    )
+
+
+class SparseMoeBlock:
+    """transformers 4.57's block (ModuleList of experts); returns (out, router_logits) like HF."""
+
+    def forward(self, hidden_states: torch.Tensor):
+        experts = self.experts
+        if not isinstance(experts, nn.ModuleList) or not all(_plain_expert(e) for e in experts):
+            return super().forward(hidden_states)
+        B, S, H = hidden_states.shape
+        x = hidden_states.reshape(-1, H)
+        router_logits = self.gate(x)  # [T, E]
+        E, I = len(experts), experts[0].gate_proj.out_features
+        gate_up_params = [w for e in experts for w in (e.gate_proj.weight, e.up_proj.weight)]
+        gate_up = packing.weights(self, "gate_up_proj", gate_up_params, (E, 2 * I, H))
+        down = packing.weights(self, "down_proj", [e.down_proj.weight for e in experts], (E, H, I))
+        out = ops.moe(x, router_logits, gate_up, down, self.top_k, self.norm_topk_prob)
+        return out.reshape(B, S, H), router_logits

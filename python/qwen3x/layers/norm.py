@@ -1,0 +1,15 @@
+"""RMSNorm (Qwen3RMSNorm / Qwen3MoeRMSNorm) on the rms_norm op."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+
+class RMSNorm:
+    weight: torch.Tensor
+    variance_epsilon: float
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+        return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)

@@ -1,0 +1,33 @@
+"""Rotary embedding that also hands the fused attention what it needs.
+
+HF's rotary module returns (cos, sin) [B, S, D] that every attention layer multiplies in. The
+fused qk_norm_rope op computes cos/sin itself from positions and inv_freq, so the patched rotary
+module returns a tuple that still unpacks to (cos, sin) (for HF code, caches and fallbacks) and
+carries inv_freq, attention_scaling and position_ids. Dynamic RoPE keeps working: HF's forward
+has already updated ``self.inv_freq`` when we read it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RopeEmbeddings(tuple):
+    """(cos, sin), plus the inputs of the fused op as attributes."""
+
+    inv_freq: torch.Tensor  # [D/2] fp32
+    attention_scaling: float
+    position_ids: torch.Tensor  # [B or 1, S]
+
+    def __new__(cls, cos, sin, inv_freq, attention_scaling, position_ids):
+        self = super().__new__(cls, (cos, sin))
+        self.inv_freq = inv_freq
+        self.attention_scaling = float(attention_scaling)
+        self.position_ids = position_ids
+        return self
+
+
+class RotaryEmbedding:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+        cos, sin = super().forward(x, position_ids, *args, **kwargs)
+        return RopeEmbeddings(cos, sin, self.inv_freq.float(), self.attention_scaling, position_ids)

@@ -1,0 +1,135 @@
+"""Typed Python API over ``torch.ops.qwen3x``.
+
+Every function here is one call into the op registry (python/qwen3x/_library.py): a CUDA kernel
+from csrc/ where one exists for the inputs' device, otherwise the pure-PyTorch reference. All ops
+take and return ordinary tensors, work under autograd (except the in-place ``qk_norm_rope_``) and
+under torch.compile. Shapes: T tokens, H hidden, Hq / Hkv heads, D head_dim, E experts, k picks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _library  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.qwen3x
+
+
+def rms_norm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm with HF's order of operations. input [..., H], weight [H] -> [..., H]."""
+    return _ops.rms_norm(input, weight, eps)
+
+
+def add_rms_norm(
+    input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = input + residual, then (rms_norm(s), s). input/residual [..., H], weight [H]."""
+    return _ops.add_rms_norm(input, residual, weight, eps)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float = 1.0,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k, then half-rotation RoPE at ``positions``; new tensors.
+
+    q [..., Hq, D], k [..., Hkv, D] (strided views allowed), q_weight/k_weight [D],
+    positions [...] int32/int64 (one per token: q's leading dims), inv_freq [D/2] fp32
+    (see qwen3x.rope.rope_parameters) -> (q_out, k_out) of the input shapes.
+    """
+    return _ops.qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps)
+
+
+def qk_norm_rope_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float = 1.0,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-place ``qk_norm_rope`` on q and k (e.g. views of the projection outputs); returns them.
+
+    Not differentiable: use ``qk_norm_rope`` when gradients are needed.
+    """
+    _ops.qk_norm_rope_(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps)
+    return q, k
+
+
+def silu_and_mul(input: torch.Tensor) -> torch.Tensor:
+    """input [..., 2I] = [gate | up] -> silu(gate) * up [..., I]."""
+    return _ops.silu_and_mul(input)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GQA attention. q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], mask [B|1, 1|Hq, Sq, Skv] bool or None.
+
+    ``causal``: the Sq queries are the last Sq key positions (bottom-right). ``scale`` defaults to
+    D ** -0.5. Returns out [B, Sq, Hq, D] and lse [B, Hq, Sq] fp32.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _ops.attention(q, k, v, mask, scale, causal)
+
+
+def moe_router(
+    router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, k] in the logits' dtype, expert_ids [T, k] int32,
+    tokens_per_expert [E] int32). Softmax in fp32, top-k, renormalized when norm_topk_prob."""
+    return _ops.moe_router(router_logits, top_k, norm_topk_prob)
+
+
+def moe_permute(
+    expert_ids: torch.Tensor, num_experts: int, row_align: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stable grouping of the T * k picks by expert; see qwen3x.reference.moe_permute.
+
+    expert_ids [T, k] -> (sorted_rows [T*k + E*(row_align-1)] int32, expert_offsets [E+1] int32,
+    inverse [T*k] int32).
+    """
+    return _ops.moe_permute(expert_ids, num_experts, row_align)
+
+
+def moe_experts(
+    hidden_states: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """SwiGLU experts + weighted combine. hidden_states [T, H], expert_ids / expert_weights [T, k],
+    gate_up_proj [E, 2I, H], down_proj [E, H, I] (transformers 5.x layout) -> [T, H]."""
+    return _ops.moe_experts(hidden_states, expert_ids, expert_weights, gate_up_proj, down_proj)
+
+
+def moe(
+    hidden_states: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k: int,
+    norm_topk_prob: bool = True,
+) -> torch.Tensor:
+    """Router + experts + combine. hidden_states [T, H], router_logits [T, E] -> [T, H]."""
+    return _ops.moe(hidden_states, router_logits, gate_up_proj, down_proj, top_k, norm_topk_prob)
+
+
+def kernel_status() -> dict[str, str]:
+    """For each op: 'cuda kernel' when this build has one, else 'reference'."""
+    return {op: ("cuda kernel" if _library.has_cuda_kernel(op) else "reference") for op in _library.SCHEMAS}

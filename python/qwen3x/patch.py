@@ -1,0 +1,166 @@
+"""Patching Hugging Face Qwen3 / Qwen3-MoE models onto qwen3x.
+
+- ``patch(model)`` / ``unpatch(model)``: an existing model instance (loaded or built). Each Qwen3
+  module's class is swapped for a subclass whose ``forward`` comes from qwen3x.layers; parameters,
+  buffers, names and state_dict are untouched, and unpatch swaps the original classes back.
+- ``patch_transformers()`` / ``unpatch_transformers()``: the same subclasses are installed in
+  transformers' Qwen3 modeling modules, so models built afterwards (from_pretrained included)
+  come up patched.
+- ``register()``: makes ``attn_implementation="qwen3x"`` (with its mask builder) and, on
+  transformers 5.x, ``experts_implementation="qwen3x"`` available; ``import qwen3x`` calls it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+from torch import nn
+
+from . import layers
+
+# HF class name -> the qwen3x mixin that supplies its forward
+_MIXINS: dict[str, type] = {
+    "Qwen3RMSNorm": layers.RMSNorm,
+    "Qwen3MoeRMSNorm": layers.RMSNorm,
+    "Qwen3RotaryEmbedding": layers.RotaryEmbedding,
+    "Qwen3MoeRotaryEmbedding": layers.RotaryEmbedding,
+    "Qwen3Attention": layers.Attention,
+    "Qwen3MoeAttention": layers.Attention,
+    "Qwen3MLP": layers.MLP,
+    "Qwen3MoeMLP": layers.MLP,
+    "Qwen3DecoderLayer": layers.DecoderLayer,
+    "Qwen3MoeDecoderLayer": layers.DecoderLayer,
+    "Qwen3MoeTopKRouter": layers.TopKRouter,  # transformers 5.x
+    "Qwen3MoeExperts": layers.Experts,  # transformers 5.x
+    "Qwen3MoeSparseMoeBlock": layers.SparseMoeBlock,  # only the 4.57 block (ModuleList experts)
+}
+_MODELING_MODULES = (
+    "transformers.models.qwen3.modeling_qwen3",
+    "transformers.models.qwen3_moe.modeling_qwen3_moe",
+)
+_ORIGINAL = "_qwen3x_original_class"
+_patched_classes: dict[type, type] = {}
+
+
+def _is_hf_qwen3_class(cls: type) -> bool:
+    return cls.__name__ in _MIXINS and cls.__module__ in _MODELING_MODULES
+
+
+def _patched_class(cls: type) -> type:
+    """The (cached) subclass of HF class ``cls`` with qwen3x's forward."""
+    if cls not in _patched_classes:
+        mixin = _MIXINS[cls.__name__]
+        _patched_classes[cls] = type(f"Qwen3x{cls.__name__}", (mixin, cls), {_ORIGINAL: cls, "__module__": __name__})
+    return _patched_classes[cls]
+
+
+def _applies(module: nn.Module) -> bool:
+    if type(module).__name__ == "Qwen3MoeSparseMoeBlock":  # 5.x blocks stay HF's (router+experts patched)
+        return isinstance(getattr(module, "experts", None), nn.ModuleList)
+    return True
+
+
+def _check_model(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads if config is not None else None
+    )
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    if on_cuda and head_dim is not None and head_dim != layers.attention.KERNEL_HEAD_DIM:
+        warnings.warn(
+            f"qwen3x.patch: head_dim {head_dim} is not Qwen3's {layers.attention.KERNEL_HEAD_DIM}: the CUDA attention "
+            "kernels do not serve it; on a GPU its attention runs the PyTorch reference",
+            stacklevel=3,
+        )
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Route an existing Qwen3 / Qwen3-MoE model (Qwen3ForCausalLM, Qwen3Model, Qwen3MoeForCausalLM,
+    Qwen3MoeModel, or any model holding their layers) through qwen3x. Returns the model."""
+    found = 0
+    for module in model.modules():
+        cls = type(module)
+        if getattr(cls, _ORIGINAL, None) is not None:
+            found += 1  # already patched (patch is idempotent)
+        elif _is_hf_qwen3_class(cls) and _applies(module):
+            module.__class__ = _patched_class(cls)
+            found += 1
+    if not found:
+        raise TypeError(
+            f"qwen3x.patch: {type(model).__name__} holds no transformers Qwen3 / Qwen3-MoE layers "
+            "(expected e.g. Qwen3ForCausalLM, Qwen3Model, Qwen3MoeForCausalLM, Qwen3MoeModel)"
+        )
+    _check_model(model)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Give every module of ``model`` its original transformers class back. Returns the model."""
+    for module in model.modules():
+        original = type(module).__dict__.get(_ORIGINAL)
+        if original is not None:
+            module.__class__ = original
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return any(type(m).__dict__.get(_ORIGINAL) is not None for m in model.modules())
+
+
+def _modeling_modules():
+    for name in _MODELING_MODULES:
+        yield importlib.import_module(name)
+
+
+def patch_transformers() -> None:
+    """Models of Qwen3 / Qwen3-MoE built after this call come up patched."""
+    for mod in _modeling_modules():
+        for name in _MIXINS:
+            cls = getattr(mod, name, None)
+            if isinstance(cls, type) and _is_hf_qwen3_class(cls):
+                if name == "Qwen3MoeSparseMoeBlock" and not _block_has_module_list(mod):
+                    continue
+                setattr(mod, name, _patched_class(cls))
+
+
+def unpatch_transformers() -> None:
+    """Undo patch_transformers (models already built keep their classes; unpatch them one by one)."""
+    for mod in _modeling_modules():
+        for name in _MIXINS:
+            original = getattr(getattr(mod, name, None), "__dict__", {}).get(_ORIGINAL)
+            if original is not None:
+                setattr(mod, name, original)
+
+
+def _block_has_module_list(mod) -> bool:
+    """transformers 4.57's Qwen3MoeSparseMoeBlock (ModuleList experts) vs 5.x's (Experts module)."""
+    return not hasattr(mod, "Qwen3MoeExperts")
+
+
+_registered = False
+
+
+def register() -> bool:
+    """Register "qwen3x" with transformers' attention, mask and (5.x) experts interfaces.
+
+    Returns False when transformers is not installed.
+    """
+    global _registered
+    if _registered:
+        return True
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        return False
+    AttentionInterface.register("qwen3x", layers.attention_forward)
+    AttentionMaskInterface.register("qwen3x", layers.mask_function)
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError:  # transformers 4.57 has no experts interface
+        pass
+    else:
+        ExpertsInterface.register("qwen3x", layers.experts_forward)
+    _registered = True
+    return True

@@ -1,0 +1,268 @@
+"""Pure-PyTorch references: the specification of every qwen3x op.
+
+Each function reproduces the numerics of the Hugging Face Qwen3 / Qwen3-MoE code it replaces
+(order of operations, where it upcasts to fp32 and where it rounds back). Called with float64
+inputs they compute the "true" answer that kernels are judged against. They are also the CPU
+implementation of ``torch.ops.qwen3x.*`` and the fallback for CUDA tensors without a kernel.
+
+Shapes use: T tokens, H hidden, Hq / Hkv query / key-value heads, D head_dim (128 for Qwen3),
+E experts, k experts per token, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "rms_norm",
+    "add_rms_norm",
+    "rope_cos_sin",
+    "rotate_half",
+    "apply_rope",
+    "qk_norm_rope",
+    "silu_and_mul",
+    "attention",
+    "moe_router",
+    "moe_permute",
+    "moe_experts",
+    "moe",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16/32-bit inputs, fp64 for fp64 inputs (the 'truth' reference)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm
+# --------------------------------------------------------------------------------------------
+def rms_norm(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Qwen3RMSNorm: variance and normalization in fp32, cast to the input dtype, then weight.
+
+    input [..., H], weight [H] -> [..., H] (dtype: promotion of input and weight, as in HF).
+    """
+    dtype = input.dtype
+    x = input.to(_compute_dtype(dtype))
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    return weight * x.to(dtype)
+
+
+def add_rms_norm(
+    input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm, as a Qwen3 decoder layer does between attention and MLP.
+
+    Returns (rms_norm(input + residual), input + residual); the sum is rounded to the input dtype
+    first, exactly like HF's ``hidden_states = residual + hidden_states``.
+    """
+    summed = residual + input
+    return rms_norm(summed, weight, eps), summed
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE (half rotation, NeoX style) and the fused QK-norm + RoPE
+# --------------------------------------------------------------------------------------------
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables as HF's rotary embedding builds them.
+
+    positions [...] (int), inv_freq [D/2] -> cos, sin [..., D] in ``dtype``. The angle is computed
+    in fp32 (fp64 when dtype is fp64), scaled by attention_scaling, then cast to ``dtype``.
+    """
+    cdt = _compute_dtype(dtype)
+    freqs = positions.to(cdt)[..., None] * inv_freq.to(device=positions.device, dtype=cdt)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = emb.cos() * attention_scaling
+    sin = emb.sin() * attention_scaling
+    return cos.to(dtype), sin.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with cos/sin broadcast against x."""
+    return x * cos + rotate_half(x) * sin
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k (weights [D]), then RoPE at ``positions``.
+
+    q [..., Hq, D], k [..., Hkv, D], positions [...] (the leading dims of q and k) int32/int64,
+    inv_freq [D/2] fp32 -> (q_out [..., Hq, D], k_out [..., Hkv, D]).
+    """
+    qn = rms_norm(q, q_weight, eps)
+    kn = rms_norm(k, k_weight, eps)
+    cos, sin = rope_cos_sin(positions, inv_freq, attention_scaling, qn.dtype)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return apply_rope(qn, cos, sin), apply_rope(kn, cos.to(kn.dtype), sin.to(kn.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Dense MLP activation
+# --------------------------------------------------------------------------------------------
+def silu_and_mul(input: torch.Tensor) -> torch.Tensor:
+    """input [..., 2I] = [gate | up] -> silu(gate) * up [..., I] (HF: act_fn(gate) * up)."""
+    gate, up = input.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention with GQA, an optional boolean mask and bottom-right causality.
+
+    q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] (Hq % Hkv == 0; query head h reads kv head h // (Hq/Hkv)),
+    mask [B or 1, 1 or Hq, Sq, Skv] bool (True = attend) or None. With ``causal`` the queries are the
+    last Sq positions of the keys: query i sees keys j <= i + Skv - Sq (prefill: Sq == Skv; decode
+    against a cache: Sq new tokens at the end). Math in fp32 (fp64 for fp64 inputs).
+
+    Returns out [B, Sq, Hq, D] in q's dtype (the layout HF's attention functions return) and the
+    log-sum-exp of the scaled scores, lse [B, Hq, Sq] fp32. A row that sees no key gives 0 and -inf.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    groups = Hq // Hkv
+    cdt = _compute_dtype(q.dtype)
+    qf = q.to(cdt)
+    kf = k.to(cdt).repeat_interleave(groups, dim=1)
+    vf = v.to(cdt).repeat_interleave(groups, dim=1)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hq, Sq, Skv]
+    allowed = torch.ones(Sq, Skv, dtype=torch.bool, device=q.device)
+    if causal:
+        i = torch.arange(Sq, device=q.device)[:, None]
+        j = torch.arange(Skv, device=q.device)[None, :]
+        allowed = j <= i + (Skv - Sq)
+    allowed = allowed.expand(B, Hq, Sq, Skv)
+    if mask is not None:
+        allowed = allowed & mask.to(device=q.device, dtype=torch.bool)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees nothing
+    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - safe_lse[..., None])  # exp(-inf) = 0 on masked entries
+    out = torch.matmul(probs, vf)  # [B, Hq, Sq, D]
+    return out.transpose(1, 2).contiguous().to(q.dtype), lse.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Mixture of experts
+# --------------------------------------------------------------------------------------------
+def moe_router(
+    router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HF Qwen3-MoE routing: softmax in fp32, top-k, renormalize when norm_topk_prob.
+
+    router_logits [T, E] -> weights [T, k] (logits' dtype, as HF casts back), expert_ids [T, k]
+    int32 (descending probability, ties as torch.topk), tokens_per_expert [E] int32.
+    """
+    probs = torch.softmax(router_logits, dim=-1, dtype=_compute_dtype(router_logits.dtype))
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    counts = torch.bincount(ids.flatten(), minlength=router_logits.shape[-1])
+    return weights.to(router_logits.dtype), ids.to(torch.int32), counts.to(torch.int32)
+
+
+def moe_permute(
+    expert_ids: torch.Tensor, num_experts: int, row_align: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deterministic token permutation for grouped expert GEMMs.
+
+    expert_ids [T, k] -> with N = T * k (the flat index n = t * k + j names token t's j-th pick):
+      sorted_rows [N + E * (row_align - 1)] int32: flat indices grouped by expert, in token order
+        inside each expert (a stable sort), each expert's segment padded to a multiple of
+        row_align with -1; the size is the worst case, so it is known without a host sync;
+      expert_offsets [E + 1] int32: segment e is sorted_rows[offsets[e]:offsets[e+1]] (padded);
+      inverse [N] int32: position in sorted_rows of flat index n.
+    """
+    flat = expert_ids.reshape(-1).to(torch.int64)
+    n = flat.numel()
+    device = expert_ids.device
+    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+    padded = (counts + row_align - 1) // row_align * row_align
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(padded, dim=0)
+    order = torch.sort(flat, stable=True).indices  # flat indices, grouped by expert
+    starts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    starts[1:] = torch.cumsum(counts, dim=0)[:-1]
+    sorted_experts = flat[order]
+    rank_in_expert = torch.arange(n, device=device) - starts[sorted_experts]
+    dest = offsets[sorted_experts] + rank_in_expert  # position of order[r] in sorted_rows
+    sorted_rows = torch.full((n + num_experts * (row_align - 1),), -1, dtype=torch.int32, device=device)
+    sorted_rows[dest] = order.to(torch.int32)
+    inverse = torch.empty(n, dtype=torch.int32, device=device)
+    inverse[order] = dest.to(torch.int32)
+    return sorted_rows, offsets.to(torch.int32), inverse
+
+
+def moe_experts(
+    hidden_states: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """SwiGLU experts on transformers 5.x weights, weighted and combined in a fixed order.
+
+    hidden_states [T, H], expert_ids [T, k] (int32/int64), expert_weights [T, k],
+    gate_up_proj [E, 2I, H] ([gate; up]), down_proj [E, H, I] -> out [T, H].
+    For each pick: y = down @ (silu(gate @ x) * (up @ x)) in the activation dtype, times its routing
+    weight (rounded to the activation dtype, as HF does); the k picks of a token are summed in
+    fp32 in pick order and rounded once.
+    """
+    T, H = hidden_states.shape
+    k = expert_ids.shape[-1]
+    E = gate_up_proj.shape[0]
+    dtype = hidden_states.dtype
+    flat = expert_ids.reshape(-1).to(torch.int64)
+    weights = expert_weights.reshape(-1).to(dtype)
+    picks = hidden_states.new_zeros(T * k, H)
+    counts = torch.bincount(flat, minlength=E).tolist()  # a host sync: fine for the reference
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = torch.nonzero(flat == e).squeeze(-1)  # flat indices t * k + j, in token order
+        x = hidden_states[rows // k]
+        gate, up = F.linear(x, gate_up_proj[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down_proj[e])
+        picks = picks.index_put((rows,), y * weights[rows, None])
+    return picks.view(T, k, H).to(_compute_dtype(dtype)).sum(dim=1).to(dtype)
+
+
+def moe(
+    hidden_states: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k: int,
+    norm_topk_prob: bool,
+) -> torch.Tensor:
+    """A whole sparse MoE block after the router GEMM: route, run the experts, combine.
+
+    hidden_states [T, H], router_logits [T, E] -> [T, H].
+    """
+    weights, ids, _ = moe_router(router_logits, top_k, norm_topk_prob)
+    return moe_experts(hidden_states, ids, weights, gate_up_proj, down_proj)

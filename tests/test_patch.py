@@ -1,0 +1,197 @@
+"""Tiny Qwen3 / Qwen3-MoE models: patched vs unpatched from the same seed (fp32, CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from models import TF5, VOCAB, tiny_model
+from tolerance import assert_rel_close
+
+import qwen3x
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+REL = 1e-5
+
+
+def _ids(batch=2, seq=11, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+CASES = {
+    "dense": dict(moe=False),
+    "dense-yarn": dict(moe=False, rope=YARN),
+    "dense-head128-gqa4": dict(moe=False, head_dim=128, num_attention_heads=8, num_key_value_heads=2),
+    "moe": dict(moe=True),
+    "moe-top1": dict(moe=True, num_experts_per_tok=1),
+    "moe-top8-unnormalized": dict(moe=True, num_experts_per_tok=8, norm_topk_prob=False),
+    "moe-mixed-layers": dict(moe=True, num_hidden_layers=4, mlp_only_layers=[0], decoder_sparse_step=2),
+    "moe-yarn": dict(moe=True, rope=YARN),
+}
+
+
+@pytest.fixture(params=list(CASES), ids=list(CASES))
+def pair(request):
+    """(unpatched, patched) copies of one model."""
+    base = tiny_model(**CASES[request.param])
+    return base, qwen3x.patch(copy.deepcopy(base))
+
+
+def test_logits_match(pair):
+    base, patched = pair
+    ids = _ids()
+    assert_rel_close(_logits(patched, ids), _logits(base, ids), REL)
+    assert qwen3x.is_patched(patched) and not qwen3x.is_patched(base)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_greedy_generate_identical(pair, cache):
+    base, patched = pair
+    ids = _ids(seq=6)
+    kw = dict(max_new_tokens=16, do_sample=False, cache_implementation=cache, pad_token_id=0)
+    assert torch.equal(patched.generate(ids, **kw), base.generate(ids, **kw))
+
+
+def test_left_padded_batch(pair):
+    base, patched = pair
+    ids = _ids(batch=3, seq=9)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    out, ref = _logits(patched, ids, attention_mask=mask), _logits(base, ids, attention_mask=mask)
+    real = mask.bool()
+    assert_rel_close(out[real], ref[real], REL)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched.generate(ids, **kw), base.generate(ids, **kw))
+
+
+def test_decode_against_a_prefilled_cache_matches(pair):
+    base, patched = pair
+    ids = _ids(seq=12)
+    with torch.no_grad():
+        ob = base(ids[:, :8], use_cache=True)
+        op = patched(ids[:, :8], use_cache=True)
+        nb = base(ids[:, 8:], past_key_values=ob.past_key_values).logits
+        np_ = patched(ids[:, 8:], past_key_values=op.past_key_values).logits
+    assert_rel_close(np_, nb, REL)
+
+
+def test_gradients_match(pair):
+    base, patched = pair
+    base.train()
+    patched.train()
+    ids = _ids()
+    base(ids, labels=ids).loss.backward()
+    patched(ids, labels=ids).loss.backward()
+    grads = dict(base.named_parameters())
+    nonzero = 0
+    for name, p in patched.named_parameters():
+        # an expert no token picked has no grad in HF's loop and a zero grad in a stacked GEMM
+        ref = grads[name].grad if grads[name].grad is not None else torch.zeros_like(p)
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        nonzero += bool(got.abs().sum() > 0)
+    assert nonzero > len(grads) // 2
+
+
+def test_state_dict_unchanged_and_unpatch_exact(pair):
+    base, patched = pair
+    ids = _ids()
+    _logits(patched, ids)  # runs once, packing weights where it does
+    sd_base, sd_patched = base.state_dict(), patched.state_dict()
+    assert list(sd_base) == list(sd_patched)
+    for name in sd_base:
+        assert sd_base[name].shape == sd_patched[name].shape and torch.equal(sd_base[name], sd_patched[name]), name
+    qwen3x.unpatch(patched)
+    assert not qwen3x.is_patched(patched)
+    for (n1, m1), (n2, m2) in zip(base.named_modules(), patched.named_modules()):
+        assert n1 == n2 and type(m1) is type(m2), n1
+    assert torch.equal(_logits(patched, ids), _logits(base, ids))
+
+
+def test_patch_is_idempotent_and_rejects_other_models():
+    model = tiny_model()
+    qwen3x.patch(qwen3x.patch(model))
+    assert all(type(m).__mro__.count(type(m).__mro__[1]) == 1 for m in model.modules())
+    with pytest.raises(TypeError, match="qwen3x.patch: Linear holds no transformers Qwen3"):
+        qwen3x.patch(torch.nn.Linear(2, 2))
+
+
+def test_patch_transformers_patches_models_built_afterwards():
+    base = tiny_model(moe=True)
+    qwen3x.patch_transformers()
+    try:
+        built = tiny_model(moe=True)
+        assert qwen3x.is_patched(built)
+    finally:
+        qwen3x.unpatch_transformers()
+    assert not qwen3x.is_patched(tiny_model(moe=True))
+    ids = _ids()
+    assert_rel_close(_logits(built, ids), _logits(base, ids), REL)
+
+
+def test_weights_moved_after_patch_are_repacked():
+    base = tiny_model(moe=True)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids()
+    _logits(patched, ids)
+    patched.double()  # every parameter gets new storage: the packed views must be rebuilt
+    base.double()
+    if TF5:
+        base.set_experts_implementation("eager")  # HF's grouped_mm has no fp64 kernel
+    assert_rel_close(_logits(patched, ids), _logits(base, ids), REL)  # fp64: HF keeps fp32 RoPE angles
+
+
+def test_save_pretrained_roundtrip_with_attn_implementation(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    for moe in (False, True):
+        base = tiny_model(moe=moe)
+        base.save_pretrained(tmp_path / str(moe))
+        kw = {"experts_implementation": "qwen3x"} if (moe and TF5) else {}
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / str(moe), attn_implementation="qwen3x", **kw).eval()
+        assert loaded.config._attn_implementation == "qwen3x"
+        ids = _ids(seq=5)
+        assert_rel_close(_logits(loaded, ids), _logits(base, ids), REL)
+        gen_kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+        assert torch.equal(loaded.generate(ids, **gen_kw), base.generate(ids, **gen_kw))
+        # and the usual flow: load, patch, generate, unpatch
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / str(moe)).eval()
+        qwen3x.patch(plain)
+        assert torch.equal(plain.generate(ids, **gen_kw), base.generate(ids, **gen_kw))
+        qwen3x.unpatch(plain)
+        assert not qwen3x.is_patched(plain)
+
+
+@pytest.mark.skipif(not TF5, reason="ExpertsInterface is transformers 5.x")
+def test_experts_implementation_qwen3x_routes_to_the_op(monkeypatch):
+    calls = []
+    from qwen3x import ops
+
+    original = ops.moe_experts
+    monkeypatch.setattr(ops, "moe_experts", lambda *a: calls.append(1) or original(*a))
+    model = tiny_model(moe=True)
+    ref = _logits(model, _ids())
+    model.set_experts_implementation("qwen3x")
+    assert_rel_close(_logits(model, _ids()), ref, REL)
+    assert calls, "experts_implementation='qwen3x' did not call qwen3x.ops.moe_experts"
+
+
+def test_attention_with_eager_implementation_keeps_attention_weights():
+    base = tiny_model()
+    base.set_attn_implementation("eager") if hasattr(base, "set_attn_implementation") else None
+    base.config._attn_implementation = "eager"
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids()
+    with torch.no_grad():
+        out = patched(ids, output_attentions=True)
+        ref = base(ids, output_attentions=True)
+    assert out.attentions is not None and len(out.attentions) == len(ref.attentions)
+    assert_rel_close(out.attentions[0], ref.attentions[0], REL)
