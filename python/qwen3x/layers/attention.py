@@ -94,7 +94,12 @@ def _norm_rope(module, q, k, position_embeddings, position_ids):
     q_norm, k_norm = module.q_norm, module.k_norm
     eps = q_norm.variance_epsilon
     inv_freq = getattr(position_embeddings, "inv_freq", None)
-    fused = inv_freq is not None and k_norm.variance_epsilon == eps and not _unsupported_on_cuda(q, "qk_norm_rope")
+    fused = (
+        inv_freq is not None
+        and k_norm.variance_epsilon == eps
+        and q_norm.weight.dtype == k_norm.weight.dtype == q.dtype == k.dtype  # not under autocast
+        and not _unsupported_on_cuda(q, "qk_norm_rope")
+    )
     if fused:
         positions = position_embeddings.position_ids.expand(q.shape[:-2]).reshape(q.shape[:-2])
         args = (q_norm.weight, k_norm.weight, positions, inv_freq.to(q.device), position_embeddings.attention_scaling, eps)

@@ -15,7 +15,11 @@ class DecoderLayer:
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
         norm = self.post_attention_layernorm
-        hidden_states, residual = ops.add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
+        if norm.weight.dtype == hidden_states.dtype == residual.dtype:
+            hidden_states, residual = ops.add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
+        else:  # mixed dtypes (autocast): HF's two steps
+            residual = residual + hidden_states
+            hidden_states = norm(residual)
         hidden_states = self.mlp(hidden_states)
         if isinstance(hidden_states, tuple):  # transformers 4.57's MoE block returns (out, router_logits)
             hidden_states = hidden_states[0]

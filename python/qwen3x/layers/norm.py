@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from .. import ops, reference
 
 
 class RMSNorm:
@@ -12,4 +12,6 @@ class RMSNorm:
     variance_epsilon: float
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+        if self.weight.dtype != hidden_states.dtype:  # e.g. under autocast: HF promotes, the kernels don't
+            return reference.rms_norm(hidden_states, self.weight, self.variance_epsilon)
         return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)

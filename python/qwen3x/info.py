@@ -1,0 +1,65 @@
+"""``python -m qwen3x.info``: what this install of qwen3x runs, and on what.
+
+Prints the torch / CUDA / transformers versions, the GPU, whether the CUDA extension ``qwen3x._C``
+is built (and for which architectures), and for each op whether it runs a CUDA kernel or the
+PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import __version__, _library
+
+
+def collect() -> dict:
+    try:
+        import transformers
+
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = None
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+    build = _library._C.build_info() if _library._C is not None else None
+    ops = {}
+    for op in _library.SCHEMAS:
+        if _library.has_cuda_kernel(op):
+            ops[op] = "CUDA kernel" if gpu else "CUDA kernel (built; no GPU here, runs the reference on CPU)"
+        else:
+            ops[op] = "PyTorch reference"
+    return {
+        "qwen3x": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "transformers": tf_version,
+        "gpu": gpu,
+        "extension": build,
+        "extension_error": None if build else _library.C_LOAD_ERROR,
+        "ops": ops,
+    }
+
+
+def main() -> None:
+    info = collect()
+    print(f"qwen3x {info['qwen3x']}  python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda']})"
+          f"  transformers {info['transformers'] or 'not installed'}")
+    print(f"GPU: {info['gpu'] or 'none visible'}")
+    build = info["extension"]
+    if build:
+        print(f"qwen3x._C: built for {', '.join(build['archs'])} with CUDA {build['cuda_version']} "
+              f"against torch {build['torch_version']}")
+    else:
+        print(f"qwen3x._C: not loaded ({info['extension_error']}); every op runs its PyTorch reference")
+    width = max(map(len, info["ops"]))
+    for op, status in info["ops"].items():
+        print(f"  {op:<{width}}  {status}")
+
+
+if __name__ == "__main__":
+    main()

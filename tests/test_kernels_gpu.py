@@ -1,0 +1,167 @@
+"""CUDA kernels against the fp64 reference (the tolerance rule in tolerance.py). GPU only.
+
+Outputs are poisoned: the caching allocator hands the kernel's output the memory of a NaN-filled
+block just freed, so an element the kernel forgets to write shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import tiny_config
+from tolerance import assert_close_to_truth
+
+from qwen3x import _library, ops
+from qwen3x import reference as R
+from qwen3x.rope import rope_parameters
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+TOKENS = [1, 7, 83, 4097, 65536]
+HEADS = [(16, 8), (32, 8), (32, 4), (64, 4)]
+D = 128
+
+
+def _needs_kernel(op):
+    if not _library.has_cuda_kernel(op):
+        pytest.skip(f"no CUDA kernel for {op} in this build")
+
+
+def _poison(nbytes: int) -> None:
+    """Leave a freed NaN block of nbytes in the caching allocator for the next allocation."""
+    torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device="cuda").fill_(float("nan"))
+
+
+def _judge(out, args, ref_fn, index=None):
+    """Compare out with the same-dtype reference and the fp64 truth of ref_fn(*args)."""
+    same = ref_fn(*args)
+    truth = ref_fn(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
+    if index is not None:
+        same, truth = same[index], truth[index]
+    assert_close_to_truth(out, same, truth)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("hidden", [128, 1024, 2560, 4096, 8192])
+def test_rms_norm(dtype, tokens, hidden):
+    _needs_kernel("rms_norm")
+    if tokens * hidden > 2**28:
+        pytest.skip("large")
+    x = torch.randn(tokens, hidden, device="cuda", dtype=dtype) * 4
+    w = torch.randn(hidden, device="cuda", dtype=dtype)
+    _poison(x.numel() * x.element_size())
+    out = ops.rms_norm(x, w, 1e-6)
+    _judge(out, (x, w, 1e-6), R.rms_norm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_strided_rows(dtype):
+    _needs_kernel("rms_norm")
+    big = torch.randn(97, 3 * 1024, device="cuda", dtype=dtype)
+    x = big[:, 1024:2048]  # row stride 3072
+    w = torch.randn(1024, device="cuda", dtype=dtype)
+    _judge(ops.rms_norm(x, w, 1e-6), (x, w, 1e-6), R.rms_norm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 83, 4097])
+def test_add_rms_norm(dtype, tokens):
+    _needs_kernel("add_rms_norm")
+    x = torch.randn(tokens, 2048, device="cuda", dtype=dtype)
+    res = torch.randn(tokens, 2048, device="cuda", dtype=dtype)
+    w = torch.randn(2048, device="cuda", dtype=dtype)
+    _poison(2 * x.numel() * x.element_size())
+    out, summed = ops.add_rms_norm(x, res, w, 1e-6)
+    assert torch.equal(summed, res + x)  # the sum rounds once to the input dtype, like HF
+    _judge(out, (x, res, w, 1e-6), lambda *a: R.add_rms_norm(*a)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 83, 4097])
+def test_silu_and_mul(dtype, tokens):
+    _needs_kernel("silu_and_mul")
+    for inter in (768, 3072, 9728, 100):
+        x = torch.randn(tokens, 2 * inter, device="cuda", dtype=dtype) * 3
+        _poison(x.numel() * x.element_size())
+        _judge(ops.silu_and_mul(x), (x,), R.silu_and_mul)
+
+
+def _rope_inputs(tokens, hq, hkv, dtype, yarn=True, max_position=131071, pos_dtype=torch.int64):
+    config = tiny_config(
+        rope={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768} if yarn else None,
+        head_dim=D, max_position_embeddings=131072,
+    )
+    params = rope_parameters(config)
+    q = torch.randn(tokens, hq, D, device="cuda", dtype=dtype)
+    k = torch.randn(tokens, hkv, D, device="cuda", dtype=dtype)
+    wq = 1 + 0.1 * torch.randn(D, device="cuda", dtype=dtype)
+    wk = 1 + 0.1 * torch.randn(D, device="cuda", dtype=dtype)
+    pos = torch.randint(0, max_position + 1, (tokens,), device="cuda", dtype=pos_dtype)
+    pos[-1] = max_position
+    return q, k, wq, wk, pos, params.inv_freq.cuda(), params.attention_scaling, 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("hq,hkv", HEADS)
+def test_qk_norm_rope(dtype, tokens, hq, hkv):
+    _needs_kernel("qk_norm_rope")
+    if tokens * hq > 2**21:
+        pytest.skip("large")
+    args = _rope_inputs(tokens, hq, hkv, dtype)
+    _poison(args[0].numel() * args[0].element_size())
+    q_out, k_out = ops.qk_norm_rope(*args)
+    _judge(q_out, args, R.qk_norm_rope, index=0)
+    _judge(k_out, args, R.qk_norm_rope, index=1)
+
+
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+def test_qk_norm_rope_in_place_on_slices_of_a_fused_projection(pos_dtype):
+    _needs_kernel("qk_norm_rope_")
+    T, hq, hkv, dtype = 83, 32, 4, torch.bfloat16
+    _, _, wq, wk, pos, inv, scale, eps = _rope_inputs(T, hq, hkv, dtype, pos_dtype=pos_dtype)
+    qkv = torch.randn(T, (hq + 2 * hkv) * D, device="cuda", dtype=dtype)
+    before = qkv.clone()
+    q = qkv[:, : hq * D].view(T, hq, D)
+    k = qkv[:, hq * D : (hq + hkv) * D].view(T, hkv, D)
+    args = (q.clone(), k.clone(), wq, wk, pos, inv, scale, eps)
+    ops.qk_norm_rope_(q, k, wq, wk, pos, inv, scale, eps)
+    _judge(q, args, R.qk_norm_rope, index=0)
+    _judge(k, args, R.qk_norm_rope, index=1)
+    assert torch.equal(qkv[:, (hq + hkv) * D :], before[:, (hq + hkv) * D :])  # v untouched
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: ops.qk_norm_rope(torch.randn(4, 4, 64, device="cuda", dtype=torch.bfloat16),
+                                  torch.randn(4, 2, 64, device="cuda", dtype=torch.bfloat16),
+                                  torch.ones(64, device="cuda", dtype=torch.bfloat16),
+                                  torch.ones(64, device="cuda", dtype=torch.bfloat16),
+                                  torch.arange(4, device="cuda"), torch.rand(32, device="cuda")), "128"),
+        (lambda: ops.rms_norm(torch.randn(4, 64, device="cuda"), torch.randn(64)), "device"),
+        (lambda: ops.rms_norm(torch.randn(4, 64, device="cuda"), torch.randn(64, device="cuda").half()), "dtype"),
+    ],
+)
+def test_bad_cuda_inputs_are_clear_errors(call, message):
+    with pytest.raises((RuntimeError, ValueError), match=f"qwen3x\\.\\w+.*{message}"):
+        call()
+    torch.cuda.synchronize()  # and no asynchronous fault left behind
+
+
+def test_patched_model_on_gpu_matches_hf_within_the_tolerance_rule():
+    import copy
+
+    from models import tiny_model
+
+    import qwen3x
+
+    base = tiny_model(head_dim=128, num_attention_heads=8, num_key_value_heads=2).cuda()
+    truth_model = copy.deepcopy(base).double()
+    hf = base.to(torch.bfloat16)
+    patched = qwen3x.patch(copy.deepcopy(hf))
+    ids = torch.randint(0, 97, (2, 33), device="cuda")
+    with torch.no_grad():
+        truth = truth_model(ids).logits
+        assert_close_to_truth(patched(ids).logits.float(), hf(ids).logits.float(), truth.float(), floor=2e-2)
