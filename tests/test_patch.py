@@ -195,3 +195,57 @@ def test_attention_with_eager_implementation_keeps_attention_weights():
         ref = base(ids, output_attentions=True)
     assert out.attentions is not None and len(out.attentions) == len(ref.attentions)
     assert_rel_close(out.attentions[0], ref.attentions[0], REL)
+
+
+class _LoRALinear(torch.nn.Module):
+    """A stand-in for PEFT's LoRA wrapper: base Linear + trainable low-rank update."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 4):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.lora_B.weight, std=0.1)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+def _add_lora(model):
+    for module in list(model.modules()):
+        for name in ("q_proj", "v_proj", "gate_proj", "up_proj"):
+            child = getattr(module, name, None)
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, _LoRALinear(child))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_lora_wrapped_projections_train_like_unpatched(moe):
+    base = _add_lora(tiny_model(moe=moe))
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids()
+    for m in (base, patched):
+        m.train()
+        m(ids, labels=ids).loss.backward()
+    ref = dict(base.named_parameters())
+    n = 0
+    for name, p in patched.named_parameters():
+        if "lora_" in name:
+            n += 1
+            torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        else:
+            assert p.grad is None, name
+    assert n > 0
+
+
+def test_autocast_keeps_hf_numerics():
+    base = tiny_model(moe=True)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = base(ids).logits, patched(ids).logits
+    assert out.dtype == ref.dtype
+    assert_rel_close(out.float(), ref.float(), 2e-2)
