@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Static check of the machine code in a built qwen3x._C module (no GPU needed).
+
+For every kernel in the .so (per embedded architecture) prints:
+  LDG128 / STG128  16-byte global loads / stores (LDG.E.128, STG.E.128, ...)
+  LDG / STG        all global loads / stores
+  LDL / STL        local-memory loads / stores (spills or stack arrays)
+  REG / STACK      registers per thread and stack frame bytes (cuobjdump -res-usage)
+
+Exit status 1 when any kernel touches local memory (LDL/STL, STACK or LOCAL > 0)
+or when a kernel that must be vectorized (see VECTOR_KERNELS) lacks 16-byte
+loads or stores; 2 when the inputs cannot be found.
+
+Usage:
+  python cmake/sass_check.py [path/to/_C.so] [--cuobjdump PATH]
+Without a path, the newest _C*.so under python/qwen3x/ or build/ is used.
+cuobjdump is looked up in --cuobjdump, $CUOBJDUMP, $CUDA_HOME/bin, PATH, and
+finally the copy that ships with Triton's NVIDIA backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Kernels (demangled-name substrings) whose fast path must move 16-byte
+# vectors both ways.
+VECTOR_KERNELS = ("rms_norm_vec_kernel", "qk_norm_rope_kernel", "silu_and_mul_vec_kernel")
+
+LDG128 = re.compile(r"\bLDG(\.[A-Z0-9_]+)*\.128\b")
+STG128 = re.compile(r"\bSTG(\.[A-Z0-9_]+)*\.128\b")
+LDG = re.compile(r"\bLDG\b")
+STG = re.compile(r"\bSTG\b")
+LDL = re.compile(r"\bLDL\b")
+STL = re.compile(r"\bSTL\b")
+
+
+@dataclass
+class Kernel:
+    arch: str
+    mangled: str
+    ldg128: int = 0
+    stg128: int = 0
+    ldg: int = 0
+    stg: int = 0
+    ldl: int = 0
+    stl: int = 0
+    reg: int = -1
+    stack: int = -1
+    local: int = -1
+    name: str = ""
+
+
+def find_cuobjdump(explicit: str | None) -> str | None:
+    candidates = [explicit, os.environ.get("CUOBJDUMP")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home:
+            candidates.append(str(Path(home) / "bin" / "cuobjdump"))
+    candidates.append(shutil.which("cuobjdump"))
+    try:
+        import triton  # noqa: PLC0415  (optional, only for its bundled binary)
+
+        candidates.append(
+            str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    except Exception:  # noqa: BLE001  (triton missing or broken: just skip it)
+        pass
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def find_module() -> Path | None:
+    found = list((ROOT / "python" / "qwen3x").glob("_C*.so")) + list((ROOT / "build").rglob("_C*.so"))
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def run(cmd: list[str]) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def parse_sass(text: str) -> dict[tuple[str, str], Kernel]:
+    kernels: dict[tuple[str, str], Kernel] = {}
+    arch, cur = "?", None
+    for line in text.splitlines():
+        if m := re.match(r"\s*arch = (\S+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function : (\S+)", line):
+            cur = kernels.setdefault((arch, m.group(1)), Kernel(arch, m.group(1)))
+        elif cur is not None and "/*" in line:
+            ins = line.split("*/", 1)[-1]  # drop the /*addr*/ prefix
+            cur.ldg128 += bool(LDG128.search(ins))
+            cur.stg128 += bool(STG128.search(ins))
+            cur.ldg += bool(LDG.search(ins))
+            cur.stg += bool(STG.search(ins))
+            cur.ldl += bool(LDL.search(ins))
+            cur.stl += bool(STL.search(ins))
+    return kernels
+
+
+def parse_res_usage(text: str, kernels: dict[tuple[str, str], Kernel]) -> None:
+    arch, name = "?", None
+    for line in text.splitlines():
+        if m := re.match(r"\s*arch = (\S+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function (\S+):", line):
+            name = m.group(1)
+        elif name and (m := re.search(r"REG:(\d+) STACK:(\d+) .*LOCAL:(\d+)", line)):
+            k = kernels.setdefault((arch, name), Kernel(arch, name))
+            k.reg, k.stack, k.local = (int(g) for g in m.groups())
+            name = None
+
+
+def demangle(kernels: list[Kernel]) -> None:
+    cxxfilt = shutil.which("c++filt")
+    names = [k.mangled for k in kernels]
+    if cxxfilt and names:
+        out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True,
+                             text=True).stdout.splitlines()
+        if len(out) == len(names):
+            names = out
+    for k, n in zip(kernels, names):
+        n = n.split("(", 1)[0]
+        k.name = n.removeprefix("void ")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("module", nargs="?", help="built _C*.so (default: newest in python/ or build/)")
+    ap.add_argument("--cuobjdump", help="path to cuobjdump")
+    args = ap.parse_args()
+
+    module = Path(args.module) if args.module else find_module()
+    if module is None or not module.is_file():
+        print("sass_check: no built _C*.so found (build first, or pass its path)", file=sys.stderr)
+        return 2
+    tool = find_cuobjdump(args.cuobjdump)
+    if tool is None:
+        print("sass_check: cuobjdump not found (set CUOBJDUMP or CUDA_HOME)", file=sys.stderr)
+        return 2
+
+    kernels = parse_sass(run([tool, "-sass", str(module)]))
+    parse_res_usage(run([tool, "-res-usage", str(module)]), kernels)
+    rows = sorted(kernels.values(), key=lambda k: (k.arch, k.mangled))
+    demangle(rows)
+    if not rows:
+        print(f"sass_check: no kernels in {module}", file=sys.stderr)
+        return 2
+
+    print(f"{module}")
+    width = max(len(k.name) for k in rows)
+    header = (f"{'arch':8} {'kernel':{width}} {'LDG128':>6} {'STG128':>6} {'LDG':>4} {'STG':>4} "
+              f"{'LDL':>4} {'STL':>4} {'REG':>4} {'STACK':>5}  verdict")
+    print(header)
+    print("-" * len(header))
+    failures = 0
+    for k in rows:
+        problems = []
+        if k.ldl or k.stl or k.stack > 0 or k.local > 0:
+            problems.append("local memory")
+        if any(v in k.name for v in VECTOR_KERNELS) and not (k.ldg128 and k.stg128):
+            problems.append("no 16-byte vectors")
+        failures += bool(problems)
+        print(f"{k.arch:8} {k.name:{width}} {k.ldg128:6} {k.stg128:6} {k.ldg:4} {k.stg:4} "
+              f"{k.ldl:4} {k.stl:4} {k.reg:4} {k.stack:5}  {'; '.join(problems) or 'ok'}")
+    print(f"{len(rows)} kernels, {failures} with problems")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

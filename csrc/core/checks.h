@@ -1,0 +1,113 @@
+// Argument checks for the torch glue, with messages that name the op and what
+// was expected, e.g.
+//   qwen3x.rms_norm: expected input to be a CUDA tensor, got cpu
+//
+// All checks raise through TORCH_CHECK, i.e. RuntimeError in Python.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace qwen3x::check {
+
+// "torch.bfloat16" rather than c10's "BFloat16": what a Python user types.
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::ScalarType::Float: return "torch.float32";
+    case at::ScalarType::Half: return "torch.float16";
+    case at::ScalarType::BFloat16: return "torch.bfloat16";
+    case at::ScalarType::Double: return "torch.float64";
+    case at::ScalarType::Int: return "torch.int32";
+    case at::ScalarType::Long: return "torch.int64";
+    case at::ScalarType::Short: return "torch.int16";
+    case at::ScalarType::Char: return "torch.int8";
+    case at::ScalarType::Byte: return "torch.uint8";
+    case at::ScalarType::Bool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+inline void cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), "qwen3x.", op, ": expected ", name, " to be a CUDA tensor, got ",
+              c10::DeviceTypeName(t.device().type(), /*lower_case=*/true));
+}
+
+inline void same_device(const char* op, const char* name, const at::Tensor& t,
+                        const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), "qwen3x.", op, ": expected ", name,
+              " to be on the same device as ", ref_name, " (", ref.device(), "), got ", t.device());
+}
+
+// The float types every kernel is instantiated for.
+inline void float_dtype(const char* op, const char* name, const at::Tensor& t) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK(d == at::ScalarType::BFloat16 || d == at::ScalarType::Half ||
+                  d == at::ScalarType::Float,
+              "qwen3x.", op, ": expected ", name,
+              " to have dtype torch.bfloat16, torch.float16 or torch.float32, got ", dtype_name(d));
+}
+
+inline void same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "qwen3x.", op, ": expected ", name,
+              " to have the same dtype as ", ref_name, " (", dtype_name(ref.scalar_type()),
+              "), got ", dtype_name(t.scalar_type()));
+}
+
+inline void dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
+  TORCH_CHECK(t.scalar_type() == want, "qwen3x.", op, ": expected ", name, " to have dtype ",
+              dtype_name(want), ", got ", dtype_name(t.scalar_type()));
+}
+
+inline void min_dim(const char* op, const char* name, const at::Tensor& t, int64_t dims) {
+  TORCH_CHECK(t.dim() >= dims, "qwen3x.", op, ": expected ", name, " to have at least ", dims,
+              " dimension(s), got shape ", t.sizes());
+}
+
+// t.shape == [n] (a 1-D vector of n elements), contiguous.
+inline void vector_of(const char* op, const char* name, const at::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "qwen3x.", op, ": expected ", name,
+              " to have shape [", n, "], got ", t.sizes());
+  TORCH_CHECK(t.stride(0) == 1 || n <= 1, "qwen3x.", op, ": expected ", name,
+              " to be contiguous, got stride ", t.strides());
+}
+
+inline void last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) <= 1, "qwen3x.", op, ": expected ", name,
+              " to have a contiguous last dimension (stride 1), got strides ", t.strides());
+}
+
+// The stride between consecutive "rows" when every dimension before `end_dim`
+// of `t` is flattened into one, or nullopt when those dimensions cannot be
+// addressed with a single stride (then the caller makes a contiguous copy).
+// Size-1 dimensions never break collapsibility. With no leading dimension of
+// size > 1, any stride works and `fallback` is returned.
+inline std::optional<int64_t> collapsed_stride(const at::Tensor& t, int64_t end_dim,
+                                               int64_t fallback) {
+  std::optional<int64_t> inner_stride;
+  int64_t inner_extent = 0;  // inner_stride * size of the dims collapsed so far
+  for (int64_t d = end_dim - 1; d >= 0; --d) {
+    if (t.size(d) == 1) continue;
+    if (!inner_stride) {
+      inner_stride = t.stride(d);
+      inner_extent = t.stride(d) * t.size(d);
+    } else {
+      if (t.stride(d) != inner_extent) return std::nullopt;
+      inner_extent *= t.size(d);
+    }
+  }
+  return inner_stride ? *inner_stride : fallback;
+}
+
+// Number of elements in the dimensions before `end_dim` (1 when there are none).
+inline int64_t leading_numel(const at::Tensor& t, int64_t end_dim) {
+  int64_t n = 1;
+  for (int64_t d = 0; d < end_dim; ++d) n *= t.size(d);
+  return n;
+}
+
+}  // namespace qwen3x::check

@@ -1,0 +1,221 @@
+// Fused per-head RMSNorm (q_norm / k_norm) + rotary embedding for Qwen3
+// attention, applied to q and k heads in a single launch.
+//
+// For every head x (head_dim 128) of token t, with w = q_weight or k_weight:
+//   rstd  = rsqrt(mean(float(x)^2) + eps)                  (fp32)
+//   n[i]  = float(T(float(x[i]) * rstd)) * float(w[i])      (HF rounds the
+//           normalized value to T; the weight multiply stays in fp32 here)
+//   angle = float(pos[t]) * inv_freq[i % 64]                (fp32, as HF)
+//   c, s  = cosf(angle) * attention_scaling, sinf(angle) * attention_scaling
+//   out[i]      = n[i] * c - n[i + 64] * s                  (i < 64)
+//   out[i + 64] = n[i + 64] * c + n[i] * s                  (NeoX rotate_half)
+//   rounded to T once at the end.
+// sin/cos are accurate (core/trig.cuh, ~1 ulp, not __sincosf): angles reach
+// ~1.3e5 rad at 131k positions, where the fast intrinsic loses all accuracy,
+// and libdevice's sincosf would put its slow path's array on the stack.
+//
+// Why it is shaped this way (memory bound; a head is 256 bytes in bf16/fp16):
+// - One 16-byte vector per lane: 16 lanes cover a 16-bit head, so a warp
+//   works on two heads at once (one lane per 16 bytes for fp32: one head).
+// - The rotation partner of element i is i +- 64, which sits in the lane
+//   kLanesPerHead / 2 away (8 for 16-bit types): one __shfl_xor_sync per
+//   element, no shared memory.
+// - The norm's sum of squares is a butterfly over the head's lanes only.
+// - A warp handles kHeadsPerWarp heads of ONE token, so the 64 sin/cos pairs
+//   (the expensive part, accurate sin/cos) are computed once and reused for
+//   all of them, and all of its loads are issued before any math.
+// - q and k heads share the launch: head h < num_q_heads is q head h, the rest
+//   are k heads. Inputs and outputs take arbitrary token and head strides
+//   (e.g. slices of a fused qkv projection); in-place is out == in.
+//
+// Torch-free: raw pointers, sizes and element strides; the glue is rope.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/gpu_constants.h"
+#include "core/qwen3.h"
+#include "core/reduce.cuh"
+#include "core/trig.cuh"
+#include "core/vec.cuh"
+
+namespace qwen3x::rope {
+
+// Heads (of one token) one warp processes; amortizes the sin/cos of the token.
+constexpr int kHeadsPerWarp = 8;
+constexpr int kWarpsPerBlock = 4;
+constexpr int kThreadsPerBlock = kWarpsPerBlock * kWarpSize;
+
+// How a 128-wide head maps onto lanes for element type T.
+template <typename T>
+struct HeadLayout {
+  static constexpr int kVec = Vec16<T>::kSize;                      // elements per lane
+  static constexpr int kLanesPerHead = kHeadDim / kVec;             // 16 (16-bit) or 32 (fp32)
+  static constexpr int kHeadsPerIter = kWarpSize / kLanesPerHead;   // heads per warp step
+  static constexpr int kIters = kHeadsPerWarp / kHeadsPerIter;      // steps per warp
+  static constexpr int kPartnerXor = kLanesPerHead / 2;             // lane of element i +- 64
+  static_assert(kHeadDim % kVec == 0 && kWarpSize % kLanesPerHead == 0, "head must tile a warp");
+  static_assert(kHeadsPerWarp % kHeadsPerIter == 0, "kHeadsPerWarp must fill whole steps");
+  static_assert(kVec % Vec16<float>::kSize == 0, "inv_freq is read as 16-byte vectors");
+};
+
+// Where the heads of one tensor live: element (t, h, d) is at
+// ptr[t * token_stride + h * head_stride + d].
+struct HeadStrides {
+  int64_t token;
+  int64_t head;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_heads, 128], strides q_out_strides
+                    T* k_out,                          // [num_tokens, num_kv_heads, 128], strides k_out_strides
+                    const T* q_in,                     // [num_tokens, num_q_heads, 128], strides q_in_strides (may equal q_out)
+                    const T* k_in,                     // [num_tokens, num_kv_heads, 128], strides k_in_strides (may equal k_out)
+                    const T* __restrict__ q_weight,    // [128]
+                    const T* __restrict__ k_weight,    // [128]
+                    const void* __restrict__ positions,  // [num_tokens], int64 if positions_int64 else int32
+                    bool positions_int64,
+                    const float* __restrict__ inv_freq,  // [64]
+                    int64_t num_tokens,
+                    int num_q_heads,
+                    int num_kv_heads,
+                    HeadStrides q_out_strides,
+                    HeadStrides k_out_strides,
+                    HeadStrides q_in_strides,
+                    HeadStrides k_in_strides,
+                    float attention_scaling,
+                    float eps) {
+  using L = HeadLayout<T>;
+  using Vec = Vec16<T>;
+  constexpr int kVec = L::kVec;
+
+  const int lane = threadIdx.x % kWarpSize;
+  const int num_heads = num_q_heads + num_kv_heads;
+  const int groups_per_token = ceil_div(num_heads, kHeadsPerWarp);
+  const int64_t warp_id =
+      static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int64_t token = warp_id / groups_per_token;
+  // Whole warps exit together and the kernel has no block barrier.
+  if (token >= num_tokens) return;
+  const int head_base = static_cast<int>(warp_id % groups_per_token) * kHeadsPerWarp;
+
+  const int head_slot = lane / L::kLanesPerHead;  // which head of a step this lane works on
+  const int elem0 = (lane % L::kLanesPerHead) * kVec;  // first head_dim element of this lane
+  const bool first_half = elem0 < kRotaryHalf;
+  const int freq0 = elem0 % kRotaryHalf;
+
+  // ---- Issue every load of the warp before any math. ----------------------
+  Vec x[L::kIters];
+  bool valid[L::kIters];
+  bool is_q[L::kIters];
+  int head_in_tensor[L::kIters];
+#pragma unroll
+  for (int it = 0; it < L::kIters; ++it) {
+    const int h = head_base + it * L::kHeadsPerIter + head_slot;
+    valid[it] = h < num_heads;
+    is_q[it] = h < num_q_heads;
+    head_in_tensor[it] = is_q[it] ? h : h - num_q_heads;
+    if (valid[it]) {
+      const T* src = is_q[it]
+          ? q_in + token * q_in_strides.token + head_in_tensor[it] * q_in_strides.head
+          : k_in + token * k_in_strides.token + head_in_tensor[it] * k_in_strides.head;
+      x[it] = load_vec16(src + elem0);
+    } else {
+      // Lanes without a head still take part in the shuffles below.
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) x[it].data[j] = from_float<T>(0.0f);
+    }
+  }
+  const Vec wq = load_vec16(q_weight + elem0);
+  const Vec wk = load_vec16(k_weight + elem0);
+  const int64_t pos = positions_int64 ? static_cast<const int64_t*>(positions)[token]
+                                      : static_cast<const int32_t*>(positions)[token];
+
+  // ---- cos/sin for this lane's 8 (or 4) frequencies, once per token. -------
+  float cos_v[kVec];
+  float sin_v[kVec];  // sign folded in: -sin for the first half (rotate_half)
+  {
+    float freq[kVec];
+#pragma unroll
+    for (int m = 0; m < kVec; m += Vec16<float>::kSize) {
+      const Vec16<float> f = load_vec16(inv_freq + freq0 + m);
+#pragma unroll
+      for (int j = 0; j < Vec16<float>::kSize; ++j) freq[m + j] = f.data[j];
+    }
+    const float pos_f = static_cast<float>(pos);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const float angle = __fmul_rn(pos_f, freq[j]);
+      float s, c;
+      sincos_accurate(angle, &s, &c);
+      cos_v[j] = c * attention_scaling;
+      sin_v[j] = (first_half ? -s : s) * attention_scaling;
+    }
+  }
+
+  // ---- Norm + rotate + store, one step (1 or 2 heads per warp) at a time. --
+#pragma unroll
+  for (int it = 0; it < L::kIters; ++it) {
+    float v[kVec];
+    float sum_sq = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      v[j] = to_float(x[it].data[j]);
+      sum_sq += v[j] * v[j];
+    }
+    sum_sq = warp_reduce_sum<L::kLanesPerHead>(sum_sq);
+    const float rstd = rsqrtf(sum_sq * (1.0f / kHeadDim) + eps);
+
+    // Select per element (not a reference to wq/wk: that would force both
+    // into local memory).
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const float w = to_float(is_q[it] ? wq.data[j] : wk.data[j]);
+      v[j] = round_to<T>(v[j] * rstd) * w;
+    }
+
+    Vec y;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const float partner = __shfl_xor_sync(kFullWarpMask, v[j], L::kPartnerXor);
+      y.data[j] = from_float<T>(fmaf(v[j], cos_v[j], partner * sin_v[j]));
+    }
+    if (valid[it]) {
+      T* dst = is_q[it]
+          ? q_out + token * q_out_strides.token + head_in_tensor[it] * q_out_strides.head
+          : k_out + token * k_out_strides.token + head_in_tensor[it] * k_out_strides.head;
+      store_vec16(dst + elem0, y);
+    }
+  }
+}
+
+// Launcher. Preconditions (ensured by the glue): every pointer is 16-byte
+// aligned and every token/head stride is a whole number of 16-byte vectors;
+// head_dim is contiguous; num_tokens <= max_qk_norm_rope_tokens(heads).
+// Does not check errors.
+template <typename T>
+void launch_qk_norm_rope(T* q_out, T* k_out, const T* q_in, const T* k_in, const T* q_weight,
+                         const T* k_weight, const void* positions, bool positions_int64,
+                         const float* inv_freq, int64_t num_tokens, int num_q_heads,
+                         int num_kv_heads, HeadStrides q_out_strides, HeadStrides k_out_strides,
+                         HeadStrides q_in_strides, HeadStrides k_in_strides,
+                         float attention_scaling, float eps, cudaStream_t stream) {
+  const int num_heads = num_q_heads + num_kv_heads;
+  if (num_tokens == 0 || num_heads == 0) return;
+  const int64_t num_warps = num_tokens * ceil_div(num_heads, kHeadsPerWarp);
+  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(num_warps, kWarpsPerBlock)));
+  qk_norm_rope_kernel<T><<<grid, kThreadsPerBlock, 0, stream>>>(
+      q_out, k_out, q_in, k_in, q_weight, k_weight, positions, positions_int64, inv_freq,
+      num_tokens, num_q_heads, num_kv_heads, q_out_strides, k_out_strides, q_in_strides,
+      k_in_strides, attention_scaling, eps);
+}
+
+// Most tokens one launch can cover for a given head count.
+inline int64_t max_qk_norm_rope_tokens(int num_heads) {
+  return kMaxGridX * kWarpsPerBlock / ceil_div(num_heads, kHeadsPerWarp);
+}
+
+}  // namespace qwen3x::rope

@@ -1,0 +1,193 @@
+// Torch glue for qk_norm_rope (functional) and qk_norm_rope_ (in place):
+// argument checks, device guard, current stream, dtype dispatch, output
+// allocation. Kernel: qk_norm_rope.cuh.
+//
+// Layouts the kernel cannot address directly (leading dims that do not
+// collapse into one token stride, or pointers/strides that are not whole
+// 16-byte vectors) are handled here with a contiguous copy, never with a
+// second kernel: the fast path covers views of a fused qkv projection.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <limits>
+#include <optional>
+
+#include "core/checks.h"
+#include "core/dispatch.h"
+#include "core/qwen3.h"
+#include "rope/qk_norm_rope.cuh"
+#include "ops.h"
+
+namespace qwen3x {
+namespace {
+
+// Small operands in the form the kernel reads them.
+struct Prepared {
+  int64_t num_tokens;
+  at::Tensor positions;  // [num_tokens], contiguous
+  at::Tensor q_weight;   // [128], 16-byte aligned
+  at::Tensor k_weight;   // [128], 16-byte aligned
+  at::Tensor inv_freq;   // [64], 16-byte aligned
+};
+
+// The kernel reads weights and inv_freq as 16-byte vectors; a misaligned view
+// (storage offset) gets a fresh copy, which is tiny.
+at::Tensor vector_aligned(const at::Tensor& t) {
+  return is_aligned(t.const_data_ptr(), kVecBytes) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// Checks shared by both variants; returns the flattened positions.
+Prepared check_args(const char* op, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& q_weight, const at::Tensor& k_weight,
+                    const at::Tensor& positions, const at::Tensor& inv_freq) {
+  check::cuda(op, "q", q);
+  check::cuda(op, "k", k);
+  check::same_device(op, "k", k, "q", q);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q_weight", q_weight},
+                                {"k_weight", k_weight},
+                                {"positions", positions},
+                                {"inv_freq", inv_freq}}) {
+    check::cuda(op, name, t);
+    check::same_device(op, name, t, "q", q);
+  }
+
+  check::float_dtype(op, "q", q);
+  check::same_dtype(op, "k", k, "q", q);
+  check::same_dtype(op, "q_weight", q_weight, "q", q);
+  check::same_dtype(op, "k_weight", k_weight, "q", q);
+  check::dtype(op, "inv_freq", inv_freq, at::ScalarType::Float);
+  TORCH_CHECK(positions.scalar_type() == at::ScalarType::Int ||
+                  positions.scalar_type() == at::ScalarType::Long,
+              "qwen3x.", op, ": expected positions to have dtype torch.int32 or torch.int64, got ",
+              check::dtype_name(positions.scalar_type()));
+
+  check::min_dim(op, "q", q, 2);
+  check::min_dim(op, "k", k, 2);
+  TORCH_CHECK(q.size(-1) == kHeadDim, "qwen3x.", op, ": expected q to have head_dim ", kHeadDim,
+              " (size of the last dimension), got ", q.size(-1));
+  TORCH_CHECK(k.size(-1) == kHeadDim, "qwen3x.", op, ": expected k to have head_dim ", kHeadDim,
+              " (size of the last dimension), got ", k.size(-1));
+  const auto q_lead = q.sizes().slice(0, q.dim() - 2);
+  const auto k_lead = k.sizes().slice(0, k.dim() - 2);
+  TORCH_CHECK(q_lead == k_lead, "qwen3x.", op,
+              ": expected q and k to have the same leading (token) dimensions, got q ", q.sizes(),
+              " and k ", k.sizes());
+  check::last_dim_contiguous(op, "q", q);
+  check::last_dim_contiguous(op, "k", k);
+  check::vector_of(op, "q_weight", q_weight, kHeadDim);
+  check::vector_of(op, "k_weight", k_weight, kHeadDim);
+  check::vector_of(op, "inv_freq", inv_freq, kRotaryHalf);
+
+  const int64_t num_tokens = check::leading_numel(q, q.dim() - 2);
+  TORCH_CHECK(positions.numel() == num_tokens, "qwen3x.", op, ": expected positions to have ",
+              num_tokens, " elements (q.shape[:-2] = ", q_lead, "), got shape ",
+              positions.sizes());
+  const int64_t num_heads = q.size(-2) + k.size(-2);
+  TORCH_CHECK(num_heads <= std::numeric_limits<int>::max() &&
+                  (num_heads == 0 ||
+                   num_tokens <= rope::max_qk_norm_rope_tokens(static_cast<int>(num_heads))),
+              "qwen3x.", op, ": too many tokens x heads for one launch (", num_tokens, " x ",
+              num_heads, ")");
+  return {num_tokens, positions.reshape({-1}).contiguous(), vector_aligned(q_weight),
+          vector_aligned(k_weight), vector_aligned(inv_freq)};
+}
+
+// Token/head strides of a [..., H, 128] tensor, or nullopt when the kernel
+// cannot address it (non-collapsible leading dims, or not whole vectors).
+std::optional<rope::HeadStrides> head_strides(const at::Tensor& t, int64_t vec_elems) {
+  // A single head's stride is never used; do not let an odd value force a copy.
+  const int64_t head_stride = t.size(-2) == 1 ? kHeadDim : t.stride(-2);
+  const auto token_stride = check::collapsed_stride(t, t.dim() - 2, t.size(-2) * head_stride);
+  if (!token_stride) return std::nullopt;
+  const rope::HeadStrides s{*token_stride, head_stride};
+  if (!is_aligned(t.const_data_ptr(), kVecBytes) || s.token % vec_elems != 0 ||
+      s.head % vec_elems != 0) {
+    return std::nullopt;
+  }
+  return s;
+}
+
+int64_t vec_elems(const at::Tensor& t) { return kVecBytes / static_cast<int64_t>(t.element_size()); }
+
+// A copy the kernel can always address (fresh allocation: aligned, contiguous).
+at::Tensor addressable_copy(const at::Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); }
+
+void launch(const char* op, const at::Tensor& q_out, const at::Tensor& k_out,
+            rope::HeadStrides q_out_s, rope::HeadStrides k_out_s, const at::Tensor& q_in,
+            const at::Tensor& k_in, rope::HeadStrides q_in_s, rope::HeadStrides k_in_s,
+            const Prepared& prep, double attention_scaling, double eps) {
+  if (prep.num_tokens == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q_in.get_device()).stream();
+  QWEN3X_DISPATCH_FLOAT_TYPES(q_in.scalar_type(), op, [&] {
+    rope::launch_qk_norm_rope<scalar_t>(
+        static_cast<scalar_t*>(q_out.mutable_data_ptr()),
+        static_cast<scalar_t*>(k_out.mutable_data_ptr()),
+        static_cast<const scalar_t*>(q_in.const_data_ptr()),
+        static_cast<const scalar_t*>(k_in.const_data_ptr()),
+        static_cast<const scalar_t*>(prep.q_weight.const_data_ptr()),
+        static_cast<const scalar_t*>(prep.k_weight.const_data_ptr()),
+        prep.positions.const_data_ptr(), prep.positions.scalar_type() == at::ScalarType::Long,
+        static_cast<const float*>(prep.inv_freq.const_data_ptr()), prep.num_tokens,
+        static_cast<int>(q_in.size(-2)), static_cast<int>(k_in.size(-2)), q_out_s, k_out_s,
+        q_in_s, k_in_s, static_cast<float>(attention_scaling), static_cast<float>(eps), stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> functional(const char* op, const at::Tensor& q,
+                                              const at::Tensor& k, const Prepared& prep,
+                                              double attention_scaling, double eps) {
+  const int64_t vec = vec_elems(q);
+  auto q_s = head_strides(q, vec);
+  auto k_s = head_strides(k, vec);
+  const at::Tensor q_in = q_s ? q : addressable_copy(q);
+  const at::Tensor k_in = k_s ? k : addressable_copy(k);
+  if (!q_s) q_s = head_strides(q_in, vec);
+  if (!k_s) k_s = head_strides(k_in, vec);
+
+  at::Tensor q_out = at::empty(q.sizes(), q.options());
+  at::Tensor k_out = at::empty(k.sizes(), k.options());
+  const rope::HeadStrides q_out_s{q.size(-2) * kHeadDim, kHeadDim};
+  const rope::HeadStrides k_out_s{k.size(-2) * kHeadDim, kHeadDim};
+  launch(op, q_out, k_out, q_out_s, k_out_s, q_in, k_in, *q_s, *k_s, prep, attention_scaling,
+         eps);
+  return {q_out, k_out};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& q_weight,
+                                                const at::Tensor& k_weight,
+                                                const at::Tensor& positions,
+                                                const at::Tensor& inv_freq,
+                                                double attention_scaling, double eps) {
+  constexpr const char* kOp = "qk_norm_rope";
+  const Prepared prep = check_args(kOp, q, k, q_weight, k_weight, positions, inv_freq);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  return functional(kOp, q, k, prep, attention_scaling, eps);
+}
+
+void qk_norm_rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& q_weight,
+                   const at::Tensor& k_weight, const at::Tensor& positions,
+                   const at::Tensor& inv_freq, double attention_scaling, double eps) {
+  constexpr const char* kOp = "qk_norm_rope_";
+  const Prepared prep = check_args(kOp, q, k, q_weight, k_weight, positions, inv_freq);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const int64_t vec = vec_elems(q);
+  const auto q_s = head_strides(q, vec);
+  const auto k_s = head_strides(k, vec);
+  if (q_s && k_s) {
+    launch(kOp, q, k, *q_s, *k_s, q, k, *q_s, *k_s, prep, attention_scaling, eps);
+    return;
+  }
+  // Rare layouts: compute out of place on addressable copies, then write back.
+  auto [q_new, k_new] = functional(kOp, q, k, prep, attention_scaling, eps);
+  q.copy_(q_new);
+  k.copy_(k_new);
+}
+
+}  // namespace qwen3x
