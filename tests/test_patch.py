@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from models import TF5, VOCAB, tiny_model
-from tolerance import assert_rel_close
+from qwen3x.testing import assert_rel_close
 
 import qwen3x
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models import TF5, tiny_config, tiny_model
-from tolerance import assert_rel_close
+from qwen3x.testing import assert_rel_close
 
 from qwen3x import reference as R
 from qwen3x.rope import rope_parameters

@@ -1,0 +1,329 @@
+"""The benchmark suite (benchmarks/): formulas, rows, the check-then-time harness, plots, the CLI.
+
+CPU tests run everywhere in a few seconds; the GPU quick run carries the ``gpu`` marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import ceilings, harness, model, rows, run  # noqa: E402
+from benchmarks.harness import Case, Provider, Skip  # noqa: E402
+from benchmarks.shapes import QWEN3_0_6B, ModelDims  # noqa: E402
+from benchmarks.suites import SUITES, activation, attention, moe, norm, rope  # noqa: E402
+from benchmarks.timing import Timing, percentile  # noqa: E402
+
+ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT)])}
+ALL_OPS = (
+    "rms_norm qk_norm_rope silu_and_mul attention_prefill attention_decode "
+    "moe_router moe_permute moe_experts moe_layer model_prefill model_decode"
+).split()
+
+
+class FakeTimer:
+    """Records what it was asked to time; every timing is 1 ms."""
+
+    def __init__(self):
+        self.timed = []
+
+    def __call__(self, fn, cuda_graph=False):
+        self.timed.append(fn)
+        return Timing(median_ms=1.0, p20_ms=0.9, p80_ms=1.1, reps=10, cuda_graph=cuda_graph)
+
+
+def run_cpu(case, providers=None):
+    timer = FakeTimer()
+    out = harness.run_case(
+        case, timer=timer, env=rows.environment(), device="cpu", providers=providers, log=lambda m: None
+    )  # fmt: skip
+    return {r["provider"]: r for r in out}, timer
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP and byte formulas on known shapes (numbers worked out by hand)
+# ---------------------------------------------------------------------------------------------
+def test_elementwise_formulas():
+    assert norm.rms_norm_bytes(1, 1024) == 2 * 1024 * 2 + 1024 * 2 == 6144
+    assert norm.rms_norm_bytes(4096, 2048) == 33_558_528
+    # q+k = 24 heads * 128 * 2 B, read and written = 12288; positions 8; weights 512; inv_freq 256
+    assert rope.qk_norm_rope_bytes(1, 16, 8) == 13_064
+    assert activation.silu_and_mul_bytes(1, 3072) == 18_432
+
+
+def test_attention_formulas():
+    assert attention.causal_pairs(4, 4) == 10
+    assert attention.causal_pairs(2, 5) == 4 + 5
+    assert attention.causal_pairs(1, 1024) == 1024
+    # 4 * 32 heads * 128 * (1024 * 1025 / 2 pairs)
+    assert attention.attention_flops(1, 32, 1024, 1024) == 8_598_323_200
+    # 2 B * 128 * (q + out: 2 * 32 * 1024, k + v: 2 * 8 * 1024)
+    assert attention.attention_bytes(1, 32, 8, 1024, 1024) == 20_971_520
+    assert attention.attention_flops(1, 32, 1, 1024) == 16_777_216
+    assert attention.attention_bytes(1, 32, 8, 1, 1024) == 4_210_688
+    assert attention.kv_bytes(64, 8, 32768) == 8 * 2**30
+
+
+def test_moe_formulas():
+    assert moe.experts_touched(1, 128, 8) == pytest.approx(8)
+    assert moe.experts_touched(10**6, 128, 8) == pytest.approx(128)
+    assert moe.moe_router_bytes(1, 128, 8) == 256 + 48 + 512
+    assert moe.moe_permute_bytes(1, 128, 8) == 4 * (8 + 8 + 129 + 8)
+    assert moe.moe_experts_flops(1, 8, 2048, 768) == 75_497_472  # 6 * 8 * 2048 * 768
+    # 8 experts * 3 * 2048 * 768 * 2 B + x and out (8192) + ids and weights (48)
+    assert moe.moe_experts_bytes(1, 128, 8, 2048, 768) == pytest.approx(75_505_712)
+    assert moe.moe_layer_flops(1, 128, 8, 2048, 768) == 75_497_472 + 2 * 2048 * 128
+
+
+def test_model_and_ceiling_formulas():
+    # attention 1024 * 32 * 128 + 16 * 128 * 1024 = 6291456, MLP 3 * 1024 * 3072 = 9437184
+    assert model.active_layer_params(QWEN3_0_6B) == 15_728_640
+    # 2 * (28 layers * 15728640 + LM head 1024 * 151936) + 28 * 4 * 16 * 128 * 2048
+    assert model.decode_flops(QWEN3_0_6B, 1, 2048) == 1_661_730_816
+    assert model.prefill_flops(QWEN3_0_6B, 1, 2048) == 2_285_468_647_424
+    assert model.decode_bytes(QWEN3_0_6B, 1, 2048) == 1_427_079_168
+    assert ceilings.copy_bytes(2**30) == 2**31
+    assert ceilings.matmul_flops(8192, 8192, 8192) == 1_099_511_627_776
+    peak = ceilings.Ceilings(copy_gbps=3000.0, matmul_tflops=800.0)
+    assert peak.fraction(400.0, 600.0) == pytest.approx(0.5)
+    assert peak.fraction(None, 1500.0) == pytest.approx(0.5)
+    assert ceilings.Ceilings().fraction(1.0, 1.0) is None
+
+
+def test_percentile():
+    assert percentile([5, 1, 3, 2, 4], 50) == 3
+    assert percentile([1, 2, 3, 4, 5], 20) == pytest.approx(1.8)
+    assert percentile([7.0], 80) == 7.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+def test_row_schema(tmp_path):
+    row = rows.make_row(rows.environment(), "rms_norm", {"tokens": 1, "hidden": 1024}, "qwen3x", "ok", median_ms=0.1)
+    assert set(rows.REQUIRED_KEYS) <= set(row)
+    writer = rows.RowWriter(tmp_path / "rows.jsonl")
+    writer.write(row)
+    (back,) = rows.read_rows(tmp_path)
+    assert back["shape"] == {"tokens": 1, "hidden": 1024} and back["status"] == "ok"
+    with pytest.raises(AssertionError):
+        rows.make_row({}, "rms_norm", {}, "qwen3x", "great")
+    assert "rms_norm" in rows.format_table([back])
+
+
+# ---------------------------------------------------------------------------------------------
+# Harness: check before timing, failures never timed
+# ---------------------------------------------------------------------------------------------
+def _toy_case(providers, cuda_graph=False):
+    def make_inputs(device):
+        return {"x": torch.randn(8, 16, device=device).to(torch.bfloat16), "w": torch.arange(4, device=device)}
+
+    def ref(x):
+        return x["x"] * 2, x["w"] + 1
+
+    return Case(
+        "rms_norm", {"tokens": 8, "hidden": 16}, make_inputs, ref, providers, bytes=512, cuda_graph=cuda_graph
+    )  # fmt: skip
+
+
+def _raise(x):
+    raise RuntimeError("kernel exploded")
+
+
+def _skip(x):
+    raise Skip("not on this device")
+
+
+def test_failing_providers_are_reported_and_never_timed():
+    good = Provider("reference", lambda x: lambda: (x["x"] * 2, x["w"] + 1))
+    providers = [
+        good,
+        Provider("qwen3x", lambda x: lambda: _raise(x)),
+        Provider("hf_eager", lambda x: lambda: (x["x"] * 2 + 0.5, x["w"] + 1)),
+        Provider("liger", lambda x: lambda: (x["x"] * 2, x["w"] + 2)),
+        Provider("torch_compile", lambda x: lambda: (x["x"] * float("nan"), x["w"] + 1)),
+        Provider("flex", _skip),
+        Provider("sdpa_flash", lambda x: lambda: x["x"], skip="not installed"),
+    ]
+    by, timer = run_cpu(_toy_case(providers))
+    assert by["reference"]["status"] == "ok" and by["reference"]["median_ms"] == 1.0
+    assert by["reference"]["gbps"] == pytest.approx(512 / 1.0 / 1e6)
+    assert by["qwen3x"]["status"] == "failed" and "kernel exploded" in by["qwen3x"]["note"]
+    assert by["hf_eager"]["status"] == "failed" and "wrong answer" in by["hf_eager"]["note"]
+    assert "got 2.25" in by["hf_eager"]["note"]  # names the worst elements
+    assert by["liger"]["status"] == "failed" and "integer values differ" in by["liger"]["note"]
+    assert by["torch_compile"]["status"] == "failed"  # NaN never passes
+    assert by["flex"]["status"] == "skipped" and "not on this device" in by["flex"]["note"]
+    assert by["sdpa_flash"]["status"] == "skipped"
+    assert len(timer.timed) == 1  # only the correct provider was timed
+    for r in by.values():
+        assert set(rows.REQUIRED_KEYS) <= set(r)
+        json.dumps(r)
+        if r["status"] != "ok":
+            assert r["median_ms"] is None
+
+
+def test_tolerance_policy():
+    from qwen3x.testing import ABS_FLOOR, check
+
+    truth = torch.tensor([1.0, 2.0, 3.0])
+    baseline = truth.to(torch.bfloat16)
+    tol = harness.tolerance(truth, baseline)
+    assert tol == pytest.approx(2 * 0 + 0 + ABS_FLOOR)  # exact in bf16: only the floor
+    noisy = torch.tensor([1.0, 2.0, 3.015625]).to(torch.bfloat16)
+    assert harness.tolerance(truth, noisy) == pytest.approx(2 * 0.015625 + ABS_FLOOR)
+    assert harness.tolerance(torch.tensor([1, 2]), torch.tensor([1, 2])) is None
+    assert check(noisy, noisy, truth) is None
+    assert "max abs error" in check(torch.tensor([1.0, 2.0, 3.1]).bfloat16(), noisy, truth)
+    assert "max abs error" in check(torch.tensor([1.0, float("nan"), 3.0]), noisy, truth)
+    assert "1 of 2 integer values differ" in check(torch.tensor([1, 3]), torch.tensor([1, 2]), torch.tensor([1, 2]))
+
+
+def test_graph_request_falls_back_for_host_syncing_providers():
+    providers = [Provider("reference", lambda x: lambda: (x["x"] * 2, x["w"] + 1), graphable=False)]
+    by, _ = run_cpu(_toy_case(providers, cuda_graph=True))
+    assert by["reference"]["status"] == "ok" and by["reference"]["cuda_graph"] is False
+    assert "host sync" in by["reference"]["note"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The suites' peers on tiny shapes (CPU): the checks pass for the providers that run on a CPU
+# ---------------------------------------------------------------------------------------------
+TINY_MOE = ModelDims("tiny-moe", 2, 64, 4, 2, 96, experts=8, topk=2, moe_inter=32)
+TINY = ModelDims("tiny", 2, 64, 4, 2, 96)
+CPU_PEERS = ["reference", "hf_eager", "hf_grouped_mm", "hf_batched_mm", "torch_grouped_mm", "sdpa_flash"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        norm.case(7, 64),
+        rope.case(5, 4, 2),
+        activation.case(3, 16),
+        attention.prefill_case(1, 33, 4, 2),
+        attention.decode_case(2, 40, 4, 2),
+        moe.router_case(TINY_MOE, 9),
+        moe.permute_case(TINY_MOE, 9),
+        moe.experts_case(TINY_MOE, 9),
+        moe.layer_case(TINY_MOE, 9),
+        model.prefill_case(TINY, 2, 16),
+        model.decode_case(TINY, 3, 16, cuda_graph=True),
+    ],
+    ids=lambda c: c.op,
+)
+def test_suite_peers_pass_on_cpu(case):
+    by, timer = run_cpu(case, providers=CPU_PEERS + (["qwen3x"] if case.op.startswith("model") else []))
+    assert by, case.label
+    for name, r in by.items():
+        assert r["status"] in ("ok", "skipped"), f"{case.label}: {name}: {r['note']}"
+    assert len(timer.timed) == sum(r["status"] == "ok" for r in by.values())
+
+
+def test_decode_step_is_repeatable():
+    case = model.decode_case(TINY, 2, 16, cuda_graph=False)
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        step = case.providers[0].build(case.make_inputs(torch.device("cpu")))
+        first, second = step(), step()
+    torch.testing.assert_close(first, second)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots and the command line
+# ---------------------------------------------------------------------------------------------
+def _sample_rows():
+    env = {"device": "test", "git_sha": "0", "torch": "x", "cuda": None, "transformers": None}
+    out = []
+    for tokens in (1, 64, 4096):
+        for provider, ms in (("qwen3x", 0.01), ("reference", 0.03)):
+            out.append(rows.make_row(env, "rms_norm", {"tokens": tokens, "hidden": 1024}, provider, "ok",
+                                     median_ms=ms * tokens, gbps=100.0 * tokens / 64))  # fmt: skip
+    for provider, ms in (("hf_eager", 10.0), ("qwen3x", 8.0)):
+        shape = {"model": "Qwen3-0.6B", "layers": 28, "batch": 1, "seqlen": 2048}
+        out.append(rows.make_row(env, "model_prefill", shape, provider, "ok", median_ms=ms, tflops=100.0))
+    out.append(rows.make_row(env, "rms_norm", {"tokens": 1, "hidden": 1024}, "liger", "skipped", "not installed"))
+    return out
+
+
+def test_plot_writes_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import plot
+
+    writer = rows.RowWriter(tmp_path / "rows.jsonl")
+    for r in _sample_rows():
+        writer.write(r)
+    assert plot.main([str(tmp_path), "--out", str(tmp_path / "png")]) == 0
+    names = sorted(p.name for p in (tmp_path / "png").glob("*.png"))
+    assert "model_prefill-speedup.png" in names
+    assert any(n.startswith("rms_norm-") for n in names)
+
+
+def test_list_enumerates_every_op(monkeypatch, capsys):
+    # `python -m benchmarks --list --model`, in this process (runpy runs benchmarks/__main__.py)
+    monkeypatch.setattr(sys, "argv", ["benchmarks", "--list", "--model"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("benchmarks", run_name="__main__")
+    assert exit_info.value.code == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert set(ALL_OPS) <= listed
+    assert set(ALL_OPS) == set(SUITES) | set(model.SUITE)
+
+
+def test_shape_filter_and_quick():
+    args = run.parse_args(["--ops", "rms_norm,moe_layer", "--shapes", "tokens=4096", "--quick"])
+    cases = run.select_cases(args)
+    assert cases and all(c.shape["tokens"] == 4096 for c in cases)
+    assert {c.op for c in cases} == {"rms_norm", "moe_layer"}
+    with pytest.raises(SystemExit):
+        run.parse_args(["--ops", "no_such_op"])
+
+
+def test_no_gpu_runs_the_demo(monkeypatch, capsys):
+    called = []
+    demo = types.ModuleType("qwen3x.demo")
+    demo.main = lambda: called.append(True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "qwen3x.demo", demo)
+    assert run.main(["--quick"]) == 0
+    assert "No CUDA GPU found" in capsys.readouterr().out
+    assert called == [True]
+
+
+def test_no_gpu_without_demo(monkeypatch, capsys):
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(run.importlib, "import_module", missing)
+    assert run.main([]) == 0
+    out = capsys.readouterr().out
+    assert "No CUDA GPU found" in out and "unavailable" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quick_run_on_gpu(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--model", "--out", str(tmp_path)],
+        cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = rows.read_rows(tmp_path)
+    assert {"peak_copy", "peak_matmul"} <= {r["op"] for r in got}
+    assert set(ALL_OPS) <= {r["op"] for r in got}
+    for r in got:
+        assert set(rows.REQUIRED_KEYS) <= set(r)
+    failed_refs = [r for r in got if r["provider"] == "reference" and r["status"] == "failed"]
+    assert not failed_refs, failed_refs
