@@ -1,0 +1,71 @@
+"""Device ceilings measured at the start of a run: copy bandwidth and bf16 matmul FLOP/s.
+
+Rows report ``fraction_of_peak`` against these measured numbers (not the datasheet): the larger of
+achieved TFLOP/s over the matmul ceiling and achieved GB/s over the copy ceiling, i.e. the share
+of whichever resource binds the op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .rows import make_row
+
+COPY_BYTES = 2 * 2**30  # one buffer of the device-to-device copy (2 GiB read + 2 GiB written)
+MATMUL_N = 8192  # m = n = k of the bf16 matmul
+
+
+def copy_bytes(nbytes: int) -> int:
+    """Bytes moved by copying a buffer of nbytes: read once, written once."""
+    return 2 * nbytes
+
+
+def matmul_flops(m: int, n: int, k: int) -> int:
+    """A multiply-add per (i, j, l): 2 * m * n * k."""
+    return 2 * m * n * k
+
+
+@dataclass
+class Ceilings:
+    copy_gbps: float | None = None
+    matmul_tflops: float | None = None
+
+    def fraction(self, tflops: float | None, gbps: float | None) -> float | None:
+        parts = []
+        if tflops is not None and self.matmul_tflops:
+            parts.append(tflops / self.matmul_tflops)
+        if gbps is not None and self.copy_gbps:
+            parts.append(gbps / self.copy_gbps)
+        return max(parts) if parts else None
+
+
+def measure(timer, env: dict) -> tuple[Ceilings, list[dict]]:
+    """Time a COPY_BYTES device copy and an 8192^3 bf16 matmul; returns ceilings and their rows."""
+    with torch.inference_mode():
+        src = torch.randint(0, 256, (COPY_BYTES,), dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        copy = timer(lambda: dst.copy_(src))
+        del src, dst
+        a = torch.randn(MATMUL_N, MATMUL_N, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(MATMUL_N, MATMUL_N, dtype=torch.bfloat16, device="cuda")
+        c = torch.empty_like(a)
+        mm = timer(lambda: torch.mm(a, b, out=c))
+        del a, b, c
+    torch.cuda.empty_cache()
+    gbps = copy_bytes(COPY_BYTES) / copy.median_ms / 1e6
+    tflops = matmul_flops(MATMUL_N, MATMUL_N, MATMUL_N) / mm.median_ms / 1e9
+
+    def row(op, timing, shape, **rate):
+        return make_row(
+            env, op, shape, "torch", "ok", median_ms=timing.median_ms, p20_ms=timing.p20_ms,
+            p80_ms=timing.p80_ms, reps=timing.reps, fraction_of_peak=1.0, **rate,
+        )  # fmt: skip
+
+    rows = [
+        row("peak_copy", copy, {"bytes": COPY_BYTES}, gbps=gbps, bytes=copy_bytes(COPY_BYTES)),
+        row("peak_matmul", mm, {"m": MATMUL_N, "n": MATMUL_N, "k": MATMUL_N}, tflops=tflops,
+            flops=matmul_flops(MATMUL_N, MATMUL_N, MATMUL_N)),
+    ]  # fmt: skip
+    return Ceilings(copy_gbps=gbps, matmul_tflops=tflops), rows

@@ -1,0 +1,222 @@
+"""The benchmark harness: a Case is one op at one shape with its providers; ``run_case`` checks
+every provider against the reference, then times the ones that pass.
+
+Tolerance: qwen3x.testing's rule (DESIGN.md section 4), with ``truth`` the reference on
+fp32-upcast inputs and ``baseline`` the same-dtype PyTorch computation. Integer outputs (expert
+ids, offsets, permutations) must match exactly. A provider that raises or fails the check
+gets a 'failed' row with the error and is never timed.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from qwen3x.testing import max_abs_error as _max_abs
+from qwen3x.testing import tolerance
+from qwen3x.testing import worst as _worst
+
+from .ceilings import Ceilings
+from .rows import make_row, shape_label
+from .timing import Timer, first_line
+
+SEED = 0
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+Inputs = dict  # name -> tensor (or any pre-built object a provider needs)
+
+
+class Skip(Exception):
+    """Raised by a provider's build when it cannot run this case here (reported as 'skipped')."""
+
+
+@dataclass
+class Provider:
+    """One implementation of a case's op.
+
+    ``build(inputs)`` does all untimed setup (modules, caches, compilation handles, layout
+    changes) and returns the zero-argument call that is checked and timed. ``canon(output)``,
+    untimed, converts the call's output to the reference's layout (a tensor or tuple of tensors).
+    ``skip`` names why it cannot run here (missing library, memory); it is then never built.
+    ``build`` may also raise ``Skip``, and may set a ``note`` attribute on the call it returns.
+    """
+
+    name: str
+    build: Callable[[Inputs], Callable[[], Any]]
+    canon: Callable[[Any], Any] | None = None
+    skip: str | None = None
+    note: str = ""
+    graphable: bool = True  # False when the call syncs with the host (no CUDA-graph capture)
+
+
+@dataclass
+class Case:
+    """One op at one shape. ``flops`` / ``bytes`` come from the suite's formulas for the shape."""
+
+    op: str
+    shape: dict
+    make_inputs: Callable[[torch.device], Inputs]
+    reference: Callable[[Inputs], Any]  # the spec: also the truth on upcast inputs by default
+    providers: list[Provider]
+    flops: float | None = None
+    bytes: float | None = None
+    truth: Callable[[Inputs], Any] | None = None  # default: reference(upcast(inputs))
+    baseline: Callable[[Inputs], Any] | None = None  # default: reference(inputs)
+    cuda_graph: bool = False  # time CUDA-graph replays (launch-bound decode shapes)
+    tokens: int | None = None  # tokens per call, for tokens_per_s (whole-model rows)
+    extra: dict = field(default_factory=dict)  # copied into every row of the case
+
+    @property
+    def label(self) -> str:
+        return f"{self.op} {shape_label(self.shape)}" + (" [graph]" if self.cuda_graph else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness
+# ---------------------------------------------------------------------------------------------
+def as_tuple(out: Any) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def upcast(inputs: Inputs) -> Inputs:
+    """bf16/fp16 tensors to fp32; everything else unchanged."""
+    return {
+        k: v.float() if isinstance(v, torch.Tensor) and v.dtype in _LOW_PRECISION else v for k, v in inputs.items()
+    }
+
+
+def check(got: Sequence, truth: Sequence, tolerances: Sequence) -> tuple[list, str | None]:
+    """(max abs error per output, None) when ``got`` passes, else (errors, what went wrong)."""
+    if len(got) != len(truth):
+        return [], f"returned {len(got)} outputs, expected {len(truth)}"
+    errors = []
+    for i, (g, t, tol) in enumerate(zip(got, truth, tolerances)):
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(t.shape):
+            shape = list(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+            return errors, f"output {i}: got shape {shape}, expected {list(t.shape)}"
+        if tol is None:
+            bad = int((g.to(torch.int64) != t.to(torch.int64)).sum())
+            errors.append(bad)
+            if bad:
+                return errors, f"output {i}: {bad} of {t.numel()} integer values differ; {_worst(g, t)}"
+            continue
+        err = _max_abs(g, t) if g.numel() else 0.0
+        errors.append(err)
+        if not err <= tol:  # also catches NaN
+            return errors, f"output {i}: max abs error {err:.3g} > tolerance {tol:.3g}; {_worst(g, t)}"
+    return errors, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a case
+# ---------------------------------------------------------------------------------------------
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _rates(case: Case, median_ms: float, ceilings: Ceilings | None) -> dict:
+    tflops = case.flops / median_ms / 1e9 if case.flops else None
+    gbps = case.bytes / median_ms / 1e6 if case.bytes else None
+    out = {"tflops": tflops, "gbps": gbps, "fraction_of_peak": ceilings.fraction(tflops, gbps) if ceilings else None}
+    if case.tokens:
+        out["tokens_per_s"] = case.tokens / (median_ms / 1e3)
+    return out
+
+
+def run_case(
+    case: Case,
+    *,
+    timer: Timer,
+    env: dict,
+    ceilings: Ceilings | None = None,
+    device: str | torch.device = "cuda",
+    providers: Sequence[str] | None = None,
+    log: Callable[[str], None] = _log,
+) -> list[dict]:
+    """Rows for every provider of ``case`` (filtered by name when ``providers`` is given)."""
+    chosen = [p for p in case.providers if providers is None or p.name in providers]
+    base = {"flops": case.flops, "bytes": case.bytes, "cuda_graph": case.cuda_graph, **case.extra}
+
+    def row(p: Provider, status: str, note: str, **fields) -> dict:
+        note = "; ".join(n for n in (p.note, note) if n)
+        return make_row(env, case.op, case.shape, p.name, status, note, **{**base, **fields})
+
+    rows = [row(p, "skipped", p.skip) for p in chosen if p.skip]
+    runnable = [p for p in chosen if not p.skip]
+    if not runnable:
+        return rows
+    device = torch.device(device)
+    with torch.inference_mode():
+        try:
+            torch.manual_seed(SEED)
+            inputs = case.make_inputs(device)
+            truth = as_tuple(case.truth(inputs) if case.truth else case.reference(upcast(inputs)))
+            baseline = as_tuple(case.baseline(inputs) if case.baseline else case.reference(inputs))
+            tolerances = [tolerance(t, b) for t, b in zip(truth, baseline)]
+            del baseline
+        except Exception as exc:  # noqa: BLE001 (reported in the rows)
+            _release(device)
+            return rows + [row(p, "failed", f"case setup failed: {first_line(exc)}") for p in runnable]
+        for p in runnable:
+            rows.append(_run_provider(case, p, inputs, truth, tolerances, timer, ceilings, device, row))
+            r = rows[-1]
+            ms = f"{r['median_ms']:.4f} ms" if r["median_ms"] is not None else r["note"]
+            log(f"  {case.label}: {p.name}: {r['status']} {ms}")
+        del inputs, truth
+    _release(device)
+    return rows
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _run_provider(case, p, inputs, truth, tolerances, timer, ceilings, device, row) -> dict:
+    cuda = device.type == "cuda"
+    if cuda:  # peak_mem_gb: what the provider's setup and run add at their peak (inputs excluded)
+        torch.cuda.reset_peak_memory_stats()
+        mem_before = torch.cuda.memory_allocated()
+    try:
+        fn = p.build(inputs)
+        out = fn()
+        got = as_tuple(p.canon(out) if p.canon else out)
+        errors, problem = check(got, truth, tolerances)
+        del out, got
+    except Skip as exc:
+        return row(p, "skipped", str(exc))
+    except Exception as exc:  # noqa: BLE001
+        _release(device)
+        return row(p, "failed", first_line(exc))
+    checked = {"max_abs_err": errors, "tolerance": tolerances}
+    if problem:
+        return row(p, "failed", f"wrong answer: {problem}", **checked)
+    build_note = getattr(fn, "note", "")
+    try:
+        timing = timer(fn, cuda_graph=case.cuda_graph and p.graphable)
+    except Exception as exc:  # noqa: BLE001
+        del fn
+        _release(device)
+        return row(p, "failed", f"timing failed: {first_line(exc)}", **checked)
+    del fn
+    peak = (torch.cuda.max_memory_allocated() - mem_before) / 2**30 if cuda else None
+    eager = case.cuda_graph and not p.graphable
+    notes = (build_note, timing.note, "not graph-capturable (host sync): timed eagerly" if eager else "")
+    note = "; ".join(n for n in notes if n)
+    return row(
+        p,
+        "ok",
+        note,
+        median_ms=timing.median_ms,
+        p20_ms=timing.p20_ms,
+        p80_ms=timing.p80_ms,
+        reps=timing.reps,
+        cuda_graph=timing.cuda_graph,
+        peak_mem_gb=peak,
+        **_rates(case, timing.median_ms, ceilings),
+        **checked,
+    )

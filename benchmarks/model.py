@@ -1,0 +1,293 @@
+"""Whole-model benchmark: Qwen3-0.6B and Qwen3-4B at their real dimensions, Qwen3-30B-A3B at its
+real width with fewer layers; random bf16 weights (checkpoints cannot be downloaded here).
+
+- model_prefill: one forward over batch x seqlen tokens, logits of the last position only (as
+  generation does); tokens/s = batch * seqlen / time.
+- model_decode: one decode step of ``batch`` sequences at context 2048 with a static cache, timed
+  eagerly and as a CUDA-graph replay (where the model can be captured); tokens/s = batch / time.
+  Every timed step writes the same cache slot (the cache's length is stepped back after it), so
+  repetitions are identical.
+
+Providers, each on its own copy of one randomly initialized model: ``hf_eager`` (unpatched
+transformers: sdpa attention, its default experts implementation), ``qwen3x`` (qwen3x.patch),
+``liger`` (apply_liger_kernel_to_qwen3*, when installed). Correctness: last-position logits against
+an fp32 copy of the unpatched model (truth) and the unpatched bf16 model (baseline); decode checks
+its first CHECK_ROWS sequences against a full forward over prompt + new token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import importlib
+
+import torch
+
+from .harness import Case, Provider
+from .providers import LIGER_MISSING
+from .shapes import HEAD_DIM, QWEN3_0_6B, QWEN3_4B, QWEN3_30B_A3B, RMS_EPS, ROPE_THETA, VOCAB, ModelDims
+from .suites.attention import attention_bytes, attention_flops
+from .suites.common import ELEM
+from .suites.moe import experts_touched
+
+MOE_LAYERS = 4  # Qwen3-30B-A3B at full width, fewer layers
+SPECS = (QWEN3_0_6B, QWEN3_4B, dataclasses.replace(QWEN3_30B_A3B, layers=MOE_LAYERS))
+PREFILL = ((1, 2048), (8, 2048), (1, 16384))  # (batch, seqlen)
+DECODE_BATCH = (1, 16, 64)
+DECODE_CONTEXT = 2048
+CHECK_ROWS = 2  # decode sequences compared against the fp32 truth
+MAX_POSITIONS = 40960
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP and byte formulas
+# ---------------------------------------------------------------------------------------------
+def attention_params(d: ModelDims) -> int:
+    """q, k, v and o projections of one layer."""
+    return d.hidden * (d.hq + 2 * d.hkv) * d.head_dim + d.hq * d.head_dim * d.hidden
+
+
+def active_layer_params(d: ModelDims) -> int:
+    """Matmul weights one token multiplies in one layer (its top-k experts and the router for MoE)."""
+    mlp = d.topk * 3 * d.hidden * d.moe_inter + d.hidden * d.experts if d.is_moe else 3 * d.hidden * d.inter
+    return attention_params(d) + mlp
+
+
+def prefill_flops(d: ModelDims, batch: int, seqlen: int) -> int:
+    """2 FLOPs per active weight per token, causal attention per layer, the LM head on one position."""
+    matmuls = 2 * batch * seqlen * d.layers * active_layer_params(d)
+    return matmuls + d.layers * attention_flops(batch, d.hq, seqlen, seqlen) + 2 * batch * d.hidden * VOCAB
+
+
+def decode_flops(d: ModelDims, batch: int, context: int) -> int:
+    matmuls = 2 * batch * (d.layers * active_layer_params(d) + d.hidden * VOCAB)
+    return matmuls + d.layers * attention_flops(batch, d.hq, 1, context)
+
+
+def decode_bytes(d: ModelDims, batch: int, context: int, elem: int = ELEM) -> float:
+    """Every weight the step touches, read once (MoE: the experts the batch is expected to hit),
+    the LM head, and each layer's KV cache (norm weights and activations are negligible)."""
+    if d.is_moe:
+        mlp = experts_touched(batch, d.experts, d.topk) * 3 * d.hidden * d.moe_inter + d.hidden * d.experts
+    else:
+        mlp = 3 * d.hidden * d.inter
+    weights = d.layers * (attention_params(d) + mlp) + d.hidden * VOCAB
+    return elem * weights + d.layers * attention_bytes(batch, d.hq, d.hkv, 1, context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+def hf_config(d: ModelDims):
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=d.hidden,
+        intermediate_size=d.inter,
+        num_hidden_layers=d.layers,
+        num_attention_heads=d.hq,
+        num_key_value_heads=d.hkv,
+        head_dim=HEAD_DIM,
+        rms_norm_eps=RMS_EPS,
+        rope_theta=ROPE_THETA,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=d.tied,
+    )
+    if not d.is_moe:
+        return Qwen3Config(**common)
+    return Qwen3MoeConfig(
+        **common,
+        moe_intermediate_size=d.moe_inter,
+        num_experts=d.experts,
+        num_experts_per_tok=d.topk,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
+
+
+def build_model(d: ModelDims, device, dtype=torch.bfloat16):
+    from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
+
+    cls = Qwen3MoeForCausalLM if d.is_moe else Qwen3ForCausalLM
+    with torch.device(device):
+        model = cls._from_config(hf_config(d), attn_implementation="sdpa", dtype=dtype)
+    return model.eval()
+
+
+class ModelPool:
+    """The models of one spec at a time: the unpatched bf16 base and its fp32 copy (the truth)."""
+
+    def __init__(self):
+        self.spec: ModelDims | None = None
+        self.base = None
+        self._fp32 = None
+
+    def get(self, d: ModelDims, device):
+        if self.spec != d:
+            self.base = self._fp32 = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.base, self.spec = build_model(d, device), d
+        return self.base
+
+    def fp32(self):
+        if self._fp32 is None:
+            self._fp32 = copy.deepcopy(self.base).float()
+            if hasattr(self._fp32, "set_experts_implementation"):  # grouped_mm serves bf16 only
+                self._fp32.set_experts_implementation("eager")
+        return self._fp32
+
+
+POOL = ModelPool()
+
+
+@contextlib.contextmanager
+def _restoring(module_names):
+    """Undo module-level monkeypatching (Liger also replaces transformers' classes globally)."""
+    modules = [importlib.import_module(name) for name in module_names]
+    saved = [dict(vars(m)) for m in modules]
+    try:
+        yield
+    finally:
+        for m, attrs in zip(modules, saved):
+            for name in set(vars(m)) - set(attrs):
+                delattr(m, name)
+            vars(m).update(attrs)
+
+
+def _hf_eager(model):
+    return copy.deepcopy(model)
+
+
+def _qwen3x(model):
+    import qwen3x
+
+    return qwen3x.patch(copy.deepcopy(model))
+
+
+def _liger(model):
+    import liger_kernel.transformers as liger
+
+    model = copy.deepcopy(model)
+    moe = type(model).__name__.startswith("Qwen3Moe")
+    apply = liger.apply_liger_kernel_to_qwen3_moe if moe else liger.apply_liger_kernel_to_qwen3
+    with _restoring(["transformers.models.qwen3.modeling_qwen3", "transformers.models.qwen3_moe.modeling_qwen3_moe"]):
+        apply(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    return model
+
+
+PREPARE = {"hf_eager": _hf_eager, "qwen3x": _qwen3x, "liger": _liger}
+NOTES = {
+    "hf_eager": "unpatched transformers (sdpa attention, default experts implementation)",
+    "qwen3x": "qwen3x.patch(model)",
+    "liger": "apply_liger_kernel_to_qwen3*",
+}
+
+
+def _last_logits(model, ids):
+    return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits  # [B, 1, V]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill
+# ---------------------------------------------------------------------------------------------
+def _prefill_build(name):
+    def build(x):
+        model, ids = PREPARE[name](POOL.base), x["input_ids"]
+        return lambda: _last_logits(model, ids)
+
+    return build
+
+
+def prefill_case(d: ModelDims, batch: int, seqlen: int) -> Case:
+    def make_inputs(device):
+        POOL.get(d, device)
+        return {"input_ids": torch.randint(0, VOCAB, (batch, seqlen), device=device)}
+
+    return Case(
+        op="model_prefill",
+        shape={"model": d.name, "layers": d.layers, "batch": batch, "seqlen": seqlen},
+        make_inputs=make_inputs,
+        reference=lambda x: _last_logits(POOL.base, x["input_ids"]),
+        truth=lambda x: _last_logits(POOL.fp32(), x["input_ids"]),
+        providers=_providers(_prefill_build),
+        flops=prefill_flops(d, batch, seqlen),
+        tokens=batch * seqlen,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode
+# ---------------------------------------------------------------------------------------------
+def _decode_build(name):
+    def build(x):
+        from transformers import StaticCache
+
+        model, ids = PREPARE[name](POOL.base), x["input_ids"]
+        batch, total = ids.shape
+        context = total - 1
+        cache = StaticCache(config=model.config, max_cache_len=total)
+        model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)  # untimed
+        lengths = [layer.cumulative_length for layer in cache.layers]
+        new_token = ids[:, context:].contiguous()
+        position_ids = torch.full((batch, 1), context, dtype=torch.long, device=ids.device)
+
+        def step():
+            logits = model(
+                input_ids=new_token, position_ids=position_ids, past_key_values=cache, use_cache=True
+            ).logits  # fmt: skip
+            torch._foreach_sub_(lengths, 1)  # step the cache back: the next call writes the same slot
+            return logits
+
+        return step
+
+    return build
+
+
+def decode_case(d: ModelDims, batch: int, context: int, cuda_graph: bool) -> Case:
+    rows = min(batch, CHECK_ROWS)
+
+    def make_inputs(device):
+        POOL.get(d, device)
+        return {"input_ids": torch.randint(0, VOCAB, (batch, context + 1), device=device)}
+
+    providers = _providers(_decode_build)
+    for p in providers:
+        p.canon = lambda logits: logits[:rows]
+    return Case(
+        op="model_decode",
+        shape={"model": d.name, "layers": d.layers, "batch": batch, "context": context, "cuda_graph": cuda_graph},
+        make_inputs=make_inputs,
+        reference=lambda x: _last_logits(POOL.base, x["input_ids"][:rows]),
+        truth=lambda x: _last_logits(POOL.fp32(), x["input_ids"][:rows]),
+        providers=providers,
+        flops=decode_flops(d, batch, context),
+        bytes=decode_bytes(d, batch, context),
+        cuda_graph=cuda_graph,
+        tokens=batch,
+    )
+
+
+def _providers(build) -> list[Provider]:
+    return [
+        Provider(name, build(name), note=NOTES[name], skip=LIGER_MISSING if name == "liger" else None)
+        for name in PREPARE
+    ]
+
+
+def prefill_cases(quick: bool = False) -> list[Case]:
+    if quick:
+        return [prefill_case(SPECS[0], 1, 2048)]
+    return [prefill_case(d, b, s) for d in SPECS for b, s in PREFILL]
+
+
+def decode_cases(quick: bool = False) -> list[Case]:
+    if quick:
+        return [decode_case(SPECS[0], 16, DECODE_CONTEXT, g) for g in (False, True)]
+    return [decode_case(d, b, DECODE_CONTEXT, g) for d in SPECS for b in DECODE_BATCH for g in (False, True)]
+
+
+SUITE = {"model_prefill": prefill_cases, "model_decode": decode_cases}

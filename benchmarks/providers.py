@@ -1,0 +1,78 @@
+"""Providers shared by several suites: qwen3x, reference, torch_compile, and optional libraries.
+
+Suite-specific peers (HF layer code, SDPA backends, flex, grouped GEMMs) live in their suite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Callable
+
+import qwen3x
+import torch
+
+from .harness import Inputs, Provider
+
+MEM_BUDGET_BYTES = 24 * 2**30  # temporaries a provider may need (beyond its inputs) before it is skipped
+COMPILE_RECOMPILE_LIMIT = 1024  # one compiled reference serves every shape of its suite
+
+
+def missing(module: str) -> str | None:
+    """A skip note when ``module`` is not installed, else None."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"{module} is not installed"
+
+
+def over_budget(nbytes: float, what: str) -> str | None:
+    """A skip note when a provider would need more than MEM_BUDGET_BYTES of temporaries."""
+    if nbytes <= MEM_BUDGET_BYTES:
+        return None
+    return f"{what} needs about {nbytes / 2**30:.0f} GiB (budget {MEM_BUDGET_BYTES / 2**30:.0f} GiB)"
+
+
+def qwen3x_provider(kernel_op: str, call: Callable[[Inputs], Any], **kw) -> Provider:
+    """``call(inputs)`` runs the qwen3x op; skipped when this build has no CUDA kernel for it
+    (it would only time the reference again)."""
+    skip = kw.pop("skip", None)
+    if skip is None and not qwen3x.has_cuda_kernel(kernel_op):
+        skip = f"no CUDA kernel for qwen3x.{kernel_op} in this build (it runs the reference)"
+    return Provider("qwen3x", lambda x: lambda: call(x), skip=skip, **kw)
+
+
+def reference_provider(fn: Callable[[Inputs], Any], **kw) -> Provider:
+    """qwen3x.reference, called directly (no op registry, no validation)."""
+    return Provider("reference", lambda x: lambda: fn(x), **kw)
+
+
+_compiled: dict[Callable, Callable] = {}
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile(fn), once per fn, with the recompile limits raised for many shapes."""
+    if fn not in _compiled:
+        cfg = torch._dynamo.config
+        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), COMPILE_RECOMPILE_LIMIT))
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
+
+
+def torch_compile_provider(fn: Callable[[Inputs], Any], **kw) -> Provider:
+    """torch.compile of the reference (compiled on the correctness call, so never timed)."""
+
+    def build(x):
+        compiled_fn = compiled(fn)
+        return lambda: compiled_fn(x)
+
+    return Provider("torch_compile", build, **kw)
+
+
+LIGER_MISSING = missing("liger_kernel")
+
+
+def liger_provider(build: Callable[[Inputs], Callable[[], Any]], **kw) -> Provider:
+    return Provider("liger", build, skip=LIGER_MISSING, **kw)

@@ -1,0 +1,150 @@
+"""``python -m benchmarks``: run the default suite (or a filtered part of it) on the current GPU.
+
+Without a GPU nothing is timed: it says so and runs the CPU parity demo (qwen3x.demo) instead.
+
+    python -m benchmarks --list                       # every case and its providers
+    python -m benchmarks --quick                      # a smoke subset: one or two shapes per op
+    python -m benchmarks --ops rms_norm,moe_layer --shapes tokens=4096 --providers qwen3x,reference
+    python -m benchmarks --model                      # include the whole-model benchmark
+    python -m benchmarks.plot benchmarks/results/<run>/    # PNGs from the rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import model
+from .harness import Case, run_case
+from .rows import RowWriter, default_results_dir, environment, format_table
+from .suites import SUITES
+
+OP_SUITES = dict(SUITES)
+MODEL_SUITES = dict(model.SUITE)
+ALL_SUITES = {**OP_SUITES, **MODEL_SUITES}
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", help=f"comma-separated ops (default: all but the model ones): {', '.join(ALL_SUITES)}")
+    parser.add_argument(
+        "--shapes",
+        help="comma-separated filter: key=value terms must match the shape (tokens=4096, model=Qwen3-4B), "
+        "other terms must appear in the case label",
+    )
+    parser.add_argument("--providers", help="comma-separated providers to run (default: all)")
+    parser.add_argument("--out", type=Path, help="results directory (default: benchmarks/results/<date>-<device>/)")
+    parser.add_argument("--quick", action="store_true", help="a smoke subset: one or two shapes per op")
+    parser.add_argument("--model", action="store_true", help="include the whole-model benchmark")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="time every case eagerly")
+    parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    args = parser.parse_args(argv)
+    unknown = [op for op in _csv(args.ops) or [] if op not in ALL_SUITES]
+    if unknown:
+        parser.error(f"unknown op(s) {', '.join(unknown)}; known: {', '.join(ALL_SUITES)}")
+    return args
+
+
+def shape_matches(case: Case, terms: list[str] | None) -> bool:
+    for term in terms or []:
+        if "=" in term:
+            key, value = term.split("=", 1)
+            if str(case.shape.get(key)) != value:
+                return False
+        elif term not in case.label:
+            return False
+    return True
+
+
+def select_cases(args: argparse.Namespace) -> list[Case]:
+    ops = _csv(args.ops) or [*OP_SUITES, *(MODEL_SUITES if args.model else [])]
+    terms = _csv(args.shapes)
+    cases = [case for op in ops for case in ALL_SUITES[op](args.quick) if shape_matches(case, terms)]
+    if args.no_cuda_graphs:
+        cases = [c for c in cases if not (c.op == "model_decode" and c.shape.get("cuda_graph"))]
+        for c in cases:
+            c.cuda_graph = False
+    return cases
+
+
+def list_cases(cases: list[Case], providers: list[str] | None) -> None:
+    for case in cases:
+        names = [
+            p.name + (" (skip)" if p.skip else "") for p in case.providers if providers is None or p.name in providers
+        ]  # fmt: skip
+        print(f"{case.label:<72} {', '.join(names)}")
+    print(f"{len(cases)} cases; (skip) = skipped in this environment (library not installed, no CUDA kernel in this build, memory budget)")
+
+
+def cpu_demo() -> int:
+    try:
+        demo = importlib.import_module("qwen3x.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name != "qwen3x.demo":
+            raise
+        print("The CPU parity demo (qwen3x.demo) is unavailable in this checkout.")
+        return 0
+    print("Running the CPU parity demo (qwen3x.demo) instead.", flush=True)
+    result = demo.main()
+    return result if isinstance(result, int) else 0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cases = select_cases(args)
+    providers = _csv(args.providers)
+    if args.list:
+        list_cases(cases, providers)
+        return 0
+    if not torch.cuda.is_available():
+        print("No CUDA GPU found: nothing will be timed.", flush=True)
+        return cpu_demo()
+
+    from .ceilings import measure
+    from .timing import CudaTimer
+
+    env = environment()
+    out = args.out or default_results_dir(env["device"])
+    writer = RowWriter(_fresh(Path(out) / "rows.jsonl"))
+    timer = CudaTimer()
+    log(f"{env['device']}: {len(cases)} cases, rows -> {writer.path}")
+    log("measuring ceilings (device copy, 8192^3 bf16 matmul)")
+    ceilings, rows = measure(timer, env)
+    for row in rows:
+        writer.write(row)
+    log(f"  copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
+    start = time.monotonic()
+    for i, case in enumerate(cases):
+        log(f"[{i + 1}/{len(cases)}, {time.monotonic() - start:.0f} s] {case.label}")
+        for row in run_case(case, timer=timer, env=env, ceilings=ceilings, providers=providers, log=log):
+            writer.write(row)
+    print(format_table(writer.rows))
+    print(f"\nrows: {writer.path}\nplots: python -m benchmarks.plot {writer.path.parent}")
+    return 0
+
+
+def _fresh(path: Path) -> Path:
+    """rows.jsonl, or rows-2.jsonl, ... when an earlier run left one in the same directory."""
+    n = 1
+    candidate = path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""attention_prefill (causal, q = k = v length) and attention_decode (one query against a KV cache).
+
+Head layouts of the Qwen3 models, head_dim 128, bf16. Correctness: the truth is HF-eager math in
+fp32 and the same-dtype baseline is HF-eager math in bf16 (scores and P @ V in bf16, softmax in
+fp32), the rule flash-attention's own tests use; both are computed per (batch, kv head, query
+chunk) so they fit in memory at 32k tokens and 128k contexts.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from qwen3x import ops, reference
+
+from ..harness import Case, Provider, Skip
+from ..providers import compiled, over_budget, qwen3x_provider
+from ..shapes import HEAD_DIM, MODELS
+from .common import DTYPE, ELEM, randn
+
+LAYOUTS = tuple((m.name, m.hq, m.hkv) for m in MODELS)
+PREFILL = ((1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (1, 32768), (8, 2048))  # (batch, seqlen)
+DECODE_BATCH = (1, 16, 64, 256)
+DECODE_CONTEXT = (1024, 8192, 32768, 131072)
+KV_BUDGET_BYTES = 16 * 2**30  # decode shapes whose K and V caches exceed this are left out
+TRUTH_CHUNK = 1024  # queries per block in the chunked truth / baseline
+SCALE = HEAD_DIM**-0.5
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION"}
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP and byte formulas
+# ---------------------------------------------------------------------------------------------
+def causal_pairs(sq: int, skv: int) -> int:
+    """(query, key) pairs a bottom-right causal mask keeps: query i sees keys j <= i + skv - sq."""
+    return sq * (skv - sq + 1) + sq * (sq - 1) // 2
+
+
+def attention_flops(batch: int, hq: int, sq: int, skv: int, head_dim: int = HEAD_DIM) -> int:
+    """QK^T and PV: 2 * 2 * head_dim FLOPs per visible (query, key) pair and query head."""
+    return 4 * batch * hq * head_dim * causal_pairs(sq, skv)
+
+
+def attention_bytes(batch: int, hq: int, hkv: int, sq: int, skv: int, head_dim: int = HEAD_DIM, elem: int = ELEM) -> int:
+    """Read q and write out ([batch, hq, sq, d]); read k and v ([batch, hkv, skv, d]) once."""
+    return elem * batch * head_dim * (2 * hq * sq + 2 * hkv * skv)
+
+
+def kv_bytes(batch: int, hkv: int, context: int, head_dim: int = HEAD_DIM, elem: int = ELEM) -> int:
+    return 2 * batch * hkv * context * head_dim * elem
+
+
+# ---------------------------------------------------------------------------------------------
+# Truth and baseline
+# ---------------------------------------------------------------------------------------------
+def attention_math(q, k, v, dtype: torch.dtype, causal: bool = True, chunk: int = TRUTH_CHUNK) -> torch.Tensor:
+    """HF eager attention numerics in ``dtype`` without materializing [B, Hq, Sq, Skv]:
+    scores = q @ k^T * scale in dtype, softmax in fp32 cast to dtype, then @ v in dtype.
+    q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> out [B, Sq, Hq, D] in dtype (bottom-right causal)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    out = torch.empty(B, Sq, Hq, D, dtype=dtype, device=q.device)
+    for b in range(B):
+        for h in range(Hkv):
+            heads = slice(h * G, (h + 1) * G)
+            kh, vh, qh = k[b, h].to(dtype), v[b, h].to(dtype), q[b, heads].to(dtype)
+            for s0 in range(0, Sq, chunk):
+                s1 = min(Sq, s0 + chunk)
+                seen = s1 + Skv - Sq if causal else Skv  # keys visible to the block's last query
+                scores = (qh[:, s0:s1] @ kh[:seen].T) * SCALE  # [G, s1 - s0, seen]
+                if causal:
+                    i = torch.arange(s0, s1, device=q.device)[:, None] + (Skv - Sq)
+                    j = torch.arange(seen, device=q.device)[None, :]
+                    scores = scores.masked_fill(j > i, float("-inf"))
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+                out[b, s0:s1, heads] = (probs @ vh[:seen]).transpose(0, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers
+# ---------------------------------------------------------------------------------------------
+def _first(out):
+    return out[0]
+
+
+def _bhsd_to_bshd(out):
+    return out.transpose(1, 2)
+
+
+def _reference(x, causal: bool):
+    return reference.attention(x["q"], x["k"], x["v"], None, SCALE, causal)
+
+
+def _hf_eager(causal: bool):
+    def build(x):
+        from transformers.models.qwen3.modeling_qwen3 import eager_attention_forward
+
+        q, k, v = x["q"], x["k"], x["v"]
+        module = SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], training=False)
+        mask = None
+        if causal:  # HF's additive mask for eager attention: finfo.min above the (bottom-right) diagonal
+            sq, skv = q.shape[2], k.shape[2]
+            mask = torch.full((sq, skv), torch.finfo(q.dtype).min, dtype=q.dtype, device=q.device)
+            mask = mask.triu(1 + skv - sq)[None, None]
+        return lambda: eager_attention_forward(module, q, k, v, mask, scaling=SCALE)
+
+    return build
+
+
+@functools.cache
+def _sdpa_has_gqa(backend: str, device: str) -> bool:
+    """Whether this SDPA backend takes enable_gqa here (probed once on tiny tensors)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 4, 128, HEAD_DIM, dtype=DTYPE, device=device)
+    k = torch.randn(1, 2, 128, HEAD_DIM, dtype=DTYPE, device=device)
+    try:
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _sdpa(name: str, causal: bool):
+    def build(x):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = SDPA_BACKENDS[name]
+        q, k, v = x["q"], x["k"], x["v"]
+        groups = q.shape[1] // k.shape[1]
+        gqa = groups == 1 or _sdpa_has_gqa(backend, str(q.device))
+        if not gqa:  # expand the kv heads once, untimed
+            skip = over_budget(k.numel() * groups * 2 * k.element_size(), "expanding k and v to the query heads")
+            if skip:
+                raise Skip(skip)
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        choice = getattr(SDPBackend, backend)
+
+        def call():
+            with sdpa_kernel(choice):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=SCALE, enable_gqa=gqa and groups > 1)
+
+        call.note = "" if gqa else "no enable_gqa in this backend: kv heads expanded untimed"
+        return call
+
+    return build
+
+
+def _flex(causal: bool):
+    def build(x):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        q, k, v = x["q"], x["k"], x["v"]
+        sq, skv = q.shape[2], k.shape[2]
+        block_mask = None
+        if causal:
+            block_mask = create_block_mask(
+                lambda b, h, qi, ki: qi + (skv - sq) >= ki, None, None, sq, skv, device=q.device
+            )  # fmt: skip
+        flex = compiled(flex_attention)
+        return lambda: flex(q, k, v, block_mask=block_mask, scale=SCALE, enable_gqa=True)
+
+    return build
+
+
+def _providers(batch: int, hq: int, hkv: int, sq: int, skv: int, causal: bool) -> list[Provider]:
+    scores = batch * hq * sq * skv
+    kv_fp32 = 2 * batch * hkv * skv * HEAD_DIM * 4
+    hf_bytes = 10 * scores + (kv_bytes(batch, hq, skv) if hq > hkv else 0) + 2 * sq * skv * causal
+    ref_bytes = 16 * scores + kv_fp32 * (1 + hq // hkv) + batch * hq * sq * HEAD_DIM * 4
+    ref = functools.partial(_reference, causal=causal)
+    return [
+        qwen3x_provider(
+            "attention", lambda x: ops.attention(x["q"], x["k"], x["v"], None, SCALE, causal=True), canon=_first
+        ),
+        Provider("reference", lambda x: lambda: ref(x), canon=_first, skip=over_budget(ref_bytes, "fp32 scores")),
+        Provider("hf_eager", _hf_eager(causal), canon=_first, skip=over_budget(hf_bytes, "materialized scores")),
+        *(Provider(name, _sdpa(name, causal), canon=_bhsd_to_bshd) for name in SDPA_BACKENDS),
+        Provider("flex", _flex(causal), canon=_bhsd_to_bshd, note="torch.compile(flex_attention)"),
+    ]
+
+
+def _case(op: str, shape: dict, batch: int, hq: int, hkv: int, sq: int, skv: int, causal: bool, graph: bool) -> Case:
+    def make_inputs(device):
+        return {
+            "q": randn(batch, hq, sq, HEAD_DIM, device=device),
+            "k": randn(batch, hkv, skv, HEAD_DIM, device=device),
+            "v": randn(batch, hkv, skv, HEAD_DIM, device=device),
+        }
+
+    return Case(
+        op=op,
+        shape=shape,
+        make_inputs=make_inputs,
+        reference=functools.partial(_reference, causal=causal),
+        truth=lambda x: attention_math(x["q"], x["k"], x["v"], torch.float32, causal),
+        baseline=lambda x: attention_math(x["q"], x["k"], x["v"], x["q"].dtype, causal),
+        providers=_providers(batch, hq, hkv, sq, skv, causal),
+        flops=attention_flops(batch, hq, sq, skv),
+        bytes=attention_bytes(batch, hq, hkv, sq, skv),
+        cuda_graph=graph,
+    )
+
+
+def prefill_case(batch: int, seqlen: int, hq: int, hkv: int, model: str | None = None) -> Case:
+    shape = ({"model": model} if model else {}) | {"batch": batch, "seqlen": seqlen, "hq": hq, "hkv": hkv}
+    return _case("attention_prefill", shape, batch, hq, hkv, seqlen, seqlen, causal=True, graph=False)
+
+
+def decode_case(batch: int, context: int, hq: int, hkv: int, model: str | None = None) -> Case:
+    """One new query per sequence; ``context`` keys in the cache (the new token's included)."""
+    shape = ({"model": model} if model else {}) | {"batch": batch, "context": context, "hq": hq, "hkv": hkv}
+    return _case("attention_decode", shape, batch, hq, hkv, 1, context, causal=False, graph=True)
+
+
+def prefill_cases(quick: bool = False) -> list[Case]:
+    if quick:
+        return [prefill_case(1, 2048, 32, 8, "Qwen3-4B")]
+    return [prefill_case(b, s, hq, hkv, name) for name, hq, hkv in LAYOUTS for b, s in PREFILL]
+
+
+def decode_cases(quick: bool = False) -> list[Case]:
+    if quick:
+        return [decode_case(16, 8192, 32, 8, "Qwen3-4B")]
+    return [
+        decode_case(b, c, hq, hkv, name)
+        for name, hq, hkv in LAYOUTS
+        for b in DECODE_BATCH
+        for c in DECODE_CONTEXT
+        if kv_bytes(b, hkv, c) <= KV_BUDGET_BYTES
+    ]
+
+
+SUITE = {"attention_prefill": prefill_cases, "attention_decode": decode_cases}

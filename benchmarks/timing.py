@@ -1,0 +1,133 @@
+"""Timing: CUDA events around each call, cold L2, optional CUDA-graph replay.
+
+A timer is any callable ``timer(fn, cuda_graph=bool) -> Timing``; the harness takes one as an
+argument, so its correctness-then-time logic runs on the CPU with a fake timer in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+DEFAULT_L2_BYTES = 50 * 2**20  # H100; the device's own value is used when torch reports it
+WARMUP_MS = 25.0  # warm-up time, also used to estimate the per-call time
+TARGET_MS = 200.0  # timed repetitions aim at about this much GPU time per provider
+MIN_REPS, MAX_REPS = 10, 2000
+GRAPH_WARMUP_CALLS = 3
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+    cuda_graph: bool = False  # True when the times are CUDA-graph replays
+    note: str = ""  # e.g. why a requested CUDA graph could not be used
+
+
+class Timer(Protocol):
+    def __call__(self, fn: Callable[[], object], cuda_graph: bool = False) -> Timing: ...
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("percentile of no values")
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(times_ms: Sequence[float], cuda_graph: bool = False, note: str = "") -> Timing:
+    return Timing(
+        median_ms=percentile(times_ms, 50),
+        p20_ms=percentile(times_ms, 20),
+        p80_ms=percentile(times_ms, 80),
+        reps=len(times_ms),
+        cuda_graph=cuda_graph,
+        note=note,
+    )
+
+
+def l2_bytes(device: torch.device | None = None) -> int:
+    props = torch.cuda.get_device_properties(device or torch.cuda.current_device())
+    return int(getattr(props, "L2_cache_size", 0) or DEFAULT_L2_BYTES)
+
+
+def capture_graph(fn: Callable[[], object]) -> Callable[[], None]:
+    """Record ``fn`` into a CUDA graph (after warm-up on a side stream); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(GRAPH_WARMUP_CALLS):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
+class CudaTimer:
+    """Median / p20 / p80 of CUDA-event times, with L2 flushed before every timed call.
+
+    The flush (a write of twice the L2 size) is enqueued before the start event, so it is not
+    timed; it also keeps the GPU busy while the host launches the call, so event times measure
+    the GPU and not the launch path. With ``cuda_graph`` the call is captured once and replays
+    are timed (for launch-bound decode shapes); a call that cannot be captured (host syncs) is
+    timed eagerly and the Timing says why.
+    """
+
+    def __init__(self, target_ms: float = TARGET_MS, warmup_ms: float = WARMUP_MS, max_reps: int = MAX_REPS):
+        self.target_ms = target_ms
+        self.warmup_ms = warmup_ms
+        self.max_reps = max_reps
+        self.flush_buffer = torch.empty(2 * l2_bytes(), dtype=torch.uint8, device="cuda")
+
+    def _estimate_ms(self, fn: Callable[[], object]) -> float:
+        """Warm up for about warmup_ms; returns the mean time per call (launches included)."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        calls, elapsed = 0, 0.0
+        while calls < 3 or elapsed < self.warmup_ms:
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            elapsed += start.elapsed_time(end)
+            calls += 1
+            if calls >= self.max_reps:
+                break
+        return elapsed / calls
+
+    def __call__(self, fn: Callable[[], object], cuda_graph: bool = False) -> Timing:
+        note = ""
+        if cuda_graph:
+            try:
+                fn = capture_graph(fn)
+            except Exception as exc:  # noqa: BLE001 (any capture failure: time it eagerly)
+                torch.cuda.synchronize()
+                cuda_graph = False
+                note = f"CUDA graph capture failed, timed eagerly: {first_line(exc)}"
+        per_call = max(self._estimate_ms(fn), 1e-3)
+        reps = int(min(self.max_reps, max(MIN_REPS, self.target_ms / per_call)))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            self.flush_buffer.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        return summarize(times, cuda_graph=cuda_graph, note=note)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
