@@ -1,0 +1,59 @@
+# qwen3x: the two commands of README.md, and the GPU-machine command.
+#
+#   make run    set up .venv (torch, transformers, qwen3x built with its CUDA extension where nvcc is
+#               found) and run the main job: the benchmark suite on a GPU, the parity demo without one
+#   make test   the test suite on transformers 5.18.0 and on 4.57.6 (GPU tests skip without a GPU)
+#   make gpu OUT=dir   on a GPU machine with torch installed (no network needed): build in place,
+#               run the GPU tests and the benchmark suite, logs and result rows into OUT, a summary
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH       ?= torch==2.14.1
+TF5         ?= transformers==5.18.0
+TF457       ?= transformers==4.57.6
+# transformers 4.57 with the hub / tokenizers releases it needs, beside the 5.x install
+TF457_DIR   ?= $(VENV)/tf457
+TF457_PKGS  ?= $(TF457) 'huggingface_hub>=0.34,<1.0' 'tokenizers>=0.22,<=0.23.0' requests urllib3 idna certifi charset-normalizer
+PYTEST_ARGS ?= -q
+OUT         ?= gpu-run
+VPY          = $(VENV)/bin/python
+
+.PHONY: run test setup build test-tf5 test-tf457 gpu demo info clean
+
+run: setup
+	$(VPY) -m benchmarks
+
+test: setup test-tf5 test-tf457
+
+setup: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml setup.py CMakeLists.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q $(TORCH) numpy pytest safetensors pybind11 ninja cmake setuptools wheel $(TF5)
+	$(VPY) -m pip install -q --no-deps --target $(TF457_DIR) $(TF457_PKGS)
+	$(MAKE) build
+	touch $@
+
+build:
+	MAX_JOBS=$${MAX_JOBS:-2} $(VPY) -m pip install --no-build-isolation --no-deps -e .
+	$(VPY) -m qwen3x.info
+
+test-tf5:
+	$(VPY) -m pytest $(PYTEST_ARGS) tests
+
+test-tf457:
+	PYTHONPATH=$(TF457_DIR) $(VPY) -m pytest $(PYTEST_ARGS) tests
+
+demo info:
+	$(VPY) -m qwen3x.$@
+
+gpu:
+	mkdir -p $(OUT)
+	set -o pipefail; $(PYTHON) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tee $(OUT)/build.log
+	$(PYTHON) -m qwen3x.info | tee $(OUT)/info.txt
+	set -o pipefail; $(PYTHON) -m pytest -q -rs tests 2>&1 | tee $(OUT)/tests.log; echo "tests exit $$?" >> $(OUT)/tests.log
+	set -o pipefail; $(PYTHON) -m benchmarks --out $(OUT) $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log
+	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; grep -E "passed|failed" $(OUT)/tests.log | tail -n 1; tail -n 2 $(OUT)/bench.log
+
+clean:
+	rm -rf build python/qwen3x/_C*.so *.egg-info python/*.egg-info
