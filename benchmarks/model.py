@@ -231,15 +231,20 @@ def _decode_build(name):
         context = total - 1
         cache = StaticCache(config=model.config, max_cache_len=total)
         model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)  # untimed
-        lengths = [layer.cumulative_length for layer in cache.layers]
         new_token = ids[:, context:].contiguous()
         position_ids = torch.full((batch, 1), context, dtype=torch.long, device=ids.device)
+        # Every timed step must write the same cache slot. transformers 5.x static layers count
+        # their length on the device (step it back after each call); 4.57 writes where
+        # cache_position says.
+        lengths = [layer.cumulative_length for layer in cache.layers if hasattr(layer, "cumulative_length")]
+        extra = {} if lengths else {"cache_position": position_ids[0]}
 
         def step():
             logits = model(
-                input_ids=new_token, position_ids=position_ids, past_key_values=cache, use_cache=True
+                input_ids=new_token, position_ids=position_ids, past_key_values=cache, use_cache=True, **extra
             ).logits  # fmt: skip
-            torch._foreach_sub_(lengths, 1)  # step the cache back: the next call writes the same slot
+            if lengths:
+                torch._foreach_sub_(lengths, 1)
             return logits
 
         return step

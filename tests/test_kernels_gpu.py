@@ -165,3 +165,17 @@ def test_patched_model_on_gpu_matches_hf_within_the_tolerance_rule():
     with torch.no_grad():
         truth = truth_model(ids).logits
         assert_close_to_truth(patched(ids).logits.float(), hf(ids).logits.float(), truth.float(), extra_floor=1e-2)
+
+
+def test_cuda_fallback_warns_once_naming_the_op():
+    if _library.has_cuda_kernel("moe_router"):
+        pytest.skip("moe_router has a CUDA kernel in this build")
+    _library._warned.discard("moe_router")
+    logits = torch.randn(5, 8, device="cuda")
+    with pytest.warns(UserWarning, match="qwen3x.moe_router: no CUDA kernel"):
+        ops.moe_router(logits, 2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.moe_router(logits, 2)  # only once

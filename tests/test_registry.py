@@ -175,3 +175,19 @@ def test_kernel_status_lists_every_op():
     assert set(status) == set(_library.SCHEMAS)
     assert set(status.values()) <= {"cuda kernel", "reference"}
     assert qwen3x.has_cuda_kernel("moe") is False  # no MoE kernel in this build yet
+
+
+def test_arch_compatibility_rule():
+    from qwen3x.info import runs_on
+
+    assert runs_on(["sm_90a"], "sm_90") and runs_on(["sm_80", "sm_90a"], "sm_80")
+    assert not runs_on(["sm_90a"], "sm_80") and not runs_on(["sm_90a"], "sm_100")
+    assert runs_on(["compute_80"], "sm_90") and not runs_on(["compute_90a"], "sm_100")
+
+
+def test_info_runs_and_names_every_op(capsys):
+    from qwen3x import info
+
+    info.main()
+    text = capsys.readouterr().out
+    assert "torch" in text and all(op in text for op in _library.SCHEMAS)

@@ -21,10 +21,11 @@ def collect() -> dict:
         tf_version = transformers.__version__
     except ImportError:
         tf_version = None
-    gpu = None
+    gpu = gpu_arch = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        gpu = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+        gpu_arch = f"sm_{props.major}{props.minor}"
+        gpu = f"{props.name} ({gpu_arch}, {props.total_memory / 2**30:.0f} GiB)"
     build = _library._C.build_info() if _library._C is not None else None
     ops = {}
     for op in _library.SCHEMAS:
@@ -42,7 +43,20 @@ def collect() -> dict:
         "extension": build,
         "extension_error": None if build else _library.C_LOAD_ERROR,
         "ops": ops,
+        "arch_mismatch": bool(build and gpu_arch and not runs_on(build["archs"], gpu_arch)),
     }
+
+
+def runs_on(built: list[str], gpu_arch: str) -> bool:
+    """Whether code built for ``built`` (e.g. ['sm_90a'], ['compute_90']) runs on ``gpu_arch``."""
+    cap = int(gpu_arch[3:])
+    for arch in built:
+        number = int("".join(ch for ch in arch.split("_")[1] if ch.isdigit()))
+        if arch.startswith("sm_") and number == cap:  # sm_90a runs on sm_90 only, like sm_90
+            return True
+        if arch.startswith("compute_") and not arch.endswith(("a", "f")) and number <= cap:  # PTX JIT
+            return True
+    return False
 
 
 def main() -> None:
@@ -54,6 +68,9 @@ def main() -> None:
     if build:
         print(f"qwen3x._C: built for {', '.join(build['archs'])} with CUDA {build['cuda_version']} "
               f"against torch {build['torch_version']}")
+        if info["arch_mismatch"]:
+            print(f"  WARNING: this GPU is not among the built architectures; the CUDA kernels cannot run "
+                  f"here. Rebuild with QWEN3X_CUDA_ARCHS set to it (e.g. QWEN3X_CUDA_ARCHS=8.0)")
     else:
         print(f"qwen3x._C: not loaded ({info['extension_error']}); every op runs its PyTorch reference")
     width = max(map(len, info["ops"]))

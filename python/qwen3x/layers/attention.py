@@ -89,7 +89,7 @@ def mask_function(*args, **kwargs):
     return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
 
 
-def _norm_rope(module, q, k, position_embeddings, position_ids):
+def _norm_rope(module, q, k, position_embeddings):
     """Per-head RMSNorm of q [B, S, Hq, D] and k [B, S, Hkv, D], then RoPE. Returns (q, k)."""
     q_norm, k_norm = module.q_norm, module.k_norm
     eps = q_norm.variance_epsilon
@@ -101,8 +101,8 @@ def _norm_rope(module, q, k, position_embeddings, position_ids):
         and not _unsupported_on_cuda(q, "qk_norm_rope")
     )
     if fused:
-        positions = position_embeddings.position_ids.expand(q.shape[:-2]).reshape(q.shape[:-2])
-        args = (q_norm.weight, k_norm.weight, positions, inv_freq.to(q.device), position_embeddings.attention_scaling, eps)
+        positions = position_embeddings.positions  # [B, S]
+        args = (q_norm.weight, k_norm.weight, positions, inv_freq, position_embeddings.attention_scaling, eps)
         if torch.is_grad_enabled():
             return ops.qk_norm_rope(q, k, *args)
         return ops.qk_norm_rope_(q, k, *args)  # q, k are this layer's own projection outputs
@@ -130,7 +130,7 @@ class Attention:
         q = self.q_proj(hidden_states).view(hidden_shape)  # [B, S, Hq, D]
         k = self.k_proj(hidden_states).view(hidden_shape)  # [B, S, Hkv, D]
         v = self.v_proj(hidden_states).view(hidden_shape)
-        q, k = _norm_rope(self, q, k, position_embeddings, kwargs.get("position_ids"))
+        q, k = _norm_rope(self, q, k, position_embeddings)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
 
         if past_key_values is not None:

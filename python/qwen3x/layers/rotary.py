@@ -3,7 +3,7 @@
 HF's rotary module returns (cos, sin) [B, S, D] that every attention layer multiplies in. The
 fused qk_norm_rope op computes cos/sin itself from positions and inv_freq, so the patched rotary
 module returns a tuple that still unpacks to (cos, sin) (for HF code, caches and fallbacks) and
-carries inv_freq, attention_scaling and position_ids. Dynamic RoPE keeps working: HF's forward
+carries inv_freq, attention_scaling and the positions. Dynamic RoPE keeps working: HF's forward
 has already updated ``self.inv_freq`` when we read it.
 """
 
@@ -17,17 +17,18 @@ class RopeEmbeddings(tuple):
 
     inv_freq: torch.Tensor  # [D/2] fp32
     attention_scaling: float
-    position_ids: torch.Tensor  # [B or 1, S]
+    positions: torch.Tensor  # [B, S], contiguous: one position per token, shared by every layer
 
-    def __new__(cls, cos, sin, inv_freq, attention_scaling, position_ids):
+    def __new__(cls, cos, sin, inv_freq, attention_scaling, positions):
         self = super().__new__(cls, (cos, sin))
         self.inv_freq = inv_freq
         self.attention_scaling = float(attention_scaling)
-        self.position_ids = position_ids
+        self.positions = positions
         return self
 
 
 class RotaryEmbedding:
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
         cos, sin = super().forward(x, position_ids, *args, **kwargs)
-        return RopeEmbeddings(cos, sin, self.inv_freq.float(), self.attention_scaling, position_ids)
+        positions = position_ids.expand(x.shape[0], -1).contiguous()  # [1 or B, S] -> [B, S]
+        return RopeEmbeddings(cos, sin, self.inv_freq.float(), self.attention_scaling, positions)
