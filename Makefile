@@ -4,8 +4,11 @@
 #               found) and run the main job: the benchmark suite on a GPU, the parity demo without one
 #   make test   the test suite on transformers 5.18.0 and on 4.57.6 (GPU tests skip without a GPU)
 #   make gpu OUT=dir   on a GPU machine with torch installed (no network needed): build in place,
-#               run the GPU tests and the benchmark suite, logs and result rows into OUT, a summary
+#               run the tests (GPU ones included), compute-sanitizer memcheck on the kernel tests,
+#               and the benchmark suite (BENCH_ARGS=--quick for a smoke run); logs and result
+#               rows into OUT, then a summary
 
+SHELL       := /bin/bash
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH       ?= torch==2.14.1
@@ -52,8 +55,11 @@ gpu:
 	set -o pipefail; $(PYTHON) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tee $(OUT)/build.log
 	$(PYTHON) -m qwen3x.info | tee $(OUT)/info.txt
 	set -o pipefail; $(PYTHON) -m pytest -q -rs tests 2>&1 | tee $(OUT)/tests.log; echo "tests exit $$?" >> $(OUT)/tests.log
+	set -o pipefail; compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest -q -x tests/test_kernels_gpu.py \
+	    -k "not 65536 and not 4097 and not 8192" 2>&1 | tail -n 30 | tee $(OUT)/memcheck.log; echo "memcheck exit $$?" >> $(OUT)/memcheck.log
 	set -o pipefail; $(PYTHON) -m benchmarks --out $(OUT) $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log
-	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; grep -E "passed|failed" $(OUT)/tests.log | tail -n 1; tail -n 2 $(OUT)/bench.log
+	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; grep -E "passed|failed" $(OUT)/tests.log | tail -n 1
+	@tail -n 1 $(OUT)/memcheck.log; tail -n 2 $(OUT)/bench.log
 
 clean:
 	rm -rf build python/qwen3x/_C*.so *.egg-info python/*.egg-info
