@@ -38,4 +38,14 @@ void qk_norm_rope_(at::Tensor& q,                 // [..., Hq, 128], updated in 
 // csrc/activation/activation.cu
 at::Tensor silu_and_mul(const at::Tensor& input);  // [..., 2 * I] -> [..., I]
 
+// csrc/moe/moe.cu
+// -> weights [T, k] (logits' dtype), expert_ids [T, k] int32, tokens_per_expert [E] int32
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(
+    const at::Tensor& router_logits,  // [T, E] bf16/fp16/fp32, last dim contiguous
+    int64_t top_k, bool norm_topk_prob);
+// -> sorted_rows [T*k + E*(row_align-1)] int32, expert_offsets [E+1] int32, inverse [T*k] int32
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(
+    const at::Tensor& expert_ids,  // [T, k] int32/int64
+    int64_t num_experts, int64_t row_align);
+
 }  // namespace qwen3x

@@ -55,7 +55,9 @@ TORCH_LIBRARY(qwen3x, m) {
   X(add_rms_norm)              \
   X(qk_norm_rope)              \
   X(qk_norm_rope_)             \
-  X(silu_and_mul)
+  X(silu_and_mul)              \
+  X(moe_router)                \
+  X(moe_permute)
 
 TORCH_LIBRARY_IMPL(qwen3x, CUDA, m) {
 #define QWEN3X_IMPL_(name) m.impl(#name, &qwen3x::name);

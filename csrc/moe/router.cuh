@@ -1,0 +1,250 @@
+// MoE router, Hugging Face Qwen3-MoE numerics, for one [T, E] block of logits:
+//
+//   p[e]      = exp(x[e] - max(x)) / sum_e' exp(x[e'] - max(x))   (fp32, x = float(logit))
+//   ids[t, :] = the top_k experts by p, descending; equal p -> lower expert first
+//   w[t, j]   = p[ids[t, j]] / sum_j' p[ids[t, j']]   when norm_topk_prob, else p[ids[t, j]]
+//               (fp32, rounded once to the logits' dtype T)
+//   tokens_per_expert[e] = number of (t, j) with ids[t, j] == e
+//
+// Why it is shaped this way:
+// - One warp per token. Lane l holds experts e = l + 32 * i (i < kSlots) in
+//   registers: every load instruction of the warp reads 32 consecutive logits
+//   (coalesced), and it is the element-to-lane map of PyTorch's warp softmax
+//   (PersistentSoftmax.cuh: per-lane sums in slot order from 0, then an xor
+//   butterfly 16, 8, 4, 2, 1; masked slots add exact zeros, so narrower torch
+//   warps for E < 32 sum the same way). With the same expf and an IEEE divide,
+//   p is expected to be bitwise equal to torch.softmax(x, -1, dtype=float32),
+//   so top-k picks the same experts as the reference.
+// - Top-k is k rounds of a warp argmax, two redux.sync per round: the max of a
+//   32-bit order key of p, then the min expert index among the lanes that hold
+//   it. The key (bits(p) + 1, NaN above everything, 0 = already picked or no
+//   expert) orders p exactly and leaves p recoverable from the key, so no
+//   value shuffle is needed. Ties go to the lower expert index: what
+//   torch.topk does on CUDA in practice (not a documented guarantee of
+//   torch.topk; exact ties between distinct experts' fp32 probabilities are
+//   the only place the two may differ). Every round picks a distinct expert
+//   in [0, E), whatever the logits (NaN included), so downstream indexing is
+//   always in bounds.
+// - Lane j keeps pick j; the renormalizing sum adds the picks in descending
+//   order; lanes < k then write one coalesced row of weights and of ids.
+// - Counts: a per-block shared-memory histogram (shared atomics), flushed with
+//   one global integer atomicAdd per non-zero expert per block. Integer adds
+//   commute, so the counts are deterministic. The grid is capped at a few
+//   blocks per SM (warps loop over tokens) to bound those global atomics.
+//   tokens_per_expert is zeroed by a memset in the same stream first.
+//
+// E <= 128 uses kSlots = 4 (Qwen3-MoE), E <= 512 kSlots = 16: two register
+// footprints per dtype. No host synchronization; graph-capturable.
+//
+// Torch-free: raw pointers, sizes and element strides; the glue is moe.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "core/gpu_constants.h"
+#include "core/reduce.cuh"
+#include "core/vec.cuh"
+#include "moe/limits.h"
+
+namespace qwen3x::moe {
+
+// Tokens (warps) per router block.
+constexpr int kRouterWarps = 8;
+constexpr int kRouterThreads = kRouterWarps * kWarpSize;
+// Grid cap: blocks per SM. Each block flushes up to E global atomics, so more
+// blocks mean more contention on tokens_per_expert; warps loop over tokens.
+constexpr int kRouterBlocksPerSm = 4;
+// Experts per lane: the small footprint (E <= 128) and the large (E <= 512).
+constexpr int kRouterSlotsSmall = 4;
+constexpr int kRouterSlotsLarge = kMaxExperts / kWarpSize;
+static_assert(kRouterSlotsLarge * kWarpSize == kMaxExperts, "kMaxExperts must be whole warps");
+static_assert(kMaxTopK <= kWarpSize, "one lane holds each pick");
+
+namespace router_detail {
+
+// Key of a taken slot or of a slot with no expert behind it (e >= E); every
+// real candidate has a key >= 1.
+constexpr unsigned kTakenKey = 0u;
+// Key of a NaN probability: above every number, as torch.topk orders NaN.
+constexpr unsigned kNanKey = 0xffffffffu;
+// "No candidate" in the argmin over expert indices.
+constexpr unsigned kNoCandidate = 0xffffffffu;
+
+// p >= 0 (or NaN) -> a key whose unsigned order is p's order. Non-negative
+// floats order like their bit patterns; + 1 keeps 0 free for kTakenKey
+// (bits(+inf) + 1 = 0x7f800001 < kNanKey).
+__device__ __forceinline__ unsigned prob_key(float p) {
+  return isnan(p) ? kNanKey : __float_as_uint(fabsf(p)) + 1u;
+}
+
+__device__ __forceinline__ float key_prob(unsigned key) {
+  return key == kNanKey ? __uint_as_float(0x7fffffffu) : __uint_as_float(key - 1u);
+}
+
+// Warp-wide unsigned max / min, all 32 lanes (redux.sync on sm_80+).
+__device__ __forceinline__ unsigned warp_max_u32(unsigned v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(kFullWarpMask, v);
+#else
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = max(v, __shfl_xor_sync(kFullWarpMask, v, offset));
+  }
+  return v;
+#endif
+}
+
+__device__ __forceinline__ unsigned warp_min_u32(unsigned v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_min_sync(kFullWarpMask, v);
+#else
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = min(v, __shfl_xor_sync(kFullWarpMask, v, offset));
+  }
+  return v;
+#endif
+}
+
+__device__ __forceinline__ float warp_reduce_max(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = fmaxf(v, __shfl_xor_sync(kFullWarpMask, v, offset));
+  }
+  return v;
+}
+
+}  // namespace router_detail
+
+template <typename T, int kSlots>
+__global__ void __launch_bounds__(kRouterThreads)
+moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
+                  int* __restrict__ expert_ids,          // [num_tokens, top_k]
+                  int* __restrict__ tokens_per_expert,   // [num_experts], zero on entry; gets the pick counts
+                  const T* __restrict__ logits,          // [num_tokens, num_experts], row stride logits_stride
+                  int64_t num_tokens,                    // T; warps loop over tokens
+                  int64_t logits_stride,                 // elements between rows of logits
+                  int num_experts,                       // E <= kSlots * 32
+                  int top_k,                             // 1 <= k <= min(E, kMaxTopK)
+                  bool norm_topk_prob) {                 // divide the k weights by their sum
+  using namespace router_detail;
+  __shared__ int histogram[kMaxExperts];  // picks per expert by this block
+
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) histogram[e] = 0;
+  __syncthreads();
+
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t warps_in_grid = static_cast<int64_t>(gridDim.x) * kRouterWarps;
+  for (int64_t token = static_cast<int64_t>(blockIdx.x) * kRouterWarps + warp; token < num_tokens;
+       token += warps_in_grid) {
+    const T* row = logits + token * logits_stride;
+
+    // All loads first; slots past E read as -inf, whose exp is an exact 0.
+    float x[kSlots];
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      const int e = lane + i * kWarpSize;
+      x[i] = e < num_experts ? to_float(row[e]) : -INFINITY;
+    }
+
+    // Softmax in fp32, summed in torch's order (see the header).
+    float row_max = x[0];
+#pragma unroll
+    for (int i = 1; i < kSlots; ++i) row_max = fmaxf(row_max, x[i]);
+    row_max = warp_reduce_max(row_max);
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      x[i] = expf(x[i] - row_max);
+      sum += x[i];
+    }
+    sum = warp_reduce_sum(sum);
+
+    unsigned key[kSlots];
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      const int e = lane + i * kWarpSize;
+      key[i] = e < num_experts ? prob_key(x[i] / sum) : kTakenKey;
+    }
+
+    // k rounds of warp argmax; lane j keeps round j's pick.
+    float my_prob = 0.0f;
+    int my_expert = 0;
+    float picked_sum = 0.0f;
+    for (int j = 0; j < top_k; ++j) {
+      // This lane's best slot: slots ascend in expert index, so a strict > keeps the lowest.
+      unsigned best = key[0];
+      int best_slot = 0;
+#pragma unroll
+      for (int i = 1; i < kSlots; ++i) {
+        if (key[i] > best) {
+          best = key[i];
+          best_slot = i;
+        }
+      }
+      const unsigned top = warp_max_u32(best);  // >= 1: an untaken expert always remains (k <= E)
+      const unsigned candidate =
+          best == top ? static_cast<unsigned>(lane + best_slot * kWarpSize) : kNoCandidate;
+      const int winner = static_cast<int>(warp_min_u32(candidate));
+      const float prob = key_prob(top);
+      picked_sum += prob;
+      if (lane == j) {
+        my_prob = prob;
+        my_expert = winner;
+      }
+      if (lane == winner % kWarpSize) {
+#pragma unroll
+        for (int i = 0; i < kSlots; ++i) {
+          if (i == winner / kWarpSize) key[i] = kTakenKey;
+        }
+      }
+    }
+
+    if (lane < top_k) {
+      const float w = norm_topk_prob ? my_prob / picked_sum : my_prob;
+      const int64_t out = token * top_k + lane;
+      weights[out] = from_float<T>(w);
+      expert_ids[out] = my_expert;
+      atomicAdd(&histogram[my_expert], 1);
+    }
+  }
+
+  __syncthreads();
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    const int count = histogram[e];
+    if (count != 0) atomicAdd(&tokens_per_expert[e], count);
+  }
+}
+
+// Launcher: zeroes tokens_per_expert (cudaMemsetAsync) and runs the kernel.
+// Preconditions (checked by the glue): 1 <= num_experts <= kMaxExperts,
+// 1 <= top_k <= min(num_experts, kMaxTopK), num_tokens * top_k < 2^31,
+// num_sms >= 1. Returns the memset's error; the caller checks the launch.
+template <typename T>
+cudaError_t launch_moe_router(T* weights, int* expert_ids, int* tokens_per_expert,
+                              const T* logits, int64_t num_tokens, int64_t logits_stride,
+                              int num_experts, int top_k, bool norm_topk_prob, int num_sms,
+                              cudaStream_t stream) {
+  const cudaError_t err = cudaMemsetAsync(
+      tokens_per_expert, 0, static_cast<size_t>(num_experts) * sizeof(int), stream);
+  if (err != cudaSuccess || num_tokens == 0) return err;
+  const int64_t max_blocks = static_cast<int64_t>(num_sms) * kRouterBlocksPerSm;
+  const int64_t want = ceil_div<int64_t>(num_tokens, kRouterWarps);
+  const dim3 grid(static_cast<unsigned>(want < max_blocks ? want : max_blocks));
+  if (num_experts <= kRouterSlotsSmall * kWarpSize) {
+    moe_router_kernel<T, kRouterSlotsSmall><<<grid, kRouterThreads, 0, stream>>>(
+        weights, expert_ids, tokens_per_expert, logits, num_tokens, logits_stride, num_experts,
+        top_k, norm_topk_prob);
+  } else {
+    moe_router_kernel<T, kRouterSlotsLarge><<<grid, kRouterThreads, 0, stream>>>(
+        weights, expert_ids, tokens_per_expert, logits, num_tokens, logits_stride, num_experts,
+        top_k, norm_topk_prob);
+  }
+  return cudaSuccess;
+}
+
+}  // namespace qwen3x::moe
