@@ -27,10 +27,18 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+# What the CUDA kernels serve; anything else on a GPU runs the reference (with a one-time warning).
+KERNEL_DTYPES = {"attention": (torch.bfloat16, torch.float16)}  # qk_norm_rope: bf16, fp16, fp32
+
+
 def _unsupported_on_cuda(x: torch.Tensor, op: str) -> bool:
-    """A CUDA tensor whose head_dim the op's kernel does not serve: use the reference."""
-    if x.is_cuda and x.shape[-1] != KERNEL_HEAD_DIM and has_cuda_kernel(op):
-        _warn_once(op, f"qwen3x.{op}: head_dim {x.shape[-1]} has no CUDA kernel (built for {KERNEL_HEAD_DIM}); "
+    """A CUDA tensor the op's kernel does not serve (head_dim, dtype): use the reference."""
+    if not (x.is_cuda and has_cuda_kernel(op)):
+        return False
+    dtypes = KERNEL_DTYPES.get(op)
+    if x.shape[-1] != KERNEL_HEAD_DIM or (dtypes is not None and x.dtype not in dtypes):
+        served = f"head_dim {KERNEL_HEAD_DIM}" + (f" and {', '.join(map(str, dtypes))}" if dtypes else "")
+        _warn_once(op, f"qwen3x.{op}: head_dim {x.shape[-1]}, {x.dtype} has no CUDA kernel (it serves {served}); "
                    "running the PyTorch reference")
         return True
     return False
