@@ -191,3 +191,37 @@ def test_info_runs_and_names_every_op(capsys):
     info.main()
     text = capsys.readouterr().out
     assert "torch" in text and all(op in text for op in _library.SCHEMAS)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "silu_and_mul"])
+def test_strided_inputs_give_contiguous_outputs_like_the_fake(op):
+    args = list(_inputs(op))
+    args[0] = args[0].t().contiguous().t()  # same values, column-major
+    if op == "add_rms_norm":
+        args[1] = args[1].t().contiguous().t()
+    torch.library.opcheck(getattr(torch.ops.qwen3x, op).default, tuple(args), test_utils=["test_faketensor"])
+    outs = getattr(torch.ops.qwen3x, op)(*args)
+    for o in outs if isinstance(outs, tuple) else (outs,):
+        assert o.is_contiguous()
+
+
+def test_layers_send_what_no_kernel_serves_to_the_reference(monkeypatch):
+    from types import SimpleNamespace
+
+    from qwen3x.layers import dispatch
+
+    monkeypatch.setattr(dispatch, "has_cuda_kernel", lambda op: True)
+    monkeypatch.setattr(dispatch, "_warned", set())
+
+    def cuda(dtype, head_dim=128):
+        return SimpleNamespace(is_cuda=True, dtype=dtype, shape=(2, 3, head_dim))
+
+    assert not dispatch.reference_instead("attention", cuda(torch.bfloat16))
+    with pytest.warns(UserWarning, match="qwen3x.attention: no CUDA kernel for torch.float32"):
+        assert dispatch.reference_instead("attention", cuda(torch.float32))
+    with pytest.warns(UserWarning, match="qwen3x.qk_norm_rope: no CUDA kernel for torch.bfloat16, head_dim 64"):
+        assert dispatch.reference_instead("qk_norm_rope", cuda(torch.bfloat16, head_dim=64))
+    assert not dispatch.reference_instead("rms_norm", cuda(torch.float32, head_dim=64))  # any hidden size
+    with pytest.warns(UserWarning, match="qwen3x.rms_norm: no CUDA kernel for torch.float64"):
+        assert dispatch.reference_instead("rms_norm", cuda(torch.float64))
+    assert not dispatch.reference_instead("rms_norm", SimpleNamespace(is_cuda=False, dtype=torch.float64, shape=(3,)))

@@ -304,9 +304,22 @@ def _cuda_fallback(op: str, impl: Callable) -> Callable:
     return fallback
 
 
+def _contiguous_outputs(impl: Callable) -> Callable:
+    """Outputs come back contiguous, as the fake implementations and the CUDA kernels give them."""
+
+    def run(*args):
+        out = impl(*args)
+        if isinstance(out, tuple):
+            return tuple(o.contiguous() for o in out)
+        return out.contiguous() if isinstance(out, torch.Tensor) else out
+
+    return run
+
+
 def _register() -> None:
-    for op, impl in REFERENCE_IMPLS.items():
+    for op, reference_impl in REFERENCE_IMPLS.items():
         name = qualname(op)
+        impl = _contiguous_outputs(reference_impl)
         _IMPL_LIB.impl(op, impl, "CPU")
         if op not in _CUDA_KERNELS:
             _IMPL_LIB.impl(op, _cuda_fallback(op, impl), "CUDA")

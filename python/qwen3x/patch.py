@@ -47,12 +47,34 @@ def _is_hf_qwen3_class(cls: type) -> bool:
     return cls.__name__ in _MIXINS and cls.__module__ in _MODELING_MODULES
 
 
+_PREFIX = "Qwen3x"
+
+
 def _patched_class(cls: type) -> type:
-    """The (cached) subclass of HF class ``cls`` with qwen3x's forward."""
+    """The (cached) subclass of HF class ``cls`` with qwen3x's forward.
+
+    Its ``__name__`` stays HF's (Trainer/FSDP, accelerate and ``_no_split_modules`` find layers by
+    class name); its ``__qualname__`` names it in this module, so pickling a patched model works
+    (``__getattr__`` below rebuilds the class in a fresh process).
+    """
     if cls not in _patched_classes:
         mixin = _MIXINS[cls.__name__]
-        _patched_classes[cls] = type(f"Qwen3x{cls.__name__}", (mixin, cls), {_ORIGINAL: cls, "__module__": __name__})
+        patched = type(cls.__name__, (mixin, cls), {_ORIGINAL: cls, "__module__": __name__})
+        patched.__qualname__ = _PREFIX + cls.__name__
+        _patched_classes[cls] = patched
     return _patched_classes[cls]
+
+
+def __getattr__(name: str):
+    """``qwen3x.patch.Qwen3x<HFClass>``: the patched class, for unpickling."""
+    hf_name = name[len(_PREFIX):]
+    if name.startswith(_PREFIX) and hf_name in _MIXINS:
+        for mod in _modeling_modules():
+            cls = getattr(mod, hf_name, None)
+            if isinstance(cls, type):
+                cls = cls.__dict__.get(_ORIGINAL, cls)  # patch_transformers may have installed ours
+                return _patched_class(cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _applies(module: nn.Module) -> bool:
@@ -67,9 +89,9 @@ def _check_model(model: nn.Module) -> None:
         config.hidden_size // config.num_attention_heads if config is not None else None
     )
     on_cuda = any(p.is_cuda for p in model.parameters())
-    if on_cuda and head_dim is not None and head_dim != layers.attention.KERNEL_HEAD_DIM:
+    if on_cuda and head_dim is not None and head_dim != layers.dispatch.KERNEL_HEAD_DIM:
         warnings.warn(
-            f"qwen3x.patch: head_dim {head_dim} is not Qwen3's {layers.attention.KERNEL_HEAD_DIM}: the CUDA attention "
+            f"qwen3x.patch: head_dim {head_dim} is not Qwen3's {layers.dispatch.KERNEL_HEAD_DIM}: the CUDA attention "
             "kernels do not serve it; on a GPU its attention runs the PyTorch reference",
             stacklevel=3,
         )
@@ -101,6 +123,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         original = type(module).__dict__.get(_ORIGINAL)
         if original is not None:
             module.__class__ = original
+            module.__dict__.pop(layers.packing.ATTR, None)  # the parameters keep their (packed) storage
     return model
 
 

@@ -6,6 +6,7 @@ it (or installs it in the HF modeling module for models built later). The module
 parameters, names and state_dict; ``super().forward`` is HF's code, used where a layer falls back.
 """
 
+from . import dispatch, packing
 from .attention import Attention, attention_forward, mask_function
 from .decoder import DecoderLayer
 from .mlp import MLP

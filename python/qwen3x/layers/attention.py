@@ -9,40 +9,12 @@ pattern is plain causal).
 from __future__ import annotations
 
 import sys
-import warnings
 
 import torch
 
 from .. import ops, reference
-from .._library import has_cuda_kernel
-
-KERNEL_HEAD_DIM = 128  # the only head_dim the CUDA kernels are built for (Qwen3's)
-
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)
-
-
-# What the CUDA kernels serve; anything else on a GPU runs the reference (with a one-time warning).
-KERNEL_DTYPES = {"attention": (torch.bfloat16, torch.float16)}  # qk_norm_rope: bf16, fp16, fp32
-
-
-def _unsupported_on_cuda(x: torch.Tensor, op: str) -> bool:
-    """A CUDA tensor the op's kernel does not serve (head_dim, dtype): use the reference."""
-    if not (x.is_cuda and has_cuda_kernel(op)):
-        return False
-    dtypes = KERNEL_DTYPES.get(op)
-    if x.shape[-1] != KERNEL_HEAD_DIM or (dtypes is not None and x.dtype not in dtypes):
-        served = f"head_dim {KERNEL_HEAD_DIM}" + (f" and {', '.join(map(str, dtypes))}" if dtypes else "")
-        _warn_once(op, f"qwen3x.{op}: head_dim {x.shape[-1]}, {x.dtype} has no CUDA kernel (it serves {served}); "
-                   "running the PyTorch reference")
-        return True
-    return False
-
+from . import packing
+from .dispatch import reference_instead
 
 def _hf_function(module, name: str):
     """HF's attention function ``name`` for this module (its own eager one, or the registry's)."""
@@ -74,6 +46,8 @@ def attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] > kv_len:  # as HF's SDPA path: keep kv_len
+        attention_mask = attention_mask[..., :kv_len]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # Same decision as HF's SDPA path: causal only for several queries and no explicit mask. The
     # mask builder returns None with kv_len > q_len only for a prefill into an empty static cache,
@@ -83,7 +57,7 @@ def attention_forward(
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if _unsupported_on_cuda(query, "attention"):
+    if reference_instead("attention", query):
         out, _ = reference.attention(query, key, value, attention_mask, scaling, is_causal)
     else:
         out, _ = ops.attention(query, key, value, attention_mask, scaling, is_causal)
@@ -106,14 +80,17 @@ def _norm_rope(module, q, k, position_embeddings):
         inv_freq is not None
         and k_norm.variance_epsilon == eps
         and q_norm.weight.dtype == k_norm.weight.dtype == q.dtype == k.dtype  # not under autocast
-        and not _unsupported_on_cuda(q, "qk_norm_rope")
+        and not (packing.has_hooks(q_norm) or packing.has_hooks(k_norm))  # hooked modules are called
+        and not reference_instead("qk_norm_rope", q)
     )
     if fused:
         positions = position_embeddings.positions  # [B, S]
         args = (q_norm.weight, k_norm.weight, positions, inv_freq, position_embeddings.attention_scaling, eps)
-        if torch.is_grad_enabled():
-            return ops.qk_norm_rope(q, k, *args)
-        return ops.qk_norm_rope_(q, k, *args)  # q, k are this layer's own projection outputs
+        # In place only on outputs nobody else can hold: plain projections, no hooks, no autograd.
+        owned = packing.plain_linear(module.q_proj) and packing.plain_linear(module.k_proj)
+        if owned and not torch.is_grad_enabled():
+            return ops.qk_norm_rope_(q, k, *args)
+        return ops.qk_norm_rope(q, k, *args)
     # plain (cos, sin) from an unpatched rotary module, or a dynamic/unsupported case
     cos, sin = position_embeddings
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D] against [B, S, H, D]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from . import packing
+from .dispatch import reference_instead
 
 
 class DecoderLayer:
@@ -15,9 +17,10 @@ class DecoderLayer:
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
         norm = self.post_attention_layernorm
-        if norm.weight.dtype == hidden_states.dtype == residual.dtype:
+        fused = norm.weight.dtype == hidden_states.dtype == residual.dtype and not packing.has_hooks(norm)
+        if fused and not reference_instead("add_rms_norm", hidden_states):
             hidden_states, residual = ops.add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
-        else:  # mixed dtypes (autocast): HF's two steps
+        else:  # mixed dtypes (autocast), a hooked norm, no kernel for the dtype: HF's two steps
             residual = residual + hidden_states
             hidden_states = norm(residual)
         hidden_states = self.mlp(hidden_states)

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .. import ops
+from .. import ops, reference
 from . import packing
+from .dispatch import reference_instead
+
+SWIGLU_ACTS = ("silu", "swish")  # the activation silu_and_mul implements
 
 
-def _plain_linear(m: nn.Module) -> bool:
-    return type(m) is nn.Linear and m.bias is None
+def is_silu(config) -> bool:
+    return getattr(config, "hidden_act", "silu") in SWIGLU_ACTS
 
 
 class MLP:
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+        if not is_silu(self.config):
+            return super().forward(x)
         gate, up = self.gate_proj, self.up_proj
-        if _plain_linear(gate) and _plain_linear(up):
+        if packing.plain_linear(gate) and packing.plain_linear(up):
             params = [gate.weight, up.weight]
             w = packing.weights(self, "gate_up", params, (2 * gate.out_features, gate.in_features))
             gate_up = F.linear(x, w)  # [..., 2I]
-        else:  # wrapped projections (PEFT LoRA, quantized linears): call them as they are
+        else:  # wrapped or hooked projections (PEFT LoRA, offloading, quantized): call them as they are
             gate_up = torch.cat([gate(x), up(x)], dim=-1)
-        return self.down_proj(ops.silu_and_mul(gate_up))
+        act = reference.silu_and_mul if reference_instead("silu_and_mul", gate_up) else ops.silu_and_mul
+        return self.down_proj(act(gate_up))

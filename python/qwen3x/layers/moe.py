@@ -16,15 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import ops, reference
 from . import packing
+from .dispatch import reference_instead
+from .mlp import is_silu
 
 
 class TopKRouter:
     def forward(self, hidden_states: torch.Tensor):  # [..., H] -> logits [T, E], weights [T, k], ids [T, k]
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states, self.weight)
-        weights, ids, _ = ops.moe_router(router_logits, self.top_k, self.norm_topk_prob)
+        router = reference.moe_router if reference_instead("moe_router", router_logits) else ops.moe_router
+        weights, ids, _ = router(router_logits, self.top_k, self.norm_topk_prob)
         return router_logits, weights, ids
 
 
@@ -35,13 +38,14 @@ def _swiglu_experts(module: nn.Module) -> bool:
         and not getattr(module, "has_bias", False)
         and not getattr(module, "is_transposed", False)
         and getattr(module, "is_concatenated", True)
-        and getattr(module.config, "hidden_act", "silu") == "silu"
+        and is_silu(module.config)
     )
 
 
 def experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """ExpertsInterface signature: hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H]."""
-    return ops.moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+    experts = reference.moe_experts if reference_instead("moe_experts", hidden_states) else ops.moe_experts
+    return experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
 
 
 class Experts:
@@ -52,24 +56,32 @@ class Experts:
 
 
 def _plain_expert(expert: nn.Module) -> bool:
-    return all(
-        type(lin) is nn.Linear and lin.bias is None for lin in (expert.gate_proj, expert.up_proj, expert.down_proj)
-    )
+    linears = (expert.gate_proj, expert.up_proj, expert.down_proj)
+    return is_silu(expert.config) and not packing.has_hooks(expert) and all(map(packing.plain_linear, linears))
 
 
 class SparseMoeBlock:
-    """transformers 4.57's block (ModuleList of experts); returns (out, router_logits) like HF."""
+    """transformers 4.57's block (ModuleList of experts); returns (out, router_logits) like HF.
+
+    Training runs HF's own loop: stacking all experts for autograd would give the experts no token
+    picked zero gradients instead of none, and optimizers treat the two differently.
+    """
 
     def forward(self, hidden_states: torch.Tensor):
         experts = self.experts
-        if not isinstance(experts, nn.ModuleList) or not all(_plain_expert(e) for e in experts):
+        if (
+            not isinstance(experts, nn.ModuleList)
+            or not all(_plain_expert(e) for e in experts)
+            or packing.needs_grad([p for e in experts for p in e.parameters()])
+        ):
             return super().forward(hidden_states)
         B, S, H = hidden_states.shape
         x = hidden_states.reshape(-1, H)
         router_logits = self.gate(x)  # [T, E]
         E, I = len(experts), experts[0].gate_proj.out_features
         gate_up_params = [w for e in experts for w in (e.gate_proj.weight, e.up_proj.weight)]
-        gate_up = packing.weights(self, "gate_up_proj", gate_up_params, (E, 2 * I, H))
-        down = packing.weights(self, "down_proj", [e.down_proj.weight for e in experts], (E, H, I))
-        out = ops.moe(x, router_logits, gate_up, down, self.top_k, self.norm_topk_prob)
+        gate_up = packing.packed(self, "gate_up_proj", gate_up_params, (E, 2 * I, H))
+        down = packing.packed(self, "down_proj", [e.down_proj.weight for e in experts], (E, H, I))
+        moe = reference.moe if reference_instead("moe", x) else ops.moe
+        out = moe(x, router_logits, gate_up, down, self.top_k, self.norm_topk_prob)
         return out.reshape(B, S, H), router_logits

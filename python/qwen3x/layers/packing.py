@@ -4,9 +4,12 @@ HF keeps gate_proj and up_proj (and 4.57's per-expert MLPs) as separate Linear w
 kernels want them as one tensor ([2I, H] for the dense MLP, [E, 2I, H] / [E, H, I] for experts).
 ``packed`` copies the parameters once into a new buffer and re-points each parameter's ``.data``
 at its slice, so memory is not doubled and the parameters (names, shapes, values, identity) stay
-as they were. If anything later moves a parameter (``model.to``, ``load_state_dict(assign=True)``)
-the views no longer match and the buffer is rebuilt on the next call. Gradients flow to the
-parameters only through ``torch.stack`` / ``torch.cat``: callers use ``needs_grad`` to choose.
+as they were. Every eager call checks that the parameters still are those slices; if anything
+moved them (``model.to``, ``load_state_dict(assign=True)``) the buffer is rebuilt. Inside a
+torch.compile trace (where storage addresses cannot be read) the buffer of the last eager call is
+used as is, or the weights are stacked when there is none. Gradients reach the parameters only
+through ``stacked`` (a copy per call): callers use ``needs_grad`` to choose.
+A side effect to know: ``torch.save`` of one such parameter alone saves the whole shared buffer.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-_ATTR = "_qwen3x_packed"
+ATTR = "_qwen3x_packed"
 
 
 def needs_grad(params: list[torch.Tensor]) -> bool:
@@ -32,27 +35,44 @@ def _is_view_of(buffer: torch.Tensor, params: list[torch.Tensor]) -> bool:
     )
 
 
+def stacked(params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """The packed layout, built with autograd (a copy per call)."""
+    return torch.stack(params).view(shape)
+
+
 def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor of ``shape`` whose ``view(len(params), *params[0].shape)[i]`` is ``params[i]``."""
-    buffers = owner.__dict__.setdefault(_ATTR, {})
-    buffer = buffers.get(key)
+    buffer = owner.__dict__.get(ATTR, {}).get(key)
+    if torch.compiler.is_compiling():
+        return buffer if buffer is not None else stacked([p.detach() for p in params], shape)
     if buffer is not None and _is_view_of(buffer, params):
         return buffer
-    if torch.compiler.is_compiling():  # never rewrite parameters inside a traced graph
-        return torch.stack([p.detach() for p in params]).view(shape)
-    with torch.no_grad():
-        buffer = torch.stack([p.detach() for p in params]).view(shape)
+    # Never under inference mode: the parameters would become inference tensors for good.
+    with torch.inference_mode(False), torch.no_grad():
+        buffer = stacked([p.detach() for p in params], shape)
         slots = buffer.view(len(params), *params[0].shape)
         for i, p in enumerate(params):
             p.data = slots[i]
-    buffers[key] = buffer
+    owner.__dict__.setdefault(ATTR, {})[key] = buffer
     return buffer
-
-
-def stacked(params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    """The same layout as ``packed``, built with autograd (a copy per call) for training."""
-    return torch.stack(params).view(shape)
 
 
 def weights(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     return stacked(params, shape) if needs_grad(params) else packed(owner, key, params, shape)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` does more than its forward (user, PEFT or accelerate hooks):
+    such a module is called, never bypassed by a fused path."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or getattr(module, "_backward_pre_hooks", None)
+        or hasattr(module, "_hf_hook")
+    )
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear without bias or hooks: its weight may be used directly."""
+    return type(module) is nn.Linear and module.bias is None and not has_hooks(module)

@@ -1,0 +1,42 @@
+"""Which CUDA tensors the kernels serve; the layers send everything else to the reference.
+
+The ops' CUDA kernels reject what they were not built for (fp64, head_dim other than 128, fp32
+attention) with a clear error. A patched model must still run, so its layers ask
+``reference_instead`` first and call the reference (with a one-time warning) for such inputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .._library import has_cuda_kernel
+
+KERNEL_HEAD_DIM = 128  # the only head_dim the CUDA kernels are built for (Qwen3's)
+DEFAULT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_DTYPES = {"attention": HALF_DTYPES, "moe_experts": HALF_DTYPES, "moe": HALF_DTYPES}  # tensor-core ops
+HEAD_DIM_OPS = frozenset({"attention", "qk_norm_rope", "qk_norm_rope_"})
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def reference_instead(op: str, x: torch.Tensor) -> bool:
+    """True for a CUDA tensor that ``op``'s kernel does not serve (dtype, head_dim)."""
+    if not (x.is_cuda and has_cuda_kernel(op)):
+        return False
+    dtypes = KERNEL_DTYPES.get(op, DEFAULT_DTYPES)
+    head_dim_ok = op not in HEAD_DIM_OPS or x.shape[-1] == KERNEL_HEAD_DIM
+    if x.dtype in dtypes and head_dim_ok:
+        return False
+    served = ", ".join(map(str, dtypes)) + (f", head_dim {KERNEL_HEAD_DIM}" if op in HEAD_DIM_OPS else "")
+    warn_once(op, f"qwen3x.{op}: no CUDA kernel for {x.dtype}" + ("" if head_dim_ok else f", head_dim {x.shape[-1]}")
+              + f" (it serves {served}); running the PyTorch reference")
+    return True
