@@ -327,3 +327,26 @@ def test_quick_run_on_gpu(tmp_path):
         assert set(rows.REQUIRED_KEYS) <= set(r)
     failed_refs = [r for r in got if r["provider"] == "reference" and r["status"] == "failed"]
     assert not failed_refs, failed_refs
+
+
+def test_readme_table_from_rows(tmp_path):
+    from benchmarks import readme
+
+    env = {"device": "NVIDIA H100 80GB HBM3", "git_sha": "abc1234567", "timestamp": "2026-11-25T10:00:00",
+           "torch": "2.11.0+cu130", "cuda": "13.0", "transformers": "5.17.0"}
+    shape = {"tokens": 4096, "hidden": 2048}
+
+    def row(op, provider, ms, **kw):
+        return {**env, "op": op, "shape": shape if op == "rms_norm" else {}, "provider": provider,
+                "status": "ok", "median_ms": ms, "p20_ms": ms, "p80_ms": ms, **kw}
+
+    rows = [row("peak_copy", "torch", 1.0, gbps=3000.0), row("peak_matmul", "torch", 1.0, tflops=790.0),
+            row("rms_norm", "qwen3x", 0.02, fraction_of_peak=0.91), row("rms_norm", "reference", 0.01),
+            row("rms_norm", "hf_eager", 0.08), row("rms_norm", "liger", 0.04)]
+    body = readme.table(rows)
+    assert "NVIDIA H100 80GB HBM3" in body and "3000 GB/s" in body and "790 TFLOP/s" in body
+    line = next(l for l in body.splitlines() if l.startswith("| rms_norm"))
+    assert "20.0 us" in line and "91%" in line and "liger" in line and "2.00x" in line  # the reference is no peer
+    text = f"intro\n{readme.BEGIN}\nold\n{readme.END}\noutro\n"
+    new = readme.update_readme(text, body)
+    assert new.startswith("intro\n") and new.endswith("outro\n") and "old" not in new and "| rms_norm" in new

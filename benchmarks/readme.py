@@ -1,0 +1,91 @@
+"""``python -m benchmarks.readme [RESULTS_DIR]``: README's benchmark table, regenerated from rows.
+
+Reads the rows of one run (default: the newest directory under benchmarks/results/) and replaces
+the text between the BEGIN/END markers in README.md with: the device, versions, git sha and date
+of the run, the measured ceilings, and one line per case giving qwen3x's median time, its
+fraction of the relevant ceiling, the fastest peer from the same run and qwen3x's speedup over it.
+Never edit that part of README by hand: measured numbers come only from committed rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .rows import case_key, read_rows, shape_label
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+BEGIN = "<!-- benchmarks:begin (python -m benchmarks.readme) -->"
+END = "<!-- benchmarks:end -->"
+OURS = "qwen3x"
+NOT_PEERS = {OURS, "reference"}  # the reference is the spec, not an alternative people use
+
+
+def newest_run(results: Path = RESULTS) -> Path:
+    runs = sorted(p for p in results.glob("*") if p.is_dir() and any(p.glob("*.jsonl")))
+    if not runs:
+        raise SystemExit(f"no result rows under {results}")
+    return runs[-1]
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else (f"{value * 1e3:.1f} us" if value < 1 else f"{value:.2f} ms")
+
+
+def table(rows: list[dict]) -> str:
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("median_ms")]
+    ceilings = {r["op"]: r for r in rows if r["op"] in ("peak_copy", "peak_matmul")}
+    first = rows[0]
+    lines = [
+        f"Measured on {first['device']} on {str(first['timestamp'])[:10]} (git {str(first['git_sha'])[:10]}, "
+        f"torch {first['torch']}, CUDA {first['cuda']}, transformers {first['transformers']}).",
+    ]
+    if ceilings:
+        copy, mm = ceilings.get("peak_copy", {}), ceilings.get("peak_matmul", {})
+        lines.append(
+            f"Ceilings measured in the same run: device copy {copy.get('gbps') or 0:.0f} GB/s, "
+            f"bf16 matmul {mm.get('tflops') or 0:.0f} TFLOP/s."
+        )
+    lines += ["", "| op | shape | qwen3x | % of ceiling | fastest peer | peer | speedup |", "|---|---|---|---|---|---|---|"]
+    cases: dict[tuple, list[dict]] = {}
+    for r in ok:
+        if r["op"] not in ceilings:
+            cases.setdefault(case_key(r), []).append(r)
+    for (op, _), group in cases.items():
+        ours = next((r for r in group if r["provider"] == OURS), None)
+        peers = [r for r in group if r["provider"] not in NOT_PEERS]
+        best = min(peers, key=lambda r: r["median_ms"]) if peers else None
+        frac = ours.get("fraction_of_peak") if ours else None
+        speedup = f"{best['median_ms'] / ours['median_ms']:.2f}x" if ours and best else ""
+        lines.append(
+            f"| {op} | {shape_label(group[0]['shape'])} | {_ms(ours['median_ms']) if ours else 'no kernel'} | "
+            f"{'' if frac is None else f'{100 * frac:.0f}%'} | {_ms(best['median_ms']) if best else ''} | "
+            f"{best['provider'] if best else ''} | {speedup} |"
+        )
+    return "\n".join(lines)
+
+
+def update_readme(text: str, body: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"README.md lacks the markers {BEGIN} ... {END}")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{body}\n{END}{tail}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.readme", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", nargs="?", type=Path, help="a results directory (default: the newest)")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = parser.parse_args(argv)
+    run = args.run or newest_run()
+    body = table(read_rows(run)) + f"\n\nRows: `{run.relative_to(ROOT) if run.is_relative_to(ROOT) else run}`."
+    args.readme.write_text(update_readme(args.readme.read_text(), body))
+    print(f"README.md benchmark table regenerated from {run}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
