@@ -174,7 +174,9 @@ def test_kernel_status_lists_every_op():
     status = ops.kernel_status()
     assert set(status) == set(_library.SCHEMAS)
     assert set(status.values()) <= {"cuda kernel", "reference"}
-    assert qwen3x.has_cuda_kernel("moe") is False  # no MoE kernel in this build yet
+    built = set(_library._C.build_info()["kernels"]) if _library._C is not None else set()
+    assert {op for op, s in status.items() if s == "cuda kernel"} == built
+    assert all(qwen3x.has_cuda_kernel(op) == (op in built) for op in status)
 
 
 def test_arch_compatibility_rule():
@@ -225,3 +227,7 @@ def test_layers_send_what_no_kernel_serves_to_the_reference(monkeypatch):
     with pytest.warns(UserWarning, match="qwen3x.rms_norm: no CUDA kernel for torch.float64"):
         assert dispatch.reference_instead("rms_norm", cuda(torch.float64))
     assert not dispatch.reference_instead("rms_norm", SimpleNamespace(is_cuda=False, dtype=torch.float64, shape=(3,)))
+    assert dispatch.moe_shapes_served(2048, 768) and dispatch.moe_shapes_served(4096, 1536)
+    assert not dispatch.moe_shapes_served(64, 32)
+    with pytest.warns(UserWarning, match="qwen3x.moe_experts: no CUDA kernel for torch.bfloat16, hidden 64"):
+        assert dispatch.reference_instead("moe_experts", cuda(torch.bfloat16), False, "hidden 64, intermediate 32")

@@ -18,6 +18,13 @@ DEFAULT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_DTYPES = {"attention": HALF_DTYPES, "moe_experts": HALF_DTYPES, "moe": HALF_DTYPES}  # tensor-core ops
 HEAD_DIM_OPS = frozenset({"attention", "qk_norm_rope", "qk_norm_rope_"})
+# The expert GEMMs tile hidden and intermediate sizes (Qwen3: H 2048 / 4096, I 768 / 1536).
+MOE_HIDDEN_MULTIPLE = 128
+MOE_INTER_MULTIPLE = 64
+
+
+def moe_shapes_served(hidden: int, inter: int) -> bool:
+    return hidden % MOE_HIDDEN_MULTIPLE == 0 and inter % MOE_INTER_MULTIPLE == 0
 
 _warned: set[str] = set()
 
@@ -28,15 +35,16 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def reference_instead(op: str, x: torch.Tensor) -> bool:
-    """True for a CUDA tensor that ``op``'s kernel does not serve (dtype, head_dim)."""
+def reference_instead(op: str, x: torch.Tensor, shapes_ok: bool = True, shapes: str = "") -> bool:
+    """True for a CUDA tensor that ``op``'s kernel does not serve (dtype, head_dim, or shapes the
+    caller checked: ``shapes_ok`` False, described by ``shapes``)."""
     if not (x.is_cuda and has_cuda_kernel(op)):
         return False
     dtypes = KERNEL_DTYPES.get(op, DEFAULT_DTYPES)
     head_dim_ok = op not in HEAD_DIM_OPS or x.shape[-1] == KERNEL_HEAD_DIM
-    if x.dtype in dtypes and head_dim_ok:
+    if x.dtype in dtypes and head_dim_ok and shapes_ok:
         return False
     served = ", ".join(map(str, dtypes)) + (f", head_dim {KERNEL_HEAD_DIM}" if op in HEAD_DIM_OPS else "")
-    warn_once(op, f"qwen3x.{op}: no CUDA kernel for {x.dtype}" + ("" if head_dim_ok else f", head_dim {x.shape[-1]}")
-              + f" (it serves {served}); running the PyTorch reference")
+    what = f"{x.dtype}" + ("" if head_dim_ok else f", head_dim {x.shape[-1]}") + ("" if shapes_ok else f", {shapes}")
+    warn_once(op, f"qwen3x.{op}: no CUDA kernel for {what} (it serves {served}); running the PyTorch reference")
     return True

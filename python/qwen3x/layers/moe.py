@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops, reference
 from . import packing
-from .dispatch import reference_instead
+from .dispatch import moe_shapes_served, reference_instead
 from .mlp import is_silu
 
 
@@ -44,8 +44,11 @@ def _swiglu_experts(module: nn.Module) -> bool:
 
 def experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """ExpertsInterface signature: hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H]."""
-    experts = reference.moe_experts if reference_instead("moe_experts", hidden_states) else ops.moe_experts
-    return experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+    hidden, inter = self.down_proj.shape[1], self.down_proj.shape[2]
+    served = moe_shapes_served(hidden, inter)
+    if reference_instead("moe_experts", hidden_states, served, f"hidden {hidden}, intermediate {inter}"):
+        return reference.moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+    return ops.moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
 
 
 class Experts:
@@ -82,6 +85,7 @@ class SparseMoeBlock:
         gate_up_params = [w for e in experts for w in (e.gate_proj.weight, e.up_proj.weight)]
         gate_up = packing.packed(self, "gate_up_proj", gate_up_params, (E, 2 * I, H))
         down = packing.packed(self, "down_proj", [e.down_proj.weight for e in experts], (E, H, I))
-        moe = reference.moe if reference_instead("moe", x) else ops.moe
+        served = moe_shapes_served(H, I)
+        moe = reference.moe if reference_instead("moe", x, served, f"hidden {H}, intermediate {I}") else ops.moe
         out = moe(x, router_logits, gate_up, down, self.top_k, self.norm_topk_prob)
         return out.reshape(B, S, H), router_logits
