@@ -1,0 +1,175 @@
+// Torch glue for attention: argument checks, device guard, current stream,
+// dtype dispatch, output and split-KV workspace allocation. Kernels:
+// attention_fwd.cuh (and the files it includes).
+//
+// The kernel reads q/k/v through three element strides each (batch, head,
+// sequence) with a contiguous head dimension; base pointers and those strides
+// must be whole 16-byte chunks (cp.async). Other layouts get a contiguous
+// copy here. The mask is read byte by byte through three strides (0 for a
+// broadcast dimension) with contiguous keys (else a contiguous copy). Output sizes follow from the argument shapes, so no
+// host synchronization: graph-capturable.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+
+#include "attention/attention_fwd.cuh"
+#include "core/checks.h"
+#include "core/gpu_constants.h"
+#include "core/qwen3.h"
+#include "ops.h"
+
+namespace qwen3x {
+namespace {
+
+constexpr const char* kOp = "attention";
+constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
+constexpr int64_t kChunkElems = attn::kChunkElems;  // elements per 16-byte cp.async chunk
+constexpr double kLog2e = 1.4426950408889634;
+
+// True when the kernel can address t [B, H, S, 128] in place: contiguous head
+// dim, 16-byte aligned base, and whole-chunk strides in every dim of size > 1.
+bool addressable(const at::Tensor& t) {
+  if (t.stride(3) != 1 || !is_aligned(t.const_data_ptr(), kVecBytes)) return false;
+  for (int64_t d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % kChunkElems != 0) return false;
+  }
+  return true;
+}
+
+at::Tensor addressable_copy(const at::Tensor& t) {
+  return addressable(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// A dimension of size 1 is read at index 0 only: stride 0 (broadcast).
+int64_t mask_stride(const at::Tensor& mask, int64_t dim) {
+  return mask.size(dim) == 1 ? 0 : mask.stride(dim);
+}
+
+void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const std::optional<at::Tensor>& mask) {
+  check::cuda(kOp, "q", q);
+  check::cuda(kOp, "k", k);
+  check::cuda(kOp, "v", v);
+  check::same_device(kOp, "k", k, "q", q);
+  check::same_device(kOp, "v", v, "q", q);
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::ScalarType::BFloat16 || dt == at::ScalarType::Half, "qwen3x.", kOp,
+              ": the CUDA kernel serves torch.bfloat16 and torch.float16 only, got q of dtype ",
+              check::dtype_name(dt), " (run qwen3x.reference.attention for other dtypes)");
+  check::same_dtype(kOp, "k", k, "q", q);
+  check::same_dtype(kOp, "v", v, "q", q);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
+    TORCH_CHECK(t.dim() == 4, "qwen3x.", kOp, ": expected ", name,
+                " of shape [batch, heads, seqlen, head_dim], got ", t.sizes());
+    TORCH_CHECK(t.size(3) == kHeadDim, "qwen3x.", kOp, ": expected ", name, " to have head_dim ",
+                kHeadDim, " (the only head_dim the CUDA kernel is built for), got ", t.size(3));
+  }
+  TORCH_CHECK(k.sizes() == v.sizes(), "qwen3x.", kOp, ": expected k and v of one shape, got ",
+              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0), "qwen3x.", kOp, ": expected k of shape [", q.size(0),
+              ", Hkv, Skv, ", kHeadDim, "], got ", k.sizes());
+  const int64_t hq = q.size(1), hkv = k.size(1);
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "qwen3x.", kOp, ": expected query heads (", hq,
+              ") divisible by key-value heads (", hkv, ")");
+  if (mask) {
+    const at::Tensor& m = *mask;
+    check::cuda(kOp, "mask", m);
+    check::same_device(kOp, "mask", m, "q", q);
+    check::dtype(kOp, "mask", m, at::ScalarType::Bool);
+    const bool ok = m.dim() == 4 && (m.size(0) == 1 || m.size(0) == q.size(0)) &&
+                    (m.size(1) == 1 || m.size(1) == hq) && m.size(2) == q.size(2) &&
+                    m.size(3) == k.size(2);
+    TORCH_CHECK(ok, "qwen3x.", kOp, ": expected mask of shape [", q.size(0), " or 1, 1 or ", hq,
+                ", ", q.size(2), ", ", k.size(2), "], got ", m.sizes());
+  }
+  // Index ranges of the kernel (int32 rows and keys, gridDim.y = B * Hkv).
+  TORCH_CHECK(q.size(2) * (hq / hkv) <= kMaxInt32 && k.size(2) <= kMaxInt32 - attn::kBlockN,
+              "qwen3x.", kOp, ": sequence lengths exceed the kernel's int32 range (Sq = ",
+              q.size(2), ", Skv = ", k.size(2), ")");
+  TORCH_CHECK(q.size(0) * hkv <= kMaxGridY, "qwen3x.", kOp, ": batch x kv heads = ",
+              q.size(0) * hkv, " exceeds ", kMaxGridY);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v,
+                                             const std::optional<at::Tensor>& mask, double scale,
+                                             bool causal) {
+  check_args(q, k, v, mask);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const int64_t batch = q.size(0), hq = q.size(1), sq = q.size(2);
+  const int64_t hkv = k.size(1), skv = k.size(2);
+  at::Tensor out = at::empty({batch, sq, hq, kHeadDim}, q.options());
+  at::Tensor lse = at::empty({batch, hq, sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+
+  const at::Tensor qa = addressable_copy(q);
+  const at::Tensor ka = addressable_copy(k);
+  const at::Tensor va = addressable_copy(v);
+
+  attn::Params p{};
+  p.q = qa.const_data_ptr();
+  p.k = ka.const_data_ptr();
+  p.v = va.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.lse = static_cast<float*>(lse.mutable_data_ptr());
+  p.q_batch_stride = qa.stride(0);
+  p.q_head_stride = qa.stride(1);
+  p.q_seq_stride = qa.stride(2);
+  p.k_batch_stride = ka.stride(0);
+  p.k_head_stride = ka.stride(1);
+  p.k_seq_stride = ka.stride(2);
+  p.v_batch_stride = va.stride(0);
+  p.v_head_stride = va.stride(1);
+  p.v_seq_stride = va.stride(2);
+  at::Tensor mask_keys;  // the mask with contiguous keys (a copy only in the rare other case)
+  if (mask) {
+    mask_keys = mask->size(3) <= 1 || mask->stride(3) == 1 ? *mask : mask->contiguous();
+    p.mask = static_cast<const uint8_t*>(mask_keys.const_data_ptr());
+    p.mask_batch_stride = mask_stride(mask_keys, 0);
+    p.mask_head_stride = mask_stride(mask_keys, 1);
+    p.mask_q_stride = mask_stride(mask_keys, 2);
+  }
+  p.batch = static_cast<int>(batch);
+  p.num_q_heads = static_cast<int>(hq);
+  p.num_kv_heads = static_cast<int>(hkv);
+  p.group = static_cast<int>(hq / hkv);
+  p.seqlen_q = static_cast<int>(sq);
+  p.seqlen_k = static_cast<int>(skv);
+  p.rows = static_cast<int>(sq * (hq / hkv));
+  p.scale_log2 = static_cast<float>(scale * kLog2e);
+  p.causal = causal;
+
+  int num_sms = 0;  // a cheap attribute query, no synchronization
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+  const int64_t ctas = ceil_div<int64_t>(p.rows, attn::kBlockM) * batch * hkv;
+  const attn::SplitPlan plan = attn::plan_splits(ctas, skv, num_sms);
+  p.num_splits = plan.num_splits;
+  p.tiles_per_split = plan.tiles_per_split;
+  at::Tensor partial_o, partial_lse;  // split-KV workspace
+  if (plan.num_splits > 1) {
+    const int64_t partial_rows = plan.num_splits * batch * hkv * p.rows;
+    partial_o = at::empty({partial_rows, kHeadDim}, q.options().dtype(at::kFloat));
+    partial_lse = at::empty({partial_rows}, q.options().dtype(at::kFloat));
+    p.partial_o = static_cast<float*>(partial_o.mutable_data_ptr());
+    p.partial_lse = static_cast<float*>(partial_lse.mutable_data_ptr());
+  }
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  if (q.scalar_type() == at::ScalarType::BFloat16) {
+    C10_CUDA_CHECK(attn::launch_attention<__nv_bfloat16>(p, stream));
+  } else {
+    C10_CUDA_CHECK(attn::launch_attention<__half>(p, stream));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+}  // namespace qwen3x

@@ -1,0 +1,181 @@
+// Attention forward for Qwen3 (head_dim 128, bf16/fp16): one tensor-core
+// kernel for prefill and decode, GQA-packed, causal and/or boolean-masked,
+// with split-KV for small grids, and the launcher that runs it (plus the
+// combine kernel when the key range is split).
+//
+//   out[b, s, hq, :] = softmax_j(scale * q[b, hq, s, :] . k[b, hq / group, j, :]
+//                                 over visible j) @ v[b, hq / group, :, :]
+//   lse[b, hq, s]    = logsumexp_j of the same scaled scores (natural log)
+//   visible(s, j)    = j < Skv && (!causal || j <= s + Skv - Sq) && mask[b, hq, s, j]
+//
+// CTA (row tile x, b * Hkv + kvh, split z) -- see kernel_traits.cuh for the
+// row packing r = s * group + h, tiles and shared memory:
+//   1. cp.async Q rows and the first K/V tile (one group), then for each K/V
+//      tile of the CTA's key range: prefetch the next tile into the other
+//      buffer, wait for the current one, S = Q K^T (mma), scale + mask,
+//      online softmax, O += P V (mma). Q fragments are read from shared memory
+//      once, before the first tile, and stay in registers.
+//   2. Key range: tiles [z * tiles_per_split, (z + 1) * tiles_per_split),
+//      clipped at the last key any of the CTA's rows sees causally; tiles
+//      wholly above the diagonal are never loaded. A tile is masked element by
+//      element only when it may hold an invisible key for some row (the causal
+//      diagonal, the end of the keys, or a mask tensor); other tiles only
+//      scale.
+//   3. Warps whose 16 rows are all past the last packed row (a decode tile
+//      with group < 64) still load and synchronize, but skip the math.
+//   4. Epilogue (epilogue.cuh): the output directly, or the split's partials.
+//
+// Torch-free: raw pointers, sizes and element strides; the glue is
+// attention.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "attention/combine.cuh"
+#include "attention/epilogue.cuh"
+#include "attention/heuristics.cuh"
+#include "attention/kernel_traits.cuh"
+#include "attention/mainloop.cuh"
+#include "attention/softmax.cuh"
+#include "core/gpu_constants.h"
+#include "core/mma.cuh"
+
+namespace qwen3x::attn {
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
+attention_fwd_kernel(const __grid_constant__ Params p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);       // [kBlockM][128], later the output tile
+  T* sK = sQ + kTileQElems;                 // [kStages][kBlockN][128]
+  T* sV = sK + kStages * kTileKVElems;      // [kStages][kBlockN][128]
+
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarpSize;
+  const int lane = tid % kWarpSize;
+  const int row0 = blockIdx.x * kBlockM;
+  const int bh = blockIdx.y;
+  const int b = bh / p.num_kv_heads;
+  const int kvh = bh - b * p.num_kv_heads;
+  const int split = blockIdx.z;
+
+  // ---- the CTA's key tiles -----------------------------------------------------------------
+  const int causal_offset = p.seqlen_k - p.seqlen_q;  // query s sees keys <= s + offset
+  const int s_first = row0 / p.group;
+  const int s_last = (min(row0 + kBlockM, p.rows) - 1) / p.group;
+  int key_end = p.seqlen_k;  // exclusive
+  if (p.causal) key_end = max(0, min(key_end, s_last + causal_offset + 1));
+  const int tile_begin = split * p.tiles_per_split;
+  const int tile_end = min(tile_begin + p.tiles_per_split, ceil_div(key_end, kBlockN));
+  // Keys <= all_visible_last are in range and causally visible for every row of the CTA.
+  const int all_visible_last =
+      p.causal ? min(p.seqlen_k - 1, s_first + causal_offset) : p.seqlen_k - 1;
+  const bool has_mask = p.mask != nullptr;
+
+  // ---- this lane's two rows ----------------------------------------------------------------
+  RowLimit limit[kRowHalves];
+#pragma unroll
+  for (int half = 0; half < kRowHalves; ++half) {
+    const int r = row0 + warp * kRowsPerWarp + lane / 4 + 8 * half;
+    limit[half] = {-1, nullptr};
+    if (r < p.rows) {
+      const int s = r / p.group;
+      const int hq = kvh * p.group + (r - s * p.group);
+      limit[half].last_key = p.causal ? min(p.seqlen_k - 1, s + causal_offset) : p.seqlen_k - 1;
+      if (has_mask) {
+        limit[half].mask = p.mask + b * p.mask_batch_stride + hq * p.mask_head_stride +
+                           s * p.mask_q_stride;
+      }
+    }
+  }
+
+  // ---- prologue: Q and the first K/V tile --------------------------------------------------
+  const uint32_t sQ_addr = smem_u32(sQ);
+  const uint32_t sK_addr = smem_u32(sK);
+  const uint32_t sV_addr = smem_u32(sV);
+  constexpr uint32_t kTileKVBytes = kTileKVElems * kElemBytes;
+  KVLoader<T> k_loader, v_loader;
+  k_loader.init(static_cast<const T*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride,
+                p.k_seq_stride, tile_begin, tid);
+  v_loader.init(static_cast<const T*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride,
+                p.v_seq_stride, tile_begin, tid);
+  load_q_tile<T>(p, sQ_addr, b, kvh, row0, tid);
+  if (tile_begin < tile_end) {
+    k_loader.load(sK_addr, p.seqlen_k);
+    v_loader.load(sV_addr, p.seqlen_k);
+  }
+  cp_async_commit();
+
+  const bool warp_active = row0 + warp * kRowsPerWarp < p.rows;
+  float o[kHeadTilesN][4];
+#pragma unroll
+  for (int j = 0; j < kHeadTilesN; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[j][e] = 0.0f;
+  }
+  OnlineSoftmax softmax;
+  softmax.init();
+  uint32_t qf[kHeadStepsK][4];
+
+  // ---- main loop ---------------------------------------------------------------------------
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    const uint32_t stage_offset = ((tile - tile_begin) % kStages) * kTileKVBytes;
+    if (tile + 1 < tile_end) {
+      const uint32_t next_offset = kTileKVBytes - stage_offset;  // the other buffer
+      k_loader.advance();
+      v_loader.advance();
+      k_loader.load(sK_addr + next_offset, p.seqlen_k);
+      v_loader.load(sV_addr + next_offset, p.seqlen_k);
+    }
+    cp_async_commit();  // possibly empty: keeps "all but the newest group" = this tile
+    cp_async_wait<kStages - 1>();
+    __syncthreads();
+
+    if (warp_active) {
+      if (tile == tile_begin) load_q_fragments<T>(qf, sQ_addr, warp, lane);
+      float s[kScoreTilesN][4];
+      warp_qk<T>(s, qf, sK_addr + stage_offset, lane);
+      const int key0 = tile * kBlockN;
+      const bool mask_tile = has_mask || key0 + kBlockN - 1 > all_visible_last;
+      scale_and_mask(s, p.scale_log2, mask_tile, limit, key0, lane);
+      uint32_t pf[kKeyStepsK][4];
+      softmax.update<T>(s, o, pf);
+      warp_pv<T>(o, pf, sV_addr + stage_offset, lane);
+    }
+    __syncthreads();  // this stage is refilled by the next iteration's prefetch
+  }
+  cp_async_wait<0>();  // nothing may land in sQ while it holds the output tile
+  __syncthreads();
+
+  // ---- epilogue ----------------------------------------------------------------------------
+  float inv_l[kRowHalves], lse2[kRowHalves];
+  softmax.finalize(inv_l, lse2);
+  if (p.num_splits == 1) {
+    write_output<T>(p, sQ, o, inv_l, lse2, b, kvh, row0, warp, lane, tid);
+  } else {
+    write_partial(p, o, inv_l, lse2, bh, split, row0, warp, lane);
+  }
+}
+
+// Launches the forward kernel on grid (row tiles, B * Hkv, p.num_splits) and,
+// when p.num_splits > 1, the combine. p.partial_o / p.partial_lse must hold
+// num_splits * B * Hkv * rows rows when splitting.
+template <typename T>
+cudaError_t launch_attention(const Params& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.rows == 0) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(attention_fwd_kernel<T>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(ceil_div(p.rows, kBlockM), p.batch * p.num_kv_heads, p.num_splits);
+  attention_fwd_kernel<T><<<grid, kThreads, kSmemBytes, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.num_kv_heads * p.rows;
+  const dim3 combine_grid(static_cast<unsigned>(ceil_div<int64_t>(rows, kCombineWarps)));
+  attention_combine_kernel<T><<<combine_grid, kCombineThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace qwen3x::attn

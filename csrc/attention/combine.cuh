@@ -1,0 +1,85 @@
+// Split-KV combine: merges the num_splits partial results of every packed row
+// into out and lse, in a fixed order (deterministic):
+//
+//   L   = log2 sum_i 2^(lse2_i)        (max-shifted; -inf when every split is empty)
+//   out = sum_i 2^(lse2_i - L) O_i      (i = 0, 1, ..., num_splits - 1)
+//   lse = L * ln 2
+//
+// One warp per packed row (b, kv head, r); lane l owns head dims 4 l .. 4 l + 3
+// (16-byte fp32 loads of each split's O_i). The split weights are reduced with
+// a fixed butterfly over lanes (lane l sums splits l, l + 32, ... in order).
+// An empty split (lse2 = -inf, O = 0) gets weight 0. Rows that see no key at
+// all get out = 0, lse = -inf.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "attention/kernel_traits.cuh"
+#include "core/gpu_constants.h"
+#include "core/mma.cuh"
+#include "core/reduce.cuh"
+#include "core/vec.cuh"
+
+namespace qwen3x::attn {
+
+constexpr int kCombineWarps = 4;  // rows per combine block
+constexpr int kCombineThreads = kCombineWarps * kWarpSize;
+constexpr int kCombineDimsPerLane = kHeadDim / kWarpSize;  // 4
+static_assert(kCombineDimsPerLane == 4, "a lane owns one float4 of each split's row");
+
+template <typename T>
+__global__ void __launch_bounds__(kCombineThreads)
+attention_combine_kernel(const Params p) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / kWarpSize;
+  const int64_t rows_per_split = static_cast<int64_t>(p.batch) * p.num_kv_heads * p.rows;
+  if (row >= rows_per_split) return;
+  const float* lse_row = p.partial_lse + row;  // split i at lse_row[i * rows_per_split]
+
+  float max2 = -INFINITY;
+  for (int i = lane; i < p.num_splits; i += kWarpSize) max2 = fmaxf(max2, lse_row[i * rows_per_split]);
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    max2 = fmaxf(max2, __shfl_xor_sync(kFullWarpMask, max2, offset));
+  }
+  const float base = max2 == -INFINITY ? 0.0f : max2;
+  float sum = 0.0f;
+  for (int i = lane; i < p.num_splits; i += kWarpSize) sum += exp2f(lse_row[i * rows_per_split] - base);
+  sum = warp_reduce_sum(sum);
+  const bool seen = sum > 0.0f;
+  const float lse2 = seen ? base + log2f(sum) : -INFINITY;
+
+  float acc[kCombineDimsPerLane] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (seen) {
+    const float* o_row = p.partial_o + row * kHeadDim + lane * kCombineDimsPerLane;
+    for (int i = 0; i < p.num_splits; ++i) {
+      const float w = exp2f(lse_row[i * rows_per_split] - lse2);
+      const float4 oi = *reinterpret_cast<const float4*>(o_row + i * rows_per_split * kHeadDim);
+      acc[0] += w * oi.x;
+      acc[1] += w * oi.y;
+      acc[2] += w * oi.z;
+      acc[3] += w * oi.w;
+    }
+  }
+
+  // row = bh * rows + r, r = s * group + h.
+  const int bh = static_cast<int>(row / p.rows);
+  const int r = static_cast<int>(row - static_cast<int64_t>(bh) * p.rows);
+  const int b = bh / p.num_kv_heads;
+  const int kvh = bh - b * p.num_kv_heads;
+  const int s = r / p.group;
+  const int hq = kvh * p.group + (r - s * p.group);
+  T* out = static_cast<T*>(p.out) +
+           ((static_cast<int64_t>(b) * p.seqlen_q + s) * p.num_q_heads + hq) * kHeadDim +
+           lane * kCombineDimsPerLane;
+  const uint2 packed = make_uint2(pack_float2<T>(acc[0], acc[1]), pack_float2<T>(acc[2], acc[3]));
+  *reinterpret_cast<uint2*>(out) = packed;
+  if (lane == 0) {
+    p.lse[(static_cast<int64_t>(b) * p.num_q_heads + hq) * p.seqlen_q + s] = lse2 * kLn2;
+  }
+}
+
+}  // namespace qwen3x::attn

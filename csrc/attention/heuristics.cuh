@@ -1,0 +1,56 @@
+// Host-side launch decisions of the attention kernel: the grid, and how many
+// splits of the key range (split-KV) to use.
+//
+// Grid = (row tiles = ceil(Sq * group / kBlockM), B * Hkv, num_splits).
+//
+// Split heuristic. One wave is num_sms * kMinCtasPerSm resident CTAs (80 KB of
+// shared memory and 128 threads each: 2 per SM on sm_80 and sm_90). When the
+// (row tile, b, kv head) CTAs fill at least one wave, the key range is not
+// split. Otherwise (decode, small batch, long context) each CTA's key range is
+// cut into num_splits chunks of whole K/V tiles, aiming at kTargetWaves waves
+// of CTAs, with at least kMinTilesPerSplit tiles (256 keys) per split so that
+// a split's work outweighs writing and re-reading its 128 fp32 partials per
+// row, and at most kMaxSplits. The tiles are then dealt evenly
+// (tiles_per_split = ceil(tiles / splits)) and the split count recomputed so
+// that no split is empty by construction (causality can still empty some:
+// they write lse = -inf and O = 0, which the combine weighs 0).
+//
+// Example, H100 (132 SMs), decode of Qwen3-4B (B = 1, Hkv = 8, Sq = 1): 8
+// CTAs; 131072 keys = 2048 tiles -> 66 wanted, dealt as 64 splits of 32 tiles; 1024 keys = 16 tiles
+// -> 4 splits of 4 tiles.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "attention/kernel_traits.cuh"
+#include "core/gpu_constants.h"
+
+namespace qwen3x::attn {
+
+constexpr int kTargetWaves = 2;       // aim for this many waves of CTAs when splitting
+constexpr int kMinTilesPerSplit = 4;  // >= 256 keys per split
+constexpr int kMaxSplits = 128;       // bounds the workspace and the combine's loop
+
+struct SplitPlan {
+  int num_splits;
+  int tiles_per_split;
+};
+
+inline SplitPlan plan_splits(int64_t ctas,     // row tiles * B * Hkv
+                             int64_t seqlen_k,  // Skv
+                             int num_sms) {
+  const int64_t tiles = ceil_div<int64_t>(seqlen_k, kBlockN);
+  const int64_t wave = static_cast<int64_t>(std::max(num_sms, 1)) * kMinCtasPerSm;
+  int64_t splits = 1;
+  if (ctas > 0 && ctas < wave) {
+    splits = std::min({ceil_div<int64_t>(kTargetWaves * wave, ctas),
+                       tiles / kMinTilesPerSplit, static_cast<int64_t>(kMaxSplits)});
+    splits = std::max<int64_t>(splits, 1);
+  }
+  const int64_t per_split = std::max<int64_t>(ceil_div<int64_t>(tiles, splits), 1);
+  splits = std::max<int64_t>(ceil_div<int64_t>(tiles, per_split), 1);
+  return {static_cast<int>(splits), static_cast<int>(per_split)};
+}
+
+}  // namespace qwen3x::attn

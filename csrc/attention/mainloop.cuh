@@ -1,0 +1,166 @@
+// The data movement and tensor-core math of one attention tile:
+//
+//   load_q_tile      global -> shared: the CTA's kBlockM packed rows of Q
+//   KVLoader         global -> shared: kBlockN keys of K (or V) of one kv head
+//   load_q_fragments shared -> registers: a warp's 16 x 128 Q block as A fragments
+//   warp_qk          S[16 x 64] = Q K^T    (8 k16 steps x 8 n8 tiles = 64 mma)
+//   warp_pv          O[16 x 128] += P V    (4 k16 steps x 16 n8 tiles = 64 mma)
+//
+// Loads are 16-byte cp.async into the swizzled tiles of kernel_traits.cuh;
+// rows past the end (packed rows >= rows, keys >= Skv) are zero-filled, so
+// padding V rows contribute exactly 0 (never NaN garbage times P = 0).
+//
+// ldmatrix address maps (lane = 0..31; x4 matrix j is fed by lanes 8j..8j+7):
+//   Q (A, non-trans): row = 16 w + lane % 8 + 8 ((lane / 8) % 2), chunk = 2 kk + lane / 16
+//                     -> a0..a3 of k16 step kk
+//   K (B, non-trans): key = 16 np + lane % 8 + 8 (lane / 16), chunk = 2 kk + (lane / 8) % 2
+//                     -> {b0, b1} of n8 tile 2 np, then of n8 tile 2 np + 1
+//   V (B, .trans):    key = 16 kc + lane % 8 + 8 ((lane / 8) % 2), chunk = 2 dp + lane / 16
+//                     -> {b0, b1} of head tile 2 dp, then of head tile 2 dp + 1
+// All row bases are multiples of 8, so every lane's swizzle term is lane % 8.
+// (Checked against a CPU model of ldmatrix/mma semantics.)
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "attention/kernel_traits.cuh"
+#include "core/mma.cuh"
+
+namespace qwen3x::attn {
+
+// The CTA's Q rows [row0, row0 + kBlockM) -> sQ. Packed row r is query
+// position s = r / group of query head kvh * group + r % group.
+template <typename T>
+__device__ __forceinline__ void load_q_tile(const Params& p,
+                                            uint32_t sQ,  // [kBlockM][128] swizzled
+                                            int b, int kvh, int row0, int tid) {
+  const T* q = static_cast<const T*>(p.q);
+  const int chunk = tid % kChunksPerRow;
+#pragma unroll
+  for (int i = 0; i < kBlockM / kLoadRowsPerPass; ++i) {
+    const int local_row = tid / kChunksPerRow + i * kLoadRowsPerPass;
+    const int r = row0 + local_row;
+    const bool in_range = r < p.rows;
+    const T* src = q;  // never read when out of range
+    if (in_range) {
+      const int s = r / p.group;
+      const int h = r - s * p.group;
+      src = q + b * p.q_batch_stride + static_cast<int64_t>(kvh * p.group + h) * p.q_head_stride +
+            s * p.q_seq_stride + chunk * kChunkElems;
+    }
+    cp_async_16(sQ + swizzled_offset(local_row, chunk) * kElemBytes, src, in_range);
+  }
+}
+
+// Per-thread cursor of the K (or V) loader: the thread copies chunk tid % 16
+// of rows tid / 16 + 8 i (i < kBlockN / 8) of every tile.
+template <typename T>
+struct KVLoader {
+  const T* src;        // this thread's chunk of key tid / 16 of the current tile
+  int64_t pass_step;   // elements between rows 8 apart (8 * seq_stride)
+  int64_t tile_step;   // elements between tiles (kBlockN * seq_stride)
+  uint32_t dst;        // shared byte offset of (row tid / 16, chunk tid % 16) in a tile
+  int first_key;       // key of row tid / 16 of the current tile
+
+  __device__ __forceinline__ void init(const T* head,  // [Skv, 128] rows seq_stride apart
+                                       int64_t seq_stride, int tile, int tid) {
+    const int row = tid / kChunksPerRow;
+    const int chunk = tid % kChunksPerRow;
+    first_key = tile * kBlockN + row;
+    src = head + first_key * seq_stride + chunk * kChunkElems;
+    pass_step = kLoadRowsPerPass * seq_stride;
+    tile_step = kBlockN * seq_stride;
+    dst = swizzled_offset(row, chunk) * kElemBytes;
+  }
+
+  // Copies the current tile into the tile at shared address tile_base; rows at
+  // keys >= seqlen_k are zero-filled (their source is never read).
+  __device__ __forceinline__ void load(uint32_t tile_base, int seqlen_k) const {
+    const T* row_src = src;
+#pragma unroll
+    for (int i = 0; i < kBlockN / kLoadRowsPerPass; ++i) {
+      const bool in_range = first_key + i * kLoadRowsPerPass < seqlen_k;
+      cp_async_16(tile_base + dst + i * kLoadRowsPerPass * kHeadDim * kElemBytes, row_src,
+                  in_range);
+      row_src += pass_step;
+    }
+  }
+
+  __device__ __forceinline__ void advance() {
+    src += tile_step;
+    first_key += kBlockN;
+  }
+};
+
+// A fragments of the warp's 16 rows x 128 head dims.
+template <typename T>
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[kHeadStepsK][4],
+                                                 uint32_t sQ,  // [kBlockM][128] swizzled
+                                                 int warp, int lane) {
+  const int row = warp * kRowsPerWarp + lane % 8 + 8 * ((lane / 8) % 2);
+#pragma unroll
+  for (int kk = 0; kk < kHeadStepsK; ++kk) {
+    ldmatrix_x4(qf[kk], sQ + swizzled_offset(row, 2 * kk + lane / 16) * kElemBytes);
+  }
+}
+
+// Byte offset, inside a swizzled tile, of (row, chunk) for chunk = 2 c + c_lane
+// (c_lane in {0, 1}): as 2 c + c_lane == 2 c ^ c_lane and the swizzle is an
+// xor, it is lane_offset(row, c_lane) ^ (2 c * 16 bytes), the xor touching
+// only the chunk bits (rows are 256 bytes). So each k step costs one LOP, and
+// the row blocks become immediate offsets of ldmatrix.
+__device__ __forceinline__ uint32_t lane_offset(int row, int c_lane) {
+  return swizzled_offset(row, c_lane) * kElemBytes;
+}
+__device__ __forceinline__ uint32_t chunk_pair_xor(int c) { return 2 * c * kVecBytes; }
+constexpr uint32_t kRowBytes = kHeadDim * kElemBytes;  // 256
+
+// s[nt][.] = C fragments of Q K^T for keys 8 nt .. 8 nt + 7 of the tile (fp32, unscaled).
+template <typename T>
+__device__ __forceinline__ void warp_qk(float (&s)[kScoreTilesN][4],
+                                        const uint32_t (&qf)[kHeadStepsK][4],
+                                        uint32_t sK,  // [kBlockN][128] swizzled
+                                        int lane) {
+#pragma unroll
+  for (int nt = 0; nt < kScoreTilesN; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+  }
+  const uint32_t off = lane_offset(lane % 8 + 8 * (lane / 16), (lane / 8) % 2);
+#pragma unroll
+  for (int kk = 0; kk < kHeadStepsK; ++kk) {
+    const uint32_t base = sK + (off ^ chunk_pair_xor(kk));
+#pragma unroll
+    for (int np = 0; np < kScoreTilesN / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, base + np * 2 * kMmaN * kRowBytes);
+      mma_16816<T>(s[2 * np], qf[kk], b[0], b[1]);
+      mma_16816<T>(s[2 * np + 1], qf[kk], b[2], b[3]);
+    }
+  }
+}
+
+// o[j][.] += P V for head dims 8 j .. 8 j + 7; pf[kc] = A fragments of P for
+// keys 16 kc .. 16 kc + 15. Each o tile accumulates over kc in ascending order.
+template <typename T>
+__device__ __forceinline__ void warp_pv(float (&o)[kHeadTilesN][4],
+                                        const uint32_t (&pf)[kKeyStepsK][4],
+                                        uint32_t sV,  // [kBlockN][128] swizzled
+                                        int lane) {
+  const uint32_t off = lane_offset(lane % 8 + 8 * ((lane / 8) % 2), lane / 16);
+#pragma unroll
+  for (int dp = 0; dp < kHeadTilesN / 2; ++dp) {
+    const uint32_t base = sV + (off ^ chunk_pair_xor(dp));
+#pragma unroll
+    for (int kc = 0; kc < kKeyStepsK; ++kc) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, base + kc * kMmaK * kRowBytes);
+      mma_16816<T>(o[2 * dp], pf[kc], b[0], b[1]);
+      mma_16816<T>(o[2 * dp + 1], pf[kc], b[2], b[3]);
+    }
+  }
+}
+
+}  // namespace qwen3x::attn

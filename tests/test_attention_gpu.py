@@ -1,0 +1,343 @@
+"""The attention CUDA kernel (csrc/attention) against the fp64 reference. GPU only.
+
+Tolerance (qwen3x.testing): the kernel's max abs error against the fp64 truth may be at most 2x the
+error of a same-dtype baseline, plus the truth's rounding to the output dtype, plus a floor. Two
+same-dtype baselines exist and the larger error is used:
+  - reference.attention on the bf16/fp16 inputs (it computes in fp32 internally: P is never
+    rounded), and
+  - a FlashAttention-style baseline: scores and softmax statistics in fp32, the unnormalized
+    probabilities exp(s - max) rounded to the input dtype before P @ V (fp32 accumulation), then
+    divided by the fp32 row sum. This is the rounding the kernel does by design (tensor-core P V).
+lse is fp32 in both; the kernel sums exp2 (ex2.approx, ~2^-22 relative) in another order, so lse
+gets an extra floor of LSE_REL_FLOOR x max(1, max |lse|). Rows that see no key must give out = 0
+and lse = -inf exactly (compared separately, as -inf - -inf is NaN).
+
+References are computed in chunks (per kv head, and per block of queries for long sequences, with
+the keys cut so that bottom-right causality is unchanged) to bound their memory.
+
+Outputs are poisoned: a freed NaN block is left in the caching allocator first, so an element the
+kernel forgets to write shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from qwen3x.testing import assert_close_to_truth, max_abs_error
+
+from qwen3x import _library, ops
+from qwen3x import reference as R
+
+pytestmark = pytest.mark.gpu
+D = 128
+HEADS = [(16, 8), (32, 8), (32, 4), (64, 4), (8, 8)]  # (Hq, Hkv); the last: Hq == Hkv
+LSE_REL_FLOOR = 2e-5
+REF_CHUNK_ELEMS = 2**26  # score elements per reference chunk
+
+
+@pytest.fixture(autouse=True)
+def _needs_kernel():
+    if not _library.has_cuda_kernel("attention"):
+        pytest.skip("no CUDA kernel for attention in this build")
+
+
+def _poison(nbytes: int) -> None:
+    """Leave a freed NaN block of nbytes in the caching allocator for the next allocation."""
+    torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device="cuda").fill_(float("nan"))
+
+
+def _allowed(Sq, Skv, mask, causal, device, B, Hq):
+    allowed = torch.ones(Sq, Skv, dtype=torch.bool, device=device)
+    if causal:
+        i = torch.arange(Sq, device=device)[:, None]
+        j = torch.arange(Skv, device=device)[None, :]
+        allowed = j <= i + (Skv - Sq)
+    allowed = allowed.expand(B, Hq, Sq, Skv)
+    if mask is not None:
+        allowed = allowed & mask
+    return allowed
+
+
+def _flash_baseline(q, k, v, mask, scale, causal):
+    """FlashAttention's rounding: P = exp(s - max) rounded to q.dtype before P @ V, fp32 otherwise."""
+    B, Hq, Sq, _ = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    kf = k.float().repeat_interleave(g, dim=1)
+    vf = v.float().repeat_interleave(g, dim=1)
+    s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
+    s = s.masked_fill(~_allowed(Sq, Skv, mask, causal, q.device, B, Hq), float("-inf"))
+    m = s.amax(dim=-1, keepdim=True) if Skv else torch.full((B, Hq, Sq, 1), float("-inf"), device=q.device)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    lsum = p.sum(dim=-1, keepdim=True)
+    o = torch.matmul(p.to(q.dtype).float(), vf) / torch.where(lsum == 0, torch.ones_like(lsum), lsum)
+    lse = torch.where(lsum[..., 0] == 0, torch.full_like(lsum[..., 0], float("-inf")), m[..., 0] + torch.log(lsum[..., 0]))
+    return o.transpose(1, 2).contiguous().to(q.dtype), lse
+
+
+def _truth_fn(q, k, v, mask, scale, causal):
+    return R.attention(q.double(), k.double(), v.double(), mask, scale, causal)
+
+
+def _chunked(fn, q, k, v, mask, scale, causal):
+    """fn(q, k, v, mask, scale, causal) -> (out [B, Sq, Hq, D], lse [B, Hq, Sq]), per kv head and
+    per block of queries. A causal query block [i0, i1) gets keys [0, i1 + Skv - Sq): the same
+    bottom-right diagonal, and the cut keys are invisible to it anyway."""
+    B, Hq, Sq, _ = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    block = max(1, REF_CHUNK_ELEMS // max(1, B * g * Skv))
+    outs, lses = [], []
+    for h in range(Hkv):
+        heads = slice(h * g, (h + 1) * g)
+        o_parts, l_parts = [], []
+        for i0 in range(0, Sq, block):
+            i1 = min(Sq, i0 + block)
+            kend = max(0, min(Skv, i1 + Skv - Sq)) if causal and Sq > block else Skv
+            mc = None
+            if mask is not None:
+                mh = mask[:, heads] if mask.shape[1] > 1 else mask
+                mc = mh[:, :, i0:i1, :kend]
+            o, lse = fn(q[:, heads, i0:i1], k[:, h : h + 1, :kend], v[:, h : h + 1, :kend], mc, scale, causal)
+            o_parts.append(o)
+            l_parts.append(lse.float())
+        outs.append(torch.cat(o_parts, dim=1))
+        lses.append(torch.cat(l_parts, dim=2))
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=1)
+
+
+def _judge(out, lse, q, k, v, mask, scale, causal):
+    truth_o, truth_l = _chunked(_truth_fn, q, k, v, mask, scale, causal)
+    ref_o, ref_l = _chunked(R.attention, q, k, v, mask, scale, causal)
+    fa_o, _ = _chunked(_flash_baseline, q, k, v, mask, scale, causal)
+    baseline = max((ref_o, fa_o), key=lambda b: max_abs_error(b, truth_o))
+    assert out.shape == truth_o.shape and out.dtype == q.dtype and out.is_contiguous()
+    assert not torch.isnan(out).any(), "NaN in out (unwritten or 0/0)"
+    assert_close_to_truth(out, baseline, truth_o.to(torch.float64))
+    # lse: the same set of -inf rows, finite rows within the rule
+    assert lse.shape == truth_l.shape and lse.dtype == torch.float32
+    assert not torch.isnan(lse).any(), "NaN in lse"
+    seen = torch.isfinite(truth_l)
+    assert torch.equal(torch.isfinite(lse), seen), "rows that see no key differ"
+    assert (lse[~seen] == float("-inf")).all()
+    assert (out.transpose(1, 2)[~seen] == 0).all(), "rows that see no key must be 0"
+    if seen.any():
+        floor = LSE_REL_FLOOR * max(1.0, truth_l[seen].abs().max().item())
+        assert_close_to_truth(lse[seen], ref_l[seen], truth_l[seen].double(), extra_floor=floor)
+
+
+def _inputs(B, Hq, Hkv, Sq, Skv, dtype, q_layout="bhsd"):
+    if q_layout == "bshd":  # a transposed view of a [B, S, H, D] projection output, as HF passes q
+        q = torch.randn(B, Sq, Hq, D, device="cuda", dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, Hq, Sq, D, device="cuda", dtype=dtype)
+    k = torch.randn(B, Hkv, Skv, D, device="cuda", dtype=dtype)
+    v = torch.randn(B, Hkv, Skv, D, device="cuda", dtype=dtype)
+    return q * 1.5, k, v  # somewhat peaked softmax
+
+
+def _run(q, k, v, mask, causal, scale=D**-0.5):
+    B, Hq, Sq, _ = q.shape
+    rows = B * Hq * Sq
+    nbytes = rows * (D * q.element_size() + 4)  # out, lse
+    if rows <= 2**16:  # split-KV partials (up to 128 splits of fp32 rows and lse)
+        nbytes += 128 * rows * (D + 1) * 4
+    _poison(min(nbytes, 1 << 30))
+    out, lse = ops.attention(q, k, v, mask, scale, causal)
+    return out, lse
+
+
+def _padding_mask(B, Sq, Skv, heads=1):
+    """HF-style left padding: batch element b masks its first 3 b keys (and the query rows of
+    those positions in a prefill); plus one query row that sees nothing at all."""
+    mask = torch.ones(B, heads, Sq, Skv, dtype=torch.bool, device="cuda")
+    for b in range(B):
+        pad = min(3 * b, Skv)
+        mask[b, :, :, :pad] = False
+    mask[0, 0, Sq - 1, :] = False
+    return mask
+
+
+# ---- prefill ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("seqlen", [1, 17, 128, 1000, 4096])
+def test_prefill(seqlen, hq, hkv, batch, causal):
+    if seqlen == 4096 and (batch > 1 or (hq, hkv) not in {(16, 8), (32, 4)}):
+        pytest.skip("large; covered by the other 4096 layouts")
+    q, k, v = _inputs(batch, hq, hkv, seqlen, seqlen, torch.bfloat16, q_layout="bshd")
+    out, lse = _run(q, k, v, None, causal)
+    _judge(out, lse, q, k, v, None, D**-0.5, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seqlen", [17, 1000])
+def test_prefill_fp16(seqlen, causal):
+    q, k, v = _inputs(3, 32, 4, seqlen, seqlen, torch.float16)
+    out, lse = _run(q, k, v, None, causal)
+    _judge(out, lse, q, k, v, None, D**-0.5, causal)
+
+
+@pytest.mark.parametrize("seqlen,causal", [(16384, True), (16384, False), (32768, True)])
+def test_prefill_long(seqlen, causal):
+    q, k, v = _inputs(1, 16, 8, seqlen, seqlen, torch.bfloat16, q_layout="bshd")
+    out, lse = _run(q, k, v, None, causal)
+    _judge(out, lse, q, k, v, None, D**-0.5, causal)
+
+
+# ---- decode (split-KV) -----------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("skv", [1, 127, 1024, 8193])
+@pytest.mark.parametrize("sq", [1, 2, 4])
+def test_decode(sq, skv, hq, hkv, batch, causal):
+    if sq > skv:
+        pytest.skip("more queries than keys")
+    q, k, v = _inputs(batch, hq, hkv, sq, skv, torch.bfloat16, q_layout="bshd")
+    out, lse = _run(q, k, v, None, causal)
+    _judge(out, lse, q, k, v, None, D**-0.5, causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_131072_keys(dtype):
+    q, k, v = _inputs(1, 32, 4, 1, 131072, dtype, q_layout="bshd")
+    out, lse = _run(q, k, v, None, True)
+    _judge(out, lse, q, k, v, None, D**-0.5, True)
+
+
+def test_kv_cache_views():
+    """k/v as transposed views of [B, S, Hkv, D] and a slice of a longer static cache."""
+    B, Hq, Hkv, Sq, S_max, Skv = 2, 32, 8, 3, 2048, 1500
+    q, _, _ = _inputs(B, Hq, Hkv, Sq, 1, torch.bfloat16, q_layout="bshd")
+    k = torch.randn(B, S_max, Hkv, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)[:, :, :Skv]
+    v = torch.randn(B, Hkv, S_max, D, device="cuda", dtype=torch.bfloat16)[:, :, :Skv]
+    out, lse = _run(q, k, v, None, True)
+    _judge(out, lse, q, k, v, None, D**-0.5, True)
+
+
+def test_misaligned_views_are_copied():
+    """Base pointers that are not 16-byte aligned take the glue's contiguous-copy path."""
+    B, Hq, Hkv, S = 1, 16, 8, 100
+    big = torch.randn(B, Hq, S, D + 8, device="cuda", dtype=torch.bfloat16)
+    q = big[..., 1 : D + 1]  # last dim contiguous, base offset by one element
+    k = torch.randn(B, Hkv, S, D + 8, device="cuda", dtype=torch.bfloat16)[..., 3 : D + 3]
+    v = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+    out, lse = _run(q, k, v, None, True)
+    _judge(out, lse, q, k, v, None, D**-0.5, True)
+
+
+# ---- masks -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("sq,skv", [(1, 127), (1, 8193), (4, 1024), (17, 17), (1000, 1000)])
+@pytest.mark.parametrize("hq,hkv", [(32, 8), (16, 16)])
+def test_padding_mask(sq, skv, hq, hkv, causal):
+    B = 3
+    q, k, v = _inputs(B, hq, hkv, sq, skv, torch.bfloat16, q_layout="bshd")
+    mask = _padding_mask(B, sq, skv)
+    out, lse = _run(q, k, v, mask, causal)
+    assert torch.isinf(lse[0, :, sq - 1]).all() if sq > 0 else True
+    _judge(out, lse, q, k, v, mask, D**-0.5, causal)
+
+
+def test_mask_per_head_and_broadcast_batch():
+    """mask [1, Hq, Sq, Skv] (batch broadcast, per-head), random pattern, as an expanded view."""
+    B, Hq, Hkv, Sq, Skv = 2, 16, 4, 33, 300
+    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, torch.bfloat16)
+    mask = torch.rand(1, Hq, Sq, Skv, device="cuda") > 0.3
+    mask[0, 3, 5, :] = False
+    out, lse = _run(q, k, v, mask, False)
+    _judge(out, lse, q, k, v, mask, D**-0.5, False)
+    expanded = (torch.rand(1, 1, Sq, Skv, device="cuda") > 0.5).expand(B, Hq, Sq, Skv)  # stride-0 dims
+    out, lse = _run(q, k, v, expanded, True)
+    _judge(out, lse, q, k, v, expanded, D**-0.5, True)
+
+
+def test_more_queries_than_keys_causal():
+    """Bottom-right causality with Sq > Skv: the first Sq - Skv queries see nothing."""
+    q, k, v = _inputs(1, 8, 2, 70, 20, torch.bfloat16)
+    out, lse = _run(q, k, v, None, True)
+    assert torch.isinf(lse[:, :, :50]).all() and torch.isfinite(lse[:, :, 50:]).all()
+    _judge(out, lse, q, k, v, None, D**-0.5, True)
+
+
+# ---- properties ------------------------------------------------------------------------------
+@pytest.mark.parametrize("sq,skv,causal", [(1, 8193, True), (4, 131072, True), (1000, 1000, True), (300, 300, False)])
+def test_deterministic(sq, skv, causal):
+    q, k, v = _inputs(1, 32, 8, sq, skv, torch.bfloat16, q_layout="bshd")
+    mask = _padding_mask(1, sq, skv) if skv <= 1000 else None
+    out1, lse1 = _run(q, k, v, mask, causal)
+    out2, lse2 = _run(q, k, v, mask, causal)
+    assert torch.equal(out1, out2)
+    assert torch.equal(lse1, lse2)
+
+
+def test_cuda_graph_decode():
+    B, Hq, Hkv, Skv = 2, 32, 8, 8193  # split-KV: workspace allocated inside the capture
+    q, k, v = _inputs(B, Hq, Hkv, 1, Skv, torch.bfloat16, q_layout="bshd")
+    mask = _padding_mask(B, 1, Skv)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            ops.attention(q, k, v, mask, D**-0.5, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = ops.attention(q, k, v, mask, D**-0.5, True)
+    q2, k2, v2 = _inputs(B, Hq, Hkv, 1, Skv, torch.bfloat16, q_layout="bshd")
+    q.copy_(q2)
+    k.copy_(k2)
+    v.copy_(v2)
+    graph.replay()
+    torch.cuda.synchronize()
+    want_out, want_lse = ops.attention(q, k, v, mask, D**-0.5, True)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    _judge(out, lse, q, k, v, mask, D**-0.5, True)
+
+
+def test_empty_and_zero_keys():
+    q, k, v = _inputs(2, 8, 4, 0, 5, torch.bfloat16)
+    out, lse = ops.attention(q, k, v, None, D**-0.5, False)
+    assert out.shape == (2, 0, 8, D) and lse.shape == (2, 8, 0)
+    q, k, v = _inputs(2, 8, 4, 3, 0, torch.bfloat16)
+    out, lse = _run(q, k, v, None, False)
+    assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+# ---- bad inputs ------------------------------------------------------------------------------
+def _bad(*args, match):
+    with pytest.raises((RuntimeError, ValueError), match=match) as info:
+        ops.attention(*args)
+    assert "qwen3x.attention" in str(info.value)
+    torch.cuda.synchronize()
+
+
+def test_bad_inputs():
+    dev, bf = "cuda", torch.bfloat16
+    q = torch.randn(1, 8, 4, D, device=dev, dtype=bf)
+    k = torch.randn(1, 4, 6, D, device=dev, dtype=bf)
+    v = torch.randn(1, 4, 6, D, device=dev, dtype=bf)
+    s = D**-0.5
+    _bad(q[..., :64].contiguous(), k[..., :64].contiguous(), v[..., :64].contiguous(), None, s, True, match="head_dim")
+    _bad(q.float(), k.float(), v.float(), None, s, True, match="bfloat16")
+    _bad(q[:, :6], k, v, None, s, True, match="divisible")
+    _bad(q, k, v, torch.ones(1, 1, 4, 6, device=dev), s, True, match="mask")  # float mask
+    _bad(q, k, v, torch.ones(1, 1, 4, 7, device=dev, dtype=torch.bool), s, True, match="mask")
+    _bad(q, k, v, torch.ones(2, 1, 4, 6, device=dev, dtype=torch.bool), s, True, match="mask")
+    _bad(q, k, v, torch.ones(1, 1, 4, 6, dtype=torch.bool), s, True, match="mask")  # CPU mask
+    _bad(q, k.half(), v.half(), None, s, True, match="dtype")
+    _bad(q, k, v[:, :, :5], None, s, True, match="shape")
+
+
+def test_lse_is_natural_log():
+    """lse == log(sum(exp(scaled scores))) directly, on a tiny case."""
+    q, k, v = _inputs(1, 2, 1, 1, 5, torch.bfloat16)
+    _, lse = ops.attention(q, k, v, None, 0.1, False)
+    s = (q.double()[0, :, 0] @ k.double()[0, 0].T) * 0.1
+    assert torch.allclose(lse[0, :, 0].double(), torch.logsumexp(s, -1), atol=1e-5, rtol=0)
+    assert math.isfinite(lse.sum().item())
