@@ -9,7 +9,9 @@ For every kernel in the .so (per embedded architecture) prints:
 
 Exit status 1 when any kernel touches local memory (LDL/STL, STACK or LOCAL > 0)
 or when a kernel that must be vectorized (see VECTOR_KERNELS) lacks 16-byte
-loads or stores; 2 when the inputs cannot be found.
+loads or stores, or a tensor-core kernel (see MMA_KERNELS) has no HMMA, or has
+fewer HMMA inside its main loop (the address range of a backward branch) than
+MMA_LOOP_KERNELS asks; 2 when the inputs cannot be found.
 
 Usage:
   python cmake/sass_check.py [path/to/_C.so] [--cuobjdump PATH]
@@ -35,11 +37,25 @@ ROOT = Path(__file__).resolve().parent.parent
 # vectors both ways.
 VECTOR_KERNELS = ("rms_norm_vec_kernel", "qk_norm_rope_kernel", "silu_and_mul_vec_kernel")
 
+# Tensor-core kernels (demangled-name substrings) -> the fewest HMMA their main
+# loop (a backward branch's range) must hold per iteration body.
+MMA_LOOP_KERNELS = {
+    # csrc/attention: per K/V tile and warp, Q K^T 8 k16 x 8 n8 + P V 4 k16 x 16 n8 = 128.
+    "attn::attention_fwd_kernel": 128,
+    # csrc/moe/grouped_gemm.cuh: per k tile and warp, 4 k16 x kMmaM x kMmaN (decode config 1 x 2).
+    "moe::moe_expert_gemm_kernel": 8,
+}
+# Kernels whose main loop must run on the tensor cores (HMMA in the SASS).
+MMA_KERNELS = ("moe_expert_gemm_kernel",)
+HMMA = re.compile(r"\bHMMA\b")
+
 LDG128 = re.compile(r"\bLDG(\.[A-Z0-9_]+)*\.128\b")
 STG128 = re.compile(r"\bSTG(\.[A-Z0-9_]+)*\.128\b")
 LDG = re.compile(r"\bLDG\b")
 STG = re.compile(r"\bSTG\b")
 LDL = re.compile(r"\bLDL\b")
+BRA_TARGET = re.compile(r"\bBRA\b[^;]*?(0x[0-9a-f]+)\s*;")
+ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/")
 STL = re.compile(r"\bSTL\b")
 
 
@@ -53,10 +69,14 @@ class Kernel:
     stg: int = 0
     ldl: int = 0
     stl: int = 0
+    hmma: int = 0
     reg: int = -1
     stack: int = -1
     local: int = -1
     name: str = ""
+    loop_hmma: int = 0  # HMMA between a backward branch and its target
+    hmma_addrs: list = None
+    back_edges: list = None  # (target, branch) addresses of backward branches
 
 
 def find_cuobjdump(explicit: str | None) -> str | None:
@@ -95,14 +115,25 @@ def parse_sass(text: str) -> dict[tuple[str, str], Kernel]:
             arch = m.group(1)
         elif m := re.match(r"\s*Function : (\S+)", line):
             cur = kernels.setdefault((arch, m.group(1)), Kernel(arch, m.group(1)))
+            cur.hmma_addrs, cur.back_edges = [], []
         elif cur is not None and "/*" in line:
             ins = line.split("*/", 1)[-1]  # drop the /*addr*/ prefix
+            if a := ADDR.search(line):
+                addr = int(a.group(1), 16)
+                if HMMA.search(ins):
+                    cur.hmma_addrs.append(addr)
+                if (b := BRA_TARGET.search(ins)) and int(b.group(1), 16) < addr:
+                    cur.back_edges.append((int(b.group(1), 16), addr))
             cur.ldg128 += bool(LDG128.search(ins))
             cur.stg128 += bool(STG128.search(ins))
             cur.ldg += bool(LDG.search(ins))
             cur.stg += bool(STG.search(ins))
             cur.ldl += bool(LDL.search(ins))
             cur.stl += bool(STL.search(ins))
+            cur.hmma += bool(HMMA.search(ins))
+    for k in kernels.values():
+        k.loop_hmma = sum(1 for a in (k.hmma_addrs or [])
+                          if any(lo <= a <= hi for lo, hi in (k.back_edges or [])))
     return kernels
 
 
@@ -168,9 +199,16 @@ def main() -> int:
             problems.append("local memory")
         if any(v in k.name for v in VECTOR_KERNELS) and not (k.ldg128 and k.stg128):
             problems.append("no 16-byte vectors")
+        for sub, need in MMA_LOOP_KERNELS.items():
+            if sub in k.name and k.loop_hmma < need:
+                problems.append(f"{k.loop_hmma} HMMA in the main loop, expected >= {need}")
+        if any(v in k.name for v in MMA_KERNELS) and not k.hmma:
+            problems.append("no HMMA")
         failures += bool(problems)
+        loop = f", {k.loop_hmma} in a loop" if k.hmma else ""
+        verdict = "; ".join(problems) or ("ok" + (f" ({k.hmma} HMMA{loop})" if k.hmma else ""))
         print(f"{k.arch:8} {k.name:{width}} {k.ldg128:6} {k.stg128:6} {k.ldg:4} {k.stg:4} "
-              f"{k.ldl:4} {k.stl:4} {k.reg:4} {k.stack:5}  {'; '.join(problems) or 'ok'}")
+              f"{k.ldl:4} {k.stl:4} {k.reg:4} {k.stack:5}  {verdict}")
     print(f"{len(rows)} kernels, {failures} with problems")
     return 1 if failures else 0
 

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace qwen3x {
@@ -38,6 +39,15 @@ void qk_norm_rope_(at::Tensor& q,                 // [..., Hq, 128], updated in 
 // csrc/activation/activation.cu
 at::Tensor silu_and_mul(const at::Tensor& input);  // [..., 2 * I] -> [..., I]
 
+// csrc/attention/attention.cu
+// -> out [B, Sq, Hq, 128] contiguous (q's dtype), lse [B, Hq, Sq] fp32 (natural log)
+std::tuple<at::Tensor, at::Tensor> attention(
+    const at::Tensor& q,                     // [B, Hq, Sq, 128] bf16/fp16, any strides, last dim 1
+    const at::Tensor& k,                     // [B, Hkv, Skv, 128], Hq % Hkv == 0
+    const at::Tensor& v,                     // [B, Hkv, Skv, 128]
+    const std::optional<at::Tensor>& mask,   // [B|1, 1|Hq, Sq, Skv] bool (true = attend)
+    double scale, bool causal);              // causal: bottom-right (j <= i + Skv - Sq)
+
 // csrc/moe/moe.cu
 // -> weights [T, k] (logits' dtype), expert_ids [T, k] int32, tokens_per_expert [E] int32
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(
@@ -47,5 +57,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(
     const at::Tensor& expert_ids,  // [T, k] int32/int64
     int64_t num_experts, int64_t row_align);
+// -> out [T, H] (hidden's dtype): SwiGLU experts, weighted, summed over the k picks
+at::Tensor moe_experts(const at::Tensor& hidden_states,   // [T, H] bf16/fp16, H % 128 == 0
+                       const at::Tensor& expert_ids,      // [T, k] int32/int64
+                       const at::Tensor& expert_weights,  // [T, k] float
+                       const at::Tensor& gate_up_proj,    // [E, 2I, H] ([gate; up]), I % 64 == 0
+                       const at::Tensor& down_proj);      // [E, H, I]
+// op "moe" (qwen3x::moe is the kernels' namespace) -> out [T, H]: moe_router then moe_experts
+at::Tensor moe_block(const at::Tensor& hidden_states,  // [T, H] bf16/fp16
+                     const at::Tensor& router_logits,  // [T, E] bf16/fp16/fp32
+                     const at::Tensor& gate_up_proj,   // [E, 2I, H]
+                     const at::Tensor& down_proj,      // [E, H, I]
+                     int64_t top_k, bool norm_topk_prob);
 
 }  // namespace qwen3x

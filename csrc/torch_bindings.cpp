@@ -56,13 +56,23 @@ TORCH_LIBRARY(qwen3x, m) {
   X(qk_norm_rope)              \
   X(qk_norm_rope_)             \
   X(silu_and_mul)              \
+  X(attention)                 \
   X(moe_router)                \
-  X(moe_permute)
+  X(moe_permute)               \
+  X(moe_experts)
+
+// Ops whose entry point is not qwen3x::<op> because that name is taken
+// (qwen3x::moe is the MoE kernels' namespace): X(op, function).
+#define QWEN3X_CUDA_KERNELS_RENAMED(X) \
+  X(moe, moe_block)
 
 TORCH_LIBRARY_IMPL(qwen3x, CUDA, m) {
 #define QWEN3X_IMPL_(name) m.impl(#name, &qwen3x::name);
   QWEN3X_CUDA_KERNELS(QWEN3X_IMPL_)
 #undef QWEN3X_IMPL_
+#define QWEN3X_IMPL_RENAMED_(name, function) m.impl(#name, &qwen3x::function);
+  QWEN3X_CUDA_KERNELS_RENAMED(QWEN3X_IMPL_RENAMED_)
+#undef QWEN3X_IMPL_RENAMED_
 }
 
 namespace {
@@ -108,7 +118,10 @@ PyObject* build_info(PyObject* /*self*/, PyObject* /*args*/) {
                                    std::to_string(CUDART_VERSION % kCudartMajorScale /
                                                   kCudartMinorScale);
 #define QWEN3X_NAME_(name) #name ","
-  constexpr std::string_view kKernels = QWEN3X_CUDA_KERNELS(QWEN3X_NAME_);
+#define QWEN3X_NAME_RENAMED_(name, function) #name ","
+  constexpr std::string_view kKernels =
+      QWEN3X_CUDA_KERNELS(QWEN3X_NAME_) QWEN3X_CUDA_KERNELS_RENAMED(QWEN3X_NAME_RENAMED_);
+#undef QWEN3X_NAME_RENAMED_
 #undef QWEN3X_NAME_
   const bool ok = set_item(info, "version", PyUnicode_FromString(QWEN3X_VERSION)) &&
                   set_item(info, "cuda_version", PyUnicode_FromString(cuda_version.c_str())) &&

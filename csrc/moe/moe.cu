@@ -1,20 +1,25 @@
-// Torch glue for moe_router and moe_permute: argument checks, device guard,
-// current stream, dtype dispatch, output (and workspace) allocation. Kernels:
-// router.cuh, permute.cuh.
+// Torch glue for moe_router, moe_permute, moe_experts and moe: argument
+// checks, device guard, current stream, dtype dispatch, output (and
+// workspace) allocation. Kernels: router.cuh, permute.cuh, experts.cuh
+// (grouped GEMMs + combine).
 //
-// Every output size follows from the argument shapes (T, k, E, row_align), so
-// neither op synchronizes with the host and both can be captured in a CUDA
-// graph.
+// Every output and workspace size follows from the argument shapes (T, k, E,
+// H, I, row_align), so no op synchronizes with the host and all can be
+// captured in a CUDA graph.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "core/checks.h"
 #include "core/dispatch.h"
+#include "core/gpu_constants.h"
+#include "moe/experts.cuh"
+#include "moe/gemm_config.h"
 #include "moe/limits.h"
 #include "moe/permute.cuh"
 #include "moe/router.cuh"
@@ -25,6 +30,124 @@ namespace {
 
 // int32 outputs (ids, counts, slots) index at most this many elements.
 constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
+// Largest H or I the expert GEMMs take: keeps the column grid (H / 64 tiles
+// at most) under gridDim.y's limit with room to spare.
+constexpr int64_t kMaxExpertsWidth = int64_t{1} << 20;
+
+// t itself when its rows (all dims but the last) can be read with 16-byte
+// copies: last dim contiguous, every row stride a multiple of 16 bytes, data
+// 16-byte aligned; else a contiguous copy (fresh, hence aligned).
+at::Tensor rows_16b_readable(const at::Tensor& t) {
+  const int64_t vec_elems = kVecBytes / t.element_size();
+  bool ok = (t.stride(-1) == 1 || t.size(-1) <= 1) && is_aligned(t.const_data_ptr(), kVecBytes);
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    ok = ok && (t.size(d) <= 1 || t.stride(d) % vec_elems == 0);
+  }
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// Checks shared by moe_experts and moe: hidden_states [T, H] and the
+// transformers 5.x expert weights gate_up_proj [E, 2I, H], down_proj [E, H, I].
+void check_experts_inputs(const char* op, const at::Tensor& hidden, const at::Tensor& gate_up,
+                          const at::Tensor& down) {
+  check::cuda(op, "hidden_states", hidden);
+  check::cuda(op, "gate_up_proj", gate_up);
+  check::cuda(op, "down_proj", down);
+  check::same_device(op, "gate_up_proj", gate_up, "hidden_states", hidden);
+  check::same_device(op, "down_proj", down, "hidden_states", hidden);
+  TORCH_CHECK(hidden.dim() == 2, "qwen3x.", op,
+              ": expected hidden_states [tokens, hidden], got shape ", hidden.sizes());
+  const int64_t H = hidden.size(1);
+  TORCH_CHECK(gate_up.dim() == 3 && gate_up.size(2) == H && gate_up.size(1) % 2 == 0, "qwen3x.", op,
+              ": expected gate_up_proj [experts, 2 * intermediate, ", H,
+              "] (transformers 5.x layout, [gate; up] rows), got shape ", gate_up.sizes());
+  const int64_t E = gate_up.size(0);
+  const int64_t I = gate_up.size(1) / 2;
+  TORCH_CHECK(down.dim() == 3 && down.size(0) == E && down.size(1) == H && down.size(2) == I,
+              "qwen3x.", op, ": expected down_proj [", E, ", ", H, ", ", I,
+              "] (transformers 5.x layout, [experts, hidden, intermediate]), got shape ",
+              down.sizes());
+  check::same_dtype(op, "gate_up_proj", gate_up, "hidden_states", hidden);
+  check::same_dtype(op, "down_proj", down, "hidden_states", hidden);
+  const auto dtype = hidden.scalar_type();
+  TORCH_CHECK(dtype == at::ScalarType::BFloat16 || dtype == at::ScalarType::Half, "qwen3x.", op,
+              ": the CUDA kernel takes torch.bfloat16 or torch.float16 (tensor cores), got ",
+              check::dtype_name(dtype), "; run qwen3x.reference.", op, " for other dtypes");
+  TORCH_CHECK(E >= 1 && E <= moe::kMaxExperts, "qwen3x.", op, ": expected 1 to ", moe::kMaxExperts,
+              " experts (gate_up_proj.shape[0]), got ", E);
+  TORCH_CHECK(H > 0 && H % moe::kExpertsHMultiple == 0 && H <= kMaxExpertsWidth, "qwen3x.", op,
+              ": hidden size H = ", H, " must be a positive multiple of ", moe::kExpertsHMultiple,
+              " (the kernel's tiles; Qwen3-MoE has 2048 or 4096)");
+  TORCH_CHECK(I > 0 && I % moe::kExpertsIMultiple == 0 && I <= kMaxExpertsWidth, "qwen3x.", op,
+              ": intermediate size I = ", I, " must be a positive multiple of ",
+              moe::kExpertsIMultiple, " (the kernel's tiles; Qwen3-MoE has 768 or 1536)");
+}
+
+// The experts pipeline: permute (row_align = the regime's BLOCK_M), GEMM1 with
+// fused SwiGLU, GEMM2 with the routing weight, combine. Inputs checked.
+at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tensor& expert_ids,
+                       const at::Tensor& expert_weights, const at::Tensor& gate_up,
+                       const at::Tensor& down) {
+  const int64_t T = hidden.size(0);
+  const int64_t H = hidden.size(1);
+  const int64_t E = gate_up.size(0);
+  const int64_t I = gate_up.size(1) / 2;
+  const int64_t k = expert_ids.size(1);
+  const int64_t num_picks = T * k;
+
+  const c10::cuda::CUDAGuard device_guard(hidden.device());
+  at::Tensor out = at::empty({T, H}, hidden.options());
+  if (num_picks == 0) return out;
+
+  const moe::GemmRegime regime = moe::select_gemm_regime(num_picks, E);
+  const int64_t block_m = moe::regime_block_m(regime);
+  TORCH_CHECK(num_picks + E * (block_m - 1) <= kMaxInt32, "qwen3x.", op, ": tokens x top_k = ", T,
+              " x ", k, " picks exceed the int32 range of the permutation");
+  const auto [sorted_rows, expert_offsets, inverse] = moe_permute(expert_ids, E, block_m);
+  const int64_t row_tiles = moe::max_row_tiles(num_picks, E, block_m);
+  at::Tensor act = at::empty({row_tiles * block_m, I}, hidden.options());
+  at::Tensor y = at::empty({num_picks, H}, hidden.options());
+  // The reference multiplies by the weight rounded to the activation dtype.
+  const at::Tensor route = expert_weights.to(hidden.scalar_type()).contiguous();
+  const at::Tensor x = rows_16b_readable(hidden);
+  const at::Tensor w1 = rows_16b_readable(gate_up);
+  const at::Tensor w2 = rows_16b_readable(down);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
+
+  auto launch = [&](auto type_tag) {
+    using T_ = decltype(type_tag);
+    moe::ExpertsArgs<T_> a{};
+    a.out = static_cast<T_*>(out.mutable_data_ptr());
+    a.act = static_cast<T_*>(act.mutable_data_ptr());
+    a.y = static_cast<T_*>(y.mutable_data_ptr());
+    a.hidden = static_cast<const T_*>(x.const_data_ptr());
+    a.hidden_stride = T <= 1 ? H : x.stride(0);
+    a.gate_up = static_cast<const T_*>(w1.const_data_ptr());
+    a.gate_up_expert_stride = w1.stride(0);
+    a.gate_up_row_stride = w1.stride(1);
+    a.down = static_cast<const T_*>(w2.const_data_ptr());
+    a.down_expert_stride = w2.stride(0);
+    a.down_row_stride = w2.stride(1);
+    a.route_weights = static_cast<const T_*>(route.const_data_ptr());
+    a.sorted_rows = static_cast<const int*>(sorted_rows.const_data_ptr());
+    a.expert_offsets = static_cast<const int*>(expert_offsets.const_data_ptr());
+    a.inverse = static_cast<const int*>(inverse.const_data_ptr());
+    a.num_tokens = T;
+    a.top_k = static_cast<int>(k);
+    a.num_experts = static_cast<int>(E);
+    a.hidden_size = static_cast<int>(H);
+    a.inter_size = static_cast<int>(I);
+    a.row_tiles = row_tiles;
+    C10_CUDA_CHECK(moe::launch_moe_experts<T_>(a, regime, stream));
+  };
+  if (hidden.scalar_type() == at::ScalarType::BFloat16) {
+    launch(__nv_bfloat16{});
+  } else {
+    launch(__half{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
 
 }  // namespace
 
@@ -121,6 +244,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& exp
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {sorted_rows, expert_offsets, inverse};
+}
+
+at::Tensor moe_experts(const at::Tensor& hidden_states, const at::Tensor& expert_ids,
+                       const at::Tensor& expert_weights, const at::Tensor& gate_up_proj,
+                       const at::Tensor& down_proj) {
+  constexpr const char* kOp = "moe_experts";
+  check_experts_inputs(kOp, hidden_states, gate_up_proj, down_proj);
+  check::cuda(kOp, "expert_ids", expert_ids);
+  check::cuda(kOp, "expert_weights", expert_weights);
+  check::same_device(kOp, "expert_ids", expert_ids, "hidden_states", hidden_states);
+  check::same_device(kOp, "expert_weights", expert_weights, "hidden_states", hidden_states);
+  const auto id_dtype = expert_ids.scalar_type();
+  TORCH_CHECK(id_dtype == at::ScalarType::Int || id_dtype == at::ScalarType::Long, "qwen3x.", kOp,
+              ": expected expert_ids to have dtype torch.int32 or torch.int64, got ",
+              check::dtype_name(id_dtype));
+  const int64_t T = hidden_states.size(0);
+  TORCH_CHECK(expert_ids.dim() == 2 && expert_ids.size(0) == T && expert_ids.size(1) >= 1,
+              "qwen3x.", kOp, ": expected expert_ids [", T, ", top_k] with top_k >= 1, got shape ",
+              expert_ids.sizes());
+  TORCH_CHECK(expert_weights.sizes() == expert_ids.sizes(), "qwen3x.", kOp,
+              ": expected expert_weights of the shape of expert_ids ", expert_ids.sizes(), ", got ",
+              expert_weights.sizes());
+  check::float_dtype(kOp, "expert_weights", expert_weights);
+  return run_experts(kOp, hidden_states, expert_ids, expert_weights, gate_up_proj, down_proj);
+}
+
+// The op "moe" (the name qwen3x::moe is the kernels' namespace).
+at::Tensor moe_block(const at::Tensor& hidden_states, const at::Tensor& router_logits,
+                     const at::Tensor& gate_up_proj, const at::Tensor& down_proj, int64_t top_k,
+                     bool norm_topk_prob) {
+  constexpr const char* kOp = "moe";
+  check_experts_inputs(kOp, hidden_states, gate_up_proj, down_proj);
+  check::cuda(kOp, "router_logits", router_logits);
+  check::same_device(kOp, "router_logits", router_logits, "hidden_states", hidden_states);
+  const int64_t T = hidden_states.size(0);
+  const int64_t E = gate_up_proj.size(0);
+  TORCH_CHECK(router_logits.dim() == 2 && router_logits.size(0) == T && router_logits.size(1) == E,
+              "qwen3x.", kOp, ": expected router_logits [", T, ", ", E, "], got shape ",
+              router_logits.sizes());
+  TORCH_CHECK(top_k >= 1 && top_k <= std::min<int64_t>(E, moe::kMaxTopK), "qwen3x.", kOp,
+              ": expected 1 <= top_k <= min(experts, ", moe::kMaxTopK, ") = ",
+              std::min<int64_t>(E, moe::kMaxTopK), ", got ", top_k);
+  const auto [weights, expert_ids, tokens_per_expert] =
+      moe_router(router_logits, top_k, norm_topk_prob);
+  return run_experts(kOp, hidden_states, expert_ids, weights, gate_up_proj, down_proj);
 }
 
 }  // namespace qwen3x

@@ -1,0 +1,113 @@
+// Tile shapes of the grouped expert GEMMs (grouped_gemm.cuh) and the
+// heuristic that picks one per call. Host-safe (no CUDA headers): the glue
+// needs BLOCK_M before it permutes (row_align) and to size the workspaces.
+//
+// Both GEMMs compute C[rows, N] = A[rows, K] x W[N, K]^T per expert with
+// mma.sync.m16n8k16 (fp32 accumulate), kBlockK = 64 (one 128-byte swizzled
+// smem row per operand row), cp.async multi-stage pipeline.
+//
+// Regimes (rows per expert = T * k / E, the mean under uniform routing):
+//   decode   <= 16 rows/expert: weight-bandwidth bound, most tiles hold a few
+//            real rows. BLOCK_M 16 (least padding work), BLOCK_N 64 (more CTAs
+//            streaming weights: GEMM1 I / 32 and GEMM2 H / 64 column tiles per
+//            expert), 4 warps side by side along N, 4 stages (40 KB).
+//   mid      <= 64 rows/expert: BLOCK_M 64, BLOCK_N 128, 2 x 4 warps of 32 x 32,
+//            4 stages (96 KB, 2 CTAs per SM on sm_90).
+//   prefill  otherwise: BLOCK_M 128, BLOCK_N 128, 2 x 4 warps of 64 x 32,
+//            3 stages (96 KB, 2 CTAs per SM on sm_90).
+// Three configs x two GEMMs x {bf16, fp16} = 12 GEMM kernels (build time).
+//
+// Shape requirements that follow (the glue checks them): K of both GEMMs
+// (H and I) a multiple of kBlockK = 64; GEMM1's output width I a multiple of
+// the widest BLOCK_N / 2 = 64 (gate and up halves of a tile); GEMM2's output
+// width H a multiple of the widest BLOCK_N = 128. Qwen3-MoE: H 2048 / 4096,
+// I 768 / 1536.
+#pragma once
+
+#include <cstdint>
+
+namespace qwen3x::moe {
+
+// Elements per operand row of one k step (64 x 16-bit = 128 bytes = 8 chunks).
+constexpr int kGemmBlockK = 64;
+// Bytes per cp.async / per swizzle chunk.
+constexpr int kGemmChunkBytes = 16;
+// Rows sharing one xor swizzle pattern (8 chunks of 16 bytes per row).
+constexpr int kGemmSwizzleRows = 8;
+
+template <int kBlockM_, int kBlockN_, int kWarpsM_, int kWarpsN_, int kStages_>
+struct GemmConfig {
+  static constexpr int kBlockM = kBlockM_;  // rows of a tile (and the permute's row_align)
+  static constexpr int kBlockN = kBlockN_;  // weight rows of a tile (GEMM1: half gate, half up)
+  static constexpr int kBlockK = kGemmBlockK;
+  static constexpr int kWarpsM = kWarpsM_;
+  static constexpr int kWarpsN = kWarpsN_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kWarpM = kBlockM / kWarpsM;  // rows per warp
+  static constexpr int kWarpN = kBlockN / kWarpsN;  // weight rows (output columns) per warp
+  static constexpr int kMmaM = kWarpM / 16;          // m16 tiles per warp
+  static constexpr int kMmaN = kWarpN / 8;           // n8 tiles per warp
+  // cp.async of 16-bit elements: chunks per tile row, rows per pass of all threads.
+  static constexpr int kChunksPerRow = kBlockK * 2 / kGemmChunkBytes;
+  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static constexpr int kALoads = kBlockM / kRowsPerPass;  // 16-byte copies per thread per stage
+  static constexpr int kBLoads = kBlockN / kRowsPerPass;
+  static constexpr int kStageElems = (kBlockM + kBlockN) * kBlockK;
+  static constexpr int kSmemBytes = kStages * kStageElems * 2;
+
+  static_assert(kWarpM % 16 == 0 && kWarpN % 16 == 0, "warp tiles of whole m16 / n16 blocks");
+  static_assert(kMmaN % 2 == 0,
+                "B fragments load two n8 tiles per ldmatrix.x4; GEMM1 pairs gate/up halves");
+  static_assert(kChunksPerRow == kGemmSwizzleRows, "swizzle assumes 8 chunks per row");
+  static_assert(kRowsPerPass % kGemmSwizzleRows == 0, "every pass starts on a swizzle period");
+  static_assert(kBlockM % kRowsPerPass == 0 && kBlockN % kRowsPerPass == 0,
+                "whole load passes per operand tile");
+  static_assert(kStages >= 2, "a pipeline needs two stages");
+};
+
+using DecodeGemmConfig = GemmConfig<16, 64, 1, 4, 4>;
+using MidGemmConfig = GemmConfig<64, 128, 2, 4, 4>;
+using PrefillGemmConfig = GemmConfig<128, 128, 2, 4, 3>;
+
+// The shape requirements, from the widest config.
+constexpr int kExpertsKMultiple = kGemmBlockK;                    // H and I
+constexpr int kExpertsIMultiple = PrefillGemmConfig::kBlockN / 2;  // GEMM1 output width
+constexpr int kExpertsHMultiple = PrefillGemmConfig::kBlockN;      // GEMM2 output width
+static_assert(MidGemmConfig::kBlockN <= kExpertsHMultiple &&
+                  DecodeGemmConfig::kBlockN <= kExpertsHMultiple,
+              "requirements come from the widest tile");
+
+// Mean rows per expert up to which a regime is chosen.
+constexpr int64_t kDecodeMaxRowsPerExpert = 16;
+constexpr int64_t kMidMaxRowsPerExpert = 64;
+
+enum class GemmRegime { kDecode, kMid, kPrefill };
+
+inline GemmRegime select_gemm_regime(int64_t num_picks, int64_t num_experts) {
+  if (num_picks <= kDecodeMaxRowsPerExpert * num_experts) return GemmRegime::kDecode;
+  if (num_picks <= kMidMaxRowsPerExpert * num_experts) return GemmRegime::kMid;
+  return GemmRegime::kPrefill;
+}
+
+inline int regime_block_m(GemmRegime r) {
+  switch (r) {
+    case GemmRegime::kDecode: return DecodeGemmConfig::kBlockM;
+    case GemmRegime::kMid: return MidGemmConfig::kBlockM;
+    default: return PrefillGemmConfig::kBlockM;
+  }
+}
+
+// Upper bound on the row tiles of a permutation of num_picks picks over
+// num_experts experts padded to block_m: sum_e ceil(c_e / block_m) is at most
+// (picks + E (block_m - 1)) / block_m (the padded slots) and at most
+// min(E, picks) + picks / block_m (one partial tile per non-empty expert).
+// The GEMM grid's row dimension and the activation workspace use it.
+inline int64_t max_row_tiles(int64_t num_picks, int64_t num_experts, int64_t block_m) {
+  const int64_t by_slots = (num_picks + num_experts * (block_m - 1)) / block_m;
+  const int64_t nonempty = num_picks < num_experts ? num_picks : num_experts;
+  const int64_t by_picks = nonempty + num_picks / block_m;
+  return by_slots < by_picks ? by_slots : by_picks;
+}
+
+}  // namespace qwen3x::moe

@@ -1,0 +1,99 @@
+// Epilogues of the grouped expert GEMMs (grouped_gemm.cuh): fp32 accumulators
+// of a warp -> rounded outputs, with the numerics of the reference
+// (reference.moe_experts, each torch op rounding to the activation dtype T):
+//
+//   SwiGLU (GEMM1):   g = T(acc_gate), u = T(acc_up)          (F.linear's outputs)
+//                     act = T(float(T(silu(g))) * float(u))   (F.silu(gate) * up)
+//   weighted (GEMM2): y = T(float(T(acc)) * w), w = route weight already in T
+//                                                             (F.linear, then * weights)
+//
+// Accumulator layout of mma.m16n8k16: lane (g = lane / 4, t = lane % 4) holds
+// rows g and g + 8 of each m16 tile, columns 2t and 2t + 1 of each n8 tile;
+// a lane writes those two columns as one 4-byte store. Rows whose slot is
+// padding (pick < 0) are skipped.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "activation/silu_and_mul.cuh"
+#include "core/mma.cuh"
+#include "core/vec.cuh"
+
+namespace qwen3x::moe {
+
+namespace epilogue_detail {
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dst, float lo, float hi) {
+  *reinterpret_cast<uint32_t*>(dst) = pack_float2<T>(lo, hi);  // 4-byte aligned: even column
+}
+
+}  // namespace epilogue_detail
+
+// act[row0 + r, col0 + c] for the warp's rows and its kWarpN / 2 columns:
+// n8 tile ni (gate) pairs with n8 tile ni + kMmaN / 2 (up), same columns.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void epilogue_swiglu(
+    const float (&acc)[Cfg::kMmaM][Cfg::kMmaN][4],
+    T* __restrict__ act,        // [row_tiles * BLOCK_M, I], row stride act_stride
+    int64_t act_stride,
+    const int* s_picks,         // shared [BLOCK_M]: pick of each tile row, -1 = padding
+    int row0,                   // first slot of the tile
+    int col0,                   // first output column of the tile
+    int warp_m, int warp_n, int lane) {
+  constexpr int kHalfTiles = Cfg::kMmaN / 2;
+  const int g = lane / 4;
+  const int t = lane % 4;
+#pragma unroll
+  for (int mi = 0; mi < Cfg::kMmaM; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp_m * Cfg::kWarpM + mi * 16 + g + 8 * h;
+      if (s_picks[r] < 0) continue;
+      T* dst = act + static_cast<int64_t>(row0 + r) * act_stride + col0 +
+               warp_n * (Cfg::kWarpN / 2) + 2 * t;
+#pragma unroll
+      for (int ni = 0; ni < kHalfTiles; ++ni) {
+        const float* gate = &acc[mi][ni][2 * h];
+        const float* up = &acc[mi][ni + kHalfTiles][2 * h];
+        const T a0 = activation::silu_mul(from_float<T>(gate[0]), from_float<T>(up[0]));
+        const T a1 = activation::silu_mul(from_float<T>(gate[1]), from_float<T>(up[1]));
+        epilogue_detail::store_pair(dst + ni * 8, to_float(a0), to_float(a1));
+      }
+    }
+  }
+}
+
+// y[pick, col0 + c] = T(float(T(acc)) * w) for the warp's rows and kWarpN columns.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void epilogue_weighted(
+    const float (&acc)[Cfg::kMmaM][Cfg::kMmaN][4],
+    T* __restrict__ y,          // [T * k, H], row stride y_stride, row = flat pick
+    int64_t y_stride,
+    const int* s_picks,         // shared [BLOCK_M]: pick of each tile row, -1 = padding
+    const float* s_route,       // shared [BLOCK_M]: routing weight (a T value) of each pick
+    int col0,                   // first output column of the tile
+    int warp_m, int warp_n, int lane) {
+  const int g = lane / 4;
+  const int t = lane % 4;
+#pragma unroll
+  for (int mi = 0; mi < Cfg::kMmaM; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp_m * Cfg::kWarpM + mi * 16 + g + 8 * h;
+      const int pick = s_picks[r];
+      if (pick < 0) continue;
+      const float w = s_route[r];
+      T* dst = y + static_cast<int64_t>(pick) * y_stride + col0 + warp_n * Cfg::kWarpN + 2 * t;
+#pragma unroll
+      for (int ni = 0; ni < Cfg::kMmaN; ++ni) {
+        epilogue_detail::store_pair(dst + ni * 8, round_to<T>(acc[mi][ni][2 * h]) * w,
+                                    round_to<T>(acc[mi][ni][2 * h + 1]) * w);
+      }
+    }
+  }
+}
+
+}  // namespace qwen3x::moe
