@@ -1,4 +1,4 @@
-// Warp and block sum reductions over fp32 partial sums (butterfly shuffles, so
+// Warp and block reductions over fp32 partial sums and maxima (butterfly shuffles, so
 // every participating lane ends with the total).
 #pragma once
 
@@ -19,6 +19,15 @@ __device__ __forceinline__ float warp_reduce_sum(float v) {
 #pragma unroll
   for (int offset = kWidth / 2; offset > 0; offset /= 2) {
     v += __shfl_xor_sync(kFullWarpMask, v, offset);
+  }
+  return v;
+}
+
+// Max over the whole warp; every lane gets it. All 32 lanes must call it.
+__device__ __forceinline__ float warp_reduce_max(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = fmaxf(v, __shfl_xor_sync(kFullWarpMask, v, offset));
   }
   return v;
 }

@@ -84,38 +84,10 @@ __device__ __forceinline__ float key_prob(unsigned key) {
   return key == kNanKey ? __uint_as_float(0x7fffffffu) : __uint_as_float(key - 1u);
 }
 
-// Warp-wide unsigned max / min, all 32 lanes (redux.sync on sm_80+).
-__device__ __forceinline__ unsigned warp_max_u32(unsigned v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __reduce_max_sync(kFullWarpMask, v);
-#else
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v = max(v, __shfl_xor_sync(kFullWarpMask, v, offset));
-  }
-  return v;
-#endif
-}
+// Warp-wide unsigned max / min, all 32 lanes: one redux.sync each (the extension targets sm_80+).
+__device__ __forceinline__ unsigned warp_max_u32(unsigned v) { return __reduce_max_sync(kFullWarpMask, v); }
 
-__device__ __forceinline__ unsigned warp_min_u32(unsigned v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __reduce_min_sync(kFullWarpMask, v);
-#else
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v = min(v, __shfl_xor_sync(kFullWarpMask, v, offset));
-  }
-  return v;
-#endif
-}
-
-__device__ __forceinline__ float warp_reduce_max(float v) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v = fmaxf(v, __shfl_xor_sync(kFullWarpMask, v, offset));
-  }
-  return v;
-}
+__device__ __forceinline__ unsigned warp_min_u32(unsigned v) { return __reduce_min_sync(kFullWarpMask, v); }
 
 }  // namespace router_detail
 
