@@ -179,3 +179,13 @@ def test_cuda_fallback_warns_once_naming_the_op():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ops.attention(q, k, k)  # only once
+
+
+def test_in_place_rope_refuses_overlapping_memory():
+    _needs_kernel("qk_norm_rope_")
+    q, k, wq, wk, pos, inv, scale, eps = _rope_inputs(4, 4, 2, torch.bfloat16)
+    broadcast = q[:1].expand(4, 4, D)  # every token the same memory
+    with pytest.raises(RuntimeError, match="more than one element"):
+        ops.qk_norm_rope_(broadcast, k, wq, wk, pos, inv, scale, eps)
+    with pytest.raises(RuntimeError, match="overlap"):
+        ops.qk_norm_rope_(q[:, :2], q[:, :2], wq, wk, pos, inv, scale, eps)

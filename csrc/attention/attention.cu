@@ -21,6 +21,7 @@
 #include "attention/attention_fwd.cuh"
 #include "core/checks.h"
 #include "core/gpu_constants.h"
+#include "core/launch.h"
 #include "core/qwen3.h"
 #include "ops.h"
 
@@ -89,7 +90,9 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 ", ", q.size(2), ", ", k.size(2), "], got ", m.sizes());
   }
   // Index ranges of the kernel (int32 rows and keys, gridDim.y = B * Hkv).
-  TORCH_CHECK(q.size(2) * (hq / hkv) <= kMaxInt32 && k.size(2) <= kMaxInt32 - attn::kBlockN,
+  // (rows get a tile of headroom: row0 + kBlockM must not wrap)
+  TORCH_CHECK(q.size(2) * (hq / hkv) <= kMaxInt32 - attn::kBlockM &&
+                  k.size(2) <= kMaxInt32 - attn::kBlockN,
               "qwen3x.", kOp, ": sequence lengths exceed the kernel's int32 range (Sq = ",
               q.size(2), ", Skv = ", k.size(2), ")");
   TORCH_CHECK(q.size(0) * hkv <= kMaxGridY, "qwen3x.", kOp, ": batch x kv heads = ",
@@ -147,8 +150,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   p.scale_log2 = static_cast<float>(scale * kLog2e);
   p.causal = causal;
 
-  int num_sms = 0;  // a cheap attribute query, no synchronization
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+  const int num_sms = sm_count(q.get_device());
   const int64_t ctas = ceil_div<int64_t>(p.rows, attn::kBlockM) * batch * hkv;
   const attn::SplitPlan plan = attn::plan_splits(ctas, skv, num_sms);
   p.num_splits = plan.num_splits;

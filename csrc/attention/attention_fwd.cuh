@@ -40,6 +40,7 @@
 #include "attention/mainloop.cuh"
 #include "attention/softmax.cuh"
 #include "core/gpu_constants.h"
+#include "core/launch.h"
 #include "core/mma.cuh"
 
 namespace qwen3x::attn {
@@ -165,8 +166,7 @@ attention_fwd_kernel(const __grid_constant__ Params p) {
 template <typename T>
 cudaError_t launch_attention(const Params& p, cudaStream_t stream) {
   if (p.batch == 0 || p.rows == 0) return cudaSuccess;
-  cudaError_t err = cudaFuncSetAttribute(attention_fwd_kernel<T>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  cudaError_t err = allow_dynamic_smem<attention_fwd_kernel<T>>(kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(p.rows, kBlockM), p.batch * p.num_kv_heads, p.num_splits);
   attention_fwd_kernel<T><<<grid, kThreads, kSmemBytes, stream>>>(p);

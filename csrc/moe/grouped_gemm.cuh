@@ -41,6 +41,7 @@
 #include <cstdint>
 
 #include "core/gpu_constants.h"
+#include "core/launch.h"
 #include "core/mma.cuh"
 #include "moe/gemm_config.h"
 #include "moe/gemm_epilogue.cuh"
@@ -249,8 +250,7 @@ cudaError_t launch_moe_expert_gemm(const ExpertGemmParams<T>& p, int64_t row_til
   constexpr int kDefaultSmemLimit = 48 * 1024;
   auto* kernel = moe_expert_gemm_kernel<T, Cfg, kKind>;
   if constexpr (Cfg::kSmemBytes > kDefaultSmemLimit) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+    const cudaError_t err = allow_dynamic_smem<moe_expert_gemm_kernel<T, Cfg, kKind>>(Cfg::kSmemBytes);
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(static_cast<unsigned>(row_tiles),

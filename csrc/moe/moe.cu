@@ -18,6 +18,7 @@
 #include "core/checks.h"
 #include "core/dispatch.h"
 #include "core/gpu_constants.h"
+#include "core/launch.h"
 #include "moe/experts.cuh"
 #include "moe/gemm_config.h"
 #include "moe/limits.h"
@@ -177,9 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(const at::Tensor& rout
   at::Tensor expert_ids = at::empty({num_tokens, top_k}, router_logits.options().dtype(at::kInt));
   at::Tensor tokens_per_expert = at::empty({num_experts}, router_logits.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(router_logits.get_device()).stream();
-  int num_sms = 0;  // a cheap attribute query, no synchronization
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, router_logits.get_device()));
+  const int num_sms = sm_count(router_logits.get_device());
+  TORCH_CHECK(num_sms > 0, "qwen3x.", kOp, ": could not query the GPU's multiprocessor count");
 
   QWEN3X_DISPATCH_FLOAT_TYPES(router_logits.scalar_type(), kOp, [&] {
     C10_CUDA_CHECK(moe::launch_moe_router<scalar_t>(

@@ -6,6 +6,7 @@
 // collapse into one token stride, or pointers/strides that are not whole
 // 16-byte vectors) are handled here with a contiguous copy, never with a
 // second kernel: the fast path covers views of a fused qkv projection.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -176,6 +177,10 @@ void qk_norm_rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& q_weight,
                    const at::Tensor& inv_freq, double attention_scaling, double eps) {
   constexpr const char* kOp = "qk_norm_rope_";
   const Prepared prep = check_args(kOp, q, k, q_weight, k_weight, positions, inv_freq);
+  // In place, every element must have its own memory: no broadcast (stride-0) views, no q/k overlap.
+  at::assert_no_internal_overlap(q);
+  at::assert_no_internal_overlap(k);
+  at::assert_no_overlap(q, k);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const int64_t vec = vec_elems(q);
   const auto q_s = head_strides(q, vec);

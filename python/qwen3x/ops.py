@@ -114,7 +114,11 @@ def moe_experts(
     down_proj: torch.Tensor,
 ) -> torch.Tensor:
     """SwiGLU experts + weighted combine. hidden_states [T, H], expert_ids / expert_weights [T, k],
-    gate_up_proj [E, 2I, H], down_proj [E, H, I] (transformers 5.x layout) -> [T, H]."""
+    gate_up_proj [E, 2I, H], down_proj [E, H, I] (transformers 5.x layout) -> [T, H].
+
+    Expert ids must lie in [0, E): the reference raises on others; the CUDA kernels, which cannot
+    check values without a host sync, drop such picks (they add nothing) and never read out of bounds.
+    """
     return _ops.moe_experts(hidden_states, expert_ids, expert_weights, gate_up_proj, down_proj)
 
 

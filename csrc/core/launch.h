@@ -1,0 +1,46 @@
+// Host-side launch helpers whose answers never change for a device, cached so that a decode step
+// (hundreds of launches) does not pay a runtime call for each: the SM count, and the opt-in to more
+// than 48 KB of dynamic shared memory, which a kernel needs once per device.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+namespace qwen3x {
+
+// Devices a process can see at most for the caches below (beyond it: no caching, still correct).
+constexpr int kMaxCachedDevices = 64;
+
+// Streaming multiprocessors of `device`; 0 if the query failed (callers then use one wave).
+inline int sm_count(int device) {
+  static std::atomic<int> cache[kMaxCachedDevices] = {};
+  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
+  if (cacheable) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+  if (cacheable) cache[device].store(count, std::memory_order_relaxed);
+  return count;
+}
+
+// Lets `Kernel` use `bytes` of dynamic shared memory on the current device; the runtime call is
+// made once per (kernel, device). One instantiation per kernel pointer, so each kernel has its own
+// record.
+template <auto Kernel>
+cudaError_t allow_dynamic_smem(int bytes) {
+  static std::atomic<uint64_t> done{0};  // bit d: configured on device d
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device < kMaxCachedDevices ? (uint64_t{1} << device) : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_release);
+  return err;
+}
+
+}  // namespace qwen3x
