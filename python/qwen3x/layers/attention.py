@@ -16,6 +16,7 @@ from .. import ops, reference
 from . import packing
 from .dispatch import reference_instead
 
+
 def _hf_function(module, name: str):
     """HF's attention function ``name`` for this module (its own eager one, or the registry's)."""
     if name == "eager":
@@ -39,8 +40,10 @@ def attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:  # out [B, Sq, Hq, D]
-    float_mask = attention_mask is not None and attention_mask.dtype != torch.bool
-    if dropout > 0.0 or float_mask or not isinstance(attention_mask, (torch.Tensor, type(None))):
+    bool_or_none = attention_mask is None or (
+        isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
+    )
+    if dropout > 0.0 or not bool_or_none:
         # dropout, additive float masks and BlockMasks are HF SDPA's business, exactly as before
         return _hf_function(module, "sdpa")(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
