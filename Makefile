@@ -6,7 +6,8 @@
 #   make gpu OUT=dir   on a GPU machine with torch installed (no network needed): build in place,
 #               run the tests (GPU ones included), compute-sanitizer memcheck on the kernel tests,
 #               and the benchmark suite (BENCH_ARGS=--quick for a smoke run); logs and result
-#               rows into OUT, then a summary
+#               rows into OUT, then a summary. Per-step time limits: GPU_TEST_S, MEMCHECK_S,
+#               BENCH_S; GPU_TESTS picks test files (e.g. GPU_TESTS=tests/test_kernels_gpu.py)
 
 SHELL       := /bin/bash
 PYTHON      ?= python3
@@ -50,14 +51,23 @@ test-tf457:
 demo info:
 	$(VPY) -m qwen3x.$@
 
+# Each step has a time limit (seconds) so that one device call (10 minutes) returns with logs.
+GPU_TEST_S  ?= 300
+MEMCHECK_S  ?= 120
+BENCH_S     ?= 480
+GPU_TESTS   ?= tests
+
 gpu:
 	mkdir -p $(OUT)
 	set -o pipefail; $(PYTHON) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tee $(OUT)/build.log
 	$(PYTHON) -m qwen3x.info | tee $(OUT)/info.txt
-	set -o pipefail; $(PYTHON) -m pytest -q -rs tests 2>&1 | tee $(OUT)/tests.log; echo "tests exit $$?" >> $(OUT)/tests.log
-	set -o pipefail; compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest -q -x tests/test_kernels_gpu.py \
-	    -k "not 65536 and not 4097 and not 8192" 2>&1 | tail -n 30 | tee $(OUT)/memcheck.log; echo "memcheck exit $$?" >> $(OUT)/memcheck.log
-	set -o pipefail; $(PYTHON) -m benchmarks --out $(OUT) $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log
+	set -o pipefail; timeout $(GPU_TEST_S) $(PYTHON) -m pytest -q -rs $(GPU_TESTS) 2>&1 | tee $(OUT)/tests.log; \
+	    echo "tests exit $$?" >> $(OUT)/tests.log
+	set -o pipefail; timeout $(MEMCHECK_S) compute-sanitizer --tool memcheck --error-exitcode 1 \
+	    $(PYTHON) -m pytest -q -x tests/test_kernels_gpu.py -k "not 65536 and not 4097 and not 8192" 2>&1 \
+	    | tail -n 30 | tee $(OUT)/memcheck.log; echo "memcheck exit $$?" >> $(OUT)/memcheck.log
+	set -o pipefail; timeout $(BENCH_S) $(PYTHON) -m benchmarks --out $(OUT) $(BENCH_ARGS) 2>&1 \
+	    | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log
 	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; grep -E "passed|failed" $(OUT)/tests.log | tail -n 1
 	@tail -n 1 $(OUT)/memcheck.log; tail -n 2 $(OUT)/bench.log
 
