@@ -213,7 +213,7 @@ def test_layers_send_what_no_kernel_serves_to_the_reference(monkeypatch):
     from qwen3x.layers import dispatch
 
     monkeypatch.setattr(dispatch, "has_cuda_kernel", lambda op: True)
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(_library, "_warned", set())
 
     def cuda(dtype, head_dim=128):
         return SimpleNamespace(is_cuda=True, dtype=dtype, shape=(2, 3, head_dim))

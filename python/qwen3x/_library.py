@@ -291,14 +291,16 @@ def _make_autograd(ref: Callable):
 _warned: set[str] = set()
 
 
+def warn_once(key: str, message: str, stacklevel: int = 3) -> None:
+    """Warn the first time ``key`` comes up in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=stacklevel)
+
+
 def _cuda_fallback(op: str, impl: Callable) -> Callable:
     def fallback(*args):
-        if op not in _warned:
-            _warned.add(op)
-            warnings.warn(
-                f"qwen3x.{op}: no CUDA kernel in this build; running the PyTorch reference on the GPU",
-                stacklevel=3,
-            )
+        warn_once(op, f"qwen3x.{op}: no CUDA kernel in this build; running the PyTorch reference on the GPU")
         return impl(*args)
 
     return fallback

@@ -7,11 +7,9 @@ attention) with a clear error. A patched model must still run, so its layers ask
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from .._library import has_cuda_kernel
+from .._library import has_cuda_kernel, warn_once
 
 KERNEL_HEAD_DIM = 128  # the only head_dim the CUDA kernels are built for (Qwen3's)
 DEFAULT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -25,14 +23,6 @@ MOE_INTER_MULTIPLE = 64
 
 def moe_shapes_served(hidden: int, inter: int) -> bool:
     return hidden % MOE_HIDDEN_MULTIPLE == 0 and inter % MOE_INTER_MULTIPLE == 0
-
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)
 
 
 def reference_instead(op: str, x: torch.Tensor, shapes_ok: bool = True, shapes: str = "") -> bool:
@@ -48,3 +38,8 @@ def reference_instead(op: str, x: torch.Tensor, shapes_ok: bool = True, shapes: 
     what = f"{x.dtype}" + ("" if head_dim_ok else f", head_dim {x.shape[-1]}") + ("" if shapes_ok else f", {shapes}")
     warn_once(op, f"qwen3x.{op}: no CUDA kernel for {what} (it serves {served}); running the PyTorch reference")
     return True
+
+
+def moe_reference_instead(op: str, x: torch.Tensor, hidden: int, inter: int) -> bool:
+    """reference_instead for the expert GEMM ops, which also need tileable hidden/intermediate sizes."""
+    return reference_instead(op, x, moe_shapes_served(hidden, inter), f"hidden {hidden}, intermediate {inter}")

@@ -18,14 +18,13 @@ def is_silu(config) -> bool:
 
 class MLP:
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
-        if not is_silu(self.config):
-            return super().forward(x)
         gate, up = self.gate_proj, self.up_proj
-        if packing.plain_linear(gate) and packing.plain_linear(up):
-            params = [gate.weight, up.weight]
-            w = packing.weights(self, "gate_up", params, (2 * gate.out_features, gate.in_features))
-            gate_up = F.linear(x, w)  # [..., 2I]
-        else:  # wrapped or hooked projections (PEFT LoRA, offloading, quantized): call them as they are
-            gate_up = torch.cat([gate(x), up(x)], dim=-1)
+        if not (is_silu(self.config) and packing.plain_linear(gate) and packing.plain_linear(up)):
+            # another activation, or wrapped / hooked projections (PEFT LoRA, offloading,
+            # quantized linears): HF's own forward calls them as they are
+            return super().forward(x)
+        params = [gate.weight, up.weight]
+        w = packing.weights(self, "gate_up", params, (2 * gate.out_features, gate.in_features))
+        gate_up = F.linear(x, w)  # [..., 2I]
         act = reference.silu_and_mul if reference_instead("silu_and_mul", gate_up) else ops.silu_and_mul
         return self.down_proj(act(gate_up))

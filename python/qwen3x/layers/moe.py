@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops, reference
 from . import packing
-from .dispatch import moe_shapes_served, reference_instead
+from .dispatch import moe_reference_instead, reference_instead
 from .mlp import is_silu
 
 
@@ -45,8 +45,7 @@ def _swiglu_experts(module: nn.Module) -> bool:
 def experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """ExpertsInterface signature: hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H]."""
     hidden, inter = self.down_proj.shape[1], self.down_proj.shape[2]
-    served = moe_shapes_served(hidden, inter)
-    if reference_instead("moe_experts", hidden_states, served, f"hidden {hidden}, intermediate {inter}"):
+    if moe_reference_instead("moe_experts", hidden_states, hidden, inter):
         return reference.moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
     return ops.moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
 
@@ -85,7 +84,6 @@ class SparseMoeBlock:
         gate_up_params = [w for e in experts for w in (e.gate_proj.weight, e.up_proj.weight)]
         gate_up = packing.packed(self, "gate_up_proj", gate_up_params, (E, 2 * I, H))
         down = packing.packed(self, "down_proj", [e.down_proj.weight for e in experts], (E, H, I))
-        served = moe_shapes_served(H, I)
-        moe = reference.moe if reference_instead("moe", x, served, f"hidden {H}, intermediate {I}") else ops.moe
+        moe = reference.moe if moe_reference_instead("moe", x, H, I) else ops.moe
         out = moe(x, router_logits, gate_up, down, self.top_k, self.norm_topk_prob)
         return out.reshape(B, S, H), router_logits
