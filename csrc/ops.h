@@ -47,6 +47,19 @@ std::tuple<at::Tensor, at::Tensor> attention(
     const at::Tensor& v,                     // [B, Hkv, Skv, 128]
     const std::optional<at::Tensor>& mask,   // [B|1, 1|Hq, Sq, Skv] bool (true = attend)
     double scale, bool causal);              // causal: bottom-right (j <= i + Skv - Sq)
+// Packed variable-length sequences: sequence b is tokens cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1
+// of q and cu_seqlens_k[b] .. cu_seqlens_k[b+1]-1 of k/v; causal is bottom-right per sequence.
+// max_seqlen_q sizes the grid (rows of a longer sequence come back NaN); max_seqlen_k only plans
+// split-KV (any value is correct).
+// -> out [Tq, Hq, 128] contiguous (q's dtype), lse [Hq, Tq] fp32; tokens outside every
+//    sequence get 0 and -inf.
+std::tuple<at::Tensor, at::Tensor> attention_varlen(
+    const at::Tensor& q,             // [Tq, Hq, 128] bf16/fp16, any strides, last dim 1
+    const at::Tensor& k,             // [Tk, Hkv, 128], Hq % Hkv == 0
+    const at::Tensor& v,             // [Tk, Hkv, 128]
+    const at::Tensor& cu_seqlens_q,  // [B + 1] int32: 0, ..., Tq (non-decreasing)
+    const at::Tensor& cu_seqlens_k,  // [B + 1] int32: 0, ..., Tk (non-decreasing)
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal);
 
 // csrc/moe/moe.cu
 // -> weights [T, k] (logits' dtype), expert_ids [T, k] int32, tokens_per_expert [E] int32

@@ -39,6 +39,9 @@ TORCH_LIBRARY(qwen3x, m) {
       "Tensor positions, Tensor inv_freq, float attention_scaling, float eps) -> ()");
   m.def("silu_and_mul(Tensor input) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)");
+  m.def(
+      "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, bool causal) -> (Tensor, Tensor)");
   m.def("moe_router(Tensor router_logits, int top_k, bool norm_topk_prob) -> (Tensor, Tensor, Tensor)");
   m.def("moe_permute(Tensor expert_ids, int num_experts, int row_align) -> (Tensor, Tensor, Tensor)");
   m.def(
@@ -57,6 +60,7 @@ TORCH_LIBRARY(qwen3x, m) {
   X(qk_norm_rope_)             \
   X(silu_and_mul)              \
   X(attention)                 \
+  X(attention_varlen)          \
   X(moe_router)                \
   X(moe_permute)               \
   X(moe_experts)

@@ -341,3 +341,147 @@ def test_lse_is_natural_log():
     s = (q.double()[0, :, 0] @ k.double()[0, 0].T) * 0.1
     assert torch.allclose(lse[0, :, 0].double(), torch.logsumexp(s, -1), atol=1e-5, rtol=0)
     assert math.isfinite(lse.sum().item())
+
+
+# ---- varlen (packed sequences, cu_seqlens) -----------------------------------------------------
+def _cu(lengths, start=0):
+    return torch.tensor([start, *(start + torch.tensor(lengths).cumsum(0)).tolist()], dtype=torch.int32, device="cuda")
+
+
+def _varlen_inputs(lq, lk, Hq, Hkv, dtype=torch.bfloat16, q_start=0, q_tail=0):
+    """Packed q [Tq, Hq, D] as a view of a fused qkv projection output (token stride (Hq + 2 Hkv) D),
+    k/v [Tk, Hkv, D]; q tokens [0, q_start) and the last q_tail are in no sequence."""
+    Tq, Tk = q_start + sum(lq) + q_tail, sum(lk)
+    qkv = torch.randn(Tq, (Hq + 2 * Hkv) * D, device="cuda", dtype=dtype) * 1.5
+    q = qkv[:, : Hq * D].view(Tq, Hq, D)
+    k = torch.randn(Tk, Hkv, D, device="cuda", dtype=dtype)
+    v = torch.randn(Tk, Hkv, D, device="cuda", dtype=dtype)
+    return q, k, v, _cu(lq, q_start), _cu(lk)
+
+
+def _run_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale=D**-0.5):
+    Tq, Hq = q.shape[0], q.shape[1]
+    rows = Tq * Hq
+    _poison(min(rows * (D * q.element_size() + 4) + 128 * rows * (D + 1) * 4, 1 << 30))
+    return ops.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)
+
+
+def _judge_varlen(out, lse, q, k, v, cu_q, cu_k, causal, scale=D**-0.5):
+    Tq, Hq, _ = q.shape
+    assert out.shape == (Tq, Hq, D) and out.is_contiguous() and lse.shape == (Hq, Tq)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        seq = lambda t, lo, hi: t[lo:hi].transpose(0, 1).unsqueeze(0)  # noqa: E731  [1, H, S, D]
+        _judge(out[q0:q1].unsqueeze(0), lse[:, q0:q1].unsqueeze(0), seq(q, q0, q1), seq(k, k0, k1), seq(v, k0, k1),
+               None, scale, causal)
+    outside = [t for t in range(Tq) if not cq[0] <= t < cq[-1]]
+    if outside:
+        assert (out[outside] == 0).all(), "tokens outside every sequence must be 0"
+        assert (lse[:, outside] == float("-inf")).all()
+
+
+VARLEN_BATCHES = [
+    ([17, 1, 128, 63, 65, 1000], None),  # self-attention prefill, lengths around the 64-row tile
+    ([4096, 5, 300], None),
+    ([1, 1, 2, 1], [8193, 100, 3000, 1]),  # decode-like: split-KV over packed caches
+    ([3, 0, 7], [3, 9, 0]),  # an empty sequence, and queries that see no key
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("lq,lk", VARLEN_BATCHES)
+def test_varlen(lq, lk, hq, hkv, causal):
+    lk = lk or lq
+    q, k, v, cu_q, cu_k = _varlen_inputs(lq, lk, hq, hkv)
+    out, lse = _run_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), causal)
+    _judge_varlen(out, lse, q, k, v, cu_q, cu_k, causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lq,lk", [([5, 200, 1], [5, 200, 1]), ([1, 2], [4000, 70])])
+def test_varlen_tokens_outside_every_sequence(lq, lk, dtype):
+    """cu_seqlens_q[0] > 0 and cu_seqlens_q[-1] < Tq (e.g. a token count padded for a CUDA graph)."""
+    q, k, v, cu_q, cu_k = _varlen_inputs(lq, lk, 32, 8, dtype, q_start=3, q_tail=5)
+    out, lse = _run_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), True)
+    _judge_varlen(out, lse, q, k, v, cu_q, cu_k, True)
+
+
+@pytest.mark.parametrize("max_k", [1, 0, 4999, 100000])
+def test_varlen_key_hint_never_changes_correctness(max_k):
+    """max_seqlen_k only plans split-KV: below (or above) the truth, the last split takes the rest."""
+    lq, lk = [1, 3, 1], [1000, 5000, 130]
+    q, k, v, cu_q, cu_k = _varlen_inputs(lq, lk, 16, 8)
+    out, lse = _run_varlen(q, k, v, cu_q, cu_k, max(lq), max_k, True)
+    _judge_varlen(out, lse, q, k, v, cu_q, cu_k, True)
+
+
+@pytest.mark.parametrize("lk", [None, [4000, 4000, 4000]])  # self-attention; decode-like (split-KV)
+def test_varlen_query_hint_too_small_gives_nan_rows(lk):
+    """Rows beyond max_seqlen_q (which sizes the grid) come back NaN, never stale memory."""
+    lq = [100, 3, 30]
+    lk = lk or lq
+    q, k, v, cu_q, cu_k = _varlen_inputs(lq, lk, 16, 8)
+    out, lse = _run_varlen(q, k, v, cu_q, cu_k, 20, max(lk), True)  # grid: ceil(20 * 2 / 64) = 1 row tile
+    covered_tokens = 64 // 2  # a row tile holds 64 packed rows = 32 tokens of group 2
+    nan_tokens = list(range(covered_tokens, 100))
+    assert torch.isnan(out[nan_tokens]).all() and torch.isnan(lse[:, nan_tokens]).all()
+    good = [t for t in range(sum(lq)) if t not in nan_tokens]
+    assert not torch.isnan(out[good]).any() and not torch.isnan(lse[:, good]).any()
+    want, want_lse = ops.attention_varlen(q, k, v, cu_q, cu_k, None, None, D**-0.5, True)
+    _judge_varlen(want, want_lse, q, k, v, cu_q, cu_k, True)
+
+
+def test_varlen_matches_padded_kernel():
+    """One sequence through both entry points: the same kernel path, the same bits."""
+    q, k, v, cu_q, cu_k = _varlen_inputs([777], [777], 32, 4)
+    out, lse = ops.attention_varlen(q, k, v, cu_q, cu_k, 777, 777, D**-0.5, True)
+    pout, plse = ops.attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
+                               D**-0.5, True)
+    assert torch.equal(out, pout[0]) and torch.equal(lse, plse[0])
+
+
+def test_varlen_deterministic_and_graph_capturable():
+    lq, lk = [1, 1, 1], [8193, 20000, 64]
+    q, k, v, cu_q, cu_k = _varlen_inputs(lq, lk, 32, 8)
+    args = (cu_q, cu_k, max(lq), max(lk), D**-0.5, True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            ops.attention_varlen(q, k, v, *args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = ops.attention_varlen(q, k, v, *args)
+    q2, k2, v2, _, _ = _varlen_inputs(lq, lk, 32, 8)
+    q.copy_(q2)
+    k.copy_(k2)
+    v.copy_(v2)
+    graph.replay()
+    torch.cuda.synchronize()
+    want_out, want_lse = ops.attention_varlen(q, k, v, *args)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    _judge_varlen(out, lse, q, k, v, cu_q, cu_k, True)
+
+
+def test_varlen_bad_inputs():
+    dev, bf = "cuda", torch.bfloat16
+    q = torch.randn(6, 8, D, device=dev, dtype=bf)
+    k = torch.randn(6, 4, D, device=dev, dtype=bf)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32, device=dev)
+
+    def bad(*args, match):
+        with pytest.raises((RuntimeError, ValueError), match=match) as info:
+            ops.attention_varlen(*args, max_seqlen_q=4, max_seqlen_k=4)
+        assert "qwen3x.attention_varlen" in str(info.value)
+        torch.cuda.synchronize()
+
+    bad(q, k, k, cu.long(), cu, match="int32")
+    bad(q, k, k, cu.cpu(), cu, match="cu_seqlens_q")
+    bad(q, k, k, cu, cu[:2], match="one shape")
+    bad(q[:, :6], k, k, cu, cu, match="divisible")
+    bad(q[None], k, k, cu, cu, match="tokens, heads, head_dim")
+    bad(q[..., :64].contiguous(), k[..., :64].contiguous(), k[..., :64].contiguous(), cu, cu, match="head_dim")
+    bad(q.float(), k.float(), k.float(), cu, cu, match="bfloat16")

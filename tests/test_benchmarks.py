@@ -28,7 +28,7 @@ from benchmarks.timing import Timing, percentile  # noqa: E402
 
 ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT)])}
 ALL_OPS = (
-    "rms_norm qk_norm_rope silu_and_mul attention_prefill attention_decode "
+    "rms_norm qk_norm_rope silu_and_mul attention_prefill attention_varlen attention_decode "
     "moe_router moe_permute moe_experts moe_layer model_prefill model_decode"
 ).split()
 
@@ -74,6 +74,8 @@ def test_attention_formulas():
     assert attention.attention_flops(1, 32, 1, 1024) == 16_777_216
     assert attention.attention_bytes(1, 32, 8, 1, 1024) == 4_210_688
     assert attention.kv_bytes(64, 8, 32768) == 8 * 2**30
+    # causal pairs 3 + 1 + 6 = 10 (lengths 2, 1, 3) -> 4 * 4 heads * 128 * 10
+    assert attention.varlen_flops((2, 1, 3), 4) == 20_480
 
 
 def test_moe_formulas():
@@ -214,6 +216,7 @@ CPU_PEERS = ["reference", "hf_eager", "hf_grouped_mm", "hf_batched_mm", "torch_g
         activation.case(3, 16),
         attention.prefill_case(1, 33, 4, 2),
         attention.decode_case(2, 40, 4, 2),
+        attention.varlen_case((5, 17, 1, 9), 4, 2),
         moe.router_case(TINY_MOE, 9),
         moe.permute_case(TINY_MOE, 9),
         moe.experts_case(TINY_MOE, 9),

@@ -331,3 +331,28 @@ def test_attention_function_slices_a_longer_4d_mask_like_hf():
     out, _ = attention_forward(Module(), q, k, k, mask, scaling=32**-0.5)
     expected, _ = qwen3x.reference.attention(q, k, k, mask[..., :6], 32**-0.5, False)
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_packed_sequences_with_flash_kwargs_match_separate_sequences(moe):
+    """HF's padding-free packing (cu_seq_lens_q/k, max_length_q/k, restarting position_ids): each
+    packed sequence's logits equal those of the sequence run alone through unpatched HF."""
+    base = tiny_model(moe=moe)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    lengths = [5, 1, 9]
+    seqs = [_ids(batch=1, seq=n, seed=i)[0] for i, n in enumerate(lengths)]
+    ids = torch.cat(seqs)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    kw = dict(position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
+              max_length_k=max(lengths))
+    calls = []
+    real = qwen3x.ops.attention_varlen
+    qwen3x.ops.attention_varlen = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        got = _logits(patched, ids, **kw)
+    finally:
+        qwen3x.ops.attention_varlen = real
+    assert len(calls) == base.config.num_hidden_layers  # every layer took the varlen kernel path
+    want = torch.cat([_logits(base, s[None]) for s in seqs], dim=1)
+    assert_rel_close(got, want, REL)

@@ -137,6 +137,32 @@ def test_attention_padding_mask_and_fully_masked_rows():
     assert torch.all(out[0, :2] == 0) and torch.all(torch.isinf(lse[0, :, :2]))  # pad queries see nothing
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_varlen_is_a_block_diagonal_mask(causal):
+    # Packed sequences = one padded-free sequence with a block-diagonal (and per-block bottom-right
+    # causal) mask: an independent route to the same numbers.
+    Hq, Hkv, D = 4, 2, 16
+    lq, lk = [3, 0, 5, 1], [4, 2, 5, 1]
+    cu_q = torch.tensor([1, *(1 + torch.tensor(lq).cumsum(0)).tolist()], dtype=torch.int32)  # token 0 in no sequence
+    cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32)
+    Tq, Tk = int(cu_q[-1]) + 2, int(cu_k[-1])  # two more tokens in no sequence
+    q, k, v = torch.randn(Tq, Hq, D), torch.randn(Tk, Hkv, D), torch.randn(Tk, Hkv, D)
+    mask = torch.zeros(Tq, Tk, dtype=torch.bool)
+    for b in range(len(lq)):
+        q0, k0 = int(cu_q[b]), int(cu_k[b])
+        i = torch.arange(lq[b])[:, None]
+        j = torch.arange(lk[b])[None, :]
+        mask[q0 : q0 + lq[b], k0 : k0 + lk[b]] = (j <= i + lk[b] - lq[b]) if causal else True
+    out, lse = R.attention_varlen(q, k, v, cu_q, cu_k, 5, 5, D**-0.5, causal)
+    eo, el = R.attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                         mask[None, None], D**-0.5, False)
+    assert out.shape == (Tq, Hq, D) and lse.shape == (Hq, Tq)
+    torch.testing.assert_close(out, eo[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, el[0], rtol=1e-5, atol=1e-5)
+    outside = [0, Tq - 2, Tq - 1]
+    assert torch.all(out[outside] == 0) and torch.all(torch.isneginf(lse[:, outside]))
+
+
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 @pytest.mark.parametrize("top_k", [1, 2, 8])
 def test_moe_router_matches_hf(norm_topk_prob, top_k):

@@ -27,6 +27,9 @@ def _inputs(op: str):
     if op == "attention":
         mask = torch.rand(2, 1, 5, 9) > 0.3
         return (torch.randn(2, 4, 5, D), torch.randn(2, 2, 9, D), torch.randn(2, 2, 9, D), mask, D**-0.5, False)
+    if op == "attention_varlen":  # sequences of 3, 0 and 5 queries against 4, 2 and 9 keys; token 8 is in none
+        cu_q, cu_k = torch.tensor([0, 3, 3, 8], dtype=torch.int32), torch.tensor([0, 4, 6, 15], dtype=torch.int32)
+        return (torch.randn(9, 4, D), torch.randn(15, 2, D), torch.randn(15, 2, D), cu_q, cu_k, 5, 9, D**-0.5, True)
     if op == "moe_router":
         return (torch.randn(T, 8), 2, True)
     if op == "moe_permute":
@@ -66,7 +69,7 @@ def test_opcheck(op):
     tests = ["test_schema", "test_faketensor", "test_aot_dispatch_dynamic"]
     if op in _library.NO_AUTOGRAD:
         tests = ["test_schema", "test_faketensor"]
-    if op in ("moe_experts", "moe"):
+    if op in ("moe_experts", "moe", "attention_varlen"):
         tests = ["test_schema", "test_faketensor"]  # data-dependent loops in the reference: no AOT trace
     torch.library.opcheck(getattr(torch.ops.qwen3x, op).default, args, test_utils=tests)
 
@@ -96,7 +99,8 @@ def test_op_equals_reference_and_fake_shapes_match(op):
         assert o.shape == f.shape and o.dtype == f.dtype
 
 
-GRAD_OPS = ["rms_norm", "add_rms_norm", "qk_norm_rope", "silu_and_mul", "attention", "moe_router", "moe_experts", "moe"]
+GRAD_OPS = ["rms_norm", "add_rms_norm", "qk_norm_rope", "silu_and_mul", "attention", "attention_varlen", "moe_router",
+            "moe_experts", "moe"]
 
 
 @pytest.mark.parametrize("op", GRAD_OPS)
@@ -151,6 +155,20 @@ BAD = [
      "k and v of one shape"),
     ("attention", lambda: ops.attention(torch.randn(1, 2, 4, D), torch.randn(1, 2, 4, D), torch.randn(1, 2, 4, D),
                                         torch.ones(1, 1, 4, 4)), "bool mask"),
+    ("attention_varlen", lambda: ops.attention_varlen(torch.randn(4, 2, D), torch.randn(4, 2, D), torch.randn(4, 2, D),
+                                                      torch.tensor([0, 4]), torch.tensor([0, 4])), "torch.int32"),
+    ("attention_varlen", lambda: ops.attention_varlen(torch.randn(4, 2, D), torch.randn(4, 2, D), torch.randn(4, 2, D),
+                                                      torch.tensor([0, 4], dtype=torch.int32),
+                                                      torch.tensor([0, 2, 4], dtype=torch.int32)), "of one shape"),
+    ("attention_varlen", lambda: ops.attention_varlen(torch.randn(4, 2, D), torch.randn(4, 2, D), torch.randn(4, 2, D),
+                                                      torch.tensor([0, 3, 2], dtype=torch.int32),
+                                                      torch.tensor([0, 2, 4], dtype=torch.int32)), "non-decreasing"),
+    ("attention_varlen", lambda: ops.attention_varlen(torch.randn(4, 2, D), torch.randn(4, 2, D), torch.randn(4, 2, D),
+                                                      torch.tensor([0, 4], dtype=torch.int32),
+                                                      torch.tensor([0, 5], dtype=torch.int32)), "within \\[0, 4\\]"),
+    ("attention_varlen", lambda: ops.attention_varlen(torch.randn(1, 4, 2, D), torch.randn(4, 2, D), torch.randn(4, 2, D),
+                                                      torch.tensor([0, 4], dtype=torch.int32),
+                                                      torch.tensor([0, 4], dtype=torch.int32)), "\\[tokens, heads, head_dim\\]"),
     ("moe_router", lambda: ops.moe_router(torch.randn(4, 8), 9), "1 <= top_k <= 8"),
     ("moe_permute", lambda: ops.moe_permute(torch.tensor([[0, 9]]), 8), "expert ids in \\[0, 8\\)"),
     ("moe_experts", lambda: ops.moe_experts(torch.randn(2, 16), torch.tensor([[0], [1]]), torch.rand(2, 1),

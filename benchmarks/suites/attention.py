@@ -1,4 +1,5 @@
-"""attention_prefill (causal, q = k = v length) and attention_decode (one query against a KV cache).
+"""attention_prefill (causal, q = k = v length), attention_varlen (causal prefill of packed
+variable-length sequences) and attention_decode (one query against a KV cache).
 
 Head layouts of the Qwen3 models, head_dim 128, bf16. Correctness: the truth is HF-eager math in
 fp32 and the same-dtype baseline is HF-eager math in bf16 (scores and P @ V in bf16, softmax in
@@ -9,6 +10,7 @@ chunk) so they fit in memory at 32k tokens and 128k contexts.
 from __future__ import annotations
 
 import functools
+import itertools
 from types import SimpleNamespace
 
 import torch
@@ -24,6 +26,10 @@ LAYOUTS = tuple((m.name, m.hq, m.hkv) for m in MODELS)
 PREFILL = ((1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (1, 32768), (8, 2048))  # (batch, seqlen)
 DECODE_BATCH = (1, 16, 64, 256)
 DECODE_CONTEXT = (1024, 8192, 32768, 131072)
+VARLEN = {  # packed batches of 16384 tokens: documents of mixed lengths; many short ones
+    "mixed": (3000, 500, 7000, 1200, 4000, 684),
+    "short": (256,) * 64,
+}
 KV_BUDGET_BYTES = 16 * 2**30  # decode shapes whose K and V caches exceed this are left out
 TRUTH_CHUNK = 1024  # queries per block in the chunked truth / baseline
 SCALE = HEAD_DIM**-0.5
@@ -46,6 +52,11 @@ def attention_flops(batch: int, hq: int, sq: int, skv: int, head_dim: int = HEAD
 def attention_bytes(batch: int, hq: int, hkv: int, sq: int, skv: int, head_dim: int = HEAD_DIM, elem: int = ELEM) -> int:
     """Read q and write out ([batch, hq, sq, d]); read k and v ([batch, hkv, skv, d]) once."""
     return elem * batch * head_dim * (2 * hq * sq + 2 * hkv * skv)
+
+
+def varlen_flops(lengths, hq: int) -> int:
+    """Causal self-attention of each packed sequence: the sum of attention_flops over them."""
+    return sum(attention_flops(1, hq, n, n) for n in lengths)
 
 
 def kv_bytes(batch: int, hkv: int, context: int, head_dim: int = HEAD_DIM, elem: int = ELEM) -> int:
@@ -236,4 +247,118 @@ def decode_cases(quick: bool = False) -> list[Case]:
     ]
 
 
-SUITE = {"attention_prefill": prefill_cases, "attention_decode": decode_cases}
+# ---------------------------------------------------------------------------------------------
+# Packed variable-length sequences
+# ---------------------------------------------------------------------------------------------
+def _sequences(x):
+    """Per packed sequence: (q, k, v) as [1, H, S, D] views of the packed [T, H, D] tensors."""
+    bounds = x["bounds"]
+    return [
+        tuple(x[n][lo:hi].transpose(0, 1).unsqueeze(0) for n in ("q", "k", "v"))
+        for lo, hi in zip(bounds, bounds[1:])
+    ]
+
+
+def _varlen_math(x, dtype):
+    return torch.cat([attention_math(q, k, v, dtype)[0] for q, k, v in _sequences(x)], dim=0)
+
+
+def _varlen_reference(x):
+    n = max(b - a for a, b in zip(x["bounds"], x["bounds"][1:]))
+    return reference.attention_varlen(x["q"], x["k"], x["v"], x["cu"], x["cu"], n, n, SCALE, True)
+
+
+def _varlen_qwen3x(x):
+    n = max(b - a for a, b in zip(x["bounds"], x["bounds"][1:]))
+    return ops.attention_varlen(x["q"], x["k"], x["v"], x["cu"], x["cu"], n, n, SCALE, True)
+
+
+def _cat_sequences(outs):
+    """Per-sequence SDPA outputs [1, Hq, S, D] -> packed [T, Hq, D]."""
+    return torch.cat([o[0].transpose(0, 1) for o in outs], dim=0)
+
+
+def _sdpa_varlen(name: str):
+    """What a user without a varlen kernel runs: SDPA once per packed sequence."""
+
+    def build(x):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = SDPA_BACKENDS[name]
+        if x["q"].shape[1] != x["k"].shape[1] and not _sdpa_has_gqa(backend, str(x["q"].device)):
+            raise Skip("no enable_gqa in this backend")
+        seqs, choice = _sequences(x), getattr(SDPBackend, backend)
+
+        def call():
+            with sdpa_kernel(choice):
+                return [
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=True)
+                    for q, k, v in seqs
+                ]
+
+        return call
+
+    return build
+
+
+def _flex_varlen(x):
+    """FlexAttention over the whole pack with a document-causal block mask (its varlen idiom)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T = x["q"].shape[0]
+    bounds = torch.tensor(x["bounds"][1:-1], device=x["q"].device)
+    doc = torch.bucketize(torch.arange(T, device=x["q"].device), bounds, right=True)  # token -> sequence
+
+    def document_causal(b, h, qi, ki):
+        return (doc[qi] == doc[ki]) & (qi >= ki)
+
+    block_mask = create_block_mask(document_causal, None, None, T, T, device=x["q"].device)
+    q, k, v = (x[n].transpose(0, 1).unsqueeze(0) for n in ("q", "k", "v"))
+    flex = compiled(flex_attention)
+    return lambda: flex(q, k, v, block_mask=block_mask, scale=SCALE, enable_gqa=True)
+
+
+def varlen_case(lengths, hq: int, hkv: int, model: str | None = None, name: str | None = None) -> Case:
+    T = sum(lengths)
+    bounds = [0, *itertools.accumulate(lengths)]
+    shape = ({"model": model} if model else {}) | {
+        "tokens": T, "batch": len(lengths), "seqlens": name or "-".join(map(str, lengths)), "hq": hq, "hkv": hkv,
+    }  # fmt: skip
+
+    def make_inputs(device):
+        return {
+            "q": randn(T, hq, HEAD_DIM, device=device),
+            "k": randn(T, hkv, HEAD_DIM, device=device),
+            "v": randn(T, hkv, HEAD_DIM, device=device),
+            "cu": torch.tensor(bounds, dtype=torch.int32, device=device),
+            "bounds": bounds,
+        }
+
+    longest = max(lengths)
+    ref_bytes = 16 * hq * longest * longest + 4 * 2 * T * hq * HEAD_DIM * 3
+    return Case(
+        op="attention_varlen",
+        shape=shape,
+        make_inputs=make_inputs,
+        reference=_varlen_reference,
+        truth=lambda x: _varlen_math(x, torch.float32),
+        baseline=lambda x: _varlen_math(x, x["q"].dtype),
+        providers=[
+            qwen3x_provider("attention_varlen", _varlen_qwen3x, canon=_first),
+            Provider("reference", lambda x: lambda: _varlen_reference(x), canon=_first,
+                     skip=over_budget(ref_bytes, "fp32 scores")),  # fmt: skip
+            *(Provider(n, _sdpa_varlen(n), canon=_cat_sequences, note="one call per sequence") for n in SDPA_BACKENDS),
+            Provider("flex", _flex_varlen, canon=lambda o: o[0].transpose(0, 1), note="document-causal block mask"),
+        ],
+        flops=varlen_flops(lengths, hq),
+        bytes=attention_bytes(1, hq, hkv, T, T),
+    )
+
+
+def varlen_cases(quick: bool = False) -> list[Case]:
+    if quick:
+        return [varlen_case(VARLEN["mixed"], 32, 8, "Qwen3-4B", "mixed")]
+    return [varlen_case(lengths, hq, hkv, name, kind) for name, hq, hkv in LAYOUTS for kind, lengths in VARLEN.items()]
+
+
+SUITE = {"attention_prefill": prefill_cases, "attention_varlen": varlen_cases, "attention_decode": decode_cases}

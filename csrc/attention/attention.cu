@@ -1,19 +1,23 @@
-// Torch glue for attention: argument checks, device guard, current stream,
-// dtype dispatch, output and split-KV workspace allocation. Kernels:
-// attention_fwd.cuh (and the files it includes).
+// Torch glue for the two attention entry points, `attention` (padded batch
+// [B, H, S, 128], optional mask) and `attention_varlen` (packed sequences
+// [T, H, 128] with cu_seqlens): argument checks, device guard, current
+// stream, dtype dispatch, output and split-KV workspace allocation. One
+// kernel serves both: attention_fwd.cuh (and the files it includes).
 //
-// The kernel reads q/k/v through three element strides each (batch, head,
-// sequence) with a contiguous head dimension; base pointers and those strides
-// must be whole 16-byte chunks (cp.async). Other layouts get a contiguous
-// copy here. The mask is read byte by byte through three strides (0 for a
-// broadcast dimension) with contiguous keys (else a contiguous copy). Output sizes follow from the argument shapes, so no
-// host synchronization: graph-capturable.
+// The kernel reads q/k/v through element strides (batch, head, sequence)
+// with a contiguous head dimension; base pointers and those strides must be
+// whole 16-byte chunks (cp.async). Other layouts get a contiguous copy here.
+// The mask is read byte by byte through three strides (0 for a broadcast
+// dimension) with contiguous keys (else a contiguous copy). Output sizes
+// follow from the argument shapes and the varlen lengths are read on the
+// device only, so no host synchronization: graph-capturable.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -29,15 +33,17 @@ namespace qwen3x {
 namespace {
 
 constexpr const char* kOp = "attention";
+constexpr const char* kVarlenOp = "attention_varlen";
 constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
 constexpr int64_t kChunkElems = attn::kChunkElems;  // elements per 16-byte cp.async chunk
 constexpr double kLog2e = 1.4426950408889634;
 
-// True when the kernel can address t [B, H, S, 128] in place: contiguous head
-// dim, 16-byte aligned base, and whole-chunk strides in every dim of size > 1.
+// True when the kernel can address t [B, H, S, 128] or [T, H, 128] in place:
+// contiguous head dim, 16-byte aligned base, and whole-chunk strides in every
+// other dim of size > 1.
 bool addressable(const at::Tensor& t) {
-  if (t.stride(3) != 1 || !is_aligned(t.const_data_ptr(), kVecBytes)) return false;
-  for (int64_t d = 0; d < 3; ++d) {
+  if (t.stride(-1) != 1 || !is_aligned(t.const_data_ptr(), kVecBytes)) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
     if (t.size(d) > 1 && t.stride(d) % kChunkElems != 0) return false;
   }
   return true;
@@ -52,32 +58,40 @@ int64_t mask_stride(const at::Tensor& mask, int64_t dim) {
   return mask.size(dim) == 1 ? 0 : mask.stride(dim);
 }
 
+// q, k, v: CUDA, one device and dtype (bf16/fp16), `dims` dims with head_dim 128 last, k and v
+// of one shape, Hq divisible by Hkv (heads are dim dims - 3 + 1 of [B, H, S, D], dim 1 of [T, H, D]).
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               int64_t dims, const char* layout) {
+  check::cuda(op, "q", q);
+  check::cuda(op, "k", k);
+  check::cuda(op, "v", v);
+  check::same_device(op, "k", k, "q", q);
+  check::same_device(op, "v", v, "q", q);
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::ScalarType::BFloat16 || dt == at::ScalarType::Half, "qwen3x.", op,
+              ": the CUDA kernel serves torch.bfloat16 and torch.float16 only, got q of dtype ",
+              check::dtype_name(dt), " (run qwen3x.reference.", op, " for other dtypes)");
+  check::same_dtype(op, "k", k, "q", q);
+  check::same_dtype(op, "v", v, "q", q);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
+    TORCH_CHECK(t.dim() == dims, "qwen3x.", op, ": expected ", name, " of shape ", layout, ", got ",
+                t.sizes());
+    TORCH_CHECK(t.size(-1) == kHeadDim, "qwen3x.", op, ": expected ", name, " to have head_dim ",
+                kHeadDim, " (the only head_dim the CUDA kernel is built for), got ", t.size(-1));
+  }
+  TORCH_CHECK(k.sizes() == v.sizes(), "qwen3x.", op, ": expected k and v of one shape, got ",
+              k.sizes(), " and ", v.sizes());
+  const int64_t hq = q.size(-2 - (dims == 4)), hkv = k.size(-2 - (dims == 4));
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "qwen3x.", op, ": expected query heads (", hq,
+              ") divisible by key-value heads (", hkv, ")");
+}
+
 void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const std::optional<at::Tensor>& mask) {
-  check::cuda(kOp, "q", q);
-  check::cuda(kOp, "k", k);
-  check::cuda(kOp, "v", v);
-  check::same_device(kOp, "k", k, "q", q);
-  check::same_device(kOp, "v", v, "q", q);
-  const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::ScalarType::BFloat16 || dt == at::ScalarType::Half, "qwen3x.", kOp,
-              ": the CUDA kernel serves torch.bfloat16 and torch.float16 only, got q of dtype ",
-              check::dtype_name(dt), " (run qwen3x.reference.attention for other dtypes)");
-  check::same_dtype(kOp, "k", k, "q", q);
-  check::same_dtype(kOp, "v", v, "q", q);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
-    TORCH_CHECK(t.dim() == 4, "qwen3x.", kOp, ": expected ", name,
-                " of shape [batch, heads, seqlen, head_dim], got ", t.sizes());
-    TORCH_CHECK(t.size(3) == kHeadDim, "qwen3x.", kOp, ": expected ", name, " to have head_dim ",
-                kHeadDim, " (the only head_dim the CUDA kernel is built for), got ", t.size(3));
-  }
-  TORCH_CHECK(k.sizes() == v.sizes(), "qwen3x.", kOp, ": expected k and v of one shape, got ",
-              k.sizes(), " and ", v.sizes());
+  check_qkv(kOp, q, k, v, 4, "[batch, heads, seqlen, head_dim]");
   TORCH_CHECK(k.size(0) == q.size(0), "qwen3x.", kOp, ": expected k of shape [", q.size(0),
               ", Hkv, Skv, ", kHeadDim, "], got ", k.sizes());
   const int64_t hq = q.size(1), hkv = k.size(1);
-  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "qwen3x.", kOp, ": expected query heads (", hq,
-              ") divisible by key-value heads (", hkv, ")");
   if (mask) {
     const at::Tensor& m = *mask;
     check::cuda(kOp, "mask", m);
@@ -89,14 +103,69 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK(ok, "qwen3x.", kOp, ": expected mask of shape [", q.size(0), " or 1, 1 or ", hq,
                 ", ", q.size(2), ", ", k.size(2), "], got ", m.sizes());
   }
-  // Index ranges of the kernel (int32 rows and keys, gridDim.y = B * Hkv).
+  // Index ranges of the kernel (int32 tokens, rows and keys, gridDim.y = B * Hkv).
   // (rows get a tile of headroom: row0 + kBlockM must not wrap)
-  TORCH_CHECK(q.size(2) * (hq / hkv) <= kMaxInt32 - attn::kBlockM &&
+  TORCH_CHECK(q.size(0) * q.size(2) * (hq / hkv) <= kMaxInt32 - attn::kBlockM &&
                   k.size(2) <= kMaxInt32 - attn::kBlockN,
-              "qwen3x.", kOp, ": sequence lengths exceed the kernel's int32 range (Sq = ",
-              q.size(2), ", Skv = ", k.size(2), ")");
+              "qwen3x.", kOp, ": sizes exceed the kernel's int32 range (B = ", q.size(0),
+              ", Sq = ", q.size(2), ", Skv = ", k.size(2), ")");
   TORCH_CHECK(q.size(0) * hkv <= kMaxGridY, "qwen3x.", kOp, ": batch x kv heads = ",
               q.size(0) * hkv, " exceeds ", kMaxGridY);
+}
+
+void check_varlen_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k) {
+  check_qkv(kVarlenOp, q, k, v, 3, "[tokens, heads, head_dim]");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cu_seqlens_q", cu_seqlens_q},
+                                {"cu_seqlens_k", cu_seqlens_k}}) {
+    check::cuda(kVarlenOp, name, t);
+    check::same_device(kVarlenOp, name, t, "q", q);
+    check::dtype(kVarlenOp, name, t, at::ScalarType::Int);
+    TORCH_CHECK(t.dim() == 1 && t.size(0) >= 1, "qwen3x.", kVarlenOp, ": expected ", name,
+                " of shape [batch + 1], got ", t.sizes());
+  }
+  TORCH_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "qwen3x.", kVarlenOp,
+              ": expected cu_seqlens_q and cu_seqlens_k of one shape [batch + 1], got ",
+              cu_seqlens_q.sizes(), " and ", cu_seqlens_k.sizes());
+  const int64_t group = q.size(1) / k.size(1);
+  TORCH_CHECK(q.size(0) * group <= kMaxInt32 - attn::kBlockM &&
+                  k.size(0) <= kMaxInt32 - attn::kBlockN,
+              "qwen3x.", kVarlenOp, ": sizes exceed the kernel's int32 range (Tq = ", q.size(0),
+              ", Tk = ", k.size(0), ")");
+  TORCH_CHECK((cu_seqlens_q.size(0) - 1) * k.size(1) <= kMaxGridY, "qwen3x.", kVarlenOp,
+              ": batch x kv heads = ", (cu_seqlens_q.size(0) - 1) * k.size(1), " exceeds ",
+              kMaxGridY);
+}
+
+// Plans split-KV for p (its sizes set), allocates the workspace when splitting and launches.
+// The workspace stays alive until the kernels have run: the caching allocator orders its reuse
+// on this stream.
+void plan_and_launch(attn::Params& p, const at::Tensor& q, int64_t seqlen_k_hint) {
+  const int num_sms = sm_count(q.get_device());
+  // CTAs with work: the grid's, and at least enough to hold every packed row (this bounds the
+  // workspace when a varlen max_seqlen_q is small).
+  const int64_t ctas = std::max<int64_t>(
+      static_cast<int64_t>(attn::row_tiles(p)) * p.batch * p.num_kv_heads,
+      ceil_div<int64_t>(static_cast<int64_t>(p.total_q) * p.num_q_heads, attn::kBlockM));
+  const attn::SplitPlan plan = attn::plan_splits(ctas, seqlen_k_hint, num_sms);
+  p.num_splits = plan.num_splits;
+  p.tiles_per_split = plan.tiles_per_split;
+  at::Tensor partial_o, partial_lse;  // split-KV workspace
+  if (plan.num_splits > 1) {
+    const int64_t partial_rows =
+        static_cast<int64_t>(plan.num_splits) * p.num_kv_heads * p.total_q * p.group;
+    partial_o = at::empty({partial_rows, kHeadDim}, q.options().dtype(at::kFloat));
+    partial_lse = at::empty({partial_rows}, q.options().dtype(at::kFloat));
+    p.partial_o = static_cast<float*>(partial_o.mutable_data_ptr());
+    p.partial_lse = static_cast<float*>(partial_lse.mutable_data_ptr());
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  if (q.scalar_type() == at::ScalarType::BFloat16) {
+    C10_CUDA_CHECK(attn::launch_attention<__nv_bfloat16>(p, stream));
+  } else {
+    C10_CUDA_CHECK(attn::launch_attention<__half>(p, stream));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -146,31 +215,66 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   p.group = static_cast<int>(hq / hkv);
   p.seqlen_q = static_cast<int>(sq);
   p.seqlen_k = static_cast<int>(skv);
-  p.rows = static_cast<int>(sq * (hq / hkv));
+  p.total_q = static_cast<int>(batch * sq);
   p.scale_log2 = static_cast<float>(scale * kLog2e);
   p.causal = causal;
+  plan_and_launch(p, q, skv);
+  return {out, lse};
+}
 
-  const int num_sms = sm_count(q.get_device());
-  const int64_t ctas = ceil_div<int64_t>(p.rows, attn::kBlockM) * batch * hkv;
-  const attn::SplitPlan plan = attn::plan_splits(ctas, skv, num_sms);
-  p.num_splits = plan.num_splits;
-  p.tiles_per_split = plan.tiles_per_split;
-  at::Tensor partial_o, partial_lse;  // split-KV workspace
-  if (plan.num_splits > 1) {
-    const int64_t partial_rows = plan.num_splits * batch * hkv * p.rows;
-    partial_o = at::empty({partial_rows, kHeadDim}, q.options().dtype(at::kFloat));
-    partial_lse = at::empty({partial_rows}, q.options().dtype(at::kFloat));
-    p.partial_o = static_cast<float*>(partial_o.mutable_data_ptr());
-    p.partial_lse = static_cast<float*>(partial_lse.mutable_data_ptr());
+std::tuple<at::Tensor, at::Tensor> attention_varlen(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v,
+                                                    const at::Tensor& cu_seqlens_q,
+                                                    const at::Tensor& cu_seqlens_k,
+                                                    int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                    double scale, bool causal) {
+  check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const int64_t total_q = q.size(0), hq = q.size(1);
+  const int64_t total_k = k.size(0), hkv = k.size(1);
+  const int64_t batch = cu_seqlens_q.size(0) - 1;
+  at::Tensor out = at::empty({total_q, hq, kHeadDim}, q.options());
+  at::Tensor lse = at::empty({hq, total_q}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  if (batch == 0) {  // no sequence: every token is outside one
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
   }
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
-  if (q.scalar_type() == at::ScalarType::BFloat16) {
-    C10_CUDA_CHECK(attn::launch_attention<__nv_bfloat16>(p, stream));
-  } else {
-    C10_CUDA_CHECK(attn::launch_attention<__half>(p, stream));
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor qa = addressable_copy(q);
+  const at::Tensor ka = addressable_copy(k);
+  const at::Tensor va = addressable_copy(v);
+  const at::Tensor cu_q = cu_seqlens_q.contiguous();
+  const at::Tensor cu_k = cu_seqlens_k.contiguous();
+
+  attn::Params p{};
+  p.q = qa.const_data_ptr();
+  p.k = ka.const_data_ptr();
+  p.v = va.const_data_ptr();
+  p.cu_seqlens_q = cu_q.const_data_ptr<int>();
+  p.cu_seqlens_k = cu_k.const_data_ptr<int>();
+  p.out = out.mutable_data_ptr();
+  p.lse = static_cast<float*>(lse.mutable_data_ptr());
+  p.q_head_stride = qa.stride(1);
+  p.q_seq_stride = qa.stride(0);
+  p.k_head_stride = ka.stride(1);
+  p.k_seq_stride = ka.stride(0);
+  p.v_head_stride = va.stride(1);
+  p.v_seq_stride = va.stride(0);
+  p.batch = static_cast<int>(batch);
+  p.num_q_heads = static_cast<int>(hq);
+  p.num_kv_heads = static_cast<int>(hkv);
+  p.group = static_cast<int>(hq / hkv);
+  // The kernels read the real lengths; these size the grid and plan the splits (clamped to the
+  // tensors: no sequence is longer).
+  p.seqlen_q = static_cast<int>(std::clamp<int64_t>(max_seqlen_q, 0, total_q));
+  p.seqlen_k = static_cast<int>(std::clamp<int64_t>(max_seqlen_k, 0, total_k));
+  p.total_q = static_cast<int>(total_q);
+  p.total_k = static_cast<int>(total_k);
+  p.scale_log2 = static_cast<float>(scale * kLog2e);
+  p.causal = causal;
+  plan_and_launch(p, q, p.seqlen_k);
   return {out, lse};
 }
 

@@ -8,6 +8,9 @@
 //   lse[b, hq, s]    = logsumexp_j of the same scaled scores (natural log)
 //   visible(s, j)    = j < Skv && (!causal || j <= s + Skv - Sq) && mask[b, hq, s, j]
 //
+// for a padded batch (Sq, Skv the same for every b) or a packed variable-length
+// one (Sq_b, Skv_b from cu_seqlens; no mask): kernel_traits.cuh, Params.
+//
 // CTA (row tile x, b * Hkv + kvh, split z) -- see kernel_traits.cuh for the
 // row packing r = s * group + h, tiles and shared memory:
 //   1. cp.async Q rows and the first K/V tile (one group), then for each K/V
@@ -15,8 +18,8 @@
 //      buffer, wait for the current one, S = Q K^T (mma), scale + mask,
 //      online softmax, O += P V (mma). Q fragments are read from shared memory
 //      once, before the first tile, and stay in registers.
-//   2. Key range: tiles [z * tiles_per_split, (z + 1) * tiles_per_split),
-//      clipped at the last key any of the CTA's rows sees causally; tiles
+//   2. Key range: tiles [z * tiles_per_split, (z + 1) * tiles_per_split)
+//      (the last split: to the end), clipped at the last key any of the CTA's rows sees causally; tiles
 //      wholly above the diagonal are never loaded. A tile is masked element by
 //      element only when it may hold an invisible key for some row (the causal
 //      diagonal, the end of the keys, or a mask tensor); other tiles only
@@ -45,34 +48,32 @@
 
 namespace qwen3x::attn {
 
+// One row tile [row0, row0 + kBlockM) of sequence b, kv head kvh, key split `split`: steps
+// 1-4 above.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
-attention_fwd_kernel(const __grid_constant__ Params p) {
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);       // [kBlockM][128], later the output tile
-  T* sK = sQ + kTileQElems;                 // [kStages][kBlockN][128]
-  T* sV = sK + kStages * kTileKVElems;      // [kStages][kBlockN][128]
-
-  const int tid = threadIdx.x;
+__device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, int kvh, int split,
+                                               int row0, int tid) {
+  const SeqSlice seq = seq_slice(p, b);
+  T* sK = sQ + kTileQElems;             // [kStages][kBlockN][128]
+  T* sV = sK + kStages * kTileKVElems;  // [kStages][kBlockN][128]
   const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
-  const int row0 = blockIdx.x * kBlockM;
-  const int bh = blockIdx.y;
-  const int b = bh / p.num_kv_heads;
-  const int kvh = bh - b * p.num_kv_heads;
-  const int split = blockIdx.z;
 
   // ---- the CTA's key tiles -----------------------------------------------------------------
-  const int causal_offset = p.seqlen_k - p.seqlen_q;  // query s sees keys <= s + offset
+  const int causal_offset = seq.seqlen_k - seq.seqlen_q;  // query s sees keys <= s + offset
   const int s_first = row0 / p.group;
-  const int s_last = (min(row0 + kBlockM, p.rows) - 1) / p.group;
-  int key_end = p.seqlen_k;  // exclusive
+  const int s_last = (min(row0 + kBlockM, seq.rows) - 1) / p.group;
+  int key_end = seq.seqlen_k;  // exclusive
   if (p.causal) key_end = max(0, min(key_end, s_last + causal_offset + 1));
+  const int key_tiles = ceil_div(key_end, kBlockN);
   const int tile_begin = split * p.tiles_per_split;
-  const int tile_end = min(tile_begin + p.tiles_per_split, ceil_div(key_end, kBlockN));
+  // The last split takes every remaining tile: a varlen sequence longer than the plan's hint
+  // costs time, never keys.
+  const int tile_end =
+      split == p.num_splits - 1 ? key_tiles : min(tile_begin + p.tiles_per_split, key_tiles);
   // Keys <= all_visible_last are in range and causally visible for every row of the CTA.
   const int all_visible_last =
-      p.causal ? min(p.seqlen_k - 1, s_first + causal_offset) : p.seqlen_k - 1;
+      p.causal ? min(seq.seqlen_k - 1, s_first + causal_offset) : seq.seqlen_k - 1;
   const bool has_mask = p.mask != nullptr;
 
   // ---- this lane's two rows ----------------------------------------------------------------
@@ -81,11 +82,12 @@ attention_fwd_kernel(const __grid_constant__ Params p) {
   for (int half = 0; half < kRowHalves; ++half) {
     const int r = row0 + warp * kRowsPerWarp + lane / 4 + 8 * half;
     limit[half] = {-1, nullptr};
-    if (r < p.rows) {
+    if (r < seq.rows) {
       const int s = r / p.group;
       const int hq = kvh * p.group + (r - s * p.group);
-      limit[half].last_key = p.causal ? min(p.seqlen_k - 1, s + causal_offset) : p.seqlen_k - 1;
-      if (has_mask) {
+      limit[half].last_key =
+          p.causal ? min(seq.seqlen_k - 1, s + causal_offset) : seq.seqlen_k - 1;
+      if (has_mask) {  // padded batches only
         limit[half].mask = p.mask + b * p.mask_batch_stride + hq * p.mask_head_stride +
                            s * p.mask_q_stride;
       }
@@ -98,18 +100,18 @@ attention_fwd_kernel(const __grid_constant__ Params p) {
   const uint32_t sV_addr = smem_u32(sV);
   constexpr uint32_t kTileKVBytes = kTileKVElems * kElemBytes;
   KVLoader<T> k_loader, v_loader;
-  k_loader.init(static_cast<const T*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride,
-                p.k_seq_stride, tile_begin, tid);
-  v_loader.init(static_cast<const T*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride,
-                p.v_seq_stride, tile_begin, tid);
-  load_q_tile<T>(p, sQ_addr, b, kvh, row0, tid);
+  k_loader.init(static_cast<const T*>(p.k) + seq.k_offset + kvh * p.k_head_stride, p.k_seq_stride,
+                tile_begin, tid);
+  v_loader.init(static_cast<const T*>(p.v) + seq.v_offset + kvh * p.v_head_stride, p.v_seq_stride,
+                tile_begin, tid);
+  load_q_tile<T>(p, seq, sQ_addr, kvh, row0, tid);
   if (tile_begin < tile_end) {
-    k_loader.load(sK_addr, p.seqlen_k);
-    v_loader.load(sV_addr, p.seqlen_k);
+    k_loader.load(sK_addr, seq.seqlen_k);
+    v_loader.load(sV_addr, seq.seqlen_k);
   }
   cp_async_commit();
 
-  const bool warp_active = row0 + warp * kRowsPerWarp < p.rows;
+  const bool warp_active = row0 + warp * kRowsPerWarp < seq.rows;
   float o[kHeadTilesN][4];
 #pragma unroll
   for (int j = 0; j < kHeadTilesN; ++j) {
@@ -127,8 +129,8 @@ attention_fwd_kernel(const __grid_constant__ Params p) {
       const uint32_t next_offset = kTileKVBytes - stage_offset;  // the other buffer
       k_loader.advance();
       v_loader.advance();
-      k_loader.load(sK_addr + next_offset, p.seqlen_k);
-      v_loader.load(sV_addr + next_offset, p.seqlen_k);
+      k_loader.load(sK_addr + next_offset, seq.seqlen_k);
+      v_loader.load(sV_addr + next_offset, seq.seqlen_k);
     }
     cp_async_commit();  // possibly empty: keeps "all but the newest group" = this tile
     cp_async_wait<kStages - 1>();
@@ -154,25 +156,46 @@ attention_fwd_kernel(const __grid_constant__ Params p) {
   float inv_l[kRowHalves], lse2[kRowHalves];
   softmax.finalize(inv_l, lse2);
   if (p.num_splits == 1) {
-    write_output<T>(p, sQ, o, inv_l, lse2, b, kvh, row0, warp, lane, tid);
+    write_output<T>(p, seq, sQ, o, inv_l, lse2, kvh, row0, warp, lane, tid);
   } else {
-    write_partial(p, o, inv_l, lse2, bh, split, row0, warp, lane);
+    write_partial(p, seq, o, inv_l, lse2, kvh, split, row0, warp, lane);
   }
 }
 
-// Launches the forward kernel on grid (row tiles, B * Hkv, p.num_splits) and,
-// when p.num_splits > 1, the combine. p.partial_o / p.partial_lse must hold
-// num_splits * B * Hkv * rows rows when splitting.
+// CTA (x, b * Hkv + kvh, split z): row tile x of sequence b. The grid covers every sequence of
+// a padded batch; a varlen sequence longer than the caller's max_seqlen_q gets NaN in the rows
+// beyond the grid (never stale memory). (A CTA loop over row tiles would cover them, but costs
+// the main loop the registers it needs: ptxas then spills.)
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
+attention_fwd_kernel(const __grid_constant__ Params p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // [kBlockM][128], later the output tile; then K, V
+  const int b = blockIdx.y / p.num_kv_heads;
+  const int kvh = blockIdx.y - b * p.num_kv_heads;
+  if (p.cu_seqlens_q != nullptr) {  // varlen bookkeeping, before the tile (nothing stays live)
+    if (p.num_splits == 1 && blockIdx.x == 0) clear_outside_tokens<T>(p, b, kvh, threadIdx.x);
+    if (blockIdx.x == gridDim.x - 1) {
+      mark_uncovered_rows<T>(p, seq_slice(p, b), kvh, blockIdx.z, gridDim.x * kBlockM, threadIdx.x);
+    }
+  }
+  const int row0 = blockIdx.x * kBlockM;
+  if (row0 < seq_slice(p, b).rows) attention_tile<T>(p, sQ, b, kvh, blockIdx.z, row0, threadIdx.x);
+}
+
+// Launches the forward kernel on grid (row_tiles(p), B * Hkv, p.num_splits)
+// and, when p.num_splits > 1, the combine. p.partial_o / p.partial_lse must
+// hold num_splits * Hkv * total_q * group rows when splitting.
 template <typename T>
 cudaError_t launch_attention(const Params& p, cudaStream_t stream) {
-  if (p.batch == 0 || p.rows == 0) return cudaSuccess;
+  if (p.batch == 0 || p.total_q == 0) return cudaSuccess;
   cudaError_t err = allow_dynamic_smem<attention_fwd_kernel<T>>(kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(p.rows, kBlockM), p.batch * p.num_kv_heads, p.num_splits);
+  const dim3 grid(row_tiles(p), p.batch * p.num_kv_heads, p.num_splits);
   attention_fwd_kernel<T><<<grid, kThreads, kSmemBytes, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.num_kv_heads * p.rows;
+  const int64_t rows = static_cast<int64_t>(p.num_kv_heads) * p.total_q * p.group;
   const dim3 combine_grid(static_cast<unsigned>(ceil_div<int64_t>(rows, kCombineWarps)));
   attention_combine_kernel<T><<<combine_grid, kCombineThreads, 0, stream>>>(p);
   return cudaGetLastError();

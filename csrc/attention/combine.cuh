@@ -5,11 +5,11 @@
 //   out = sum_i 2^(lse2_i - L) O_i      (i = 0, 1, ..., num_splits - 1)
 //   lse = L * ln 2
 //
-// One warp per packed row (b, kv head, r); lane l owns head dims 4 l .. 4 l + 3
+// One warp per workspace row (kv head, token, h); lane l owns head dims 4 l .. 4 l + 3
 // (16-byte fp32 loads of each split's O_i). The split weights are reduced with
 // a fixed butterfly over lanes (lane l sums splits l, l + 32, ... in order).
 // An empty split (lse2 = -inf, O = 0) gets weight 0. Rows that see no key at
-// all get out = 0, lse = -inf.
+// all, and a varlen batch's tokens outside every sequence, get out = 0, lse = -inf.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -35,51 +35,53 @@ __global__ void __launch_bounds__(kCombineThreads)
 attention_combine_kernel(const Params p) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / kWarpSize;
-  const int64_t rows_per_split = static_cast<int64_t>(p.batch) * p.num_kv_heads * p.rows;
+  // Workspace rows: [splits][Hkv][token * group + h]; out row token * Hq + kvh * group + h.
+  const int64_t rows_per_head = static_cast<int64_t>(p.total_q) * p.group;
+  const int64_t rows_per_split = p.num_kv_heads * rows_per_head;
   if (row >= rows_per_split) return;
+  const int kvh = static_cast<int>(row / rows_per_head);
+  const int64_t r = row - kvh * rows_per_head;
+  const int token = static_cast<int>(r / p.group);
+  const int hq = kvh * p.group + static_cast<int>(r - static_cast<int64_t>(token) * p.group);
+  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(token) * p.num_q_heads + hq) * kHeadDim +
+           lane * kCombineDimsPerLane;
   const float* lse_row = p.partial_lse + row;  // split i at lse_row[i * rows_per_split]
 
-  float max2 = -INFINITY;
-  for (int i = lane; i < p.num_splits; i += kWarpSize) max2 = fmaxf(max2, lse_row[i * rows_per_split]);
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    max2 = fmaxf(max2, __shfl_xor_sync(kFullWarpMask, max2, offset));
-  }
-  const float base = max2 == -INFINITY ? 0.0f : max2;
-  float sum = 0.0f;
-  for (int i = lane; i < p.num_splits; i += kWarpSize) sum += exp2f(lse_row[i * rows_per_split] - base);
-  sum = warp_reduce_sum(sum);
-  const bool seen = sum > 0.0f;
-  const float lse2 = seen ? base + log2f(sum) : -INFINITY;
-
+  float lse2 = -INFINITY;
   float acc[kCombineDimsPerLane] = {0.0f, 0.0f, 0.0f, 0.0f};
-  if (seen) {
-    const float* o_row = p.partial_o + row * kHeadDim + lane * kCombineDimsPerLane;
-    for (int i = 0; i < p.num_splits; ++i) {
-      const float w = exp2f(lse_row[i * rows_per_split] - lse2);
-      const float4 oi = *reinterpret_cast<const float4*>(o_row + i * rows_per_split * kHeadDim);
-      acc[0] += w * oi.x;
-      acc[1] += w * oi.y;
-      acc[2] += w * oi.z;
-      acc[3] += w * oi.w;
+  if (!token_outside(p, token)) {  // else no split wrote this row: out = 0, lse = -inf
+    float max2 = -INFINITY;
+    for (int i = lane; i < p.num_splits; i += kWarpSize) {
+      max2 = fmaxf(max2, lse_row[i * rows_per_split]);
+    }
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      max2 = fmaxf(max2, __shfl_xor_sync(kFullWarpMask, max2, offset));
+    }
+    const float base = max2 == -INFINITY ? 0.0f : max2;
+    float sum = 0.0f;
+    for (int i = lane; i < p.num_splits; i += kWarpSize) {
+      sum += exp2f(lse_row[i * rows_per_split] - base);
+    }
+    sum = warp_reduce_sum(sum);
+    // sum == 0: no split saw a key. A NaN partial lse (NaN inputs, or a row marked uncovered)
+    // makes sum NaN, which this lets through to out and lse instead of reading it as "no keys".
+    if (sum != 0.0f) {
+      lse2 = base + log2f(sum);
+      const float* o_row = p.partial_o + row * kHeadDim + lane * kCombineDimsPerLane;
+      for (int i = 0; i < p.num_splits; ++i) {
+        const float w = exp2f(lse_row[i * rows_per_split] - lse2);
+        const float4 oi = *reinterpret_cast<const float4*>(o_row + i * rows_per_split * kHeadDim);
+        acc[0] += w * oi.x;
+        acc[1] += w * oi.y;
+        acc[2] += w * oi.z;
+        acc[3] += w * oi.w;
+      }
     }
   }
-
-  // row = bh * rows + r, r = s * group + h.
-  const int bh = static_cast<int>(row / p.rows);
-  const int r = static_cast<int>(row - static_cast<int64_t>(bh) * p.rows);
-  const int b = bh / p.num_kv_heads;
-  const int kvh = bh - b * p.num_kv_heads;
-  const int s = r / p.group;
-  const int hq = kvh * p.group + (r - s * p.group);
-  T* out = static_cast<T*>(p.out) +
-           ((static_cast<int64_t>(b) * p.seqlen_q + s) * p.num_q_heads + hq) * kHeadDim +
-           lane * kCombineDimsPerLane;
   const uint2 packed = make_uint2(pack_float2<T>(acc[0], acc[1]), pack_float2<T>(acc[2], acc[3]));
   *reinterpret_cast<uint2*>(out) = packed;
-  if (lane == 0) {
-    p.lse[(static_cast<int64_t>(b) * p.num_q_heads + hq) * p.seqlen_q + s] = lse2 * kLn2;
-  }
+  if (lane == 0) p.lse[lse_index(p, token, hq)] = lse2 * kLn2;
 }
 
 }  // namespace qwen3x::attn

@@ -1,7 +1,8 @@
 // Host-side launch decisions of the attention kernel: the grid, and how many
 // splits of the key range (split-KV) to use.
 //
-// Grid = (row tiles = ceil(Sq * group / kBlockM), B * Hkv, num_splits).
+// Grid = (row tiles = ceil(Sq * group / kBlockM), B * Hkv, num_splits); for a varlen batch
+// Sq is the caller's max_seqlen_q (rows of a longer sequence are marked NaN, not computed).
 //
 // Split heuristic. One wave is num_sms * kMinCtasPerSm resident CTAs (80 KB of
 // shared memory and 128 threads each: 2 per SM on sm_80 and sm_90). When the
@@ -37,8 +38,14 @@ struct SplitPlan {
   int tiles_per_split;
 };
 
-inline SplitPlan plan_splits(int64_t ctas,     // row tiles * B * Hkv
-                             int64_t seqlen_k,  // Skv
+// Row tiles of the grid (gridDim.x): enough for Sq * group packed rows, at least 1.
+inline int row_tiles(const Params& p) {
+  return static_cast<int>(
+      std::max<int64_t>(ceil_div<int64_t>(static_cast<int64_t>(p.seqlen_q) * p.group, kBlockM), 1));
+}
+
+inline SplitPlan plan_splits(int64_t ctas,     // CTAs with work: row tiles * B * Hkv
+                             int64_t seqlen_k,  // Skv (varlen: the max_seqlen_k hint)
                              int num_sms) {
   const int64_t tiles = ceil_div<int64_t>(seqlen_k, kBlockN);
   const int64_t wave = static_cast<int64_t>(std::max(num_sms, 1)) * kMinCtasPerSm;

@@ -28,6 +28,8 @@
 // xor term is the row's index within its block of 8.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstdint>
 
 #include "core/gpu_constants.h"
@@ -79,19 +81,27 @@ __host__ __device__ constexpr int swizzled_offset(int row, int chunk) {
 }
 
 // ---- launch parameters --------------------------------------------------------------------
-// Strides are in elements (mask: bytes = elements). Sizes as in the op's
-// contract: q [B, Hq, Sq, 128], k/v [B, Hkv, Skv, 128], out [B, Sq, Hq, 128].
+// Strides are in elements (mask: bytes = elements). Two batch layouts share the kernel:
+//   padded (cu_seqlens_q == nullptr): q [B, Hq, Sq, 128], k/v [B, Hkv, Skv, 128], out [B, Sq, Hq, 128],
+//     lse [B, Hq, Sq]; every sequence has Sq queries and Skv keys.
+//   varlen (cu_seqlens_q, cu_seqlens_k != nullptr): q [Tq, Hq, 128], k/v [Tk, Hkv, 128] (batch
+//     strides 0), out [Tq, Hq, 128], lse [Hq, Tq]; sequence b owns tokens cu_seqlens_q[b] ..
+//     cu_seqlens_q[b + 1] - 1 of q and cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of k/v.
+// Both index out, lse and the split partials by "token" = b * Sq + s (padded) or
+// cu_seqlens_q[b] + s (varlen): out row token * Hq + hq.
 struct Params {
-  const void* q;       // [B, Hq, Sq, 128], strides q_batch/head/seq, last dim contiguous
-  const void* k;       // [B, Hkv, Skv, 128], strides k_batch/head/seq, last dim contiguous
-  const void* v;       // [B, Hkv, Skv, 128], strides v_batch/head/seq, last dim contiguous
-  const uint8_t* mask;  // [B|1, 1|Hq, Sq, Skv] bool (1 = attend), strides mask_*, keys contiguous; or nullptr
-  void* out;           // [B, Sq, Hq, 128] contiguous, q's dtype
-  float* lse;          // [B, Hq, Sq] contiguous fp32, natural log
-  float* partial_o;    // [num_splits, B * Hkv, rows, 128] fp32, normalized per split (splits > 1)
-  float* partial_lse;  // [num_splits, B * Hkv, rows] fp32, log2 units (splits > 1)
+  const void* q;       // [B, Hq, Sq, 128] | [Tq, Hq, 128], strides q_*, last dim contiguous
+  const void* k;       // [B, Hkv, Skv, 128] | [Tk, Hkv, 128], strides k_*, last dim contiguous
+  const void* v;       // like k, strides v_*
+  const uint8_t* mask;  // padded only: [B|1, 1|Hq, Sq, Skv] bool (1 = attend), strides mask_*, keys contiguous; or nullptr
+  const int* cu_seqlens_q;  // varlen: [B + 1] int32 token offsets into q/out; nullptr = padded
+  const int* cu_seqlens_k;  // varlen: [B + 1] int32 token offsets into k/v
+  void* out;           // [total_q, Hq, 128] contiguous, q's dtype
+  float* lse;          // padded [B, Hq, Sq] | varlen [Hq, Tq], contiguous fp32, natural log
+  float* partial_o;    // [num_splits, Hkv, total_q * group, 128] fp32, normalized per split (splits > 1)
+  float* partial_lse;  // [num_splits, Hkv, total_q * group] fp32, log2 units (splits > 1)
 
-  int64_t q_batch_stride, q_head_stride, q_seq_stride;
+  int64_t q_batch_stride, q_head_stride, q_seq_stride;  // varlen: batch stride 0, seq = token
   int64_t k_batch_stride, k_head_stride, k_seq_stride;
   int64_t v_batch_stride, v_head_stride, v_seq_stride;
   int64_t mask_batch_stride, mask_head_stride, mask_q_stride;  // 0 = broadcast
@@ -100,14 +110,76 @@ struct Params {
   int num_q_heads;   // Hq
   int num_kv_heads;  // Hkv
   int group;         // Hq / Hkv
-  int seqlen_q;      // Sq
-  int seqlen_k;      // Skv
-  int rows;          // Sq * group: packed rows per (b, kv head)
+  int seqlen_q;      // padded: Sq; varlen: max_seqlen_q (the grid covers seqlen_q * group rows)
+  int seqlen_k;      // padded: Skv; varlen: unused by the kernels (the split plan's hint)
+  int total_q;       // tokens of q/out: B * Sq | Tq
+  int total_k;       // tokens of k/v: B * Skv | Tk (bounds cu_seqlens_k)
   float scale_log2;  // scale * log2(e): scores are kept in log2 units
-  bool causal;       // bottom-right: query s sees keys j <= s + Skv - Sq
+  bool causal;       // bottom-right per sequence: query s sees keys j <= s + Skv_b - Sq_b
 
   int num_splits;       // gridDim.z; 1 = write out/lse directly
-  int tiles_per_split;  // K/V tiles per split (>= all tiles when num_splits == 1)
+  int tiles_per_split;  // K/V tiles per split; the last split takes every tile after the others
 };
+
+// One sequence's slice of the batch, as the kernels see it.
+struct SeqSlice {
+  int token0;         // its first query's token index (out, lse, partials)
+  int seqlen_q;       // Sq_b
+  int seqlen_k;       // Skv_b
+  int rows;           // Sq_b * group: packed rows of one kv head
+  int64_t q_offset;   // elements from p.q to its first query token (head 0)
+  int64_t k_offset;   // elements from p.k to its first key token (head 0)
+  int64_t v_offset;   // elements from p.v to its first value token (head 0)
+  int64_t lse_offset; // lse index of (hq = 0, s = 0); + hq * lse_head_stride + s
+  int64_t lse_head_stride;
+};
+
+// Sequence b. cu_seqlens values are clamped into [0, total] and made non-decreasing, so a
+// malformed batch can give wrong rows but never an out-of-bounds access.
+__device__ __forceinline__ SeqSlice seq_slice(const Params& p, int b) {
+  SeqSlice s;
+  if (p.cu_seqlens_q == nullptr) {
+    s.token0 = b * p.seqlen_q;
+    s.seqlen_q = p.seqlen_q;
+    s.seqlen_k = p.seqlen_k;
+    s.q_offset = b * p.q_batch_stride;
+    s.k_offset = b * p.k_batch_stride;
+    s.v_offset = b * p.v_batch_stride;
+    s.lse_head_stride = p.seqlen_q;
+    s.lse_offset = static_cast<int64_t>(b) * p.num_q_heads * p.seqlen_q;
+  } else {
+    const int q0 = min(max(p.cu_seqlens_q[b], 0), p.total_q);
+    const int q1 = min(max(p.cu_seqlens_q[b + 1], q0), p.total_q);
+    const int k0 = min(max(p.cu_seqlens_k[b], 0), p.total_k);
+    const int k1 = min(max(p.cu_seqlens_k[b + 1], k0), p.total_k);
+    s.token0 = q0;
+    s.seqlen_q = q1 - q0;
+    s.seqlen_k = k1 - k0;
+    s.q_offset = q0 * p.q_seq_stride;
+    s.k_offset = k0 * p.k_seq_stride;
+    s.v_offset = k0 * p.v_seq_stride;
+    s.lse_head_stride = p.total_q;
+    s.lse_offset = q0;
+  }
+  s.rows = s.seqlen_q * p.group;
+  return s;
+}
+
+// lse index of (token, query head) for a token that is not known to belong to a given sequence
+// (the combine): padded layouts recover (b, s) from the token.
+__device__ __forceinline__ int64_t lse_index(const Params& p, int token, int hq) {
+  if (p.cu_seqlens_q != nullptr) return static_cast<int64_t>(hq) * p.total_q + token;
+  const int b = token / p.seqlen_q;
+  return (static_cast<int64_t>(b) * p.num_q_heads + hq) * p.seqlen_q + (token - b * p.seqlen_q);
+}
+
+// Varlen only: true when `token` lies in no sequence (before cu_seqlens_q[0] or from
+// cu_seqlens_q[B] on); such tokens get out = 0 and lse = -inf.
+__device__ __forceinline__ bool token_outside(const Params& p, int token) {
+  if (p.cu_seqlens_q == nullptr) return false;
+  const int first = min(max(p.cu_seqlens_q[0], 0), p.total_q);
+  const int last = min(max(p.cu_seqlens_q[p.batch], first), p.total_q);
+  return token < first || token >= last;
+}
 
 }  // namespace qwen3x::attn

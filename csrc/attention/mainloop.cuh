@@ -1,7 +1,7 @@
 // The data movement and tensor-core math of one attention tile:
 //
 //   load_q_tile      global -> shared: the CTA's kBlockM packed rows of Q
-//   KVLoader         global -> shared: kBlockN keys of K (or V) of one kv head
+//   KVLoader         global -> shared: kBlockN keys of K and of V of one kv head
 //   load_q_fragments shared -> registers: a warp's 16 x 128 Q block as A fragments
 //   warp_qk          S[16 x 64] = Q K^T    (8 k16 steps x 8 n8 tiles = 64 mma)
 //   warp_pv          O[16 x 128] += P V    (4 k16 steps x 16 n8 tiles = 64 mma)
@@ -30,25 +30,25 @@
 
 namespace qwen3x::attn {
 
-// The CTA's Q rows [row0, row0 + kBlockM) -> sQ. Packed row r is query
-// position s = r / group of query head kvh * group + r % group.
+// The CTA's Q rows [row0, row0 + kBlockM) of sequence `seq` -> sQ. Packed row r is query
+// position s = r / group of query head kvh * group + r % group; rows >= seq.rows are zero.
 template <typename T>
-__device__ __forceinline__ void load_q_tile(const Params& p,
+__device__ __forceinline__ void load_q_tile(const Params& p, const SeqSlice& seq,
                                             uint32_t sQ,  // [kBlockM][128] swizzled
-                                            int b, int kvh, int row0, int tid) {
-  const T* q = static_cast<const T*>(p.q);
+                                            int kvh, int row0, int tid) {
+  const T* q = static_cast<const T*>(p.q) + seq.q_offset;
   const int chunk = tid % kChunksPerRow;
 #pragma unroll
   for (int i = 0; i < kBlockM / kLoadRowsPerPass; ++i) {
     const int local_row = tid / kChunksPerRow + i * kLoadRowsPerPass;
     const int r = row0 + local_row;
-    const bool in_range = r < p.rows;
+    const bool in_range = r < seq.rows;
     const T* src = q;  // never read when out of range
     if (in_range) {
       const int s = r / p.group;
       const int h = r - s * p.group;
-      src = q + b * p.q_batch_stride + static_cast<int64_t>(kvh * p.group + h) * p.q_head_stride +
-            s * p.q_seq_stride + chunk * kChunkElems;
+      src = q + static_cast<int64_t>(kvh * p.group + h) * p.q_head_stride + s * p.q_seq_stride +
+            chunk * kChunkElems;
     }
     cp_async_16(sQ + swizzled_offset(local_row, chunk) * kElemBytes, src, in_range);
   }

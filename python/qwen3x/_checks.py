@@ -113,6 +113,45 @@ def attention(op, q, k, v, mask) -> None:
     same_device(op, q=q, k=k, v=v, mask=mask)
 
 
+def attention_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        floating(op, name, t)
+        expect(t.dim() == 3, op, f"expected {name} of shape [tokens, heads, head_dim], got {_shape(t)}")
+    Tq, Hq, D = q.shape
+    expect(k.shape == v.shape, op, f"expected k and v of one shape, got {_shape(k)} and {_shape(v)}")
+    expect(k.shape[2] == D, op, f"expected k of shape [Tk, Hkv, {D}], got {_shape(k)}")
+    Hkv = k.shape[1]
+    expect(Hkv > 0 and Hq % Hkv == 0, op, f"expected query heads ({Hq}) divisible by key-value heads ({Hkv})")
+    expect(q.dtype == k.dtype == v.dtype, op, f"expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        expect(t.dtype == torch.int32, op, f"expected {name} to have dtype torch.int32, got {t.dtype}")
+        expect(t.dim() == 1 and t.shape[0] >= 1, op, f"expected {name} of shape [batch + 1], got {_shape(t)}")
+    expect(
+        cu_seqlens_q.shape == cu_seqlens_k.shape,
+        op,
+        f"expected cu_seqlens_q and cu_seqlens_k of one shape [batch + 1], got {_shape(cu_seqlens_q)} and "
+        f"{_shape(cu_seqlens_k)}",
+    )
+    same_device(op, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+
+def cu_seqlens_values(op, name, cu_seqlens, total) -> None:
+    """Values of a cu_seqlens vector: non-decreasing within [0, total]. A host sync on CUDA: references only."""
+    values = cu_seqlens.tolist()
+    ok = all(0 <= a <= b <= total for a, b in zip(values, values[1:])) and 0 <= values[0] <= total
+    expect(ok, op, f"expected {name} non-decreasing within [0, {total}] (the tokens), got {values}")
+
+
+def max_seqlen(op, cu_seqlens_q, max_seqlen_q) -> None:
+    """max_seqlen_q >= the longest query sequence (the CUDA kernel's grid holds that many)."""
+    longest = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
+    expect(
+        max_seqlen_q >= longest,
+        op,
+        f"expected max_seqlen_q >= the longest query sequence ({longest}), got {max_seqlen_q}",
+    )
+
+
 def moe_router(op, router_logits, top_k) -> None:
     floating(op, "router_logits", router_logits)
     expect(router_logits.dim() == 2, op, f"expected router_logits [tokens, experts], got {_shape(router_logits)}")

@@ -38,6 +38,10 @@ SCHEMAS: dict[str, str] = {
     ),
     "silu_and_mul": "silu_and_mul(Tensor input) -> Tensor",
     "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)",
+    "attention_varlen": (
+        "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, float scale, bool causal) -> (Tensor, Tensor)"
+    ),
     "moe_router": "moe_router(Tensor router_logits, int top_k, bool norm_topk_prob) -> (Tensor, Tensor, Tensor)",
     "moe_permute": "moe_permute(Tensor expert_ids, int num_experts, int row_align) -> (Tensor, Tensor, Tensor)",
     "moe_experts": (
@@ -75,6 +79,25 @@ if _C is None:
     for _schema in SCHEMAS.values():
         _DEF_LIB.define(_schema)
 _IMPL_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+# A _C built from older sources (an in-place build not redone after a pull) may lack new ops:
+# those run on their references, and the user is told to rebuild.
+def _has_schema(op: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"{NAMESPACE}::{op}", "")
+    except RuntimeError:
+        return False
+    return True
+
+
+_STALE_OPS = [op for op in SCHEMAS if _C is not None and not _has_schema(op)]
+if _STALE_OPS:
+    warnings.warn(
+        f"qwen3x: the built extension predates these ops: {', '.join(_STALE_OPS)} (they run on the references); "
+        "rebuild it (pip install --no-build-isolation -e .)"
+    )
+    for _op in _STALE_OPS:
+        _IMPL_LIB.define(SCHEMAS[_op])
 
 
 def qualname(op: str) -> str:
@@ -126,6 +149,15 @@ def _attention(q, k, v, mask, scale, causal):
     return reference.attention(q, k, v, mask, scale, causal)
 
 
+def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
+    op = "attention_varlen"
+    _checks.attention_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k)
+    _checks.cu_seqlens_values(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    _checks.cu_seqlens_values(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    _checks.max_seqlen(op, cu_seqlens_q, max_seqlen_q)
+    return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal)
+
+
 def _moe_router(router_logits, top_k, norm_topk_prob):
     _checks.moe_router("moe_router", router_logits, top_k)
     return reference.moe_router(router_logits, top_k, norm_topk_prob)
@@ -153,6 +185,7 @@ REFERENCE_IMPLS: dict[str, Callable] = {
     "qk_norm_rope_": _qk_norm_rope_,
     "silu_and_mul": _silu_and_mul,
     "attention": _attention,
+    "attention_varlen": _attention_varlen,
     "moe_router": _moe_router,
     "moe_permute": _moe_permute,
     "moe_experts": _moe_experts,
@@ -197,6 +230,12 @@ def _fake_attention(q, k, v, mask, scale, causal):
     return q.new_empty((B, Sq, Hq, D)), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
 
+def _fake_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
+    _checks.attention_varlen("attention_varlen", q, k, v, cu_seqlens_q, cu_seqlens_k)
+    Tq, Hq, D = q.shape
+    return q.new_empty((Tq, Hq, D)), q.new_empty((Hq, Tq), dtype=torch.float32)
+
+
 def _fake_moe_router(router_logits, top_k, norm_topk_prob):
     _checks.moe_router("moe_router", router_logits, top_k)
     T, E = router_logits.shape
@@ -231,6 +270,7 @@ FAKE_IMPLS: dict[str, Callable] = {
     "qk_norm_rope_": _fake_qk_norm_rope_,
     "silu_and_mul": _fake_silu_and_mul,
     "attention": _fake_attention,
+    "attention_varlen": _fake_attention_varlen,
     "moe_router": _fake_moe_router,
     "moe_permute": _fake_moe_permute,
     "moe_experts": _fake_moe_experts,

@@ -87,6 +87,42 @@ def attention(
     return _ops.attention(q, k, v, mask, scale, causal)
 
 
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    scale: float | None = None,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GQA attention over packed variable-length sequences (FlashAttention's varlen layout).
+
+    q [Tq, Hq, D], k/v [Tk, Hkv, D]; cu_seqlens_q/k int32 [B + 1], non-decreasing: sequence b is
+    tokens cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1 of q and cu_seqlens_k[b] .. cu_seqlens_k[b+1]-1
+    of k/v. ``causal`` is bottom-right within each sequence. Returns out [Tq, Hq, D] and lse
+    [Hq, Tq] fp32; tokens outside every sequence give 0 and -inf.
+
+    ``max_seqlen_q`` (the longest query sequence) sizes the CUDA grid: rows of a longer sequence
+    come back NaN from the kernel, and the reference raises. ``max_seqlen_k`` only plans split-KV
+    (any value is correct). None reads them from cu_seqlens, one host sync: pass them under
+    CUDA-graph capture.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+
+    def longest(cu: torch.Tensor) -> int:
+        return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+    if max_seqlen_q is None:
+        max_seqlen_q = longest(cu_seqlens_q)
+    if max_seqlen_k is None:
+        max_seqlen_k = longest(cu_seqlens_k)
+    return _ops.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal)
+
+
 def moe_router(
     router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

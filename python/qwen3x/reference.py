@@ -167,6 +167,45 @@ def attention(
     return out.transpose(1, 2).contiguous().to(q.dtype), lse.float()
 
 
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention`` over packed variable-length sequences (FlashAttention's varlen layout).
+
+    q [Tq, Hq, D], k/v [Tk, Hkv, D]; sequence b is tokens cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1
+    of q against tokens cu_seqlens_k[b] .. cu_seqlens_k[b+1]-1 of k/v (cu_seqlens int32 [B+1],
+    non-decreasing within [0, T]); ``causal`` is bottom-right within each sequence. max_seqlen_q/k
+    size the CUDA kernel's grid and split-KV plan and do not change the result here.
+
+    Returns out [Tq, Hq, D] in q's dtype and lse [Hq, Tq] fp32. Tokens of q outside every
+    sequence (before cu_seqlens_q[0] or from cu_seqlens_q[-1] on) give 0 and -inf.
+    """
+    Tq, Hq, D = q.shape
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = [q.new_zeros((cq[0], Hq, D))]
+    lses = [torch.full((Hq, cq[0]), float("-inf"), device=q.device)]
+    for b in range(len(cq) - 1):
+        def seq(t, lo, hi):  # tokens [lo, hi) as [1, H, S, D]
+            return t[lo:hi].transpose(0, 1).unsqueeze(0)
+
+        out, lse = attention(
+            seq(q, cq[b], cq[b + 1]), seq(k, ck[b], ck[b + 1]), seq(v, ck[b], ck[b + 1]), None, scale, causal
+        )
+        outs.append(out[0])
+        lses.append(lse[0])
+    outs.append(q.new_zeros((Tq - cq[-1], Hq, D)))
+    lses.append(torch.full((Hq, Tq - cq[-1]), float("-inf"), device=q.device))
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+
+
 # --------------------------------------------------------------------------------------------
 # Mixture of experts
 # --------------------------------------------------------------------------------------------

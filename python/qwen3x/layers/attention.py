@@ -3,7 +3,8 @@
 ``Attention`` replaces Qwen3Attention.forward (and Qwen3MoeAttention's). ``attention_forward`` has
 the signature of transformers' AttentionInterface and is registered as ``"qwen3x"``;
 ``mask_function`` is registered as its mask builder (HF's SDPA boolean masks: None when the
-pattern is plain causal).
+pattern is plain causal). Packed sequences described the way HF's flash-attention path reads them
+(``cu_seq_lens_q/k`` and ``max_length_q/k`` keyword arguments) go to ``attention_varlen``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     q_len, kv_len = query.shape[2], key.shape[2]
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    packed = _packed_sequences(kwargs, q_len, kv_len)
+    if packed is not None:
+        return _varlen_forward(query, key, value, scaling, *packed), None
     if attention_mask is not None and attention_mask.shape[-1] > kv_len:  # as HF's SDPA path: keep kv_len
         attention_mask = attention_mask[..., :kv_len]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -58,13 +64,42 @@ def attention_forward(
     is_causal = q_len > 1 and attention_mask is None and is_causal
     if is_causal and kv_len > q_len:
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
     if reference_instead("attention", query):
         out, _ = reference.attention(query, key, value, attention_mask, scaling, is_causal)
     else:
         out, _ = ops.attention(query, key, value, attention_mask, scaling, is_causal)
     return out, None
+
+
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _packed_sequences(kwargs, q_len: int, kv_len: int):
+    """(cu_q, cu_k, max_q, max_k) when the caller packed sequences the way HF's flash-attention path
+    reads them (``cu_seq_lens_q/k``, ``max_length_q/k``, e.g. from DataCollatorWithFlattening with
+    return_flash_attn_kwargs=True) and there is no cache; else None."""
+    values = [kwargs.get(name) for name in _VARLEN_KWARGS]
+    if any(v is None for v in values) or q_len != kv_len:
+        return None
+    cu_q, cu_k, max_q, max_k = values
+    return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
+
+
+def _varlen_forward(query, key, value, scaling, cu_q, cu_k, max_q, max_k):
+    """Causal attention over the packed sequences of the flattened batch (as HF's flash path).
+    query [B, Hq, S, D], key/value [B, Hkv, S, D] -> out [B, S, Hq, D]."""
+    B, Hq, S, D = query.shape
+
+    def tokens(t):  # [B, H, S, D] -> [B * S, H, D] (a view for HF's transposed projections)
+        return t.transpose(1, 2).reshape(B * S, t.shape[1], D)
+
+    args = (tokens(query), tokens(key), tokens(value), cu_q.to(query.device), cu_k.to(query.device), max_q, max_k,
+            scaling, True)
+    if reference_instead("attention", query):
+        out, _ = reference.attention_varlen(*args)
+    else:
+        out, _ = ops.attention_varlen(*args)
+    return out.view(B, S, Hq, D)
 
 
 def mask_function(*args, **kwargs):
