@@ -7,7 +7,8 @@
 #               run the tests (GPU ones included), compute-sanitizer memcheck on the kernel tests,
 #               and the benchmark suite (BENCH_ARGS=--quick for a smoke run); logs and result
 #               rows into OUT, then a summary. Per-step time limits: GPU_TEST_S, MEMCHECK_S,
-#               BENCH_S; GPU_TESTS picks test files (e.g. GPU_TESTS=tests/test_kernels_gpu.py)
+#               BENCH_S; GPU_TESTS picks test files (e.g. GPU_TESTS=tests/test_kernels_gpu.py);
+#               GPU_SAMPLE=N runs N parametrizations of each GPU test (default 3; 0 = all of them)
 
 SHELL       := /bin/bash
 PYTHON      ?= python3
@@ -57,15 +58,21 @@ GPU_TEST_S  ?= 240
 MEMCHECK_S  ?= 90
 BENCH_S     ?= 180
 GPU_TESTS   ?= tests
+GPU_SAMPLE  ?= 3
+# memcheck: the first small parametrization of every GPU kernel test (compute-sanitizer is slow)
+MEMCHECK_TESTS ?= tests/test_kernels_gpu.py tests/test_attention_gpu.py tests/test_moe_gpu.py \
+                  tests/test_moe_experts_gpu.py
+MEMCHECK_K  ?= not 65536 and not 4097 and not 4096 and not 8192 and not 8193 and not 16384 and not 32768 \
+               and not 131072 and not long and not 20000
 
 gpu:
 	mkdir -p $(OUT)
 	set -o pipefail; $(PYTHON) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tee $(OUT)/build.log
 	$(PYTHON) -m qwen3x.info | tee $(OUT)/info.txt
-	set -o pipefail; timeout $(GPU_TEST_S) $(PYTHON) -m pytest -q -rs $(GPU_TESTS) 2>&1 | tee $(OUT)/tests.log; \
-	    echo "tests exit $$?" >> $(OUT)/tests.log
+	set -o pipefail; timeout $(GPU_TEST_S) $(PYTHON) -m pytest -q -rs --gpu-sample $(GPU_SAMPLE) $(GPU_TESTS) 2>&1 \
+	    | tee $(OUT)/tests.log; echo "tests exit $$?" >> $(OUT)/tests.log
 	set -o pipefail; timeout $(MEMCHECK_S) compute-sanitizer --tool memcheck --error-exitcode 1 \
-	    $(PYTHON) -m pytest -q -x tests/test_kernels_gpu.py -k "not 65536 and not 4097 and not 8192" 2>&1 \
+	    $(PYTHON) -m pytest -q -x -m gpu --gpu-sample 1 $(MEMCHECK_TESTS) -k "$(MEMCHECK_K)" 2>&1 \
 	    | tail -n 30 | tee $(OUT)/memcheck.log; echo "memcheck exit $$?" >> $(OUT)/memcheck.log
 	set -o pipefail; timeout $(BENCH_S) $(PYTHON) -m benchmarks --out $(OUT) $(BENCH_ARGS) 2>&1 \
 	    | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log

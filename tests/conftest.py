@@ -2,17 +2,43 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--gpu-sample",
+        type=int,
+        default=0,
+        help="keep at most N parametrizations of each GPU test function, spread evenly over its grid "
+        "(first and last included); 0 keeps all. For a first pass that must fit a short GPU session.",
+    )
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: sample what is left
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="no CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
         return
-    skip = pytest.mark.skip(reason="no CUDA device")
+    n = config.getoption("--gpu-sample")
+    if n <= 0:
+        return
+    by_function: dict[tuple, list] = {}
     for item in items:
         if "gpu" in item.keywords:
-            item.add_marker(skip)
+            by_function.setdefault((item.path, item.originalname), []).append(item)
+    dropped = set()
+    for group in by_function.values():
+        if len(group) > n:
+            keep = {round(i * (len(group) - 1) / max(n - 1, 1)) for i in range(n)} if n > 1 else {0}
+            dropped.update(id(item) for i, item in enumerate(group) if i not in keep)
+    if dropped:
+        config.hook.pytest_deselected(items=[item for item in items if id(item) in dropped])
+        items[:] = [item for item in items if id(item) not in dropped]
 
 
 @pytest.fixture(autouse=True)
