@@ -35,6 +35,20 @@ void qk_norm_rope_(at::Tensor& q,                 // [..., Hq, 128], updated in 
                    const at::Tensor& positions,   // [...] int32/int64
                    const at::Tensor& inv_freq,    // [64] fp32
                    double attention_scaling, double eps);
+// qk_norm_rope_ on q; k normed and rotated, and v as it is, stored into a static KV cache at
+// k_cache[b, :, cache_position[s]] (slots outside [0, max_cache_len) are not written); k and v
+// are not modified.
+void qk_norm_rope_cache_(at::Tensor& q,                      // [B, S, Hq, 128], updated in place
+                         const at::Tensor& k,                // [B, S, Hkv, 128]
+                         const at::Tensor& v,                // [B, S, Hkv, 128]
+                         at::Tensor& k_cache,                // [B, Hkv, max_cache_len, 128]
+                         at::Tensor& v_cache,                // [B, Hkv, max_cache_len, 128]
+                         const at::Tensor& cache_position,   // [S] int32/int64
+                         const at::Tensor& q_weight,         // [128]
+                         const at::Tensor& k_weight,         // [128]
+                         const at::Tensor& positions,        // [B, S] int32/int64 (RoPE)
+                         const at::Tensor& inv_freq,         // [64] fp32
+                         double attention_scaling, double eps);
 
 // csrc/activation/activation.cu
 at::Tensor silu_and_mul(const at::Tensor& input);  // [..., 2 * I] -> [..., I]

@@ -37,6 +37,10 @@ TORCH_LIBRARY(qwen3x, m) {
   m.def(
       "qk_norm_rope_(Tensor(a!) q, Tensor(b!) k, Tensor q_weight, Tensor k_weight, "
       "Tensor positions, Tensor inv_freq, float attention_scaling, float eps) -> ()");
+  m.def(
+      "qk_norm_rope_cache_(Tensor(a!) q, Tensor k, Tensor v, Tensor(b!) k_cache, Tensor(c!) v_cache, "
+      "Tensor cache_position, Tensor q_weight, Tensor k_weight, Tensor positions, Tensor inv_freq, "
+      "float attention_scaling, float eps) -> ()");
   m.def("silu_and_mul(Tensor input) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)");
   m.def(
@@ -58,6 +62,7 @@ TORCH_LIBRARY(qwen3x, m) {
   X(add_rms_norm)              \
   X(qk_norm_rope)              \
   X(qk_norm_rope_)             \
+  X(qk_norm_rope_cache_)       \
   X(silu_and_mul)              \
   X(attention)                 \
   X(attention_varlen)          \

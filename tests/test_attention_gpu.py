@@ -15,8 +15,8 @@ and lse = -inf exactly (compared separately, as -inf - -inf is NaN).
 References are computed in chunks (per kv head, and per block of queries for long sequences, with
 the keys cut so that bottom-right causality is unchanged) to bound their memory.
 
-Outputs are poisoned: a freed NaN block is left in the caching allocator first, so an element the
-kernel forgets to write shows up as NaN.
+Outputs are poisoned: freed NaN blocks are left in the caching allocator first
+(qwen3x.testing.poison_allocator), so an element the kernel forgets to write shows up as NaN.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import math
 
 import pytest
 import torch
-from qwen3x.testing import assert_close_to_truth, max_abs_error
+from qwen3x.testing import assert_close_to_truth, max_abs_error, poison_allocator
 
 from qwen3x import _library, ops
 from qwen3x import reference as R
@@ -41,11 +41,6 @@ REF_CHUNK_ELEMS = 2**26  # score elements per reference chunk
 def _needs_kernel():
     if not _library.has_cuda_kernel("attention"):
         pytest.skip("no CUDA kernel for attention in this build")
-
-
-def _poison(nbytes: int) -> None:
-    """Leave a freed NaN block of nbytes in the caching allocator for the next allocation."""
-    torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device="cuda").fill_(float("nan"))
 
 
 def _allowed(Sq, Skv, mask, causal, device, B, Hq):
@@ -145,7 +140,7 @@ def _run(q, k, v, mask, causal, scale=D**-0.5):
     nbytes = rows * (D * q.element_size() + 4)  # out, lse
     if rows <= 2**16:  # split-KV partials (up to 128 splits of fp32 rows and lse)
         nbytes += 128 * rows * (D + 1) * 4
-    _poison(min(nbytes, 1 << 30))
+    poison_allocator(min(nbytes, 1 << 30))
     out, lse = ops.attention(q, k, v, mask, scale, causal)
     return out, lse
 
@@ -362,7 +357,7 @@ def _varlen_inputs(lq, lk, Hq, Hkv, dtype=torch.bfloat16, q_start=0, q_tail=0):
 def _run_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale=D**-0.5):
     Tq, Hq = q.shape[0], q.shape[1]
     rows = Tq * Hq
-    _poison(min(rows * (D * q.element_size() + 4) + 128 * rows * (D + 1) * 4, 1 << 30))
+    poison_allocator(min(rows * (D * q.element_size() + 4) + 128 * rows * (D + 1) * 4, 1 << 30))
     return ops.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)
 
 
@@ -372,6 +367,8 @@ def _judge_varlen(out, lse, q, k, v, cu_q, cu_k, causal, scale=D**-0.5):
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for b in range(len(cq) - 1):
         q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0:  # no queries: nothing of out or lse belongs to it
+            continue
         seq = lambda t, lo, hi: t[lo:hi].transpose(0, 1).unsqueeze(0)  # noqa: E731  [1, H, S, D]
         _judge(out[q0:q1].unsqueeze(0), lse[:, q0:q1].unsqueeze(0), seq(q, q0, q1), seq(k, k0, k1), seq(v, k0, k1),
                None, scale, causal)
@@ -408,7 +405,7 @@ def test_varlen_tokens_outside_every_sequence(lq, lk, dtype):
     _judge_varlen(out, lse, q, k, v, cu_q, cu_k, True)
 
 
-@pytest.mark.parametrize("max_k", [1, 0, 4999, 100000])
+@pytest.mark.parametrize("max_k", [1, 0, 1000, 4999, 100000])  # 1000: 4 splits of 4 tiles, the last takes 67
 def test_varlen_key_hint_never_changes_correctness(max_k):
     """max_seqlen_k only plans split-KV: below (or above) the truth, the last split takes the rest."""
     lq, lk = [1, 3, 1], [1000, 5000, 130]
@@ -419,24 +416,28 @@ def test_varlen_key_hint_never_changes_correctness(max_k):
 
 @pytest.mark.parametrize("lk", [None, [4000, 4000, 4000]])  # self-attention; decode-like (split-KV)
 def test_varlen_query_hint_too_small_gives_nan_rows(lk):
-    """Rows beyond max_seqlen_q (which sizes the grid) come back NaN, never stale memory."""
+    """Rows beyond max_seqlen_q (which sizes the grid) come back NaN, never stale memory; the rows
+    the grid covers are right."""
     lq = [100, 3, 30]
     lk = lk or lq
     q, k, v, cu_q, cu_k = _varlen_inputs(lq, lk, 16, 8)
     out, lse = _run_varlen(q, k, v, cu_q, cu_k, 20, max(lk), True)  # grid: ceil(20 * 2 / 64) = 1 row tile
-    covered_tokens = 64 // 2  # a row tile holds 64 packed rows = 32 tokens of group 2
-    nan_tokens = list(range(covered_tokens, 100))
+    covered = 64 // 2  # a row tile holds 64 packed rows = 32 tokens of group 2
+    nan_tokens = list(range(covered, lq[0]))
     assert torch.isnan(out[nan_tokens]).all() and torch.isnan(lse[:, nan_tokens]).all()
-    good = [t for t in range(sum(lq)) if t not in nan_tokens]
-    assert not torch.isnan(out[good]).any() and not torch.isnan(lse[:, good]).any()
-    want, want_lse = ops.attention_varlen(q, k, v, cu_q, cu_k, None, None, D**-0.5, True)
-    _judge_varlen(want, want_lse, q, k, v, cu_q, cu_k, True)
+    # Sequence 0's first `covered` queries: bottom-right causal, they see keys < covered + lk - lq.
+    keys = covered + lk[0] - lq[0]
+    _judge(out[:covered].unsqueeze(0), lse[:, :covered].unsqueeze(0), q[:covered].transpose(0, 1)[None],
+           k[:keys].transpose(0, 1)[None], v[:keys].transpose(0, 1)[None], None, D**-0.5, True)
+    rest = slice(lq[0], None)  # sequences 1 and 2, shifted to start at token 0
+    _judge_varlen(out[rest], lse[:, rest], q[rest], k[lk[0]:], v[lk[0]:], cu_q[1:] - lq[0], cu_k[1:] - lk[0], True)
 
 
-def test_varlen_matches_padded_kernel():
-    """One sequence through both entry points: the same kernel path, the same bits."""
-    q, k, v, cu_q, cu_k = _varlen_inputs([777], [777], 32, 4)
-    out, lse = ops.attention_varlen(q, k, v, cu_q, cu_k, 777, 777, D**-0.5, True)
+@pytest.mark.parametrize("lq,lk", [(777, 777), (1, 20000)])  # one row tile per CTA; split-KV decode
+def test_varlen_matches_padded_kernel(lq, lk):
+    """One sequence through both entry points: the same kernel path and split plan, the same bits."""
+    q, k, v, cu_q, cu_k = _varlen_inputs([lq], [lk], 32, 4)
+    out, lse = ops.attention_varlen(q, k, v, cu_q, cu_k, lq, lk, D**-0.5, True)
     pout, plse = ops.attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
                                D**-0.5, True)
     assert torch.equal(out, pout[0]) and torch.equal(lse, plse[0])

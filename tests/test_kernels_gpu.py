@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from models import tiny_config
-from qwen3x.testing import assert_close_to_truth
+from qwen3x.testing import assert_close_to_truth, poison_allocator
 
 from qwen3x import _library, ops
 from qwen3x import reference as R
@@ -25,11 +25,6 @@ D = 128
 def _needs_kernel(op):
     if not _library.has_cuda_kernel(op):
         pytest.skip(f"no CUDA kernel for {op} in this build")
-
-
-def _poison(nbytes: int) -> None:
-    """Leave a freed NaN block of nbytes in the caching allocator for the next allocation."""
-    torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device="cuda").fill_(float("nan"))
 
 
 def _judge(out, args, ref_fn, index=None):
@@ -50,7 +45,7 @@ def test_rms_norm(dtype, tokens, hidden):
         pytest.skip("large")
     x = torch.randn(tokens, hidden, device="cuda", dtype=dtype) * 4
     w = torch.randn(hidden, device="cuda", dtype=dtype)
-    _poison(x.numel() * x.element_size())
+    poison_allocator(x.numel() * x.element_size())
     out = ops.rms_norm(x, w, 1e-6)
     _judge(out, (x, w, 1e-6), R.rms_norm)
 
@@ -71,7 +66,7 @@ def test_add_rms_norm(dtype, tokens):
     x = torch.randn(tokens, 2048, device="cuda", dtype=dtype)
     res = torch.randn(tokens, 2048, device="cuda", dtype=dtype)
     w = torch.randn(2048, device="cuda", dtype=dtype)
-    _poison(2 * x.numel() * x.element_size())
+    poison_allocator(2 * x.numel() * x.element_size())
     out, summed = ops.add_rms_norm(x, res, w, 1e-6)
     assert torch.equal(summed, res + x)  # the sum rounds once to the input dtype, like HF
     _judge(out, (x, res, w, 1e-6), lambda *a: R.add_rms_norm(*a)[0])
@@ -83,7 +78,7 @@ def test_silu_and_mul(dtype, tokens):
     _needs_kernel("silu_and_mul")
     for inter in (768, 3072, 9728, 100):
         x = torch.randn(tokens, 2 * inter, device="cuda", dtype=dtype) * 3
-        _poison(x.numel() * x.element_size())
+        poison_allocator(x.numel() * x.element_size())
         _judge(ops.silu_and_mul(x), (x,), R.silu_and_mul)
 
 
@@ -110,7 +105,7 @@ def test_qk_norm_rope(dtype, tokens, hq, hkv):
     if tokens * hq > 2**21:
         pytest.skip("large")
     args = _rope_inputs(tokens, hq, hkv, dtype)
-    _poison(args[0].numel() * args[0].element_size())
+    poison_allocator(args[0].numel() * args[0].element_size())
     q_out, k_out = ops.qk_norm_rope(*args)
     _judge(q_out, args, R.qk_norm_rope, index=0)
     _judge(k_out, args, R.qk_norm_rope, index=1)
@@ -185,7 +180,77 @@ def test_in_place_rope_refuses_overlapping_memory():
     _needs_kernel("qk_norm_rope_")
     q, k, wq, wk, pos, inv, scale, eps = _rope_inputs(4, 4, 2, torch.bfloat16)
     broadcast = q[:1].expand(4, 4, D)  # every token the same memory
-    with pytest.raises(RuntimeError, match="more than one element"):
+    with pytest.raises(RuntimeError, match="qwen3x.qk_norm_rope_: expected q to give every element its own memory"):
         ops.qk_norm_rope_(broadcast, k, wq, wk, pos, inv, scale, eps)
-    with pytest.raises(RuntimeError, match="overlap"):
+    with pytest.raises(RuntimeError, match="qwen3x.qk_norm_rope_: expected q and k not to overlap"):
         ops.qk_norm_rope_(q[:, :2], q[:, :2], wq, wk, pos, inv, scale, eps)
+
+
+# ---- qk_norm_rope_cache_: q in place, k and v into a static KV cache ---------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,seqlen", [(1, 1), (4, 1), (3, 4), (2, 37)])
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+def test_qk_norm_rope_cache(dtype, batch, seqlen, hq, hkv, slot_dtype):
+    """q, k, v as views of a fused [B, S, (Hq + 2 Hkv) D] projection; the caches a slice of a longer
+    buffer; the new tokens at slots 5 .. 5 + S - 1 (RoPE positions elsewhere, as under left padding)."""
+    _needs_kernel("qk_norm_rope_cache_")
+    s_max = 64
+    _, _, wq, wk, _, inv, scale, eps = _rope_inputs(1, hq, hkv, dtype)
+    qkv = torch.randn(batch, seqlen, (hq + 2 * hkv) * D, device="cuda", dtype=dtype)
+    q = qkv[..., : hq * D].view(batch, seqlen, hq, D)
+    k = qkv[..., hq * D : (hq + hkv) * D].view(batch, seqlen, hkv, D)
+    v = qkv[..., (hq + hkv) * D :].view(batch, seqlen, hkv, D)
+    caches = torch.randn(2, batch, hkv, s_max + 8, D, device="cuda", dtype=dtype)[..., :s_max, :]
+    k_cache, v_cache = caches[0], caches[1]
+    before_qkv, before_caches = qkv.clone(), caches.clone()
+    slots = torch.arange(5, 5 + seqlen, device="cuda", dtype=slot_dtype)
+    pos = torch.randint(0, 131072, (batch, seqlen), device="cuda")
+    args = (q.clone(), k.clone(), wq, wk, pos, inv, scale, eps)
+    ops.qk_norm_rope_cache_(q, k, v, k_cache, v_cache, slots, wq, wk, pos, inv, scale, eps)
+    _judge(q, args, R.qk_norm_rope, index=0)
+    written = slots.long()
+    _judge(k_cache[:, :, written].transpose(1, 2), args, R.qk_norm_rope, index=1)
+    assert torch.equal(v_cache[:, :, written].transpose(1, 2), v)  # v stored as it is
+    assert torch.equal(qkv[..., hq * D :], before_qkv[..., hq * D :])  # k and v inputs untouched
+    others = [i for i in range(s_max) if i not in written.tolist()]
+    assert torch.equal(caches[:, :, :, others], before_caches[:, :, :, others])
+
+
+def test_qk_norm_rope_cache_skips_slots_out_of_range():
+    """The CUDA kernel cannot raise on values: a slot outside [0, max_cache_len) is not written."""
+    _needs_kernel("qk_norm_rope_cache_")
+    B, S, hq, hkv, s_max, dtype = 2, 3, 16, 8, 16, torch.bfloat16
+    _, _, wq, wk, _, inv, scale, eps = _rope_inputs(1, hq, hkv, dtype)
+    q = torch.randn(B, S, hq, D, device="cuda", dtype=dtype)
+    k, v = torch.randn(2, B, S, hkv, D, device="cuda", dtype=dtype)
+    caches = torch.randn(2, B, hkv, s_max, D, device="cuda", dtype=dtype)
+    before = caches.clone()
+    slots = torch.tensor([-1, 3, s_max], device="cuda")
+    pos = torch.arange(B * S, device="cuda").view(B, S)
+    ops.qk_norm_rope_cache_(q, k, v, caches[0], caches[1], slots, wq, wk, pos, inv, scale, eps)
+    torch.cuda.synchronize()
+    assert torch.equal(caches[1][:, :, 3], v[:, 1])
+    others = [i for i in range(s_max) if i != 3]
+    assert torch.equal(caches[:, :, :, others], before[:, :, :, others])
+
+
+def test_qk_norm_rope_cache_bad_inputs():
+    _needs_kernel("qk_norm_rope_cache_")
+    B, S, hq, hkv, dtype = 2, 3, 16, 8, torch.bfloat16
+    _, _, wq, wk, _, inv, scale, eps = _rope_inputs(1, hq, hkv, dtype)
+    q = torch.randn(B, S, hq, D, device="cuda", dtype=dtype)
+    k = torch.randn(B, S, hkv, D, device="cuda", dtype=dtype)
+    kc = torch.randn(B, hkv, 32, D, device="cuda", dtype=dtype)
+    slots, pos = torch.arange(S, device="cuda"), torch.arange(B * S, device="cuda").view(B, S)
+
+    def bad(*args, match):
+        with pytest.raises((RuntimeError, ValueError), match=f"qwen3x.qk_norm_rope_cache_.*{match}"):
+            ops.qk_norm_rope_cache_(*args, wq, wk, pos, inv, scale, eps)
+        torch.cuda.synchronize()
+
+    bad(q, k, k, kc.half(), kc, slots, match="dtype")
+    bad(q, k, k, kc[:1], kc[:1], slots, match="k_cache")
+    bad(q, k, k, kc, kc.clone(), slots[:2], match="cache_position")
+    bad(q, k, k[:, :, :4], kc, kc.clone(), slots, match="v")
+    bad(q, k, k, kc, kc, slots, match="k_cache and v_cache not to overlap")  # one buffer for both caches

@@ -17,7 +17,7 @@ import torch
 
 from qwen3x import _library
 from qwen3x import reference as R
-from qwen3x.testing import assert_close_to_truth
+from qwen3x.testing import assert_close_to_truth, poison_allocator
 
 pytestmark = pytest.mark.gpu
 
@@ -25,11 +25,6 @@ pytestmark = pytest.mark.gpu
 def _needs_kernel(op="moe_experts"):
     if not _library.has_cuda_kernel(op):
         pytest.skip(f"no CUDA kernel for {op} in this build")
-
-
-def _poison(nbytes: int) -> None:
-    """Leave a freed NaN block of nbytes in the caching allocator for the next allocation."""
-    torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device="cuda").fill_(float("nan"))
 
 
 def _weights(E, H, I, dtype):
@@ -47,7 +42,7 @@ def _routing(T, E, k, dtype, id_dtype=torch.int32):
 
 
 def _run(x, ids, w, gate_up, down):
-    _poison(x.shape[0] * x.shape[1] * x.element_size() * (ids.shape[1] + 1))
+    poison_allocator(x.shape[0] * x.shape[1] * x.element_size() * (ids.shape[1] + 1))
     return torch.ops.qwen3x.moe_experts(x, ids, w, gate_up, down)
 
 
@@ -209,7 +204,7 @@ def test_moe_op_matches_reference(T, E, k, norm):
     x = torch.randn(T, H, device="cuda", dtype=dtype)
     gate_up, down = _weights(E, H, I, dtype)
     logits = _distinct_logits(T, E, dtype)
-    _poison(x.numel() * x.element_size() * (k + 1))
+    poison_allocator(x.numel() * x.element_size() * (k + 1))
     out = torch.ops.qwen3x.moe(x, logits, gate_up, down, k, norm)
     same = R.moe(x, logits, gate_up, down, k, norm)
     truth = R.moe(x.double(), logits.double(), gate_up.double(), down.double(), k, norm)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwen3x.testing import poison_allocator
+
 from qwen3x import _library, ops
 from qwen3x import reference as R
 
@@ -26,11 +28,6 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 def _needs_kernel(op):
     if not _library.has_cuda_kernel(op):
         pytest.skip(f"no CUDA kernel for {op} in this build")
-
-
-def _poison(nbytes: int) -> None:
-    """Leave a freed NaN block of nbytes in the caching allocator for the next allocation."""
-    torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device="cuda").fill_(float("nan"))
 
 
 def _distinct_logits(tokens: int, experts: int, dtype, width: int | None = None) -> torch.Tensor:
@@ -78,7 +75,7 @@ def _assert_weights(got: torch.Tensor, want: torch.Tensor) -> None:
 
 def _check_router(logits, top_k, norm):
     T, E = logits.shape
-    _poison(T * top_k * 8 + E * 4)
+    poison_allocator(T * top_k * 8 + E * 4)
     weights, ids, counts = ops.moe_router(logits, top_k, norm)
     ref_w, ref_ids, ref_counts = R.moe_router(logits, top_k, norm)
     _assert_equal("expert_ids", ids, ref_ids)
@@ -113,7 +110,7 @@ def test_router_strided_logits(dtype, experts, top_k):
 
 def test_router_no_tokens():
     _needs_kernel("moe_router")
-    _poison(1 << 16)
+    poison_allocator(1 << 16)
     w, ids, counts = ops.moe_router(torch.empty(0, 128, device="cuda", dtype=torch.bfloat16), 8, True)
     assert w.shape == (0, 8) and ids.shape == (0, 8)
     _assert_equal("tokens_per_expert", counts, torch.zeros(128, dtype=torch.int32, device="cuda"))
@@ -168,7 +165,7 @@ def _ids(pattern: str, tokens: int, top_k: int, experts: int, dtype=torch.int32)
 
 def _check_permute(ids, experts, row_align):
     n = ids.numel()
-    _poison(4 * (2 * n + experts * row_align + experts + 1))
+    poison_allocator(4 * (2 * n + experts * row_align + experts + 1))
     got = ops.moe_permute(ids, experts, row_align)
     want = R.moe_permute(ids, experts, row_align)
     for name, g, w in zip(("sorted_rows", "expert_offsets", "inverse"), got, want):

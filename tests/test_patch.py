@@ -356,3 +356,26 @@ def test_packed_sequences_with_flash_kwargs_match_separate_sequences(moe):
     assert len(calls) == base.config.num_hidden_layers  # every layer took the varlen kernel path
     want = torch.cat([_logits(base, s[None]) for s in seqs], dim=1)
     assert_rel_close(got, want, REL)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_static_cache_decode_writes_the_cache_in_one_op(moe, monkeypatch):
+    """With HF's StaticCache, decode steps store k and v through qk_norm_rope_cache_ (the prefill
+    initializes the cache through HF's own update); generations stay identical, left padding too."""
+    base = tiny_model(moe=moe)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    calls = []
+    real = qwen3x.ops.qk_norm_rope_cache_
+    monkeypatch.setattr(qwen3x.ops, "qk_norm_rope_cache_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = _ids(batch=2, seq=7)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    new = 8
+    kw = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+              cache_implementation="static", pad_token_id=0)
+    assert torch.equal(patched.generate(ids, **kw), base.generate(ids, **kw))
+    assert len(calls) == (new - 1) * base.config.num_hidden_layers
+    calls.clear()
+    kw["cache_implementation"] = "dynamic"
+    assert torch.equal(patched.generate(ids, **kw), base.generate(ids, **kw))
+    assert not calls

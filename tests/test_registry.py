@@ -22,6 +22,11 @@ def _inputs(op: str):
     if op in ("qk_norm_rope", "qk_norm_rope_"):
         return (torch.randn(T, 4, D), torch.randn(T, 2, D), torch.randn(D), torch.randn(D),
                 torch.arange(T) * 5, torch.rand(D // 2), 1.1, 1e-6)
+    if op == "qk_norm_rope_cache_":  # batch 2, 3 new tokens at slots 4, 5, 6 of a 9-slot cache
+        B, S, S_max = 2, 3, 9
+        return (torch.randn(B, S, 4, D), torch.randn(B, S, 2, D), torch.randn(B, S, 2, D), torch.randn(B, 2, S_max, D),
+                torch.randn(B, 2, S_max, D), torch.arange(4, 4 + S), torch.randn(D), torch.randn(D),
+                torch.arange(B * S).view(B, S) + 1, torch.rand(D // 2), 1.1, 1e-6)
     if op == "silu_and_mul":
         return (torch.randn(T, 2 * 24),)
     if op == "attention":
@@ -64,7 +69,7 @@ def test_cpp_schemas_match_python_mirror():
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_opcheck(op):
     args = _inputs(op)
-    if op in ("qk_norm_rope_",):
+    if op in ("qk_norm_rope_", "qk_norm_rope_cache_"):
         args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
     tests = ["test_schema", "test_faketensor", "test_aot_dispatch_dynamic"]
     if op in _library.NO_AUTOGRAD:
@@ -83,6 +88,16 @@ def test_op_equals_reference_and_fake_shapes_match(op):
         fn(q, k, *args[2:])
         eq, ek = R.qk_norm_rope(*args)
         assert torch.equal(q, eq) and torch.equal(k, ek)
+        return
+    if op == "qk_norm_rope_cache_":
+        q, k, v, kc, vc, slots = (a.clone() for a in args[:6])
+        kc0, vc0 = kc.clone(), vc.clone()
+        fn(q, k, v, kc, vc, slots, *args[6:])
+        eq, ek = R.qk_norm_rope(args[0], args[1], *args[6:])
+        assert torch.equal(q, eq) and torch.equal(k, args[1]) and torch.equal(v, args[2])  # k, v untouched
+        assert torch.equal(kc[:, :, 4:7], ek.transpose(1, 2)) and torch.equal(vc[:, :, 4:7], v.transpose(1, 2))
+        others = [i for i in range(kc.shape[2]) if i not in (4, 5, 6)]
+        assert torch.equal(kc[:, :, others], kc0[:, :, others]) and torch.equal(vc[:, :, others], vc0[:, :, others])
         return
     out = fn(*args)
     expected = getattr(R, op)(*args)
@@ -148,6 +163,13 @@ BAD = [
     ("qk_norm_rope", lambda: ops.qk_norm_rope(torch.randn(5, 4, D), torch.randn(5, 2, D), torch.randn(D),
                                               torch.randn(D), torch.arange(5), torch.rand(D)),
      "expected inv_freq of shape \\[16\\]"),
+    ("qk_norm_rope_cache_", lambda: ops.qk_norm_rope_cache_(*_inputs("qk_norm_rope_cache_")[:5], torch.tensor([4, 5, 9]),
+                                                            *_inputs("qk_norm_rope_cache_")[6:]),
+     "cache_position in \\[0, 9\\)"),
+    ("qk_norm_rope_cache_", lambda: ops.qk_norm_rope_cache_(*_inputs("qk_norm_rope_cache_")[:3],
+                                                            torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16),
+                                                            *_inputs("qk_norm_rope_cache_")[5:]),
+     "expected k_cache of shape \\[2, 2, max_cache_len, 32\\]"),
     ("silu_and_mul", lambda: ops.silu_and_mul(torch.randn(3, 7)), "even last dim"),
     ("attention", lambda: ops.attention(torch.randn(1, 3, 4, D), torch.randn(1, 2, 4, D), torch.randn(1, 2, 4, D)),
      "divisible by key-value heads"),

@@ -5,6 +5,7 @@
 // All checks raise through TORCH_CHECK, i.e. RuntimeError in Python.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -79,6 +80,22 @@ inline void vector_of(const char* op, const char* name, const at::Tensor& t, int
 inline void last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) <= 1, "qwen3x.", op, ": expected ", name,
               " to have a contiguous last dimension (stride 1), got strides ", t.strides());
+}
+
+// A tensor written in place: no two elements at one address (an expanded / broadcast view).
+inline void writable(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "qwen3x.", op, ": expected ", name,
+              " to give every element its own memory (it is written in place; an expanded view is "
+              "not), got strides ", t.strides());
+}
+
+// Two tensors of which at least one is written: no shared memory.
+inline void disjoint(const char* op, const char* a_name, const at::Tensor& a, const char* b_name,
+                     const at::Tensor& b) {
+  const at::MemOverlapStatus s = at::get_overlap_status(a, b);
+  TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, "qwen3x.", op,
+              ": expected ", a_name, " and ", b_name,
+              " not to overlap in memory (the op writes one of them)");
 }
 
 // The stride between consecutive "rows" when every dimension before `end_dim`

@@ -27,6 +27,10 @@
 // - q and k heads share the launch: head h < num_q_heads is q head h, the rest
 //   are k heads. Inputs and outputs take arbitrary token and head strides
 //   (e.g. slices of a fused qkv projection); in-place is out == in.
+// - With a KV cache (kCache, the decode path of a static cache): the launch
+//   also carries the v heads, after the k heads; k heads (normed, rotated) and
+//   v heads (copied as they are) go to cache slot slots[s] of their batch row
+//   instead of k_out, so k is written once and v needs no copy kernel.
 //
 // Torch-free: raw pointers, sizes and element strides; the glue is rope.cu.
 #pragma once
@@ -68,10 +72,35 @@ struct HeadStrides {
   int64_t head;
 };
 
+// A KV cache [B, Hkv, S_max, 128]: element (b, h, slot, d) at
+// ptr[b * batch + h * head + slot * slot_stride + d].
+struct CacheStrides {
+  int64_t batch;
+  int64_t head;
+  int64_t slot;
+};
+
+// Where k and v go in the kCache variant. Tokens are [B, S] flattened: token t
+// is batch row t / seqlen at sequence position s = t % seqlen, stored at slot
+// slots[s] (HF's cache_position); a slot outside [0, max_slots) is not written.
 template <typename T>
+struct CacheWrite {
+  T* k_cache;              // [B, Hkv, S_max, 128], strides k_strides
+  T* v_cache;              // [B, Hkv, S_max, 128], strides v_strides
+  const T* v;              // [num_tokens, Hkv, 128] values, strides v_in
+  CacheStrides k_strides;
+  CacheStrides v_strides;
+  HeadStrides v_in;
+  const void* slots;       // [S] int64 if slots_int64 else int32
+  bool slots_int64;
+  int64_t seqlen;          // S
+  int64_t max_slots;       // S_max
+};
+
+template <typename T, bool kCache>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_heads, 128], strides q_out_strides
-                    T* k_out,                          // [num_tokens, num_kv_heads, 128], strides k_out_strides
+                    T* k_out,                          // [num_tokens, num_kv_heads, 128], strides k_out_strides (unused with kCache)
                     const T* q_in,                     // [num_tokens, num_q_heads, 128], strides q_in_strides (may equal q_out)
                     const T* k_in,                     // [num_tokens, num_kv_heads, 128], strides k_in_strides (may equal k_out)
                     const T* __restrict__ q_weight,    // [128]
@@ -87,13 +116,15 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
                     HeadStrides q_in_strides,
                     HeadStrides k_in_strides,
                     float attention_scaling,
-                    float eps) {
+                    float eps,
+                    const CacheWrite<T> cache) {  // used with kCache only
   using L = HeadLayout<T>;
   using Vec = Vec16<T>;
   constexpr int kVec = L::kVec;
 
   const int lane = threadIdx.x % kWarpSize;
-  const int num_heads = num_q_heads + num_kv_heads;
+  const int num_qk_heads = num_q_heads + num_kv_heads;
+  const int num_heads = num_qk_heads + (kCache ? num_kv_heads : 0);  // + the v heads
   const int groups_per_token = ceil_div(num_heads, kHeadsPerWarp);
   const int64_t warp_id =
       static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
@@ -111,17 +142,22 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
   Vec x[L::kIters];
   bool valid[L::kIters];
   bool is_q[L::kIters];
+  bool is_v[L::kIters];  // kCache: a v head, copied without norm or rotation
   int head_in_tensor[L::kIters];
 #pragma unroll
   for (int it = 0; it < L::kIters; ++it) {
     const int h = head_base + it * L::kHeadsPerIter + head_slot;
     valid[it] = h < num_heads;
     is_q[it] = h < num_q_heads;
-    head_in_tensor[it] = is_q[it] ? h : h - num_q_heads;
+    is_v[it] = kCache && h >= num_qk_heads;
+    head_in_tensor[it] = is_q[it] ? h : (is_v[it] ? h - num_qk_heads : h - num_q_heads);
     if (valid[it]) {
       const T* src = is_q[it]
           ? q_in + token * q_in_strides.token + head_in_tensor[it] * q_in_strides.head
           : k_in + token * k_in_strides.token + head_in_tensor[it] * k_in_strides.head;
+      if (kCache && is_v[it]) {
+        src = cache.v + token * cache.v_in.token + head_in_tensor[it] * cache.v_in.head;
+      }
       x[it] = load_vec16(src + elem0);
     } else {
       // Lanes without a head still take part in the shuffles below.
@@ -133,6 +169,13 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
   const Vec wk = load_vec16(k_weight + elem0);
   const int64_t pos = positions_int64 ? static_cast<const int64_t*>(positions)[token]
                                       : static_cast<const int32_t*>(positions)[token];
+  int64_t batch_row = 0, slot = -1;  // kCache: where this token's k and v go
+  if constexpr (kCache) {
+    batch_row = token / cache.seqlen;
+    const int64_t s = token - batch_row * cache.seqlen;
+    slot = cache.slots_int64 ? static_cast<const int64_t*>(cache.slots)[s]
+                             : static_cast<const int32_t*>(cache.slots)[s];
+  }
 
   // ---- cos/sin for this lane's 8 (or 4) frequencies, once per token. -------
   float cos_v[kVec];
@@ -183,6 +226,25 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
       const float partner = __shfl_xor_sync(kFullWarpMask, v[j], L::kPartnerXor);
       y.data[j] = from_float<T>(fmaf(v[j], cos_v[j], partner * sin_v[j]));
     }
+    if constexpr (kCache) {
+      if (valid[it] && !is_q[it]) {  // k or v head -> its cache slot (if in range)
+        if (slot >= 0 && slot < cache.max_slots) {
+          // Field by field, per element: a reference to either struct would put both (kernel
+          // parameters, registers) into local memory.
+          const int64_t batch_stride = is_v[it] ? cache.v_strides.batch : cache.k_strides.batch;
+          const int64_t head_stride = is_v[it] ? cache.v_strides.head : cache.k_strides.head;
+          const int64_t slot_stride = is_v[it] ? cache.v_strides.slot : cache.k_strides.slot;
+          T* dst = (is_v[it] ? cache.v_cache : cache.k_cache) + batch_row * batch_stride +
+                   head_in_tensor[it] * head_stride + slot * slot_stride;
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            if (is_v[it]) y.data[j] = x[it].data[j];
+          }
+          store_vec16(dst + elem0, y);
+        }
+        continue;
+      }
+    }
     if (valid[it]) {
       T* dst = is_q[it]
           ? q_out + token * q_out_strides.token + head_in_tensor[it] * q_out_strides.head
@@ -193,24 +255,28 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
 }
 
 // Launcher. Preconditions (ensured by the glue): every pointer is 16-byte
-// aligned and every token/head stride is a whole number of 16-byte vectors;
-// head_dim is contiguous; num_tokens <= max_qk_norm_rope_tokens(heads).
-// Does not check errors.
+// aligned and every token/head/cache stride is a whole number of 16-byte
+// vectors; head_dim is contiguous; num_tokens <= max_qk_norm_rope_tokens(heads
+// of the launch). With `cache` (k_cache != nullptr) k and v go to the cache,
+// and k_out is not written. Does not check errors.
 template <typename T>
 void launch_qk_norm_rope(T* q_out, T* k_out, const T* q_in, const T* k_in, const T* q_weight,
                          const T* k_weight, const void* positions, bool positions_int64,
                          const float* inv_freq, int64_t num_tokens, int num_q_heads,
                          int num_kv_heads, HeadStrides q_out_strides, HeadStrides k_out_strides,
                          HeadStrides q_in_strides, HeadStrides k_in_strides,
-                         float attention_scaling, float eps, cudaStream_t stream) {
-  const int num_heads = num_q_heads + num_kv_heads;
+                         float attention_scaling, float eps, const CacheWrite<T>& cache,
+                         cudaStream_t stream) {
+  const bool with_cache = cache.k_cache != nullptr;
+  const int num_heads = num_q_heads + num_kv_heads * (with_cache ? 2 : 1);
   if (num_tokens == 0 || num_heads == 0) return;
   const int64_t num_warps = num_tokens * ceil_div(num_heads, kHeadsPerWarp);
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(num_warps, kWarpsPerBlock)));
-  qk_norm_rope_kernel<T><<<grid, kThreadsPerBlock, 0, stream>>>(
+  auto kernel = with_cache ? qk_norm_rope_kernel<T, true> : qk_norm_rope_kernel<T, false>;
+  kernel<<<grid, kThreadsPerBlock, 0, stream>>>(
       q_out, k_out, q_in, k_in, q_weight, k_weight, positions, positions_int64, inv_freq,
       num_tokens, num_q_heads, num_kv_heads, q_out_strides, k_out_strides, q_in_strides,
-      k_in_strides, attention_scaling, eps);
+      k_in_strides, attention_scaling, eps, cache);
 }
 
 // Most tokens one launch can cover for a given head count.

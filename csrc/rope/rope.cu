@@ -1,4 +1,5 @@
-// Torch glue for qk_norm_rope (functional) and qk_norm_rope_ (in place):
+// Torch glue for qk_norm_rope (functional), qk_norm_rope_ (in place) and
+// qk_norm_rope_cache_ (in place on q, k and v into a static KV cache):
 // argument checks, device guard, current stream, dtype dispatch, output
 // allocation. Kernel: qk_norm_rope.cuh.
 //
@@ -6,14 +7,15 @@
 // collapse into one token stride, or pointers/strides that are not whole
 // 16-byte vectors) are handled here with a contiguous copy, never with a
 // second kernel: the fast path covers views of a fused qkv projection.
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <iterator>
 #include <limits>
+#include <utility>
 #include <optional>
 
 #include "core/checks.h"
@@ -116,13 +118,39 @@ int64_t vec_elems(const at::Tensor& t) { return kVecBytes / static_cast<int64_t>
 // A copy the kernel can always address (fresh allocation: aligned, contiguous).
 at::Tensor addressable_copy(const at::Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); }
 
+// Where k and v go in qk_norm_rope_cache_ (cache == nullptr: k goes to k_out, no v).
+struct CacheArgs {
+  const at::Tensor* k_cache;
+  const at::Tensor* v_cache;
+  const at::Tensor* v;
+  rope::HeadStrides v_strides;
+  const at::Tensor* slots;
+  int64_t seqlen;
+};
+
+rope::CacheStrides cache_strides(const at::Tensor& c) { return {c.stride(0), c.stride(1), c.stride(2)}; }
+
 void launch(const char* op, const at::Tensor& q_out, const at::Tensor& k_out,
             rope::HeadStrides q_out_s, rope::HeadStrides k_out_s, const at::Tensor& q_in,
             const at::Tensor& k_in, rope::HeadStrides q_in_s, rope::HeadStrides k_in_s,
-            const Prepared& prep, double attention_scaling, double eps) {
+            const Prepared& prep, double attention_scaling, double eps,
+            const CacheArgs* cache = nullptr) {
   if (prep.num_tokens == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q_in.get_device()).stream();
   QWEN3X_DISPATCH_FLOAT_TYPES(q_in.scalar_type(), op, [&] {
+    rope::CacheWrite<scalar_t> cw{};
+    if (cache != nullptr) {
+      cw.k_cache = static_cast<scalar_t*>(cache->k_cache->mutable_data_ptr());
+      cw.v_cache = static_cast<scalar_t*>(cache->v_cache->mutable_data_ptr());
+      cw.v = static_cast<const scalar_t*>(cache->v->const_data_ptr());
+      cw.k_strides = cache_strides(*cache->k_cache);
+      cw.v_strides = cache_strides(*cache->v_cache);
+      cw.v_in = cache->v_strides;
+      cw.slots = cache->slots->const_data_ptr();
+      cw.slots_int64 = cache->slots->scalar_type() == at::ScalarType::Long;
+      cw.seqlen = cache->seqlen;
+      cw.max_slots = cache->k_cache->size(2);
+    }
     rope::launch_qk_norm_rope<scalar_t>(
         static_cast<scalar_t*>(q_out.mutable_data_ptr()),
         static_cast<scalar_t*>(k_out.mutable_data_ptr()),
@@ -133,7 +161,8 @@ void launch(const char* op, const at::Tensor& q_out, const at::Tensor& k_out,
         prep.positions.const_data_ptr(), prep.positions.scalar_type() == at::ScalarType::Long,
         static_cast<const float*>(prep.inv_freq.const_data_ptr()), prep.num_tokens,
         static_cast<int>(q_in.size(-2)), static_cast<int>(k_in.size(-2)), q_out_s, k_out_s,
-        q_in_s, k_in_s, static_cast<float>(attention_scaling), static_cast<float>(eps), stream);
+        q_in_s, k_in_s, static_cast<float>(attention_scaling), static_cast<float>(eps), cw,
+        stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -178,9 +207,9 @@ void qk_norm_rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& q_weight,
   constexpr const char* kOp = "qk_norm_rope_";
   const Prepared prep = check_args(kOp, q, k, q_weight, k_weight, positions, inv_freq);
   // In place, every element must have its own memory: no broadcast (stride-0) views, no q/k overlap.
-  at::assert_no_internal_overlap(q);
-  at::assert_no_internal_overlap(k);
-  at::assert_no_overlap(q, k);
+  check::writable(kOp, "q", q);
+  check::writable(kOp, "k", k);
+  check::disjoint(kOp, "q", q, "k", k);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const int64_t vec = vec_elems(q);
   const auto q_s = head_strides(q, vec);
@@ -193,6 +222,97 @@ void qk_norm_rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& q_weight,
   auto [q_new, k_new] = functional(kOp, q, k, prep, attention_scaling, eps);
   q.copy_(q_new);
   k.copy_(k_new);
+}
+
+namespace {
+
+// Caches [B, Hkv, S_max, 128] the kernel writes in place: q's dtype and device, 16-byte
+// aligned, contiguous head_dim, whole-vector strides (HF's StaticCache tensors are contiguous).
+void check_cache(const char* op, const char* name, const at::Tensor& c, const at::Tensor& q,
+                 int64_t batch, int64_t kv_heads) {
+  check::cuda(op, name, c);
+  check::same_device(op, name, c, "q", q);
+  check::same_dtype(op, name, c, "q", q);
+  TORCH_CHECK(c.dim() == 4 && c.size(0) == batch && c.size(1) == kv_heads && c.size(3) == kHeadDim,
+              "qwen3x.", op, ": expected ", name, " of shape [", batch, ", ", kv_heads,
+              ", max_cache_len, ", kHeadDim, "], got ", c.sizes());
+  const int64_t vec = vec_elems(c);
+  TORCH_CHECK(c.stride(3) == 1 && is_aligned(c.const_data_ptr(), kVecBytes) &&
+                  c.stride(0) % vec == 0 && c.stride(1) % vec == 0 && c.stride(2) % vec == 0,
+              "qwen3x.", op, ": expected ", name,
+              " with a contiguous, 16-byte aligned head_dim and 16-byte multiple strides, got strides ",
+              c.strides());
+}
+
+}  // namespace
+
+void qk_norm_rope_cache_(at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         at::Tensor& k_cache, at::Tensor& v_cache,
+                         const at::Tensor& cache_position, const at::Tensor& q_weight,
+                         const at::Tensor& k_weight, const at::Tensor& positions,
+                         const at::Tensor& inv_freq, double attention_scaling, double eps) {
+  constexpr const char* kOp = "qk_norm_rope_cache_";
+  const Prepared prep = check_args(kOp, q, k, q_weight, k_weight, positions, inv_freq);
+  TORCH_CHECK(q.dim() == 4, "qwen3x.", kOp, ": expected q of shape [batch, seqlen, Hq, ",
+              kHeadDim, "], got ", q.sizes());
+  const int64_t batch = q.size(0), seqlen = q.size(1), kv_heads = k.size(2);
+  check::cuda(kOp, "v", v);
+  check::same_device(kOp, "v", v, "q", q);
+  check::same_dtype(kOp, "v", v, "q", q);
+  TORCH_CHECK(v.sizes() == k.sizes(), "qwen3x.", kOp, ": expected v of the shape of k (", k.sizes(),
+              "), got ", v.sizes());
+  check::last_dim_contiguous(kOp, "v", v);
+  check_cache(kOp, "k_cache", k_cache, q, batch, kv_heads);
+  check_cache(kOp, "v_cache", v_cache, q, batch, kv_heads);
+  check::cuda(kOp, "cache_position", cache_position);
+  check::same_device(kOp, "cache_position", cache_position, "q", q);
+  TORCH_CHECK(cache_position.scalar_type() == at::ScalarType::Int ||
+                  cache_position.scalar_type() == at::ScalarType::Long,
+              "qwen3x.", kOp, ": expected cache_position to have dtype torch.int32 or torch.int64, got ",
+              check::dtype_name(cache_position.scalar_type()));
+  TORCH_CHECK(cache_position.dim() == 1 && cache_position.size(0) == seqlen, "qwen3x.", kOp,
+              ": expected cache_position of shape [", seqlen, "] (q.shape[1]), got ",
+              cache_position.sizes());
+  // q is written while k, v are read and the caches written, by other warps of the launch.
+  check::writable(kOp, "q", q);
+  check::writable(kOp, "k_cache", k_cache);
+  check::writable(kOp, "v_cache", v_cache);
+  const std::pair<const char*, const at::Tensor*> read[] = {{"k", &k}, {"v", &v}};
+  const std::pair<const char*, const at::Tensor*> written[] = {
+      {"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache}};
+  for (size_t i = 0; i < std::size(written); ++i) {
+    for (const auto& [name, t] : read) check::disjoint(kOp, written[i].first, *written[i].second, name, *t);
+    for (size_t j = i + 1; j < std::size(written); ++j) {
+      check::disjoint(kOp, written[i].first, *written[i].second, written[j].first, *written[j].second);
+    }
+  }
+  TORCH_CHECK(2 * kv_heads + q.size(2) <= std::numeric_limits<int>::max() &&
+                  prep.num_tokens <=
+                      rope::max_qk_norm_rope_tokens(static_cast<int>(q.size(2) + 2 * kv_heads)),
+              "qwen3x.", kOp, ": too many tokens x heads for one launch");
+
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const int64_t vec = vec_elems(q);
+  auto k_s = head_strides(k, vec);
+  auto v_s = head_strides(v, vec);
+  const at::Tensor k_in = k_s ? k : addressable_copy(k);
+  const at::Tensor v_in = v_s ? v : addressable_copy(v);
+  if (!k_s) k_s = head_strides(k_in, vec);
+  if (!v_s) v_s = head_strides(v_in, vec);
+  const at::Tensor slots = cache_position.contiguous();
+  const CacheArgs cache{&k_cache, &v_cache, &v_in, *v_s, &slots, seqlen};
+
+  const auto q_s = head_strides(q, vec);
+  if (q_s) {
+    launch(kOp, q, q, *q_s, *q_s, q, k_in, *q_s, *k_s, prep, attention_scaling, eps, &cache);
+    return;
+  }
+  // A q the kernel cannot address in place: a contiguous copy, written back.
+  at::Tensor q_tmp = addressable_copy(q);
+  const auto t_s = head_strides(q_tmp, vec);
+  launch(kOp, q_tmp, q_tmp, *t_s, *t_s, q_tmp, k_in, *t_s, *k_s, prep, attention_scaling, eps,
+         &cache);
+  q.copy_(q_tmp);
 }
 
 }  // namespace qwen3x

@@ -82,6 +82,32 @@ def qk_norm_rope(op, q, k, q_weight, k_weight, positions, inv_freq) -> None:
     same_device(op, q=q, k=k, q_weight=q_weight, k_weight=k_weight, positions=positions, inv_freq=inv_freq)
 
 
+def qk_norm_rope_cache(op, q, k, v, k_cache, v_cache, cache_position, q_weight, k_weight, positions, inv_freq):
+    qk_norm_rope(op, q, k, q_weight, k_weight, positions, inv_freq)
+    expect(q.dim() == 4, op, f"expected q of shape [batch, seqlen, Hq, head_dim], got {_shape(q)}")
+    B, S, _, D = q.shape
+    Hkv = k.shape[2]
+    expect(v.shape == k.shape and v.dtype == k.dtype, op, f"expected v like k ({_shape(k)}, {k.dtype}), got {_shape(v)}, {v.dtype}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        expect(
+            c.dim() == 4 and c.shape[0] == B and c.shape[1] == Hkv and c.shape[3] == D and c.dtype == q.dtype,
+            op,
+            f"expected {name} of shape [{B}, {Hkv}, max_cache_len, {D}] and dtype {q.dtype}, got {_shape(c)}, {c.dtype}",
+        )
+    expect(k_cache.shape == v_cache.shape, op, f"expected k_cache and v_cache of one shape, got {_shape(k_cache)} and {_shape(v_cache)}")
+    integer(op, "cache_position", cache_position)
+    expect(cache_position.shape == (S,), op, f"expected cache_position of shape [{S}] (q.shape[1]), got {_shape(cache_position)}")
+    same_device(op, q=q, v=v, k_cache=k_cache, v_cache=v_cache, cache_position=cache_position)
+
+
+def cache_position_values(op, cache_position, max_cache_len) -> None:
+    """Slots in [0, max_cache_len). A host sync on CUDA: references only."""
+    if cache_position.numel():
+        lo, hi = int(cache_position.min()), int(cache_position.max())
+        expect(lo >= 0 and hi < max_cache_len, op,
+               f"expected cache_position in [0, {max_cache_len}) (the cache's slots), got values in [{lo}, {hi}]")
+
+
 def silu_and_mul(op: str, input: torch.Tensor) -> None:
     floating(op, "input", input)
     expect(

@@ -36,6 +36,11 @@ SCHEMAS: dict[str, str] = {
         "qk_norm_rope_(Tensor(a!) q, Tensor(b!) k, Tensor q_weight, Tensor k_weight, Tensor positions, "
         "Tensor inv_freq, float attention_scaling, float eps) -> ()"
     ),
+    "qk_norm_rope_cache_": (
+        "qk_norm_rope_cache_(Tensor(a!) q, Tensor k, Tensor v, Tensor(b!) k_cache, Tensor(c!) v_cache, "
+        "Tensor cache_position, Tensor q_weight, Tensor k_weight, Tensor positions, Tensor inv_freq, "
+        "float attention_scaling, float eps) -> ()"
+    ),
     "silu_and_mul": "silu_and_mul(Tensor input) -> Tensor",
     "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)",
     "attention_varlen": (
@@ -139,6 +144,17 @@ def _qk_norm_rope_(q, k, q_weight, k_weight, positions, inv_freq, attention_scal
     k.copy_(k_out)
 
 
+def _qk_norm_rope_cache_(q, k, v, k_cache, v_cache, cache_position, q_weight, k_weight, positions, inv_freq,
+                         attention_scaling, eps):
+    op = "qk_norm_rope_cache_"
+    _checks.qk_norm_rope_cache(op, q, k, v, k_cache, v_cache, cache_position, q_weight, k_weight, positions, inv_freq)
+    _checks.cache_position_values(op, cache_position, k_cache.shape[2])
+    q_out, k_out = reference.qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps)
+    q.copy_(q_out)
+    k_cache.index_copy_(2, cache_position.long(), k_out.transpose(1, 2))
+    v_cache.index_copy_(2, cache_position.long(), v.transpose(1, 2))
+
+
 def _silu_and_mul(input):
     _checks.silu_and_mul("silu_and_mul", input)
     return reference.silu_and_mul(input)
@@ -183,6 +199,7 @@ REFERENCE_IMPLS: dict[str, Callable] = {
     "add_rms_norm": _add_rms_norm,
     "qk_norm_rope": _qk_norm_rope,
     "qk_norm_rope_": _qk_norm_rope_,
+    "qk_norm_rope_cache_": _qk_norm_rope_cache_,
     "silu_and_mul": _silu_and_mul,
     "attention": _attention,
     "attention_varlen": _attention_varlen,
@@ -217,6 +234,12 @@ def _fake_qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_
 
 def _fake_qk_norm_rope_(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps):
     _checks.qk_norm_rope("qk_norm_rope_", q, k, q_weight, k_weight, positions, inv_freq)
+
+
+def _fake_qk_norm_rope_cache_(q, k, v, k_cache, v_cache, cache_position, q_weight, k_weight, positions, inv_freq,
+                              attention_scaling, eps):
+    _checks.qk_norm_rope_cache("qk_norm_rope_cache_", q, k, v, k_cache, v_cache, cache_position, q_weight, k_weight,
+                               positions, inv_freq)
 
 
 def _fake_silu_and_mul(input):
@@ -268,6 +291,7 @@ FAKE_IMPLS: dict[str, Callable] = {
     "add_rms_norm": _fake_add_rms_norm,
     "qk_norm_rope": _fake_qk_norm_rope,
     "qk_norm_rope_": _fake_qk_norm_rope_,
+    "qk_norm_rope_cache_": _fake_qk_norm_rope_cache_,
     "silu_and_mul": _fake_silu_and_mul,
     "attention": _fake_attention,
     "attention_varlen": _fake_attention_varlen,
@@ -282,7 +306,7 @@ FAKE_IMPLS: dict[str, Callable] = {
 # Autograd: the backward of every functional op is the vjp of its reference
 # --------------------------------------------------------------------------------------------
 # Ops without gradients: integer outputs only, or mutating (autograd cannot be registered for them).
-NO_AUTOGRAD = frozenset({"moe_permute", "qk_norm_rope_"})
+NO_AUTOGRAD = frozenset({"moe_permute", "qk_norm_rope_", "qk_norm_rope_cache_"})
 
 
 def _make_autograd(ref: Callable):

@@ -64,6 +64,35 @@ def qk_norm_rope_(
     return q, k
 
 
+def qk_norm_rope_cache_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float = 1.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``qk_norm_rope_`` on q, and k (normed, rotated) and v stored straight into a static KV cache.
+
+    q [B, S, Hq, D] (updated in place), k/v [B, S, Hkv, D] (not modified), k_cache/v_cache
+    [B, Hkv, max_cache_len, D] (HF's StaticCache layout): k_cache[b, :, cache_position[s]] = the
+    normed, rotated k[b, s] and v_cache[b, :, cache_position[s]] = v[b, s]. positions [B, S] are
+    the RoPE positions (they differ from the slots under left padding). One launch instead of
+    qk_norm_rope_ plus two index_copy_. Slots must lie in [0, max_cache_len): the reference
+    raises on others, the CUDA kernel skips them. Not differentiable. Returns q.
+    """
+    _ops.qk_norm_rope_cache_(
+        q, k, v, k_cache, v_cache, cache_position, q_weight, k_weight, positions, inv_freq, attention_scaling, eps
+    )
+    return q
+
+
 def silu_and_mul(input: torch.Tensor) -> torch.Tensor:
     """input [..., 2I] = [gate | up] -> silu(gate) * up [..., I]."""
     return _ops.silu_and_mul(input)

@@ -61,3 +61,23 @@ def assert_rel_close(got: torch.Tensor, expected: torch.Tensor, rel: float) -> N
     """max |got - expected| <= rel * max |expected| (the model-parity rule)."""
     err, scale = max_abs_error(got, expected), expected.double().abs().max().item()
     assert err <= rel * scale, f"max error {err:.3g} > {rel:g} x max |expected| {scale:.3g}; {worst(got, expected)}"
+
+
+# PyTorch's caching allocator serves requests of at most 1 MiB from a pool of its own (2 MiB
+# segments) and larger ones from another; a poisoned block must sit in the pool the output will
+# come from.
+_SMALL_REQUEST_BYTES = 1 << 20
+_SMALL_POISON_BLOCKS = 16
+
+
+def poison_allocator(nbytes: int, device: str = "cuda") -> None:
+    """Leave freed NaN-filled blocks in both pools of the caching allocator, at least ``nbytes`` in
+    the large one, so that the next allocations (a kernel's outputs) start as NaN and an element
+    the kernel forgets to write shows up. Also NaN for integer outputs read as float bits: they
+    fail exact comparisons."""
+    nan = float("nan")
+    torch.empty(max(nbytes, _SMALL_REQUEST_BYTES + 1) // 4 + 1024, dtype=torch.float32, device=device).fill_(nan)
+    small = [torch.empty(_SMALL_REQUEST_BYTES // 4, dtype=torch.float32, device=device).fill_(nan)
+             for _ in range(_SMALL_POISON_BLOCKS)]
+    del small
+

@@ -109,8 +109,8 @@ def mask_function(*args, **kwargs):
     return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
 
 
-def _norm_rope(module, q, k, position_embeddings):
-    """Per-head RMSNorm of q [B, S, Hq, D] and k [B, S, Hkv, D], then RoPE. Returns (q, k)."""
+def _fused_norm_args(module, q, k, position_embeddings):
+    """The arguments after (q, k) of the qk_norm_rope ops when the kernel can serve this call, else None."""
     q_norm, k_norm = module.q_norm, module.k_norm
     eps = q_norm.variance_epsilon
     inv_freq = getattr(position_embeddings, "inv_freq", None)
@@ -121,21 +121,68 @@ def _norm_rope(module, q, k, position_embeddings):
         and not (packing.has_hooks(q_norm) or packing.has_hooks(k_norm))  # hooked modules are called
         and not reference_instead("qk_norm_rope", q)
     )
-    if fused:
-        positions = position_embeddings.positions  # [B, S]
-        args = (q_norm.weight, k_norm.weight, positions, inv_freq, position_embeddings.attention_scaling, eps)
+    if not fused:
+        return None
+    positions = position_embeddings.positions  # [B, S]
+    return (q_norm.weight, k_norm.weight, positions, inv_freq, position_embeddings.attention_scaling, eps)
+
+
+def _owns_q(module) -> bool:
+    """q may be updated in place: a plain projection's fresh output, and no autograd to need it."""
+    return packing.plain_linear(module.q_proj) and not torch.is_grad_enabled()
+
+
+def _norm_rope(module, q, k, position_embeddings):
+    """Per-head RMSNorm of q [B, S, Hq, D] and k [B, S, Hkv, D], then RoPE. Returns (q, k)."""
+    args = _fused_norm_args(module, q, k, position_embeddings)
+    if args is not None:
         # In place only on outputs nobody else can hold: plain projections, no hooks, no autograd.
-        owned = packing.plain_linear(module.q_proj) and packing.plain_linear(module.k_proj)
-        if owned and not torch.is_grad_enabled():
+        if _owns_q(module) and packing.plain_linear(module.k_proj):
             return ops.qk_norm_rope_(q, k, *args)
         return ops.qk_norm_rope(q, k, *args)
     # plain (cos, sin) from an unpatched rotary module, or a dynamic/unsupported case
+    q_norm, k_norm = module.q_norm, module.k_norm
     cos, sin = position_embeddings
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D] against [B, S, H, D]
     return (
         reference.apply_rope(q_norm(q), cos, sin),
         reference.apply_rope(k_norm(k), cos, sin),
     )
+
+
+def _static_layer(cache, layer_idx: int, k: torch.Tensor):
+    """HF's StaticLayer that this call may write directly (exactly that class, initialized, on k's
+    device, dtype and batch, in a cache that neither offloads nor customizes update), or None."""
+    from transformers.cache_utils import Cache, StaticLayer
+
+    layers = getattr(cache, "layers", None)
+    if (
+        not isinstance(cache, Cache)
+        or type(cache).update is not Cache.update
+        or getattr(cache, "offloading", False)
+        or layers is None
+        or layer_idx >= len(layers)
+    ):
+        return None
+    layer = layers[layer_idx]
+    if type(layer) is not StaticLayer or not getattr(layer, "is_initialized", False):
+        return None
+    keys = layer.keys
+    if keys.device != k.device or keys.dtype != k.dtype or keys.shape[0] != k.shape[0] or keys.shape[1] != k.shape[2]:
+        return None
+    return layer
+
+
+def _claim_slots(layer, seqlen: int, cache_position, device) -> torch.Tensor:
+    """The cache slots of the new tokens, with the layer's bookkeeping advanced as its own update()
+    would: transformers 5.x counts written tokens in ``cumulative_length`` (a device tensor); 4.57
+    writes at the ``cache_position`` the model passes (0 .. S-1 when it passes none)."""
+    counter = getattr(layer, "cumulative_length", None)
+    if isinstance(counter, torch.Tensor):
+        slots = torch.arange(seqlen, device=device) + counter
+        counter.add_(seqlen)
+        return slots
+    return cache_position if cache_position is not None else torch.arange(seqlen, device=device)
 
 
 class Attention:
@@ -153,8 +200,19 @@ class Attention:
         q = self.q_proj(hidden_states).view(hidden_shape)  # [B, S, Hq, D]
         k = self.k_proj(hidden_states).view(hidden_shape)  # [B, S, Hkv, D]
         v = self.v_proj(hidden_states).view(hidden_shape)
-        q, k = _norm_rope(self, q, k, position_embeddings)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
+
+        # A static cache, past its first (initializing) write: normed, rotated k and v go straight
+        # into their slots, one launch (qk_norm_rope_cache_) instead of three.
+        static = _static_layer(past_key_values, self.layer_idx, k) if past_key_values is not None else None
+        args = _fused_norm_args(self, q, k, position_embeddings) if static is not None and _owns_q(self) else None
+        if args is not None:
+            slots = _claim_slots(static, q.shape[1], cache_position, q.device)
+            ops.qk_norm_rope_cache_(q, k, v, static.keys, static.values, slots, *args)
+            q, k, v = q.transpose(1, 2), static.keys, static.values
+            past_key_values = None  # written
+        else:
+            q, k = _norm_rope(self, q, k, position_embeddings)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
 
         if past_key_values is not None:
             if cache_position is not None:  # transformers 4.57 cache API
