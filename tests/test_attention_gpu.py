@@ -486,3 +486,15 @@ def test_varlen_bad_inputs():
     bad(q[None], k, k, cu, cu, match="tokens, heads, head_dim")
     bad(q[..., :64].contiguous(), k[..., :64].contiguous(), k[..., :64].contiguous(), cu, cu, match="head_dim")
     bad(q.float(), k.float(), k.float(), cu, cu, match="bfloat16")
+
+
+@pytest.mark.parametrize("sq,skv", [(1, 8193), (300, 300)])  # split-KV decode; one pass
+def test_nan_input_shows_as_nan(sq, skv):
+    """A NaN in one query row gives NaN in that row's out and lse (never 0 / -inf), and nowhere else."""
+    q, k, v = _inputs(2, 16, 8, sq, skv, torch.bfloat16)
+    q[1, 5, sq - 1, 7] = float("nan")
+    out, lse = _run(q, k, v, None, True)
+    assert torch.isnan(out[1, sq - 1, 5]).all() and torch.isnan(lse[1, 5, sq - 1])
+    bad = torch.zeros_like(lse, dtype=torch.bool)
+    bad[1, 5, sq - 1] = True
+    assert not torch.isnan(lse[~bad]).any() and not torch.isnan(out.transpose(1, 2)[~bad]).any()

@@ -124,7 +124,9 @@ struct OnlineSoftmax {
   }
 
   // Row totals over the quad; returns 1 / l (0 when nothing was visible) and
-  // lse2 = m + log2(l) (-inf when nothing was visible) for each half.
+  // lse2 = m + log2(l) (-inf when nothing was visible) for each half. A NaN total
+  // (NaN in q, k or v) stays NaN in both, so the output and the split-KV combine
+  // show it rather than reading it as "nothing visible".
   __device__ __forceinline__ void finalize(float (&inv_l)[kRowHalves],
                                            float (&lse2)[kRowHalves]) const {
 #pragma unroll
@@ -132,7 +134,7 @@ struct OnlineSoftmax {
       float total = l[half];
       total += __shfl_xor_sync(kFullWarpMask, total, 1);
       total += __shfl_xor_sync(kFullWarpMask, total, 2);
-      const bool seen = total > 0.0f;
+      const bool seen = !(total == 0.0f);  // true for NaN
       inv_l[half] = seen ? 1.0f / total : 0.0f;
       lse2[half] = seen ? m[half] + log2f(total) : -INFINITY;
     }
