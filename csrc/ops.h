@@ -61,6 +61,20 @@ std::tuple<at::Tensor, at::Tensor> attention(
     const at::Tensor& v,                     // [B, Hkv, Skv, 128]
     const std::optional<at::Tensor>& mask,   // [B|1, 1|Hq, Sq, Skv] bool (true = attend)
     double scale, bool causal);              // causal: bottom-right (j <= i + Skv - Sq)
+// csrc/attention/qk_norm_attention.cpp
+// q and k straight from the projections: qk_norm_rope, then attention.
+// -> out [B, S, Hq, 128] (q's dtype), lse [B, Hq, S] fp32
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope_attention(
+    const at::Tensor& q,                    // [B, S, Hq, 128] bf16/fp16, not normalized / rotated
+    const at::Tensor& k,                    // [B, S, Hkv, 128]
+    const at::Tensor& v,                    // [B, S, Hkv, 128]
+    const at::Tensor& q_weight,             // [128]
+    const at::Tensor& k_weight,             // [128]
+    const at::Tensor& positions,            // [B, S] int32/int64
+    const at::Tensor& inv_freq,             // [64] fp32
+    double attention_scaling, double eps,
+    const std::optional<at::Tensor>& mask,  // [B|1, 1|Hq, S, S] bool (true = attend)
+    double scale, bool causal);
 // Packed variable-length sequences: sequence b is tokens cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1
 // of q and cu_seqlens_k[b] .. cu_seqlens_k[b+1]-1 of k/v; causal is bottom-right per sequence.
 // max_seqlen_q sizes the grid (rows of a longer sequence come back NaN); max_seqlen_k only plans

@@ -44,6 +44,10 @@ TORCH_LIBRARY(qwen3x, m) {
   m.def("silu_and_mul(Tensor input) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)");
   m.def(
+      "qk_norm_rope_attention(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, "
+      "Tensor positions, Tensor inv_freq, float attention_scaling, float eps, Tensor? mask, float scale, "
+      "bool causal) -> (Tensor, Tensor)");
+  m.def(
       "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, bool causal) -> (Tensor, Tensor)");
   m.def("moe_router(Tensor router_logits, int top_k, bool norm_topk_prob) -> (Tensor, Tensor, Tensor)");
@@ -66,6 +70,7 @@ TORCH_LIBRARY(qwen3x, m) {
   X(silu_and_mul)              \
   X(attention)                 \
   X(attention_varlen)          \
+  X(qk_norm_rope_attention)    \
   X(moe_router)                \
   X(moe_permute)               \
   X(moe_experts)

@@ -498,3 +498,42 @@ def test_nan_input_shows_as_nan(sq, skv):
     bad = torch.zeros_like(lse, dtype=torch.bool)
     bad[1, 5, sq - 1] = True
     assert not torch.isnan(lse[~bad]).any() and not torch.isnan(out.transpose(1, 2)[~bad]).any()
+
+
+# ---- qk_norm_rope_attention: q and k straight from the projections ------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,seqlen,hq,hkv", [(1, 1, 16, 8), (2, 77, 32, 4), (1, 1000, 32, 8)])
+@pytest.mark.parametrize("padding", [False, True])
+def test_qk_norm_rope_attention(dtype, batch, seqlen, hq, hkv, padding):
+    from qwen3x.rope import rope_parameters
+
+    from models import tiny_config
+
+    if not _library.has_cuda_kernel("qk_norm_rope_attention"):
+        pytest.skip("no CUDA kernel for qk_norm_rope_attention in this build")
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    rope = rope_parameters(tiny_config(rope=yarn, head_dim=D, max_position_embeddings=131072))
+    qkv = torch.randn(batch, seqlen, (hq + 2 * hkv) * D, device="cuda", dtype=dtype)  # a fused projection
+    q = qkv[..., : hq * D].view(batch, seqlen, hq, D)
+    k = qkv[..., hq * D : (hq + hkv) * D].view(batch, seqlen, hkv, D)
+    v = qkv[..., (hq + hkv) * D :].view(batch, seqlen, hkv, D)
+    wq = 1 + 0.1 * torch.randn(D, device="cuda", dtype=dtype)
+    wk = 1 + 0.1 * torch.randn(D, device="cuda", dtype=dtype)
+    pos = torch.arange(seqlen, device="cuda").expand(batch, seqlen) + 100000  # long-context positions
+    mask = _padding_mask(batch, seqlen, seqlen) & torch.ones(seqlen, seqlen, device="cuda").tril().bool() if padding else None
+    args = (wq, wk, pos, rope.inv_freq.cuda(), rope.attention_scaling, 1e-6, mask, D**-0.5, mask is None)
+    before = qkv.clone()
+    poison_allocator(batch * seqlen * hq * (D * 2 + 4))
+    out, lse = ops.qk_norm_rope_attention(q, k, v, *args)
+    assert torch.equal(qkv, before)  # inputs untouched
+    truth_o, truth_l = R.qk_norm_rope_attention(q.double(), k.double(), v.double(), wq.double(), wk.double(), *args[2:])
+    ref_o, ref_l = R.qk_norm_rope_attention(q, k, v, *args)
+    qn, kn = R.qk_norm_rope(q, k, wq, wk, pos, rope.inv_freq.cuda(), rope.attention_scaling, 1e-6)
+    fa_o, _ = _flash_baseline(qn.transpose(1, 2), kn.transpose(1, 2), v.transpose(1, 2), mask, D**-0.5, mask is None)
+    baseline = max((ref_o, fa_o), key=lambda b: max_abs_error(b, truth_o))
+    assert out.shape == (batch, seqlen, hq, D) and not torch.isnan(out).any()
+    assert_close_to_truth(out, baseline, truth_o)
+    seen = torch.isfinite(truth_l)
+    assert torch.equal(torch.isfinite(lse), seen)
+    floor = LSE_REL_FLOOR * max(1.0, truth_l[seen].abs().max().item())
+    assert_close_to_truth(lse[seen], ref_l[seen], truth_l[seen], extra_floor=floor)

@@ -28,7 +28,7 @@ from benchmarks.timing import Timing, percentile  # noqa: E402
 
 ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT)])}
 ALL_OPS = (
-    "rms_norm qk_norm_rope silu_and_mul attention_prefill attention_varlen attention_decode "
+    "rms_norm qk_norm_rope silu_and_mul attention_prefill attention_varlen attention_decode qk_norm_rope_attention "
     "moe_router moe_permute moe_experts moe_layer model_prefill model_decode"
 ).split()
 
@@ -205,7 +205,7 @@ def test_graph_request_falls_back_for_host_syncing_providers():
 # ---------------------------------------------------------------------------------------------
 TINY_MOE = ModelDims("tiny-moe", 2, 64, 4, 2, 96, experts=8, topk=2, moe_inter=32)
 TINY = ModelDims("tiny", 2, 64, 4, 2, 96)
-CPU_PEERS = ["reference", "hf_eager", "hf_grouped_mm", "hf_batched_mm", "torch_grouped_mm", "sdpa_flash"]
+CPU_PEERS = ["reference", "hf_eager", "hf_grouped_mm", "hf_batched_mm", "torch_grouped_mm", "sdpa_flash", "hf_sdpa"]
 
 
 @pytest.mark.parametrize(
@@ -217,6 +217,7 @@ CPU_PEERS = ["reference", "hf_eager", "hf_grouped_mm", "hf_batched_mm", "torch_g
         attention.prefill_case(1, 33, 4, 2),
         attention.decode_case(2, 40, 4, 2),
         attention.varlen_case((5, 17, 1, 9), 4, 2),
+        attention.qk_norm_case(19, 4, 2),
         moe.router_case(TINY_MOE, 9),
         moe.permute_case(TINY_MOE, 9),
         moe.experts_case(TINY_MOE, 9),

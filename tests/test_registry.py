@@ -32,6 +32,10 @@ def _inputs(op: str):
     if op == "attention":
         mask = torch.rand(2, 1, 5, 9) > 0.3
         return (torch.randn(2, 4, 5, D), torch.randn(2, 2, 9, D), torch.randn(2, 2, 9, D), mask, D**-0.5, False)
+    if op == "qk_norm_rope_attention":
+        mask = torch.rand(2, 1, 5, 5) > 0.3
+        return (torch.randn(2, 5, 4, D), torch.randn(2, 5, 2, D), torch.randn(2, 5, 2, D), torch.randn(D),
+                torch.randn(D), torch.arange(10).view(2, 5) * 3, torch.rand(D // 2), 1.1, 1e-6, mask, D**-0.5, True)
     if op == "attention_varlen":  # sequences of 3, 0 and 5 queries against 4, 2 and 9 keys; token 8 is in none
         cu_q, cu_k = torch.tensor([0, 3, 3, 8], dtype=torch.int32), torch.tensor([0, 4, 6, 15], dtype=torch.int32)
         return (torch.randn(9, 4, D), torch.randn(15, 2, D), torch.randn(15, 2, D), cu_q, cu_k, 5, 9, D**-0.5, True)
@@ -114,8 +118,8 @@ def test_op_equals_reference_and_fake_shapes_match(op):
         assert o.shape == f.shape and o.dtype == f.dtype
 
 
-GRAD_OPS = ["rms_norm", "add_rms_norm", "qk_norm_rope", "silu_and_mul", "attention", "attention_varlen", "moe_router",
-            "moe_experts", "moe"]
+GRAD_OPS = ["rms_norm", "add_rms_norm", "qk_norm_rope", "silu_and_mul", "attention", "attention_varlen",
+            "qk_norm_rope_attention", "moe_router", "moe_experts", "moe"]
 
 
 @pytest.mark.parametrize("op", GRAD_OPS)
@@ -191,6 +195,13 @@ BAD = [
     ("attention_varlen", lambda: ops.attention_varlen(torch.randn(1, 4, 2, D), torch.randn(4, 2, D), torch.randn(4, 2, D),
                                                       torch.tensor([0, 4], dtype=torch.int32),
                                                       torch.tensor([0, 4], dtype=torch.int32)), "\\[tokens, heads, head_dim\\]"),
+    ("qk_norm_rope_attention", lambda: ops.qk_norm_rope_attention(*_inputs("qk_norm_rope_attention")[:5],
+                                                                  torch.arange(5), *_inputs("qk_norm_rope_attention")[6:]),
+     "expected positions of shape \\[2, 5\\]"),
+    ("qk_norm_rope_attention", lambda: ops.qk_norm_rope_attention(*_inputs("qk_norm_rope_attention")[:2],
+                                                                  torch.randn(2, 5, 3, D),
+                                                                  *_inputs("qk_norm_rope_attention")[3:]),
+     "k and v of one shape"),
     ("moe_router", lambda: ops.moe_router(torch.randn(4, 8), 9), "1 <= top_k <= 8"),
     ("moe_permute", lambda: ops.moe_permute(torch.tensor([[0, 9]]), 8), "expert ids in \\[0, 8\\)"),
     ("moe_experts", lambda: ops.moe_experts(torch.randn(2, 16), torch.tensor([[0], [1]]), torch.rand(2, 1),

@@ -1,5 +1,6 @@
 """attention_prefill (causal, q = k = v length), attention_varlen (causal prefill of packed
-variable-length sequences) and attention_decode (one query against a KV cache).
+variable-length sequences), attention_decode (one query against a KV cache) and
+qk_norm_rope_attention (prefill from the projections' q and k: QK-norm, YaRN RoPE, attention).
 
 Head layouts of the Qwen3 models, head_dim 128, bf16. Correctness: the truth is HF-eager math in
 fp32 and the same-dtype baseline is HF-eager math in bf16 (scores and P @ V in bf16, softmax in
@@ -19,8 +20,8 @@ from qwen3x import ops, reference
 
 from ..harness import Case, Provider, Skip
 from ..providers import compiled, over_budget, qwen3x_provider
-from ..shapes import HEAD_DIM, MODELS
-from .common import DTYPE, ELEM, randn
+from ..shapes import HEAD_DIM, MODELS, RMS_EPS
+from .common import DTYPE, ELEM, hf_module, randn
 
 LAYOUTS = tuple((m.name, m.hq, m.hkv) for m in MODELS)
 PREFILL = ((1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (1, 32768), (8, 2048))  # (batch, seqlen)
@@ -361,4 +362,96 @@ def varlen_cases(quick: bool = False) -> list[Case]:
     return [varlen_case(lengths, hq, hkv, name, kind) for name, hq, hkv in LAYOUTS for kind, lengths in VARLEN.items()]
 
 
-SUITE = {"attention_prefill": prefill_cases, "attention_varlen": varlen_cases, "attention_decode": decode_cases}
+# ---------------------------------------------------------------------------------------------
+# QK-norm + RoPE + attention from the projections (Qwen3Attention's chain)
+# ---------------------------------------------------------------------------------------------
+QK_NORM_PREFILL = (1024, 4096, 16384)  # seqlen, batch 1: with the qk_norm_rope and attention_prefill
+# rows at the same shapes, these bound what fusing the norm into the attention kernel could save
+
+
+def _norm_args(x):
+    return (x["q_weight"], x["k_weight"], x["positions"], x["inv_freq"], x["scaling"], RMS_EPS)
+
+
+def _qk_norm_math(x, dtype):
+    """qk_norm_rope in ``dtype`` (reference), then attention_math in ``dtype``."""
+    cast = {n: x[n].to(dtype) for n in ("q", "k", "v", "q_weight", "k_weight")}
+    qn, kn = reference.qk_norm_rope(cast["q"], cast["k"], cast["q_weight"], cast["k_weight"], *_norm_args(x)[2:])
+    return attention_math(qn.transpose(1, 2), kn.transpose(1, 2), cast["v"].transpose(1, 2), dtype)
+
+
+def _hf_chain(x):
+    """Qwen3Attention unpatched: q_norm, k_norm, apply_rotary_pos_emb (cos/sin precomputed, once per
+    forward in HF), SDPA with its default backend choice."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEmbedding, apply_rotary_pos_emb
+
+    from .rope import yarn_config
+
+    q_norm = hf_module(lambda: Qwen3RMSNorm(HEAD_DIM, RMS_EPS), weight=x["q_weight"])
+    k_norm = hf_module(lambda: Qwen3RMSNorm(HEAD_DIM, RMS_EPS), weight=x["k_weight"])
+    cos, sin = Qwen3RotaryEmbedding(yarn_config(), device=x["q"].device)(x["q"], x["positions"])
+    q, k, v = x["q"], x["k"], x["v"].transpose(1, 2)
+
+    def call():
+        qr, kr = apply_rotary_pos_emb(q_norm(q).transpose(1, 2), k_norm(k).transpose(1, 2), cos, sin)
+        return F.scaled_dot_product_attention(qr, kr, v, is_causal=True, scale=SCALE, enable_gqa=True)
+
+    return call
+
+
+def qk_norm_case(seqlen: int, hq: int, hkv: int, model: str | None = None) -> Case:
+    from qwen3x import rope_parameters
+
+    from .rope import yarn_config
+
+    def make_inputs(device):
+        params = rope_parameters(yarn_config())
+        return {
+            "q": randn(1, seqlen, hq, HEAD_DIM, device=device),
+            "k": randn(1, seqlen, hkv, HEAD_DIM, device=device),
+            "v": randn(1, seqlen, hkv, HEAD_DIM, device=device),
+            "q_weight": randn(HEAD_DIM, device=device, scale=0.1) + 1,
+            "k_weight": randn(HEAD_DIM, device=device, scale=0.1) + 1,
+            "positions": torch.arange(seqlen, device=device)[None],
+            "inv_freq": params.inv_freq.to(device),
+            "scaling": params.attention_scaling,
+        }
+
+    def qwen3x_call(x):
+        return ops.qk_norm_rope_attention(x["q"], x["k"], x["v"], *_norm_args(x), None, SCALE, True)
+
+    def reference_call(x):
+        return reference.qk_norm_rope_attention(x["q"], x["k"], x["v"], *_norm_args(x), None, SCALE, True)
+
+    shape = ({"model": model} if model else {}) | {"batch": 1, "seqlen": seqlen, "hq": hq, "hkv": hkv}
+    scores = hq * seqlen * seqlen
+    return Case(
+        op="qk_norm_rope_attention",
+        shape=shape,
+        make_inputs=make_inputs,
+        reference=reference_call,
+        truth=lambda x: _qk_norm_math(x, torch.float32),
+        baseline=lambda x: _qk_norm_math(x, x["q"].dtype),
+        providers=[
+            qwen3x_provider("qk_norm_rope_attention", qwen3x_call, canon=_first),
+            Provider("reference", lambda x: lambda: reference_call(x), canon=_first,
+                     skip=over_budget(16 * scores, "fp32 scores")),  # fmt: skip
+            Provider("hf_sdpa", _hf_chain, canon=_bhsd_to_bshd, note="HF's norm + rope chain, then SDPA"),
+        ],
+        flops=attention_flops(1, hq, seqlen, seqlen),
+        bytes=attention_bytes(1, hq, hkv, seqlen, seqlen),
+    )
+
+
+def qk_norm_cases(quick: bool = False) -> list[Case]:
+    if quick:
+        return [qk_norm_case(4096, 32, 8, "Qwen3-4B")]
+    return [qk_norm_case(s, hq, hkv, name) for name, hq, hkv in LAYOUTS for s in QK_NORM_PREFILL]
+
+
+SUITE = {
+    "attention_prefill": prefill_cases,
+    "attention_varlen": varlen_cases,
+    "attention_decode": decode_cases,
+    "qk_norm_rope_attention": qk_norm_cases,
+}

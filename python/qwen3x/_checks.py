@@ -139,6 +139,14 @@ def attention(op, q, k, v, mask) -> None:
     same_device(op, q=q, k=k, v=v, mask=mask)
 
 
+def qk_norm_rope_attention(op, q, k, v, q_weight, k_weight, positions, inv_freq, mask) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        expect(t.dim() == 4, op, f"expected {name} of shape [batch, seqlen, heads, head_dim], got {_shape(t)}")
+    qk_norm_rope(op, q, k, q_weight, k_weight, positions, inv_freq)
+    expect(v.shape == k.shape, op, f"expected k and v of one shape, got {_shape(k)} and {_shape(v)}")
+    attention(op, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+
+
 def attention_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         floating(op, name, t)

@@ -43,6 +43,10 @@ SCHEMAS: dict[str, str] = {
     ),
     "silu_and_mul": "silu_and_mul(Tensor input) -> Tensor",
     "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)",
+    "qk_norm_rope_attention": (
+        "qk_norm_rope_attention(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor positions, "
+        "Tensor inv_freq, float attention_scaling, float eps, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)"
+    ),
     "attention_varlen": (
         "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float scale, bool causal) -> (Tensor, Tensor)"
@@ -165,6 +169,14 @@ def _attention(q, k, v, mask, scale, causal):
     return reference.attention(q, k, v, mask, scale, causal)
 
 
+def _qk_norm_rope_attention(q, k, v, q_weight, k_weight, positions, inv_freq, attention_scaling, eps, mask, scale,
+                            causal):
+    _checks.qk_norm_rope_attention("qk_norm_rope_attention", q, k, v, q_weight, k_weight, positions, inv_freq, mask)
+    return reference.qk_norm_rope_attention(
+        q, k, v, q_weight, k_weight, positions, inv_freq, attention_scaling, eps, mask, scale, causal
+    )
+
+
 def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
     op = "attention_varlen"
     _checks.attention_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k)
@@ -203,6 +215,7 @@ REFERENCE_IMPLS: dict[str, Callable] = {
     "silu_and_mul": _silu_and_mul,
     "attention": _attention,
     "attention_varlen": _attention_varlen,
+    "qk_norm_rope_attention": _qk_norm_rope_attention,
     "moe_router": _moe_router,
     "moe_permute": _moe_permute,
     "moe_experts": _moe_experts,
@@ -253,6 +266,13 @@ def _fake_attention(q, k, v, mask, scale, causal):
     return q.new_empty((B, Sq, Hq, D)), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
 
+def _fake_qk_norm_rope_attention(q, k, v, q_weight, k_weight, positions, inv_freq, attention_scaling, eps, mask,
+                                 scale, causal):
+    _checks.qk_norm_rope_attention("qk_norm_rope_attention", q, k, v, q_weight, k_weight, positions, inv_freq, mask)
+    B, S, Hq, D = q.shape
+    return q.new_empty((B, S, Hq, D)), q.new_empty((B, Hq, S), dtype=torch.float32)
+
+
 def _fake_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
     _checks.attention_varlen("attention_varlen", q, k, v, cu_seqlens_q, cu_seqlens_k)
     Tq, Hq, D = q.shape
@@ -295,6 +315,7 @@ FAKE_IMPLS: dict[str, Callable] = {
     "silu_and_mul": _fake_silu_and_mul,
     "attention": _fake_attention,
     "attention_varlen": _fake_attention_varlen,
+    "qk_norm_rope_attention": _fake_qk_norm_rope_attention,
     "moe_router": _fake_moe_router,
     "moe_permute": _fake_moe_permute,
     "moe_experts": _fake_moe_experts,

@@ -116,6 +116,33 @@ def attention(
     return _ops.attention(q, k, v, mask, scale, causal)
 
 
+def qk_norm_rope_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float = 1.0,
+    eps: float = 1e-6,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3 attention from the projections' outputs: per-head RMSNorm and RoPE of q and k, then
+    GQA attention. q [B, S, Hq, D], k/v [B, S, Hkv, D] (views of the projections are fine; none is
+    modified), positions [B, S], mask [B|1, 1|Hq, S, S] bool or None -> out [B, S, Hq, D] and lse
+    [B, Hq, S]. Differentiable. (For decode against a static cache: ``qk_norm_rope_cache_``, then
+    ``attention`` over the cache.)
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _ops.qk_norm_rope_attention(
+        q, k, v, q_weight, k_weight, positions, inv_freq, attention_scaling, eps, mask, scale, causal
+    )
+
+
 def attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -167,6 +167,26 @@ def attention(
     return out.transpose(1, 2).contiguous().to(q.dtype), lse.float()
 
 
+def qk_norm_rope_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    eps: float,
+    mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3 attention from the projections: qk_norm_rope on q [B, S, Hq, D] and k [B, S, Hkv, D],
+    then attention with v [B, S, Hkv, D]. Returns out [B, S, Hq, D] and lse [B, Hq, S]."""
+    q, k = qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps)
+    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale, causal)
+
+
 def attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
