@@ -8,7 +8,8 @@
 #               and the benchmark suite (BENCH_ARGS=--quick for a smoke run); logs and result
 #               rows into OUT, then a summary. Per-step time limits: GPU_TEST_S, MEMCHECK_S,
 #               BENCH_S; GPU_TESTS picks test files (e.g. GPU_TESTS=tests/test_kernels_gpu.py);
-#               GPU_SAMPLE=N runs N parametrizations of each GPU test (default 3; 0 = all of them)
+#               GPU_SAMPLE=N runs N parametrizations of each GPU test (default 3; 0 = all of them);
+#               wheels under .whl/ (carried, e.g. Liger-Kernel) are installed first
 
 SHELL       := /bin/bash
 PYTHON      ?= python3
@@ -54,9 +55,10 @@ demo info:
 
 # Each step has a time limit (seconds) so that one device call (10 minutes, build included) returns
 # with its logs; the full benchmark suite needs a call of its own (python3 -m benchmarks --out DIR).
-GPU_TEST_S  ?= 240
-MEMCHECK_S  ?= 90
-BENCH_S     ?= 180
+GPU_TEST_S  ?= 210
+MEMCHECK_S  ?= 75
+RACECHECK_S ?= 45
+BENCH_S     ?= 150
 GPU_TESTS   ?= tests
 GPU_SAMPLE  ?= 3
 # memcheck: the first small parametrization of every GPU kernel test (compute-sanitizer is slow)
@@ -64,9 +66,19 @@ MEMCHECK_TESTS ?= tests/test_kernels_gpu.py tests/test_attention_gpu.py tests/te
                   tests/test_moe_experts_gpu.py
 MEMCHECK_K  ?= not 65536 and not 4097 and not 4096 and not 8192 and not 8193 and not 16384 and not 32768 \
                and not 131072 and not long and not 20000
+# racecheck (shared-memory hazards): the attention kernel on a prefill pass and a split-KV decode
+RACECHECK_K ?= test_prefill and 128-16-8-1-True or test_decode and 1-1024-32-8-1-True
+# Wheels carried to a machine without internet (e.g. Liger-Kernel, see the device notes): installed
+# into WHEEL_SITE, which every step then finds on PYTHONPATH.
+WHEELS      := $(wildcard .whl/*.whl)
+WHEEL_SITE  ?= /tmp/qwen3x-wheels
+ifneq ($(WHEELS),)
+export PYTHONPATH := $(WHEEL_SITE)$(if $(PYTHONPATH),:$(PYTHONPATH))
+endif
 
 gpu:
 	mkdir -p $(OUT)
+	$(if $(WHEELS),$(PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(WHEEL_SITE) $(WHEELS))
 	set -o pipefail; $(PYTHON) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tee $(OUT)/build.log
 	$(PYTHON) -m qwen3x.info | tee $(OUT)/info.txt
 	set -o pipefail; timeout $(GPU_TEST_S) $(PYTHON) -m pytest -q -rs --gpu-sample $(GPU_SAMPLE) $(GPU_TESTS) 2>&1 \
@@ -74,10 +86,13 @@ gpu:
 	set -o pipefail; timeout $(MEMCHECK_S) compute-sanitizer --tool memcheck --error-exitcode 1 \
 	    $(PYTHON) -m pytest -q -x -m gpu --gpu-sample 1 $(MEMCHECK_TESTS) -k "$(MEMCHECK_K)" 2>&1 \
 	    | tail -n 30 | tee $(OUT)/memcheck.log; echo "memcheck exit $$?" >> $(OUT)/memcheck.log
+	set -o pipefail; timeout $(RACECHECK_S) compute-sanitizer --tool racecheck --error-exitcode 1 \
+	    $(PYTHON) -m pytest -q -x -m gpu tests/test_attention_gpu.py -k "$(RACECHECK_K)" 2>&1 \
+	    | tail -n 30 | tee $(OUT)/racecheck.log; echo "racecheck exit $$?" >> $(OUT)/racecheck.log
 	set -o pipefail; timeout $(BENCH_S) $(PYTHON) -m benchmarks --out $(OUT) $(BENCH_ARGS) 2>&1 \
 	    | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log
 	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; grep -E "passed|failed" $(OUT)/tests.log | tail -n 1
-	@tail -n 1 $(OUT)/memcheck.log; tail -n 2 $(OUT)/bench.log
+	@tail -n 1 $(OUT)/memcheck.log; tail -n 1 $(OUT)/racecheck.log; tail -n 2 $(OUT)/bench.log
 
 clean:
 	rm -rf build python/qwen3x/_C*.so *.egg-info python/*.egg-info

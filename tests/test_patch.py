@@ -379,3 +379,32 @@ def test_static_cache_decode_writes_the_cache_in_one_op(moe, monkeypatch):
     kw["cache_implementation"] = "dynamic"
     assert torch.equal(patched.generate(ids, **kw), base.generate(ids, **kw))
     assert not calls
+
+
+def test_static_cache_decode_compiles_fullgraph():
+    """Decode steps through HF's StaticCache under torch.compile(fullgraph=True) with AOT
+    functionalization (the cache-writing op mutates its inputs): the logits of the eager HF model."""
+    from transformers import StaticCache
+
+    base = tiny_model()
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids(batch=2, seq=6)
+
+    def decode(model, backend=None):
+        try:
+            cache = StaticCache(config=model.config, max_cache_len=32)
+        except TypeError:  # transformers 4.57
+            cache = StaticCache(config=model.config, max_batch_size=2, max_cache_len=32)
+        step = torch.compile(model.forward, fullgraph=True, backend=backend) if backend else model.forward
+        with torch.no_grad():
+            tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            logits = []
+            for i in range(3):
+                pos = torch.tensor([ids.shape[1] + i])
+                out = step(tok, past_key_values=cache, use_cache=True, cache_position=pos,
+                           position_ids=pos[None].expand(2, 1))
+                tok = out.logits[:, -1:].argmax(-1)
+                logits.append(out.logits)
+        return torch.cat(logits, dim=1)
+
+    assert_rel_close(decode(patched, "aot_eager"), decode(base), REL)
