@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from qwen3x import ops, reference
 
 from ..harness import Case, Provider
-from ..providers import over_budget, qwen3x_provider, reference_provider, torch_compile_provider
+from ..providers import liger_provider, over_budget, qwen3x_provider, reference_provider, torch_compile_provider
 from ..shapes import MOE_MODELS, ModelDims
 from .common import ELEM, graph_worthy, hf_module, randn
 
@@ -264,6 +264,14 @@ def _experts_ref(x):
     return reference.moe_experts(*_experts_args(x))
 
 
+def _liger_experts(x):
+    """Liger-Kernel's fused MoE (Triton grouped GEMM, transformers 5.x weight layout)."""
+    from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+
+    args = (x["hidden_states"], x["gate_up_proj"], x["down_proj"], x["expert_ids"].to(torch.int32), x["expert_weights"])
+    return lambda: LigerFusedMoEFunction.apply(*args)
+
+
 def experts_case(d: ModelDims, tokens: int) -> Case:
     def make_inputs(device):
         return {"hidden_states": randn(tokens, d.hidden, device=device), **_routed(tokens, d, device), **_weights(d, device)}
@@ -278,6 +286,7 @@ def experts_case(d: ModelDims, tokens: int) -> Case:
             reference_provider(_experts_ref, graphable=False),
             *_hf_providers(d, tokens, with_router=False),
             _torch_grouped_mm_provider(),
+            liger_provider(_liger_experts, graphable=False, note="LigerFusedMoEFunction (Triton autotuned)"),
         ],
         flops=moe_experts_flops(tokens, d.topk, d.hidden, d.moe_inter),
         bytes=moe_experts_bytes(tokens, d.experts, d.topk, d.hidden, d.moe_inter),
