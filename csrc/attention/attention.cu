@@ -137,6 +137,35 @@ void check_varlen_args(const at::Tensor& q, const at::Tensor& k, const at::Tenso
               kMaxGridY);
 }
 
+// The parameters both layouts fill alike: pointers, element strides (dims of q/k/v's batch,
+// head and sequence; batch_dim -1 for the varlen layout, which has none), head counts, scale.
+attn::Params common_params(const at::Tensor& qa, const at::Tensor& ka, const at::Tensor& va,
+                           at::Tensor& out, at::Tensor& lse, int64_t batch, int batch_dim,
+                           int head_dim, int seq_dim, double scale, bool causal) {
+  attn::Params p{};
+  p.q = qa.const_data_ptr();
+  p.k = ka.const_data_ptr();
+  p.v = va.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.lse = static_cast<float*>(lse.mutable_data_ptr());
+  p.q_batch_stride = batch_dim < 0 ? 0 : qa.stride(batch_dim);
+  p.q_head_stride = qa.stride(head_dim);
+  p.q_seq_stride = qa.stride(seq_dim);
+  p.k_batch_stride = batch_dim < 0 ? 0 : ka.stride(batch_dim);
+  p.k_head_stride = ka.stride(head_dim);
+  p.k_seq_stride = ka.stride(seq_dim);
+  p.v_batch_stride = batch_dim < 0 ? 0 : va.stride(batch_dim);
+  p.v_head_stride = va.stride(head_dim);
+  p.v_seq_stride = va.stride(seq_dim);
+  p.batch = static_cast<int>(batch);
+  p.num_q_heads = static_cast<int>(qa.size(head_dim));
+  p.num_kv_heads = static_cast<int>(ka.size(head_dim));
+  p.group = p.num_q_heads / p.num_kv_heads;
+  p.scale_log2 = static_cast<float>(scale * kLog2e);
+  p.causal = causal;
+  return p;
+}
+
 // Plans split-KV for p (its sizes set), allocates the workspace when splitting and launches.
 // The workspace stays alive until the kernels have run: the caching allocator orders its reuse
 // on this stream.
@@ -177,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   check_args(q, k, v, mask);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const int64_t batch = q.size(0), hq = q.size(1), sq = q.size(2);
-  const int64_t hkv = k.size(1), skv = k.size(2);
+  const int64_t skv = k.size(2);
   at::Tensor out = at::empty({batch, sq, hq, kHeadDim}, q.options());
   at::Tensor lse = at::empty({batch, hq, sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -186,21 +215,8 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   const at::Tensor ka = addressable_copy(k);
   const at::Tensor va = addressable_copy(v);
 
-  attn::Params p{};
-  p.q = qa.const_data_ptr();
-  p.k = ka.const_data_ptr();
-  p.v = va.const_data_ptr();
-  p.out = out.mutable_data_ptr();
-  p.lse = static_cast<float*>(lse.mutable_data_ptr());
-  p.q_batch_stride = qa.stride(0);
-  p.q_head_stride = qa.stride(1);
-  p.q_seq_stride = qa.stride(2);
-  p.k_batch_stride = ka.stride(0);
-  p.k_head_stride = ka.stride(1);
-  p.k_seq_stride = ka.stride(2);
-  p.v_batch_stride = va.stride(0);
-  p.v_head_stride = va.stride(1);
-  p.v_seq_stride = va.stride(2);
+  attn::Params p = common_params(qa, ka, va, out, lse, batch, /*batch_dim=*/0, /*head_dim=*/1,
+                                 /*seq_dim=*/2, scale, causal);
   at::Tensor mask_keys;  // the mask with contiguous keys (a copy only in the rare other case)
   if (mask) {
     mask_keys = mask->size(3) <= 1 || mask->stride(3) == 1 ? *mask : mask->contiguous();
@@ -209,15 +225,9 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
     p.mask_head_stride = mask_stride(mask_keys, 1);
     p.mask_q_stride = mask_stride(mask_keys, 2);
   }
-  p.batch = static_cast<int>(batch);
-  p.num_q_heads = static_cast<int>(hq);
-  p.num_kv_heads = static_cast<int>(hkv);
-  p.group = static_cast<int>(hq / hkv);
   p.seqlen_q = static_cast<int>(sq);
   p.seqlen_k = static_cast<int>(skv);
   p.total_q = static_cast<int>(batch * sq);
-  p.scale_log2 = static_cast<float>(scale * kLog2e);
-  p.causal = causal;
   plan_and_launch(p, q, skv);
   return {out, lse};
 }
@@ -231,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen(const at::Tensor& q, const a
   check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const int64_t total_q = q.size(0), hq = q.size(1);
-  const int64_t total_k = k.size(0), hkv = k.size(1);
+  const int64_t total_k = k.size(0);
   const int64_t batch = cu_seqlens_q.size(0) - 1;
   at::Tensor out = at::empty({total_q, hq, kHeadDim}, q.options());
   at::Tensor lse = at::empty({hq, total_q}, q.options().dtype(at::kFloat));
@@ -248,32 +258,16 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen(const at::Tensor& q, const a
   const at::Tensor cu_q = cu_seqlens_q.contiguous();
   const at::Tensor cu_k = cu_seqlens_k.contiguous();
 
-  attn::Params p{};
-  p.q = qa.const_data_ptr();
-  p.k = ka.const_data_ptr();
-  p.v = va.const_data_ptr();
+  attn::Params p = common_params(qa, ka, va, out, lse, batch, /*batch_dim=*/-1, /*head_dim=*/1,
+                                 /*seq_dim=*/0, scale, causal);
   p.cu_seqlens_q = cu_q.const_data_ptr<int>();
   p.cu_seqlens_k = cu_k.const_data_ptr<int>();
-  p.out = out.mutable_data_ptr();
-  p.lse = static_cast<float*>(lse.mutable_data_ptr());
-  p.q_head_stride = qa.stride(1);
-  p.q_seq_stride = qa.stride(0);
-  p.k_head_stride = ka.stride(1);
-  p.k_seq_stride = ka.stride(0);
-  p.v_head_stride = va.stride(1);
-  p.v_seq_stride = va.stride(0);
-  p.batch = static_cast<int>(batch);
-  p.num_q_heads = static_cast<int>(hq);
-  p.num_kv_heads = static_cast<int>(hkv);
-  p.group = static_cast<int>(hq / hkv);
   // The kernels read the real lengths; these size the grid and plan the splits (clamped to the
   // tensors: no sequence is longer).
   p.seqlen_q = static_cast<int>(std::clamp<int64_t>(max_seqlen_q, 0, total_q));
   p.seqlen_k = static_cast<int>(std::clamp<int64_t>(max_seqlen_k, 0, total_k));
   p.total_q = static_cast<int>(total_q);
   p.total_k = static_cast<int>(total_k);
-  p.scale_log2 = static_cast<float>(scale * kLog2e);
-  p.causal = causal;
   plan_and_launch(p, q, p.seqlen_k);
   return {out, lse};
 }

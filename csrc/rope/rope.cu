@@ -118,6 +118,19 @@ int64_t vec_elems(const at::Tensor& t) { return kVecBytes / static_cast<int64_t>
 // A copy the kernel can always address (fresh allocation: aligned, contiguous).
 at::Tensor addressable_copy(const at::Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); }
 
+// An input as the kernel reads it: t itself when addressable, else a contiguous copy; and strides.
+struct Addressed {
+  at::Tensor tensor;
+  rope::HeadStrides strides;
+};
+
+Addressed addressed(const at::Tensor& t, int64_t vec) {
+  if (const auto s = head_strides(t, vec)) return {t, *s};
+  at::Tensor copy = addressable_copy(t);
+  const rope::HeadStrides s = *head_strides(copy, vec);
+  return {copy, s};
+}
+
 // Where k and v go in qk_norm_rope_cache_ (cache == nullptr: k goes to k_out, no v).
 struct CacheArgs {
   const at::Tensor* k_cache;
@@ -171,19 +184,15 @@ std::tuple<at::Tensor, at::Tensor> functional(const char* op, const at::Tensor& 
                                               const at::Tensor& k, const Prepared& prep,
                                               double attention_scaling, double eps) {
   const int64_t vec = vec_elems(q);
-  auto q_s = head_strides(q, vec);
-  auto k_s = head_strides(k, vec);
-  const at::Tensor q_in = q_s ? q : addressable_copy(q);
-  const at::Tensor k_in = k_s ? k : addressable_copy(k);
-  if (!q_s) q_s = head_strides(q_in, vec);
-  if (!k_s) k_s = head_strides(k_in, vec);
+  const Addressed q_in = addressed(q, vec);
+  const Addressed k_in = addressed(k, vec);
 
   at::Tensor q_out = at::empty(q.sizes(), q.options());
   at::Tensor k_out = at::empty(k.sizes(), k.options());
   const rope::HeadStrides q_out_s{q.size(-2) * kHeadDim, kHeadDim};
   const rope::HeadStrides k_out_s{k.size(-2) * kHeadDim, kHeadDim};
-  launch(op, q_out, k_out, q_out_s, k_out_s, q_in, k_in, *q_s, *k_s, prep, attention_scaling,
-         eps);
+  launch(op, q_out, k_out, q_out_s, k_out_s, q_in.tensor, k_in.tensor, q_in.strides, k_in.strides,
+         prep, attention_scaling, eps);
   return {q_out, k_out};
 }
 
@@ -293,26 +302,22 @@ void qk_norm_rope_cache_(at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 
   const c10::cuda::CUDAGuard device_guard(q.device());
   const int64_t vec = vec_elems(q);
-  auto k_s = head_strides(k, vec);
-  auto v_s = head_strides(v, vec);
-  const at::Tensor k_in = k_s ? k : addressable_copy(k);
-  const at::Tensor v_in = v_s ? v : addressable_copy(v);
-  if (!k_s) k_s = head_strides(k_in, vec);
-  if (!v_s) v_s = head_strides(v_in, vec);
+  const Addressed k_in = addressed(k, vec);
+  const Addressed v_in = addressed(v, vec);
   const at::Tensor slots = cache_position.contiguous();
-  const CacheArgs cache{&k_cache, &v_cache, &v_in, *v_s, &slots, seqlen};
+  const CacheArgs cache{&k_cache, &v_cache, &v_in.tensor, v_in.strides, &slots, seqlen};
 
   const auto q_s = head_strides(q, vec);
   if (q_s) {
-    launch(kOp, q, q, *q_s, *q_s, q, k_in, *q_s, *k_s, prep, attention_scaling, eps, &cache);
+    launch(kOp, q, q, *q_s, *q_s, q, k_in.tensor, *q_s, k_in.strides, prep, attention_scaling, eps,
+           &cache);
     return;
   }
   // A q the kernel cannot address in place: a contiguous copy, written back.
-  at::Tensor q_tmp = addressable_copy(q);
-  const auto t_s = head_strides(q_tmp, vec);
-  launch(kOp, q_tmp, q_tmp, *t_s, *t_s, q_tmp, k_in, *t_s, *k_s, prep, attention_scaling, eps,
-         &cache);
-  q.copy_(q_tmp);
+  const Addressed q_tmp = addressed(addressable_copy(q), vec);
+  launch(kOp, q_tmp.tensor, q_tmp.tensor, q_tmp.strides, q_tmp.strides, q_tmp.tensor, k_in.tensor,
+         q_tmp.strides, k_in.strides, prep, attention_scaling, eps, &cache);
+  q.copy_(q_tmp.tensor);
 }
 
 }  // namespace qwen3x
