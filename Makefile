@@ -55,6 +55,7 @@ demo info:
 
 # Each step has a time limit (seconds) so that one device call (10 minutes, build included) returns
 # with its logs; the full benchmark suite needs a call of its own (python3 -m benchmarks --out DIR).
+BUILD_S     ?= 240
 GPU_TEST_S  ?= 210
 MEMCHECK_S  ?= 75
 RACECHECK_S ?= 45
@@ -79,7 +80,8 @@ endif
 gpu:
 	mkdir -p $(OUT)
 	$(if $(WHEELS),$(PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(WHEEL_SITE) $(WHEELS))
-	set -o pipefail; $(PYTHON) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tee $(OUT)/build.log
+	set -o pipefail; timeout $(BUILD_S) $(PYTHON) -m pip install --no-build-isolation --no-deps -e . 2>&1 \
+	    | tee $(OUT)/build.log
 	$(PYTHON) -m qwen3x.info | tee $(OUT)/info.txt
 	set -o pipefail; timeout $(GPU_TEST_S) $(PYTHON) -m pytest -q -rs --gpu-sample $(GPU_SAMPLE) $(GPU_TESTS) 2>&1 \
 	    | tee $(OUT)/tests.log; echo "tests exit $$?" >> $(OUT)/tests.log

@@ -254,3 +254,4 @@ def test_qk_norm_rope_cache_bad_inputs():
     bad(q, k, k, kc, kc.clone(), slots[:2], match="cache_position")
     bad(q, k, k[:, :, :4], kc, kc.clone(), slots, match="v")
     bad(q, k, k, kc, kc, slots, match="k_cache and v_cache not to overlap")  # one buffer for both caches
+    bad(q, k, k, kc, kc[:, :, :16].clone(), slots, match="k_cache and v_cache of one shape")  # a shorter v cache

@@ -273,6 +273,9 @@ void qk_norm_rope_cache_(at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   check::last_dim_contiguous(kOp, "v", v);
   check_cache(kOp, "k_cache", k_cache, q, batch, kv_heads);
   check_cache(kOp, "v_cache", v_cache, q, batch, kv_heads);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "qwen3x.", kOp,
+              ": expected k_cache and v_cache of one shape, got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
   check::cuda(kOp, "cache_position", cache_position);
   check::same_device(kOp, "cache_position", cache_position, "q", q);
   TORCH_CHECK(cache_position.scalar_type() == at::ScalarType::Int ||
@@ -295,9 +298,10 @@ void qk_norm_rope_cache_(at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       check::disjoint(kOp, written[i].first, *written[i].second, written[j].first, *written[j].second);
     }
   }
-  TORCH_CHECK(2 * kv_heads + q.size(2) <= std::numeric_limits<int>::max() &&
-                  prep.num_tokens <=
-                      rope::max_qk_norm_rope_tokens(static_cast<int>(q.size(2) + 2 * kv_heads)),
+  const int64_t launch_heads = q.size(2) + 2 * kv_heads;  // q, k and v heads
+  TORCH_CHECK(launch_heads <= std::numeric_limits<int>::max() &&
+                  (launch_heads == 0 ||
+                   prep.num_tokens <= rope::max_qk_norm_rope_tokens(static_cast<int>(launch_heads))),
               "qwen3x.", kOp, ": too many tokens x heads for one launch");
 
   const c10::cuda::CUDAGuard device_guard(q.device());

@@ -133,8 +133,8 @@ def qk_norm_rope_attention(
     """Qwen3 attention from the projections' outputs: per-head RMSNorm and RoPE of q and k, then
     GQA attention. q [B, S, Hq, D], k/v [B, S, Hkv, D] (views of the projections are fine; none is
     modified), positions [B, S], mask [B|1, 1|Hq, S, S] bool or None -> out [B, S, Hq, D] and lse
-    [B, Hq, S]. Differentiable. (For decode against a static cache: ``qk_norm_rope_cache_``, then
-    ``attention`` over the cache.)
+    [B, Hq, S]. Differentiable. The CUDA kernels serve bf16 and fp16 (others: the reference). For
+    decode against a static cache: ``qk_norm_rope_cache_``, then ``attention`` over the cache.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
