@@ -60,7 +60,8 @@ std::tuple<at::Tensor, at::Tensor> attention(
     const at::Tensor& k,                     // [B, Hkv, Skv, 128], Hq % Hkv == 0
     const at::Tensor& v,                     // [B, Hkv, Skv, 128]
     const std::optional<at::Tensor>& mask,   // [B|1, 1|Hq, Sq, Skv] bool (true = attend)
-    double scale, bool causal);              // causal: bottom-right (j <= i + Skv - Sq)
+    double scale, bool causal,               // causal: bottom-right (j <= i + Skv_b - Sq)
+    const std::optional<at::Tensor>& key_lengths);  // [B] or one int32/int64: Skv_b = min(Skv, it)
 // csrc/attention/qk_norm_attention.cpp
 // q and k straight from the projections: qk_norm_rope, then attention.
 // -> out [B, S, Hq, 128] (q's dtype), lse [B, Hq, S] fp32

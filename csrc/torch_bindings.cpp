@@ -42,7 +42,9 @@ TORCH_LIBRARY(qwen3x, m) {
       "Tensor cache_position, Tensor q_weight, Tensor k_weight, Tensor positions, Tensor inv_freq, "
       "float attention_scaling, float eps) -> ()");
   m.def("silu_and_mul(Tensor input) -> Tensor");
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)");
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, "
+      "Tensor? key_lengths=None) -> (Tensor, Tensor)");
   m.def(
       "qk_norm_rope_attention(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, "
       "Tensor positions, Tensor inv_freq, float attention_scaling, float eps, Tensor? mask, float scale, "

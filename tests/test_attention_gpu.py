@@ -537,3 +537,26 @@ def test_qk_norm_rope_attention(dtype, batch, seqlen, hq, hkv, padding):
     assert torch.equal(torch.isfinite(lse), seen)
     floor = LSE_REL_FLOOR * max(1.0, truth_l[seen].abs().max().item())
     assert_close_to_truth(lse[seen], ref_l[seen], truth_l[seen], extra_floor=floor)
+
+
+# ---- key_lengths: the filled part of a static cache ---------------------------------------------
+@pytest.mark.parametrize("sq,s_max,causal,per_batch", [(1, 8192, False, True), (1, 4096, True, False),
+                                                       (3, 2048, False, True), (200, 300, True, True)])
+def test_key_lengths_skip_the_unfilled_tail(sq, s_max, causal, per_batch):
+    """Keys past key_lengths[b] are never read (NaN there would poison P @ V) and the result equals
+    attention over the first key_lengths[b] keys (bottom-right causal against that length)."""
+    B, hq, hkv = 3, 32, 8
+    q, k, v = _inputs(B, hq, hkv, sq, s_max, torch.bfloat16, q_layout="bshd")
+    lengths = torch.tensor([sq + 5, s_max // 2 + 3, s_max], device="cuda") if per_batch else torch.tensor(s_max // 3, device="cuda")
+    n = lengths.expand(B).tolist()
+    for b in range(B):
+        k[b, :, n[b]:] = float("nan")
+        v[b, :, n[b]:] = float("nan")
+    mask = _padding_mask(B, sq, s_max) if not causal else None
+    poison_allocator(B * hq * sq * (D * 2 + 4) + 128 * B * hq * sq * (D + 1) * 4)
+    out, lse = ops.attention(q, k, v, mask, D**-0.5, causal, lengths)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    for b in range(B):
+        m = mask[b : b + 1, :, :, : n[b]] if mask is not None else None
+        _judge(out[b : b + 1], lse[b : b + 1], q[b : b + 1], k[b : b + 1, :, : n[b]], v[b : b + 1, :, : n[b]], m,
+               D**-0.5, causal)

@@ -373,12 +373,22 @@ def test_static_cache_decode_writes_the_cache_in_one_op(moe, monkeypatch):
     new = 8
     kw = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
               cache_implementation="static", pad_token_id=0)
+    lengths = []
+    real_attention = qwen3x.ops.attention
+    monkeypatch.setattr(  # the value when called (5.x passes its live counter tensor)
+        qwen3x.ops, "attention",
+        lambda *a, **k: lengths.append(a[6] if a[6] is None else int(a[6].reshape(-1)[0])) or real_attention(*a, **k),
+    )
     assert torch.equal(patched.generate(ids, **kw), base.generate(ids, **kw))
     assert len(calls) == (new - 1) * base.config.num_hidden_layers
+    # every step (prefill included) tells attention how many cache slots hold tokens: 7, 8, ..., 14
+    layers = base.config.num_hidden_layers
+    assert lengths[::layers] == list(range(7, 7 + new))
     calls.clear()
+    lengths.clear()
     kw["cache_implementation"] = "dynamic"
     assert torch.equal(patched.generate(ids, **kw), base.generate(ids, **kw))
-    assert not calls
+    assert not calls and set(lengths) == {None}  # a dynamic cache holds exactly its keys
 
 
 def test_static_cache_decode_compiles_fullgraph():

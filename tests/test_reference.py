@@ -288,3 +288,17 @@ def test_unsupported_rope_type_is_a_clear_error():
         config.rope_scaling = {"rope_type": "llama3"}
     with pytest.raises(NotImplementedError, match="rope_type 'llama3' is not supported"):
         rope_parameters(config)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_key_lengths_equal_sliced_keys(causal):
+    B, Hq, Hkv, Sq, Skv, D = 3, 4, 2, 3, 11, 16
+    q, k, v = torch.randn(B, Hq, Sq, D), torch.randn(B, Hkv, Skv, D), torch.randn(B, Hkv, Skv, D)
+    lengths = torch.tensor([3, 7, 20])  # the last is clamped to Skv
+    out, lse = R.attention(q, k, v, None, D**-0.5, causal, lengths)
+    for b, n in enumerate([3, 7, 11]):
+        eo, el = R.attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], None, D**-0.5, causal)
+        torch.testing.assert_close(out[b : b + 1], eo)
+        torch.testing.assert_close(lse[b : b + 1], el)
+    one, _ = R.attention(q, k, v, None, D**-0.5, causal, torch.tensor(5))  # one value for the batch
+    torch.testing.assert_close(one, R.attention(q, k[:, :, :5], v[:, :, :5], None, D**-0.5, causal)[0])

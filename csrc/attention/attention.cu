@@ -87,7 +87,8 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 }
 
 void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const std::optional<at::Tensor>& mask) {
+                const std::optional<at::Tensor>& mask,
+                const std::optional<at::Tensor>& key_lengths) {
   check_qkv(kOp, q, k, v, 4, "[batch, heads, seqlen, head_dim]");
   TORCH_CHECK(k.size(0) == q.size(0), "qwen3x.", kOp, ": expected k of shape [", q.size(0),
               ", Hkv, Skv, ", kHeadDim, "], got ", k.sizes());
@@ -102,6 +103,16 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     m.size(3) == k.size(2);
     TORCH_CHECK(ok, "qwen3x.", kOp, ": expected mask of shape [", q.size(0), " or 1, 1 or ", hq,
                 ", ", q.size(2), ", ", k.size(2), "], got ", m.sizes());
+  }
+  if (key_lengths) {
+    const at::Tensor& n = *key_lengths;
+    check::cuda(kOp, "key_lengths", n);
+    check::same_device(kOp, "key_lengths", n, "q", q);
+    TORCH_CHECK(n.scalar_type() == at::ScalarType::Int || n.scalar_type() == at::ScalarType::Long,
+                "qwen3x.", kOp, ": expected key_lengths to have dtype torch.int32 or torch.int64, got ",
+                check::dtype_name(n.scalar_type()));
+    TORCH_CHECK(n.numel() == 1 || (n.dim() == 1 && n.size(0) == q.size(0)), "qwen3x.", kOp,
+                ": expected key_lengths of shape [", q.size(0), "] or one value, got ", n.sizes());
   }
   // Index ranges of the kernel (int32 tokens, rows and keys, gridDim.y = B * Hkv).
   // (rows get a tile of headroom: row0 + kBlockM must not wrap)
@@ -202,8 +213,9 @@ void plan_and_launch(attn::Params& p, const at::Tensor& q, int64_t seqlen_k_hint
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k,
                                              const at::Tensor& v,
                                              const std::optional<at::Tensor>& mask, double scale,
-                                             bool causal) {
-  check_args(q, k, v, mask);
+                                             bool causal,
+                                             const std::optional<at::Tensor>& key_lengths) {
+  check_args(q, k, v, mask, key_lengths);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const int64_t batch = q.size(0), hq = q.size(1), sq = q.size(2);
   const int64_t skv = k.size(2);
@@ -224,6 +236,11 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
     p.mask_batch_stride = mask_stride(mask_keys, 0);
     p.mask_head_stride = mask_stride(mask_keys, 1);
     p.mask_q_stride = mask_stride(mask_keys, 2);
+  }
+  if (key_lengths) {  // read on the device (no sync); one value for all: stride 0
+    p.key_lengths = key_lengths->const_data_ptr();
+    p.key_lengths_int64 = key_lengths->scalar_type() == at::ScalarType::Long;
+    p.key_lengths_stride = key_lengths->numel() == 1 ? 0 : key_lengths->stride(0);
   }
   p.seqlen_q = static_cast<int>(sq);
   p.seqlen_k = static_cast<int>(skv);

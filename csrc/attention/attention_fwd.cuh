@@ -8,8 +8,9 @@
 //   lse[b, hq, s]    = logsumexp_j of the same scaled scores (natural log)
 //   visible(s, j)    = j < Skv && (!causal || j <= s + Skv - Sq) && mask[b, hq, s, j]
 //
-// for a padded batch (Sq, Skv the same for every b) or a packed variable-length
-// one (Sq_b, Skv_b from cu_seqlens; no mask): kernel_traits.cuh, Params.
+// for a padded batch (Sq, Skv the same for every b, or Skv_b = min(Skv,
+// key_lengths[b])) or a packed variable-length one (Sq_b, Skv_b from cu_seqlens;
+// no mask): kernel_traits.cuh, Params. Keys past Skv_b are never loaded.
 //
 // CTA (row tile x, b * Hkv + kvh, split z) -- see kernel_traits.cuh for the
 // row packing r = s * group + h, tiles and shared memory:

@@ -96,6 +96,8 @@ struct Params {
   const uint8_t* mask;  // padded only: [B|1, 1|Hq, Sq, Skv] bool (1 = attend), strides mask_*, keys contiguous; or nullptr
   const int* cu_seqlens_q;  // varlen: [B + 1] int32 token offsets into q/out; nullptr = padded
   const int* cu_seqlens_k;  // varlen: [B + 1] int32 token offsets into k/v
+  const void* key_lengths;  // padded only: [B] (or one value for all) int32/int64: sequence b
+                            // sees keys j < min(Skv, key_lengths[b]); nullptr = all Skv
   void* out;           // [total_q, Hq, 128] contiguous, q's dtype
   float* lse;          // padded [B, Hq, Sq] | varlen [Hq, Tq], contiguous fp32, natural log
   float* partial_o;    // [num_splits, Hkv, total_q * group, 128] fp32, normalized per split (splits > 1)
@@ -105,6 +107,8 @@ struct Params {
   int64_t k_batch_stride, k_head_stride, k_seq_stride;
   int64_t v_batch_stride, v_head_stride, v_seq_stride;
   int64_t mask_batch_stride, mask_head_stride, mask_q_stride;  // 0 = broadcast
+  int64_t key_lengths_stride;  // 0 = one value for the whole batch
+  bool key_lengths_int64;
 
   int batch;         // B
   int num_q_heads;   // Hq
@@ -116,6 +120,7 @@ struct Params {
   int total_k;       // tokens of k/v: B * Skv | Tk (bounds cu_seqlens_k)
   float scale_log2;  // scale * log2(e): scores are kept in log2 units
   bool causal;       // bottom-right per sequence: query s sees keys j <= s + Skv_b - Sq_b
+                     // (Skv_b: the sequence's keys, after key_lengths)
 
   int num_splits;       // gridDim.z; 1 = write out/lse directly
   int tiles_per_split;  // K/V tiles per split; the last split takes every tile after the others
@@ -142,6 +147,12 @@ __device__ __forceinline__ SeqSlice seq_slice(const Params& p, int b) {
     s.token0 = b * p.seqlen_q;
     s.seqlen_q = p.seqlen_q;
     s.seqlen_k = p.seqlen_k;
+    if (p.key_lengths != nullptr) {  // e.g. the filled part of a static cache
+      const int64_t i = b * p.key_lengths_stride;
+      const int64_t n = p.key_lengths_int64 ? static_cast<const int64_t*>(p.key_lengths)[i]
+                                            : static_cast<const int32_t*>(p.key_lengths)[i];
+      s.seqlen_k = static_cast<int>(min(max(n, int64_t{0}), static_cast<int64_t>(p.seqlen_k)));
+    }
     s.q_offset = b * p.q_batch_stride;
     s.k_offset = b * p.k_batch_stride;
     s.v_offset = b * p.v_batch_stride;

@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_attention(
   auto [q_rot, k_rot] = qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq,
                                      attention_scaling, eps);  // [B, S, H, 128] each
   return attention(q_rot.transpose(1, 2), k_rot.transpose(1, 2), v.transpose(1, 2), mask, scale,
-                   causal);
+                   causal, std::nullopt);
 }
 
 }  // namespace qwen3x

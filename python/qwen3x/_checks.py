@@ -117,7 +117,7 @@ def silu_and_mul(op: str, input: torch.Tensor) -> None:
     )
 
 
-def attention(op, q, k, v, mask) -> None:
+def attention(op, q, k, v, mask, key_lengths=None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         floating(op, name, t)
         expect(t.dim() == 4, op, f"expected {name} of shape [batch, heads, seqlen, head_dim], got {_shape(t)}")
@@ -136,7 +136,14 @@ def attention(op, q, k, v, mask) -> None:
             and mask.shape[2:] == (Sq, k.shape[2])
         )
         expect(ok, op, f"expected mask of shape [{B} or 1, 1 or {Hq}, {Sq}, {k.shape[2]}], got {_shape(mask)}")
-    same_device(op, q=q, k=k, v=v, mask=mask)
+    if key_lengths is not None:
+        integer(op, "key_lengths", key_lengths)
+        expect(
+            key_lengths.numel() == 1 or key_lengths.shape == (B,),
+            op,
+            f"expected key_lengths of shape [{B}] or one value, got {_shape(key_lengths)}",
+        )
+    same_device(op, q=q, k=k, v=v, mask=mask, key_lengths=key_lengths)
 
 
 def qk_norm_rope_attention(op, q, k, v, q_weight, k_weight, positions, inv_freq, mask) -> None:

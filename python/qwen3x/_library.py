@@ -42,7 +42,10 @@ SCHEMAS: dict[str, str] = {
         "float attention_scaling, float eps) -> ()"
     ),
     "silu_and_mul": "silu_and_mul(Tensor input) -> Tensor",
-    "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)",
+    "attention": (
+        "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, "
+        "Tensor? key_lengths=None) -> (Tensor, Tensor)"
+    ),
     "qk_norm_rope_attention": (
         "qk_norm_rope_attention(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor positions, "
         "Tensor inv_freq, float attention_scaling, float eps, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)"
@@ -99,7 +102,17 @@ def _has_schema(op: str) -> bool:
     return True
 
 
+def _schema_differs(op: str) -> bool:
+    return str(getattr(torch.ops.qwen3x, op).default._schema) != f"{NAMESPACE}::{SCHEMAS[op]}"
+
+
 _STALE_OPS = [op for op in SCHEMAS if _C is not None and not _has_schema(op)]
+_CHANGED_OPS = [op for op in SCHEMAS if _C is not None and op not in _STALE_OPS and _schema_differs(op)]
+if _CHANGED_OPS:
+    warnings.warn(
+        f"qwen3x: the built extension predates the current schemas of {', '.join(_CHANGED_OPS)}; calls that use "
+        "their new arguments fail until you rebuild it (pip install --no-build-isolation -e .)"
+    )
 if _STALE_OPS:
     warnings.warn(
         f"qwen3x: the built extension predates these ops: {', '.join(_STALE_OPS)} (they run on the references); "
@@ -164,9 +177,9 @@ def _silu_and_mul(input):
     return reference.silu_and_mul(input)
 
 
-def _attention(q, k, v, mask, scale, causal):
-    _checks.attention("attention", q, k, v, mask)
-    return reference.attention(q, k, v, mask, scale, causal)
+def _attention(q, k, v, mask, scale, causal, key_lengths=None):
+    _checks.attention("attention", q, k, v, mask, key_lengths)
+    return reference.attention(q, k, v, mask, scale, causal, key_lengths)
 
 
 def _qk_norm_rope_attention(q, k, v, q_weight, k_weight, positions, inv_freq, attention_scaling, eps, mask, scale,
@@ -260,8 +273,8 @@ def _fake_silu_and_mul(input):
     return input.new_empty((*input.shape[:-1], input.shape[-1] // 2))
 
 
-def _fake_attention(q, k, v, mask, scale, causal):
-    _checks.attention("attention", q, k, v, mask)
+def _fake_attention(q, k, v, mask, scale, causal, key_lengths=None):
+    _checks.attention("attention", q, k, v, mask, key_lengths)
     B, Hq, Sq, D = q.shape
     return q.new_empty((B, Sq, Hq, D)), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 

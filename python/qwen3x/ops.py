@@ -105,15 +105,18 @@ def attention(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
     causal: bool = True,
+    key_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GQA attention. q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], mask [B|1, 1|Hq, Sq, Skv] bool or None.
 
     ``causal``: the Sq queries are the last Sq key positions (bottom-right). ``scale`` defaults to
-    D ** -0.5. Returns out [B, Sq, Hq, D] and lse [B, Hq, Sq] fp32.
+    D ** -0.5. ``key_lengths`` ([B] or one value, int32/int64, read on the device): sequence b
+    attends to its first min(Skv, key_lengths[b]) keys only and the kernel never reads the rest
+    (the unfilled tail of a static cache). Returns out [B, Sq, Hq, D] and lse [B, Hq, Sq] fp32.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return _ops.attention(q, k, v, mask, scale, causal)
+    return _ops.attention(q, k, v, mask, scale, causal, key_lengths)
 
 
 def qk_norm_rope_attention(

@@ -132,6 +132,7 @@ def attention(
     mask: torch.Tensor | None,
     scale: float,
     causal: bool,
+    key_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention with GQA, an optional boolean mask and bottom-right causality.
 
@@ -139,6 +140,9 @@ def attention(
     mask [B or 1, 1 or Hq, Sq, Skv] bool (True = attend) or None. With ``causal`` the queries are the
     last Sq positions of the keys: query i sees keys j <= i + Skv - Sq (prefill: Sq == Skv; decode
     against a cache: Sq new tokens at the end). Math in fp32 (fp64 for fp64 inputs).
+    ``key_lengths`` ([B] or one value, int) limits sequence b to its first Skv_b = min(Skv,
+    key_lengths[b]) keys (the filled part of a static cache); causality is then bottom-right
+    against Skv_b.
 
     Returns out [B, Sq, Hq, D] in q's dtype (the layout HF's attention functions return) and the
     log-sum-exp of the scaled scores, lse [B, Hq, Sq] fp32. A row that sees no key gives 0 and -inf.
@@ -151,11 +155,15 @@ def attention(
     kf = k.to(cdt).repeat_interleave(groups, dim=1)
     vf = v.to(cdt).repeat_interleave(groups, dim=1)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hq, Sq, Skv]
-    allowed = torch.ones(Sq, Skv, dtype=torch.bool, device=q.device)
+    lengths = torch.full((B,), Skv, device=q.device)
+    if key_lengths is not None:
+        lengths = key_lengths.to(q.device).reshape(-1).expand(B).clamp(0, Skv)
+    n = lengths.view(B, 1, 1, 1)  # Skv_b
+    i = torch.arange(Sq, device=q.device).view(1, 1, Sq, 1)
+    j = torch.arange(Skv, device=q.device).view(1, 1, 1, Skv)
+    allowed = j < n
     if causal:
-        i = torch.arange(Sq, device=q.device)[:, None]
-        j = torch.arange(Skv, device=q.device)[None, :]
-        allowed = j <= i + (Skv - Sq)
+        allowed = allowed & (j <= i + (n - Sq))
     allowed = allowed.expand(B, Hq, Sq, Skv)
     if mask is not None:
         allowed = allowed & mask.to(device=q.device, dtype=torch.bool)

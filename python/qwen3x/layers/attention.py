@@ -39,6 +39,7 @@ def attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    key_lengths: torch.Tensor | None = None,  # qwen3x's layers: the filled slots of a static cache
     **kwargs,
 ) -> tuple[torch.Tensor, None]:  # out [B, Sq, Hq, D]
     bool_or_none = attention_mask is None or (
@@ -65,9 +66,9 @@ def attention_forward(
     if is_causal and kv_len > q_len:
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     if reference_instead("attention", query):
-        out, _ = reference.attention(query, key, value, attention_mask, scaling, is_causal)
+        out, _ = reference.attention(query, key, value, attention_mask, scaling, is_causal, key_lengths)
     else:
-        out, _ = ops.attention(query, key, value, attention_mask, scaling, is_causal)
+        out, _ = ops.attention(query, key, value, attention_mask, scaling, is_causal, key_lengths)
     return out, None
 
 
@@ -150,9 +151,9 @@ def _norm_rope(module, q, k, position_embeddings):
     )
 
 
-def _static_layer(cache, layer_idx: int, k: torch.Tensor):
-    """HF's StaticLayer that this call may write directly (exactly that class, initialized, on k's
-    device, dtype and batch, in a cache that neither offloads nor customizes update), or None."""
+def _static_layer(cache, layer_idx: int):
+    """HF's StaticLayer behind ``layer_idx`` (exactly that class, initialized, in a cache that neither
+    offloads nor customizes update), or None."""
     from transformers.cache_utils import Cache, StaticLayer
 
     layers = getattr(cache, "layers", None)
@@ -167,10 +168,30 @@ def _static_layer(cache, layer_idx: int, k: torch.Tensor):
     layer = layers[layer_idx]
     if type(layer) is not StaticLayer or not getattr(layer, "is_initialized", False):
         return None
+    return layer
+
+
+def _writable_static_layer(cache, layer_idx: int, k: torch.Tensor):
+    """The StaticLayer this call may write directly: on k's device, dtype and batch, else None."""
+    layer = _static_layer(cache, layer_idx)
+    if layer is None:
+        return None
     keys = layer.keys
     if keys.device != k.device or keys.dtype != k.dtype or keys.shape[0] != k.shape[0] or keys.shape[1] != k.shape[2]:
         return None
     return layer
+
+
+def _filled_slots(layer, cache_position):
+    """How many leading slots of a StaticLayer hold tokens after this call's write, as a device
+    tensor (no host sync); the slots after it are masked for every query anyway (causality over
+    cache positions), so attention can skip reading them. None when unknown."""
+    counter = getattr(layer, "cumulative_length", None)  # transformers 5.x
+    if isinstance(counter, torch.Tensor):
+        return counter
+    if cache_position is not None and cache_position.numel():  # 4.57: writes at cache_position
+        return cache_position[-1:] + 1
+    return None
 
 
 def _claim_slots(layer, seqlen: int, cache_position, device) -> torch.Tensor:
@@ -203,12 +224,14 @@ class Attention:
 
         # A static cache, past its first (initializing) write: normed, rotated k and v go straight
         # into their slots, one launch (qk_norm_rope_cache_) instead of three.
-        static = _static_layer(past_key_values, self.layer_idx, k) if past_key_values is not None else None
+        static = _writable_static_layer(past_key_values, self.layer_idx, k) if past_key_values is not None else None
         args = _fused_norm_args(self, q, k, position_embeddings) if static is not None and _owns_q(self) else None
+        key_lengths = None
         if args is not None:
             slots = _claim_slots(static, q.shape[1], cache_position, q.device)
             ops.qk_norm_rope_cache_(q, k, v, static.keys, static.values, slots, *args)
             q, k, v = q.transpose(1, 2), static.keys, static.values
+            key_lengths = _filled_slots(static, cache_position)
             past_key_values = None  # written
         else:
             q, k = _norm_rope(self, q, k, position_embeddings)
@@ -221,10 +244,15 @@ class Attention:
                 k, v = past_key_values.update(k, v, self.layer_idx, cache_kwargs)
             else:
                 k, v = past_key_values.update(k, v, self.layer_idx)
+            layer = _static_layer(past_key_values, self.layer_idx)
+            if layer is not None and layer.keys is k:  # HF wrote a static cache: skip its empty tail
+                key_lengths = _filled_slots(layer, cache_position)
 
         implementation = self.config._attn_implementation
+        extra = {}
         if implementation in ("sdpa", "qwen3x", None):
             attention_fn = attention_forward
+            extra = {"key_lengths": key_lengths}
         else:  # eager (attention weights), flash, flex, paged...: what the user chose
             attention_fn = _hf_function(self, implementation)
         attn_output, attn_weights = attention_fn(
@@ -236,6 +264,7 @@ class Attention:
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
             sliding_window=getattr(self, "sliding_window", None),
+            **extra,
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
