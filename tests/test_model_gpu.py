@@ -79,8 +79,27 @@ def test_decode_logits_through_the_cache(models, cache):
     ids = _ids(2, 40)
     new = 24
     out = patched.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation=cache,
-                           pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+                           pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                           disable_compile=True)  # eager here; test_static_cache_generate_auto_compiled compiles
     steps = torch.stack(out.logits, dim=1).float()  # [B, new, V]: logits that chose tokens 40 .. 40 + new - 1
+    seq = out.sequences
+    positions = slice(ids.shape[1] - 1, seq.shape[1] - 1)
+    assert_close_to_truth(steps, _logits(baseline, seq)[:, positions], _logits(truth, seq)[:, positions].double())
+
+
+def test_static_cache_generate_auto_compiled():
+    """generate() with a static cache on CUDA compiles the decode step by default (transformers 5.x):
+    the patched model's ops (the cache-writing one mutates the cache) under torch.compile, as users
+    get them, with the same logits rule as the eager test."""
+    base = tiny_model(**CASES["dense"])
+    truth = copy.deepcopy(base).cuda()
+    baseline = copy.deepcopy(base).to("cuda", torch.bfloat16)
+    patched = qwen3x.patch(copy.deepcopy(base).to("cuda", torch.bfloat16))
+    ids = _ids(2, 40)
+    new = 12
+    out = patched.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
+                           pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    steps = torch.stack(out.logits, dim=1).float()
     seq = out.sequences
     positions = slice(ids.shape[1] - 1, seq.shape[1] - 1)
     assert_close_to_truth(steps, _logits(baseline, seq)[:, positions], _logits(truth, seq)[:, positions].double())
