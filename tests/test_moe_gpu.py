@@ -3,9 +3,8 @@
 Integer outputs (expert ids, counts, sorted rows, offsets, inverse) must match exactly. Router weights:
 within 1e-6 relative in fp32 (only the order of the k-term renormalizing sum may differ), and equal
 or one ulp apart in bf16/fp16 (the fp32 value is rounded once; a one-ulp fp32 difference can cross
-a rounding boundary). Logits are distinct per row, so no exact ties: ties are the one place where
-torch.topk's order is not specified (the kernel breaks them toward the lower expert index, tested
-separately).
+a rounding boundary). Most logits are distinct per row; exact ties (common with bf16 logits) go to
+the lower expert index in both the reference and the kernel, tested separately.
 
 Outputs are poisoned: the caching allocator hands them the memory of a NaN-filled block just freed,
 so an element a kernel forgets to write shows up as a mismatch.
@@ -128,6 +127,18 @@ def test_router_exact_ties_go_to_the_lower_expert(experts):
     want = torch.zeros(experts, dtype=torch.int32, device="cuda")
     want[:k] = T
     _assert_equal("tokens_per_expert", counts, want)
+
+
+@pytest.mark.parametrize("experts,top_k", [(128, 8), (512, 16)])
+def test_router_bf16_logits_with_natural_ties(experts, top_k):
+    """Plain bf16 logits (many exact ties among the top k): ids exactly as the reference's
+    lower-index-first order."""
+    _needs_kernel("moe_router")
+    logits = torch.randn(4096, experts, device="cuda").to(torch.bfloat16)
+    probs = torch.softmax(logits, -1, dtype=torch.float32)
+    kth = probs.topk(top_k + 1, -1).values
+    assert (kth[:, :-1] == kth[:, 1:]).any(), "the sample should hold ties"
+    _check_router(logits, top_k, True)
 
 
 def test_router_nan_and_inf_logits_still_give_distinct_in_range_experts():

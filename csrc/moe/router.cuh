@@ -19,10 +19,10 @@
 //   32-bit order key of p, then the min expert index among the lanes that hold
 //   it. The key (bits(p) + 1, NaN above everything, 0 = already picked or no
 //   expert) orders p exactly and leaves p recoverable from the key, so no
-//   value shuffle is needed. Ties go to the lower expert index: what
-//   torch.topk does on CUDA in practice (not a documented guarantee of
-//   torch.topk; exact ties between distinct experts' fp32 probabilities are
-//   the only place the two may differ). Every round picks a distinct expert
+//   value shuffle is needed. Ties go to the lower expert index, as the
+//   reference specifies (torch.topk leaves tie order unspecified, and CPU and
+//   CUDA differ; with bf16 logits ties are common, so HF may pick another of
+//   the tied experts). Every round picks a distinct expert
 //   in [0, E), whatever the logits (NaN included), so downstream indexing is
 //   always in bounds.
 // - Lane j keeps pick j; the renormalizing sum adds the picks in descending

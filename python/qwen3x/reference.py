@@ -243,10 +243,16 @@ def moe_router(
     """HF Qwen3-MoE routing: softmax in fp32, top-k, renormalize when norm_topk_prob.
 
     router_logits [T, E] -> weights [T, k] (logits' dtype, as HF casts back), expert_ids [T, k]
-    int32 (descending probability, ties as torch.topk), tokens_per_expert [E] int32.
+    int32 (descending probability; exact ties to the lower expert index), tokens_per_expert [E] int32.
+
+    Ties are common with bf16 logits (equal logits give equal probabilities: with E = 128 about one
+    token in 16 has a tie at the k-th place). torch.topk leaves their order unspecified and orders
+    them differently on CPU and CUDA, so this spec fixes it (a stable descending sort): the CUDA
+    kernel does the same, and HF may pick another of the tied experts.
     """
     probs = torch.softmax(router_logits, dim=-1, dtype=_compute_dtype(router_logits.dtype))
-    weights, ids = torch.topk(probs, top_k, dim=-1)
+    ranked = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, ids = ranked.values[..., :top_k], ranked.indices[..., :top_k]
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     counts = torch.bincount(ids.flatten(), minlength=router_logits.shape[-1])
