@@ -64,9 +64,13 @@ attention_combine_kernel(const Params p) {
       sum += exp2f(lse_row[i * rows_per_split] - base);
     }
     sum = warp_reduce_sum(sum);
-    // sum == 0: no split saw a key. A NaN partial lse (a row marked uncovered) makes sum NaN,
-    // which this lets through to out and lse instead of reading it as "no keys".
-    if (sum != 0.0f) {
+    // sum == 0: no split saw a key. A NaN partial lse (NaN inputs, or a row marked uncovered,
+    // whose partial O nobody wrote) makes sum NaN: out and lse become NaN without reading O.
+    if (isnan(sum)) {
+      lse2 = NAN;
+#pragma unroll
+      for (int d = 0; d < kCombineDimsPerLane; ++d) acc[d] = NAN;
+    } else if (sum > 0.0f) {
       lse2 = base + log2f(sum);
       const float* o_row = p.partial_o + row * kHeadDim + lane * kCombineDimsPerLane;
       for (int i = 0; i < p.num_splits; ++i) {

@@ -59,6 +59,7 @@ __device__ __forceinline__ void load_q_tile(const Params& p, const SeqSlice& seq
 template <typename T>
 struct KVLoader {
   const T* src;        // this thread's chunk of key tid / 16 of the current tile
+  const T* fallback;   // this thread's chunk of key 0: the (never read) source of zero-filled rows
   int64_t pass_step;   // elements between rows 8 apart (8 * seq_stride)
   int64_t tile_step;   // elements between tiles (kBlockN * seq_stride)
   uint32_t dst;        // shared byte offset of (row tid / 16, chunk tid % 16) in a tile
@@ -70,20 +71,23 @@ struct KVLoader {
     const int chunk = tid % kChunksPerRow;
     first_key = tile * kBlockN + row;
     src = head + first_key * seq_stride + chunk * kChunkElems;
+    fallback = head + chunk * kChunkElems;
     pass_step = kLoadRowsPerPass * seq_stride;
     tile_step = kBlockN * seq_stride;
     dst = swizzled_offset(row, chunk) * kElemBytes;
   }
 
   // Copies the current tile into the tile at shared address tile_base; rows at
-  // keys >= seqlen_k are zero-filled (their source is never read).
+  // keys >= seqlen_k are zero-filled (nothing is read; their source address is
+  // key 0's, inside the tensor, so memory checkers see no stray address). A
+  // tile is loaded only when seqlen_k > 0.
   __device__ __forceinline__ void load(uint32_t tile_base, int seqlen_k) const {
     const T* row_src = src;
 #pragma unroll
     for (int i = 0; i < kBlockN / kLoadRowsPerPass; ++i) {
       const bool in_range = first_key + i * kLoadRowsPerPass < seqlen_k;
-      cp_async_16(tile_base + dst + i * kLoadRowsPerPass * kHeadDim * kElemBytes, row_src,
-                  in_range);
+      cp_async_16(tile_base + dst + i * kLoadRowsPerPass * kHeadDim * kElemBytes,
+                  in_range ? row_src : fallback, in_range);
       row_src += pass_step;
     }
   }
