@@ -187,7 +187,13 @@ void plan_and_launch(attn::Params& p, const at::Tensor& q, int64_t seqlen_k_hint
   const int64_t ctas = std::max<int64_t>(
       static_cast<int64_t>(attn::row_tiles(p)) * p.batch * p.num_kv_heads,
       ceil_div<int64_t>(static_cast<int64_t>(p.total_q) * p.num_q_heads, attn::kBlockM));
-  const attn::SplitPlan plan = attn::plan_splits(ctas, seqlen_k_hint, num_sms);
+  const int ctas_per_sm =
+      q.scalar_type() == at::ScalarType::BFloat16
+          ? resident_ctas_per_sm<attn::attention_fwd_kernel<__nv_bfloat16>>(
+                attn::kThreads, attn::kSmemBytes, attn::kMinCtasPerSm)
+          : resident_ctas_per_sm<attn::attention_fwd_kernel<__half>>(
+                attn::kThreads, attn::kSmemBytes, attn::kMinCtasPerSm);
+  const attn::SplitPlan plan = attn::plan_splits(ctas, seqlen_k_hint, num_sms, ctas_per_sm);
   p.num_splits = plan.num_splits;
   p.tiles_per_split = plan.tiles_per_split;
   at::Tensor partial_o, partial_lse;  // split-KV workspace

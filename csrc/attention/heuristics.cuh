@@ -4,7 +4,8 @@
 // Grid = (row tiles = ceil(Sq * group / kBlockM), B * Hkv, num_splits); for a varlen batch
 // Sq is the caller's max_seqlen_q (rows of a longer sequence are marked NaN, not computed).
 //
-// Split heuristic. One wave is num_sms * kMinCtasPerSm resident CTAs (80 KB of
+// Split heuristic. One wave is num_sms * ctas_per_sm resident CTAs (measured by
+// the occupancy API for the device; kMinCtasPerSm when it cannot be asked) (80 KB of
 // shared memory and 128 threads each: 2 per SM on sm_80 and sm_90). When the
 // (row tile, b, kv head) CTAs fill at least one wave, the key range is not
 // split. Otherwise (decode, small batch, long context) each CTA's key range is
@@ -46,9 +47,10 @@ inline int row_tiles(const Params& p) {
 
 inline SplitPlan plan_splits(int64_t ctas,     // CTAs with work: row tiles * B * Hkv
                              int64_t seqlen_k,  // Skv (varlen: the max_seqlen_k hint)
-                             int num_sms) {
+                             int num_sms,
+                             int ctas_per_sm = kMinCtasPerSm) {  // resident CTAs per SM
   const int64_t tiles = ceil_div<int64_t>(seqlen_k, kBlockN);
-  const int64_t wave = static_cast<int64_t>(std::max(num_sms, 1)) * kMinCtasPerSm;
+  const int64_t wave = static_cast<int64_t>(std::max(num_sms, 1)) * std::max(ctas_per_sm, 1);
   int64_t splits = 1;
   if (ctas > 0 && ctas < wave) {
     splits = std::min({ceil_div<int64_t>(kTargetWaves * wave, ctas),

@@ -43,4 +43,28 @@ cudaError_t allow_dynamic_smem(int bytes) {
   return err;
 }
 
+// CTAs of `Kernel` (threads per CTA, dynamic shared memory bytes) resident on one SM of the
+// current device, asked once per device after the shared-memory opt-in; `fallback` if a query
+// fails. (80 KB of shared memory fits twice on sm_80/sm_90, once on sm_86/sm_89.)
+template <auto Kernel>
+int resident_ctas_per_sm(int threads, int smem_bytes, int fallback) {
+  static std::atomic<int> cache[kMaxCachedDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return fallback;
+  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
+  if (cacheable) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int ctas = 0;
+  if (allow_dynamic_smem<Kernel>(smem_bytes) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, Kernel, threads, smem_bytes) != cudaSuccess ||
+      ctas <= 0) {
+    cudaGetLastError();  // clear a failed query's error; the launch reports real problems
+    return fallback;
+  }
+  if (cacheable) cache[device].store(ctas, std::memory_order_relaxed);
+  return ctas;
+}
+
 }  // namespace qwen3x
