@@ -14,6 +14,9 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line(
+        "markers", "slow: long CPU sweeps (the kernel models' full grids); run only when selected with -m slow"
+    )
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: sample what is left

@@ -1,0 +1,259 @@
+"""Lane-level model of the fused QK-norm + RoPE kernel and its glue.
+
+Mirrors csrc/rope/qk_norm_rope.cuh (qk_norm_rope_kernel<T, kCache>, launch_qk_norm_rope; all
+warps of the grid at once, lanes as an array axis) and csrc/rope/rope.cu (check_args' prepared
+operands, head_strides, addressed, and the three ops qk_norm_rope, qk_norm_rope_,
+qk_norm_rope_cache_). Every load and store goes through checked GBufs (glue.Bufs): bounds,
+reads only of the input views, writes only to the output views, 16-byte alignment of vector
+accesses, and every expected output element written exactly once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import fp
+from .glue import DTYPE_NAME, Bufs, Ptr, aligned, collapsed_stride
+from .primitives import ELEM_BYTES, WARP, ceil_div, round_to, shfl_xor, warp_reduce_sum
+
+HEAD_DIM = 128
+ROTARY_HALF = 64
+HEADS_PER_WARP = 8   # kHeadsPerWarp
+WARPS_PER_BLOCK = 4  # kWarpsPerBlock
+
+
+@dataclass
+class CacheWrite:
+    """qk_norm_rope.cuh CacheWrite: where k and v go in the kCache variant."""
+    k_cache: Ptr
+    v_cache: Ptr
+    v: Ptr
+    k_strides: tuple  # (batch, head, slot)
+    v_strides: tuple
+    v_in: tuple       # (token, head) strides of v
+    slots: Ptr
+    seqlen: int
+    max_slots: int
+
+
+def qk_norm_rope_kernel(dt, with_cache, grid, q_out, k_out, q_in, k_in, q_weight, k_weight, positions,
+                        inv_freq, num_tokens, num_q_heads, num_kv_heads, q_out_s, k_out_s, q_in_s, k_in_s,
+                        attention_scaling, eps, cache: CacheWrite | None):
+    """qk_norm_rope.cuh qk_norm_rope_kernel<T, kCache>: every warp of the grid. Strides are
+    (token, head) element pairs; pointers are Ptr."""
+    kvec = 16 // ELEM_BYTES[dt]      # HeadLayout::kVec
+    lanes_per_head = HEAD_DIM // kvec  # kLanesPerHead
+    heads_per_iter = WARP // lanes_per_head
+    iters = HEADS_PER_WARP // heads_per_iter
+    partner_xor = lanes_per_head // 2
+    to_t = round_to(dt)
+    attention_scaling = np.float32(attention_scaling)
+    eps = np.float32(eps)
+
+    lane = np.arange(WARP)
+    num_qk_heads = num_q_heads + num_kv_heads
+    num_heads = num_qk_heads + (num_kv_heads if with_cache else 0)
+    groups_per_token = ceil_div(num_heads, HEADS_PER_WARP)
+    warp_id = np.arange(grid * WARPS_PER_BLOCK, dtype=np.int64)
+    token = warp_id // groups_per_token
+    live = token < num_tokens  # whole warps exit together
+    warp_id, token = warp_id[live], token[live]
+    num_warps = warp_id.size
+    if num_warps == 0:
+        return
+    head_base = (warp_id % groups_per_token) * HEADS_PER_WARP  # [W]
+
+    head_slot = lane // lanes_per_head
+    elem0 = (lane % lanes_per_head) * kvec
+    first_half = elem0 < ROTARY_HALF
+    freq0 = elem0 % ROTARY_HALF
+    tok = token[:, None]
+    shape = (num_warps, WARP)
+
+    # ---- issue every load of the warp before any math
+    x = np.zeros((iters,) + shape + (kvec,), np.float32)
+    valid = np.zeros((iters,) + shape, bool)
+    is_q = np.zeros_like(valid)
+    is_v = np.zeros_like(valid)
+    head_in_tensor = np.zeros((iters,) + shape, np.int64)
+    for it in range(iters):
+        h = head_base[:, None] + it * heads_per_iter + head_slot[None, :]
+        valid[it] = h < num_heads
+        is_q[it] = h < num_q_heads
+        is_v[it] = with_cache & (h >= num_qk_heads)
+        head_in_tensor[it] = np.where(is_q[it], h, np.where(is_v[it], h - num_qk_heads, h - num_q_heads))
+        sources = [(valid[it] & is_q[it], q_in, q_in_s), (valid[it] & ~is_q[it] & ~is_v[it], k_in, k_in_s)]
+        if with_cache:
+            sources.append((valid[it] & is_v[it], cache.v, cache.v_in))
+        for sel, ptr, strides in sources:
+            if sel.any():  # lanes without a head keep 0 and still take part in the shuffles
+                src = ptr.off + tok * strides[0] + head_in_tensor[it] * strides[1] + elem0[None, :]
+                x[it] = np.where(sel[..., None], ptr.buf.load_vec(src, kvec, sel, "x load"), x[it])
+    wq = q_weight.buf.load_vec(np.broadcast_to(q_weight.off + elem0, shape), kvec, what="q_weight load")
+    wk = k_weight.buf.load_vec(np.broadcast_to(k_weight.off + elem0, shape), kvec, what="k_weight load")
+    pos = positions.buf.load(positions.off + np.broadcast_to(tok, shape), what="positions load")
+    if with_cache:
+        batch_row = token // cache.seqlen
+        s = token - batch_row * cache.seqlen
+        slot = cache.slots.buf.load(cache.slots.off + np.broadcast_to(s[:, None], shape),
+                                    what="slots load").astype(np.int64)
+        batch_row = np.broadcast_to(batch_row[:, None], shape)
+
+    # ---- cos / sin of this lane's kvec frequencies, once per token
+    freq = np.concatenate([inv_freq.buf.load_vec(np.broadcast_to(inv_freq.off + freq0 + m, shape), 4,
+                                                 what="inv_freq load")
+                           for m in range(0, kvec, 4)], axis=-1)
+    pos_f = pos.astype(np.float32)  # static_cast<float>(int64): round to nearest even
+    angle = (pos_f[..., None] * freq).astype(np.float32)  # __fmul_rn
+    sin, cos = fp.sincos_accurate(angle)
+    cos_v = (cos * attention_scaling).astype(np.float32)
+    sin_v = (np.where(first_half[None, :, None], -sin, sin) * attention_scaling).astype(np.float32)
+
+    # ---- norm + rotate + store, one step (1 or 2 heads per warp) at a time
+    for it in range(iters):
+        v = x[it]
+        sum_sq = np.zeros(shape, np.float32)
+        for j in range(kvec):
+            sum_sq = fp.fma32(v[..., j], v[..., j], sum_sq)  # nvcc contracts sum += v * v into FFMA
+        sum_sq = warp_reduce_sum(sum_sq, lanes_per_head, lane_axis=1)
+        rstd = fp.rsqrtf(fp.fma32(sum_sq, np.float32(1.0 / HEAD_DIM), eps))
+        w = np.where(is_q[it][..., None], wq, wk)
+        v = (to_t((v * rstd[..., None]).astype(np.float32)) * w).astype(np.float32)
+        partner = shfl_xor(v, partner_xor, lane_axis=1)
+        y = to_t(fp.fma32(v, cos_v, (partner * sin_v).astype(np.float32)))
+        rest = valid[it]
+        if with_cache:  # k or v head -> its cache slot (if in range); q heads go on below
+            in_range = valid[it] & ~is_q[it] & (slot >= 0) & (slot < cache.max_slots)
+            for dst_ptr, strides, values, sel in ((cache.k_cache, cache.k_strides, y, in_range & ~is_v[it]),
+                                                  (cache.v_cache, cache.v_strides, x[it], in_range & is_v[it])):
+                if sel.any():
+                    dst = (dst_ptr.off + batch_row * strides[0] + head_in_tensor[it] * strides[1]
+                           + slot * strides[2] + elem0[None, :])
+                    dst_ptr.buf.store_vec(dst, values, kvec, sel, "cache store")
+            rest = valid[it] & is_q[it]
+        for ptr, strides, sel in ((q_out, q_out_s, rest & is_q[it]), (k_out, k_out_s, rest & ~is_q[it])):
+            if sel.any():
+                dst = ptr.off + tok * strides[0] + head_in_tensor[it] * strides[1] + elem0[None, :]
+                ptr.buf.store_vec(dst, y, kvec, sel, "out store")
+
+
+def launch_grid(num_tokens, num_q_heads, num_kv_heads, with_cache):
+    """qk_norm_rope.cuh launch_qk_norm_rope: blocks of the grid (0: no launch)."""
+    num_heads = num_q_heads + num_kv_heads * (2 if with_cache else 1)
+    if num_tokens == 0 or num_heads == 0:
+        return 0
+    return ceil_div(num_tokens * ceil_div(num_heads, HEADS_PER_WARP), WARPS_PER_BLOCK)
+
+
+# ----------------------------------------------------------------------------- rope.cu glue
+def head_strides(t: torch.Tensor, vec: int):
+    """rope.cu head_strides: (token, head) strides, or None when the kernel cannot address t."""
+    head = HEAD_DIM if t.size(-2) == 1 else t.stride(-2)
+    token = collapsed_stride(t, t.dim() - 2, t.size(-2) * head)
+    if token is None or not aligned(t) or token % vec or head % vec:
+        return None
+    return (token, head)
+
+
+def addressed(t: torch.Tensor, vec: int):
+    """rope.cu addressed: t itself when addressable, else a contiguous copy; and its strides."""
+    strides = head_strides(t, vec)
+    if strides is not None:
+        return t, strides
+    copy = t.clone(memory_format=torch.contiguous_format)
+    return copy, head_strides(copy, vec)
+
+
+def _prepare(positions, q_weight, k_weight, inv_freq):
+    """rope.cu check_args' Prepared: flat contiguous positions, 16-byte aligned small operands."""
+    def vector_aligned(t):
+        return t if aligned(t) else t.clone()
+    return (positions.reshape(-1).contiguous(), vector_aligned(q_weight), vector_aligned(k_weight),
+            vector_aligned(inv_freq))
+
+
+def _launch(q_out, k_out, q_out_s, k_out_s, q_in, k_in, q_in_s, k_in_s, prepared, attention_scaling, eps,
+            expected_writes, cache=None):
+    """rope.cu launch through the lane model: registers the tensors, runs every warp, checks that
+    exactly `expected_writes` were written (once) and writes the results back."""
+    positions, q_weight, k_weight, inv_freq = prepared
+    num_tokens = positions.numel()
+    if num_tokens == 0:
+        return
+    bufs = Bufs()
+    ptr = dict(q_in=bufs.get(q_in, "q_in"), k_in=bufs.get(k_in, "k_in"),
+               q_weight=bufs.get(q_weight, "q_weight"), k_weight=bufs.get(k_weight, "k_weight"),
+               positions=bufs.get(positions, "positions"), inv_freq=bufs.get(inv_freq, "inv_freq"),
+               q_out=bufs.get(q_out, "q_out", writable=True),
+               k_out=bufs.get(k_out, "k_out", writable=cache is None))  # with a cache k_out is unused
+    cache_write = None
+    if cache is not None:
+        cache_write = CacheWrite(
+            k_cache=bufs.get(cache["k_cache"], "k_cache", writable=True),
+            v_cache=bufs.get(cache["v_cache"], "v_cache", writable=True),
+            v=bufs.get(cache["v"], "v"), v_in=cache["v_strides"],
+            k_strides=tuple(cache["k_cache"].stride()[:3]), v_strides=tuple(cache["v_cache"].stride()[:3]),
+            slots=bufs.get(cache["slots"], "slots"), seqlen=cache["seqlen"],
+            max_slots=cache["k_cache"].size(2))
+    num_q_heads, num_kv_heads = q_in.size(-2), k_in.size(-2)
+    grid = launch_grid(num_tokens, num_q_heads, num_kv_heads, cache is not None)
+    if grid:
+        qk_norm_rope_kernel(DTYPE_NAME[q_in.dtype], cache is not None, grid, ptr["q_out"], ptr["k_out"],
+                            ptr["q_in"], ptr["k_in"], ptr["q_weight"], ptr["k_weight"], ptr["positions"],
+                            ptr["inv_freq"], num_tokens, num_q_heads, num_kv_heads, q_out_s, k_out_s,
+                            q_in_s, k_in_s, attention_scaling, eps, cache_write)
+    bufs.check_written_exactly(expected_writes)
+    bufs.write_back()
+
+
+def qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps):
+    """rope.cu qk_norm_rope (functional, via `functional`): returns (q_out, k_out). The outputs
+    start as NaN, so an element the kernel forgets shows."""
+    prepared = _prepare(positions, q_weight, k_weight, inv_freq)
+    vec = 16 // q.element_size()
+    q_in, q_in_s = addressed(q, vec)
+    k_in, k_in_s = addressed(k, vec)
+    q_out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    k_out = torch.full(k.shape, float("nan"), dtype=k.dtype)
+    _launch(q_out, k_out, (q.size(-2) * HEAD_DIM, HEAD_DIM), (k.size(-2) * HEAD_DIM, HEAD_DIM), q_in, k_in,
+            q_in_s, k_in_s, prepared, attention_scaling, eps, expected_writes=[q_out, k_out])
+    return q_out, k_out
+
+
+def qk_norm_rope_(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps):
+    """rope.cu qk_norm_rope_: in place when both are addressable, else functional + copy back."""
+    vec = 16 // q.element_size()
+    q_s, k_s = head_strides(q, vec), head_strides(k, vec)
+    if q_s and k_s:
+        prepared = _prepare(positions, q_weight, k_weight, inv_freq)
+        _launch(q, k, q_s, k_s, q, k, q_s, k_s, prepared, attention_scaling, eps, expected_writes=[q, k])
+        return
+    q_new, k_new = qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps)
+    q.copy_(q_new)
+    k.copy_(k_new)
+
+
+def qk_norm_rope_cache_(q, k, v, k_cache, v_cache, cache_position, q_weight, k_weight, positions, inv_freq,
+                        attention_scaling, eps):
+    """rope.cu qk_norm_rope_cache_: q in place (through a copy when not addressable), k (normed,
+    rotated) and v to cache slot cache_position[s] of their batch row; slots outside
+    [0, max_cache_len) are not written."""
+    prepared = _prepare(positions, q_weight, k_weight, inv_freq)
+    vec = 16 // q.element_size()
+    k_in, k_in_s = addressed(k, vec)
+    v_in, v_in_s = addressed(v, vec)
+    slots = cache_position.contiguous()
+    cache = dict(v=v_in, v_strides=v_in_s, k_cache=k_cache, v_cache=v_cache, slots=slots, seqlen=q.size(1))
+    in_range = [s for s in slots.long().tolist() if 0 <= s < k_cache.size(2)]
+    cache_views = [c[:, :, s] for c in (k_cache, v_cache) for s in in_range]
+    q_s = head_strides(q, vec)
+    if q_s is not None:
+        _launch(q, q, q_s, q_s, q, k_in, q_s, k_in_s, prepared, attention_scaling, eps,
+                expected_writes=[q] + cache_views, cache=cache)
+        return
+    q_tmp, q_tmp_s = addressed(q.clone(memory_format=torch.contiguous_format), vec)
+    _launch(q_tmp, q_tmp, q_tmp_s, q_tmp_s, q_tmp, k_in, q_tmp_s, k_in_s, prepared, attention_scaling, eps,
+            expected_writes=[q_tmp] + cache_views, cache=cache)
+    q.copy_(q_tmp)
