@@ -59,7 +59,7 @@ int64_t mask_stride(const at::Tensor& mask, int64_t dim) {
 }
 
 // q, k, v: CUDA, one device and dtype (bf16/fp16), `dims` dims with head_dim 128 last, k and v
-// of one shape, Hq divisible by Hkv (heads are dim dims - 3 + 1 of [B, H, S, D], dim 1 of [T, H, D]).
+// of one shape, Hq divisible by Hkv (heads: dim 1 of [B, H, S, D] and of [T, H, D]).
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                int64_t dims, const char* layout) {
   check::cuda(op, "q", q);
@@ -73,7 +73,8 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
               check::dtype_name(dt), " (run qwen3x.reference.", op, " for other dtypes)");
   check::same_dtype(op, "k", k, "q", q);
   check::same_dtype(op, "v", v, "q", q);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
+  using Named = std::pair<const char*, const at::Tensor&>;
+  for (const auto& [name, t] : {Named{"q", q}, Named{"k", k}, Named{"v", v}}) {
     TORCH_CHECK(t.dim() == dims, "qwen3x.", op, ": expected ", name, " of shape ", layout, ", got ",
                 t.sizes());
     TORCH_CHECK(t.size(-1) == kHeadDim, "qwen3x.", op, ": expected ", name, " to have head_dim ",
@@ -81,7 +82,7 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   }
   TORCH_CHECK(k.sizes() == v.sizes(), "qwen3x.", op, ": expected k and v of one shape, got ",
               k.sizes(), " and ", v.sizes());
-  const int64_t hq = q.size(-2 - (dims == 4)), hkv = k.size(-2 - (dims == 4));
+  const int64_t hq = q.size(1), hkv = k.size(1);
   TORCH_CHECK(hkv > 0 && hq % hkv == 0, "qwen3x.", op, ": expected query heads (", hq,
               ") divisible by key-value heads (", hkv, ")");
 }
@@ -109,7 +110,8 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     check::cuda(kOp, "key_lengths", n);
     check::same_device(kOp, "key_lengths", n, "q", q);
     TORCH_CHECK(n.scalar_type() == at::ScalarType::Int || n.scalar_type() == at::ScalarType::Long,
-                "qwen3x.", kOp, ": expected key_lengths to have dtype torch.int32 or torch.int64, got ",
+                "qwen3x.", kOp,
+                ": expected key_lengths to have dtype torch.int32 or torch.int64, got ",
                 check::dtype_name(n.scalar_type()));
     TORCH_CHECK(n.numel() == 1 || (n.dim() == 1 && n.size(0) == q.size(0)), "qwen3x.", kOp,
                 ": expected key_lengths of shape [", q.size(0), "] or one value, got ", n.sizes());
@@ -127,8 +129,9 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 void check_varlen_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k) {
   check_qkv(kVarlenOp, q, k, v, 3, "[tokens, heads, head_dim]");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cu_seqlens_q", cu_seqlens_q},
-                                {"cu_seqlens_k", cu_seqlens_k}}) {
+  using Named = std::pair<const char*, const at::Tensor&>;
+  for (const auto& [name, t] :
+       {Named{"cu_seqlens_q", cu_seqlens_q}, Named{"cu_seqlens_k", cu_seqlens_k}}) {
     check::cuda(kVarlenOp, name, t);
     check::same_device(kVarlenOp, name, t, "q", q);
     check::dtype(kVarlenOp, name, t, at::ScalarType::Int);

@@ -20,8 +20,9 @@
 //      online softmax, O += P V (mma). Q fragments are read from shared memory
 //      once, before the first tile, and stay in registers.
 //   2. Key range: tiles [z * tiles_per_split, (z + 1) * tiles_per_split)
-//      (the last split: to the end), clipped at the last key any of the CTA's rows sees causally; tiles
-//      wholly above the diagonal are never loaded. A tile is masked element by
+//      (the last split: to the end), clipped at the last key any of the
+//      CTA's rows sees causally; tiles wholly above the diagonal are never
+//      loaded. A tile is masked element by
 //      element only when it may hold an invisible key for some row (the causal
 //      diagonal, the end of the keys, or a mask tensor); other tiles only
 //      scale.

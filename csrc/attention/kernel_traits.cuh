@@ -82,8 +82,9 @@ __host__ __device__ constexpr int swizzled_offset(int row, int chunk) {
 
 // ---- launch parameters --------------------------------------------------------------------
 // Strides are in elements (mask: bytes = elements). Two batch layouts share the kernel:
-//   padded (cu_seqlens_q == nullptr): q [B, Hq, Sq, 128], k/v [B, Hkv, Skv, 128], out [B, Sq, Hq, 128],
-//     lse [B, Hq, Sq]; every sequence has Sq queries and Skv keys.
+//   padded (cu_seqlens_q == nullptr): q [B, Hq, Sq, 128], k/v [B, Hkv, Skv, 128],
+//     out [B, Sq, Hq, 128], lse [B, Hq, Sq]; every sequence has Sq queries and Skv keys
+//     (or Skv_b = min(Skv, key_lengths[b])).
 //   varlen (cu_seqlens_q, cu_seqlens_k != nullptr): q [Tq, Hq, 128], k/v [Tk, Hkv, 128] (batch
 //     strides 0), out [Tq, Hq, 128], lse [Hq, Tq]; sequence b owns tokens cu_seqlens_q[b] ..
 //     cu_seqlens_q[b + 1] - 1 of q and cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of k/v.
@@ -93,14 +94,16 @@ struct Params {
   const void* q;       // [B, Hq, Sq, 128] | [Tq, Hq, 128], strides q_*, last dim contiguous
   const void* k;       // [B, Hkv, Skv, 128] | [Tk, Hkv, 128], strides k_*, last dim contiguous
   const void* v;       // like k, strides v_*
-  const uint8_t* mask;  // padded only: [B|1, 1|Hq, Sq, Skv] bool (1 = attend), strides mask_*, keys contiguous; or nullptr
+  const uint8_t* mask;  // padded only: [B|1, 1|Hq, Sq, Skv] bool (1 = attend), strides mask_*,
+                        // keys contiguous; or nullptr
   const int* cu_seqlens_q;  // varlen: [B + 1] int32 token offsets into q/out; nullptr = padded
   const int* cu_seqlens_k;  // varlen: [B + 1] int32 token offsets into k/v
   const void* key_lengths;  // padded only: [B] (or one value for all) int32/int64: sequence b
                             // sees keys j < min(Skv, key_lengths[b]); nullptr = all Skv
   void* out;           // [total_q, Hq, 128] contiguous, q's dtype
   float* lse;          // padded [B, Hq, Sq] | varlen [Hq, Tq], contiguous fp32, natural log
-  float* partial_o;    // [num_splits, Hkv, total_q * group, 128] fp32, normalized per split (splits > 1)
+  float* partial_o;    // [num_splits, Hkv, total_q * group, 128] fp32, normalized per split
+                       // (splits > 1)
   float* partial_lse;  // [num_splits, Hkv, total_q * group] fp32, log2 units (splits > 1)
 
   int64_t q_batch_stride, q_head_stride, q_seq_stride;  // varlen: batch stride 0, seq = token
