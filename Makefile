@@ -60,7 +60,7 @@ GPU_TEST_S  ?= 210
 MEMCHECK_S  ?= 75
 RACECHECK_S ?= 45
 BENCH_S     ?= 150
-GPU_TESTS   ?= tests
+GPU_TESTS   ?= tests --ignore=tests/test_kernel_models.py  # the kernel models are CPU-only (CI runs them)
 GPU_SAMPLE  ?= 3
 # memcheck: the first small parametrization of every GPU kernel test (compute-sanitizer is slow)
 MEMCHECK_TESTS ?= tests/test_kernels_gpu.py tests/test_attention_gpu.py tests/test_moe_gpu.py \
