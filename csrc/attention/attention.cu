@@ -109,10 +109,7 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& n = *key_lengths;
     check::cuda(kOp, "key_lengths", n);
     check::same_device(kOp, "key_lengths", n, "q", q);
-    TORCH_CHECK(n.scalar_type() == at::ScalarType::Int || n.scalar_type() == at::ScalarType::Long,
-                "qwen3x.", kOp,
-                ": expected key_lengths to have dtype torch.int32 or torch.int64, got ",
-                check::dtype_name(n.scalar_type()));
+    check::index_dtype(kOp, "key_lengths", n);
     TORCH_CHECK(n.numel() == 1 || (n.dim() == 1 && n.size(0) == q.size(0)), "qwen3x.", kOp,
                 ": expected key_lengths of shape [", q.size(0), "] or one value, got ", n.sizes());
   }

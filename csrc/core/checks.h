@@ -64,6 +64,13 @@ inline void dtype(const char* op, const char* name, const at::Tensor& t, at::Sca
               dtype_name(want), ", got ", dtype_name(t.scalar_type()));
 }
 
+// Index tensors (positions, slots, expert ids, lengths): the kernels read int32 or int64.
+inline void index_dtype(const char* op, const char* name, const at::Tensor& t) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK(d == at::ScalarType::Int || d == at::ScalarType::Long, "qwen3x.", op, ": expected ",
+              name, " to have dtype torch.int32 or torch.int64, got ", dtype_name(d));
+}
+
 inline void min_dim(const char* op, const char* name, const at::Tensor& t, int64_t dims) {
   TORCH_CHECK(t.dim() >= dims, "qwen3x.", op, ": expected ", name, " to have at least ", dims,
               " dimension(s), got shape ", t.sizes());

@@ -198,10 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& exp
                                                            int64_t row_align) {
   constexpr const char* kOp = "moe_permute";
   check::cuda(kOp, "expert_ids", expert_ids);
-  const auto id_dtype = expert_ids.scalar_type();
-  TORCH_CHECK(id_dtype == at::ScalarType::Int || id_dtype == at::ScalarType::Long, "qwen3x.",
-              kOp, ": expected expert_ids to have dtype torch.int32 or torch.int64, got ",
-              check::dtype_name(id_dtype));
+  check::index_dtype(kOp, "expert_ids", expert_ids);
   TORCH_CHECK(expert_ids.dim() == 2, "qwen3x.", kOp,
               ": expected expert_ids [tokens, top_k], got shape ", expert_ids.sizes());
   TORCH_CHECK(num_experts >= 1 && num_experts <= moe::kMaxExperts, "qwen3x.", kOp,
@@ -237,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& exp
         static_cast<const IdT*>(ids.const_data_ptr()), num_picks, static_cast<int>(num_experts),
         static_cast<int>(row_align), num_slots, stream);
   };
-  if (id_dtype == at::ScalarType::Long) {
+  if (expert_ids.scalar_type() == at::ScalarType::Long) {
     launch(int64_t{});
   } else {
     launch(int32_t{});
@@ -255,10 +252,7 @@ at::Tensor moe_experts(const at::Tensor& hidden_states, const at::Tensor& expert
   check::cuda(kOp, "expert_weights", expert_weights);
   check::same_device(kOp, "expert_ids", expert_ids, "hidden_states", hidden_states);
   check::same_device(kOp, "expert_weights", expert_weights, "hidden_states", hidden_states);
-  const auto id_dtype = expert_ids.scalar_type();
-  TORCH_CHECK(id_dtype == at::ScalarType::Int || id_dtype == at::ScalarType::Long, "qwen3x.", kOp,
-              ": expected expert_ids to have dtype torch.int32 or torch.int64, got ",
-              check::dtype_name(id_dtype));
+  check::index_dtype(kOp, "expert_ids", expert_ids);
   const int64_t T = hidden_states.size(0);
   TORCH_CHECK(expert_ids.dim() == 2 && expert_ids.size(0) == T && expert_ids.size(1) >= 1,
               "qwen3x.", kOp, ": expected expert_ids [", T, ", top_k] with top_k >= 1, got shape ",

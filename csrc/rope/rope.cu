@@ -62,10 +62,7 @@ Prepared check_args(const char* op, const at::Tensor& q, const at::Tensor& k,
   check::same_dtype(op, "q_weight", q_weight, "q", q);
   check::same_dtype(op, "k_weight", k_weight, "q", q);
   check::dtype(op, "inv_freq", inv_freq, at::ScalarType::Float);
-  TORCH_CHECK(positions.scalar_type() == at::ScalarType::Int ||
-                  positions.scalar_type() == at::ScalarType::Long,
-              "qwen3x.", op, ": expected positions to have dtype torch.int32 or torch.int64, got ",
-              check::dtype_name(positions.scalar_type()));
+  check::index_dtype(op, "positions", positions);
 
   check::min_dim(op, "q", q, 2);
   check::min_dim(op, "k", k, 2);
@@ -278,10 +275,7 @@ void qk_norm_rope_cache_(at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               v_cache.sizes());
   check::cuda(kOp, "cache_position", cache_position);
   check::same_device(kOp, "cache_position", cache_position, "q", q);
-  TORCH_CHECK(cache_position.scalar_type() == at::ScalarType::Int ||
-                  cache_position.scalar_type() == at::ScalarType::Long,
-              "qwen3x.", kOp, ": expected cache_position to have dtype torch.int32 or torch.int64, got ",
-              check::dtype_name(cache_position.scalar_type()));
+  check::index_dtype(kOp, "cache_position", cache_position);
   TORCH_CHECK(cache_position.dim() == 1 && cache_position.size(0) == seqlen, "qwen3x.", kOp,
               ": expected cache_position of shape [", seqlen, "] (q.shape[1]), got ",
               cache_position.sizes());
