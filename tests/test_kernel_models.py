@@ -53,6 +53,82 @@ def _to_t(x, mode="bf16"):
 
 
 # =============================================================================================
+# shared-memory bank conflicts (primitives.wavefronts, counted on every Smem access)
+# =============================================================================================
+def test_wavefronts_rule():
+    """The counting rule on accesses whose cost is known."""
+    w = primitives.wavefronts
+    lane = np.arange(32)
+    assert w(4 * lane, 4) == (1, 1)                   # 32 consecutive words
+    assert w(np.zeros(32, int), 4) == (1, 1)          # one word for all: a broadcast
+    assert w(128 * lane, 4) == (32, 1)                # every lane in bank 0
+    assert w(8 * lane, 4) == (2, 1)                   # stride 2 words: 16 banks, two words each
+    assert w(2 * lane, 2) == (1, 1)                   # 16-bit elements: two lanes per word
+    assert w(16 * lane, 16) == (4, 4)                 # 16-byte vectors: four 8-lane phases
+    assert w(256 * lane, 16) == (32, 4)               # rows of a [rows][128] bf16 tile, unswizzled
+    rows = lane % 8 + 8 * (lane // 8)
+    swizzled = rows * 256 + ((lane // 8) ^ (rows % 8)) * 16
+    assert w(swizzled, 16) == (4, 4)                  # the same rows, chunk xor row % 8
+
+
+def _bank_factors(run, kinds):
+    """{kind: conflict factor of the accesses whose `what` ends with kind} over every Smem of
+    run(); each kind must have occurred."""
+    with primitives.count_bank_conflicts() as banks:
+        run()
+    factors = {kind: banks.factor(kind) for kind in kinds}
+    assert None not in factors.values(), factors
+    assert sum(v[0] for v in banks.by_what.values()) == sum(
+        v[0] for k, v in banks.by_what.items() if k.endswith(tuple(kinds))), "an access kind not listed"
+    return factors
+
+
+ATTENTION_SMEM = ("Q load", "K load", "V load", "K prefetch", "V prefetch", "ldm Q", "ldm K", "ldm V",
+                  "sO store", "sO load")
+MOE_SMEM = (" A", " B", "ldm A", "ldm B")
+
+
+def test_attention_smem_conflict_free():
+    """Every shared-memory access of the attention kernel (Q / K / V cp.async stores, the Q, K
+    and V.trans ldmatrix, the output tile's staging) is free of bank conflicts, in a prefill
+    tile, a packed-GQA decode tile with a split and a partial tile."""
+    factors = _bank_factors(lambda: (run_padded("banks", 2, 4, 2, 70, 130, True, modes=("f64",)),
+                                     run_padded("banks decode", 1, 16, 2, 1, 300, True, modes=("f64",),
+                                                force_splits=(2, 1))), ATTENTION_SMEM)
+    assert all(f == 1.0 for f in factors.values()), factors
+
+
+def test_moe_smem_conflict_free():
+    """The expert GEMMs' A / B cp.async stores and ldmatrix reads are free of bank conflicts in
+    every tile configuration (decode, mid, prefill)."""
+    for T_, H, I in ((30, 128, 128), (40, 256, 128), (150, 256, 128)):
+        factors = _bank_factors(lambda: run_moe(T_, 4, 2, H, I, seed=T_, modes=("f64",)), MOE_SMEM)
+        assert all(f == 1.0 for f in factors.values()), (T_, factors)
+
+
+def test_smem_conflicts_caught(monkeypatch):
+    """With the swizzle taken out of both the stores and the ldmatrix addresses (still correct
+    numbers), the count shows the 8-way conflicts the swizzle exists to avoid."""
+    monkeypatch.setattr(attention, "swizzled_offset", lambda row, chunk: row * HEAD_DIM + chunk * 8)
+    factors = _bank_factors(lambda: run_padded("unswizzled", 1, 2, 1, 17, 130, True, modes=("f64",)),
+                            ATTENTION_SMEM)
+    # rows of 256 bytes: the 8 row addresses of an ldmatrix phase all start in banks 0-3; the
+    # cp.async stores (8 threads = 128 contiguous bytes of one row) never conflict
+    assert factors["ldm Q"] == factors["ldm K"] == factors["ldm V"] == 8.0, factors
+    assert factors["K load"] == 1.0, factors
+    lane_addr_terms = moe.lane_addr_terms
+
+    def no_swizzle(cfg, warp_m, warp_n):
+        _, a_row, a_chunk, b_row, b_chunk = lane_addr_terms(cfg, warp_m, warp_n)
+        return 0, a_row, a_chunk, b_row, b_chunk
+
+    monkeypatch.setattr(moe, "swizzled", lambda row, chunk: row * 64 + chunk * 8)
+    monkeypatch.setattr(moe, "lane_addr_terms", no_swizzle)
+    factors = _bank_factors(lambda: run_moe(40, 4, 2, 256, 128, seed=1, modes=("f64",)), MOE_SMEM)
+    assert factors["ldm A"] > 1.0 and factors["ldm B"] > 1.0, factors
+
+
+# =============================================================================================
 # attention (kernel_models.attention vs reference.attention / attention_varlen)
 # =============================================================================================
 HEAD_DIM = 128

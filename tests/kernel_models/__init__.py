@@ -7,8 +7,9 @@ cp.async commit / wait groups, and the glue (.cu) that picks strides, grids and 
 memories the models use (primitives.GBuf, primitives.Smem) check what the hardware would not:
 out-of-bounds addresses, reads of never-written or out-of-tensor memory, shared-memory hazards
 (reading cp.async data before its wait and barrier, overwriting data another warp may still
-read), and elements written other than exactly once. tests/test_kernel_models.py runs the
-models against python/qwen3x/reference.py.
+read), and elements written other than exactly once; on request they also count the
+shared-memory wavefronts of every access (bank conflicts: a performance check, not a correctness
+one). tests/test_kernel_models.py runs the models against python/qwen3x/reference.py.
 
 Modules, each naming the csrc/ file and functions it mirrors:
   primitives  checked global / shared memory, cp.async groups, ldmatrix, mma, shuffles, rounding

@@ -9,7 +9,9 @@ wrong numbers instead of passing silently:
                 misaligned vector accesses, and a write count per element (exactly-once checks)
   Smem          a CTA's shared memory: cp.async commit / wait groups (data lands as late as the
                 waits allow), __syncthreads epochs, RAW / WAR / WAW hazards between threads,
-                ldmatrix.x4 (and .trans) with PTX's lane-to-address map, st.shared / ld.shared
+                ldmatrix.x4 (and .trans) with PTX's lane-to-address map, st.shared / ld.shared,
+                and, inside count_bank_conflicts(), the bank conflicts of every access
+                (see wavefronts)
   mma_16816     mma.sync.m16n8k16 with PTX's fragment tables (csrc/core/mma.cuh)
   shfl_xor, warp_reduce_sum, warp_reduce_max    csrc/core/reduce.cuh over a lane axis
   bf16_rne, fp16_rne, round_to                   rounding to T as __float2bfloat16_rn / __float2half_rn
@@ -18,6 +20,8 @@ wrong numbers instead of passing silently:
                 can make a model differ from an fp64 reference)
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -229,6 +233,83 @@ class GBuf:
 
 
 # ----------------------------------------------------------------------------- shared memory
+SMEM_BANKS = 32
+BANK_BYTES = 4
+WAVEFRONT_BYTES = SMEM_BANKS * BANK_BYTES  # 128 bytes: what one shared-memory wavefront serves
+
+
+def wavefronts(addr_bytes, width):
+    """(wavefronts, ideal) of one warp-wide shared-memory access: addr_bytes [lanes] the first
+    byte of each active lane's `width`-byte access, in lane order (lane i = row i).
+
+    The model of the hardware that the kernels are tuned for (NVIDIA's documented rule, as
+    Nsight Compute counts it): a warp's request is split into phases of 128 / width lanes for
+    8- and 16-byte accesses (16 lanes, 8 lanes), one phase of 32 lanes for narrower ones; an
+    ldmatrix.x4 is four phases, one per 8x16-byte matrix, the same as a 16-byte access by 32
+    lanes. Within a phase, each bank serves one 4-byte word per wavefront (lanes reading the
+    same word share it), so the phase costs the largest number of distinct words it touches in
+    any one bank. `ideal` is what the same bytes would cost with no conflicts: per phase,
+    ceil(distinct words / 32)."""
+    a = np.asarray(addr_bytes, np.int64).reshape(-1)
+    lanes_per_phase = WARP if width <= BANK_BYTES else WAVEFRONT_BYTES // width
+    words_per_lane = max(width // BANK_BYTES, 1)
+    total = ideal = 0
+    for p0 in range(0, a.size, lanes_per_phase):
+        words = np.unique((a[p0:p0 + lanes_per_phase, None] // BANK_BYTES
+                           + np.arange(words_per_lane)[None, :]).ravel())
+        total += int(np.bincount(words % SMEM_BANKS, minlength=SMEM_BANKS).max())
+        ideal += ceil_div(words.size, SMEM_BANKS)
+    return total, ideal
+
+
+class BankStats:
+    """Wavefronts per kind of shared-memory access, summed over every warp-wide instruction the
+    model issued: {what: [instructions, wavefronts, ideal wavefronts]}. The conflict factor of
+    an access is wavefronts / ideal (1.0: conflict-free)."""
+
+    def __init__(self):
+        self.by_what = {}
+
+    def add(self, what, addr_bytes, width, warp_of=None):
+        """addr_bytes [rows] in lane order; warp_of [rows] the warp of each row (default: rows
+        0-31 are warp 0, and so on). Each warp's rows are one instruction."""
+        a = np.asarray(addr_bytes, np.int64).reshape(-1)
+        w = np.arange(a.size) // WARP if warp_of is None else np.asarray(warp_of).reshape(-1)
+        entry = self.by_what.setdefault(what, [0, 0, 0])
+        for warp in np.unique(w):
+            total, ideal = wavefronts(a[w == warp], width)
+            entry[0] += 1
+            entry[1] += total
+            entry[2] += ideal
+
+    def factor(self, suffix):
+        """Conflict factor of all accesses whose `what` ends with suffix (None if there are none)."""
+        rows = [v for k, v in self.by_what.items() if k.endswith(suffix)]
+        if not rows:
+            return None
+        return sum(r[1] for r in rows) / sum(r[2] for r in rows)
+
+    def merge(self, other):
+        for k, v in other.by_what.items():
+            entry = self.by_what.setdefault(k, [0, 0, 0])
+            for i in range(3):
+                entry[i] += v[i]
+
+
+_ACTIVE_BANKS = None
+
+
+@contextlib.contextmanager
+def count_bank_conflicts():
+    """Every Smem created inside the block counts into the BankStats yielded."""
+    global _ACTIVE_BANKS
+    saved, _ACTIVE_BANKS = _ACTIVE_BANKS, BankStats()
+    try:
+        yield _ACTIVE_BANKS
+    finally:
+        _ACTIVE_BANKS = saved
+
+
 class Smem:
     """A CTA's shared memory of 16-bit elements, with the hazards of cp.async and barriers.
 
@@ -251,6 +332,7 @@ class Smem:
         self.pending = []  # committed groups, oldest first: lists of (element index, values)
         self.current = []  # issued, not yet committed
         self.max_groups_in_flight = 0
+        self.banks = _ACTIVE_BANKS  # counted only inside count_bank_conflicts() (it costs time)
 
     # ---- cp.async (core/mma.cuh cp_async_16 / cp_async_commit / cp_async_wait)
     def cp_async(self, dst_bytes, vals, what):
@@ -268,6 +350,8 @@ class Smem:
             raise ModelError(f"{what}: cp.async overwrites bytes read since the last barrier (WAR)")
         self.inflight[idx] = True
         self.current.append((idx, np.asarray(vals, np.float64)))
+        if self.banks is not None:
+            self.banks.add(what, dst_bytes, 16)  # rows in thread order: 32 per warp
 
     def commit(self):
         self.pending.append(self.current)
@@ -311,6 +395,8 @@ class Smem:
         8j .. 8j + 7; register j of lane l = row l / 4, elements 2 (l % 4), 2 (l % 4) + 1 of
         matrix j. Returns [4, 32, 2]."""
         a = self._check_row_addresses(addr_bytes, what)
+        if self.banks is not None:
+            self.banks.add(what, a, 16)
         out = np.empty((4, WARP, 2))
         for j in range(4):
             row_elem = a[8 * j + LANE_G] // 2
@@ -322,6 +408,8 @@ class Smem:
     def ldmatrix_x4_trans(self, addr_bytes, what):
         """ldmatrix.x4.trans: lane l (g = l / 4, t = l % 4) gets M_j[2t][g], M_j[2t + 1][g]."""
         a = self._check_row_addresses(addr_bytes, what)
+        if self.banks is not None:
+            self.banks.add(what, a, 16)
         out = np.empty((4, WARP, 2))
         for j in range(4):
             idx = np.stack([a[8 * j + 2 * LANE_T] // 2 + LANE_G, a[8 * j + 2 * LANE_T + 1] // 2 + LANE_G],
@@ -341,6 +429,7 @@ class Smem:
             raise ModelError(f"{what}: st.shared to bytes read since the last barrier (WAR)")
         if len(np.unique(idx.ravel())) != idx.size:
             raise ModelError(f"{what}: two threads store the same smem element in one instruction")
+        self._count_banks(idx, threads, what)
         self.v[idx] = vals
         self.done_epoch[idx] = self.epoch
         self.writer[idx] = np.broadcast_to(np.asarray(threads)[:, None], idx.shape)
@@ -357,7 +446,15 @@ class Smem:
         if ((self.done_epoch[idx] >= self.epoch) & (self.writer[idx] != reader)).any():
             raise ModelError(f"{what}: ld.shared of another thread's store with no barrier between")
         self.read_epoch[idx] = self.epoch
+        self._count_banks(idx, threads, what)
         return self.v[idx].copy()
+
+    def _count_banks(self, idx, threads, what):
+        """A generic access of idx.shape[1] consecutive 16-bit elements per thread."""
+        if self.banks is None:
+            return
+        threads = np.broadcast_to(np.asarray(threads), idx.shape[:1])
+        self.banks.add(what, idx[:, 0] * 2, idx.shape[1] * 2, warp_of=threads // WARP)
 
 
 # ----------------------------------------------------------------------------- tensor cores
