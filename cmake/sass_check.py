@@ -11,7 +11,8 @@ Exit status 1 when any kernel touches local memory (LDL/STL, STACK or LOCAL > 0)
 or when a kernel that must be vectorized (see VECTOR_KERNELS) lacks 16-byte
 loads or stores, or a tensor-core kernel (see MMA_KERNELS) has no HMMA, or has
 fewer HMMA inside its main loop (the address range of a backward branch) than
-MMA_LOOP_KERNELS asks; 2 when the inputs cannot be found.
+MMA_LOOP_KERNELS asks, or a Hopper kernel (see WGMMA_LOOP_KERNELS) fewer
+warpgroup HGMMA in its main loop; 2 when the inputs cannot be found.
 
 Usage:
   python cmake/sass_check.py [path/to/_C.so] [--cuobjdump PATH]
@@ -45,9 +46,16 @@ MMA_LOOP_KERNELS = {
     # csrc/moe/grouped_gemm.cuh: per k tile and warp, 4 k16 x kMmaM x kMmaN (decode config 1 x 2).
     "moe::moe_expert_gemm_kernel": 8,
 }
-# Kernels whose main loop must run on the tensor cores (HMMA in the SASS).
+# Kernels whose main loop must run on the tensor cores (HMMA or HGMMA in the SASS).
 MMA_KERNELS = ("moe_expert_gemm_kernel",)
+# Hopper kernels (demangled-name substrings) -> the fewest HGMMA (wgmma) their
+# main loop must hold; MMA_LOOP_KERNELS does not apply to them.
+WGMMA_LOOP_KERNELS = {
+    # csrc/moe/grouped_gemm.cuh kWgmma mainloop: per k tile, 4 k16 steps of m64n128k16.
+    "(qwen3x::moe::GemmMainloop)1>": 4,
+}
 HMMA = re.compile(r"\bHMMA\b")
+HGMMA = re.compile(r"\bHGMMA\b")
 
 LDG128 = re.compile(r"\bLDG(\.[A-Z0-9_]+)*\.128\b")
 STG128 = re.compile(r"\bSTG(\.[A-Z0-9_]+)*\.128\b")
@@ -70,12 +78,15 @@ class Kernel:
     ldl: int = 0
     stl: int = 0
     hmma: int = 0
+    hgmma: int = 0
     reg: int = -1
     stack: int = -1
     local: int = -1
     name: str = ""
     loop_hmma: int = 0  # HMMA between a backward branch and its target
+    loop_hgmma: int = 0
     hmma_addrs: list = None
+    hgmma_addrs: list = None
     back_edges: list = None  # (target, branch) addresses of backward branches
 
 
@@ -115,13 +126,15 @@ def parse_sass(text: str) -> dict[tuple[str, str], Kernel]:
             arch = m.group(1)
         elif m := re.match(r"\s*Function : (\S+)", line):
             cur = kernels.setdefault((arch, m.group(1)), Kernel(arch, m.group(1)))
-            cur.hmma_addrs, cur.back_edges = [], []
+            cur.hmma_addrs, cur.hgmma_addrs, cur.back_edges = [], [], []
         elif cur is not None and "/*" in line:
             ins = line.split("*/", 1)[-1]  # drop the /*addr*/ prefix
             if a := ADDR.search(line):
                 addr = int(a.group(1), 16)
                 if HMMA.search(ins):
                     cur.hmma_addrs.append(addr)
+                if HGMMA.search(ins):
+                    cur.hgmma_addrs.append(addr)
                 if (b := BRA_TARGET.search(ins)) and int(b.group(1), 16) < addr:
                     cur.back_edges.append((int(b.group(1), 16), addr))
             cur.ldg128 += bool(LDG128.search(ins))
@@ -131,9 +144,14 @@ def parse_sass(text: str) -> dict[tuple[str, str], Kernel]:
             cur.ldl += bool(LDL.search(ins))
             cur.stl += bool(STL.search(ins))
             cur.hmma += bool(HMMA.search(ins))
+            cur.hgmma += bool(HGMMA.search(ins))
+
+    def in_loops(k, addrs):
+        return sum(1 for a in (addrs or []) if any(lo <= a <= hi for lo, hi in (k.back_edges or [])))
+
     for k in kernels.values():
-        k.loop_hmma = sum(1 for a in (k.hmma_addrs or [])
-                          if any(lo <= a <= hi for lo, hi in (k.back_edges or [])))
+        k.loop_hmma = in_loops(k, k.hmma_addrs)
+        k.loop_hgmma = in_loops(k, k.hgmma_addrs)
     return kernels
 
 
@@ -150,6 +168,19 @@ def parse_res_usage(text: str, kernels: dict[tuple[str, str], Kernel]) -> None:
             name = None
 
 
+def strip_parameters(name: str) -> str:
+    """'void f<A, (E)1>(P<T>)' -> 'void f<A, (E)1>': drop the trailing parameter list (template
+    arguments may hold parentheses of their own, such as enum casts)."""
+    if not name.endswith(")"):
+        return name
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(name[i], 0)
+        if depth == 0:
+            return name[:i]
+    return name
+
+
 def demangle(kernels: list[Kernel]) -> None:
     cxxfilt = shutil.which("c++filt")
     names = [k.mangled for k in kernels]
@@ -159,8 +190,7 @@ def demangle(kernels: list[Kernel]) -> None:
         if len(out) == len(names):
             names = out
     for k, n in zip(kernels, names):
-        n = n.split("(", 1)[0]
-        k.name = n.removeprefix("void ")
+        k.name = strip_parameters(n).removeprefix("void ")
 
 
 def main() -> int:
@@ -199,14 +229,19 @@ def main() -> int:
             problems.append("local memory")
         if any(v in k.name for v in VECTOR_KERNELS) and not (k.ldg128 and k.stg128):
             problems.append("no 16-byte vectors")
+        wgmma = [need for sub, need in WGMMA_LOOP_KERNELS.items() if sub in k.name]
+        for need in wgmma:
+            if k.loop_hgmma < need:
+                problems.append(f"{k.loop_hgmma} HGMMA in the main loop, expected >= {need}")
         for sub, need in MMA_LOOP_KERNELS.items():
-            if sub in k.name and k.loop_hmma < need:
+            if sub in k.name and not wgmma and k.loop_hmma < need:
                 problems.append(f"{k.loop_hmma} HMMA in the main loop, expected >= {need}")
-        if any(v in k.name for v in MMA_KERNELS) and not k.hmma:
-            problems.append("no HMMA")
+        if any(v in k.name for v in MMA_KERNELS) and not (k.hmma or k.hgmma):
+            problems.append("no HMMA / HGMMA")
         failures += bool(problems)
-        loop = f", {k.loop_hmma} in a loop" if k.hmma else ""
-        verdict = "; ".join(problems) or ("ok" + (f" ({k.hmma} HMMA{loop})" if k.hmma else ""))
+        tc = ", ".join(f"{n} {op}, {loop} in a loop" for op, n, loop in
+                       (("HMMA", k.hmma, k.loop_hmma), ("HGMMA", k.hgmma, k.loop_hgmma)) if n)
+        verdict = "; ".join(problems) or ("ok" + (f" ({tc})" if tc else ""))
         print(f"{k.arch:8} {k.name:{width}} {k.ldg128:6} {k.stg128:6} {k.ldg:4} {k.stg:4} "
               f"{k.ldl:4} {k.stl:4} {k.reg:4} {k.stack:5}  {verdict}")
     print(f"{len(rows)} kernels, {failures} with problems")

@@ -483,7 +483,7 @@ def _moe_reference(x, ids, w, gate_up, down, dtype):
     return R.moe_experts(t(x), torch.from_numpy(ids), torch.from_numpy(w).float(), t(gate_up), t(down)).double().numpy()
 
 
-def run_moe(T, E, k, H, I, ids=None, empty=(), seed=0, hidden_stride=None, modes=("f64", "bf16")):
+def run_moe(T, E, k, H, I, ids=None, empty=(), seed=0, hidden_stride=None, modes=("f64", "bf16"), wgmma=False):
     """Model vs reference.moe_experts: 'f64' to 1e-12, 'bf16' / 'f16' within 2x the reference's
     own error in that dtype. Returns the f64 run's stats."""
     x, ids, w, gate_up, down = _moe_case(T, E, k, H, I, ids=ids, seed=seed, empty=empty)
@@ -493,7 +493,8 @@ def run_moe(T, E, k, H, I, ids=None, empty=(), seed=0, hidden_stride=None, modes
         if mode == "f16":
             x, gate_up, down = (torch.from_numpy(a).half().double().numpy() for a in (x, gate_up, down))
             truth = _moe_reference(x, ids, w, gate_up, down, torch.float64)
-        out, run_stats = moe.run_experts(x, ids, w, gate_up, down, mode=mode, hidden_stride=hidden_stride)
+        out, run_stats = moe.run_experts(x, ids, w, gate_up, down, mode=mode, hidden_stride=hidden_stride,
+                                         wgmma=wgmma)
         if mode == "f64":
             stats = run_stats
             assert np.abs(out - truth).max(initial=0.0) < 1e-12, run_stats.get("cfg")
@@ -561,6 +562,55 @@ def test_moe_experts(case):
 
 def test_moe_experts_f16():
     run_moe(40, 4, 2, 256, 128, seed=21, empty=(2,), modes=("f16",))
+
+
+@pytest.mark.parametrize("case", ["all picks on two experts", "an empty expert, strided hidden", "f16"])
+def test_moe_experts_wgmma(case):
+    """The Hopper mainloop of the prefill regime: the same loads and epilogues, operands read
+    through SW128 descriptors from the 1024-byte aligned stages."""
+    args = {
+        "all picks on two experts": dict(T=140, E=4, k=2, H=256, I=128, ids=np.tile([1, 2], (140, 1)), seed=8,
+                                         modes=("f64", "bf16")),
+        "an empty expert, strided hidden": dict(T=150, E=4, k=2, H=256, I=128, empty=(0,), seed=9,
+                                                hidden_stride=256 + 8, modes=("f64",)),
+        "f16": dict(T=140, E=4, k=2, H=128, I=64, seed=12, modes=("f16",)),
+    }[case]
+    stats = run_moe(**args, wgmma=True)
+    assert stats is None or (stats["cfg"] == "prefill" and stats["wgmma"])
+
+
+@pytest.mark.parametrize("bug", ["descriptor stride 512", "no proxy fence", "proxy fence after the barrier",
+                                 "proxy fence by one thread", "no wgmma wait", "A rows of warpgroup 0 for both",
+                                 "k step of 16 bytes", "stages not 1024-aligned"])
+def test_moe_wgmma_planted_bugs(monkeypatch, bug):
+    """Each planted bug in the wgmma mainloop must give wrong numbers or a ModelError."""
+    desc, fence, barrier = moe.wgmma_desc_sw128, primitives.Smem.fence_proxy_async, primitives.Smem.barrier
+
+    def barrier_then_fence(self):
+        barrier(self)
+        fence(self, np.arange(256))
+
+    target, name, patched = {
+        "descriptor stride 512": (moe, "wgmma_desc_sw128", lambda a: desc(a) - ((512 >> 4) << 32)),
+        "no proxy fence": (primitives.Smem, "fence_proxy_async", lambda self, threads: None),
+        "proxy fence after the barrier": (primitives.Smem, "barrier", barrier_then_fence),
+        "proxy fence by one thread": (primitives.Smem, "fence_proxy_async",
+                                      lambda self, threads: fence(self, threads[:1])),
+        "no wgmma wait": (primitives.Smem, "wgmma_wait", lambda self, n: None),
+        "A rows of warpgroup 0 for both": (moe, "wgmma_a_offset", lambda grp: 0),
+        "k step of 16 bytes": (moe, "WGMMA_STEP_BYTES", 16),
+        "stages not 1024-aligned": (moe, "round_up", lambda a, b: a),
+    }[bug]
+    if bug == "proxy fence after the barrier":
+        monkeypatch.setattr(primitives.Smem, "fence_proxy_async", lambda self, threads: None)
+    x, ids, w, gate_up, down = _moe_case(140, 4, 2, 256, 128, seed=13)
+    truth = _moe_reference(x, ids, w, gate_up, down, torch.float64)
+    monkeypatch.setattr(target, name, patched)
+    try:
+        out, _ = moe.run_experts(x, ids, w, gate_up, down, mode="f64", wgmma=True)
+    except ModelError:
+        return
+    assert np.abs(out - truth).max() > 1e-9, f"planted bug '{bug}' not caught"
 
 
 @pytest.mark.parametrize("bug", ["no swizzle on the cp.async store", "B ldmatrix chunk = lane / 16",

@@ -8,6 +8,9 @@ a NaN-filled block just freed), so an element the kernels forget to write shows 
 The shapes cover the three tile regimes of csrc/moe/gemm_config.h (mean rows per expert T * k / E:
 decode <= 16, mid <= 64, prefill above), Qwen3-30B-A3B (H 2048, I 768, E 128, k 8) and
 Qwen3-235B-A22B (H 4096, I 1536) widths, experts with no tokens and one expert taking every token.
+The prefill regime has two mainloops (mma.sync; wgmma on sm_90 with an sm_90a build, the default
+there): the tests without a QWEN3X_MOE_MAINLOOP setting run the default one, test_prefill_mainloops
+runs both.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ def _routing(T, E, k, dtype, id_dtype=torch.int32):
 def _run(x, ids, w, gate_up, down):
     poison_allocator(x.shape[0] * x.shape[1] * x.element_size() * (ids.shape[1] + 1))
     return torch.ops.qwen3x.moe_experts(x, ids, w, gate_up, down)
+
+
+def _wgmma_available():
+    info = _library._C.build_info() if _library._C is not None else {}
+    return torch.cuda.get_device_capability() == (9, 0) and "sm_90a" in info.get("archs", [])
 
 
 def _judge(out, x, ids, w, gate_up, down):
@@ -114,6 +122,47 @@ def test_all_tokens_to_one_expert(T):
     ids2 = torch.tensor([[6, 1]], device="cuda", dtype=torch.int32).expand(T, 2).contiguous()
     _, w2 = _routing(T, E, 2, dtype)
     _judge(_run(x, ids2, w2, gate_up, down), x, ids2, w2, gate_up, down)
+
+
+# (tokens, experts, top_k, hidden, intermediate, dtype): all in the prefill regime (> 64 rows per expert)
+PREFILL_CASES = [
+    (511, 8, 2, 4096, 768, torch.bfloat16),     # 128 rows per expert, ragged last tiles
+    (600, 4, 1, 2048, 768, torch.bfloat16),     # k 1, ~150 rows per expert
+    (4096, 128, 8, 2048, 768, torch.bfloat16),  # Qwen3-30B-A3B, 4k tokens
+    (2048, 128, 8, 4096, 1536, torch.float16),  # Qwen3-235B-A22B widths, fp16
+]
+
+
+@pytest.mark.parametrize("mainloop", ["mma_sync", "wgmma"])
+@pytest.mark.parametrize("T,E,k,H,I,dtype", PREFILL_CASES,
+                         ids=[f"T{c[0]}-E{c[1]}-k{c[2]}-H{c[3]}-I{c[4]}-{str(c[5])[6:]}" for c in PREFILL_CASES])
+def test_prefill_mainloops(monkeypatch, mainloop, T, E, k, H, I, dtype):
+    """Both prefill mainloops (QWEN3X_MOE_MAINLOOP) against the reference, and each bitwise
+    reproducible."""
+    _needs_kernel()
+    if mainloop == "wgmma" and not _wgmma_available():
+        pytest.skip("wgmma needs an sm_90 GPU and a build with sm_90a")
+    monkeypatch.setenv("QWEN3X_MOE_MAINLOOP", mainloop)
+    x = torch.randn(T, H, device="cuda", dtype=dtype)
+    gate_up, down = _weights(E, H, I, dtype)
+    ids, w = _routing(T, E, k, dtype)
+    out = _run(x, ids, w, gate_up, down)
+    _judge(out, x, ids, w, gate_up, down)
+    assert torch.equal(out, _run(x, ids, w, gate_up, down))
+
+
+def test_mainloop_setting_is_checked(monkeypatch):
+    _needs_kernel()
+    x = torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16)
+    gate_up, down = _weights(8, 2048, 768, torch.bfloat16)
+    ids, w = _routing(300, 8, 2, torch.bfloat16)
+    monkeypatch.setenv("QWEN3X_MOE_MAINLOOP", "fast")
+    with pytest.raises(RuntimeError, match="qwen3x.moe_experts: QWEN3X_MOE_MAINLOOP must be auto, mma_sync or wgmma"):
+        torch.ops.qwen3x.moe_experts(x, ids, w, gate_up, down)
+    if not _wgmma_available():
+        monkeypatch.setenv("QWEN3X_MOE_MAINLOOP", "wgmma")
+        with pytest.raises(RuntimeError, match="qwen3x.moe_experts: QWEN3X_MOE_MAINLOOP=wgmma needs an sm_90 GPU"):
+            torch.ops.qwen3x.moe_experts(x, ids, w, gate_up, down)
 
 
 def test_strided_hidden_and_weights():

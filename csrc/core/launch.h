@@ -27,6 +27,26 @@ inline int sm_count(int device) {
   return count;
 }
 
+// Compute capability of `device` as major * 10 + minor (90 for H100 / H200); 0 if the query failed.
+inline int compute_capability(int device) {
+  static std::atomic<int> cache[kMaxCachedDevices] = {};
+  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
+  if (cacheable) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int major = 0;
+  int minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  const int cc = major * 10 + minor;
+  if (cacheable) cache[device].store(cc, std::memory_order_relaxed);
+  return cc;
+}
+
 // Lets `Kernel` use `bytes` of dynamic shared memory on the current device; the runtime call is
 // made once per (kernel, device). One instantiation per kernel pointer, so each kernel has its own
 // record.

@@ -9,6 +9,8 @@
 //
 // The regime (gemm_config.h) fixes one tile config for both GEMMs; the
 // permutation must have been made with row_align = that config's BLOCK_M.
+// `wgmma` picks the Hopper mainloop for the prefill regime (same BLOCK_M);
+// the caller sets it only on sm_90 devices with sm_90a code in the build.
 //
 // Torch-free: raw pointers, sizes and element strides; the glue is moe.cu.
 #pragma once
@@ -89,12 +91,14 @@ cudaError_t launch_moe_experts_with(const ExpertsArgs<T>& a, cudaStream_t stream
 // Returns the first error of raising a kernel's shared-memory limit; launch
 // errors are the caller's to check (cudaGetLastError).
 template <typename T>
-cudaError_t launch_moe_experts(const ExpertsArgs<T>& args, GemmRegime regime,
+cudaError_t launch_moe_experts(const ExpertsArgs<T>& args, GemmRegime regime, bool wgmma,
                                cudaStream_t stream) {
   switch (regime) {
     case GemmRegime::kDecode: return launch_moe_experts_with<T, DecodeGemmConfig>(args, stream);
     case GemmRegime::kMid: return launch_moe_experts_with<T, MidGemmConfig>(args, stream);
-    default: return launch_moe_experts_with<T, PrefillGemmConfig>(args, stream);
+    default:
+      return wgmma ? launch_moe_experts_with<T, PrefillWgmmaGemmConfig>(args, stream)
+                   : launch_moe_experts_with<T, PrefillGemmConfig>(args, stream);
   }
 }
 

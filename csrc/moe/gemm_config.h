@@ -2,9 +2,16 @@
 // heuristic that picks one per call. Host-safe (no CUDA headers): the glue
 // needs BLOCK_M before it permutes (row_align) and to size the workspaces.
 //
-// Both GEMMs compute C[rows, N] = A[rows, K] x W[N, K]^T per expert with
-// mma.sync.m16n8k16 (fp32 accumulate), kBlockK = 64 (one 128-byte swizzled
-// smem row per operand row), cp.async multi-stage pipeline.
+// Both GEMMs compute C[rows, N] = A[rows, K] x W[N, K]^T per expert, fp32
+// accumulate, kBlockK = 64 (one 128-byte swizzled smem row per operand row),
+// cp.async multi-stage pipeline, with one of two mainloops:
+//   kMmaSync  mma.sync.m16n8k16 from ldmatrix fragments (sm_80+), warps in a
+//             kWarpsM x kWarpsN grid
+//   kWgmma    Hopper wgmma.m64n128k16 straight from shared memory (sm_90a):
+//             warpgroup g computes rows [64 g, 64 g + 64) x all kBlockN = 128
+//             columns, so as a "warp grid" it is kBlockM / 16 warps x 1, each
+//             warp's accumulators the mma.sync fragments of its 16 rows
+//             (core/wgmma.cuh), and the loads and epilogues are shared
 //
 // Regimes (rows per expert = T * k / E, the mean under uniform routing):
 //   decode   <= 16 rows/expert: weight-bandwidth bound, most tiles hold a few
@@ -14,8 +21,11 @@
 //   mid      <= 64 rows/expert: BLOCK_M 64, BLOCK_N 128, 2 x 4 warps of 32 x 32,
 //            4 stages (96 KB, 2 CTAs per SM on sm_90).
 //   prefill  otherwise: BLOCK_M 128, BLOCK_N 128, 2 x 4 warps of 64 x 32,
-//            3 stages (96 KB, 2 CTAs per SM on sm_90).
-// Three configs x two GEMMs x {bf16, fp16} = 12 GEMM kernels (build time).
+//            3 stages (96 KB, 2 CTAs per SM on sm_90). On sm_90 with an
+//            sm_90a build, the same tile with the kWgmma mainloop (two
+//            warpgroups of 64 x 128): mma.sync reaches at most about 2/3 of
+//            H100's tensor peak, wgmma all of it.
+// Four configs x two GEMMs x {bf16, fp16} = 16 GEMM kernels (build time).
 //
 // Shape requirements that follow (the glue checks them): K of both GEMMs
 // (H and I) a multiple of kBlockK = 64; GEMM1's output width I a multiple of
@@ -35,7 +45,17 @@ constexpr int kGemmChunkBytes = 16;
 // Rows sharing one xor swizzle pattern (8 chunks of 16 bytes per row).
 constexpr int kGemmSwizzleRows = 8;
 
-template <int kBlockM_, int kBlockN_, int kWarpsM_, int kWarpsN_, int kStages_>
+enum class GemmMainloop { kMmaSync, kWgmma };
+
+// wgmma's fixed shapes: m64 rows per warpgroup of 4 warps; the kernel uses n128.
+constexpr int kWgmmaRows = 64;
+constexpr int kWgmmaWarps = 4;
+constexpr int kWgmmaN = 128;
+// Alignment of the wgmma operand tiles (one 8-row x 128-byte swizzle atom).
+constexpr int kWgmmaTileAlign = 1024;
+
+template <int kBlockM_, int kBlockN_, int kWarpsM_, int kWarpsN_, int kStages_,
+          GemmMainloop kMainloop_ = GemmMainloop::kMmaSync>
 struct GemmConfig {
   static constexpr int kBlockM = kBlockM_;  // rows of a tile (and the permute's row_align)
   static constexpr int kBlockN = kBlockN_;  // weight rows of a tile (GEMM1: half gate, half up)
@@ -55,6 +75,11 @@ struct GemmConfig {
   static constexpr int kBLoads = kBlockN / kRowsPerPass;
   static constexpr int kStageElems = (kBlockM + kBlockN) * kBlockK;
   static constexpr int kSmemBytes = kStages * kStageElems * 2;
+  static constexpr GemmMainloop kMainloop = kMainloop_;
+  static constexpr bool kWgmma = kMainloop == GemmMainloop::kWgmma;
+  // Dynamic shared memory to ask for: the wgmma tiles start at the next
+  // 1024-byte boundary of the dynamic allocation.
+  static constexpr int kSmemAllocBytes = kSmemBytes + (kWgmma ? kWgmmaTileAlign : 0);
 
   static_assert(kWarpM % 16 == 0 && kWarpN % 16 == 0, "warp tiles of whole m16 / n16 blocks");
   static_assert(kMmaN % 2 == 0,
@@ -64,11 +89,21 @@ struct GemmConfig {
   static_assert(kBlockM % kRowsPerPass == 0 && kBlockN % kRowsPerPass == 0,
                 "whole load passes per operand tile");
   static_assert(kStages >= 2, "a pipeline needs two stages");
+  static_assert(!kWgmma || (kWarpsN == 1 && kWarpM == 16 && kBlockM % kWgmmaRows == 0 &&
+                            kBlockN == kWgmmaN),
+                "wgmma: warpgroups of 4 warps x 16 rows over all kWgmmaN columns");
+  static_assert(!kWgmma || ((kBlockM * kBlockK * 2) % kWgmmaTileAlign == 0 &&
+                            (kStageElems * 2) % kWgmmaTileAlign == 0),
+                "wgmma: every A / B tile of every stage on a swizzle-atom boundary");
 };
 
 using DecodeGemmConfig = GemmConfig<16, 64, 1, 4, 4>;
 using MidGemmConfig = GemmConfig<64, 128, 2, 4, 4>;
 using PrefillGemmConfig = GemmConfig<128, 128, 2, 4, 3>;
+using PrefillWgmmaGemmConfig = GemmConfig<128, 128, 8, 1, 3, GemmMainloop::kWgmma>;
+static_assert(PrefillWgmmaGemmConfig::kBlockM == PrefillGemmConfig::kBlockM &&
+                  PrefillWgmmaGemmConfig::kThreads == PrefillGemmConfig::kThreads,
+              "the two prefill mainloops share the permutation's row_align and the loads");
 
 // The shape requirements, from the widest config.
 constexpr int kExpertsKMultiple = kGemmBlockK;                    // H and I

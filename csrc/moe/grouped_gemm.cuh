@@ -32,6 +32,16 @@
 // (W is [N, K] with K contiguous, i.e. the "col" B operand without .trans.)
 // Every row base is a multiple of 8, so a lane's swizzle term is lane % 8.
 //
+// The kWgmma mainloop (Hopper, gemm_config.h) keeps the loads, the barrier
+// schedule and the epilogues, and replaces the ldmatrix / mma.sync k steps:
+// this swizzled layout is wgmma's K-major 128-byte-swizzle layout once the
+// stages start on 1024-byte boundaries, so warpgroup g issues, per k16 step,
+// one wgmma.m64n128k16 on A rows [64 g, 64 g + 64) and all 128 B rows
+// straight from shared memory, issues the refill copies while they run, and
+// waits for its wgmmas before the next barrier (so the slot the next refill
+// overwrites is no longer read). Each thread fences its landed copies into
+// the async proxy before the barrier.
+//
 // Torch-free: a params struct of raw pointers, sizes and element strides;
 // the glue is moe.cu, the pipeline launcher experts.cuh.
 #pragma once
@@ -43,6 +53,7 @@
 #include "core/gpu_constants.h"
 #include "core/launch.h"
 #include "core/mma.cuh"
+#include "core/wgmma.cuh"
 #include "moe/gemm_config.h"
 #include "moe/gemm_epilogue.cuh"
 #include "moe/tile_scheduler.cuh"
@@ -99,7 +110,8 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
   constexpr int kBlockM = Cfg::kBlockM;
   constexpr int kBlockK = Cfg::kBlockK;
   constexpr int kChunkElems = kGemmChunkBytes / 2;
-  // kStages x {A [kBlockM][64], B [kBlockN][64]}, swizzled
+  // kStages x {A [kBlockM][64], B [kBlockN][64]}, swizzled (kWgmma: from the
+  // first 1024-byte boundary of the allocation)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ int s_expert;
   __shared__ int s_picks[kBlockM];
@@ -143,7 +155,10 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
   // Passes start on multiples of 8 rows: one swizzled offset per thread.
   const int store_offset = swizzled(load_row, chunk);
   constexpr int kPassElems = Cfg::kRowsPerPass * kBlockK;
-  const uint32_t smem_base = smem_u32(smem_raw);
+  uint32_t smem_base = smem_u32(smem_raw);
+  if constexpr (Cfg::kWgmma) {
+    smem_base = (smem_base + kWgmmaTileAlign - 1) / kWgmmaTileAlign * kWgmmaTileAlign;
+  }
   constexpr uint32_t kStageBytes = Cfg::kStageElems * 2;
   constexpr uint32_t kBOffsetBytes = kBlockM * kBlockK * 2;
 
@@ -160,13 +175,6 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
       cp_async_16(sB + (store_offset + i * kPassElems) * 2, b_src[i] + k0, true);
     }
   };
-
-  // ---- ldmatrix lane addresses (before the k step and m/n tile offsets).
-  const int swz = lane % kGemmSwizzleRows;
-  const int a_row = warp_m * Cfg::kWarpM + lane % 8 + 8 * ((lane / 8) % 2);
-  const int a_chunk = lane / 16;
-  const int b_row = warp_n * Cfg::kWarpN + lane % 8 + 8 * (lane / 16);
-  const int b_chunk = (lane / 8) % 2;
 
   float acc[Cfg::kMmaM][Cfg::kMmaN][4];
 #pragma unroll
@@ -185,39 +193,76 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
     cp_async_commit();
   }
 
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<Cfg::kStages - 2>();
-    __syncthreads();  // stage kt visible to all; slot (kt - 1) % kStages free
-    const int next = kt + Cfg::kStages - 1;
-    if (next < k_tiles) load_stage(next % Cfg::kStages, next);
-    cp_async_commit();
+  if constexpr (Cfg::kWgmma) {
+    // ---- Hopper: one wgmma.m64n128k16 per warpgroup per k16 step.
+    static_assert(Cfg::kMmaM == 1 && Cfg::kMmaN * 8 == kWgmmaN, "acc = one warpgroup's 64 registers");
+    float(&d)[kWgmmaN / 2] = reinterpret_cast<float(&)[kWgmmaN / 2]>(acc);
+    const uint32_t a_group_offset = (warp / kWgmmaWarps) * kWgmmaRows * kBlockK * 2;
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      cp_async_wait<Cfg::kStages - 2>();
+      fence_proxy_async();  // this thread's copies of stage kt, to the async proxy
+      __syncthreads();      // stage kt complete; every warpgroup done with kt - 1
 
-    const uint32_t sA = smem_base + (kt % Cfg::kStages) * kStageBytes;
-    const uint32_t sB = sA + kBOffsetBytes;
+      const uint32_t sA = smem_base + (kt % Cfg::kStages) * kStageBytes;
+      const uint32_t sB = sA + kBOffsetBytes;
+      wgmma_fence_operands(d);
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBlockK / 16; ++kk) {
-      uint32_t a[Cfg::kMmaM][4];
-#pragma unroll
-      for (int mi = 0; mi < Cfg::kMmaM; ++mi) {
-        const int row = a_row + mi * 16;
-        ldmatrix_x4(a[mi], sA + (row * kBlockK + (((2 * kk + a_chunk) ^ swz) * kChunkElems)) * 2);
+      for (int kk = 0; kk < kBlockK / 16; ++kk) {
+        wgmma_m64n128k16<T>(d, wgmma_desc_sw128(sA + a_group_offset + kk * kWgmmaStepBytes),
+                            wgmma_desc_sw128(sB + kk * kWgmmaStepBytes));
       }
-      uint32_t b[Cfg::kMmaN][2];
+      wgmma_commit();
+      // While the tensor cores work: refill the slot step kt - 1 read (its wgmmas
+      // completed before this step's barrier).
+      const int next = kt + Cfg::kStages - 1;
+      if (next < k_tiles) load_stage(next % Cfg::kStages, next);
+      cp_async_commit();
+      wgmma_wait<0>();  // before the next barrier: the slot kt reads is refilled at kt + 1
+      wgmma_fence_operands(d);
+    }
+  } else {
+    // ---- ldmatrix lane addresses (before the k step and m/n tile offsets).
+    const int swz = lane % kGemmSwizzleRows;
+    const int a_row = warp_m * Cfg::kWarpM + lane % 8 + 8 * ((lane / 8) % 2);
+    const int a_chunk = lane / 16;
+    const int b_row = warp_n * Cfg::kWarpN + lane % 8 + 8 * (lane / 16);
+    const int b_chunk = (lane / 8) % 2;
+
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      cp_async_wait<Cfg::kStages - 2>();
+      __syncthreads();  // stage kt visible to all; slot (kt - 1) % kStages free
+      const int next = kt + Cfg::kStages - 1;
+      if (next < k_tiles) load_stage(next % Cfg::kStages, next);
+      cp_async_commit();
+
+      const uint32_t sA = smem_base + (kt % Cfg::kStages) * kStageBytes;
+      const uint32_t sB = sA + kBOffsetBytes;
 #pragma unroll
-      for (int np = 0; np < Cfg::kMmaN / 2; ++np) {
-        const int row = b_row + np * 16;
-        uint32_t r[4];
-        ldmatrix_x4(r, sB + (row * kBlockK + (((2 * kk + b_chunk) ^ swz) * kChunkElems)) * 2);
-        b[2 * np][0] = r[0];
-        b[2 * np][1] = r[1];
-        b[2 * np + 1][0] = r[2];
-        b[2 * np + 1][1] = r[3];
-      }
+      for (int kk = 0; kk < kBlockK / 16; ++kk) {
+        uint32_t a[Cfg::kMmaM][4];
 #pragma unroll
-      for (int mi = 0; mi < Cfg::kMmaM; ++mi) {
+        for (int mi = 0; mi < Cfg::kMmaM; ++mi) {
+          const int row = a_row + mi * 16;
+          ldmatrix_x4(a[mi], sA + (row * kBlockK + (((2 * kk + a_chunk) ^ swz) * kChunkElems)) * 2);
+        }
+        uint32_t b[Cfg::kMmaN][2];
 #pragma unroll
-        for (int ni = 0; ni < Cfg::kMmaN; ++ni) {
-          mma_16816<T>(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+        for (int np = 0; np < Cfg::kMmaN / 2; ++np) {
+          const int row = b_row + np * 16;
+          uint32_t r[4];
+          ldmatrix_x4(r, sB + (row * kBlockK + (((2 * kk + b_chunk) ^ swz) * kChunkElems)) * 2);
+          b[2 * np][0] = r[0];
+          b[2 * np][1] = r[1];
+          b[2 * np + 1][0] = r[2];
+          b[2 * np + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < Cfg::kMmaM; ++mi) {
+#pragma unroll
+          for (int ni = 0; ni < Cfg::kMmaN; ++ni) {
+            mma_16816<T>(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+          }
         }
       }
     }
@@ -249,13 +294,14 @@ cudaError_t launch_moe_expert_gemm(const ExpertGemmParams<T>& p, int64_t row_til
                                    cudaStream_t stream) {
   constexpr int kDefaultSmemLimit = 48 * 1024;
   auto* kernel = moe_expert_gemm_kernel<T, Cfg, kKind>;
-  if constexpr (Cfg::kSmemBytes > kDefaultSmemLimit) {
-    const cudaError_t err = allow_dynamic_smem<moe_expert_gemm_kernel<T, Cfg, kKind>>(Cfg::kSmemBytes);
+  if constexpr (Cfg::kSmemAllocBytes > kDefaultSmemLimit) {
+    const cudaError_t err =
+        allow_dynamic_smem<moe_expert_gemm_kernel<T, Cfg, kKind>>(Cfg::kSmemAllocBytes);
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(static_cast<unsigned>(row_tiles),
                   static_cast<unsigned>(gemm_col_tiles<Cfg, kKind>(p.n_out)));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemAllocBytes, stream>>>(p);
   return cudaSuccess;
 }
 

@@ -8,7 +8,10 @@ Statement by statement, in lockstep over a CTA's threads (barriers and cp.async 
   grouped_gemm.cuh     moe_expert_gemm_kernel: per-thread cp.async sources and swizzled
                        destinations (zero-fill of padding rows), the kStages-deep commit / wait
                        pipeline with one __syncthreads per k step, per-lane ldmatrix.x4 addresses,
-                       mma.m16n8k16 fragments; weight_row (GEMM1's per-warp gate / up interleave)
+                       mma.m16n8k16 fragments; weight_row (GEMM1's per-warp gate / up interleave);
+                       the kWgmma mainloop: the 1024-byte aligned stage base, the proxy fence,
+                       the SW128 descriptors (decoded as the hardware reads them, core/wgmma.cuh)
+                       and the m64n128k16 accumulator layout
   gemm_epilogue.cuh    epilogue_swiglu / epilogue_weighted: per-lane 4-byte stores
   combine.cuh          moe_combine_kernel: fixed-order sum of a token's picks
   gemm_config.h        the three tile configs, select_gemm_regime, max_row_tiles
@@ -21,18 +24,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from .primitives import LANE_G, LANE_T, WARP, GBuf, ModelError, Num, Smem, ceil_div, mma_16816
+from .primitives import (LANE_G, LANE_T, WARP, GBuf, ModelError, Num, Smem, ceil_div, mma_16816,
+                         round_up)
 
 BLOCK_K = 64     # kGemmBlockK
 CHUNK_ELEMS = 8  # kGemmChunkBytes / 2
 SWIZZLE_ROWS = 8  # kGemmSwizzleRows
 
 
-class GemmConfig:
-    """gemm_config.h GemmConfig<kBlockM, kBlockN, kWarpsM, kWarpsN, kStages>."""
+WGMMA_ROWS, WGMMA_WARPS, WGMMA_N = 64, 4, 128  # kWgmmaRows, kWgmmaWarps, kWgmmaN
+WGMMA_TILE_ALIGN = 1024                          # kWgmmaTileAlign
+WGMMA_STEP_BYTES = 32                            # kWgmmaStepBytes
 
-    def __init__(self, name, block_m, block_n, warps_m, warps_n, stages):
+
+class GemmConfig:
+    """gemm_config.h GemmConfig<kBlockM, kBlockN, kWarpsM, kWarpsN, kStages, kMainloop>."""
+
+    def __init__(self, name, block_m, block_n, warps_m, warps_n, stages, mainloop="mma_sync"):
         self.name = name
+        self.kWgmma = mainloop == "wgmma"
         self.kBlockM, self.kBlockN, self.kStages = block_m, block_n, stages
         self.kWarpsM, self.kWarpsN = warps_m, warps_n
         self.kThreads = WARP * warps_m * warps_n
@@ -46,28 +56,34 @@ class GemmConfig:
         self.kBLoads = block_n // self.kRowsPerPass
         self.kStageElems = (block_m + block_n) * BLOCK_K
         self.kSmemBytes = stages * self.kStageElems * 2
+        self.kSmemAllocBytes = self.kSmemBytes + (WGMMA_TILE_ALIGN if self.kWgmma else 0)
         assert self.kWarpM % 16 == 0 and self.kWarpN % 16 == 0
         assert self.kMmaN % 2 == 0
         assert self.kChunksPerRow == SWIZZLE_ROWS
         assert self.kRowsPerPass % SWIZZLE_ROWS == 0
         assert block_m % self.kRowsPerPass == 0 and block_n % self.kRowsPerPass == 0
         assert stages >= 2
+        if self.kWgmma:
+            assert warps_n == 1 and self.kWarpM == 16 and block_m % WGMMA_ROWS == 0 and block_n == WGMMA_N
+            assert (block_m * BLOCK_K * 2) % WGMMA_TILE_ALIGN == 0
+            assert (self.kStageElems * 2) % WGMMA_TILE_ALIGN == 0
 
 
 DECODE = GemmConfig("decode", 16, 64, 1, 4, 4)
 MID = GemmConfig("mid", 64, 128, 2, 4, 4)
 PREFILL = GemmConfig("prefill", 128, 128, 2, 4, 3)
+PREFILL_WGMMA = GemmConfig("prefill", 128, 128, 8, 1, 3, mainloop="wgmma")  # sm_90a
 H_MULTIPLE = PREFILL.kBlockN       # kExpertsHMultiple
 I_MULTIPLE = PREFILL.kBlockN // 2  # kExpertsIMultiple
 
 
-def select_config(num_picks, num_experts):
-    """gemm_config.h select_gemm_regime."""
+def select_config(num_picks, num_experts, wgmma=False):
+    """gemm_config.h select_gemm_regime (+ experts.cuh launch_moe_experts: the prefill mainloop)."""
     if num_picks <= 16 * num_experts:
         return DECODE
     if num_picks <= 64 * num_experts:
         return MID
-    return PREFILL
+    return PREFILL_WGMMA if wgmma else PREFILL
 
 
 def max_row_tiles(num_picks, num_experts, block_m):
@@ -138,6 +154,65 @@ def schedule_row_tile(cfg, kind, p, bx, what):
     return row0, matches[0], s_picks, s_route
 
 
+def wgmma_desc_sw128(smem_addr):
+    """core/wgmma.cuh wgmma_desc_sw128."""
+    return (((smem_addr & 0x3FFFF) >> 4) | (1 << 16) | ((WGMMA_TILE_ALIGN >> 4) << 32) | (1 << 62))
+
+
+def wgmma_operand(sm, desc, rows, what):
+    """The [rows, 16] operand a wgmma reads through a K-major descriptor, decoded as the PTX ISA
+    states it: start address (bits 0-13, x16), stride byte offset between 8-row groups (bits
+    32-45, x16), base offset (bits 49-51) 0, layout (bits 62-63) 1 = 128-byte swizzle: row r,
+    element k at byte start + (r / 8) SBO + (r % 8) 128 + 2 k, then address bits [4, 7) xor'ed
+    with bits [7, 10). Reads need the data fenced into the async proxy and behind a barrier."""
+    start = (desc & 0x3FFF) << 4
+    sbo = ((desc >> 32) & 0x3FFF) << 4
+    if (desc >> 62) != 1 or (desc >> 49) & 7:
+        raise ModelError(f"{what}: descriptor not SW128 with base offset 0")
+    r = np.arange(rows)[:, None]
+    k = np.arange(16)[None, :]
+    logical = start + (r // 8) * sbo + (r % 8) * 128 + 2 * k
+    physical = logical ^ (((logical >> 7) & 7) << 4)
+    if physical.max() + 2 > sm.nbytes:
+        raise ModelError(f"{what}: wgmma operand past the shared memory")
+    return sm.wgmma_read(physical // 2, what)
+
+
+def wgmma_a_offset(grp):
+    """grouped_gemm.cuh a_group_offset: warpgroup grp's A rows start 64 rows into the tile."""
+    return grp * WGMMA_ROWS * BLOCK_K * 2
+
+
+def wgmma_k_tile(num, sm, acc, sA, sB, what):
+    """grouped_gemm.cuh kWgmma mainloop issue: per warpgroup g, 4 k16 steps of wgmma.m64n128k16
+    (A rows [64 g, 64 g + 64), all 128 B rows); the caller commits and waits. The model computes
+    the products at issue; the shared-memory reads stay open until the wait.
+    acc [warps, 1, 16, 32, 4]: warp 4 g + w holds D rows 16 w + g_lane (+ 8), columns 8 j + 2 t (+ 1)."""
+    groups = acc.shape[0] // WGMMA_WARPS
+    for grp in range(groups):
+        D = np.empty((WGMMA_ROWS, WGMMA_N))
+        for w in range(WGMMA_WARPS):
+            for j in range(WGMMA_N // 8):
+                d = acc[grp * WGMMA_WARPS + w, 0, j]
+                rows = 16 * w + LANE_G
+                cols = 8 * j + 2 * LANE_T
+                D[rows, cols], D[rows, cols + 1], D[rows + 8, cols], D[rows + 8, cols + 1] = d.T
+        a_group_offset = wgmma_a_offset(grp)
+        for kk in range(BLOCK_K // 16):
+            a = wgmma_operand(sm, wgmma_desc_sw128(sA + a_group_offset + kk * WGMMA_STEP_BYTES), WGMMA_ROWS,
+                              what + " wgmma A")
+            b = wgmma_operand(sm, wgmma_desc_sw128(sB + kk * WGMMA_STEP_BYTES), WGMMA_N, what + " wgmma B")
+            if np.isnan(a).any() or np.isnan(b).any():
+                raise ModelError(f"{what}: wgmma reads NaN (never-written shared memory)")
+            D = num.f32(D + a @ b.T)
+        for w in range(WGMMA_WARPS):
+            for j in range(WGMMA_N // 8):
+                rows = 16 * w + LANE_G
+                cols = 8 * j + 2 * LANE_T
+                acc[grp * WGMMA_WARPS + w, 0, j] = np.stack(
+                    [D[rows, cols], D[rows, cols + 1], D[rows + 8, cols], D[rows + 8, cols + 1]], axis=1)
+
+
 def gemm_cta(cfg, kind, p, num, bx, by, stats):
     """grouped_gemm.cuh moe_expert_gemm_kernel, CTA (bx, by)."""
     what = f"{kind} cta({bx},{by})"
@@ -167,10 +242,16 @@ def gemm_cta(cfg, kind, p, num, bx, by, stats):
     pass_elems = cfg.kRowsPerPass * BLOCK_K
     stage_bytes = cfg.kStageElems * 2
     b_offset_bytes = cfg.kBlockM * BLOCK_K * 2
-    sm = Smem(cfg.kSmemBytes)
+    # The dynamic allocation starts after the static shared variables, 128-byte aligned but not
+    # 1024-byte aligned (modelled at 3 x 128); kWgmma rounds the stage base up to 1024.
+    raw_base = 3 * 128
+    smem_base = round_up(raw_base, WGMMA_TILE_ALIGN) if cfg.kWgmma else raw_base
+    sm = Smem(raw_base + cfg.kSmemAllocBytes)
+    if smem_base + cfg.kSmemBytes > sm.nbytes:
+        raise ModelError(f"{what}: stages end past the dynamic shared memory")
 
     def load_stage(stage, k_tile):
-        sA = stage * stage_bytes
+        sA = smem_base + stage * stage_bytes
         sB = sA + b_offset_bytes
         k0 = k_tile * BLOCK_K
         for i in range(cfg.kALoads):
@@ -193,12 +274,24 @@ def gemm_cta(cfg, kind, p, num, bx, by, stats):
         sm.commit()
     for kt in range(k_tiles):
         sm.wait(cfg.kStages - 2)
+        if cfg.kWgmma:
+            sm.fence_proxy_async(tid)  # each thread's landed copies, to the async proxy
+            sm.barrier()  # stage kt complete; every warpgroup done with kt - 1
+            sA = smem_base + (kt % cfg.kStages) * stage_bytes
+            wgmma_k_tile(num, sm, acc, sA, sA + b_offset_bytes, what)
+            sm.wgmma_commit()
+            nxt = kt + cfg.kStages - 1  # refill while the tensor cores work
+            if nxt < k_tiles:
+                load_stage(nxt % cfg.kStages, nxt)
+            sm.commit()
+            sm.wgmma_wait(0)
+            continue
         sm.barrier()  # stage kt visible to all; slot (kt - 1) % kStages free
         nxt = kt + cfg.kStages - 1
         if nxt < k_tiles:
             load_stage(nxt % cfg.kStages, nxt)
         sm.commit()
-        sA = (kt % cfg.kStages) * stage_bytes
+        sA = smem_base + (kt % cfg.kStages) * stage_bytes
         sB = sA + b_offset_bytes
         for warp in range(num_warps):
             warp_m, warp_n = warp // cfg.kWarpsN, warp % cfg.kWarpsN
@@ -391,10 +484,11 @@ def combine(num, out, y, inverse, num_tokens, hidden, top_k):
 
 
 # ----------------------------------------------------------------------------- glue
-def run_experts(hidden, ids, weights, gate_up, down, mode="f64", hidden_stride=None):
+def run_experts(hidden, ids, weights, gate_up, down, mode="f64", hidden_stride=None, wgmma=False):
     """moe.cu run_experts + experts.cuh launch_moe_experts_with on numpy inputs: hidden [T, H]
     (stored with row stride hidden_stride when given; the pad columns are unreadable), ids [T, k],
-    weights [T, k], gate_up [E, 2I, H], down [E, H, I]. Returns (out [T, H], stats)."""
+    weights [T, k], gate_up [E, 2I, H], down [E, H, I]; wgmma: the prefill regime's Hopper
+    mainloop (an sm_90 GPU). Returns (out [T, H], stats)."""
     num = Num(mode)
     T, H = hidden.shape
     E, two_i, _ = gate_up.shape
@@ -407,11 +501,11 @@ def run_experts(hidden, ids, weights, gate_up, down, mode="f64", hidden_stride=N
     out = GBuf("out", numel=T * H)
     if N == 0:
         return out.d.reshape(T, H), stats
-    cfg = select_config(N, E)
+    cfg = select_config(N, E, wgmma)
     block_m = cfg.kBlockM
     sorted_rows, offsets, inverse = permute(ids.reshape(-1), E, block_m)
     row_tiles = max_row_tiles(N, E, block_m)
-    stats.update(cfg=cfg.name, row_tiles=row_tiles, used=int(offsets.d[E]))
+    stats.update(cfg=cfg.name, wgmma=cfg.kWgmma, row_tiles=row_tiles, used=int(offsets.d[E]))
     if offsets.d[E] > row_tiles * block_m:
         raise ModelError("the row-tile grid does not cover the permutation")
     act = GBuf("act", numel=row_tiles * block_m * I)

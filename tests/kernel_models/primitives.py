@@ -333,6 +333,17 @@ class Smem:
         self.current = []  # issued, not yet committed
         self.max_groups_in_flight = 0
         self.banks = _ACTIVE_BANKS  # counted only inside count_bank_conflicts() (it costs time)
+        # wgmma operands (async proxy): per element the thread whose cp.async / st.shared wrote
+        # it, the clock of that write landing, of its writer's fence.proxy.async after it
+        # (-1: none yet), and whether an issued, not yet waited-for wgmma group reads it.
+        self.clock = 0
+        self.last_barrier = -1
+        self.issuer = np.full(n, -1, np.int64)
+        self.landed_at = np.full(n, -1, np.int64)
+        self.fenced_at = np.full(n, -1, np.int64)
+        self.wgmma_reading = np.zeros(n, bool)
+        self.wgmma_groups = []  # committed groups of element indices, oldest first
+        self.wgmma_current = []
 
     # ---- cp.async (core/mma.cuh cp_async_16 / cp_async_commit / cp_async_wait)
     def cp_async(self, dst_bytes, vals, what):
@@ -348,7 +359,10 @@ class Smem:
             raise ModelError(f"{what}: cp.async into bytes still in flight (WAW)")
         if (self.read_epoch[idx] == self.epoch).any():
             raise ModelError(f"{what}: cp.async overwrites bytes read since the last barrier (WAR)")
+        if self.wgmma_reading[idx].any():
+            raise ModelError(f"{what}: cp.async overwrites bytes an unfinished wgmma reads (WAR)")
         self.inflight[idx] = True
+        self.issuer[idx] = np.arange(len(idx))[:, None]  # rows in thread order
         self.current.append((idx, np.asarray(vals, np.float64)))
         if self.banks is not None:
             self.banks.add(what, dst_bytes, 16)  # rows in thread order: 32 per warp
@@ -366,13 +380,58 @@ class Smem:
                 self.inflight[idx] = False
                 self.done_epoch[idx] = self.epoch
                 self.writer[idx] = -1
+                self.clock += 1
+                self.landed_at[idx] = self.clock
+                self.fenced_at[idx] = -1
 
     def barrier(self):
         self.epoch += 1
+        self.clock += 1
+        self.last_barrier = self.clock
+
+    def fence_proxy_async(self, threads):
+        """fence.proxy.async.shared::cta by `threads` (core/wgmma.cuh fence_proxy_async): their
+        writes that have landed become visible to async-proxy reads ordered after the fence."""
+        self.clock += 1
+        mine = np.isin(self.issuer, np.asarray(threads)) & (self.landed_at >= 0) & ~self.inflight
+        self.fenced_at[mine] = self.clock
+
+    def wgmma_read(self, elem_idx, what):
+        """A wgmma operand (async proxy) read of elem_idx (any shape), part of the current
+        (uncommitted) wgmma group: the data must have landed, been fenced into the async proxy
+        by its writer after landing, and a barrier must separate that fence from this read; the
+        bytes stay 'being read' until a wgmma_wait retires the group."""
+        idx = np.asarray(elem_idx, np.int64)
+        if idx.min() < 0 or idx.max() >= self.v.size:
+            raise ModelError(f"{what}: wgmma operand out of range")
+        self._check_read(idx, what)
+        fenced = self.fenced_at[idx]
+        if ((fenced < 0) | (fenced < self.landed_at[idx])).any():
+            raise ModelError(f"{what}: wgmma reads data not fenced into the async proxy after it landed")
+        if (fenced > self.last_barrier).any():
+            raise ModelError(f"{what}: wgmma reads data whose proxy fence no barrier follows")
+        self.wgmma_current.append(idx.ravel())
+        self.wgmma_reading[idx] = True
+        return self.v[idx].copy()
+
+    def wgmma_commit(self):
+        self.wgmma_groups.append(self.wgmma_current)
+        self.wgmma_current = []
+
+    def wgmma_wait(self, n):
+        """wgmma.wait_group n: all but the newest n committed groups complete (their reads end)."""
+        while len(self.wgmma_groups) > n:
+            self.wgmma_groups.pop(0)
+        self.wgmma_reading[:] = False
+        for group in self.wgmma_groups + [self.wgmma_current]:
+            for idx in group:
+                self.wgmma_reading[idx] = True
 
     def assert_idle(self, what):
         if self.pending or self.current or self.inflight.any():
             raise ModelError(f"{what}: cp.async still in flight")
+        if self.wgmma_groups or self.wgmma_current:
+            raise ModelError(f"{what}: wgmma still in flight")
 
     # ---- reads and writes
     def _check_read(self, idx, what):
@@ -430,8 +489,14 @@ class Smem:
         if len(np.unique(idx.ravel())) != idx.size:
             raise ModelError(f"{what}: two threads store the same smem element in one instruction")
         self._count_banks(idx, threads, what)
+        if self.wgmma_reading[idx].any():
+            raise ModelError(f"{what}: st.shared to bytes an unfinished wgmma reads (WAR)")
         self.v[idx] = vals
         self.done_epoch[idx] = self.epoch
+        self.clock += 1
+        self.issuer[idx] = np.broadcast_to(np.asarray(threads)[:, None], idx.shape)
+        self.landed_at[idx] = self.clock
+        self.fenced_at[idx] = -1
         self.writer[idx] = np.broadcast_to(np.asarray(threads)[:, None], idx.shape)
 
     def ld_shared(self, elem_idx, threads, what):

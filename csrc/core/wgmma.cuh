@@ -1,0 +1,160 @@
+// Hopper warpgroup tensor-core primitives (sm_90a only), as thin inline-PTX
+// wrappers, for kernels whose operand tiles are already in shared memory:
+//
+//   wgmma_desc_sw128       shared-memory matrix descriptor of a K-major tile
+//                          stored with the 128-byte swizzle
+//   wgmma_m64n128k16       wgmma.mma_async m64n128k16, bf16 or fp16 inputs from
+//                          shared memory, fp32 accumulators in registers
+//   wgmma_fence / wgmma_commit / wgmma_wait<N>, wgmma_fence_operands
+//   fence_proxy_async      makes this thread's shared-memory writes visible to
+//                          the async proxy that wgmma reads through
+//
+// The tile layout the descriptor describes ("K-major, SWIZZLE_128B" in the PTX
+// ISA's terms): rows of 64 16-bit elements = 128 bytes, row r at byte
+// 128 r of the tile, its 16-byte chunk c stored at chunk c ^ (r % 8); 8-row
+// groups 1024 bytes apart; the tile 1024-byte aligned (the swizzle is applied
+// to absolute shared-memory address bits [4, 7) ^ [7, 10)). That is exactly
+// the cp.async layout of the mma.sync kernels (chunk ^ row % 8), so the same
+// copies feed both. A k16 step inside the 64-wide tile is the start address
+// plus 32 bytes per step (the hardware swizzles the summed address).
+//
+// Accumulators of m64nNk16 (fp32): warp w of the warpgroup owns rows
+// 16 w .. 16 w + 15; lane (g = lane / 4, t = lane % 4) holds, for each n8
+// block j, d[4 j + 0, 1] = D[16 w + g][8 j + 2 t, + 1] and d[4 j + 2, 3] =
+// D[16 w + g + 8][8 j + 2 t, + 1]: per warp, the C fragments of mma.m16n8k16
+// (core/mma.cuh) for n8 tiles j = 0 .. N / 8 - 1, so epilogues written for
+// mma.sync fragments take wgmma accumulators unchanged.
+//
+// Everything here exists only where __CUDA_ARCH_FEAT_SM90_ALL is defined (an
+// sm_90a compilation); elsewhere the wrappers trap, and the host must not
+// launch kernels that use them (QWEN3X_HAS_SM90A, set by CMake when the build
+// includes sm_90a, tells it).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define QWEN3X_WGMMA_ENABLED 1
+#endif
+
+namespace qwen3x {
+
+// Descriptor fields (PTX ISA, "Matrix Descriptor Format" of wgmma).
+constexpr int kWgmmaSwizzleBytes = 128;       // row length of a swizzle atom
+constexpr int kWgmmaAtomRows = 8;             // rows of a swizzle atom
+constexpr int kWgmmaAtomBytes = kWgmmaSwizzleBytes * kWgmmaAtomRows;  // 1024: alignment
+constexpr uint64_t kWgmmaLayoutSwizzle128 = 1;  // bits 62-63
+constexpr int kWgmmaStepBytes = 16 * 2;       // one k16 step of 16-bit elements
+
+// Descriptor of a K-major SW128 tile starting at shared address smem_addr
+// (16-byte units in bits 0-13; leading byte offset, bits 16-29, is not used by
+// swizzled K-major layouts and set to 1 as the ISA asks; stride byte offset,
+// bits 32-45, = 1024 bytes between 8-row groups; base offset 0: atoms aligned).
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_addr) {
+  constexpr uint64_t kAddrMask = 0x3FFFF;  // 18-bit shared address, 14 bits after >> 4
+  return ((static_cast<uint64_t>(smem_addr) & kAddrMask) >> 4) | (uint64_t{1} << 16) |
+         (static_cast<uint64_t>(kWgmmaAtomBytes >> 4) << 32) | (kWgmmaLayoutSwizzle128 << 62);
+}
+
+// Orders this warp's accumulator register accesses before the wgmma that follows.
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(QWEN3X_WGMMA_ENABLED)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// Closes the group of wgmma issued since the previous commit.
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(QWEN3X_WGMMA_ENABLED)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// Waits until at most kPending of this warp's wgmma groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(QWEN3X_WGMMA_ENABLED)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#else
+  __trap();
+#endif
+}
+
+// Shared-memory writes of this thread (generic proxy: st.shared, cp.async)
+// become visible to async-proxy reads (wgmma operands) ordered after it.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(QWEN3X_WGMMA_ENABLED)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// Keeps the compiler from moving accumulator reads or writes across a wgmma
+// issue / wait point (the registers change asynchronously in between).
+template <int kRegs>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[kRegs]) {
+#pragma unroll
+  for (int i = 0; i < kRegs; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d (64 fp32 per thread, layout above) += A[64 x 16] x B[128 x 16]^T, both
+// K-major SW128 tiles in shared memory (descriptors at the k step's start).
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a,
+                                                 uint64_t desc_b) {
+#if defined(QWEN3X_WGMMA_ENABLED)
+#define QWEN3X_WGMMA_ARGS                                                                       \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                    \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "            \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "            \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "           \
+  "%64, %65, p, 1, 1, 0, 0;\n"
+#define QWEN3X_WGMMA_D                                                                          \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),          \
+      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),  \
+      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),            \
+      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),            \
+      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),            \
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),            \
+      "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),            \
+      "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),            \
+      "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),            \
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),            \
+      "+f"(d[62]), "+f"(d[63])
+  // Operands after the descriptors: scale-d (a predicate) = true (accumulate),
+  // scale-a = scale-b = 1 (no negation), tnsp-a = tnsp-b = 0 (both K-major).
+  constexpr int kAccumulate = 1;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " QWEN3X_WGMMA_ARGS "}\n"
+                 : QWEN3X_WGMMA_D
+                 : "l"(desc_a), "l"(desc_b), "r"(kAccumulate));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "wgmma_m64n128k16: bf16 or fp16");
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " QWEN3X_WGMMA_ARGS "}\n"
+                 : QWEN3X_WGMMA_D
+                 : "l"(desc_a), "l"(desc_b), "r"(kAccumulate));
+  }
+#undef QWEN3X_WGMMA_ARGS
+#undef QWEN3X_WGMMA_D
+#else
+  (void)d;
+  (void)desc_a;
+  (void)desc_b;
+  __trap();
+#endif
+}
+
+}  // namespace qwen3x
