@@ -5,11 +5,14 @@ Suite-specific peers (HF layer code, SDPA backends, flex, grouped GEMMs) live in
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 from typing import Any, Callable
 
 import qwen3x
 import torch
+from qwen3x.testing import wgmma_available
 
 from .harness import Inputs, Provider
 
@@ -40,6 +43,39 @@ def qwen3x_provider(kernel_op: str, call: Callable[[Inputs], Any], **kw) -> Prov
     if skip is None and not qwen3x.has_cuda_kernel(kernel_op):
         skip = f"no CUDA kernel for qwen3x.{kernel_op} in this build (it runs the reference)"
     return Provider("qwen3x", lambda x: lambda: call(x), skip=skip, **kw)
+
+
+@contextlib.contextmanager
+def env_setting(name: str, value: str):
+    """os.environ[name] = value for the calls inside (the C++ side reads it per call)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
+def mma_sync_provider(env_name: str, call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
+    """qwen3x with its sm_80 mainloop (mma.sync) where the default is wgmma (env_name =
+    mma_sync): the measurement that decides whether a Hopper mainloop pays. Skipped where both
+    would run the same kernel."""
+    skip = None
+    if not eligible:
+        skip = "the Hopper mainloop does not serve this shape"
+    elif not wgmma_available():
+        skip = "the default here is already mma.sync"
+
+    def build(x):
+        def run():
+            with env_setting(env_name, "mma_sync"):
+                return call(x)
+        return run
+
+    return Provider("qwen3x_mma_sync", build, skip=skip, graphable=False, note=f"{env_name}=mma_sync", **kw)
 
 
 def reference_provider(fn: Callable[[Inputs], Any], **kw) -> Provider:

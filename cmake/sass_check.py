@@ -53,6 +53,9 @@ MMA_KERNELS = ("moe_expert_gemm_kernel",)
 WGMMA_LOOP_KERNELS = {
     # csrc/moe/grouped_gemm.cuh kWgmma mainloop: per k tile, 4 k16 steps of m64n128k16.
     "(qwen3x::moe::GemmMainloop)1>": 4,
+    # csrc/attention kWgmma mainloop: per K/V tile, Q K^T 8 k16 steps + P V 4 k16 steps.
+    "attn::attention_fwd_kernel<__nv_bfloat16, true>": 12,
+    "attn::attention_fwd_kernel<__half, true>": 12,
 }
 HMMA = re.compile(r"\bHMMA\b")
 HGMMA = re.compile(r"\bHGMMA\b")

@@ -12,6 +12,10 @@ lse is fp32 in both; the kernel sums exp2 (ex2.approx, ~2^-22 relative) in anoth
 gets an extra floor of LSE_REL_FLOOR x max(1, max |lse|). Rows that see no key must give out = 0
 and lse = -inf exactly (compared separately, as -inf - -inf is NaN).
 
+On an sm_90 GPU with an sm_90a build, calls whose row tiles are full (seqlen_q * group >= 64:
+prefill) run the Hopper (wgmma) mainloop by default and decode the mma.sync one; the tests without
+a QWEN3X_ATTENTION_MAINLOOP setting run the defaults, test_prefill_mainloops runs both.
+
 References are computed in chunks (per kv head, and per block of queries for long sequences, with
 the keys cut so that bottom-right causality is unchanged) to bound their memory.
 
@@ -25,7 +29,7 @@ import math
 
 import pytest
 import torch
-from qwen3x.testing import assert_close_to_truth, max_abs_error, poison_allocator
+from qwen3x.testing import assert_close_to_truth, max_abs_error, poison_allocator, wgmma_available
 
 from qwen3x import _library, ops
 from qwen3x import reference as R
@@ -182,6 +186,42 @@ def test_prefill_long(seqlen, causal):
     q, k, v = _inputs(1, 16, 8, seqlen, seqlen, torch.bfloat16, q_layout="bshd")
     out, lse = _run(q, k, v, None, causal)
     _judge(out, lse, q, k, v, None, D**-0.5, causal)
+
+
+MAINLOOP_CASES = [  # (batch, hq, hkv, sq, skv, causal, dtype, mask)
+    (1, 32, 8, 1000, 1000, True, torch.bfloat16, False),
+    (2, 16, 8, 4096, 4096, True, torch.bfloat16, False),
+    (3, 32, 4, 17, 300, False, torch.float16, False),      # 68 packed rows: a full tile and a ragged one
+    (3, 32, 8, 200, 200, True, torch.bfloat16, True),      # padding mask
+    (1, 64, 4, 2000, 2000, False, torch.float16, False),
+]
+
+
+@pytest.mark.parametrize("mainloop", ["mma_sync", "wgmma"])
+@pytest.mark.parametrize("case", range(len(MAINLOOP_CASES)))
+def test_prefill_mainloops(monkeypatch, mainloop, case):
+    """Both prefill mainloops (QWEN3X_ATTENTION_MAINLOOP) against the truth, each deterministic."""
+    if mainloop == "wgmma" and not wgmma_available():
+        pytest.skip("wgmma needs an sm_90 GPU and a build with sm_90a")
+    monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", mainloop)
+    B, hq, hkv, sq, skv, causal, dtype, with_mask = MAINLOOP_CASES[case]
+    q, k, v = _inputs(B, hq, hkv, sq, skv, dtype, q_layout="bshd")
+    mask = _padding_mask(B, sq, skv) if with_mask else None
+    out, lse = _run(q, k, v, mask, causal)
+    _judge(out, lse, q, k, v, mask, D**-0.5, causal)
+    out2, lse2 = _run(q, k, v, mask, causal)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+
+
+def test_mainloop_setting_is_checked(monkeypatch):
+    q, k, v = _inputs(1, 32, 8, 100, 100, torch.bfloat16)
+    monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "fast")
+    with pytest.raises(RuntimeError, match="qwen3x.attention: QWEN3X_ATTENTION_MAINLOOP must be auto"):
+        ops.attention(q, k, v, None, D**-0.5, True)
+    if not wgmma_available():
+        monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "wgmma")
+        with pytest.raises(RuntimeError, match="QWEN3X_ATTENTION_MAINLOOP=wgmma needs an sm_90 GPU"):
+            ops.attention(q, k, v, None, D**-0.5, True)
 
 
 # ---- decode (split-KV) -----------------------------------------------------------------------

@@ -98,6 +98,15 @@ def test_attention_smem_conflict_free():
     assert all(f == 1.0 for f in factors.values()), factors
 
 
+def test_attention_wgmma_smem_conflict_free():
+    """The Hopper layout's cp.async stores (8 threads = one 128-byte half-row) and the output
+    staging are conflict-free too (wgmma reads shared memory itself)."""
+    kinds = ("Q load", "K load", "V load", "K prefetch", "V prefetch", "sO store", "sO load")
+    factors = _bank_factors(lambda: run_padded("banks wgmma", 1, 8, 2, 40, 200, True, modes=("f64",), wgmma=True),
+                            kinds)
+    assert all(f == 1.0 for f in factors.values()), factors
+
+
 def test_moe_smem_conflict_free():
     """The expert GEMMs' A / B cp.async stores and ldmatrix reads are free of bank conflicts in
     every tile configuration (decode, mid, prefill)."""
@@ -205,7 +214,7 @@ def _check_attention(name, run, ref_out, ref_lse, emu_out, mode, nan_out=None, n
 
 
 def run_padded(name, B, Hq, Hkv, Sq, Skv, causal, mask=None, key_lengths=None, num_sms=132, force_splits=None,
-               q_layout="bhsd", kv_layout="bhsd", modes=("f64", "bf16"), seed=0, ctas_per_sm=2):
+               q_layout="bhsd", kv_layout="bhsd", modes=("f64", "bf16"), seed=0, ctas_per_sm=2, wgmma=False):
     """Model vs reference.attention for each mode; returns the stats of the last run."""
     rng = np.random.default_rng(seed)
     for mode in modes:
@@ -213,7 +222,7 @@ def run_padded(name, B, Hq, Hkv, Sq, Skv, causal, mask=None, key_lengths=None, n
         k = _to_t(rng.standard_normal((B, Hkv, Skv, HEAD_DIM)), mode)
         v = _to_t(rng.standard_normal((B, Hkv, Skv, HEAD_DIM)), mode)
         run = attention.attention(q, k, v, mask, SCALE, causal, key_lengths, num_sms, mode, force_splits, q_layout,
-                                  kv_layout, ctas_per_sm)
+                                  kv_layout, ctas_per_sm, wgmma)
         kl = None if key_lengths is None else torch.as_tensor(np.asarray(key_lengths))
         ref_out, ref_lse = R.attention(*(torch.from_numpy(a) for a in (q, k, v)),
                                        None if mask is None else torch.from_numpy(mask), SCALE, causal, kl)
@@ -225,7 +234,7 @@ def run_padded(name, B, Hq, Hkv, Sq, Skv, causal, mask=None, key_lengths=None, n
 
 
 def run_varlen(name, lq, lk, Hq, Hkv, causal, q_start=0, q_tail=0, max_q=None, max_k=None, num_sms=132,
-               force_splits=None, modes=("f64", "bf16"), seed=0, cu_q=None, cu_k=None, Tk=None):
+               force_splits=None, modes=("f64", "bf16"), seed=0, cu_q=None, cu_k=None, Tk=None, wgmma=False):
     """Model vs reference.attention_varlen: sequences of lq queries / lk keys, q_start tokens before
     the first sequence and q_tail after the last (outside every sequence), max_q / max_k the hints
     (default: exact). Rows past the grid (max_q too small) must be NaN. Returns the last stats."""
@@ -251,7 +260,7 @@ def run_varlen(name, lq, lk, Hq, Hkv, causal, q_start=0, q_tail=0, max_q=None, m
         k = _to_t(rng.standard_normal((Tk, Hkv, HEAD_DIM)), mode)
         v = _to_t(rng.standard_normal((Tk, Hkv, HEAD_DIM)), mode)
         run = attention.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, SCALE, causal, num_sms, mode,
-                                         force_splits)
+                                         force_splits, wgmma=wgmma)
         ref_out, ref_lse = R.attention_varlen(*(torch.from_numpy(a) for a in (q, k, v)),
                                               torch.from_numpy(cu_q.astype(np.int32)),
                                               torch.from_numpy(cu_k.astype(np.int32)), max_q, max_k, SCALE, causal)
@@ -380,6 +389,65 @@ def test_attention_varlen(case):
     stats = run_varlen(f"varlen: {case}", **args, modes=modes)
     if "split" in case:
         assert stats["splits"][0] > 1
+
+
+@pytest.mark.parametrize("case", ["causal GQA 4", "padded rows, split", "mask and key_lengths", "varlen",
+                                  "decode stays mma.sync", "f16"])
+def test_attention_wgmma(case):
+    """The Hopper mainloop (two-half layout, descriptor operands, P from registers, V MN-major)
+    against the reference, through the same checks as the mma.sync path."""
+    m = _mask(5, (2, 4, 70, 130), 0.6, (1, 2, 5))
+    runs = {
+        "causal GQA 4": lambda: run_padded("wgmma", 1, 8, 2, 70, 130, True, wgmma=True),
+        "padded rows, split": lambda: run_padded("wgmma split", 2, 4, 2, 40, 200, True, force_splits=(2, 2),
+                                                 modes=("f64",), wgmma=True),
+        "mask and key_lengths": lambda: run_padded("wgmma mask", 2, 4, 2, 70, 130, False, mask=m,
+                                                   key_lengths=np.array([100, 17]), modes=("f64",), wgmma=True),
+        "varlen": lambda: run_varlen("wgmma varlen", [70, 3, 130], [70, 200, 130], 4, 2, True, q_start=1, q_tail=2,
+                                     modes=("f64", "bf16"), wgmma=True),
+        "decode stays mma.sync": lambda: run_padded("wgmma decode", 2, 16, 2, 1, 300, True, modes=("f64",),
+                                                    wgmma=True),
+        "f16": lambda: run_padded("wgmma f16", 1, 4, 2, 33, 100, True, modes=("f16",), wgmma=True),
+    }
+    stats = runs[case]()
+    assert stats["wgmma"] == (case != "decode stays mma.sync"), stats
+
+
+@pytest.mark.parametrize("bug", ["V leading byte offset 4096", "V LBO and SBO swapped", "no proxy fence",
+                                 "K k step of 16 bytes",
+                                 "Q halves swapped", "loader pass of 256-byte rows", "no wgmma wait"])
+def test_attention_wgmma_planted_bugs(monkeypatch, bug):
+    """Each planted bug in the Hopper mainloop must give wrong numbers or a ModelError."""
+    desc, offset = attention.wgmma_desc_sw128, attention.wgmma_offset
+
+    init = attention.KVLoader.__init__
+
+    def loader_256(self, *args):
+        init(self, *args)
+        self.pass_bytes = attention.LOAD_ROWS_PER_PASS * attention.ROW_BYTES
+
+    def v_lbo_4096(addr, leading=16, stride=1024):
+        return desc(addr, 4096 if leading == attention.HALF_TILE_KV_BYTES else leading, stride)
+
+    target, name, patched = {
+        "V leading byte offset 4096": (attention, "wgmma_desc_sw128", v_lbo_4096),
+        "V LBO and SBO swapped": (attention, "wgmma_desc_sw128",
+                                  lambda addr, leading=16, stride=1024: desc(addr, stride, leading)
+                                  if leading == attention.HALF_TILE_KV_BYTES else desc(addr, leading, stride)),
+        "no proxy fence": (primitives.Smem, "fence_proxy_async", lambda self, threads: None),
+        "K k step of 16 bytes": (attention, "WGMMA_STEP_BYTES", 16),
+        "Q halves swapped": (attention, "wgmma_offset",
+                             lambda row, chunk, rows: offset(row, chunk ^ 8, rows) if rows == attention.BLOCK_M
+                             else offset(row, chunk, rows)),
+        "loader pass of 256-byte rows": (attention.KVLoader, "__init__", loader_256),
+        "no wgmma wait": (primitives.Smem, "wgmma_wait", lambda self, n: None),
+    }[bug]
+    monkeypatch.setattr(target, name, patched)
+    try:
+        run_padded("planted", 1, 8, 2, 40, 130, True, modes=("f64",), wgmma=True)
+    except (AssertionError, ModelError):
+        return
+    pytest.fail(f"planted bug '{bug}' not caught")
 
 
 def test_attention_f16():

@@ -20,7 +20,7 @@ import torch
 
 from qwen3x import _library
 from qwen3x import reference as R
-from qwen3x.testing import assert_close_to_truth, poison_allocator
+from qwen3x.testing import assert_close_to_truth, poison_allocator, wgmma_available
 
 pytestmark = pytest.mark.gpu
 
@@ -47,11 +47,6 @@ def _routing(T, E, k, dtype, id_dtype=torch.int32):
 def _run(x, ids, w, gate_up, down):
     poison_allocator(x.shape[0] * x.shape[1] * x.element_size() * (ids.shape[1] + 1))
     return torch.ops.qwen3x.moe_experts(x, ids, w, gate_up, down)
-
-
-def _wgmma_available():
-    info = _library._C.build_info() if _library._C is not None else {}
-    return torch.cuda.get_device_capability() == (9, 0) and "sm_90a" in info.get("archs", [])
 
 
 def _judge(out, x, ids, w, gate_up, down):
@@ -140,7 +135,7 @@ def test_prefill_mainloops(monkeypatch, mainloop, T, E, k, H, I, dtype):
     """Both prefill mainloops (QWEN3X_MOE_MAINLOOP) against the reference, and each bitwise
     reproducible."""
     _needs_kernel()
-    if mainloop == "wgmma" and not _wgmma_available():
+    if mainloop == "wgmma" and not wgmma_available():
         pytest.skip("wgmma needs an sm_90 GPU and a build with sm_90a")
     monkeypatch.setenv("QWEN3X_MOE_MAINLOOP", mainloop)
     x = torch.randn(T, H, device="cuda", dtype=dtype)
@@ -159,7 +154,7 @@ def test_mainloop_setting_is_checked(monkeypatch):
     monkeypatch.setenv("QWEN3X_MOE_MAINLOOP", "fast")
     with pytest.raises(RuntimeError, match="qwen3x.moe_experts: QWEN3X_MOE_MAINLOOP must be auto, mma_sync or wgmma"):
         torch.ops.qwen3x.moe_experts(x, ids, w, gate_up, down)
-    if not _wgmma_available():
+    if not wgmma_available():
         monkeypatch.setenv("QWEN3X_MOE_MAINLOOP", "wgmma")
         with pytest.raises(RuntimeError, match="qwen3x.moe_experts: QWEN3X_MOE_MAINLOOP=wgmma needs an sm_90 GPU"):
             torch.ops.qwen3x.moe_experts(x, ids, w, gate_up, down)

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from qwen3x import ops, reference
 
 from ..harness import Case, Provider, Skip
-from ..providers import compiled, over_budget, qwen3x_provider
+from ..providers import compiled, mma_sync_provider, over_budget, qwen3x_provider
 from ..shapes import HEAD_DIM, MODELS, RMS_EPS
 from .common import DTYPE, ELEM, hf_module, randn
+
+ROW_TILE = 64  # kernel_traits.cuh kBlockM: the Hopper mainloop serves Sq * group >= one tile
 
 LAYOUTS = tuple((m.name, m.hq, m.hkv) for m in MODELS)
 PREFILL = ((1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (1, 32768), (8, 2048))  # (batch, seqlen)
@@ -186,10 +188,13 @@ def _providers(batch: int, hq: int, hkv: int, sq: int, skv: int, causal: bool) -
     hf_bytes = 10 * scores + (kv_bytes(batch, hq, skv) if hq > hkv else 0) + 2 * sq * skv * causal
     ref_bytes = 16 * scores + kv_fp32 * (1 + hq // hkv) + batch * hq * sq * HEAD_DIM * 4
     ref = functools.partial(_reference, causal=causal)
+
+    def qwen3x_call(x):
+        return ops.attention(x["q"], x["k"], x["v"], None, SCALE, causal=causal)
+
     return [
-        qwen3x_provider(
-            "attention", lambda x: ops.attention(x["q"], x["k"], x["v"], None, SCALE, causal=True), canon=_first
-        ),
+        qwen3x_provider("attention", qwen3x_call, canon=_first),
+        mma_sync_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, sq * (hq // hkv) >= ROW_TILE, canon=_first),
         Provider("reference", lambda x: lambda: ref(x), canon=_first, skip=over_budget(ref_bytes, "fp32 scores")),
         Provider("hf_eager", _hf_eager(causal), canon=_first, skip=over_budget(hf_bytes, "materialized scores")),
         *(Provider(name, _sdpa(name, causal), canon=_bhsd_to_bshd) for name in SDPA_BACKENDS),

@@ -11,16 +11,15 @@ bf16 values, so top-k has no ties); the byte formulas assume the same uniform ro
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from qwen3x import ops, reference
 
 from ..harness import Case, Provider
-from ..providers import liger_provider, over_budget, qwen3x_provider, reference_provider, torch_compile_provider
+from ..providers import (liger_provider, mma_sync_provider, over_budget, qwen3x_provider, reference_provider,
+                         torch_compile_provider)
 from ..shapes import MOE_MODELS, ModelDims
 from .common import ELEM, graph_worthy, hf_module, randn
 
@@ -277,46 +276,9 @@ def _liger_experts(x):
 PREFILL_MIN_ROWS_PER_EXPERT = 64  # gemm_config.h kMidMaxRowsPerExpert: above it, the prefill regime
 
 
-@contextlib.contextmanager
-def _mainloop(choice: str):
-    """QWEN3X_MOE_MAINLOOP for the calls inside (csrc/moe/moe.cu uses_wgmma)."""
-    saved = os.environ.get("QWEN3X_MOE_MAINLOOP")
-    os.environ["QWEN3X_MOE_MAINLOOP"] = choice
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["QWEN3X_MOE_MAINLOOP"]
-        else:
-            os.environ["QWEN3X_MOE_MAINLOOP"] = saved
-
-
-def _wgmma_default() -> bool:
-    """Whether the prefill regime runs the Hopper (wgmma) mainloop by default here."""
-    from qwen3x import _library  # noqa: PLC0415
-
-    info = _library._C.build_info() if _library._C is not None else {}
-    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-            and "sm_90a" in info.get("archs", []))
-
-
 def _mma_sync_provider(d: ModelDims, tokens: int, call) -> Provider:
-    """qwen3x with the prefill regime's sm_80 mainloop (mma.sync) where the default is wgmma:
-    the measurement that decides whether the Hopper mainloop pays."""
-    skip = None
-    if tokens * d.topk <= PREFILL_MIN_ROWS_PER_EXPERT * d.experts:
-        skip = "not the prefill regime: one mainloop"
-    elif not _wgmma_default():
-        skip = "the default here is already mma.sync"
-
-    def build(x):
-        def run():
-            with _mainloop("mma_sync"):
-                return call(x)
-        return run
-
-    return Provider("qwen3x_mma_sync", build, skip=skip, graphable=False,
-                    note="QWEN3X_MOE_MAINLOOP=mma_sync")
+    """qwen3x with the prefill regime's mma.sync mainloop, beside the default (wgmma on sm_90)."""
+    return mma_sync_provider("QWEN3X_MOE_MAINLOOP", call, tokens * d.topk > PREFILL_MIN_ROWS_PER_EXPERT * d.experts)
 
 
 def experts_case(d: ModelDims, tokens: int) -> Case:

@@ -26,6 +26,7 @@
 #include "core/checks.h"
 #include "core/gpu_constants.h"
 #include "core/launch.h"
+#include "core/mainloop_choice.h"
 #include "core/qwen3.h"
 #include "ops.h"
 
@@ -177,22 +178,31 @@ attn::Params common_params(const at::Tensor& qa, const at::Tensor& ka, const at:
   return p;
 }
 
+// CTAs of the forward kernel resident per SM (the split plan's wave size).
+template <typename T, bool kWgmma>
+int fwd_ctas_per_sm() {
+  return resident_ctas_per_sm<attn::attention_fwd_kernel<T, kWgmma>>(
+      attn::kThreads, attn::smem_bytes<kWgmma>(), attn::kMinCtasPerSm);
+}
+
 // Plans split-KV for p (its sizes set), allocates the workspace when splitting and launches.
 // The workspace stays alive until the kernels have run: the caching allocator orders its reuse
-// on this stream.
-void plan_and_launch(attn::Params& p, const at::Tensor& q, int64_t seqlen_k_hint) {
+// on this stream. The Hopper mainloop (core/mainloop_choice.h) serves calls whose row tiles are
+// full (seqlen_q * group >= kBlockM: prefill); a decode tile keeps the mma.sync mainloop, whose
+// idle warps skip the math.
+void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64_t seqlen_k_hint) {
   const int num_sms = sm_count(q.get_device());
+  const bool full_tiles = static_cast<int64_t>(p.seqlen_q) * p.group >= attn::kBlockM;
+  const bool wgmma = use_wgmma(op, "QWEN3X_ATTENTION_MAINLOOP", full_tiles, q.get_device());
+  const bool bf16 = q.scalar_type() == at::ScalarType::BFloat16;
   // CTAs with work: the grid's, and at least enough to hold every packed row (this bounds the
   // workspace when a varlen max_seqlen_q is small).
   const int64_t ctas = std::max<int64_t>(
       static_cast<int64_t>(attn::row_tiles(p)) * p.batch * p.num_kv_heads,
       ceil_div<int64_t>(static_cast<int64_t>(p.total_q) * p.num_q_heads, attn::kBlockM));
   const int ctas_per_sm =
-      q.scalar_type() == at::ScalarType::BFloat16
-          ? resident_ctas_per_sm<attn::attention_fwd_kernel<__nv_bfloat16>>(
-                attn::kThreads, attn::kSmemBytes, attn::kMinCtasPerSm)
-          : resident_ctas_per_sm<attn::attention_fwd_kernel<__half>>(
-                attn::kThreads, attn::kSmemBytes, attn::kMinCtasPerSm);
+      bf16 ? (wgmma ? fwd_ctas_per_sm<__nv_bfloat16, true>() : fwd_ctas_per_sm<__nv_bfloat16, false>())
+           : (wgmma ? fwd_ctas_per_sm<__half, true>() : fwd_ctas_per_sm<__half, false>());
   const attn::SplitPlan plan = attn::plan_splits(ctas, seqlen_k_hint, num_sms, ctas_per_sm);
   p.num_splits = plan.num_splits;
   p.tiles_per_split = plan.tiles_per_split;
@@ -206,11 +216,15 @@ void plan_and_launch(attn::Params& p, const at::Tensor& q, int64_t seqlen_k_hint
     p.partial_lse = static_cast<float*>(partial_lse.mutable_data_ptr());
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
-  if (q.scalar_type() == at::ScalarType::BFloat16) {
-    C10_CUDA_CHECK(attn::launch_attention<__nv_bfloat16>(p, stream));
+  cudaError_t err;
+  if (bf16) {
+    err = wgmma ? attn::launch_attention<__nv_bfloat16, true>(p, stream)
+                : attn::launch_attention<__nv_bfloat16, false>(p, stream);
   } else {
-    C10_CUDA_CHECK(attn::launch_attention<__half>(p, stream));
+    err = wgmma ? attn::launch_attention<__half, true>(p, stream)
+                : attn::launch_attention<__half, false>(p, stream);
   }
+  C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -251,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   p.seqlen_q = static_cast<int>(sq);
   p.seqlen_k = static_cast<int>(skv);
   p.total_q = static_cast<int>(batch * sq);
-  plan_and_launch(p, q, skv);
+  plan_and_launch(kOp, p, q, skv);
   return {out, lse};
 }
 
@@ -291,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen(const at::Tensor& q, const a
   p.seqlen_k = static_cast<int>(std::clamp<int64_t>(max_seqlen_k, 0, total_k));
   p.total_q = static_cast<int>(total_q);
   p.total_k = static_cast<int>(total_k);
-  plan_and_launch(p, q, p.seqlen_k);
+  plan_and_launch(kVarlenOp, p, q, p.seqlen_k);
   return {out, lse};
 }
 

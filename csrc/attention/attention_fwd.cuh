@@ -30,6 +30,13 @@
 //      with group < 64) still load and synchronize, but skip the math.
 //   4. Epilogue (epilogue.cuh): the output directly, or the split's partials.
 //
+// kWgmma (sm_90a, mainloop.cuh): the Hopper layout and warpgroup wgmma for
+// S = Q K^T and O += P V (Q read from shared memory at every tile, not kept in
+// registers); every warp takes part (wgmma is warpgroup-wide), rows past the
+// sequence compute harmlessly on zero-filled Q and are never written. The
+// host picks it for tiles that are mostly full (prefill), see
+// attention.cu.
+//
 // Torch-free: raw pointers, sizes and element strides; the glue is
 // attention.cu.
 #pragma once
@@ -47,12 +54,13 @@
 #include "core/gpu_constants.h"
 #include "core/launch.h"
 #include "core/mma.cuh"
+#include "core/wgmma.cuh"
 
 namespace qwen3x::attn {
 
 // One row tile [row0, row0 + kBlockM) of sequence b, kv head kvh, key split `split`: steps
 // 1-4 above.
-template <typename T>
+template <typename T, bool kWgmma>
 __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, int kvh, int split,
                                                int row0, int tid) {
   const SeqSlice seq = seq_slice(p, b);
@@ -101,12 +109,12 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
   const uint32_t sK_addr = smem_u32(sK);
   const uint32_t sV_addr = smem_u32(sV);
   constexpr uint32_t kTileKVBytes = kTileKVElems * kElemBytes;
-  KVLoader<T> k_loader, v_loader;
+  KVLoader<T, kWgmma> k_loader, v_loader;
   k_loader.init(static_cast<const T*>(p.k) + seq.k_offset + kvh * p.k_head_stride, p.k_seq_stride,
                 tile_begin, tid);
   v_loader.init(static_cast<const T*>(p.v) + seq.v_offset + kvh * p.v_head_stride, p.v_seq_stride,
                 tile_begin, tid);
-  load_q_tile<T>(p, seq, sQ_addr, kvh, row0, tid);
+  load_q_tile<T, kWgmma>(p, seq, sQ_addr, kvh, row0, tid);
   if (tile_begin < tile_end) {
     k_loader.load(sK_addr, seq.seqlen_k);
     v_loader.load(sV_addr, seq.seqlen_k);
@@ -122,7 +130,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
   }
   OnlineSoftmax softmax;
   softmax.init();
-  uint32_t qf[kHeadStepsK][4];
+  uint32_t qf[kWgmma ? 1 : kHeadStepsK][4];  // mma.sync: Q fragments, kept in registers
 
   // ---- main loop ---------------------------------------------------------------------------
   for (int tile = tile_begin; tile < tile_end; ++tile) {
@@ -136,10 +144,20 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
     }
     cp_async_commit();  // possibly empty: keeps "all but the newest group" = this tile
     cp_async_wait<kStages - 1>();
+    if constexpr (kWgmma) fence_proxy_async();  // this thread's copies, to wgmma's proxy
     __syncthreads();
 
-    if (warp_active) {
-      if (tile == tile_begin) load_q_fragments<T>(qf, sQ_addr, warp, lane);
+    if constexpr (kWgmma) {
+      float s[kScoreTilesN][4];
+      warpgroup_qk<T>(s, sQ_addr, sK_addr + stage_offset);
+      const int key0 = tile * kBlockN;
+      const bool mask_tile = has_mask || key0 + kBlockN - 1 > all_visible_last;
+      scale_and_mask(s, p.scale_log2, mask_tile, limit, key0, lane);
+      uint32_t pf[kKeyStepsK][4];
+      softmax.update<T>(s, o, pf);
+      warpgroup_pv<T>(o, pf, sV_addr + stage_offset);
+    } else if (warp_active) {
+      if (tile == tile_begin) load_q_fragments<T>(qf, sQ_addr, warp, lane);  // mma.sync only
       float s[kScoreTilesN][4];
       warp_qk<T>(s, qf, sK_addr + stage_offset, lane);
       const int key0 = tile * kBlockN;
@@ -168,11 +186,15 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
 // a padded batch; a varlen sequence longer than the caller's max_seqlen_q gets NaN in the rows
 // beyond the grid (never stale memory). (A CTA loop over row tiles would cover them, but costs
 // the main loop the registers it needs: ptxas then spills.)
-template <typename T>
+template <typename T, bool kWgmma>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
 attention_fwd_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);  // [kBlockM][128], later the output tile; then K, V
+  unsigned char* base = smem;
+  if constexpr (kWgmma) {  // wgmma tiles start on a 1024-byte swizzle atom
+    base += (kSmemAlign - smem_u32(smem) % kSmemAlign) % kSmemAlign;
+  }
+  T* sQ = reinterpret_cast<T*>(base);  // [kBlockM][128], later the output tile; then K, V
   const int b = blockIdx.y / p.num_kv_heads;
   const int kvh = blockIdx.y - b * p.num_kv_heads;
   if (p.cu_seqlens_q != nullptr) {  // varlen bookkeeping, before the tile (nothing stays live)
@@ -182,19 +204,28 @@ attention_fwd_kernel(const __grid_constant__ Params p) {
     }
   }
   const int row0 = blockIdx.x * kBlockM;
-  if (row0 < seq_slice(p, b).rows) attention_tile<T>(p, sQ, b, kvh, blockIdx.z, row0, threadIdx.x);
+  if (row0 < seq_slice(p, b).rows) {
+    attention_tile<T, kWgmma>(p, sQ, b, kvh, blockIdx.z, row0, threadIdx.x);
+  }
+}
+
+// Dynamic shared memory of a mainloop's kernel.
+template <bool kWgmma>
+constexpr int smem_bytes() {
+  return kWgmma ? kSmemAllocWgmma : kSmemBytes;
 }
 
 // Launches the forward kernel on grid (row_tiles(p), B * Hkv, p.num_splits)
 // and, when p.num_splits > 1, the combine. p.partial_o / p.partial_lse must
-// hold num_splits * Hkv * total_q * group rows when splitting.
-template <typename T>
+// hold num_splits * Hkv * total_q * group rows when splitting. kWgmma only on
+// sm_90 devices with sm_90a code in the build.
+template <typename T, bool kWgmma>
 cudaError_t launch_attention(const Params& p, cudaStream_t stream) {
   if (p.batch == 0 || p.total_q == 0) return cudaSuccess;
-  cudaError_t err = allow_dynamic_smem<attention_fwd_kernel<T>>(kSmemBytes);
+  cudaError_t err = allow_dynamic_smem<attention_fwd_kernel<T, kWgmma>>(smem_bytes<kWgmma>());
   if (err != cudaSuccess) return err;
   const dim3 grid(row_tiles(p), p.batch * p.num_kv_heads, p.num_splits);
-  attention_fwd_kernel<T><<<grid, kThreads, kSmemBytes, stream>>>(p);
+  attention_fwd_kernel<T, kWgmma><<<grid, kThreads, smem_bytes<kWgmma>(), stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows = static_cast<int64_t>(p.num_kv_heads) * p.total_q * p.group;

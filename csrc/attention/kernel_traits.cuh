@@ -26,6 +26,12 @@
 // in 8 distinct 16-byte bank groups, so neither the cp.async writes nor the
 // ldmatrix reads conflict. Every tile's rows start at a multiple of 8, so the
 // xor term is the row's index within its block of 8.
+//
+// Hopper layout (the kWgmma mainloop, mainloop.cuh): each tile is two
+// [rows][64] halves (head dims 0-63, then 64-127), rows of 128 bytes, chunk
+// c < 8 of a half-row at c ^ (r % 8): wgmma's 128-byte-swizzle layout, read
+// K-major for Q and K (Q K^T) and MN-major for V (P V), with every tile and
+// half on a 1024-byte boundary (the kernel aligns the shared-memory base).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -79,6 +85,31 @@ static_assert(kSmemBytes <= 164 * 1024, "must fit sm_80's 164 KB per CTA");
 __host__ __device__ constexpr int swizzled_offset(int row, int chunk) {
   return row * kHeadDim + ((chunk ^ (row % kSwizzleRows)) * kChunkElems);
 }
+
+// ---- the Hopper (kWgmma) layout -------------------------------------------------------------
+constexpr int kHalfDim = kHeadDim / 2;                       // 64 elements = one 128-byte row
+constexpr int kHalfChunks = kChunksPerRow / 2;               // 8
+constexpr int kSmemAlign = 1024;                             // wgmma swizzle atom
+constexpr int kSmemAllocWgmma = kSmemBytes + kSmemAlign;     // room to align the base
+
+// Element offset of (row, chunk) inside a tile of `rows` rows in the Hopper layout.
+__host__ __device__ constexpr int wgmma_offset(int row, int chunk, int rows) {
+  return (chunk / kHalfChunks) * rows * kHalfDim + row * kHalfDim +
+         (((chunk % kHalfChunks) ^ (row % kSwizzleRows)) * kChunkElems);
+}
+
+// The tile layout of a mainloop: element offset of (row, chunk) in a tile of `rows` rows.
+template <bool kWgmma>
+__host__ __device__ constexpr int tile_offset(int row, int chunk, int rows) {
+  return kWgmma ? wgmma_offset(row, chunk, rows) : swizzled_offset(row, chunk);
+}
+
+static_assert(kTileQElems * kElemBytes % kSmemAlign == 0 &&
+                  kTileKVElems * kElemBytes % kSmemAlign == 0 &&
+                  kBlockM * kHalfDim * kElemBytes % kSmemAlign == 0 &&
+                  kBlockN * kHalfDim * kElemBytes % kSmemAlign == 0,
+              "every Hopper tile and half-tile starts on a swizzle atom");
+static_assert(kBlockM == 64 && kNumWarps == 4, "the Hopper mainloop: one warpgroup of m64");
 
 // ---- launch parameters --------------------------------------------------------------------
 // Strides are in elements (mask: bytes = elements). Two batch layouts share the kernel:

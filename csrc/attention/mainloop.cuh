@@ -19,6 +19,17 @@
 //                     -> {b0, b1} of head tile 2 dp, then of head tile 2 dp + 1
 // All row bases are multiples of 8, so every lane's swizzle term is lane % 8.
 // (Checked against a CPU model of ldmatrix/mma semantics.)
+//
+// The Hopper mainloop (kWgmma = true: sm_90a builds on sm_90 GPUs) loads the
+// same rows into the Hopper layout of kernel_traits.cuh and replaces the
+// warp-level math by warpgroup-level wgmma straight from shared memory:
+//   warpgroup_qk     S[64 x 64] = Q K^T: 8 k16 steps of m64n64k16, Q and K K-major
+//   warpgroup_pv     O[64 x 128] += P V: 4 k16 steps of m64n128k16, P from the
+//                    registers (the same A fragments softmax.cuh makes for
+//                    mma.sync), V MN-major
+// Warp w's accumulators are the mma.sync C fragments of its 16 rows (s[8][4],
+// o[16][4]; core/wgmma.cuh), so softmax and epilogue are shared. Each waits
+// for its wgmma group before returning.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,14 +38,15 @@
 
 #include "attention/kernel_traits.cuh"
 #include "core/mma.cuh"
+#include "core/wgmma.cuh"
 
 namespace qwen3x::attn {
 
 // The CTA's Q rows [row0, row0 + kBlockM) of sequence `seq` -> sQ. Packed row r is query
 // position s = r / group of query head kvh * group + r % group; rows >= seq.rows are zero.
-template <typename T>
+template <typename T, bool kWgmma>
 __device__ __forceinline__ void load_q_tile(const Params& p, const SeqSlice& seq,
-                                            uint32_t sQ,  // [kBlockM][128] swizzled
+                                            uint32_t sQ,  // [kBlockM][128] in tile_offset<kWgmma>
                                             int kvh, int row0, int tid) {
   const T* q = static_cast<const T*>(p.q) + seq.q_offset;
   const int chunk = tid % kChunksPerRow;
@@ -50,14 +62,19 @@ __device__ __forceinline__ void load_q_tile(const Params& p, const SeqSlice& seq
       src = q + static_cast<int64_t>(kvh * p.group + h) * p.q_head_stride + s * p.q_seq_stride +
             chunk * kChunkElems;
     }
-    cp_async_16(sQ + swizzled_offset(local_row, chunk) * kElemBytes, src, in_range);
+    cp_async_16(sQ + tile_offset<kWgmma>(local_row, chunk, kBlockM) * kElemBytes, src, in_range);
   }
 }
 
 // Per-thread cursor of the K (or V) loader: the thread copies chunk tid % 16
 // of rows tid / 16 + 8 i (i < kBlockN / 8) of every tile.
-template <typename T>
+template <typename T, bool kWgmma>
 struct KVLoader {
+  // Bytes between rows 8 apart of one chunk (same swizzle term).
+  static constexpr uint32_t kPassBytes =
+      (tile_offset<kWgmma>(kLoadRowsPerPass, 0, kBlockN) - tile_offset<kWgmma>(0, 0, kBlockN)) *
+      kElemBytes;
+
   const T* src;        // this thread's chunk of key tid / 16 of the current tile
   const T* fallback;   // this thread's chunk of key 0: the (never read) source of zero-filled rows
   int64_t pass_step;   // elements between rows 8 apart (8 * seq_stride)
@@ -74,7 +91,7 @@ struct KVLoader {
     fallback = head + chunk * kChunkElems;
     pass_step = kLoadRowsPerPass * seq_stride;
     tile_step = kBlockN * seq_stride;
-    dst = swizzled_offset(row, chunk) * kElemBytes;
+    dst = tile_offset<kWgmma>(row, chunk, kBlockN) * kElemBytes;
   }
 
   // Copies the current tile into the tile at shared address tile_base; rows at
@@ -86,8 +103,7 @@ struct KVLoader {
 #pragma unroll
     for (int i = 0; i < kBlockN / kLoadRowsPerPass; ++i) {
       const bool in_range = first_key + i * kLoadRowsPerPass < seqlen_k;
-      cp_async_16(tile_base + dst + i * kLoadRowsPerPass * kHeadDim * kElemBytes,
-                  in_range ? row_src : fallback, in_range);
+      cp_async_16(tile_base + dst + i * kPassBytes, in_range ? row_src : fallback, in_range);
       row_src += pass_step;
     }
   }
@@ -165,6 +181,56 @@ __device__ __forceinline__ void warp_pv(float (&o)[kHeadTilesN][4],
       mma_16816<T>(o[2 * dp + 1], pf[kc], b[2], b[3]);
     }
   }
+}
+
+// ---- Hopper: warpgroup-level wgmma -----------------------------------------------------------
+constexpr uint32_t kHalfTileQBytes = kBlockM * kHalfDim * kElemBytes;   // 8 KB
+constexpr uint32_t kHalfTileKVBytes = kBlockN * kHalfDim * kElemBytes;  // 8 KB
+constexpr int kStepsPerHalf = kHalfDim / kMmaK;                         // 4 k16 steps per half
+constexpr uint32_t kKeyStepBytes = kMmaK * kHalfDim * kElemBytes;       // 16 V rows: 2 KB
+
+// s[nt][.] = Q K^T for the warp's 16 rows, keys 8 nt .. 8 nt + 7 (fp32, unscaled): the
+// warpgroup's S[64 x 64] from Q and K K-major (k16 step kk: half kk / 4, 32 bytes per step).
+template <typename T>
+__device__ __forceinline__ void warpgroup_qk(float (&s)[kScoreTilesN][4],
+                                             uint32_t sQ,  // [kBlockM][128], Hopper layout
+                                             uint32_t sK) {  // [kBlockN][128], Hopper layout
+  float(&d)[kScoreTilesN * 4] = reinterpret_cast<float(&)[kScoreTilesN * 4]>(s);
+#pragma unroll
+  for (int i = 0; i < kScoreTilesN * 4; ++i) d[i] = 0.0f;
+  wgmma_fence_operands(d);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kHeadStepsK; ++kk) {
+    const uint32_t step = (kk % kStepsPerHalf) * kWgmmaStepBytes;
+    wgmma_m64n64k16<T>(d, wgmma_desc_sw128(sQ + (kk / kStepsPerHalf) * kHalfTileQBytes + step),
+                       wgmma_desc_sw128(sK + (kk / kStepsPerHalf) * kHalfTileKVBytes + step));
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_operands(d);
+}
+
+// o[j][.] += P V for the warp's 16 rows, head dims 8 j .. 8 j + 7; pf[kc] = A fragments of P
+// for keys 16 kc .. 16 kc + 15. V MN-major: 16 keys per step (2 KB), the second half of the
+// head dims kHalfTileKVBytes on (leading byte offset), 8-key groups 1024 bytes apart.
+template <typename T>
+__device__ __forceinline__ void warpgroup_pv(float (&o)[kHeadTilesN][4],
+                                             uint32_t (&pf)[kKeyStepsK][4],
+                                             uint32_t sV) {  // [kBlockN][128], Hopper layout
+  float(&d)[kHeadTilesN * 4] = reinterpret_cast<float(&)[kHeadTilesN * 4]>(o);
+  uint32_t(&a)[kKeyStepsK * 4] = reinterpret_cast<uint32_t(&)[kKeyStepsK * 4]>(pf);
+  wgmma_fence_operands(d);
+  wgmma_fence_operands(a);  // P packed before the fence
+  wgmma_fence();
+#pragma unroll
+  for (int kc = 0; kc < kKeyStepsK; ++kc) {
+    wgmma_m64n128k16_rs_mn<T>(
+        d, pf[kc], wgmma_desc_sw128(sV + kc * kKeyStepBytes, kHalfTileKVBytes, kWgmmaAtomBytes));
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_operands(d);
 }
 
 }  // namespace qwen3x::attn

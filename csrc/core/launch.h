@@ -13,38 +13,42 @@ namespace qwen3x {
 // Devices a process can see at most for the caches below (beyond it: no caching, still correct).
 constexpr int kMaxCachedDevices = 64;
 
-// Streaming multiprocessors of `device`; 0 if the query failed (callers then use one wave).
-inline int sm_count(int device) {
-  static std::atomic<int> cache[kMaxCachedDevices] = {};
+// A per-device value that never changes, from query(device) (0 = failed: not cached), cached in
+// `cache` (one array per value).
+template <typename Query>
+int cached_per_device(std::atomic<int> (&cache)[kMaxCachedDevices], int device, Query query) {
   const bool cacheable = device >= 0 && device < kMaxCachedDevices;
   if (cacheable) {
     const int known = cache[device].load(std::memory_order_relaxed);
     if (known > 0) return known;
   }
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
-  if (cacheable) cache[device].store(count, std::memory_order_relaxed);
-  return count;
+  const int value = query(device);
+  if (cacheable && value > 0) cache[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+// Streaming multiprocessors of `device`; 0 if the query failed (callers then use one wave).
+inline int sm_count(int device) {
+  static std::atomic<int> cache[kMaxCachedDevices] = {};
+  return cached_per_device(cache, device, [](int d) {
+    int count = 0;
+    return cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, d) == cudaSuccess ? count : 0;
+  });
 }
 
 // Compute capability of `device` as major * 10 + minor (90 for H100 / H200); 0 if the query failed.
 inline int compute_capability(int device) {
   static std::atomic<int> cache[kMaxCachedDevices] = {};
-  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
-  if (cacheable) {
-    const int known = cache[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int major = 0;
-  int minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  const int cc = major * 10 + minor;
-  if (cacheable) cache[device].store(cc, std::memory_order_relaxed);
-  return cc;
+  return cached_per_device(cache, device, [](int d) {
+    int major = 0;
+    int minor = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, d) != cudaSuccess) {
+      cudaGetLastError();  // a failed query: the caller falls back, nothing else to report
+      return 0;
+    }
+    return major * 10 + minor;
+  });
 }
 
 // Lets `Kernel` use `bytes` of dynamic shared memory on the current device; the runtime call is

@@ -13,14 +13,13 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
-#include <string_view>
 
 #include "core/checks.h"
 #include "core/dispatch.h"
 #include "core/gpu_constants.h"
 #include "core/launch.h"
+#include "core/mainloop_choice.h"
 #include "moe/experts.cuh"
 #include "moe/gemm_config.h"
 #include "moe/limits.h"
@@ -47,30 +46,6 @@ at::Tensor rows_16b_readable(const at::Tensor& t) {
     ok = ok && (t.size(d) <= 1 || t.stride(d) % vec_elems == 0);
   }
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
-}
-
-// The prefill regime's mainloop: Hopper's wgmma where the device is sm_90 and
-// the build has sm_90a code (QWEN3X_HAS_SM90A, from CMake), else mma.sync.
-// QWEN3X_MOE_MAINLOOP = auto (default) | mma_sync | wgmma overrides it, for
-// comparisons and tests; asking for wgmma where it cannot run is an error
-// (in the prefill regime, the only one the setting affects).
-bool uses_wgmma(const char* op, moe::GemmRegime regime, int device) {
-#if defined(QWEN3X_HAS_SM90A)
-  constexpr bool kBuilt = true;
-#else
-  constexpr bool kBuilt = false;
-#endif
-  constexpr int kHopper = 90;
-  const char* env = std::getenv("QWEN3X_MOE_MAINLOOP");
-  const std::string_view choice = env == nullptr || *env == '\0' ? "auto" : env;
-  TORCH_CHECK(choice == "auto" || choice == "mma_sync" || choice == "wgmma", "qwen3x.", op,
-              ": QWEN3X_MOE_MAINLOOP must be auto, mma_sync or wgmma, got '", choice, "'");
-  if (regime != moe::GemmRegime::kPrefill || choice == "mma_sync") return false;
-  const bool available = kBuilt && compute_capability(device) == kHopper;
-  TORCH_CHECK(choice != "wgmma" || available, "qwen3x.", op,
-              ": QWEN3X_MOE_MAINLOOP=wgmma needs an sm_90 GPU and a build that includes sm_90a",
-              kBuilt ? "" : " (this build does not)");
-  return available;
 }
 
 // Checks shared by moe_experts and moe: hidden_states [T, H] and the
@@ -127,7 +102,9 @@ at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tenso
   if (num_picks == 0) return out;
 
   const moe::GemmRegime regime = moe::select_gemm_regime(num_picks, E);
-  const bool wgmma = uses_wgmma(op, regime, hidden.get_device());
+  // The prefill regime's mainloop (core/mainloop_choice.h).
+  const bool wgmma = use_wgmma(op, "QWEN3X_MOE_MAINLOOP", regime == moe::GemmRegime::kPrefill,
+                               hidden.get_device());
   const int64_t block_m = moe::regime_block_m(regime);
   TORCH_CHECK(num_picks + E * (block_m - 1) <= kMaxInt32, "qwen3x.", op, ": tokens x top_k = ", T,
               " x ", k, " picks exceed the int32 range of the permutation");

@@ -12,6 +12,7 @@ import platform
 import torch
 
 from . import __version__, _library
+from . import testing as _testing
 
 
 def collect() -> dict:
@@ -44,6 +45,7 @@ def collect() -> dict:
         "extension_error": None if build else _library.C_LOAD_ERROR,
         "ops": ops,
         "arch_mismatch": bool(build and gpu_arch and not runs_on(build["archs"], gpu_arch)),
+        "wgmma": _testing.wgmma_available(),
     }
 
 
@@ -73,6 +75,9 @@ def main() -> None:
                   f"here. Rebuild with QWEN3X_CUDA_ARCHS set to it (e.g. QWEN3X_CUDA_ARCHS=8.0)")
     else:
         print(f"qwen3x._C: not loaded ({info['extension_error']}); every op runs its PyTorch reference")
+    if info["wgmma"]:
+        print("  Hopper (wgmma) mainloops: attention prefill and the MoE expert GEMMs' prefill regime "
+              "(QWEN3X_ATTENTION_MAINLOOP / QWEN3X_MOE_MAINLOOP=mma_sync to compare)")
     width = max(map(len, info["ops"]))
     for op, status in info["ops"].items():
         print(f"  {op:<{width}}  {status}")

@@ -8,7 +8,10 @@ numpy lane vectors, statement by statement:
   mainloop.cuh       load_q_tile and KVLoader (per-thread cp.async sources and swizzled
                      destinations, zero-filled rows with an in-bounds source address),
                      load_q_fragments / warp_qk (ldmatrix.x4) / warp_pv (ldmatrix.x4.trans) with
-                     the kernel's per-lane address arithmetic (lane_offset ^ chunk_pair_xor)
+                     the kernel's per-lane address arithmetic (lane_offset ^ chunk_pair_xor);
+                     the Hopper mainloop (p.wgmma): the two-half layout, warpgroup_qk (K-major
+                     descriptors) and warpgroup_pv (P from registers, V MN-major), proxy fences
+                     and wgmma waits
   softmax.cuh        scale_and_mask (per-lane key columns, byte mask reads), OnlineSoftmax.update
                      (quad xor-shuffles, P packed to T) and finalize
   attention_fwd.cuh  attention_tile (key range of the CTA and split, commit / wait groups and
@@ -27,7 +30,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .primitives import LANE, LANE_G, LANE_T, WARP, GBuf, ModelError, Num, Smem, ceil_div, mma_16816, shfl_xor
+from .primitives import (LANE, LANE_G, LANE_T, WARP, GBuf, ModelError, Num, Smem, a_fragments_matrix,
+                         accumulators_to_matrix, ceil_div, matrix_to_accumulators, mma_16816, shfl_xor,
+                         wgmma_desc_sw128, wgmma_operand, wgmma_operand_mn)
 
 # kernel_traits.cuh
 NUM_WARPS = 4
@@ -56,11 +61,31 @@ TARGET_WAVES, MIN_TILES_PER_SPLIT, MAX_SPLITS = 2, 4, 128
 COMBINE_DIMS_PER_LANE = HEAD_DIM // WARP  # 4
 # shared-memory byte offsets of the Q (later O) tile and of the K and V stages
 SQ, SK, SV = 0, TILE_Q_ELEMS * 2, (TILE_Q_ELEMS + STAGES * TILE_KV_ELEMS) * 2
+# the Hopper layout (kernel_traits.cuh)
+HALF_DIM = HEAD_DIM // 2
+HALF_CHUNKS = CHUNKS_PER_ROW // 2
+SMEM_ALIGN = 1024
+SMEM_ALLOC_WGMMA = SMEM_BYTES + SMEM_ALIGN
+HALF_TILE_Q_BYTES = BLOCK_M * HALF_DIM * 2
+HALF_TILE_KV_BYTES = BLOCK_N * HALF_DIM * 2
+STEPS_PER_HALF = HALF_DIM // 16
+WGMMA_STEP_BYTES = 32
+KEY_STEP_BYTES = 16 * HALF_DIM * 2
 
 
 def swizzled_offset(row, chunk):
     """kernel_traits.cuh swizzled_offset: element offset of (row, chunk) in a [rows][128] tile."""
     return row * HEAD_DIM + ((chunk ^ (row % 8)) * CHUNK_ELEMS)
+
+
+def wgmma_offset(row, chunk, rows):
+    """kernel_traits.cuh wgmma_offset: (row, chunk) in the Hopper layout (two [rows][64] halves)."""
+    return (chunk // HALF_CHUNKS) * rows * HALF_DIM + row * HALF_DIM + (((chunk % HALF_CHUNKS) ^ (row % 8)) * CHUNK_ELEMS)
+
+
+def tile_offset(wgmma, row, chunk, rows):
+    """kernel_traits.cuh tile_offset<kWgmma>."""
+    return wgmma_offset(row, chunk, rows) if wgmma else swizzled_offset(row, chunk)
 
 
 # ----------------------------------------------------------------------------- params, slices
@@ -75,6 +100,7 @@ class Params:
         self.key_lengths_stride = 0
         self.mask_batch_stride = self.mask_head_stride = self.mask_q_stride = 0
         self.partial_o = self.partial_lse = None
+        self.wgmma = False  # the Hopper mainloop (plan_and_launch decides)
         self.__dict__.update(fields)
 
 
@@ -178,13 +204,15 @@ def load_q_tile(p, seq, sm, kvh, row0, tid, what):
         h = r - s * p.group
         src = np.where(in_range, seq.q_offset + (kvh * p.group + h) * p.q_head_stride + s * p.q_seq_stride
                        + chunk * CHUNK_ELEMS, seq.q_offset)  # never read when out of range
-        cp_async_16(sm, p.q, SQ + swizzled_offset(local_row, chunk) * 2, src, in_range, what + " Q load")
+        cp_async_16(sm, p.q, SQ + tile_offset(p.wgmma, local_row, chunk, BLOCK_M) * 2, src, in_range,
+                    what + " Q load")
 
 
 class KVLoader:
     """mainloop.cuh KVLoader: thread tid copies chunk tid % 16 of rows tid / 16 + 8 i of a tile."""
 
-    def __init__(self, head_off, seq_stride, tile, tid):
+    def __init__(self, head_off, seq_stride, tile, tid, wgmma=False):
+        self.pass_bytes = (tile_offset(wgmma, LOAD_ROWS_PER_PASS, 0, BLOCK_N) - tile_offset(wgmma, 0, 0, BLOCK_N)) * 2
         row = tid // CHUNKS_PER_ROW
         chunk = tid % CHUNKS_PER_ROW
         self.first_key = tile * BLOCK_N + row
@@ -192,14 +220,14 @@ class KVLoader:
         self.fallback = head_off + chunk * CHUNK_ELEMS  # key 0: the source of zero-filled rows
         self.pass_step = LOAD_ROWS_PER_PASS * seq_stride
         self.tile_step = BLOCK_N * seq_stride
-        self.dst = swizzled_offset(row, chunk) * 2
+        self.dst = tile_offset(wgmma, row, chunk, BLOCK_N) * 2
 
     def load(self, sm, gbuf, tile_base, seqlen_k, what):
         """The current tile -> the tile at shared byte address tile_base; keys >= seqlen_k zero."""
         row_src = self.src
         for i in range(BLOCK_N // LOAD_ROWS_PER_PASS):
             in_range = self.first_key + i * LOAD_ROWS_PER_PASS < seqlen_k
-            cp_async_16(sm, gbuf, tile_base + self.dst + i * LOAD_ROWS_PER_PASS * ROW_BYTES,
+            cp_async_16(sm, gbuf, tile_base + self.dst + i * self.pass_bytes,
                         np.where(in_range, row_src, self.fallback), in_range, what)
             row_src = row_src + self.pass_step
 
@@ -247,6 +275,40 @@ def warp_pv(num, sm, o, pf, sV, what):
             b = sm.ldmatrix_x4_trans(base + kc * 16 * ROW_BYTES, what + " ldm V")
             o[2 * dp] = mma_16816(num, o[2 * dp], pf[kc], b[0], b[1])
             o[2 * dp + 1] = mma_16816(num, o[2 * dp + 1], pf[kc], b[2], b[3])
+
+
+def warpgroup_qk(num, sm, sQ, sK, what):
+    """mainloop.cuh warpgroup_qk: S[64 x 64] = Q K^T by 8 wgmma.m64n64k16 (Q, K K-major; k16 step
+    kk in half kk / 4, 32 bytes per step), committed and waited for. Returns each warp's C
+    fragments s[w] [8, 32, 4]."""
+    D = np.zeros((BLOCK_M, BLOCK_N))
+    for kk in range(HEAD_STEPS_K):
+        step = (kk % STEPS_PER_HALF) * WGMMA_STEP_BYTES
+        a = wgmma_operand(sm, wgmma_desc_sw128(sQ + (kk // STEPS_PER_HALF) * HALF_TILE_Q_BYTES + step), BLOCK_M,
+                          what + " wgmma Q")
+        b = wgmma_operand(sm, wgmma_desc_sw128(sK + (kk // STEPS_PER_HALF) * HALF_TILE_KV_BYTES + step), BLOCK_N,
+                          what + " wgmma K")
+        D = num.f32(D + a @ b.T)
+    sm.wgmma_commit()
+    sm.wgmma_wait(0)
+    s = [np.zeros((SCORE_TILES_N, WARP, 4)) for _ in range(NUM_WARPS)]
+    matrix_to_accumulators(D, s)
+    return s
+
+
+def warpgroup_pv(num, sm, o, pf, sV, what):
+    """mainloop.cuh warpgroup_pv: O[64 x 128] += P V by 4 wgmma.m64n128k16, P from each warp's A
+    fragments pf[w][kc], V MN-major (16 keys = 2 KB per step, leading byte offset = the second
+    half of the head dims, 8-key groups 1024 bytes apart); o[w] updated in place."""
+    D = accumulators_to_matrix(o)
+    for kc in range(KEY_STEPS_K):
+        a = a_fragments_matrix([pf[w][kc] for w in range(NUM_WARPS)])
+        b = wgmma_operand_mn(sm, wgmma_desc_sw128(sV + kc * KEY_STEP_BYTES, HALF_TILE_KV_BYTES, SMEM_ALIGN),
+                             HEAD_DIM, what + " wgmma V")
+        D = num.f32(D + a @ b)
+    sm.wgmma_commit()
+    sm.wgmma_wait(0)
+    matrix_to_accumulators(D, o)
 
 
 # ----------------------------------------------------------------------------- softmax.cuh
@@ -368,8 +430,8 @@ def attention_tile(p, num, sm, b, kvh, split, row0, stats, what):
         limits.append((last_key, mask_off))
 
     # ---- prologue: Q and the first K/V tile, one group
-    k_loader = KVLoader(seq.k_offset + kvh * p.k_head_stride, p.k_seq_stride, tile_begin, tid)
-    v_loader = KVLoader(seq.v_offset + kvh * p.v_head_stride, p.v_seq_stride, tile_begin, tid)
+    k_loader = KVLoader(seq.k_offset + kvh * p.k_head_stride, p.k_seq_stride, tile_begin, tid, p.wgmma)
+    v_loader = KVLoader(seq.v_offset + kvh * p.v_head_stride, p.v_seq_stride, tile_begin, tid, p.wgmma)
     load_q_tile(p, seq, sm, kvh, row0, tid, what)
     if tile_begin < tile_end:
         k_loader.load(sm, p.k, SK, seq.seqlen_k, what + " K load")
@@ -394,9 +456,21 @@ def attention_tile(p, num, sm, b, kvh, split, row0, stats, what):
             v_loader.load(sm, p.v, SV + next_offset, seq.seqlen_k, what + " V prefetch")
         sm.commit()  # possibly empty: keeps "all but the newest group" = this tile
         sm.wait(STAGES - 1)
+        if p.wgmma:
+            sm.fence_proxy_async(tid)  # each thread's copies, to wgmma's proxy
         sm.barrier()
         key0 = tile * BLOCK_N
         mask_tile = has_mask or key0 + BLOCK_N - 1 > all_visible_last
+        if p.wgmma:  # every warp: wgmma is warpgroup-wide
+            s_all = warpgroup_qk(num, sm, SQ, SK + stage_offset, what)
+            pf = []
+            for w in range(NUM_WARPS):
+                stats["masked_tiles" if mask_tile else "plain_tiles"] += 1
+                s_w = scale_and_mask(num, p, s_all[w], mask_tile, *limits[w], key0, what)
+                pf.append(softmax[w].update(num, s_w, o[w]))
+            warpgroup_pv(num, sm, o, pf, SV + stage_offset, what)
+            sm.barrier()  # this stage is refilled by the next iteration's prefetch
+            continue
         for w in range(NUM_WARPS):
             if not warp_active[w]:  # all 16 rows past the end: load and sync, no math
                 continue
@@ -522,6 +596,10 @@ def mark_uncovered_rows(p, seq, kvh, split, covered, what):
 
 
 # ----------------------------------------------------------------------------- kernels, launch
+def wgmma_base_pad(smem_addr):
+    """attention_fwd_kernel: bytes from the dynamic allocation to the next 1024-byte boundary."""
+    return (SMEM_ALIGN - smem_addr % SMEM_ALIGN) % SMEM_ALIGN
+
 def attention_fwd_kernel(p, num, grid, stats):
     """attention_fwd.cuh attention_fwd_kernel, every CTA of grid (x, y, z)."""
     grid_x, grid_y, grid_z = grid
@@ -538,7 +616,12 @@ def attention_fwd_kernel(p, num, grid, stats):
                         mark_uncovered_rows(p, seq_slice(p, b, what), kvh, z, grid_x * BLOCK_M, what)
                 row0 = x * BLOCK_M
                 if row0 < seq_slice(p, b, what).rows:
-                    sm = Smem(SMEM_BYTES)
+                    if p.wgmma:  # the base rounded up to 1024 inside the larger allocation
+                        raw = 3 * 128  # where the dynamic allocation may start: 128-aligned only
+                        base = raw + wgmma_base_pad(raw)
+                        if base % SMEM_ALIGN or base + SMEM_BYTES > raw + SMEM_ALLOC_WGMMA:
+                            raise ModelError(f"{what}: misaligned or overflowing Hopper tiles")
+                    sm = Smem(SMEM_BYTES)  # addresses from the (aligned) base: 0 mod 1024
                     attention_tile(p, num, sm, b, kvh, z, row0, stats, what)
                     stats["ctas"] += 1
                     stats["max_groups"] = max(stats["max_groups"], sm.max_groups_in_flight)
@@ -606,9 +689,12 @@ def launch_attention(p, num, stats):
         attention_combine_kernel(p, num)
 
 
-def plan_and_launch(p, num, seqlen_k_hint, num_sms, ctas_per_sm, force_splits, stats):
+def plan_and_launch(p, num, seqlen_k_hint, num_sms, ctas_per_sm, force_splits, stats, wgmma=False):
     """attention.cu plan_and_launch; num_sms / ctas_per_sm stand for the device's sm_count and
-    resident_ctas_per_sm; force_splits = (num_splits, tiles_per_split) overrides the plan."""
+    resident_ctas_per_sm; force_splits = (num_splits, tiles_per_split) overrides the plan; wgmma:
+    the device runs the Hopper mainloop (an sm_90 GPU), which serves full row tiles only."""
+    p.wgmma = wgmma and p.seqlen_q * p.group >= BLOCK_M
+    stats["wgmma"] = p.wgmma
     ctas = max(row_tiles(p) * p.batch * p.num_kv_heads, ceil_div(p.total_q * p.num_q_heads, BLOCK_M))
     p.num_splits, p.tiles_per_split = force_splits or plan_splits(ctas, seqlen_k_hint, num_sms, ctas_per_sm)
     stats["splits"] = (p.num_splits, p.tiles_per_split)
@@ -652,7 +738,7 @@ def _scale_log2(num, scale):
 
 
 def attention(q, k, v, mask, scale, causal, key_lengths=None, num_sms=132, mode="bf16", force_splits=None,
-              q_layout="bhsd", kv_layout="bhsd", ctas_per_sm=MIN_CTAS_PER_SM) -> Run:
+              q_layout="bhsd", kv_layout="bhsd", ctas_per_sm=MIN_CTAS_PER_SM, wgmma=False) -> Run:
     """attention.cu attention on numpy inputs already holding T values: q [B, Hq, Sq, 128],
     k / v [B, Hkv, Skv, 128], mask bool [B|1, 1|Hq, Sq, Skv] or None, key_lengths int [B] or [1]
     or None. Layout 'bshd': the tensor is stored [B, S, H, 128] and passed transposed (strided)."""
@@ -689,14 +775,14 @@ def attention(q, k, v, mask, scale, causal, key_lengths=None, num_sms=132, mode=
                         off = bb * kv_strides[0] + h * kv_strides[1] + j * kv_strides[2]
                         kb.readable[off:off + D] = False
                         vb.readable[off:off + D] = False
-        plan_and_launch(p, num, Skv, num_sms, ctas_per_sm, force_splits, run.stats)
+        plan_and_launch(p, num, Skv, num_sms, ctas_per_sm, force_splits, run.stats, wgmma)
     run.out = run.out_buf.d.reshape(B, Sq, Hq, D)
     run.lse = run.lse_buf.d.reshape(B, Hq, Sq)
     return run
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, num_sms=132,
-                     mode="bf16", force_splits=None, ctas_per_sm=MIN_CTAS_PER_SM) -> Run:
+                     mode="bf16", force_splits=None, ctas_per_sm=MIN_CTAS_PER_SM, wgmma=False) -> Run:
     """attention.cu attention_varlen on numpy inputs: q [Tq, Hq, 128], k / v [Tk, Hkv, 128]."""
     num = Num(mode)
     Tq, Hq, D = q.shape
@@ -718,7 +804,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                    # the grid and the split plan use the hints, clamped to the tensors
                    seqlen_q=int(np.clip(max_seqlen_q, 0, Tq)), seqlen_k=int(np.clip(max_seqlen_k, 0, Tk)),
                    total_q=Tq, total_k=Tk)
-        plan_and_launch(p, num, p.seqlen_k, num_sms, ctas_per_sm, force_splits, run.stats)
+        plan_and_launch(p, num, p.seqlen_k, num_sms, ctas_per_sm, force_splits, run.stats, wgmma)
     run.out = run.out_buf.d.reshape(Tq, Hq, D)
     run.lse = run.lse_buf.d.reshape(Hq, Tq)
     return run

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from .primitives import (LANE_G, LANE_T, WARP, GBuf, ModelError, Num, Smem, ceil_div, mma_16816,
-                         round_up)
+                         round_up, wgmma_desc_sw128, wgmma_operand)
 
 BLOCK_K = 64     # kGemmBlockK
 CHUNK_ELEMS = 8  # kGemmChunkBytes / 2
@@ -154,28 +154,9 @@ def schedule_row_tile(cfg, kind, p, bx, what):
     return row0, matches[0], s_picks, s_route
 
 
-def wgmma_desc_sw128(smem_addr):
-    """core/wgmma.cuh wgmma_desc_sw128."""
-    return (((smem_addr & 0x3FFFF) >> 4) | (1 << 16) | ((WGMMA_TILE_ALIGN >> 4) << 32) | (1 << 62))
-
-
-def wgmma_operand(sm, desc, rows, what):
-    """The [rows, 16] operand a wgmma reads through a K-major descriptor, decoded as the PTX ISA
-    states it: start address (bits 0-13, x16), stride byte offset between 8-row groups (bits
-    32-45, x16), base offset (bits 49-51) 0, layout (bits 62-63) 1 = 128-byte swizzle: row r,
-    element k at byte start + (r / 8) SBO + (r % 8) 128 + 2 k, then address bits [4, 7) xor'ed
-    with bits [7, 10). Reads need the data fenced into the async proxy and behind a barrier."""
-    start = (desc & 0x3FFF) << 4
-    sbo = ((desc >> 32) & 0x3FFF) << 4
-    if (desc >> 62) != 1 or (desc >> 49) & 7:
-        raise ModelError(f"{what}: descriptor not SW128 with base offset 0")
-    r = np.arange(rows)[:, None]
-    k = np.arange(16)[None, :]
-    logical = start + (r // 8) * sbo + (r % 8) * 128 + 2 * k
-    physical = logical ^ (((logical >> 7) & 7) << 4)
-    if physical.max() + 2 > sm.nbytes:
-        raise ModelError(f"{what}: wgmma operand past the shared memory")
-    return sm.wgmma_read(physical // 2, what)
+def desc_sw128(smem_addr):
+    """core/wgmma.cuh wgmma_desc_sw128 with its K-major defaults (the expert GEMMs' operands)."""
+    return wgmma_desc_sw128(smem_addr)
 
 
 def wgmma_a_offset(grp):
@@ -199,11 +180,9 @@ def wgmma_k_tile(num, sm, acc, sA, sB, what):
                 D[rows, cols], D[rows, cols + 1], D[rows + 8, cols], D[rows + 8, cols + 1] = d.T
         a_group_offset = wgmma_a_offset(grp)
         for kk in range(BLOCK_K // 16):
-            a = wgmma_operand(sm, wgmma_desc_sw128(sA + a_group_offset + kk * WGMMA_STEP_BYTES), WGMMA_ROWS,
+            a = wgmma_operand(sm, desc_sw128(sA + a_group_offset + kk * WGMMA_STEP_BYTES), WGMMA_ROWS,
                               what + " wgmma A")
-            b = wgmma_operand(sm, wgmma_desc_sw128(sB + kk * WGMMA_STEP_BYTES), WGMMA_N, what + " wgmma B")
-            if np.isnan(a).any() or np.isnan(b).any():
-                raise ModelError(f"{what}: wgmma reads NaN (never-written shared memory)")
+            b = wgmma_operand(sm, desc_sw128(sB + kk * WGMMA_STEP_BYTES), WGMMA_N, what + " wgmma B")
             D = num.f32(D + a @ b.T)
         for w in range(WGMMA_WARPS):
             for j in range(WGMMA_N // 8):

@@ -13,6 +13,9 @@ wrong numbers instead of passing silently:
                 and, inside count_bank_conflicts(), the bank conflicts of every access
                 (see wavefronts)
   mma_16816     mma.sync.m16n8k16 with PTX's fragment tables (csrc/core/mma.cuh)
+  wgmma_desc_sw128, wgmma_operand, wgmma_operand_mn, a_fragments_matrix
+                the Hopper wgmma operands (csrc/core/wgmma.cuh): shared-memory descriptors
+                decoded as the PTX ISA states them, A from registers
   shfl_xor, warp_reduce_sum, warp_reduce_max    csrc/core/reduce.cuh over a lane axis
   bf16_rne, fp16_rne, round_to                   rounding to T as __float2bfloat16_rn / __float2half_rn
   Num           the values of the tensor-core kernels: 'bf16' / 'f16' (fp32 math, rounded to T
@@ -543,6 +546,96 @@ def mma_16816(num: Num, d, a, b0, b1):
         raise ModelError("mma: NaN operand (uncovered fragment element or never-written smem)")
     D = num.f32(C + A @ B)
     return np.stack([D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]], axis=1)
+
+
+# ----------------------------------------------------------------------------- wgmma (sm_90a)
+WGMMA_ATOM_BYTES = 1024  # 8 rows x 128 bytes: the 128-byte swizzle atom
+
+
+def wgmma_desc_sw128(smem_addr, leading_bytes=16, stride_bytes=WGMMA_ATOM_BYTES):
+    """core/wgmma.cuh wgmma_desc_sw128."""
+    return (((smem_addr & 0x3FFFF) >> 4) | (((leading_bytes >> 4) & 0x3FFF) << 16)
+            | (((stride_bytes >> 4) & 0x3FFF) << 32) | (1 << 62))
+
+
+def _desc_fields(desc, what):
+    """(start, leading, stride) bytes of a SW128 descriptor with base offset 0."""
+    if (desc >> 62) != 1 or (desc >> 49) & 7:
+        raise ModelError(f"{what}: descriptor not SW128 with base offset 0")
+    return (desc & 0x3FFF) << 4, ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
+
+
+def _swizzle128(logical):
+    """The 128-byte swizzle on absolute shared addresses: bits [4, 7) ^= bits [7, 10)."""
+    return logical ^ (((logical >> 7) & 7) << 4)
+
+
+def _wgmma_read(sm, byte_addr, what):
+    if byte_addr.min() < 0 or byte_addr.max() + 2 > sm.nbytes:
+        raise ModelError(f"{what}: wgmma operand past the shared memory")
+    vals = sm.wgmma_read(byte_addr // 2, what)
+    if np.isnan(vals).any():
+        raise ModelError(f"{what}: wgmma reads NaN (never-written shared memory)")
+    return vals
+
+
+def wgmma_operand(sm, desc, rows, what):
+    """The [rows, 16] K-major operand (A [M, K] or B stored [N, K]) a wgmma reads through desc,
+    decoded as the PTX ISA states it: row r, element k at byte start + (r / 8) SBO + (r % 8) 128
+    + 2 k (the leading byte offset unused), then the 128-byte swizzle."""
+    start, _, sbo = _desc_fields(desc, what)
+    r = np.arange(rows)[:, None]
+    k = np.arange(16)[None, :]
+    return _wgmma_read(sm, _swizzle128(start + (r // 8) * sbo + (r % 8) * 128 + 2 * k), what)
+
+
+def wgmma_operand_mn(sm, desc, n_cols, what):
+    """The [16, n_cols] MN-major B operand (K rows, N contiguous; tnsp-b = 1) a wgmma reads
+    through desc: element (k, n) at byte start + (n / 64) LBO + (k / 8) SBO + (k % 8) 128
+    + 2 (n % 64), then the 128-byte swizzle (CUTLASS's canonical ((8,n),(8,k)):((1,LBO),(8,SBO))
+    in 16-byte units)."""
+    start, lbo, sbo = _desc_fields(desc, what)
+    k = np.arange(16)[:, None]
+    n = np.arange(n_cols)[None, :]
+    return _wgmma_read(sm, _swizzle128(start + (n // 64) * lbo + (k // 8) * sbo + (k % 8) * 128 + 2 * (n % 64)),
+                       what)
+
+
+def a_fragments_matrix(frags):
+    """The [16 * warps, 16] A operand of a register-A wgmma: frags[w] = warp w's mma.m16n8k16 A
+    fragment [4 registers, 32 lanes, 2] of its rows 16 w .. 16 w + 15 (the PTX ISA's wgmma A
+    register layout is that fragment per warp)."""
+    g, t = LANE_G, LANE_T
+    A = np.full((16 * len(frags), 16), np.nan)
+    for w, a in enumerate(frags):
+        for reg, row_off, col_off in ((0, 0, 0), (1, 8, 0), (2, 0, 8), (3, 8, 8)):
+            A[16 * w + g + row_off, 2 * t + col_off] = a[reg][:, 0]
+            A[16 * w + g + row_off, 2 * t + col_off + 1] = a[reg][:, 1]
+    if np.isnan(A).any():
+        raise ModelError("wgmma: NaN A register operand")
+    return A
+
+
+def accumulators_to_matrix(frags):
+    """[16 * warps, 8 * tiles] from per-warp C fragments frags[w][j] ([32 lanes, 4]): the wgmma
+    accumulator layout (warp w: rows 16 w + g (+ 8), n8 block j: columns 8 j + 2 t (+ 1))."""
+    g, t = LANE_G, LANE_T
+    tiles = len(frags[0])
+    D = np.empty((16 * len(frags), 8 * tiles))
+    for w, acc in enumerate(frags):
+        for j in range(tiles):
+            rows, cols = 16 * w + g, 8 * j + 2 * t
+            D[rows, cols], D[rows, cols + 1], D[rows + 8, cols], D[rows + 8, cols + 1] = np.asarray(acc[j]).T
+    return D
+
+
+def matrix_to_accumulators(D, frags):
+    """The inverse of accumulators_to_matrix, written into frags in place."""
+    g, t = LANE_G, LANE_T
+    for w, acc in enumerate(frags):
+        for j in range(len(acc)):
+            rows, cols = 16 * w + g, 8 * j + 2 * t
+            acc[j][:] = np.stack([D[rows, cols], D[rows, cols + 1], D[rows + 8, cols], D[rows + 8, cols + 1]], axis=1)
 
 
 # ----------------------------------------------------------------------------- warp shuffles
