@@ -1,0 +1,85 @@
+"""First contact of the Hopper (wgmma) mainloops with a GPU, each in a process of its own.
+
+`make gpu` runs this before the test suite: a wgmma mainloop that faults (an illegal instruction
+or address poisons the whole CUDA context) or answers wrongly would otherwise fail every test
+that follows it in the same pytest process and waste a short GPU session. For each op family it
+runs one small prefill-shaped call with <FAMILY>_MAINLOOP=wgmma in a subprocess and compares it
+with the fp64 reference by the tolerance rule of qwen3x.testing. Prints one line per family and
+writes ENV_FILE (argv[1]) with `QWEN3X_..._MAINLOOP=mma_sync` for each family that failed, so the
+remaining steps still test everything else; where wgmma cannot run at all (no sm_90, no sm_90a
+build) it writes nothing and says so.
+
+Usage: python tests/wgmma_smoke.py OUT/mainloop.env
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+CASES = {
+    "QWEN3X_ATTENTION_MAINLOOP": """
+import torch
+from qwen3x import ops, reference as R
+from qwen3x.testing import assert_close_to_truth
+torch.manual_seed(0)
+q = torch.randn(2, 32, 200, 128, device="cuda", dtype=torch.bfloat16)
+k = torch.randn(2, 8, 200, 128, device="cuda", dtype=torch.bfloat16)
+v = torch.randn(2, 8, 200, 128, device="cuda", dtype=torch.bfloat16)
+out, lse = ops.attention(q, k, v, None, 128 ** -0.5, True)
+torch.cuda.synchronize()
+same, _ = R.attention(q, k, v, None, 128 ** -0.5, True)
+truth, _ = R.attention(q.double(), k.double(), v.double(), None, 128 ** -0.5, True)
+assert_close_to_truth(out, same, truth)
+""",
+    "QWEN3X_MOE_MAINLOOP": """
+import torch
+from qwen3x import ops, reference as R
+from qwen3x.testing import assert_close_to_truth
+torch.manual_seed(0)
+T, E, k, H, I = 600, 8, 2, 2048, 768
+x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+gate_up = (torch.randn(E, 2 * I, H, device="cuda") * H ** -0.5).to(torch.bfloat16)
+down = (torch.randn(E, H, I, device="cuda") * I ** -0.5).to(torch.bfloat16)
+ids = torch.argsort(torch.rand(T, E, device="cuda"), dim=-1)[:, :k].to(torch.int32)
+w = torch.softmax(torch.rand(T, k, device="cuda"), -1).to(torch.bfloat16)
+out = ops.moe_experts(x, ids, w, gate_up, down)
+torch.cuda.synchronize()
+same = R.moe_experts(x, ids, w, gate_up, down)
+truth = R.moe_experts(x.double(), ids, w.double(), gate_up.double(), down.double())
+assert_close_to_truth(out, same, truth)
+""",
+}
+TIMEOUT_S = 120
+
+
+def main() -> int:
+    env_file = sys.argv[1]
+    from qwen3x.testing import wgmma_available  # noqa: PLC0415
+
+    if not wgmma_available():
+        print("wgmma smoke: no sm_90 GPU with an sm_90a build here; the mma.sync mainloops are the defaults")
+        open(env_file, "w").close()
+        return 0
+    fallbacks = []
+    for var, code in CASES.items():
+        env = dict(os.environ, **{var: "wgmma"})
+        try:
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                               timeout=TIMEOUT_S)
+            ok, detail = r.returncode == 0, (r.stderr.strip().splitlines() or [""])[-1]
+        except subprocess.TimeoutExpired:
+            ok, detail = False, f"timed out after {TIMEOUT_S} s"
+        print(f"wgmma smoke {var}: {'ok' if ok else 'FAILED: ' + detail}")
+        if not ok:
+            fallbacks.append(f"{var}=mma_sync")
+    with open(env_file, "w") as f:
+        f.write("".join(line + "\n" for line in fallbacks))
+    if fallbacks:
+        print(f"wgmma smoke: the remaining steps run with {' '.join(fallbacks)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
