@@ -20,7 +20,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BEGIN = "<!-- benchmarks:begin (python -m benchmarks.readme) -->"
 END = "<!-- benchmarks:end -->"
 OURS = "qwen3x"
-NOT_PEERS = {OURS, "reference"}  # the reference is the spec, not an alternative people use
+# The reference is the spec, not an alternative people use; qwen3x_mma_sync is our own other
+# mainloop (benchmarks/providers.py mma_sync_provider), shown in the rows and plots, not a peer.
+NOT_PEERS = {OURS, "reference", "qwen3x_mma_sync"}
 
 
 def newest_run(results: Path = RESULTS) -> Path:
