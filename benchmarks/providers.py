@@ -66,8 +66,8 @@ def mma_sync_provider(env_name: str, call: Callable[[Inputs], Any], eligible: bo
     skip = None
     if not eligible:
         skip = "the Hopper mainloop does not serve this shape"
-    elif not wgmma_available():
-        skip = "the default here is already mma.sync"
+    elif not wgmma_available() or os.environ.get(env_name) == "mma_sync":
+        skip = f"qwen3x runs mma.sync here already ({env_name}={os.environ.get(env_name, 'auto')})"
 
     def build(x):
         def run():

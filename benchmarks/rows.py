@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -47,8 +48,13 @@ def _git_sha() -> str:
         return "unknown"
 
 
+MAINLOOP_SETTINGS = {"attention": "QWEN3X_ATTENTION_MAINLOOP", "moe": "QWEN3X_MOE_MAINLOOP"}
+
+
 def environment() -> dict:
-    """What every row of this run shares: device, versions, git sha."""
+    """What every row of this run shares: device, versions, git sha, and the mainloop qwen3x runs
+    for prefill-shaped attention and MoE calls ("wgmma" / "mma_sync": csrc/core/mainloop_choice.h
+    with this process's settings)."""
     try:
         import transformers
 
@@ -61,7 +67,16 @@ def environment() -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "transformers": transformers_version,
+        "prefill_mainloop": _prefill_mainloops(),
     }
+
+
+def _prefill_mainloops() -> dict:
+    from qwen3x.testing import wgmma_available  # noqa: PLC0415
+
+    hopper = wgmma_available()
+    return {family: "wgmma" if hopper and os.environ.get(var, "auto") != "mma_sync" else "mma_sync"
+            for family, var in MAINLOOP_SETTINGS.items()}
 
 
 def now() -> str:

@@ -126,13 +126,14 @@ PREFILL_CASES = [
     (511, 8, 2, 4096, 768, torch.bfloat16),     # 128 rows per expert, ragged last tiles
     (600, 4, 1, 2048, 768, torch.bfloat16),     # k 1, ~150 rows per expert
     (4096, 128, 8, 2048, 768, torch.bfloat16),  # Qwen3-30B-A3B, 4k tokens
-    (2048, 128, 8, 4096, 1536, torch.float16),  # Qwen3-235B-A22B widths, fp16
+    (1024, 16, 8, 4096, 1536, torch.float16),   # Qwen3-235B-A22B widths, fp16 (16 experts: a small fp64 truth)
 ]
 
 
-@pytest.mark.parametrize("mainloop", ["mma_sync", "wgmma"])
+# mainloop varies slowest, so that --gpu-sample 3 keeps the first case of both mainloops
 @pytest.mark.parametrize("T,E,k,H,I,dtype", PREFILL_CASES,
                          ids=[f"T{c[0]}-E{c[1]}-k{c[2]}-H{c[3]}-I{c[4]}-{str(c[5])[6:]}" for c in PREFILL_CASES])
+@pytest.mark.parametrize("mainloop", ["mma_sync", "wgmma"])
 def test_prefill_mainloops(monkeypatch, mainloop, T, E, k, H, I, dtype):
     """Both prefill mainloops (QWEN3X_MOE_MAINLOOP) against the reference, and each bitwise
     reproducible."""

@@ -36,3 +36,28 @@ def test_without_gpu_writes_an_empty_env_file(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "mma.sync mainloops are the defaults" in r.stdout
     assert env_file.read_text() == ""
+
+
+def test_failures_are_switched_off_and_logged(monkeypatch, tmp_path, capsys):
+    """A failing family (an error message, a crash with no output, a hang) lands in the env file
+    as mma_sync with its stderr logged; a passing one does not."""
+    import qwen3x.testing
+
+    monkeypatch.setattr(qwen3x.testing, "wgmma_available", lambda: True)
+    monkeypatch.setattr(wgmma_smoke, "TIMEOUT_S", 5)
+    monkeypatch.setattr(wgmma_smoke, "CASES", {
+        "A_MAINLOOP": "import sys; sys.stderr.write('x\\nRuntimeError: CUDA error: an illegal instruction\\n"
+                      "CUDA kernel errors might be reported asynchronously\\n'); sys.exit(1)",
+        "B_MAINLOOP": "import os, signal; os.kill(os.getpid(), signal.SIGILL)",
+        "C_MAINLOOP": "import time; time.sleep(60)",
+        "D_MAINLOOP": "pass",
+    })
+    env_file = tmp_path / "mainloop.env"
+    monkeypatch.setattr(sys, "argv", ["wgmma_smoke.py", str(env_file)])
+    assert wgmma_smoke.main() == 0
+    printed = capsys.readouterr().out
+    assert "A_MAINLOOP: FAILED, exit 1: RuntimeError: CUDA error: an illegal instruction" in printed
+    assert "B_MAINLOOP: FAILED, exit -4" in printed and "C_MAINLOOP: FAILED, timed out" in printed
+    assert "D_MAINLOOP: ok" in printed
+    assert env_file.read_text().split() == ["A_MAINLOOP=mma_sync", "B_MAINLOOP=mma_sync", "C_MAINLOOP=mma_sync"]
+    assert "illegal instruction" in (tmp_path / "wgmma_smoke_A_MAINLOOP.log").read_text()

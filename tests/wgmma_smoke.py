@@ -6,8 +6,9 @@ that follows it in the same pytest process and waste a short GPU session. For ea
 runs one small prefill-shaped call with <FAMILY>_MAINLOOP=wgmma in a subprocess and compares it
 with the fp64 reference by the tolerance rule of qwen3x.testing. Prints one line per family and
 writes ENV_FILE (argv[1]) with `QWEN3X_..._MAINLOOP=mma_sync` for each family that failed, so the
-remaining steps still test everything else; where wgmma cannot run at all (no sm_90, no sm_90a
-build) it writes nothing and says so.
+remaining steps still test everything else, and a failing family's whole stderr to
+wgmma_smoke_<family>.log beside ENV_FILE; where wgmma cannot run at all (no extension, no sm_90
+GPU, no sm_90a build) it writes nothing and says which.
 
 Usage: python tests/wgmma_smoke.py OUT/mainloop.env
 """
@@ -51,16 +52,28 @@ truth = R.moe_experts(x.double(), ids, w.double(), gate_up.double(), down.double
 assert_close_to_truth(out, same, truth)
 """,
 }
-TIMEOUT_S = 120
+TIMEOUT_S = 60  # a healthy run: a few seconds of imports, milliseconds of GPU work
+
+
+def _summary(returncode: int, stderr: str) -> str:
+    """The exit status and the first line that names an error (torch's CUDA errors end with
+    debugging advice, so the last line says little)."""
+    lines = stderr.strip().splitlines()
+    named = [line for line in lines if "Error" in line or "error" in line]
+    return f"exit {returncode}: {(named or lines or ['(no output)'])[0].strip()}"
 
 
 def main() -> int:
     env_file = sys.argv[1]
+    out_dir = os.path.dirname(os.path.abspath(env_file))
+    from qwen3x import _library  # noqa: PLC0415
     from qwen3x.testing import wgmma_available  # noqa: PLC0415
 
+    open(env_file, "w").close()
     if not wgmma_available():
-        print("wgmma smoke: no sm_90 GPU with an sm_90a build here; the mma.sync mainloops are the defaults")
-        open(env_file, "w").close()
+        why = ("the extension is not loaded" if _library._C is None
+               else "no sm_90 GPU with an sm_90a build here")
+        print(f"wgmma smoke: {why}; the mma.sync mainloops are the defaults")
         return 0
     fallbacks = []
     for var, code in CASES.items():
@@ -68,12 +81,15 @@ def main() -> int:
         try:
             r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                timeout=TIMEOUT_S)
-            ok, detail = r.returncode == 0, (r.stderr.strip().splitlines() or [""])[-1]
-        except subprocess.TimeoutExpired:
-            ok, detail = False, f"timed out after {TIMEOUT_S} s"
-        print(f"wgmma smoke {var}: {'ok' if ok else 'FAILED: ' + detail}")
+            ok, detail, stderr = r.returncode == 0, _summary(r.returncode, r.stderr), r.stderr
+        except subprocess.TimeoutExpired as e:
+            ok, detail = False, f"timed out after {TIMEOUT_S} s (a hang?)"
+            stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        print(f"wgmma smoke {var}: {'ok' if ok else 'FAILED, ' + detail}")
         if not ok:
             fallbacks.append(f"{var}=mma_sync")
+            with open(os.path.join(out_dir, f"wgmma_smoke_{var}.log"), "w") as f:
+                f.write(stderr)
     with open(env_file, "w") as f:
         f.write("".join(line + "\n" for line in fallbacks))
     if fallbacks:

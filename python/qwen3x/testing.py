@@ -82,7 +82,6 @@ def poison_allocator(nbytes: int, device: str = "cuda") -> None:
     del small
 
 
-
 def wgmma_available() -> bool:
     """Whether this machine runs the Hopper (wgmma) mainloops of the tensor-core ops: an sm_90 GPU
     and a build that includes sm_90a (csrc/core/mainloop_choice.h); they are then the default."""
