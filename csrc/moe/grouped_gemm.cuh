@@ -101,6 +101,102 @@ __device__ __forceinline__ int weight_row(int r, int col_tile, int n_out) {
   }
 }
 
+// The Hopper k loop: per k tile, wait for its copies, fence them into the async
+// proxy, barrier, one wgmma.m64n128k16 per warpgroup per k16 step straight from
+// shared memory, the refill of the slot step kt - 1 read while they run, then
+// wait for them (the next barrier frees this slot for refilling).
+template <typename T, typename Cfg, typename LoadStage>
+__device__ __forceinline__ void mainloop_wgmma(float (&acc)[Cfg::kMmaM][Cfg::kMmaN][4],
+                                               uint32_t smem_base, int k_tiles,
+                                               const LoadStage& load_stage, int warp) {
+  constexpr int kBlockK = Cfg::kBlockK;
+  constexpr uint32_t kStageBytes = Cfg::kStageElems * 2;
+  constexpr uint32_t kBOffsetBytes = Cfg::kBlockM * kBlockK * 2;
+  static_assert(Cfg::kMmaM == 1 && Cfg::kMmaN * 8 == kWgmmaN, "acc = one warpgroup's 64 registers");
+  float(&d)[kWgmmaN / 2] = reinterpret_cast<float(&)[kWgmmaN / 2]>(acc);
+  const uint32_t a_group_offset = (warp / kWgmmaWarps) * kWgmmaRows * kBlockK * 2;
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<Cfg::kStages - 2>();
+    fence_proxy_async();  // this thread's copies of stage kt, to the async proxy
+    __syncthreads();      // stage kt complete; every warpgroup done with kt - 1
+
+    const uint32_t sA = smem_base + (kt % Cfg::kStages) * kStageBytes;
+    const uint32_t sB = sA + kBOffsetBytes;
+    wgmma_fence_operands(d);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 16; ++kk) {
+      wgmma_m64n128k16<T>(d, wgmma_desc_sw128(sA + a_group_offset + kk * kWgmmaStepBytes),
+                          wgmma_desc_sw128(sB + kk * kWgmmaStepBytes));
+    }
+    wgmma_commit();
+    // While the tensor cores work: refill the slot step kt - 1 read (its wgmmas
+    // completed before this step's barrier).
+    const int next = kt + Cfg::kStages - 1;
+    if (next < k_tiles) load_stage(next % Cfg::kStages, next);
+    cp_async_commit();
+    wgmma_wait<0>();  // before the next barrier: the slot kt reads is refilled at kt + 1
+    wgmma_fence_operands(d);
+  }
+}
+
+// The sm_80 k loop: per k tile, wait for its copies, barrier, refill the slot
+// step kt - 1 read, then ldmatrix fragments and mma.sync per k16 step.
+template <typename T, typename Cfg, typename LoadStage>
+__device__ __forceinline__ void mainloop_mma_sync(float (&acc)[Cfg::kMmaM][Cfg::kMmaN][4],
+                                                  uint32_t smem_base, int k_tiles,
+                                                  const LoadStage& load_stage, int warp_m,
+                                                  int warp_n, int lane) {
+  constexpr int kBlockK = Cfg::kBlockK;
+  constexpr int kChunkElems = kGemmChunkBytes / 2;
+  constexpr uint32_t kStageBytes = Cfg::kStageElems * 2;
+  constexpr uint32_t kBOffsetBytes = Cfg::kBlockM * kBlockK * 2;
+  // ldmatrix lane addresses (before the k step and m/n tile offsets).
+  const int swz = lane % kGemmSwizzleRows;
+  const int a_row = warp_m * Cfg::kWarpM + lane % 8 + 8 * ((lane / 8) % 2);
+  const int a_chunk = lane / 16;
+  const int b_row = warp_n * Cfg::kWarpN + lane % 8 + 8 * (lane / 16);
+  const int b_chunk = (lane / 8) % 2;
+
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<Cfg::kStages - 2>();
+    __syncthreads();  // stage kt visible to all; slot (kt - 1) % kStages free
+    const int next = kt + Cfg::kStages - 1;
+    if (next < k_tiles) load_stage(next % Cfg::kStages, next);
+    cp_async_commit();
+
+    const uint32_t sA = smem_base + (kt % Cfg::kStages) * kStageBytes;
+    const uint32_t sB = sA + kBOffsetBytes;
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 16; ++kk) {
+      uint32_t a[Cfg::kMmaM][4];
+#pragma unroll
+      for (int mi = 0; mi < Cfg::kMmaM; ++mi) {
+        const int row = a_row + mi * 16;
+        ldmatrix_x4(a[mi], sA + (row * kBlockK + (((2 * kk + a_chunk) ^ swz) * kChunkElems)) * 2);
+      }
+      uint32_t b[Cfg::kMmaN][2];
+#pragma unroll
+      for (int np = 0; np < Cfg::kMmaN / 2; ++np) {
+        const int row = b_row + np * 16;
+        uint32_t r[4];
+        ldmatrix_x4(r, sB + (row * kBlockK + (((2 * kk + b_chunk) ^ swz) * kChunkElems)) * 2);
+        b[2 * np][0] = r[0];
+        b[2 * np][1] = r[1];
+        b[2 * np + 1][0] = r[2];
+        b[2 * np + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < Cfg::kMmaM; ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < Cfg::kMmaN; ++ni) {
+          mma_16816<T>(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace gemm_detail
 
 template <typename T, typename Cfg, GemmKind kKind>
@@ -194,78 +290,9 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
   }
 
   if constexpr (Cfg::kWgmma) {
-    // ---- Hopper: one wgmma.m64n128k16 per warpgroup per k16 step.
-    static_assert(Cfg::kMmaM == 1 && Cfg::kMmaN * 8 == kWgmmaN, "acc = one warpgroup's 64 registers");
-    float(&d)[kWgmmaN / 2] = reinterpret_cast<float(&)[kWgmmaN / 2]>(acc);
-    const uint32_t a_group_offset = (warp / kWgmmaWarps) * kWgmmaRows * kBlockK * 2;
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      cp_async_wait<Cfg::kStages - 2>();
-      fence_proxy_async();  // this thread's copies of stage kt, to the async proxy
-      __syncthreads();      // stage kt complete; every warpgroup done with kt - 1
-
-      const uint32_t sA = smem_base + (kt % Cfg::kStages) * kStageBytes;
-      const uint32_t sB = sA + kBOffsetBytes;
-      wgmma_fence_operands(d);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBlockK / 16; ++kk) {
-        wgmma_m64n128k16<T>(d, wgmma_desc_sw128(sA + a_group_offset + kk * kWgmmaStepBytes),
-                            wgmma_desc_sw128(sB + kk * kWgmmaStepBytes));
-      }
-      wgmma_commit();
-      // While the tensor cores work: refill the slot step kt - 1 read (its wgmmas
-      // completed before this step's barrier).
-      const int next = kt + Cfg::kStages - 1;
-      if (next < k_tiles) load_stage(next % Cfg::kStages, next);
-      cp_async_commit();
-      wgmma_wait<0>();  // before the next barrier: the slot kt reads is refilled at kt + 1
-      wgmma_fence_operands(d);
-    }
+    mainloop_wgmma<T, Cfg>(acc, smem_base, k_tiles, load_stage, warp);
   } else {
-    // ---- ldmatrix lane addresses (before the k step and m/n tile offsets).
-    const int swz = lane % kGemmSwizzleRows;
-    const int a_row = warp_m * Cfg::kWarpM + lane % 8 + 8 * ((lane / 8) % 2);
-    const int a_chunk = lane / 16;
-    const int b_row = warp_n * Cfg::kWarpN + lane % 8 + 8 * (lane / 16);
-    const int b_chunk = (lane / 8) % 2;
-
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      cp_async_wait<Cfg::kStages - 2>();
-      __syncthreads();  // stage kt visible to all; slot (kt - 1) % kStages free
-      const int next = kt + Cfg::kStages - 1;
-      if (next < k_tiles) load_stage(next % Cfg::kStages, next);
-      cp_async_commit();
-
-      const uint32_t sA = smem_base + (kt % Cfg::kStages) * kStageBytes;
-      const uint32_t sB = sA + kBOffsetBytes;
-#pragma unroll
-      for (int kk = 0; kk < kBlockK / 16; ++kk) {
-        uint32_t a[Cfg::kMmaM][4];
-#pragma unroll
-        for (int mi = 0; mi < Cfg::kMmaM; ++mi) {
-          const int row = a_row + mi * 16;
-          ldmatrix_x4(a[mi], sA + (row * kBlockK + (((2 * kk + a_chunk) ^ swz) * kChunkElems)) * 2);
-        }
-        uint32_t b[Cfg::kMmaN][2];
-#pragma unroll
-        for (int np = 0; np < Cfg::kMmaN / 2; ++np) {
-          const int row = b_row + np * 16;
-          uint32_t r[4];
-          ldmatrix_x4(r, sB + (row * kBlockK + (((2 * kk + b_chunk) ^ swz) * kChunkElems)) * 2);
-          b[2 * np][0] = r[0];
-          b[2 * np][1] = r[1];
-          b[2 * np + 1][0] = r[2];
-          b[2 * np + 1][1] = r[3];
-        }
-#pragma unroll
-        for (int mi = 0; mi < Cfg::kMmaM; ++mi) {
-#pragma unroll
-          for (int ni = 0; ni < Cfg::kMmaN; ++ni) {
-            mma_16816<T>(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
-          }
-        }
-      }
-    }
+    mainloop_mma_sync<T, Cfg>(acc, smem_base, k_tiles, load_stage, warp_m, warp_n, lane);
   }
   cp_async_wait<0>();  // only empty groups remain; leave nothing in flight
 

@@ -165,7 +165,7 @@ def wgmma_a_offset(grp):
 
 
 def wgmma_k_tile(num, sm, acc, sA, sB, what):
-    """grouped_gemm.cuh kWgmma mainloop issue: per warpgroup g, 4 k16 steps of wgmma.m64n128k16
+    """grouped_gemm.cuh mainloop_wgmma, the issue part: per warpgroup g, 4 k16 steps of wgmma.m64n128k16
     (A rows [64 g, 64 g + 64), all 128 B rows); the caller commits and waits. The model computes
     the products at issue; the shared-memory reads stay open until the wait.
     acc [warps, 1, 16, 32, 4]: warp 4 g + w holds D rows 16 w + g_lane (+ 8), columns 8 j + 2 t (+ 1)."""
