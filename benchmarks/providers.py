@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import qwen3x
 import torch
-from qwen3x.testing import wgmma_available
+from qwen3x._library import wgmma_available
 
 from .harness import Inputs, Provider
 

@@ -72,7 +72,7 @@ def environment() -> dict:
 
 
 def _prefill_mainloops() -> dict:
-    from qwen3x.testing import wgmma_available  # noqa: PLC0415
+    from qwen3x._library import wgmma_available  # noqa: PLC0415
 
     hopper = wgmma_available()
     return {family: "wgmma" if hopper and os.environ.get(var, "auto") != "mma_sync" else "mma_sync"

@@ -136,6 +136,14 @@ _CUDA_KERNELS = frozenset(
 )
 
 
+def wgmma_available() -> bool:
+    """Whether this machine runs the Hopper (wgmma) mainloops of the tensor-core ops: an sm_90 GPU
+    and a build that includes sm_90a (csrc/core/mainloop_choice.h); they are then the default."""
+    info = _C.build_info() if _C is not None else {}
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and "sm_90a" in info.get("archs", []))
+
+
 # --------------------------------------------------------------------------------------------
 # Reference implementations with validation, one per op, matching the schemas
 # --------------------------------------------------------------------------------------------

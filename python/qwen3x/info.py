@@ -12,7 +12,6 @@ import platform
 import torch
 
 from . import __version__, _library
-from . import testing as _testing
 
 
 def collect() -> dict:
@@ -45,7 +44,7 @@ def collect() -> dict:
         "extension_error": None if build else _library.C_LOAD_ERROR,
         "ops": ops,
         "arch_mismatch": bool(build and gpu_arch and not runs_on(build["archs"], gpu_arch)),
-        "wgmma": _testing.wgmma_available(),
+        "wgmma": _library.wgmma_available(),
     }
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ._library import wgmma_available  # noqa: F401  (the GPU tests' skip condition)
+
 RATIO = 2.0
 ABS_FLOOR = 1e-6
 
@@ -80,13 +82,3 @@ def poison_allocator(nbytes: int, device: str = "cuda") -> None:
     small = [torch.empty(_SMALL_REQUEST_BYTES // 4, dtype=torch.float32, device=device).fill_(nan)
              for _ in range(_SMALL_POISON_BLOCKS)]
     del small
-
-
-def wgmma_available() -> bool:
-    """Whether this machine runs the Hopper (wgmma) mainloops of the tensor-core ops: an sm_90 GPU
-    and a build that includes sm_90a (csrc/core/mainloop_choice.h); they are then the default."""
-    from . import _library  # noqa: PLC0415  (avoid loading the extension at import)
-
-    info = _library._C.build_info() if _library._C is not None else {}
-    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-            and "sm_90a" in info.get("archs", []))
