@@ -59,5 +59,7 @@ def test_failures_are_switched_off_and_logged(monkeypatch, tmp_path, capsys):
     assert "A_MAINLOOP: FAILED, exit 1: RuntimeError: CUDA error: an illegal instruction" in printed
     assert "B_MAINLOOP: FAILED, exit -4" in printed and "C_MAINLOOP: FAILED, timed out" in printed
     assert "D_MAINLOOP: ok" in printed
+    assert "D_MAINLOOP without the proxy fence (informational): ok" in printed
+    assert "A_MAINLOOP without" not in printed  # a family already switched off is not rerun
     assert env_file.read_text().split() == ["A_MAINLOOP=mma_sync", "B_MAINLOOP=mma_sync", "C_MAINLOOP=mma_sync"]
     assert "illegal instruction" in (tmp_path / "wgmma_smoke_A_MAINLOOP.log").read_text()

@@ -90,6 +90,19 @@ def main() -> int:
             fallbacks.append(f"{var}=mma_sync")
             with open(os.path.join(out_dir, f"wgmma_smoke_{var}.log"), "w") as f:
                 f.write(stderr)
+    # Informational: the same calls without the per-stage proxy fence (benchmarks/NOTES.md asks
+    # whether it costs time; this says whether these answers depend on it). Switches nothing.
+    for var, code in CASES.items():
+        if f"{var}=mma_sync" in fallbacks:
+            continue
+        env = dict(os.environ, **{var: "wgmma", "QWEN3X_WGMMA_PROXY_FENCE": "0"})
+        try:
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                               timeout=TIMEOUT_S)
+            detail = "ok" if r.returncode == 0 else "FAILED, " + _summary(r.returncode, r.stderr)
+        except subprocess.TimeoutExpired:
+            detail = f"timed out after {TIMEOUT_S} s"
+        print(f"wgmma smoke {var} without the proxy fence (informational): {detail}")
     with open(env_file, "w") as f:
         f.write("".join(line + "\n" for line in fallbacks))
     if fallbacks:

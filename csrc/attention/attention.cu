@@ -194,6 +194,7 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
   const int num_sms = sm_count(q.get_device());
   const bool full_tiles = static_cast<int64_t>(p.seqlen_q) * p.group >= attn::kBlockM;
   const bool wgmma = use_wgmma(op, "QWEN3X_ATTENTION_MAINLOOP", full_tiles, q.get_device());
+  p.proxy_fence = wgmma_proxy_fence();
   const bool bf16 = q.scalar_type() == at::ScalarType::BFloat16;
   // CTAs with work: the grid's, and at least enough to hold every packed row (this bounds the
   // workspace when a varlen max_seqlen_q is small).

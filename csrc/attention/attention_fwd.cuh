@@ -144,7 +144,9 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
     }
     cp_async_commit();  // possibly empty: keeps "all but the newest group" = this tile
     cp_async_wait<kStages - 1>();
-    if constexpr (kWgmma) fence_proxy_async();  // this thread's copies, to wgmma's proxy
+    if constexpr (kWgmma) {
+      if (p.proxy_fence) fence_proxy_async();  // this thread's copies, to wgmma's proxy
+    }
     __syncthreads();
 
     if constexpr (kWgmma) {

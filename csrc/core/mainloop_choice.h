@@ -36,4 +36,13 @@ inline bool use_wgmma(const char* op, const char* env_name, bool eligible, int d
   return available;
 }
 
+// Whether the wgmma mainloops fence each stage's cp.async data into the async proxy before
+// wgmma reads it (the PTX memory model's rule; CUTLASS's cp.async + GMMA mainloops do without).
+// QWEN3X_WGMMA_PROXY_FENCE=0 drops it: an A/B switch for measuring what the fence costs
+// (benchmarks/NOTES.md), not a setting for production.
+inline bool wgmma_proxy_fence() {
+  const char* env = std::getenv("QWEN3X_WGMMA_PROXY_FENCE");
+  return env == nullptr || std::string_view(env) != "0";
+}
+
 }  // namespace qwen3x

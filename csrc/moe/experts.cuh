@@ -48,6 +48,7 @@ struct ExpertsArgs {
   int hidden_size;             // H
   int inter_size;              // I
   int64_t row_tiles;           // max_row_tiles(T * k, E, BLOCK_M)
+  bool proxy_fence;            // wgmma mainloop: fence each stage into the async proxy
 };
 
 template <typename T, typename Cfg>
@@ -67,6 +68,7 @@ cudaError_t launch_moe_experts_with(const ExpertsArgs<T>& a, cudaStream_t stream
   g1.top_k = a.top_k;
   g1.k_dim = a.hidden_size;
   g1.n_out = a.inter_size;
+  g1.proxy_fence = a.proxy_fence;
   cudaError_t err = launch_moe_expert_gemm<T, Cfg, GemmKind::kGateUp>(g1, a.row_tiles, stream);
   if (err != cudaSuccess) return err;
 

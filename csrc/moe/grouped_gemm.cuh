@@ -78,6 +78,7 @@ struct ExpertGemmParams {
   int top_k;                  // k
   int k_dim;                  // K: H (kGateUp) or I (kDown), a multiple of kBlockK
   int n_out;                  // output width: I (kGateUp) or H (kDown)
+  bool proxy_fence;           // kWgmma: fence.proxy.async after each stage lands
 };
 
 namespace gemm_detail {
@@ -108,7 +109,8 @@ __device__ __forceinline__ int weight_row(int r, int col_tile, int n_out) {
 template <typename T, typename Cfg, typename LoadStage>
 __device__ __forceinline__ void mainloop_wgmma(float (&acc)[Cfg::kMmaM][Cfg::kMmaN][4],
                                                uint32_t smem_base, int k_tiles,
-                                               const LoadStage& load_stage, int warp) {
+                                               const LoadStage& load_stage, int warp,
+                                               bool proxy_fence) {
   constexpr int kBlockK = Cfg::kBlockK;
   constexpr uint32_t kStageBytes = Cfg::kStageElems * 2;
   constexpr uint32_t kBOffsetBytes = Cfg::kBlockM * kBlockK * 2;
@@ -117,7 +119,7 @@ __device__ __forceinline__ void mainloop_wgmma(float (&acc)[Cfg::kMmaM][Cfg::kMm
   const uint32_t a_group_offset = (warp / kWgmmaWarps) * kWgmmaRows * kBlockK * 2;
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<Cfg::kStages - 2>();
-    fence_proxy_async();  // this thread's copies of stage kt, to the async proxy
+    if (proxy_fence) fence_proxy_async();  // this thread's copies of stage kt, to the async proxy
     __syncthreads();      // stage kt complete; every warpgroup done with kt - 1
 
     const uint32_t sA = smem_base + (kt % Cfg::kStages) * kStageBytes;
@@ -290,7 +292,7 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
   }
 
   if constexpr (Cfg::kWgmma) {
-    mainloop_wgmma<T, Cfg>(acc, smem_base, k_tiles, load_stage, warp);
+    mainloop_wgmma<T, Cfg>(acc, smem_base, k_tiles, load_stage, warp, p.proxy_fence);
   } else {
     mainloop_mma_sync<T, Cfg>(acc, smem_base, k_tiles, load_stage, warp_m, warp_n, lane);
   }

@@ -143,6 +143,7 @@ at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tenso
     a.hidden_size = static_cast<int>(H);
     a.inter_size = static_cast<int>(I);
     a.row_tiles = row_tiles;
+    a.proxy_fence = wgmma_proxy_fence();
     C10_CUDA_CHECK(moe::launch_moe_experts<T_>(a, regime, wgmma, stream));
   };
   if (hidden.scalar_type() == at::ScalarType::BFloat16) {
