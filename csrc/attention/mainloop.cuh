@@ -203,8 +203,8 @@ __device__ __forceinline__ void warpgroup_qk(float (&s)[kScoreTilesN][4],
 #pragma unroll
   for (int kk = 0; kk < kHeadStepsK; ++kk) {
     const uint32_t step = (kk % kStepsPerHalf) * kWgmmaStepBytes;
-    wgmma_m64n64k16<T>(d, wgmma_desc_sw128(sQ + (kk / kStepsPerHalf) * kHalfTileQBytes + step),
-                       wgmma_desc_sw128(sK + (kk / kStepsPerHalf) * kHalfTileKVBytes + step));
+    wgmma_ss<T, kBlockN>(d, wgmma_desc_sw128(sQ + (kk / kStepsPerHalf) * kHalfTileQBytes + step),
+                         wgmma_desc_sw128(sK + (kk / kStepsPerHalf) * kHalfTileKVBytes + step));
   }
   wgmma_commit();
   wgmma_wait<0>();

@@ -3,9 +3,8 @@
 //
 //   wgmma_desc_sw128       shared-memory matrix descriptor of a K-major tile
 //                          stored with the 128-byte swizzle
-//   wgmma_m64n128k16       wgmma.mma_async m64n128k16, bf16 or fp16 inputs from
-//                          shared memory (both K-major), fp32 accumulators
-//   wgmma_m64n64k16        the same with N = 64
+//   wgmma_ss<T, N>         wgmma.mma_async m64nNk16 (N = 64, 128), bf16 or fp16
+//                          inputs from shared memory (both K-major), fp32 accumulators
 //   wgmma_m64n128k16_rs_mn A from registers, B an MN-major shared-memory tile
 //   wgmma_fence / wgmma_commit / wgmma_wait<N>, wgmma_fence_operands
 //   fence_proxy_async      makes this thread's shared-memory writes visible to
@@ -171,34 +170,23 @@ namespace wgmma_detail {
 constexpr int kAccumulate = 1;  // scale-d: D = A B + D
 }  // namespace wgmma_detail
 
-// d (64 fp32 per thread, layout above) += A[64 x 16] x B[128 x 16]^T, both
-// K-major SW128 tiles in shared memory (descriptors at the k step's start).
-// After the descriptors: scale-d (p), scale-a = scale-b = 1 (no negation),
-// tnsp-a = tnsp-b = 0 (both K-major).
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a,
-                                                 uint64_t desc_b) {
+// d (kN / 2 fp32 per thread, layout above: n8 blocks j < kN / 8) += A[64 x 16] x
+// B[kN x 16]^T, both K-major SW128 tiles in shared memory (descriptors at the k
+// step's start), kN = 64 or 128. After the descriptors: scale-d (p), scale-a =
+// scale-b = 1 (no negation), tnsp-a = tnsp-b = 0 (both K-major).
+template <typename T, int kN>
+__device__ __forceinline__ void wgmma_ss(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
+  static_assert(kN == 64 || kN == 128, "wgmma_ss: N = 64 or 128");
 #if defined(QWEN3X_WGMMA_ENABLED)
-  QWEN3X_WGMMA_BY_TYPE(T, "m64n128k16", QWEN3X_WGMMA_D64_OPS ", %64, %65, p, 1, 1, 0, 0", "%66",
-                       QWEN3X_WGMMA_D64(d), "l"(desc_a), "l"(desc_b),
-                       "r"(wgmma_detail::kAccumulate))
-#else
-  (void)d;
-  (void)desc_a;
-  (void)desc_b;
-  __trap();
-#endif
-}
-
-// d (32 fp32 per thread: n8 blocks j = 0..7) += A[64 x 16] x B[64 x 16]^T, both
-// K-major SW128 tiles in shared memory.
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a,
-                                                uint64_t desc_b) {
-#if defined(QWEN3X_WGMMA_ENABLED)
-  QWEN3X_WGMMA_BY_TYPE(T, "m64n64k16", QWEN3X_WGMMA_D32_OPS ", %32, %33, p, 1, 1, 0, 0", "%34",
-                       QWEN3X_WGMMA_D32(d), "l"(desc_a), "l"(desc_b),
-                       "r"(wgmma_detail::kAccumulate))
+  if constexpr (kN == 128) {
+    QWEN3X_WGMMA_BY_TYPE(T, "m64n128k16", QWEN3X_WGMMA_D64_OPS ", %64, %65, p, 1, 1, 0, 0", "%66",
+                         QWEN3X_WGMMA_D64(d), "l"(desc_a), "l"(desc_b),
+                         "r"(wgmma_detail::kAccumulate))
+  } else {
+    QWEN3X_WGMMA_BY_TYPE(T, "m64n64k16", QWEN3X_WGMMA_D32_OPS ", %32, %33, p, 1, 1, 0, 0", "%34",
+                         QWEN3X_WGMMA_D32(d), "l"(desc_a), "l"(desc_b),
+                         "r"(wgmma_detail::kAccumulate))
+  }
 #else
   (void)d;
   (void)desc_a;

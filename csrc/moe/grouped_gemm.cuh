@@ -128,8 +128,8 @@ __device__ __forceinline__ void mainloop_wgmma(float (&acc)[Cfg::kMmaM][Cfg::kMm
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockK / 16; ++kk) {
-      wgmma_m64n128k16<T>(d, wgmma_desc_sw128(sA + a_group_offset + kk * kWgmmaStepBytes),
-                          wgmma_desc_sw128(sB + kk * kWgmmaStepBytes));
+      wgmma_ss<T, kWgmmaN>(d, wgmma_desc_sw128(sA + a_group_offset + kk * kWgmmaStepBytes),
+                           wgmma_desc_sw128(sB + kk * kWgmmaStepBytes));
     }
     wgmma_commit();
     // While the tensor cores work: refill the slot step kt - 1 read (its wgmmas
