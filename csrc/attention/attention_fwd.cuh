@@ -194,7 +194,7 @@ attention_fwd_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* base = smem;
   if constexpr (kWgmma) {  // wgmma tiles start on a 1024-byte swizzle atom
-    base += (kSmemAlign - smem_u32(smem) % kSmemAlign) % kSmemAlign;
+    base += round_up<uint32_t>(smem_u32(smem), kWgmmaAtomBytes) - smem_u32(smem);
   }
   T* sQ = reinterpret_cast<T*>(base);  // [kBlockM][128], later the output tile; then K, V
   const int b = blockIdx.y / p.num_kv_heads;

@@ -89,8 +89,7 @@ __host__ __device__ constexpr int swizzled_offset(int row, int chunk) {
 // ---- the Hopper (kWgmma) layout -------------------------------------------------------------
 constexpr int kHalfDim = kHeadDim / 2;                       // 64 elements = one 128-byte row
 constexpr int kHalfChunks = kChunksPerRow / 2;               // 8
-constexpr int kSmemAlign = 1024;                             // wgmma swizzle atom
-constexpr int kSmemAllocWgmma = kSmemBytes + kSmemAlign;     // room to align the base
+constexpr int kSmemAllocWgmma = kSmemBytes + kWgmmaAtomBytes;  // room to align the base
 
 // Element offset of (row, chunk) inside a tile of `rows` rows in the Hopper layout.
 __host__ __device__ constexpr int wgmma_offset(int row, int chunk, int rows) {
@@ -104,10 +103,10 @@ __host__ __device__ constexpr int tile_offset(int row, int chunk, int rows) {
   return kWgmma ? wgmma_offset(row, chunk, rows) : swizzled_offset(row, chunk);
 }
 
-static_assert(kTileQElems * kElemBytes % kSmemAlign == 0 &&
-                  kTileKVElems * kElemBytes % kSmemAlign == 0 &&
-                  kBlockM * kHalfDim * kElemBytes % kSmemAlign == 0 &&
-                  kBlockN * kHalfDim * kElemBytes % kSmemAlign == 0,
+static_assert(kTileQElems * kElemBytes % kWgmmaAtomBytes == 0 &&
+                  kTileKVElems * kElemBytes % kWgmmaAtomBytes == 0 &&
+                  kBlockM * kHalfDim * kElemBytes % kWgmmaAtomBytes == 0 &&
+                  kBlockN * kHalfDim * kElemBytes % kWgmmaAtomBytes == 0,
               "every Hopper tile and half-tile starts on a swizzle atom");
 static_assert(kBlockM == 64 && kNumWarps == 4, "the Hopper mainloop: one warpgroup of m64");
 

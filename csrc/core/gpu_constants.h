@@ -12,6 +12,9 @@ constexpr int kWarpSize = 32;
 constexpr int kVecBytes = 16;
 // Most threads a block may have.
 constexpr int kMaxThreadsPerBlock = 1024;
+// Hopper wgmma's 128-byte-swizzle atom: 8 rows x 128 bytes of shared memory. wgmma operand tiles
+// start on multiples of it (the swizzle is applied to absolute shared-memory addresses).
+constexpr int kWgmmaAtomBytes = 1024;
 // Most blocks along gridDim.y (and z); gridDim.x allows 2^31 - 1.
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxGridX = 2147483647;

@@ -46,6 +46,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "core/gpu_constants.h"
+
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define QWEN3X_WGMMA_ENABLED 1
 #endif
@@ -55,7 +57,7 @@ namespace qwen3x {
 // Descriptor fields (PTX ISA, "Matrix Descriptor Format" of wgmma).
 constexpr int kWgmmaSwizzleBytes = 128;       // row length of a swizzle atom
 constexpr int kWgmmaAtomRows = 8;             // rows of a swizzle atom
-constexpr int kWgmmaAtomBytes = kWgmmaSwizzleBytes * kWgmmaAtomRows;  // 1024: alignment
+static_assert(kWgmmaAtomBytes == kWgmmaSwizzleBytes * kWgmmaAtomRows, "core/gpu_constants.h");
 constexpr uint64_t kWgmmaLayoutSwizzle128 = 1;  // bits 62-63
 constexpr int kWgmmaStepBytes = 16 * 2;       // one k16 step of 16-bit elements
 

@@ -36,6 +36,8 @@
 
 #include <cstdint>
 
+#include "core/gpu_constants.h"
+
 namespace qwen3x::moe {
 
 // Elements per operand row of one k step (64 x 16-bit = 128 bytes = 8 chunks).
@@ -51,8 +53,6 @@ enum class GemmMainloop { kMmaSync, kWgmma };
 constexpr int kWgmmaRows = 64;
 constexpr int kWgmmaWarps = 4;
 constexpr int kWgmmaN = 128;
-// Alignment of the wgmma operand tiles (one 8-row x 128-byte swizzle atom).
-constexpr int kWgmmaTileAlign = 1024;
 
 template <int kBlockM_, int kBlockN_, int kWarpsM_, int kWarpsN_, int kStages_,
           GemmMainloop kMainloop_ = GemmMainloop::kMmaSync>
@@ -79,7 +79,7 @@ struct GemmConfig {
   static constexpr bool kWgmma = kMainloop == GemmMainloop::kWgmma;
   // Dynamic shared memory to ask for: the wgmma tiles start at the next
   // 1024-byte boundary of the dynamic allocation.
-  static constexpr int kSmemAllocBytes = kSmemBytes + (kWgmma ? kWgmmaTileAlign : 0);
+  static constexpr int kSmemAllocBytes = kSmemBytes + (kWgmma ? kWgmmaAtomBytes : 0);
 
   static_assert(kWarpM % 16 == 0 && kWarpN % 16 == 0, "warp tiles of whole m16 / n16 blocks");
   static_assert(kMmaN % 2 == 0,
@@ -92,8 +92,8 @@ struct GemmConfig {
   static_assert(!kWgmma || (kWarpsN == 1 && kWarpM == 16 && kBlockM % kWgmmaRows == 0 &&
                             kBlockN == kWgmmaN),
                 "wgmma: warpgroups of 4 warps x 16 rows over all kWgmmaN columns");
-  static_assert(!kWgmma || ((kBlockM * kBlockK * 2) % kWgmmaTileAlign == 0 &&
-                            (kStageElems * 2) % kWgmmaTileAlign == 0),
+  static_assert(!kWgmma || ((kBlockM * kBlockK * 2) % kWgmmaAtomBytes == 0 &&
+                            (kStageElems * 2) % kWgmmaAtomBytes == 0),
                 "wgmma: every A / B tile of every stage on a swizzle-atom boundary");
 };
 

@@ -255,7 +255,7 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
   constexpr int kPassElems = Cfg::kRowsPerPass * kBlockK;
   uint32_t smem_base = smem_u32(smem_raw);
   if constexpr (Cfg::kWgmma) {
-    smem_base = (smem_base + kWgmmaTileAlign - 1) / kWgmmaTileAlign * kWgmmaTileAlign;
+    smem_base = round_up<uint32_t>(smem_base, kWgmmaAtomBytes);
   }
   constexpr uint32_t kStageBytes = Cfg::kStageElems * 2;
   constexpr uint32_t kBOffsetBytes = kBlockM * kBlockK * 2;

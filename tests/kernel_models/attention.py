@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .primitives import (LANE, LANE_G, LANE_T, WARP, GBuf, ModelError, Num, Smem, a_fragments_matrix,
+from .primitives import (LANE, LANE_G, LANE_T, WARP, WGMMA_ATOM_BYTES, GBuf, ModelError, Num, Smem,
+                         a_fragments_matrix, round_up,
                          accumulators_to_matrix, ceil_div, matrix_to_accumulators, mma_16816, shfl_xor,
                          wgmma_desc_sw128, wgmma_operand, wgmma_operand_mn)
 
@@ -64,8 +65,7 @@ SQ, SK, SV = 0, TILE_Q_ELEMS * 2, (TILE_Q_ELEMS + STAGES * TILE_KV_ELEMS) * 2
 # the Hopper layout (kernel_traits.cuh)
 HALF_DIM = HEAD_DIM // 2
 HALF_CHUNKS = CHUNKS_PER_ROW // 2
-SMEM_ALIGN = 1024
-SMEM_ALLOC_WGMMA = SMEM_BYTES + SMEM_ALIGN
+SMEM_ALLOC_WGMMA = SMEM_BYTES + WGMMA_ATOM_BYTES
 HALF_TILE_Q_BYTES = BLOCK_M * HALF_DIM * 2
 HALF_TILE_KV_BYTES = BLOCK_N * HALF_DIM * 2
 STEPS_PER_HALF = HALF_DIM // 16
@@ -303,7 +303,7 @@ def warpgroup_pv(num, sm, o, pf, sV, what):
     D = accumulators_to_matrix(o)
     for kc in range(KEY_STEPS_K):
         a = a_fragments_matrix([pf[w][kc] for w in range(NUM_WARPS)])
-        b = wgmma_operand_mn(sm, wgmma_desc_sw128(sV + kc * KEY_STEP_BYTES, HALF_TILE_KV_BYTES, SMEM_ALIGN),
+        b = wgmma_operand_mn(sm, wgmma_desc_sw128(sV + kc * KEY_STEP_BYTES, HALF_TILE_KV_BYTES, WGMMA_ATOM_BYTES),
                              HEAD_DIM, what + " wgmma V")
         D = num.f32(D + a @ b)
     sm.wgmma_commit()
@@ -598,7 +598,7 @@ def mark_uncovered_rows(p, seq, kvh, split, covered, what):
 # ----------------------------------------------------------------------------- kernels, launch
 def wgmma_base_pad(smem_addr):
     """attention_fwd_kernel: bytes from the dynamic allocation to the next 1024-byte boundary."""
-    return (SMEM_ALIGN - smem_addr % SMEM_ALIGN) % SMEM_ALIGN
+    return round_up(smem_addr, WGMMA_ATOM_BYTES) - smem_addr
 
 def attention_fwd_kernel(p, num, grid, stats):
     """attention_fwd.cuh attention_fwd_kernel, every CTA of grid (x, y, z)."""
@@ -619,7 +619,7 @@ def attention_fwd_kernel(p, num, grid, stats):
                     if p.wgmma:  # the base rounded up to 1024 inside the larger allocation
                         raw = 3 * 128  # where the dynamic allocation may start: 128-aligned only
                         base = raw + wgmma_base_pad(raw)
-                        if base % SMEM_ALIGN or base + SMEM_BYTES > raw + SMEM_ALLOC_WGMMA:
+                        if base % WGMMA_ATOM_BYTES or base + SMEM_BYTES > raw + SMEM_ALLOC_WGMMA:
                             raise ModelError(f"{what}: misaligned or overflowing Hopper tiles")
                     sm = Smem(SMEM_BYTES)  # addresses from the (aligned) base: 0 mod 1024
                     attention_tile(p, num, sm, b, kvh, z, row0, stats, what)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from .primitives import (LANE_G, LANE_T, WARP, GBuf, ModelError, Num, Smem, ceil_div, mma_16816,
-                         round_up, wgmma_desc_sw128, wgmma_operand)
+                         WGMMA_ATOM_BYTES, round_up, wgmma_desc_sw128, wgmma_operand)
 
 BLOCK_K = 64     # kGemmBlockK
 CHUNK_ELEMS = 8  # kGemmChunkBytes / 2
@@ -33,7 +33,6 @@ SWIZZLE_ROWS = 8  # kGemmSwizzleRows
 
 
 WGMMA_ROWS, WGMMA_WARPS, WGMMA_N = 64, 4, 128  # kWgmmaRows, kWgmmaWarps, kWgmmaN
-WGMMA_TILE_ALIGN = 1024                          # kWgmmaTileAlign
 WGMMA_STEP_BYTES = 32                            # kWgmmaStepBytes
 
 
@@ -56,7 +55,7 @@ class GemmConfig:
         self.kBLoads = block_n // self.kRowsPerPass
         self.kStageElems = (block_m + block_n) * BLOCK_K
         self.kSmemBytes = stages * self.kStageElems * 2
-        self.kSmemAllocBytes = self.kSmemBytes + (WGMMA_TILE_ALIGN if self.kWgmma else 0)
+        self.kSmemAllocBytes = self.kSmemBytes + (WGMMA_ATOM_BYTES if self.kWgmma else 0)
         assert self.kWarpM % 16 == 0 and self.kWarpN % 16 == 0
         assert self.kMmaN % 2 == 0
         assert self.kChunksPerRow == SWIZZLE_ROWS
@@ -65,8 +64,8 @@ class GemmConfig:
         assert stages >= 2
         if self.kWgmma:
             assert warps_n == 1 and self.kWarpM == 16 and block_m % WGMMA_ROWS == 0 and block_n == WGMMA_N
-            assert (block_m * BLOCK_K * 2) % WGMMA_TILE_ALIGN == 0
-            assert (self.kStageElems * 2) % WGMMA_TILE_ALIGN == 0
+            assert (block_m * BLOCK_K * 2) % WGMMA_ATOM_BYTES == 0
+            assert (self.kStageElems * 2) % WGMMA_ATOM_BYTES == 0
 
 
 DECODE = GemmConfig("decode", 16, 64, 1, 4, 4)
@@ -224,7 +223,7 @@ def gemm_cta(cfg, kind, p, num, bx, by, stats):
     # The dynamic allocation starts after the static shared variables, 128-byte aligned but not
     # 1024-byte aligned (modelled at 3 x 128); kWgmma rounds the stage base up to 1024.
     raw_base = 3 * 128
-    smem_base = round_up(raw_base, WGMMA_TILE_ALIGN) if cfg.kWgmma else raw_base
+    smem_base = round_up(raw_base, WGMMA_ATOM_BYTES) if cfg.kWgmma else raw_base
     sm = Smem(raw_base + cfg.kSmemAllocBytes)
     if smem_base + cfg.kSmemBytes > sm.nbytes:
         raise ModelError(f"{what}: stages end past the dynamic shared memory")
