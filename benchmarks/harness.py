@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from qwen3x.testing import error_pattern
 from qwen3x.testing import max_abs_error as _max_abs
 from qwen3x.testing import tolerance
 from qwen3x.testing import worst as _worst
@@ -101,12 +102,14 @@ def check(got: Sequence, truth: Sequence, tolerances: Sequence) -> tuple[list, s
             bad = int((g.to(torch.int64) != t.to(torch.int64)).sum())
             errors.append(bad)
             if bad:
-                return errors, f"output {i}: {bad} of {t.numel()} integer values differ; {_worst(g, t)}"
+                return errors, (f"output {i}: {bad} of {t.numel()} integer values differ; {_worst(g, t)}; "
+                                f"{error_pattern(g, t, None)}")
             continue
         err = _max_abs(g, t) if g.numel() else 0.0
         errors.append(err)
         if not err <= tol:  # also catches NaN
-            return errors, f"output {i}: max abs error {err:.3g} > tolerance {tol:.3g}; {_worst(g, t)}"
+            return errors, (f"output {i}: max abs error {err:.3g} > tolerance {tol:.3g}; {_worst(g, t)}; "
+                            f"{error_pattern(g, t, tol)}")
     return errors, None
 
 

@@ -30,7 +30,7 @@ import os
 
 import pytest
 import torch
-from qwen3x.testing import assert_close_to_truth, max_abs_error, poison_allocator, wgmma_available
+from qwen3x.testing import assert_close_to_truth, assert_identical, max_abs_error, poison_allocator, wgmma_available
 
 from qwen3x import _library, ops
 from qwen3x import reference as R
@@ -121,7 +121,7 @@ def _judge(out, lse, q, k, v, mask, scale, causal):
     assert lse.shape == truth_l.shape and lse.dtype == torch.float32
     assert not torch.isnan(lse).any(), "NaN in lse"
     seen = torch.isfinite(truth_l)
-    assert torch.equal(torch.isfinite(lse), seen), "rows that see no key differ"
+    assert_identical(torch.isfinite(lse), seen, "rows that see no key")
     assert (lse[~seen] == float("-inf")).all()
     assert (out.transpose(1, 2)[~seen] == 0).all(), "rows that see no key must be 0"
     if seen.any():
@@ -214,7 +214,8 @@ def test_prefill_mainloops(monkeypatch, mainloop, case):
     out, lse = _run(q, k, v, mask, causal)
     _judge(out, lse, q, k, v, mask, D**-0.5, causal)
     out2, lse2 = _run(q, k, v, mask, causal)
-    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    assert_identical(out, out2)
+    assert_identical(lse, lse2)
 
 
 def test_mainloop_setting_is_checked(monkeypatch):
@@ -311,8 +312,8 @@ def test_deterministic(sq, skv, causal):
     mask = _padding_mask(1, sq, skv) if skv <= 1000 else None
     out1, lse1 = _run(q, k, v, mask, causal)
     out2, lse2 = _run(q, k, v, mask, causal)
-    assert torch.equal(out1, out2)
-    assert torch.equal(lse1, lse2)
+    assert_identical(out1, out2)
+    assert_identical(lse1, lse2)
 
 
 def test_cuda_graph_decode():
@@ -335,7 +336,8 @@ def test_cuda_graph_decode():
     graph.replay()
     torch.cuda.synchronize()
     want_out, want_lse = ops.attention(q, k, v, mask, D**-0.5, True)
-    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    assert_identical(out, want_out)
+    assert_identical(lse, want_lse)
     _judge(out, lse, q, k, v, mask, D**-0.5, True)
 
 
@@ -484,7 +486,8 @@ def test_varlen_matches_padded_kernel(lq, lk):
     out, lse = ops.attention_varlen(q, k, v, cu_q, cu_k, lq, lk, D**-0.5, True)
     pout, plse = ops.attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
                                D**-0.5, True)
-    assert torch.equal(out, pout[0]) and torch.equal(lse, plse[0])
+    assert_identical(out, pout[0])
+    assert_identical(lse, plse[0])
 
 
 def test_varlen_deterministic_and_graph_capturable():
@@ -507,7 +510,8 @@ def test_varlen_deterministic_and_graph_capturable():
     graph.replay()
     torch.cuda.synchronize()
     want_out, want_lse = ops.attention_varlen(q, k, v, *args)
-    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    assert_identical(out, want_out)
+    assert_identical(lse, want_lse)
     _judge_varlen(out, lse, q, k, v, cu_q, cu_k, True)
 
 
@@ -569,7 +573,7 @@ def test_qk_norm_rope_attention(dtype, batch, seqlen, hq, hkv, padding):
     before = qkv.clone()
     poison_allocator(batch * seqlen * hq * (D * 2 + 4))
     out, lse = ops.qk_norm_rope_attention(q, k, v, *args)
-    assert torch.equal(qkv, before)  # inputs untouched
+    assert_identical(qkv, before)  # inputs untouched
     truth_o, truth_l = R.qk_norm_rope_attention(q.double(), k.double(), v.double(), wq.double(), wk.double(), *args[2:])
     ref_o, ref_l = R.qk_norm_rope_attention(q, k, v, *args)
     qn, kn = R.qk_norm_rope(q, k, wq, wk, pos, rope.inv_freq.cuda(), rope.attention_scaling, 1e-6)
@@ -578,7 +582,7 @@ def test_qk_norm_rope_attention(dtype, batch, seqlen, hq, hkv, padding):
     assert out.shape == (batch, seqlen, hq, D) and not torch.isnan(out).any()
     assert_close_to_truth(out, baseline, truth_o)
     seen = torch.isfinite(truth_l)
-    assert torch.equal(torch.isfinite(lse), seen)
+    assert_identical(torch.isfinite(lse), seen)
     floor = LSE_REL_FLOOR * max(1.0, truth_l[seen].abs().max().item())
     assert_close_to_truth(lse[seen], ref_l[seen], truth_l[seen], extra_floor=floor)
 

@@ -193,6 +193,44 @@ def test_tolerance_policy():
     assert "1 of 2 integer values differ" in check(torch.tensor([1, 3]), torch.tensor([1, 2]), torch.tensor([1, 2]))
 
 
+def test_error_pattern_locates_the_bad_elements():
+    from qwen3x.testing import check, error_pattern
+
+    truth = torch.zeros(2, 200, 4, 128)
+    # a wrong second half of the head dim in the second 64-row tile, plus one unwritten element
+    got = truth.clone()
+    got[:, 64:128, :, 64:] = 1.0
+    got[1, 5, 3, 7] = float("nan")
+    text = error_pattern(got, truth, 0.5)
+    assert text.startswith(f"{2 * 64 * 4 * 64 + 1} of {truth.numel()} elements bad")
+    assert "1 NaN" in text and "dim 0: all" in text and "dim 2: all" in text
+    assert "dim 1: 65 of 200: 5, 64-127" in text and "dim 3: 65 of 128: 7, 64-127" in text
+    # a periodic pattern (every other 8-row group) is named by its period
+    got = truth.clone()
+    got[:, torch.arange(200) % 16 < 8] = 2.0
+    assert "dim 1: 104 of 200: index mod 16 in 0-7" in error_pattern(got, truth, 0.5)
+    assert error_pattern(truth, truth, 0.0) == "no element out of tolerance"
+    # in the tolerance rule's messages, integer outputs included
+    assert "dim 1: 104 of 200: index mod 16 in 0-7" in check(got.bfloat16(), truth.bfloat16(), truth)
+    ints = check(torch.tensor([1, 3, 5, 6]), torch.tensor([1, 2, 5, 6]), torch.tensor([1, 2, 5, 6]))
+    assert "at [1]: got 3, expected 2;" in ints and "at [0]" not in ints and "dim 0: 1 of 4: 1" in ints
+
+
+def test_assert_identical_says_where():
+    from qwen3x.testing import assert_identical
+
+    a = torch.arange(64.0).reshape(8, 8)
+    assert_identical(a, a.clone())
+    b = a.clone()
+    b[2:4, 6] = -1.0
+    with pytest.raises(AssertionError, match=r"out differ: at \[3, 6\].*dim 0: 2 of 8: 2-3; dim 1: 1 of 8: 6"):
+        assert_identical(b, a, "out")
+    with pytest.raises(AssertionError, match="expected torch.float32"):
+        assert_identical(a.double(), a)
+    with pytest.raises(AssertionError, match="dim 0: 1 of 3: 1"):
+        assert_identical(torch.tensor([1, 0, 3]), torch.tensor([1, 2, 3]))
+
+
 def test_graph_request_falls_back_for_host_syncing_providers():
     providers = [Provider("reference", lambda x: lambda: (x["x"] * 2, x["w"] + 1), graphable=False)]
     by, _ = run_cpu(_toy_case(providers, cuda_graph=True))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from models import tiny_config
-from qwen3x.testing import assert_close_to_truth, poison_allocator
+from qwen3x.testing import assert_close_to_truth, assert_identical, poison_allocator
 
 from qwen3x import _library, ops
 from qwen3x import reference as R
@@ -68,7 +68,7 @@ def test_add_rms_norm(dtype, tokens):
     w = torch.randn(2048, device="cuda", dtype=dtype)
     poison_allocator(2 * x.numel() * x.element_size())
     out, summed = ops.add_rms_norm(x, res, w, 1e-6)
-    assert torch.equal(summed, res + x)  # the sum rounds once to the input dtype, like HF
+    assert_identical(summed, res + x)  # the sum rounds once to the input dtype, like HF
     _judge(out, (x, res, w, 1e-6), lambda *a: R.add_rms_norm(*a)[0])
 
 
@@ -124,7 +124,7 @@ def test_qk_norm_rope_in_place_on_slices_of_a_fused_projection(pos_dtype):
     ops.qk_norm_rope_(q, k, wq, wk, pos, inv, scale, eps)
     _judge(q, args, R.qk_norm_rope, index=0)
     _judge(k, args, R.qk_norm_rope, index=1)
-    assert torch.equal(qkv[:, (hq + hkv) * D :], before[:, (hq + hkv) * D :])  # v untouched
+    assert_identical(qkv[:, (hq + hkv) * D :], before[:, (hq + hkv) * D :])  # v untouched
 
 
 @pytest.mark.parametrize(
@@ -211,10 +211,10 @@ def test_qk_norm_rope_cache(dtype, batch, seqlen, hq, hkv, slot_dtype):
     _judge(q, args, R.qk_norm_rope, index=0)
     written = slots.long()
     _judge(k_cache[:, :, written].transpose(1, 2), args, R.qk_norm_rope, index=1)
-    assert torch.equal(v_cache[:, :, written].transpose(1, 2), v)  # v stored as it is
-    assert torch.equal(qkv[..., hq * D :], before_qkv[..., hq * D :])  # k and v inputs untouched
+    assert_identical(v_cache[:, :, written].transpose(1, 2), v)  # v stored as it is
+    assert_identical(qkv[..., hq * D :], before_qkv[..., hq * D :])  # k and v inputs untouched
     others = [i for i in range(s_max) if i not in written.tolist()]
-    assert torch.equal(caches[:, :, :, others], before_caches[:, :, :, others])
+    assert_identical(caches[:, :, :, others], before_caches[:, :, :, others])
 
 
 def test_qk_norm_rope_cache_skips_slots_out_of_range():
@@ -230,9 +230,9 @@ def test_qk_norm_rope_cache_skips_slots_out_of_range():
     pos = torch.arange(B * S, device="cuda").view(B, S)
     ops.qk_norm_rope_cache_(q, k, v, caches[0], caches[1], slots, wq, wk, pos, inv, scale, eps)
     torch.cuda.synchronize()
-    assert torch.equal(caches[1][:, :, 3], v[:, 1])
+    assert_identical(caches[1][:, :, 3], v[:, 1])
     others = [i for i in range(s_max) if i != 3]
-    assert torch.equal(caches[:, :, :, others], before[:, :, :, others])
+    assert_identical(caches[:, :, :, others], before[:, :, :, others])
 
 
 def test_qk_norm_rope_cache_bad_inputs():

@@ -22,7 +22,7 @@ import torch
 
 from qwen3x import _library
 from qwen3x import reference as R
-from qwen3x.testing import assert_close_to_truth, poison_allocator, wgmma_available
+from qwen3x.testing import assert_close_to_truth, assert_identical, poison_allocator, wgmma_available
 
 pytestmark = pytest.mark.gpu
 
@@ -148,7 +148,7 @@ def test_prefill_mainloops(monkeypatch, mainloop, T, E, k, H, I, dtype):
     ids, w = _routing(T, E, k, dtype)
     out = _run(x, ids, w, gate_up, down)
     _judge(out, x, ids, w, gate_up, down)
-    assert torch.equal(out, _run(x, ids, w, gate_up, down))
+    assert_identical(out, _run(x, ids, w, gate_up, down))
 
 
 def test_mainloop_setting_is_checked(monkeypatch):
@@ -196,7 +196,7 @@ def test_out_of_range_ids_are_dropped():
     ids_ok = torch.where(dropped, torch.zeros_like(ids), bad)
     w_ok = torch.where(dropped, torch.zeros_like(w), w)  # weight 0: the pick adds exactly 0
     _judge(out, x, ids_ok, w_ok, gate_up, down)
-    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    assert_identical(out[2], torch.zeros_like(out[2]))
 
 
 @pytest.mark.parametrize("T,E,k", [(3, 128, 8), (300, 8, 2), (2048, 64, 8)])
@@ -208,7 +208,7 @@ def test_bitwise_reproducible(T, E, k):
     ids, w = _routing(T, E, k, dtype)
     first = _run(x, ids, w, gate_up, down)
     for _ in range(3):
-        assert torch.equal(_run(x, ids, w, gate_up, down), first)
+        assert_identical(_run(x, ids, w, gate_up, down), first)
 
 
 @pytest.mark.parametrize("T,E,k", [(1, 128, 8), (300, 8, 2)])
@@ -235,7 +235,7 @@ def test_cuda_graph_capture_and_replay(T, E, k):
         w.copy_(new_w)
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, op(x, ids, w, gate_up, down))
+        assert_identical(out, op(x, ids, w, gate_up, down))
         _judge(out, x, ids, w, gate_up, down)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3x.testing import poison_allocator
+from qwen3x.testing import assert_identical, poison_allocator
 
 from qwen3x import _library, ops
 from qwen3x import reference as R
@@ -248,11 +248,11 @@ def test_repeated_runs_are_bitwise_identical():
     first_skewed = ops.moe_permute(skewed, 128, 64)
     for _ in range(5):
         for a, b in zip(ops.moe_router(logits, 8, True), first):
-            assert torch.equal(a, b)
+            assert_identical(a, b)
         for a, b in zip(ops.moe_permute(first[1], 128, 16), first_perm):
-            assert torch.equal(a, b)
+            assert_identical(a, b)
         for a, b in zip(ops.moe_permute(skewed, 128, 64), first_skewed):
-            assert torch.equal(a, b)
+            assert_identical(a, b)
 
 
 @pytest.mark.parametrize("tokens", [4, 4096])
@@ -280,7 +280,7 @@ def test_router_and_permute_capture_in_a_cuda_graph(tokens):
         graph.replay()
         eager = step()
         for a, b in zip(static_out, eager):
-            assert torch.equal(a, b)
+            assert_identical(a, b)
     ref = R.moe_router(static_logits, k, True)
     _assert_equal("expert_ids", static_out[1], ref[1])
     _assert_equal("tokens_per_expert", static_out[2], ref[2])

@@ -33,10 +33,70 @@ def worst(got: torch.Tensor, want: torch.Tensor, n: int = 3) -> str:
     """The n elements where got and want differ most, as text."""
     diff = (got.double() - want.double()).abs().nan_to_num(float("inf")).flatten()
     rows = []
-    for i in torch.topk(diff, min(n, diff.numel())).indices.tolist():
+    values, indices = torch.topk(diff, min(n, diff.numel()))
+    for i in indices[values > 0].tolist():
         index = [int(j) for j in torch.unravel_index(torch.tensor(i), want.shape)]
         rows.append(f"at {index}: got {got.flatten()[i].item():.6g}, expected {want.flatten()[i].item():.6g}")
     return "; ".join(rows)
+
+
+# Where the bad elements are, per dimension: a kernel's layout bug (a wrong fragment, swizzle or
+# tile offset) shows as a pattern (the second 64 columns, every other 8 rows), and a failing GPU
+# run may be the only one a session gets, so its log must say enough to find the bug without it.
+_PATTERN_RANGES = 4  # index ranges shown per dimension before looking for a period
+_PATTERN_PERIODS = (2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _ranges(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ints as inclusive (first, last) runs."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def _runs_text(runs: list[tuple[int, int]]) -> str:
+    shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:_PATTERN_RANGES])
+    return shown + (f", ... ({len(runs)} runs)" if len(runs) > _PATTERN_RANGES else "")
+
+
+def _describe_indices(mask: torch.Tensor) -> str:
+    """A 1-D bool mask (which indices of a dimension hold a bad element) in a few words."""
+    size, count = mask.numel(), int(mask.sum())
+    if count == size:
+        return "all"
+    runs = _ranges(torch.nonzero(mask).flatten().tolist())
+    if len(runs) > _PATTERN_RANGES:
+        for period in _PATTERN_PERIODS:
+            if 2 * period > size:
+                break
+            if torch.equal(mask[period:], mask[:-period]):
+                residues = _ranges(torch.nonzero(mask[:period]).flatten().tolist())
+                return f"{count} of {size}: index mod {period} in {_runs_text(residues)}"
+    return f"{count} of {size}: {_runs_text(runs)}"
+
+
+def error_pattern(got: torch.Tensor, want: torch.Tensor, tol: float | None) -> str:
+    """Which elements of ``got`` are out of tolerance (all of them differing, for tol None): how
+    many, how many are NaN (a poisoned output element never written, or a NaN produced), and for
+    each dimension the indices that hold one."""
+    if tol is None:
+        bad = got.to(torch.int64) != want.to(torch.int64)
+    else:
+        bad = ~((got.double() - want.double()).abs() <= tol)
+    count = int(bad.sum())
+    if count == 0:
+        return "no element out of tolerance"
+    nans = int(torch.isnan(got).sum()) if got.is_floating_point() else 0
+    parts = [f"{count} of {bad.numel()} elements bad ({count / bad.numel():.1%}), {nans} NaN"]
+    for d in range(bad.dim()):
+        others = [i for i in range(bad.dim()) if i != d]
+        mask = bad.any(dim=others) if others else bad
+        parts.append(f"dim {d}: {_describe_indices(mask.cpu())}")
+    return "; ".join(parts)
 
 
 def check(got: torch.Tensor, baseline: torch.Tensor, truth: torch.Tensor, extra_floor: float = 0.0) -> str | None:
@@ -46,11 +106,13 @@ def check(got: torch.Tensor, baseline: torch.Tensor, truth: torch.Tensor, extra_
     tol = tolerance(truth, baseline)
     if tol is None:
         bad = int((got.to(torch.int64) != truth.to(torch.int64)).sum())
-        return f"{bad} of {truth.numel()} integer values differ; {worst(got, truth)}" if bad else None
+        return (f"{bad} of {truth.numel()} integer values differ; {worst(got, truth)}; "
+                f"{error_pattern(got, truth, None)}") if bad else None
     err = max_abs_error(got, truth)
     if not err <= tol + extra_floor:  # also catches NaN
         return (f"max abs error {err:.3g} > {RATIO:g} x baseline error {max_abs_error(baseline, truth):.3g} "
-                f"+ rounding + floor = {tol + extra_floor:.3g}; {worst(got, truth)}")
+                f"+ rounding + floor = {tol + extra_floor:.3g}; {worst(got, truth)}; "
+                f"{error_pattern(got, truth, tol + extra_floor)}")
     return None
 
 
@@ -59,10 +121,21 @@ def assert_close_to_truth(got, baseline, truth, extra_floor: float = 0.0) -> Non
     assert problem is None, problem
 
 
+def assert_identical(got: torch.Tensor, want: torch.Tensor, what: str = "results") -> None:
+    """Bitwise-equal tensors (repeated runs, untouched memory, values copied as they are); a
+    failure says where they differ."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (
+        f"{what}: {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}")
+    if not torch.equal(got, want):
+        tol = 0.0 if want.is_floating_point() else None
+        raise AssertionError(f"{what} differ: {worst(got, want)}; {error_pattern(got, want, tol)}")
+
+
 def assert_rel_close(got: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
     """max |got - expected| <= rel * max |expected| (the model-parity rule)."""
     err, scale = max_abs_error(got, expected), expected.double().abs().max().item()
-    assert err <= rel * scale, f"max error {err:.3g} > {rel:g} x max |expected| {scale:.3g}; {worst(got, expected)}"
+    assert err <= rel * scale, (f"max error {err:.3g} > {rel:g} x max |expected| {scale:.3g}; {worst(got, expected)}; "
+                                f"{error_pattern(got, expected, rel * scale)}")
 
 
 # PyTorch's caching allocator serves requests of at most 1 MiB from a pool of its own (2 MiB
