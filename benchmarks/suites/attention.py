@@ -388,13 +388,13 @@ def _qk_norm_math(x, dtype):
 def _hf_chain(x):
     """Qwen3Attention unpatched: q_norm, k_norm, apply_rotary_pos_emb (cos/sin precomputed, once per
     forward in HF), SDPA with its default backend choice."""
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEmbedding, apply_rotary_pos_emb
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
 
-    from .rope import yarn_config
+    from .rope import hf_rotary
 
     q_norm = hf_module(lambda: Qwen3RMSNorm(HEAD_DIM, RMS_EPS), weight=x["q_weight"])
     k_norm = hf_module(lambda: Qwen3RMSNorm(HEAD_DIM, RMS_EPS), weight=x["k_weight"])
-    cos, sin = Qwen3RotaryEmbedding(yarn_config(), device=x["q"].device)(x["q"], x["positions"])
+    cos, sin = hf_rotary(x["q"].device)(x["q"], x["positions"])
     q, k, v = x["q"], x["k"], x["v"].transpose(1, 2)
 
     def call():

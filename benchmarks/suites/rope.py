@@ -50,11 +50,16 @@ def _reference(x):
     return reference.qk_norm_rope(*_args(x))
 
 
-def _hf_cos_sin(x):
+def hf_rotary(device: torch.device):
+    """HF's rotary embedding for yarn_config() on ``device`` (built, then moved: the ``device``
+    argument of its constructor is deprecated in transformers 5.17)."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
-    rotary = Qwen3RotaryEmbedding(yarn_config(), device=x["q"].device)
-    return rotary(x["q"], x["positions"][None])  # [1, T, D] each, in q's dtype
+    return Qwen3RotaryEmbedding(yarn_config()).to(device)
+
+
+def _hf_cos_sin(x):
+    return hf_rotary(x["q"].device)(x["q"], x["positions"][None])  # [1, T, D] each, in q's dtype
 
 
 def _canon_hf(out):
