@@ -67,9 +67,8 @@ constexpr int kWgmmaStepBytes = 16 * 2;       // one k16 step of 16-bit elements
 // ISA asks; stride byte offset (bits 32-45) = 1024 bytes between 8-row groups.
 // MN-major: leading = bytes between 64-element atoms along M / N, stride =
 // bytes between 8-row groups along K. Base offset 0 (atoms 1024-aligned).
-__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_addr,
-                                                     uint32_t leading_bytes = 16,
-                                                     uint32_t stride_bytes = kWgmmaAtomBytes) {
+__host__ __device__ __forceinline__ uint64_t wgmma_desc_sw128(
+    uint32_t smem_addr, uint32_t leading_bytes = 16, uint32_t stride_bytes = kWgmmaAtomBytes) {
   constexpr uint64_t kAddrMask = 0x3FFFF;  // 18-bit shared address, 14 bits after >> 4
   constexpr uint64_t kFieldMask = 0x3FFF;  // 14-bit offset fields, in 16-byte units
   return ((static_cast<uint64_t>(smem_addr) & kAddrMask) >> 4) |

@@ -84,7 +84,7 @@ struct ExpertGemmParams {
 namespace gemm_detail {
 
 // Element offset of (row, chunk) in a [rows][kBlockK] swizzled tile.
-__device__ __forceinline__ int swizzled(int row, int chunk) {
+__host__ __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * kGemmBlockK + ((chunk ^ (row % kGemmSwizzleRows)) * (kGemmChunkBytes / 2));
 }
 
