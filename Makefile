@@ -38,6 +38,7 @@ setup: $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml setup.py CMakeLists.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q $(TORCH) numpy pytest safetensors pybind11 ninja cmake setuptools wheel $(TF5)
+	$(VPY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0  # CUTLASS/CuTe headers only (tests/cutlass_check)
 	$(VPY) -m pip install -q --no-deps --target $(TF457_DIR) $(TF457_PKGS)
 	$(MAKE) build
 	touch $@
