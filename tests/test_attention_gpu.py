@@ -608,3 +608,56 @@ def test_key_lengths_skip_the_unfilled_tail(sq, s_max, causal, per_batch):
         m = mask[b : b + 1, :, :, : n[b]] if mask is not None else None
         _judge(out[b : b + 1], lse[b : b + 1], q[b : b + 1], k[b : b + 1, :, : n[b]], v[b : b + 1, :, : n[b]], m,
                D**-0.5, causal)
+
+
+# ---- training: gradients of out (through SDPA: qwen3x._backward) --------------------------------
+def _hf_training_out(q, k, v, mask, scale, causal):
+    """HF's training path, SDPA with enable_gqa (bottom-right causality spelled out as a mask); rows
+    that see no key give 0 (HF's give NaN or garbage there)."""
+    B, Hq, Sq, _ = q.shape
+    allowed = R.visible_keys(B, Sq, k.shape[2], causal, mask, None, q.device)
+    seen = allowed.any(dim=-1, keepdim=True)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~seen, scale=scale,
+                                                           enable_gqa=True)
+    return out.masked_fill(~seen, 0.0).transpose(1, 2)
+
+
+def _out_grads(fn, q, k, v, dtype, weight):
+    """Gradients w.r.t. q, k, v (as dtype leaves) of sum(out * weight)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    (fn(*leaves).to(weight.dtype) * weight).sum().backward()
+    return [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("hq,hkv,S,masked", [(32, 8, 1000, False), (16, 8, 77, True)])
+def test_backward_of_out_is_as_accurate_as_hf_training(hq, hkv, S, masked):
+    """The kernel's forward with the SDPA backward: q, k, v gradients against the fp64 reference's,
+    by the tolerance rule with HF's own bf16 training path as the baseline."""
+    B, scale = 2, D**-0.5
+    q, k, v = _inputs(B, hq, hkv, S, S, torch.bfloat16, q_layout="bshd")
+    mask = _padding_mask(B, S, S) if masked else None
+    weight = torch.randn(B, S, hq, D, device="cuda", dtype=torch.float64)
+    got = _out_grads(lambda *t: ops.attention(*t, mask, scale, True)[0], q, k, v, torch.bfloat16, weight)
+    truth = _out_grads(lambda *t: R.attention(*t, mask, scale, True)[0], q, k, v, torch.float64, weight)
+    hf = _out_grads(lambda *t: _hf_training_out(*t, mask, scale, True), q, k, v, torch.bfloat16, weight)
+    for name, g, t, b in zip("qkv", got, truth, hf):
+        assert g.shape == t.shape and g.dtype == torch.bfloat16, name
+        assert_close_to_truth(g, b, t)
+
+
+def test_backward_memory_is_linear_in_length():
+    """A 16k-token causal training step of Qwen3-4B's attention (32 / 8 heads): the backward of out
+    must not hold the [Hq, S, S] scores, which take 34 GB in fp32 alone (the reference's vjp)."""
+    S, hq, hkv = 16384, 32, 8
+    q, k, v = (t.detach().requires_grad_() for t in _inputs(1, hq, hkv, S, S, torch.bfloat16, q_layout="bshd"))
+    io_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))  # 192 MiB
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out, _ = ops.attention(q, k, v, None, D**-0.5, True)
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 32 * io_bytes, f"backward peaked at {peak / 2**30:.2f} GiB above its inputs"
+    for t in (q, k, v):
+        assert t.grad is not None and torch.isfinite(t.grad).all()

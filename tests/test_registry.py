@@ -143,6 +143,91 @@ def test_autograd_matches_reference_autograd(op):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
+# The attention ops' backward when only ``out`` needs a gradient (as in a transformer): through
+# SDPA (qwen3x._backward), which must give the reference's gradients. Cases: (B, Hq, Hkv, Sq, Skv,
+# causal, mask, key_lengths); the masks leave some rows with no visible key.
+def _mask(B, Sq, Skv, p=0.5):
+    mask = torch.rand(B, 1, Sq, Skv) > p
+    mask[0, 0, 1] = False  # a row that sees nothing
+    return mask
+
+
+OUT_ONLY_ATTENTION_CASES = {
+    "prefill-causal": (2, 4, 2, 37, 37, True, None, None),
+    "cross-noncausal": (2, 4, 1, 5, 37, False, None, None),
+    "decode-bottom-right": (2, 4, 2, 3, 37, True, None, None),
+    "padding-mask-causal": (2, 4, 2, 11, 11, True, "mask", None),
+    "mask-noncausal": (2, 6, 2, 5, 9, False, "mask", None),
+    "key-lengths": (2, 4, 2, 2, 20, True, None, torch.tensor([7, 0])),
+    "no-keys": (1, 4, 2, 3, 0, False, None, None),
+}
+
+
+def _grads(fn, args, weight_out=True, weight_lse=False):
+    """Gradients of a fixed linear function of fn's out (and lse) w.r.t. its floating inputs."""
+    leaves = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+              for a in args]
+    out, lse = fn(*leaves)
+    loss = 0.0
+    if weight_out:
+        loss = loss + (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum()
+    if weight_lse:
+        loss = loss + (lse.masked_fill(torch.isinf(lse), 0) * torch.linspace(1, 2, lse.numel(), dtype=lse.dtype)
+                       .view(lse.shape)).sum()
+    floats = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+    return torch.autograd.grad(loss, floats, allow_unused=True)
+
+
+def _count_out_only_calls(monkeypatch, op):
+    from qwen3x import _backward
+
+    calls = []
+    inner = _backward.OUT_ONLY[op]
+    monkeypatch.setitem(_backward.OUT_ONLY, op, lambda *a: calls.append(1) or inner(*a))
+    return calls
+
+
+def _assert_same_grads(got, want):
+    assert len(got) == len(want) and len(got) > 0
+    for g, w in zip(got, want):
+        w = torch.zeros_like(g) if w is None else w
+        assert g is not None
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", list(OUT_ONLY_ATTENTION_CASES))
+def test_attention_backward_of_out_goes_through_sdpa_with_the_reference_gradients(monkeypatch, case):
+    B, Hq, Hkv, Sq, Skv, causal, mask, key_lengths = OUT_ONLY_ATTENTION_CASES[case]
+    args = (torch.randn(B, Hq, Sq, D, dtype=torch.float64), torch.randn(B, Hkv, Skv, D, dtype=torch.float64),
+            torch.randn(B, Hkv, Skv, D, dtype=torch.float64), _mask(B, Sq, Skv) if mask else None, 0.3, causal,
+            key_lengths)
+    calls = _count_out_only_calls(monkeypatch, "attention")
+    got = _grads(torch.ops.qwen3x.attention, args)
+    assert calls, "the backward of out alone should not hold the score matrix (qwen3x._backward)"
+    _assert_same_grads(got, _grads(R.attention, args))
+
+
+@pytest.mark.parametrize("op", ["qk_norm_rope_attention", "attention_varlen"])
+def test_fused_and_varlen_attention_backward_of_out_goes_through_sdpa(monkeypatch, op):
+    args = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in _inputs(op)]
+    if op == "qk_norm_rope_attention":
+        args[9] = _mask(2, 5, 5)
+    calls = _count_out_only_calls(monkeypatch, op)
+    got = _grads(getattr(torch.ops.qwen3x, op), args)
+    assert calls
+    _assert_same_grads(got, _grads(getattr(R, op), args))
+
+
+@pytest.mark.parametrize("weights", ["lse", "out+lse"])
+def test_attention_backward_with_an_lse_gradient_is_the_reference_vjp(monkeypatch, weights):
+    args = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in _inputs("attention")]
+    calls = _count_out_only_calls(monkeypatch, "attention")
+    kw = {"weight_out": weights == "out+lse", "weight_lse": True}
+    got = _grads(torch.ops.qwen3x.attention, args, **kw)
+    assert not calls
+    _assert_same_grads(got, _grads(R.attention, args, **kw))
+
+
 def test_compile_through_an_op():
     fn = torch.compile(lambda x, w: ops.rms_norm(x, w) * 2, fullgraph=True, backend="eager")
     x, w = torch.randn(3, 64), torch.randn(64)

@@ -9,7 +9,8 @@ module completes the registration from Python, once, at import:
 - CUDA implementation for ops without a kernel = the same reference, with a one-time warning
   naming the op;
 - a fake (meta) implementation for torch.compile, and an autograd formula for every functional
-  op (the backward is reference math, via torch.func.vjp, until CUDA backward kernels exist).
+  op (the backward is reference math, via torch.func.vjp, until CUDA backward kernels exist; the
+  gradient of an attention op's ``out`` alone goes through SDPA instead, _backward.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from . import _checks, reference
+from . import _backward, _checks, reference
 
 NAMESPACE = "qwen3x"
 
@@ -345,13 +346,37 @@ FAKE_IMPLS: dict[str, Callable] = {
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd: the backward of every functional op is the vjp of its reference
+# Autograd: the backward of every functional op is the vjp of its reference (for the attention
+# ops, when only ``out`` needs a gradient, of a restatement through SDPA: _backward.py)
 # --------------------------------------------------------------------------------------------
 # Ops without gradients: integer outputs only, or mutating (autograd cannot be registered for them).
 NO_AUTOGRAD = frozenset({"moe_permute", "qk_norm_rope_", "qk_norm_rope_cache_"})
 
 
-def _make_autograd(ref: Callable):
+def _vjp(fn: Callable, args: list, wanted: list[int], grads: tuple) -> tuple:
+    """Gradients of fn's floating outputs, weighted by ``grads`` (None = zero), w.r.t. args[i] for
+    i in ``wanted`` (None for every other argument)."""
+
+    def differentiable_outputs(*primals):
+        call = list(args)
+        for i, p in zip(wanted, primals):
+            call[i] = p
+        out = fn(*call)
+        out = out if isinstance(out, tuple) else (out,)
+        return tuple(o for o in out if o.is_floating_point())
+
+    outs, vjp_fn = torch.func.vjp(differentiable_outputs, *[args[i] for i in wanted])
+    cotangents = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads))
+    result = [None] * len(args)
+    for i, g in zip(wanted, vjp_fn(cotangents)):
+        result[i] = g
+    return tuple(result)
+
+
+def _make_autograd(op: str):
+    ref = getattr(reference, op)
+    has_out_only = op in _backward.OUT_ONLY
+
     def setup_context(ctx, inputs, output):
         tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
         ctx.save_for_backward(*tensors)
@@ -359,6 +384,8 @@ def _make_autograd(ref: Callable):
         ctx.scalars = [None if isinstance(a, torch.Tensor) else a for a in inputs]
         outputs = output if isinstance(output, tuple) else (output,)
         ctx.float_outputs = [o.is_floating_point() for o in outputs]
+        if has_out_only:
+            ctx.set_materialize_grads(False)  # an unused lse then comes back as None, not zeros
 
     def backward(ctx, *grads):
         saved = iter(ctx.saved_tensors)
@@ -370,23 +397,12 @@ def _make_autograd(ref: Callable):
         ]
         if not wanted:
             return tuple(None for _ in args)
-
-        def differentiable_outputs(*primals):
-            call = list(args)
-            for i, p in zip(wanted, primals):
-                call[i] = p
-            out = ref(*call)
-            out = out if isinstance(out, tuple) else (out,)
-            return tuple(o for o in out if o.is_floating_point())
-
-        outs, vjp_fn = torch.func.vjp(differentiable_outputs, *[args[i] for i in wanted])
-        float_grads = [g for g, is_float in zip(grads, ctx.float_outputs) if is_float]
-        cotangents = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, float_grads))
-        input_grads = vjp_fn(cotangents)
-        result = [None] * len(args)
-        for i, g in zip(wanted, input_grads):
-            result[i] = g
-        return tuple(result)
+        float_grads = tuple(g for g, is_float in zip(grads, ctx.float_outputs) if is_float)
+        if has_out_only and all(g is None for g in float_grads[1:]):
+            if float_grads[0] is None:
+                return tuple(None for _ in args)
+            return _vjp(_backward.OUT_ONLY[op], args, wanted, float_grads[:1])
+        return _vjp(ref, args, wanted, float_grads)
 
     return setup_context, backward
 
@@ -433,7 +449,7 @@ def _register() -> None:
             _IMPL_LIB.impl(op, _cuda_fallback(op, impl), "CUDA")
         torch.library.register_fake(name, FAKE_IMPLS[op], lib=_IMPL_LIB)
         if op not in NO_AUTOGRAD:
-            setup_context, backward = _make_autograd(getattr(reference, op))
+            setup_context, backward = _make_autograd(op)
             torch.library.register_autograd(name, backward, setup_context=setup_context, lib=_IMPL_LIB)
 
 

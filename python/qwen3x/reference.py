@@ -125,6 +125,30 @@ def silu_and_mul(input: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------
+def visible_keys(
+    B: int,
+    Sq: int,
+    Skv: int,
+    causal: bool,
+    mask: torch.Tensor | None,
+    key_lengths: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Which keys each query of ``attention`` sees: bool [B, 1 or Hq, Sq, Skv] (True = attend)."""
+    lengths = torch.full((B,), Skv, device=device)
+    if key_lengths is not None:
+        lengths = key_lengths.to(device).reshape(-1).expand(B).clamp(0, Skv)
+    n = lengths.view(B, 1, 1, 1)  # Skv_b
+    i = torch.arange(Sq, device=device).view(1, 1, Sq, 1)
+    j = torch.arange(Skv, device=device).view(1, 1, 1, Skv)
+    allowed = j < n
+    if causal:
+        allowed = allowed & (j <= i + (n - Sq))
+    if mask is not None:
+        allowed = allowed & mask.to(device=device, dtype=torch.bool)
+    return allowed
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -155,18 +179,7 @@ def attention(
     kf = k.to(cdt).repeat_interleave(groups, dim=1)
     vf = v.to(cdt).repeat_interleave(groups, dim=1)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hq, Sq, Skv]
-    lengths = torch.full((B,), Skv, device=q.device)
-    if key_lengths is not None:
-        lengths = key_lengths.to(q.device).reshape(-1).expand(B).clamp(0, Skv)
-    n = lengths.view(B, 1, 1, 1)  # Skv_b
-    i = torch.arange(Sq, device=q.device).view(1, 1, Sq, 1)
-    j = torch.arange(Skv, device=q.device).view(1, 1, 1, Skv)
-    allowed = j < n
-    if causal:
-        allowed = allowed & (j <= i + (n - Sq))
-    allowed = allowed.expand(B, Hq, Sq, Skv)
-    if mask is not None:
-        allowed = allowed & mask.to(device=q.device, dtype=torch.bool)
+    allowed = visible_keys(B, Sq, Skv, causal, mask, key_lengths, q.device).expand(B, Hq, Sq, Skv)
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees nothing
     safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
