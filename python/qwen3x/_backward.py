@@ -50,51 +50,20 @@ def attention(
     return out.transpose(1, 2)
 
 
-def qk_norm_rope_attention(
-    q: torch.Tensor,  # [B, S, Hq, D], from the projection
-    k: torch.Tensor,  # [B, S, Hkv, D]
-    v: torch.Tensor,  # [B, S, Hkv, D]
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-    attention_scaling: float,
-    eps: float,
-    mask: torch.Tensor | None,
-    scale: float,
-    causal: bool,
-) -> torch.Tensor:  # out [B, S, Hq, D]
-    q, k = reference.qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps)
+def qk_norm_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args) -> torch.Tensor:
+    """reference.qk_norm_rope_attention's ``out`` [B, S, Hq, D] (the same arguments: q, k, v
+    [B, S, H, D] from the projections, then qk_norm_rope's and attention's)."""
+    *norm_rope_args, mask, scale, causal = args
+    q, k = reference.qk_norm_rope(q, k, *norm_rope_args)
     return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale, causal)
 
 
-def attention_varlen(
-    q: torch.Tensor,  # [Tq, Hq, D]
-    k: torch.Tensor,  # [Tk, Hkv, D]
-    v: torch.Tensor,  # [Tk, Hkv, D]
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    scale: float,
-    causal: bool,
-) -> torch.Tensor:  # out [Tq, Hq, D]
-    """reference.attention_varlen's ``out``, one sequence at a time (as the reference)."""
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
+    """reference.attention_varlen's ``out`` [Tq, Hq, D], one sequence at a time (as the reference)."""
     Tq, Hq, D = q.shape
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-
-    def seq(t, lo, hi):  # tokens [lo, hi) as [1, H, S, D]
-        return t[lo:hi].transpose(0, 1).unsqueeze(0)
-
-    outs = [q.new_zeros((cq[0], Hq, D))]
-    for b in range(len(cq) - 1):
-        if cq[b + 1] == cq[b]:
-            continue
-        out = attention(seq(q, cq[b], cq[b + 1]), seq(k, ck[b], ck[b + 1]), seq(v, ck[b], ck[b + 1]), None,
-                        scale, causal)
-        outs.append(out[0])
-    outs.append(q.new_zeros((Tq - cq[-1], Hq, D)))
-    return torch.cat(outs, dim=0)
+    sequences, first, end = reference.packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    outs = [attention(qb, kb, vb, None, scale, causal)[0] for qb, kb, vb in sequences]
+    return torch.cat([q.new_zeros((first, Hq, D)), *outs, q.new_zeros((Tq - end, Hq, D))], dim=0)
 
 
 # op -> its restatement (the ops whose first output is ``out`` and second the log-sum-exp)

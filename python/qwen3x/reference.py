@@ -230,21 +230,25 @@ def attention_varlen(
     sequence (before cu_seqlens_q[0] or from cu_seqlens_q[-1] on) give 0 and -inf.
     """
     Tq, Hq, D = q.shape
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    outs = [q.new_zeros((cq[0], Hq, D))]
-    lses = [torch.full((Hq, cq[0]), float("-inf"), device=q.device)]
-    for b in range(len(cq) - 1):
-        def seq(t, lo, hi):  # tokens [lo, hi) as [1, H, S, D]
-            return t[lo:hi].transpose(0, 1).unsqueeze(0)
-
-        out, lse = attention(
-            seq(q, cq[b], cq[b + 1]), seq(k, ck[b], ck[b + 1]), seq(v, ck[b], ck[b + 1]), None, scale, causal
-        )
-        outs.append(out[0])
-        lses.append(lse[0])
-    outs.append(q.new_zeros((Tq - cq[-1], Hq, D)))
-    lses.append(torch.full((Hq, Tq - cq[-1]), float("-inf"), device=q.device))
+    sequences, first, end = packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    results = [attention(qb, kb, vb, None, scale, causal) for qb, kb, vb in sequences]
+    outs = [q.new_zeros((first, Hq, D)), *(o[0] for o, _ in results), q.new_zeros((Tq - end, Hq, D))]
+    lses = [torch.full((Hq, first), float("-inf"), device=q.device), *(lse[0] for _, lse in results),
+            torch.full((Hq, Tq - end), float("-inf"), device=q.device)]
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+
+
+def packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k):
+    """The sequences of a packed batch (attention_varlen's layout) as a list of (q_b, k_b, v_b)
+    views [1, H, S_b, D], and the first and end token of q they cover (a host sync)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+
+    def seq(t, lo, hi):  # tokens [lo, hi) as [1, H, S, D]
+        return t[lo:hi].transpose(0, 1).unsqueeze(0)
+
+    sequences = [(seq(q, cq[b], cq[b + 1]), seq(k, ck[b], ck[b + 1]), seq(v, ck[b], ck[b + 1]))
+                 for b in range(len(cq) - 1)]
+    return sequences, cq[0], cq[-1]
 
 
 # --------------------------------------------------------------------------------------------
