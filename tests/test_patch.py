@@ -90,12 +90,32 @@ def test_gradients_match(pair):
     ids = _ids()
     base(ids, labels=ids).loss.backward()
     patched(ids, labels=ids).loss.backward()
+    _assert_same_grads(base, patched)
+
+
+def _assert_same_grads(base, patched):
     grads = dict(base.named_parameters())
     for name, p in patched.named_parameters():
         ref = grads[name].grad
         assert (p.grad is None) == (ref is None), name  # e.g. an expert no token picked: no grad at all
         if ref is not None:
             torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_gradients_match_with_left_padding(pair):
+    """Fine-tuning on a padded batch: padded query rows see no key (the attention backward's masked
+    path, qwen3x._backward), and their labels are ignored."""
+    base, patched = pair
+    base.train()
+    patched.train()
+    ids = _ids(batch=3, seq=9)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    base(ids, attention_mask=mask, labels=labels).loss.backward()
+    patched(ids, attention_mask=mask, labels=labels).loss.backward()
+    _assert_same_grads(base, patched)
 
 
 def test_state_dict_unchanged_and_unpatch_exact(pair):
