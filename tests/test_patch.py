@@ -187,6 +187,23 @@ def test_save_pretrained_roundtrip_with_attn_implementation(tmp_path):
         assert not qwen3x.is_patched(plain)
 
 
+@pytest.mark.parametrize("moe", [False, True])
+def test_save_pretrained_of_a_patched_model_that_ran(tmp_path, moe):
+    """After a forward the q/k/v and gate/up parameters are views of packed buffers (packing.py):
+    save_pretrained must still write each parameter as itself."""
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model(moe=moe)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids(seq=5)
+    _logits(patched, ids)
+    patched.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    for (name, p), (_, q) in zip(base.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(p, q), name
+    assert_rel_close(_logits(loaded, ids), _logits(base, ids), REL)
+
+
 @pytest.mark.skipif(not TF5, reason="ExpertsInterface is transformers 5.x")
 def test_experts_implementation_qwen3x_routes_to_the_op(monkeypatch):
     calls = []
@@ -438,3 +455,51 @@ def test_static_cache_decode_compiles_fullgraph():
         return torch.cat(logits, dim=1)
 
     assert_rel_close(decode(patched, "aot_eager"), decode(base), REL)
+
+
+# ---- how many kernels a decode step launches (eager decode is launch-bound) ---------------------
+# Ops that launch no kernel on a GPU (views, metadata, allocation): not counted.
+_NO_KERNEL = {"view", "_unsafe_view", "transpose", "t", "expand", "slice", "select", "unsqueeze", "squeeze",
+              "permute", "as_strided", "detach", "alias", "split", "split_with_sizes", "unbind", "reshape",
+              "_reshape_alias", "view_as", "unflatten", "flatten", "narrow", "expand_as", "lift_fresh", "empty",
+              "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense", "item"}
+
+
+def _decode_step_ops(model, cache: str):
+    """Counter of the kernel-launching ops (aten / qwen3x, seen at the dispatcher) of one decode step
+    after an 8-token prefill."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import StaticCache
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _NO_KERNEL:
+                self.ops[f"{func.namespace}::{func.overloadpacket.__name__}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    ids = _ids(batch=1, seq=8)
+    with torch.no_grad():
+        kw = {"past_key_values": StaticCache(config=model.config, max_cache_len=32)} if cache == "static" else {}
+        out = model(ids, use_cache=True, **kw)
+        with Count() as counted:
+            model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+    return counted.ops
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_decode_step_launches_a_third_of_hfs_kernels(cache):
+    """Per layer, one GEMM for q/k/v, o_proj, one for gate/up, down_proj; the norms, RoPE and the
+    activation one kernel each: eager decode (launch-bound) issues at most a third of HF's kernels."""
+    dims = dict(hidden_size=256, intermediate_size=512, head_dim=128, num_attention_heads=4, num_key_value_heads=2)
+    base = tiny_model(**dims)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    layers = base.config.num_hidden_layers
+    hf, ours = _decode_step_ops(base, cache), _decode_step_ops(patched, cache)
+    assert ours["aten::mm"] + ours["aten::addmm"] == 4 * layers + 1, ours  # + lm_head
+    assert 3 * sum(ours.values()) <= sum(hf.values()), (sum(ours.values()), sum(hf.values()), ours)

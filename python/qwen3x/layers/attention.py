@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from .. import ops, reference
 from . import packing
@@ -133,6 +134,22 @@ def _owns_q(module) -> bool:
     return packing.plain_linear(module.q_proj) and not torch.is_grad_enabled()
 
 
+def _project_qkv(module, x: torch.Tensor):
+    """q [B, S, Hq, D], k and v [B, S, Hkv, D] from hidden_states [B, S, H]. Plain projections
+    without autograd: one GEMM over their weights packed one after another (packing.py; q, k, v are
+    views of its output, which the qk_norm_rope ops update in place through their strides); else
+    each projection as HF calls it (hooks, LoRA, biases, and training, which would copy the weights
+    every step)."""
+    projections = (module.q_proj, module.k_proj, module.v_proj)
+    heads = (*x.shape[:-1], -1, module.head_dim)
+    if not all(map(packing.plain_linear, projections)) or packing.needs_grad([p.weight for p in projections]):
+        return tuple(p(x).view(heads) for p in projections)
+    params = [p.weight for p in projections]
+    sizes = [p.out_features for p in projections]
+    w = packing.packed(module, "qkv", params, (sum(sizes), module.q_proj.in_features))
+    return tuple(t.view(heads) for t in F.linear(x, w).split(sizes, dim=-1))
+
+
 def _norm_rope(module, q, k, position_embeddings):
     """Per-head RMSNorm of q [B, S, Hq, D] and k [B, S, Hkv, D], then RoPE. Returns (q, k)."""
     args = _fused_norm_args(module, q, k, position_embeddings)
@@ -194,16 +211,22 @@ def _filled_slots(layer, cache_position):
     return None
 
 
-def _claim_slots(layer, seqlen: int, cache_position, device) -> torch.Tensor:
-    """The cache slots of the new tokens, with the layer's bookkeeping advanced as its own update()
-    would: transformers 5.x counts written tokens in ``cumulative_length`` (a device tensor); 4.57
-    writes at the ``cache_position`` the model passes (0 .. S-1 when it passes none)."""
+def _cache_slots(layer, seqlen: int, cache_position, device) -> torch.Tensor:
+    """The cache slots of the new tokens: transformers 5.x counts written tokens in
+    ``cumulative_length`` (a device tensor; one decode token's slot is that counter itself, a view,
+    so read it before _advance); 4.57 writes at the ``cache_position`` the model passes (0 .. S-1
+    when it passes none)."""
     counter = getattr(layer, "cumulative_length", None)
     if isinstance(counter, torch.Tensor):
-        slots = torch.arange(seqlen, device=device) + counter
-        counter.add_(seqlen)
-        return slots
+        return counter.reshape(1) if seqlen == 1 else torch.arange(seqlen, device=device) + counter
     return cache_position if cache_position is not None else torch.arange(seqlen, device=device)
+
+
+def _advance(layer, seqlen: int) -> None:
+    """The layer's bookkeeping after its slots were written, as its own update() would leave it."""
+    counter = getattr(layer, "cumulative_length", None)
+    if isinstance(counter, torch.Tensor):
+        counter.add_(seqlen)
 
 
 class Attention:
@@ -217,10 +240,7 @@ class Attention:
         **kwargs,
     ):
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape)  # [B, S, Hq, D]
-        k = self.k_proj(hidden_states).view(hidden_shape)  # [B, S, Hkv, D]
-        v = self.v_proj(hidden_states).view(hidden_shape)
+        q, k, v = _project_qkv(self, hidden_states)  # [B, S, Hq, D], [B, S, Hkv, D] x 2
 
         # A static cache, past its first (initializing) write: normed, rotated k and v go straight
         # into their slots, one launch (qk_norm_rope_cache_) instead of three.
@@ -228,8 +248,9 @@ class Attention:
         args = _fused_norm_args(self, q, k, position_embeddings) if static is not None and _owns_q(self) else None
         key_lengths = None
         if args is not None:
-            slots = _claim_slots(static, q.shape[1], cache_position, q.device)
+            slots = _cache_slots(static, q.shape[1], cache_position, q.device)
             ops.qk_norm_rope_cache_(q, k, v, static.keys, static.values, slots, *args)
+            _advance(static, q.shape[1])
             q, k, v = q.transpose(1, 2), static.keys, static.values
             key_lengths = _filled_slots(static, cache_position)
             past_key_values = None  # written

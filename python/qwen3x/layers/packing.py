@@ -1,7 +1,8 @@
 """One weight buffer behind several HF parameters, so one GEMM can serve them all.
 
-HF keeps gate_proj and up_proj (and 4.57's per-expert MLPs) as separate Linear weights; the
-kernels want them as one tensor ([2I, H] for the dense MLP, [E, 2I, H] / [E, H, I] for experts).
+HF keeps q_proj / k_proj / v_proj, gate_proj and up_proj (and 4.57's per-expert MLPs) as separate
+Linear weights; one GEMM wants them as one tensor ([(Hq + 2 Hkv) D, H] for attention's projections,
+[2I, H] for the dense MLP, [E, 2I, H] / [E, H, I] for experts): the parameters one after another.
 ``packed`` copies the parameters once into a new buffer and re-points each parameter's ``.data``
 at its slice, so memory is not doubled and the parameters (names, shapes, values, identity) stay
 as they were. Every eager call checks that the parameters still are those slices; if anything
@@ -24,24 +25,31 @@ def needs_grad(params: list[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for p in params)
 
 
+def _offsets(params: list[torch.Tensor]) -> list[int]:
+    """Element offset of each parameter in the packed buffer (one after another)."""
+    offsets, at = [], 0
+    for p in params:
+        offsets.append(at)
+        at += p.numel()
+    return offsets
+
+
 def _is_view_of(buffer: torch.Tensor, params: list[torch.Tensor]) -> bool:
     first = params[0]
-    if buffer.device != first.device or buffer.dtype != first.dtype:
+    if buffer.device != first.device or buffer.dtype != first.dtype or buffer.numel() != sum(p.numel() for p in params):
         return False
-    step = first.numel() * first.element_size()
-    base = buffer.data_ptr()
-    return all(
-        p.data_ptr() == base + i * step and p.shape == first.shape and p.is_contiguous() for i, p in enumerate(params)
-    )
+    base, size = buffer.data_ptr(), first.element_size()
+    return all(p.data_ptr() == base + at * size and p.is_contiguous() for p, at in zip(params, _offsets(params)))
 
 
 def stacked(params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     """The packed layout, built with autograd (a copy per call)."""
-    return torch.stack(params).view(shape)
+    return torch.cat([p.reshape(-1) for p in params]).view(shape)
 
 
 def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor of ``shape`` whose ``view(len(params), *params[0].shape)[i]`` is ``params[i]``."""
+    """A tensor of ``shape`` holding the parameters one after another (``params[i]`` is elements
+    ``[offset_i, offset_i + params[i].numel())`` of its flat view), which they then are views of."""
     buffer = owner.__dict__.get(ATTR, {}).get(key)
     if torch.compiler.is_compiling():
         return buffer if buffer is not None else stacked([p.detach() for p in params], shape)
@@ -50,9 +58,9 @@ def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[
     # Never under inference mode: the parameters would become inference tensors for good.
     with torch.inference_mode(False), torch.no_grad():
         buffer = stacked([p.detach() for p in params], shape)
-        slots = buffer.view(len(params), *params[0].shape)
-        for i, p in enumerate(params):
-            p.data = slots[i]
+        flat = buffer.view(-1)
+        for p, at in zip(params, _offsets(params)):
+            p.data = flat[at : at + p.numel()].view(p.shape)
     owner.__dict__.setdefault(ATTR, {})[key] = buffer
     return buffer
 
