@@ -228,6 +228,45 @@ def test_attention_backward_with_an_lse_gradient_is_the_reference_vjp(monkeypatc
     _assert_same_grads(got, _grads(R.attention, args, **kw))
 
 
+# The experts' backward: the vjp of a grouped-GEMM restatement (qwen3x._backward.moe_experts), not
+# of the reference's loop over experts. fp32 on the CPU (grouped_mm serves it; fp64 keeps the loop).
+def _moe_case(layout):
+    T, E, k, H, I = 13, 8, 2, 16, 8
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    if layout == "two-experts":  # six experts get no pick
+        ids = torch.stack([torch.tensor([3, 5]) if t % 2 else torch.tensor([5, 3]) for t in range(T)])
+    w = torch.rand(T, k)
+    return T, E, k, H, I, ids.int(), w
+
+
+@pytest.mark.parametrize("layout", ["random", "two-experts"])
+@pytest.mark.parametrize("op", ["moe_experts", "moe"])
+def test_experts_backward_goes_through_grouped_gemms(monkeypatch, op, layout):
+    T, E, k, H, I, ids, w = _moe_case(layout)
+    x, gate_up, down = torch.randn(T, H), torch.randn(E, 2 * I, H) * 0.3, torch.randn(E, H, I) * 0.3
+    if op == "moe_experts":
+        args = [x, ids, w, gate_up, down]
+    else:
+        args = [x, torch.randn(T, E), gate_up, down, k, True]
+    calls = []
+    grouped = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **kw: calls.append(1) or grouped(*a, **kw))
+
+    def grads(fn, dtype):
+        leaves = [a.to(dtype).clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                  else a for a in args]
+        out = fn(*leaves)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view(out.shape)).sum().backward()
+        return [leaf.grad for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+
+    got = grads(getattr(torch.ops.qwen3x, op), torch.float32)
+    assert calls, "the experts' backward should run grouped GEMMs (qwen3x._backward.moe_experts)"
+    truth = grads(getattr(R, op), torch.float64)
+    for g, t in zip(got, truth):
+        assert g is not None and g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), t, rtol=1e-4, atol=1e-5)
+
+
 def test_compile_through_an_op():
     fn = torch.compile(lambda x, w: ops.rms_norm(x, w) * 2, fullgraph=True, backend="eager")
     x, w = torch.randn(3, 64), torch.randn(64)

@@ -10,7 +10,8 @@ module completes the registration from Python, once, at import:
   naming the op;
 - a fake (meta) implementation for torch.compile, and an autograd formula for every functional
   op (the backward is reference math, via torch.func.vjp, until CUDA backward kernels exist; the
-  gradient of an attention op's ``out`` alone goes through SDPA instead, _backward.py).
+  gradient of an attention op's ``out`` alone goes through SDPA instead, and the experts' through
+  grouped GEMMs: _backward.py).
 """
 
 from __future__ import annotations
@@ -347,7 +348,8 @@ FAKE_IMPLS: dict[str, Callable] = {
 
 # --------------------------------------------------------------------------------------------
 # Autograd: the backward of every functional op is the vjp of its reference (for the attention
-# ops, when only ``out`` needs a gradient, of a restatement through SDPA: _backward.py)
+# ops, when only ``out`` needs a gradient, of a restatement through SDPA; for the experts, of one
+# through grouped GEMMs: _backward.py)
 # --------------------------------------------------------------------------------------------
 # Ops without gradients: integer outputs only, or mutating (autograd cannot be registered for them).
 NO_AUTOGRAD = frozenset({"moe_permute", "qk_norm_rope_", "qk_norm_rope_cache_"})
@@ -402,7 +404,7 @@ def _make_autograd(op: str):
             if float_grads[0] is None:
                 return tuple(None for _ in args)
             return _vjp(_backward.OUT_ONLY[op], args, wanted, float_grads[:1])
-        return _vjp(ref, args, wanted, float_grads)
+        return _vjp(_backward.SAME_FUNCTION.get(op, ref), args, wanted, float_grads)
 
     return setup_context, backward
 
