@@ -204,6 +204,64 @@ def test_save_pretrained_of_a_patched_model_that_ran(tmp_path, moe):
     assert_rel_close(_logits(loaded, ids), _logits(base, ids), REL)
 
 
+def _storages_shared(model) -> list[str]:
+    seen, shared = {}, []
+    for name, p in model.named_parameters():
+        ptr = p.untyped_storage().data_ptr()
+        if ptr in seen:
+            shared.append(f"{seen[ptr]} ~ {name}")
+        seen.setdefault(ptr, name)
+    return shared
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_checkpoint_writers_see_separate_parameters_after_a_forward(tmp_path, moe):
+    """accelerate's and safetensors' save_model take parameters sharing a storage for tied copies
+    (accelerate keeps one, safetensors refuses): state_dict() gives packed parameters their own
+    storage again, and the next forward packs again."""
+    from safetensors.torch import load_model, save_model
+
+    base = tiny_model(moe=moe, **({"num_experts_per_tok": 2} if moe else {}))
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids(seq=5)
+    _logits(patched, ids)
+    assert _storages_shared(patched), "the forward should have packed q/k/v and gate/up"
+    save_model(patched, str(tmp_path / "m.safetensors"))
+    assert not _storages_shared(patched)
+    fresh = tiny_model(moe=moe, seed=5)
+    load_model(fresh, str(tmp_path / "m.safetensors"))
+    for (name, p), (_, q) in zip(base.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), name
+    assert_rel_close(_logits(patched, ids), _logits(base, ids), REL)  # packs again
+    assert _storages_shared(patched)
+
+
+def test_load_state_dict_with_assign_drops_the_packed_buffers():
+    base = tiny_model()
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids(seq=5)
+    _logits(patched, ids)
+    other = tiny_model(seed=3)
+    patched.load_state_dict(other.state_dict(), assign=True)
+    assert all(qwen3x.layers.packing.ATTR not in m.__dict__ for m in patched.modules())
+    assert_rel_close(_logits(patched, ids), _logits(other, ids), REL)
+
+
+def test_a_patched_model_that_ran_pickles_and_unpatch_gives_back_separate_storages():
+    import pickle
+
+    base = tiny_model(moe=True)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids(seq=5)
+    _logits(patched, ids)
+    clone = pickle.loads(pickle.dumps(patched))
+    assert_rel_close(_logits(clone, ids), _logits(base, ids), REL)
+    qwen3x.unpatch(patched)
+    assert not _storages_shared(patched)
+    assert all(not m._state_dict_pre_hooks and not m._load_state_dict_post_hooks for m in patched.modules())
+    assert torch.equal(_logits(patched, ids), _logits(base, ids))
+
+
 @pytest.mark.skipif(not TF5, reason="ExpertsInterface is transformers 5.x")
 def test_experts_implementation_qwen3x_routes_to_the_op(monkeypatch):
     calls = []

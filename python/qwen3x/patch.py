@@ -123,7 +123,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         original = type(module).__dict__.get(_ORIGINAL)
         if original is not None:
             module.__class__ = original
-            module.__dict__.pop(layers.packing.ATTR, None)  # the parameters keep their (packed) storage
+            layers.packing.unhook(module)  # each parameter gets its own storage back
     return model
 
 

@@ -10,7 +10,14 @@ moved them (``model.to``, ``load_state_dict(assign=True)``) the buffer is rebuil
 torch.compile trace (where storage addresses cannot be read) the buffer of the last eager call is
 used as is, or the weights are stacked when there is none. Gradients reach the parameters only
 through ``stacked`` (a copy per call): callers use ``needs_grad`` to choose.
-A side effect to know: ``torch.save`` of one such parameter alone saves the whole shared buffer.
+
+Checkpoint writers (accelerate's save_model, safetensors' save_model) take parameters that share a
+storage for tied copies and keep one of them, so the owner's ``state_dict()`` first gives every
+packed parameter its own storage again (``release``; one module at a time, so the extra memory is
+one module's weights) and the next eager forward packs again; ``load_state_dict`` forgets the
+buffers (with assign=True the parameters are new tensors). Until the next eager forward after a
+``model.to(...)``, the old buffer stays alive. ``torch.save`` of one packed parameter alone saves
+the whole shared buffer.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ATTR = "_qwen3x_packed"
+ATTR = "_qwen3x_packed"  # owner.__dict__[ATTR]: key -> (buffer, the parameters packed into it)
+HOOKS = "_qwen3x_packing_hooks"
 
 
 def needs_grad(params: list[torch.Tensor]) -> bool:
@@ -50,7 +58,7 @@ def stacked(params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
 def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor of ``shape`` holding the parameters one after another (``params[i]`` is elements
     ``[offset_i, offset_i + params[i].numel())`` of its flat view), which they then are views of."""
-    buffer = owner.__dict__.get(ATTR, {}).get(key)
+    buffer = owner.__dict__.get(ATTR, {}).get(key, (None,))[0]
     if torch.compiler.is_compiling():
         return buffer if buffer is not None else stacked([p.detach() for p in params], shape)
     if buffer is not None and _is_view_of(buffer, params):
@@ -61,8 +69,43 @@ def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[
         flat = buffer.view(-1)
         for p, at in zip(params, _offsets(params)):
             p.data = flat[at : at + p.numel()].view(p.shape)
-    owner.__dict__.setdefault(ATTR, {})[key] = buffer
+    owner.__dict__.setdefault(ATTR, {})[key] = (buffer, list(params))
+    if HOOKS not in owner.__dict__:
+        owner.__dict__[HOOKS] = (owner.register_state_dict_pre_hook(_release_hook),
+                                 owner.register_load_state_dict_post_hook(_forget_hook))
     return buffer
+
+
+def forget(owner: nn.Module) -> None:
+    """Drop the owner's buffers (the parameters stay views of them until the next eager forward
+    packs again)."""
+    owner.__dict__.pop(ATTR, None)
+
+
+def release(owner: nn.Module) -> None:
+    """Give each parameter packed by ``owner`` a storage of its own again, and drop the buffers."""
+    packs = owner.__dict__.pop(ATTR, {})
+    with torch.inference_mode(False), torch.no_grad():
+        for buffer, params in packs.values():
+            storage = buffer.untyped_storage().data_ptr()
+            for p in params:
+                if p.untyped_storage().data_ptr() == storage:
+                    p.data = p.data.clone()
+
+
+def _release_hook(owner: nn.Module, prefix: str, keep_vars: bool) -> None:  # module-level: picklable
+    release(owner)
+
+
+def _forget_hook(owner: nn.Module, incompatible_keys) -> None:
+    forget(owner)
+
+
+def unhook(owner: nn.Module) -> None:
+    """``release``, and remove the hooks ``packed`` registered (unpatch)."""
+    release(owner)
+    for handle in owner.__dict__.pop(HOOKS, ()):
+        handle.remove()
 
 
 def weights(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
@@ -82,5 +125,7 @@ def has_hooks(module: nn.Module) -> bool:
 
 
 def plain_linear(module: nn.Module) -> bool:
-    """An nn.Linear without bias or hooks: its weight may be used directly."""
-    return type(module) is nn.Linear and module.bias is None and not has_hooks(module)
+    """An nn.Linear without bias or hooks, its weight a plain tensor (not a quantized subclass): its
+    weight may be used directly."""
+    return (type(module) is nn.Linear and module.bias is None and not has_hooks(module)
+            and type(module.weight.data) is torch.Tensor)
