@@ -612,13 +612,17 @@ def test_key_lengths_skip_the_unfilled_tail(sq, s_max, causal, per_batch):
 
 # ---- training: gradients of out (through SDPA: qwen3x._backward) --------------------------------
 def _hf_training_out(q, k, v, mask, scale, causal):
-    """HF's training path, SDPA with enable_gqa (bottom-right causality spelled out as a mask); rows
-    that see no key give 0 (HF's give NaN or garbage there)."""
+    """HF's training path (transformers' sdpa_attention_forward): without a mask, SDPA with
+    is_causal and enable_gqa (flash); with one, k and v repeated per head and the boolean mask
+    (memory-efficient). Rows that see no key give 0 here (HF's give NaN or garbage there)."""
     B, Hq, Sq, _ = q.shape
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if mask is None and causal and Sq == k.shape[2]:
+        return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2)
+    g = Hq // k.shape[1]
     allowed = R.visible_keys(B, Sq, k.shape[2], causal, mask, None, q.device)
     seen = allowed.any(dim=-1, keepdim=True)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~seen, scale=scale,
-                                                           enable_gqa=True)
+    out = sdpa(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), attn_mask=allowed | ~seen, scale=scale)
     return out.masked_fill(~seen, 0.0).transpose(1, 2)
 
 

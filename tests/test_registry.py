@@ -218,6 +218,17 @@ def test_fused_and_varlen_attention_backward_of_out_goes_through_sdpa(monkeypatc
     _assert_same_grads(got, _grads(getattr(R, op), args))
 
 
+def test_fused_attention_backward_with_wider_norm_weights(monkeypatch):
+    """fp32 q, k, v with fp64 norm weights: qk_norm_rope promotes q and k, not v (the reference
+    computes in the promoted dtype; SDPA takes one dtype)."""
+    args = list(_inputs("qk_norm_rope_attention"))
+    args[3], args[4] = args[3].double(), args[4].double()
+    calls = _count_out_only_calls(monkeypatch, "qk_norm_rope_attention")
+    got = _grads(torch.ops.qwen3x.qk_norm_rope_attention, args)
+    assert calls
+    _assert_same_grads(got, _grads(R.qk_norm_rope_attention, args))
+
+
 @pytest.mark.parametrize("weights", ["lse", "out+lse"])
 def test_attention_backward_with_an_lse_gradient_is_the_reference_vjp(monkeypatch, weights):
     args = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in _inputs("attention")]

@@ -10,13 +10,14 @@ the gradient of ``out`` goes through PyTorch's scaled_dot_product_attention inst
 flash / memory-efficient kernels, whose backward recomputes the scores tile by tile): the same
 function of q, k and v, so the same gradients up to rounding, at HF's memory cost. When the
 log-sum-exp output needs a gradient too (rare: nothing in a transformer consumes it), the
-reference's vjp runs as before. These take their op's arguments and return ``out`` only (OUT_ONLY).
+reference's vjp runs as before (also under torch.compile when lse leaves the compiled graph:
+AOTAutograd then hands its gradient in as zeros, not None). These take their op's arguments and return ``out`` only (OUT_ONLY).
 
 Experts. The moe_experts reference loops over the experts (a host sync and a few ops per expert):
 its vjp launches about thirty kernels per expert, thousands per layer for Qwen3-30B-A3B, where HF's
 default trains with two grouped GEMMs. moe_experts and moe are restated with grouped GEMMs
 (torch.nn.functional.grouped_mm, as HF's grouped_mm experts implementation uses it) where PyTorch
-serves them (bf16 on sm_80+ GPUs; bf16 / fp16 / fp32 on the CPU), the same function, and keep the
+serves them (bf16 on sm_80 / sm_90 GPUs; bf16 / fp16 / fp32 on the CPU), the same function, and keep the
 reference elsewhere (fp64, other GPUs). These return everything the op returns (SAME_FUNCTION).
 """
 
@@ -61,7 +62,8 @@ def qk_norm_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *a
     """reference.qk_norm_rope_attention's ``out`` [B, S, Hq, D] (the same arguments: q, k, v
     [B, S, H, D] from the projections, then qk_norm_rope's and attention's)."""
     *norm_rope_args, mask, scale, causal = args
-    q, k = reference.qk_norm_rope(q, k, *norm_rope_args)
+    q, k = reference.qk_norm_rope(q, k, *norm_rope_args)  # fp32 norm weights promote q and k
+    v = v.to(q.dtype)  # SDPA takes one dtype (the reference computes in the promoted one anyway)
     return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale, causal)
 
 
@@ -79,7 +81,9 @@ def _grouped_mm_serves(x: torch.Tensor, weights: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its traced form takes bf16 only
         return False
     if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        # sm_100 gives empty groups nonzero weight gradients (pytorch/pytorch#172439, open): Ampere
+        # and Hopper only until that is fixed
+        return x.dtype == torch.bfloat16 and (8, 0) <= torch.cuda.get_device_capability(x.device) < (10, 0)
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 

@@ -272,7 +272,9 @@ def moe_router(
     weights, ids = ranked.values[..., :top_k], ranked.indices[..., :top_k]
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    counts = torch.bincount(ids.flatten(), minlength=router_logits.shape[-1])
+    flat = ids.flatten()
+    counts = torch.zeros(router_logits.shape[-1], dtype=torch.int64, device=flat.device)
+    counts = counts.scatter_add(0, flat, torch.ones_like(flat))  # a bincount of fixed shape: traceable
     return weights.to(router_logits.dtype), ids.to(torch.int32), counts.to(torch.int32)
 
 
