@@ -146,8 +146,8 @@ def test_autograd_matches_reference_autograd(op):
 # The attention ops' backward when only ``out`` needs a gradient (as in a transformer): through
 # SDPA (qwen3x._backward), which must give the reference's gradients. Cases: (B, Hq, Hkv, Sq, Skv,
 # causal, mask, key_lengths); the masks leave some rows with no visible key.
-def _mask(B, Sq, Skv, p=0.5):
-    mask = torch.rand(B, 1, Sq, Skv) > p
+def _mask(B, Sq, Skv, p=0.5, heads=1):
+    mask = torch.rand(B, heads, Sq, Skv) > p
     mask[0, 0, 1] = False  # a row that sees nothing
     return mask
 
@@ -159,8 +159,20 @@ OUT_ONLY_ATTENTION_CASES = {
     "padding-mask-causal": (2, 4, 2, 11, 11, True, "mask", None),
     "mask-noncausal": (2, 6, 2, 5, 9, False, "mask", None),
     "key-lengths": (2, 4, 2, 2, 20, True, None, torch.tensor([7, 0])),
+    "one-key-length": (2, 4, 2, 3, 20, False, None, torch.tensor(5)),
+    "mask-broadcast-batch": (3, 4, 2, 5, 9, False, (1, 1), None),
+    "mask-per-head": (2, 4, 2, 5, 9, True, (1, 4), None),
+    "more-queries-than-keys": (2, 4, 2, 5, 3, True, None, None),
     "no-keys": (1, 4, 2, 3, 0, False, None, None),
 }
+
+
+def _attention_mask(spec, B, Sq, Skv):
+    """None, "mask" ([B, 1, Sq, Skv]) or (batch, heads) of a broadcast mask."""
+    if spec is None:
+        return None
+    batch, heads = (B, 1) if spec == "mask" else spec
+    return _mask(batch, Sq, Skv, heads=heads)
 
 
 def _grads(fn, args, weight_out=True, weight_lse=False):
@@ -199,7 +211,7 @@ def _assert_same_grads(got, want):
 def test_attention_backward_of_out_goes_through_sdpa_with_the_reference_gradients(monkeypatch, case):
     B, Hq, Hkv, Sq, Skv, causal, mask, key_lengths = OUT_ONLY_ATTENTION_CASES[case]
     args = (torch.randn(B, Hq, Sq, D, dtype=torch.float64), torch.randn(B, Hkv, Skv, D, dtype=torch.float64),
-            torch.randn(B, Hkv, Skv, D, dtype=torch.float64), _mask(B, Sq, Skv) if mask else None, 0.3, causal,
+            torch.randn(B, Hkv, Skv, D, dtype=torch.float64), _attention_mask(mask, B, Sq, Skv), 0.3, causal,
             key_lengths)
     calls = _count_out_only_calls(monkeypatch, "attention")
     got = _grads(torch.ops.qwen3x.attention, args)
