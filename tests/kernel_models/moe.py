@@ -358,7 +358,7 @@ def permute(ids_flat, num_experts, row_align):
     inverse = GBuf("inverse", numel=num_picks, dtype=np.int64, fill=-12345)
     tile_picks, num_tiles = permute_tiling(num_picks)
     tid = np.arange(PERMUTE_THREADS)
-    lane, warp = tid % WARP, tid // WARP
+    warp = tid // WARP
 
     def expert_of(n, end):
         """permute_detail::expert_of per thread."""
