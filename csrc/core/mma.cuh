@@ -18,7 +18,9 @@
 // matrix j, and register j of lane i receives row i / 4, elements
 // 2 (i % 4), 2 (i % 4) + 1 of matrix j (the transpose of that with .trans).
 //
-// Device code only; the instructions need sm_80 or newer.
+// Device code only; the instructions need sm_80 or newer. Under QWEN3X_EMULATOR
+// (tests/emulator: these kernels' source run on the CPU) each wrapper calls the
+// emulation of its instruction instead.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,33 +41,53 @@ __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
 // src_bytes == 0 nothing is read and the 16 destination bytes are zeroed.
 __device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* gmem_ptr,
                                             bool in_range) {
+#if defined(QWEN3X_EMULATOR)
+  emu::cp_async_16(smem_addr, gmem_ptr, in_range);
+#else
   const int src_bytes = in_range ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem_ptr),
                "r"(src_bytes)
                : "memory");
+#endif
 }
 
 // Closes the group of cp.async issued since the previous commit.
 __device__ __forceinline__ void cp_async_commit() {
+#if defined(QWEN3X_EMULATOR)
+  emu::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
 }
 
 // Waits until at most kPending of this thread's committed groups are in flight.
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
+#if defined(QWEN3X_EMULATOR)
+  emu::cp_async_wait(kPending);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr) {
+#if defined(QWEN3X_EMULATOR)
+  emu::ldmatrix_x4(r, smem_addr, /*trans=*/false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr));
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t smem_addr) {
+#if defined(QWEN3X_EMULATOR)
+  emu::ldmatrix_x4(r, smem_addr, /*trans=*/true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr));
+#endif
 }
 
 // d += A * B for one m16n8k16 tile; T is __nv_bfloat16 or __half.
@@ -74,6 +96,9 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
                                           uint32_t b1) {
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>,
                 "mma_16816 takes bf16 or fp16 operands");
+#if defined(QWEN3X_EMULATOR)
+  emu::mma_16816<T>(d, a, b0, b1);
+#else
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
@@ -85,6 +110,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 // (lo, hi) -> one register holding T(lo) in bits 0-15 and T(hi) in bits 16-31.
@@ -104,9 +130,13 @@ __device__ __forceinline__ uint32_t pack_float2(float lo, float hi) {
 // 2^x with the MUFU unit (ex2.approx.ftz: ~2 ulp, 2^-inf = +0); softmax inputs
 // are <= 0 after subtracting the row max, so no overflow.
 __device__ __forceinline__ float fast_exp2(float x) {
+#if defined(QWEN3X_EMULATOR)
+  return emu::ex2_approx_ftz(x);
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 
 }  // namespace qwen3x

@@ -40,10 +40,14 @@ template <typename T>
 __device__ __forceinline__ void store_vec16(T* ptr, const Vec16<T>& v) {
   uint4 raw;
   memcpy(&raw, &v, sizeof(raw));
+#if defined(QWEN3X_EMULATOR)
+  emu::store_global_16(ptr, &raw);
+#else
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};"
                :
                : "l"(ptr), "r"(raw.x), "r"(raw.y), "r"(raw.z), "r"(raw.w)
                : "memory");
+#endif
 }
 
 __device__ __forceinline__ float to_float(float x) { return x; }

@@ -35,7 +35,8 @@
 // Everything here exists only where __CUDA_ARCH_FEAT_SM90_ALL is defined (an
 // sm_90a compilation); elsewhere the wrappers trap, and the host must not
 // launch kernels that use them (QWEN3X_HAS_SM90A, set by CMake when the build
-// includes sm_90a, tells it).
+// includes sm_90a, tells it). Under QWEN3X_EMULATOR (tests/emulator) each
+// wrapper calls the emulation of its instruction.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -81,6 +82,8 @@ __host__ __device__ __forceinline__ uint64_t wgmma_desc_sw128(
 __device__ __forceinline__ void wgmma_fence() {
 #if defined(QWEN3X_WGMMA_ENABLED)
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#elif defined(QWEN3X_EMULATOR)
+  emu::wgmma_fence();
 #else
   __trap();
 #endif
@@ -90,6 +93,8 @@ __device__ __forceinline__ void wgmma_fence() {
 __device__ __forceinline__ void wgmma_commit() {
 #if defined(QWEN3X_WGMMA_ENABLED)
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#elif defined(QWEN3X_EMULATOR)
+  emu::wgmma_commit();
 #else
   __trap();
 #endif
@@ -100,6 +105,8 @@ template <int kPending>
 __device__ __forceinline__ void wgmma_wait() {
 #if defined(QWEN3X_WGMMA_ENABLED)
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#elif defined(QWEN3X_EMULATOR)
+  emu::wgmma_wait(kPending);
 #else
   __trap();
 #endif
@@ -110,6 +117,8 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_proxy_async() {
 #if defined(QWEN3X_WGMMA_ENABLED)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#elif defined(QWEN3X_EMULATOR)
+  // nothing to order: the emulator's copies land in place
 #else
   __trap();
 #endif
@@ -120,13 +129,21 @@ __device__ __forceinline__ void fence_proxy_async() {
 template <int kRegs>
 __device__ __forceinline__ void wgmma_fence_operands(float (&d)[kRegs]) {
 #pragma unroll
-  for (int i = 0; i < kRegs; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < kRegs; ++i) {
+#if !defined(QWEN3X_EMULATOR)
+    asm volatile("" : "+f"(d[i])::"memory");
+#endif
+  }
 }
 // The same for A operands in registers: they must be final before wgmma.fence.
 template <int kRegs>
 __device__ __forceinline__ void wgmma_fence_operands(uint32_t (&a)[kRegs]) {
 #pragma unroll
-  for (int i = 0; i < kRegs; ++i) asm volatile("" : "+r"(a[i])::"memory");
+  for (int i = 0; i < kRegs; ++i) {
+#if !defined(QWEN3X_EMULATOR)
+    asm volatile("" : "+r"(a[i])::"memory");
+#endif
+  }
 }
 
 // ---- the wgmma variants ------------------------------------------------------------------
@@ -188,6 +205,8 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[kN / 2], uint64_t desc_a, ui
                          QWEN3X_WGMMA_D32(d), "l"(desc_a), "l"(desc_b),
                          "r"(wgmma_detail::kAccumulate))
   }
+#elif defined(QWEN3X_EMULATOR)
+  emu::wgmma_issue<T>("wgmma.m64nNk16 SS", kN, d, nullptr, desc_a, desc_b);
 #else
   (void)d;
   (void)desc_a;
@@ -208,6 +227,8 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs_mn(float (&d)[64], const uin
                        QWEN3X_WGMMA_D64_OPS ", {%64, %65, %66, %67}, %68, p, 1, 1, 1", "%69",
                        QWEN3X_WGMMA_D64(d), "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]),
                        "l"(desc_b), "r"(wgmma_detail::kAccumulate))
+#elif defined(QWEN3X_EMULATOR)
+  emu::wgmma_issue<T>("wgmma.m64n128k16 RS", 128, d, a, 0, desc_b);
 #else
   (void)d;
   (void)a;

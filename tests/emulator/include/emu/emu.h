@@ -1,0 +1,1066 @@
+// A small CUDA execution model for the CPU, so that the kernels' own source (csrc/*.cuh, with
+// their host launchers) runs on a machine without a GPU: tests/emulator/README.md.
+//
+// Every CUDA thread is a fiber (its own stack, switched by a few instructions, no system call);
+// one CTA runs at a time, its fibers scheduled round-robin and switched only where threads meet
+// (__syncthreads, warp collectives, wgmma), so a run is deterministic for a given scheduling
+// order (EMU_ORDER=forward | reverse: a result that changes with the order is a race).
+// Warp collectives (shuffles, ldmatrix, mma.sync) and warpgroup ones (wgmma) are executed by the
+// last thread to arrive, from the operands every participant left; each checks that all 32 (128)
+// threads arrived at the same instruction. The asynchronous instructions run EMU_ASYNC=early
+// (cp.async copies and wgmma at issue) or late (at the wait that the kernel's correctness
+// depends on): a kernel that reads before waiting, or overwrites what another warp still reads,
+// gives a wrong answer in one of the two modes.
+//
+// Checked and reported as an error (emu::Error, then the runner exits non-zero): shared-memory
+// addresses outside the CTA's dynamic allocation, misaligned cp.async / ldmatrix / 16-byte
+// stores, collectives that not every lane reaches, deadlocks, asynchronous copies or wgmma still
+// in flight when a thread exits, launches the hardware refuses (block size, grid limits, more
+// than 48 KB of dynamic shared memory without the opt-in, more than the device allows).
+// Global memory is plain host memory: the runner allocates each tensor on its own, so
+// AddressSanitizer (the default build) catches reads and writes outside every tensor.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include <sys/mman.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#endif
+
+// ---- CUDA keywords as host C++ ----------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __grid_constant__
+#define __align__(n) alignas(n)
+#define __shared__ static  // fixed-size shared arrays: one instance, CTAs run one at a time
+
+// ---- bf16 / fp16 -------------------------------------------------------------------------------
+struct __nv_bfloat16 {
+  uint16_t __x;
+};
+struct __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+struct __half {
+  uint16_t __x;
+};
+struct __half2 {
+  __half x, y;
+};
+
+namespace emu {
+
+inline uint32_t f2u(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float u2f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t f32_to_bf16_bits(float f) {
+  uint32_t u = f2u(f);
+  if (std::isnan(f)) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7FFF + ((u >> 16) & 1);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float bf16_bits_to_f32(uint16_t b) { return u2f(static_cast<uint32_t>(b) << 16); }
+inline uint16_t f32_to_f16_bits(float f) {
+  uint32_t x = f2u(f);
+  const uint32_t sign = (x >> 16) & 0x8000;
+  x &= 0x7FFFFFFF;
+  if (x > 0x7F800000) return static_cast<uint16_t>(sign | 0x7E00);  // NaN
+  if (x >= 0x477FF000) return static_cast<uint16_t>(sign | 0x7C00);  // >= 65520: inf
+  if (x < 0x38800000) {  // below 2^-14: subnormal (exact scaling by 2^24, then RNE)
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(u2f(x) * 16777216.0f)));
+  }
+  x += 0xFFF + ((x >> 13) & 1);  // RNE on the 13 dropped bits; a carry bumps the exponent
+  x -= 112u << 23;               // exponent bias 127 -> 15
+  return static_cast<uint16_t>(sign | (x >> 13));
+}
+inline float f16_bits_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  const uint32_t exp = (h >> 10) & 0x1F;
+  const uint32_t man = h & 0x3FF;
+  if (exp == 0) {
+    const float v = std::ldexp(static_cast<float>(man), -24);
+    return sign ? -v : v;
+  }
+  if (exp == 31) return u2f(sign | 0x7F800000 | (man << 13));
+  return u2f(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+}  // namespace emu
+
+inline float __bfloat162float(__nv_bfloat16 x) { return emu::bf16_bits_to_f32(x.__x); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {emu::f32_to_bf16_bits(f)}; }
+inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+  return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
+}
+inline float __half2float(__half x) { return emu::f16_bits_to_f32(x.__x); }
+inline __half __float2half_rn(float f) { return {emu::f32_to_f16_bits(f)}; }
+inline __half __float2half(float f) { return __float2half_rn(f); }
+inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
+
+// ---- device math as host functions -------------------------------------------------------------
+using std::isinf;
+using std::isnan;
+inline float rsqrtf(float x) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(x))); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __uint_as_float(unsigned u) { return emu::u2f(u); }
+inline unsigned __float_as_uint(float f) { return emu::f2u(f); }
+inline long long __double2ll_rn(double x) { return std::llrint(x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+template <typename A, typename B>
+inline auto max(A a, B b) -> std::common_type_t<A, B> {
+  using C = std::common_type_t<A, B>;
+  if constexpr (std::is_floating_point_v<C>) return std::fmax(C(a), C(b));
+  return C(a) < C(b) ? C(b) : C(a);
+}
+template <typename A, typename B>
+inline auto min(A a, B b) -> std::common_type_t<A, B> {
+  using C = std::common_type_t<A, B>;
+  if constexpr (std::is_floating_point_v<C>) return std::fmin(C(a), C(b));
+  return C(b) < C(a) ? C(b) : C(a);
+}
+
+// ---- runtime API types -------------------------------------------------------------------------
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(8) int2 {
+  int x, y;
+};
+struct alignas(16) int4 {
+  int x, y, z, w;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+using cudaStream_t = struct CUstream_st*;
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchFailure = 719,
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+};
+
+namespace emu {
+
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+[[noreturn]] inline void fail(const std::string& what) { throw Error(what); }
+
+// ---- the device this emulates ----------------------------------------------------------------
+struct Device {
+  int sms = 132;                            // H100 SXM
+  int cc = 90;
+  int default_smem = 48 * 1024;             // without the opt-in
+  int max_smem_optin = 227 * 1024;          // sm_90
+  int smem_per_sm = 228 * 1024;
+  int reserved_smem_per_cta = 1024;
+  int dyn_smem_offset = 1024 + 128;         // shared address of the dynamic allocation
+  bool late = false;                        // EMU_ASYNC=late
+  bool reverse = false;                     // EMU_ORDER=reverse
+  cudaError_t last_error = cudaSuccess;
+  std::map<const void*, int> smem_optin;    // kernel -> bytes allowed by cudaFuncSetAttribute
+  long long launches = 0;
+  std::map<std::string, long long> executed;  // instruction -> warp (warpgroup) executions
+};
+inline Device& device() {
+  static Device d;
+  return d;
+}
+
+// ---- fibers ------------------------------------------------------------------------------------
+extern "C" void emu_switch(void** save_sp, void* new_sp);
+extern "C" void emu_fiber_start();
+// Saves the callee-saved registers and the SSE / x87 control words on the current stack, stores
+// its pointer in *save_sp, switches to new_sp and restores what is there (System V x86-64).
+asm(R"(
+    .text
+    .globl emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+    .globl emu_fiber_start
+    .type emu_fiber_start, @function
+emu_fiber_start:
+    movq %r12, %rdi
+    callq *%r13
+    ud2
+    .size emu_fiber_start, .-emu_fiber_start
+)");
+
+struct CpAsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;  // nullptr: zero fill
+};
+
+struct Cta;
+
+struct Thread {
+  void* sp = nullptr;
+  unsigned char* stack = nullptr;
+  size_t stack_bytes = 0;
+  dim3 tid;
+  int linear = 0;
+  bool done = false;
+  bool started = false;
+  // cp.async: copies since the last commit, committed groups oldest first (late mode)
+  std::vector<CpAsyncCopy> open_copies;
+  std::deque<std::vector<CpAsyncCopy>> copy_groups;
+};
+
+struct Collective {  // one warp's or warpgroup's meeting point
+  int arrived = 0;
+  unsigned generation = 0;
+  const char* what = nullptr;
+  std::array<void*, 128> args{};
+};
+
+struct WgmmaOp;  // a recorded (late) wgmma
+
+struct Cta {
+  dim3 block_idx, block_dim;
+  int num_threads = 0;
+  int alive = 0;
+  std::vector<Thread> threads;
+  unsigned char* smem_block = nullptr;  // shared address 0
+  size_t smem_block_bytes = 0;
+  unsigned char* dyn_smem = nullptr;
+  size_t dyn_smem_bytes = 0;
+  int barrier_arrived = 0;
+  unsigned barrier_generation = 0;
+  std::vector<Collective> warps, warpgroups;
+  std::vector<std::vector<WgmmaOp>> wgmma_open;               // per warpgroup
+  std::vector<std::deque<std::vector<WgmmaOp>>> wgmma_groups;  // per warpgroup
+};
+
+struct Sched {
+  void* sp = nullptr;
+  Thread* cur = nullptr;
+  Cta* cta = nullptr;
+  dim3 grid;
+  unsigned long long progress = 0;
+  bool failed = false;
+  std::string error;
+  std::vector<unsigned char*> stack_pool;
+#if defined(EMU_ASAN)
+  const void* main_stack_bottom = nullptr;
+  size_t main_stack_size = 0;
+#endif
+};
+inline Sched& sched() {
+  static Sched s;
+  return s;
+}
+
+constexpr size_t kStackBytes = 1 << 20;
+
+inline void switch_to(void** save, void* to, const unsigned char* to_stack, size_t to_bytes,
+                      bool dying) {
+#if defined(EMU_ASAN)
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(dying ? nullptr : &fake, to_stack, to_bytes);
+  emu_switch(save, to);
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+  (void)to_stack;
+  (void)to_bytes;
+  (void)dying;
+  emu_switch(save, to);
+#endif
+}
+
+// Back to the scheduler (the thread resumes here later).
+inline void yield(bool dying = false) {
+  Sched& s = sched();
+  Thread* t = s.cur;
+#if defined(EMU_ASAN)
+  switch_to(&t->sp, s.sp, static_cast<const unsigned char*>(s.main_stack_bottom), s.main_stack_size,
+            dying);
+#else
+  switch_to(&t->sp, s.sp, nullptr, 0, dying);
+#endif
+}
+
+inline Thread& self() { return *sched().cur; }
+inline Cta& cta() { return *sched().cta; }
+inline int lane_id() { return self().linear % 32; }
+inline int warp_id() { return self().linear / 32; }
+
+// Waits (yielding) until `done()`; the scheduler finds deadlocks (a round with no progress).
+template <typename Done>
+inline void wait_until(Done done) {
+  while (!done()) yield();
+}
+
+// ---- barriers and collectives ------------------------------------------------------------------
+inline void syncthreads() {
+  Cta& c = cta();
+  Sched& s = sched();
+  const unsigned gen = c.barrier_generation;
+  ++s.progress;
+  if (++c.barrier_arrived == c.alive) {
+    c.barrier_arrived = 0;
+    ++c.barrier_generation;
+    return;
+  }
+  wait_until([&] { return c.barrier_generation != gen; });
+}
+
+// All `size` threads of a group meet; the last to arrive runs op(args) for all of them, args[i]
+// being what member i passed. `what` names the instruction (members must agree).
+template <typename Op>
+inline void meet(Collective& g, int member, int size, const char* what, void* mine, Op op) {
+  Sched& s = sched();
+  if (g.arrived == 0) {
+    g.what = what;
+  } else if (std::strcmp(g.what, what) != 0) {
+    fail(std::string("divergent collective: one thread at ") + g.what + ", thread " +
+         std::to_string(self().linear) + " at " + what);
+  }
+  g.args[member] = mine;
+  const unsigned gen = g.generation;
+  ++s.progress;
+  if (++g.arrived == size) {
+    ++device().executed[what];
+    op(g.args);
+    g.arrived = 0;
+    ++g.generation;
+    return;
+  }
+  wait_until([&] { return g.generation != gen; });
+}
+
+inline void check_full_warp(unsigned mask, const char* what) {
+  if (mask != 0xFFFFFFFFu) fail(std::string(what) + ": emulated for the full-warp mask only");
+  Cta& c = cta();
+  if ((warp_id() + 1) * 32 > c.num_threads) fail(std::string(what) + " in a partial warp");
+}
+
+template <typename Op>
+inline void warp_meet(const char* what, void* mine, Op op) {
+  meet(cta().warps[warp_id()], lane_id(), 32, what, mine, op);
+}
+
+template <typename Op>
+inline void warpgroup_meet(const char* what, void* mine, Op op) {
+  Cta& c = cta();
+  const int wg = self().linear / 128;
+  if ((wg + 1) * 128 > c.num_threads) fail(std::string(what) + " in a partial warpgroup");
+  meet(c.warpgroups[wg], self().linear % 128, 128, what, mine, op);
+}
+
+// The CTA's dynamic shared memory (`extern __shared__ T name[]` in the kernel source).
+inline unsigned char* dynamic_smem();
+
+// ---- shared memory -------------------------------------------------------------------------------
+inline uint32_t smem_address(const void* p) {
+  Cta& c = cta();
+  const auto* b = static_cast<const unsigned char*>(p);
+  if (b < c.dyn_smem || b > c.dyn_smem + c.dyn_smem_bytes) {
+    fail("shared address of a pointer outside the CTA's dynamic shared memory");
+  }
+  return static_cast<uint32_t>(b - c.smem_block);
+}
+
+inline unsigned char* dynamic_smem() { return cta().dyn_smem; }
+
+inline unsigned char* smem_ptr(uint32_t addr, size_t bytes, const char* what) {
+  Cta& c = cta();
+  const size_t lo = c.dyn_smem - c.smem_block;
+  if (addr < lo || addr + bytes > lo + c.dyn_smem_bytes) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf,
+                  "%s: shared bytes [%u, %zu) outside the dynamic allocation [%zu, %zu)", what, addr,
+                  addr + bytes, lo, lo + c.dyn_smem_bytes);
+    fail(buf);
+  }
+  return c.smem_block + addr;
+}
+
+// ---- cp.async ------------------------------------------------------------------------------------
+inline void run_copies(const std::vector<CpAsyncCopy>& copies) {
+  for (const CpAsyncCopy& c : copies) {
+    if (c.src) {
+      std::memcpy(c.dst, c.src, 16);
+    } else {
+      std::memset(c.dst, 0, 16);
+    }
+  }
+}
+
+inline void cp_async_16(uint32_t smem_addr, const void* gmem, bool in_range) {
+  if (smem_addr % 16 != 0) fail("cp.async: shared address not 16-byte aligned");
+  if (in_range && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) {
+    fail("cp.async: global address not 16-byte aligned");
+  }
+  const CpAsyncCopy c{smem_ptr(smem_addr, 16, "cp.async"),
+                      in_range ? static_cast<const unsigned char*>(gmem) : nullptr};
+  if (!device().late) {
+    run_copies({c});
+  } else {
+    self().open_copies.push_back(c);
+  }
+}
+
+inline void cp_async_commit() {
+  Thread& t = self();
+  t.copy_groups.push_back(std::move(t.open_copies));
+  t.open_copies.clear();
+}
+
+inline void cp_async_wait(int pending) {
+  Thread& t = self();
+  while (static_cast<int>(t.copy_groups.size()) > pending) {
+    run_copies(t.copy_groups.front());
+    t.copy_groups.pop_front();
+  }
+}
+
+// ---- warp instructions ---------------------------------------------------------------------------
+template <typename T>
+inline float b16_to_float(uint16_t bits) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return bf16_bits_to_f32(bits);
+  } else {
+    return f16_bits_to_f32(bits);
+  }
+}
+
+struct LdmatrixArgs {
+  uint32_t addr;
+  uint32_t* r;
+};
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr, bool trans) {
+  if (smem_addr % 16 != 0) fail("ldmatrix: row address not 16-byte aligned");
+  LdmatrixArgs mine{smem_addr, r};
+  warp_meet(trans ? "ldmatrix.x4.trans" : "ldmatrix.x4", &mine, [&](std::array<void*, 128>& args) {
+    uint16_t m[4][8][8];  // matrix j, row, element
+    for (int j = 0; j < 4; ++j) {
+      for (int row = 0; row < 8; ++row) {
+        const auto* a = static_cast<LdmatrixArgs*>(args[8 * j + row]);
+        std::memcpy(m[j][row], smem_ptr(a->addr, 16, "ldmatrix"), 16);
+      }
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      auto* a = static_cast<LdmatrixArgs*>(args[lane]);
+      for (int j = 0; j < 4; ++j) {
+        uint16_t lo, hi;
+        if (!trans) {
+          lo = m[j][lane / 4][2 * (lane % 4)];
+          hi = m[j][lane / 4][2 * (lane % 4) + 1];
+        } else {
+          lo = m[j][2 * (lane % 4)][lane / 4];
+          hi = m[j][2 * (lane % 4) + 1][lane / 4];
+        }
+        a->r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+      }
+    }
+  });
+}
+
+struct MmaArgs {
+  float* d;
+  const uint32_t* a;
+  uint32_t b0, b1;
+};
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: D = A B + C, sums in double, one rounding.
+template <typename T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  MmaArgs mine{d, a, b0, b1};
+  warp_meet("mma.m16n8k16", &mine, [&](std::array<void*, 128>& args) {
+    double A[16][16], B[16][8], C[16][8];
+    auto lo = [](uint32_t v) { return b16_to_float<T>(static_cast<uint16_t>(v & 0xFFFF)); };
+    auto hi = [](uint32_t v) { return b16_to_float<T>(static_cast<uint16_t>(v >> 16)); };
+    for (int lane = 0; lane < 32; ++lane) {
+      const auto* m = static_cast<MmaArgs*>(args[lane]);
+      const int g = lane / 4, t = lane % 4;
+      for (int i = 0; i < 4; ++i) {  // a0 A[g][2t..], a1 A[g+8][2t..], a2 A[g][2t+8..], a3 A[g+8][2t+8..]
+        const int row = g + 8 * (i % 2), col = 2 * t + 8 * (i / 2);
+        A[row][col] = lo(m->a[i]);
+        A[row][col + 1] = hi(m->a[i]);
+      }
+      B[2 * t][g] = lo(m->b0);
+      B[2 * t + 1][g] = hi(m->b0);
+      B[2 * t + 8][g] = lo(m->b1);
+      B[2 * t + 9][g] = hi(m->b1);
+      C[g][2 * t] = m->d[0];
+      C[g][2 * t + 1] = m->d[1];
+      C[g + 8][2 * t] = m->d[2];
+      C[g + 8][2 * t + 1] = m->d[3];
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      auto* m = static_cast<MmaArgs*>(args[lane]);
+      const int g = lane / 4, t = lane % 4;
+      for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
+        double acc = C[row][col];
+        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+        m->d[i] = static_cast<float>(acc);
+      }
+    }
+  });
+}
+
+template <typename V>
+struct ShflArgs {
+  V v;
+  V out;
+};
+
+template <typename V, typename Src>
+inline V shuffle(const char* what, V v, Src src_lane) {
+  ShflArgs<V> mine{v, v};
+  warp_meet(what, &mine, [&](std::array<void*, 128>& args) {
+    V vals[32];
+    for (int l = 0; l < 32; ++l) vals[l] = static_cast<ShflArgs<V>*>(args[l])->v;
+    for (int l = 0; l < 32; ++l) static_cast<ShflArgs<V>*>(args[l])->out = vals[src_lane(l)];
+  });
+  return mine.out;
+}
+
+// ex2.approx.ftz.f32 (the hardware's is within 2 ulp; subnormal inputs and results flush to 0)
+inline float ex2_approx_ftz(float x) {
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+}
+
+// st.global.v4.b32
+inline void store_global_16(void* p, const void* src) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("st.global.v4: address not 16-byte aligned");
+  std::memcpy(p, src, 16);
+}
+
+// ---- wgmma ---------------------------------------------------------------------------------------
+struct WgmmaOp {
+  int n = 0;            // N of m64nNk16
+  bool a_regs = false;  // A from registers (RS), B MN-major
+  uint64_t desc_a = 0, desc_b = 0;
+  std::array<float*, 128> d{};
+  std::array<const uint32_t*, 128> a{};  // RS: each thread's four A registers
+  bool bf16 = true;
+};
+
+struct WgmmaArgs {
+  float* d;
+  const uint32_t* a;
+  uint64_t desc_a, desc_b;
+};
+
+inline uint32_t swizzle128(uint32_t addr) { return addr ^ ((addr >> 3) & 0x70); }
+
+struct Desc {
+  uint32_t start, leading, stride;
+};
+inline Desc decode_desc(uint64_t d, const char* what) {
+  if ((d >> 62) != 1) fail(std::string(what) + ": descriptor layout is not SWIZZLE_128B");
+  if (((d >> 49) & 7) != 0) fail(std::string(what) + ": descriptor base offset not 0");
+  return {static_cast<uint32_t>((d & 0x3FFF) << 4), static_cast<uint32_t>(((d >> 16) & 0x3FFF) << 4),
+          static_cast<uint32_t>(((d >> 32) & 0x3FFF) << 4)};
+}
+
+inline float read_b16(uint32_t addr, bool bf16, const char* what) {
+  uint16_t bits;
+  std::memcpy(&bits, smem_ptr(addr, 2, what), 2);
+  return bf16 ? bf16_bits_to_f32(bits) : f16_bits_to_f32(bits);
+}
+
+// K-major SW128 operand element (row r, k): 128-byte rows, 8-row groups `stride` apart, the
+// swizzle applied to the absolute address (PTX ISA, shared memory matrix layouts).
+inline float kmajor(const Desc& d, int r, int k, bool bf16) {
+  const uint32_t logical = d.start + (r / 8) * d.stride + (r % 8) * 128 + k * 2;
+  return read_b16(swizzle128(logical), bf16, "wgmma K-major operand");
+}
+// MN-major SW128 operand element (k, n): rows along K of 64 N-elements, 8-row groups `stride`
+// apart along K, 64-element column blocks `leading` apart along N.
+inline float mnmajor(const Desc& d, int k, int n, bool bf16) {
+  const uint32_t logical = d.start + (n / 64) * d.leading + (n % 64) * 2 + (k % 8) * 128 +
+                           (k / 8) * d.stride;
+  return read_b16(swizzle128(logical), bf16, "wgmma MN-major operand");
+}
+
+inline void run_wgmma(const WgmmaOp& op) {
+  const Desc db = decode_desc(op.desc_b, "wgmma B");
+  std::vector<double> A(64 * 16), B(op.n * 16);
+  if (!op.a_regs) {
+    const Desc da = decode_desc(op.desc_a, "wgmma A");
+    for (int m = 0; m < 64; ++m)
+      for (int k = 0; k < 16; ++k) A[m * 16 + k] = kmajor(da, m, k, op.bf16);
+    for (int n = 0; n < op.n; ++n)
+      for (int k = 0; k < 16; ++k) B[n * 16 + k] = kmajor(db, n, k, op.bf16);
+  } else {
+    for (int th = 0; th < 128; ++th) {  // warp w's mma.m16n8k16 A fragment of rows 16 w ..
+      const int w = th / 32, lane = th % 32, g = lane / 4, t = lane % 4;
+      for (int i = 0; i < 4; ++i) {
+        const int row = 16 * w + g + 8 * (i % 2), col = 2 * t + 8 * (i / 2);
+        const uint32_t v = op.a[th][i];
+        A[row * 16 + col] = op.bf16 ? bf16_bits_to_f32(v & 0xFFFF) : f16_bits_to_f32(v & 0xFFFF);
+        A[row * 16 + col + 1] = op.bf16 ? bf16_bits_to_f32(v >> 16) : f16_bits_to_f32(v >> 16);
+      }
+    }
+    for (int n = 0; n < op.n; ++n)
+      for (int k = 0; k < 16; ++k) B[n * 16 + k] = mnmajor(db, k, n, op.bf16);
+  }
+  for (int th = 0; th < 128; ++th) {  // accumulators: the mma C fragments of n8 blocks j
+    const int w = th / 32, lane = th % 32, g = lane / 4, t = lane % 4;
+    for (int j = 0; j < op.n / 8; ++j) {
+      for (int i = 0; i < 4; ++i) {
+        const int row = 16 * w + g + 8 * (i / 2), col = 8 * j + 2 * t + (i % 2);
+        double acc = op.d[th][4 * j + i];
+        for (int k = 0; k < 16; ++k) acc += A[row * 16 + k] * B[col * 16 + k];
+        op.d[th][4 * j + i] = static_cast<float>(acc);
+      }
+    }
+  }
+}
+
+inline int warpgroup_id() { return self().linear / 128; }
+
+template <typename T>
+inline void wgmma_issue(const char* what, int n, float* d, const uint32_t* a, uint64_t desc_a,
+                        uint64_t desc_b) {
+  WgmmaArgs mine{d, a, desc_a, desc_b};
+  const int wg = warpgroup_id();
+  warpgroup_meet(what, &mine, [&](std::array<void*, 128>& args) {
+    WgmmaOp op;
+    op.n = n;
+    op.a_regs = a != nullptr;
+    op.bf16 = std::is_same_v<T, __nv_bfloat16>;
+    const auto* first = static_cast<WgmmaArgs*>(args[0]);
+    op.desc_a = first->desc_a;
+    op.desc_b = first->desc_b;
+    for (int th = 0; th < 128; ++th) {
+      const auto* m = static_cast<WgmmaArgs*>(args[th]);
+      if (m->desc_b != op.desc_b || (!op.a_regs && m->desc_a != op.desc_a)) {
+        fail(std::string(what) + ": descriptors differ across the warpgroup");
+      }
+      op.d[th] = m->d;
+      op.a[th] = m->a;
+    }
+    if (!device().late) {
+      run_wgmma(op);
+    } else {
+      cta().wgmma_open[wg].push_back(op);
+    }
+  });
+}
+
+inline void wgmma_commit() {
+  const int wg = warpgroup_id();
+  warpgroup_meet("wgmma.commit_group", nullptr, [&](std::array<void*, 128>&) {
+    Cta& c = cta();
+    c.wgmma_groups[wg].push_back(std::move(c.wgmma_open[wg]));
+    c.wgmma_open[wg].clear();
+  });
+}
+
+inline void wgmma_wait(int pending) {
+  const int wg = warpgroup_id();
+  warpgroup_meet("wgmma.wait_group", nullptr, [&](std::array<void*, 128>&) {
+    auto& groups = cta().wgmma_groups[wg];
+    while (static_cast<int>(groups.size()) > pending) {
+      for (const WgmmaOp& op : groups.front()) run_wgmma(op);
+      groups.pop_front();
+    }
+  });
+}
+
+inline void wgmma_fence() {
+  warpgroup_meet("wgmma.fence", nullptr, [](std::array<void*, 128>&) {});
+}
+
+// ---- launches ------------------------------------------------------------------------------------
+struct LaunchState {
+  std::function<void()>* body = nullptr;
+};
+
+inline void fiber_main(Thread* t);
+
+extern "C" inline void emu_fiber_entry(void* arg) { fiber_main(static_cast<Thread*>(arg)); }
+
+inline std::function<void()>& current_body() {
+  static std::function<void()> body;
+  return body;
+}
+
+inline void fiber_main(Thread* t) {
+#if defined(EMU_ASAN)
+  __sanitizer_finish_switch_fiber(nullptr, &sched().main_stack_bottom, &sched().main_stack_size);
+#endif
+  Sched& s = sched();
+  try {
+    current_body()();
+    if (!t->open_copies.empty()) fail("a thread exits with cp.async copies never committed");
+    for (const auto& g : t->copy_groups) {
+      if (!g.empty()) fail("a thread exits with cp.async copies never waited for");
+    }
+  } catch (const std::exception& e) {
+    if (!s.failed) {
+      s.failed = true;
+      char where[160];
+      std::snprintf(where, sizeof where, " (block (%u, %u, %u), thread %d)", s.cta->block_idx.x,
+                    s.cta->block_idx.y, s.cta->block_idx.z, t->linear);
+      s.error = e.what() + std::string(where);
+    }
+  }
+  t->done = true;
+  --s.cta->alive;
+  ++s.progress;
+  yield(/*dying=*/true);
+  std::abort();  // never resumed
+}
+
+// Runs one CTA of `body` to completion.
+inline void run_cta(Cta& c) {
+  Sched& s = sched();
+  s.cta = &c;
+  const int n = c.num_threads;
+  while (static_cast<int>(s.stack_pool.size()) < n) {
+    void* m = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) fail("emulator: out of memory for thread stacks");
+    s.stack_pool.push_back(static_cast<unsigned char*>(m));
+  }
+  c.threads.assign(n, Thread{});
+  for (int i = 0; i < n; ++i) {
+    Thread& t = c.threads[i];
+    t.linear = i;
+    t.tid = dim3(i % c.block_dim.x, (i / c.block_dim.x) % c.block_dim.y,
+                 i / (c.block_dim.x * c.block_dim.y));
+    t.stack = s.stack_pool[i];
+    t.stack_bytes = kStackBytes;
+#if defined(EMU_ASAN)
+    // a stack left by a thread that switched away for good keeps its frames' redzones
+    ASAN_UNPOISON_MEMORY_REGION(t.stack, kStackBytes);
+#endif
+    // Initial frame for emu_switch: control words, r15..rbp, return into emu_fiber_start with
+    // r12 = the thread, r13 = the entry (16-byte aligned stack at the call).
+    auto* top = reinterpret_cast<uint64_t*>(t.stack + kStackBytes);
+    uint64_t* sp = top - 3;  // return address slot at top - 24
+    sp[0] = reinterpret_cast<uint64_t>(&emu_fiber_start);
+    uint64_t* frame = sp - 7;
+    frame[0] = 0x037F00001F80ull;  // mxcsr (low 32 bits), x87 control word (bits 32-47)
+    frame[1] = 0;                  // r15
+    frame[2] = 0;                  // r14
+    frame[3] = reinterpret_cast<uint64_t>(&emu_fiber_entry);  // r13
+    frame[4] = reinterpret_cast<uint64_t>(&t);                 // r12
+    frame[5] = 0;                                              // rbx
+    frame[6] = 0;                                              // rbp
+    t.sp = frame;
+  }
+  c.alive = n;
+  c.warps.assign((n + 31) / 32, Collective{});
+  c.warpgroups.assign((n + 127) / 128, Collective{});
+  c.wgmma_open.assign(c.warpgroups.size(), {});
+  c.wgmma_groups.assign(c.warpgroups.size(), {});
+  unsigned long long last_progress = ~0ull;
+  while (c.alive > 0 && !s.failed) {
+    if (s.progress == last_progress) {
+      s.failed = true;
+      std::string at;
+      for (const Collective& w : c.warps) {
+        if (w.arrived) at += std::string(" ") + w.what + " (" + std::to_string(w.arrived) + "/32)";
+      }
+      for (const Collective& w : c.warpgroups) {
+        if (w.arrived) at += std::string(" ") + w.what + " (" + std::to_string(w.arrived) + "/128)";
+      }
+      if (c.barrier_arrived) at += " __syncthreads (" + std::to_string(c.barrier_arrived) + "/" +
+                                   std::to_string(c.alive) + " alive)";
+      char where[96];
+      std::snprintf(where, sizeof where, "deadlock in block (%u, %u, %u): waiting at",
+                    c.block_idx.x, c.block_idx.y, c.block_idx.z);
+      s.error = where + at;
+      break;
+    }
+    last_progress = s.progress;
+    for (int k = 0; k < n && !s.failed; ++k) {
+      Thread& t = c.threads[device().reverse ? n - 1 - k : k];
+      if (t.done) continue;
+      // A barrier completes when the last *alive* thread arrives; threads that exit count.
+      if (c.barrier_arrived > 0 && c.barrier_arrived == c.alive) {
+        c.barrier_arrived = 0;
+        ++c.barrier_generation;
+        ++s.progress;
+      }
+      s.cur = &t;
+      switch_to(&s.sp, t.sp, t.stack, t.stack_bytes, false);
+      s.cur = nullptr;
+    }
+  }
+  for (size_t wg = 0; wg < c.wgmma_open.size() && !s.failed; ++wg) {
+    if (!c.wgmma_open[wg].empty() || !c.wgmma_groups[wg].empty()) {
+      s.failed = true;
+      s.error = "a warpgroup exits with wgmma never committed or waited for";
+    }
+  }
+  s.cta = nullptr;
+}
+
+class Launch {
+ public:
+  Launch(dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr)
+      : grid_(grid), block_(block), smem_(smem) {}
+
+  template <typename... Params, typename... Args>
+  void run(void (*kernel)(Params...), Args&&... args) {
+    Device& dev = device();
+    ++dev.launches;
+    const int threads = static_cast<int>(block_.x * block_.y * block_.z);
+    const int allowed = std::max(dev.default_smem, dev.smem_optin.count((const void*)kernel)
+                                                       ? dev.smem_optin[(const void*)kernel]
+                                                       : 0);
+    if (threads < 1 || threads > 1024 || grid_.x < 1 || grid_.y < 1 || grid_.z < 1 ||
+        grid_.x > 2147483647u || grid_.y > 65535 || grid_.z > 65535) {
+      dev.last_error = cudaErrorInvalidConfiguration;
+      return;
+    }
+    if (static_cast<int>(smem_) > allowed) {
+      dev.last_error = cudaErrorInvalidValue;
+      return;
+    }
+    std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+    Sched& s = sched();
+    s.grid = grid_;
+    current_body() = [&] { std::apply(kernel, params); };
+    const size_t block_bytes = dev.dyn_smem_offset + smem_;
+    for (unsigned z = 0; z < grid_.z; ++z) {
+      for (unsigned y = 0; y < grid_.y; ++y) {
+        for (unsigned x = 0; x < grid_.x; ++x) {
+          Cta c;
+          c.block_idx = dim3(x, y, z);
+          c.block_dim = block_;
+          c.num_threads = threads;
+          std::vector<unsigned char> storage(block_bytes + 1024 + 16);
+          // shared address 0 on a 1024-byte boundary, as the hardware's window
+          auto* base = reinterpret_cast<unsigned char*>(
+              (reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t{1023});
+          c.smem_block = base;
+          c.smem_block_bytes = block_bytes;
+          c.dyn_smem = base + dev.dyn_smem_offset;
+          c.dyn_smem_bytes = smem_;
+          std::memset(c.dyn_smem, 0xFF, smem_);  // poison: NaN in every float format
+          run_cta(c);
+          if (s.failed) {
+            const std::string e = s.error;
+            s.failed = false;
+            s.error.clear();
+            throw Error(e);
+          }
+        }
+      }
+    }
+  }
+
+ private:
+  dim3 grid_, block_;
+  size_t smem_;
+};
+
+}  // namespace emu
+
+// ---- CUDA built-ins ------------------------------------------------------------------------------
+#define threadIdx (::emu::self().tid)
+#define blockIdx (::emu::cta().block_idx)
+#define blockDim (::emu::cta().block_dim)
+#define gridDim (::emu::sched().grid)
+
+inline void __syncthreads() { emu::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
+  emu::check_full_warp(mask, "__syncwarp");
+  emu::warp_meet("__syncwarp", nullptr, [](std::array<void*, 128>&) {});
+}
+[[noreturn]] inline void __trap() { emu::fail("__trap() called"); }
+inline unsigned __cvta_generic_to_shared(const void* p) { return emu::smem_address(p); }
+
+template <typename V>
+inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
+  emu::check_full_warp(mask, "__shfl_xor_sync");
+  return emu::shuffle("shfl.bfly", v, [&](int l) {
+    const int src = l ^ lane_mask;
+    return (src / width == l / width) ? src : l;
+  });
+}
+template <typename V>
+inline V __shfl_up_sync(unsigned mask, V v, unsigned delta, int width = 32) {
+  emu::check_full_warp(mask, "__shfl_up_sync");
+  return emu::shuffle("shfl.up", v, [&](int l) {
+    const int src = l - static_cast<int>(delta);
+    return (src >= (l / width) * width) ? src : l;
+  });
+}
+template <typename V>
+inline unsigned __match_any_sync(unsigned mask, V v) {
+  emu::check_full_warp(mask, "__match_any_sync");
+  struct A {
+    V v;
+    unsigned out;
+  } mine{v, 0};
+  emu::warp_meet("match.any", &mine, [&](std::array<void*, 128>& args) {
+    for (int l = 0; l < 32; ++l) {
+      unsigned m = 0;
+      for (int o = 0; o < 32; ++o) {
+        if (static_cast<A*>(args[o])->v == static_cast<A*>(args[l])->v) m |= 1u << o;
+      }
+      static_cast<A*>(args[l])->out = m;
+    }
+  });
+  return mine.out;
+}
+inline unsigned emu_reduce_sync(const char* what, unsigned mask, unsigned v, bool want_max) {
+  emu::check_full_warp(mask, what);
+  struct A {
+    unsigned v, out;
+  } mine{v, 0};
+  emu::warp_meet(what, &mine, [&](std::array<void*, 128>& args) {
+    unsigned r = static_cast<A*>(args[0])->v;
+    for (int l = 1; l < 32; ++l) {
+      const unsigned x = static_cast<A*>(args[l])->v;
+      r = want_max ? std::max(r, x) : std::min(r, x);
+    }
+    for (int l = 0; l < 32; ++l) static_cast<A*>(args[l])->out = r;
+  });
+  return mine.out;
+}
+inline unsigned __reduce_max_sync(unsigned mask, unsigned v) {
+  return emu_reduce_sync("redux.max", mask, v, true);
+}
+inline unsigned __reduce_min_sync(unsigned mask, unsigned v) {
+  return emu_reduce_sync("redux.min", mask, v, false);
+}
+// Threads of a CTA never run at the same time: atomics are plain read-modify-writes.
+template <typename V>
+inline V atomicAdd(V* p, V v) {
+  const V old = *p;
+  *p = old + v;
+  return old;
+}
+
+// ---- runtime API ---------------------------------------------------------------------------------
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu::device().last_error;
+  emu::device().last_error = cudaSuccess;
+  return e;
+}
+inline cudaError_t cudaPeekAtLastError() { return emu::device().last_error; }
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    default: return "unspecified launch failure";
+  }
+}
+// Stream-ordered memset: launches run to completion in order, so it runs now.
+inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t = nullptr) {
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  const emu::Device& dev = emu::device();
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = dev.sms; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = dev.cc / 10; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = dev.cc % 10; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+template <typename K>
+inline cudaError_t cudaFuncSetAttribute(K* kernel, cudaFuncAttribute attr, int value) {
+  emu::Device& dev = emu::device();
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      value > dev.max_smem_optin) {
+    return dev.last_error = cudaErrorInvalidValue;
+  }
+  dev.smem_optin[reinterpret_cast<const void*>(kernel)] = value;
+  return cudaSuccess;
+}
+// Resident CTAs from shared memory and threads only (registers are the compiler's: ptxas -v).
+template <typename K>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K*, int threads,
+                                                                 size_t smem) {
+  const emu::Device& dev = emu::device();
+  const int by_smem = dev.smem_per_sm / static_cast<int>(smem + dev.reserved_smem_per_cta);
+  *n = std::max(0, std::min({by_smem, 2048 / std::max(threads, 1), 32}));
+  return cudaSuccess;
+}

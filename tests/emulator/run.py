@@ -1,0 +1,68 @@
+"""Python side of tests/emulator: write a job, run the CPU-built kernels on it, read the outputs.
+
+    outs = run("attention", params, inputs, outputs={"out": (torch.bfloat16, shape), ...})
+
+`inputs` are torch CPU tensors, written as their bytes (contiguous) or, for a strided view, the
+bytes of the storage span the view covers (pass its strides in `params`, in elements).
+The environment of one run picks the emulation: async ("early" | "late": when cp.async copies
+and wgmma happen) and order ("forward" | "reverse": thread scheduling order inside a CTA).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import build as _build
+
+_RUNNER: Path | None = None
+
+
+class EmulatorError(RuntimeError):
+    """The emulator (or a launch it checked) failed: the message is the runner's stderr."""
+
+
+def runner() -> Path:
+    global _RUNNER
+    if _RUNNER is None:
+        _RUNNER = _build.build()
+    return _RUNNER
+
+
+def storage_span(t: torch.Tensor) -> torch.Tensor:
+    """The elements of t's storage from its first to its last addressed element, as a 1-D tensor
+    (the view's strides then address it from element 0)."""
+    if t.numel() == 0:
+        return t.new_empty(0)
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return t.as_strided((last + 1,), (1,))
+
+
+def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
+        outputs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        async_mode: str = "early", order: str = "forward", sms: int = 132,
+        dyn_smem_offset: int | None = None, exe: Path | None = None) -> dict[str, torch.Tensor]:
+    with tempfile.TemporaryDirectory(prefix="qwen3x-emu-") as d:
+        job = Path(d)
+        lines = [f"op {op}"] + [f"{k} {int(v) if isinstance(v, bool) else v}" for k, v in params.items()]
+        (job / "params.txt").write_text("\n".join(lines) + "\n")
+        for name, t in inputs.items():
+            span = t.contiguous() if t.is_contiguous() else storage_span(t)
+            (job / f"{name}.bin").write_bytes(span.contiguous().view(torch.uint8).numpy().tobytes())
+        env = dict(os.environ, EMU_ASYNC=async_mode, EMU_ORDER=order, EMU_SMS=str(sms),
+                   ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=3")
+        if dyn_smem_offset is not None:
+            env["EMU_DYN_SMEM_OFFSET"] = str(dyn_smem_offset)
+        r = subprocess.run([str(exe or runner()), str(job)], capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise EmulatorError(f"{op} (async={async_mode}, order={order}) failed with status "
+                                f"{r.returncode}:\n{r.stderr[-6000:]}")
+        result = {"stdout": r.stdout}
+        for name, (dtype, shape) in outputs.items():
+            raw = (job / f"{name}.out").read_bytes()
+            result[name] = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone()
+        return result

@@ -1,0 +1,427 @@
+"""The CUDA kernels' own source, run on the CPU (tests/emulator), judged like the GPU tests.
+
+tests/emulator compiles csrc/'s kernel headers and host launchers with the host compiler
+(AddressSanitizer on) against a small CUDA execution model: one fiber per CUDA thread, warp
+collectives and wgmma executed from every lane's operands as the PTX ISA defines them. Unlike
+tests/kernel_models (restatements of the kernels), nothing here is re-written: a bug in a kernel's
+index arithmetic, pipeline or launcher is a bug here too. Each case runs twice:
+  - async copies and wgmma at issue, threads scheduled in order, the dynamic shared memory at a
+    1024-byte boundary;
+  - async copies and wgmma at the wait the kernel relies on, threads scheduled in reverse, the
+    dynamic shared memory off the 1024-byte boundary (the kernels align their wgmma tiles);
+and the two must agree bitwise (a difference is a race or a missing wait), then the first is
+judged by the GPU tests' own rule (test_attention_gpu._judge, test_moe_experts_gpu._judge).
+Not covered: what the compiler and the hardware add (registers, timing, the real expf and
+rsqrtf): that is the GPU tests' job.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from qwen3x.testing import assert_identical
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulator")
+
+D = 128
+RUNS = [dict(async_mode="early", order="forward", dyn_smem_offset=1024),
+        dict(async_mode="late", order="reverse", dyn_smem_offset=1024 + 384)]
+
+
+def _emu():
+    from emulator import run as emu_run  # builds on first use (~20 s)
+    return emu_run
+
+
+def _run_twice(op, params, inputs, outputs):
+    first, second = (_emu().run(op, params, inputs, outputs, **r) for r in RUNS)
+    for name in outputs:
+        assert_identical(second[name], first[name], f"{name}: early/in-order vs late/reversed runs")
+    return first
+
+
+# ---- attention ---------------------------------------------------------------------------------
+def _strides(prefix, t, dims):
+    return {f"{prefix}_{name}_stride": t.stride(d) for name, d in dims.items()}
+
+
+def _attention(q, k, v, *, causal, mainloop, mask=None, key_lengths=None, force_splits=None):
+    """q [B, Hq, Sq, D] (any strides), k/v [B, Hkv, Skv, D]: (out [B, Sq, Hq, D], lse)."""
+    B, Hq, Sq, _ = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    dtype = "bf16" if q.dtype == torch.bfloat16 else "fp16"
+    params = dict(dtype=dtype, batch=B, hq=Hq, hkv=Hkv, seqlen_q=Sq, seqlen_k=Skv, total_q=B * Sq,
+                  causal=causal, scale=D**-0.5, mainloop=mainloop)
+    dims = {"batch": 0, "head": 1, "seq": 2}
+    params |= _strides("q", q, dims) | _strides("k", k, dims) | _strides("v", v, dims)
+    inputs = dict(q=q, k=k, v=v)
+    if mask is not None:  # [B|1, 1|Hq, Sq, Skv] bool, broadcast dims stride 0 (attention.cu)
+        m = mask.to(torch.uint8).contiguous()
+        params |= {f"mask_{n}_stride": (m.stride(d) if m.shape[d] > 1 else 0)
+                   for n, d in (("batch", 0), ("head", 1), ("q", 2))}
+        inputs["mask"] = m
+    if key_lengths is not None:
+        params |= dict(key_lengths_stride=0 if key_lengths.numel() == 1 else 1,
+                       key_lengths_int64=key_lengths.dtype == torch.int64)
+        inputs["key_lengths"] = key_lengths
+    if force_splits:
+        params["force_splits"] = force_splits
+    r = _run_twice("attention", params, inputs,
+                   {"out": (q.dtype, (B, Sq, Hq, D)), "lse": (torch.float32, (B, Hq, Sq))})
+    return r["out"], r["lse"], r["stdout"]
+
+
+def _qkv(B, Hq, Hkv, Sq, Skv, dtype=torch.bfloat16, q_layout="bhsd"):
+    if q_layout == "bshd":  # a transposed view of a [B, S, H, D] projection output, as HF passes q
+        q = torch.randn(B, Sq, Hq, D, dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, Hq, Sq, D, dtype=dtype)
+    return q, torch.randn(B, Hkv, Skv, D, dtype=dtype), torch.randn(B, Hkv, Skv, D, dtype=dtype)
+
+
+def _gpu_judge():
+    import test_attention_gpu
+    return test_attention_gpu
+
+
+# (B, Hq, Hkv, Sq, Skv, causal, dtype, mainloop, q_layout, splits): tiles of 64 packed rows
+# (query x group) and 64 keys, so lengths around and between the tile edges
+ATTENTION_CASES = [
+    (1, 4, 2, 200, 200, True, torch.bfloat16, "mma_sync", "bhsd", None),
+    (1, 4, 2, 200, 200, True, torch.bfloat16, "wgmma", "bhsd", None),
+    (2, 2, 1, 70, 130, False, torch.float16, "wgmma", "bshd", None),
+    (1, 2, 2, 90, 40, True, torch.bfloat16, "wgmma", "bhsd", None),  # more queries than keys
+    (2, 8, 1, 1, 700, True, torch.bfloat16, "mma_sync", "bhsd", 3),  # decode: GQA rows, split-KV
+    (1, 4, 1, 3, 129, True, torch.float16, "mma_sync", "bshd", 2),
+    (1, 2, 1, 3, 0, False, torch.bfloat16, "mma_sync", "bhsd", None),  # no keys
+    (1, 16, 8, 1, 3000, True, torch.bfloat16, "mma_sync", "bhsd", None),  # decode: the glue's split plan
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_attention(case):
+    B, Hq, Hkv, Sq, Skv, causal, dtype, mainloop, layout, splits = case
+    torch.manual_seed(Sq * 1000 + Skv)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv, dtype, layout)
+    out, lse, log = _attention(q, k, v, causal=causal, mainloop=mainloop, force_splits=splits)
+    if splits:
+        assert f"splits {splits} " in log, log
+    _gpu_judge()._judge(out, lse, q, k, v, None, D**-0.5, causal)
+
+
+@pytest.mark.parametrize("mainloop", ["mma_sync", "wgmma"])
+def test_attention_mask_and_key_lengths(mainloop):
+    """A padding mask per batch and head, and per-sequence key lengths (a static cache's filled
+    part); one sequence sees no key at all in its first rows."""
+    B, Hq, Hkv, Sq, Skv = 2, 4, 1, 40, 150
+    torch.manual_seed(7)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv)
+    mask = torch.rand(B, Hq, Sq, Skv) > 0.3
+    mask[1, :, :5] = False
+    lengths = torch.tensor([150, 97], dtype=torch.int64)
+    out, lse, _ = _attention(q, k, v, causal=True, mainloop=mainloop, mask=mask, key_lengths=lengths)
+    seen = mask & (torch.arange(Skv) < lengths.view(B, 1, 1, 1))
+    # the reference sees the same keys through the mask (bottom-right causality on Skv_b keys)
+    full = torch.zeros(B, Hq, Sq, Skv, dtype=torch.bool)
+    for b in range(B):
+        n = int(lengths[b])
+        causal_b = torch.ones(Sq, n, dtype=torch.bool).tril(n - Sq)
+        full[b, :, :, :n] = seen[b, :, :, :n] & causal_b
+    _gpu_judge()._judge(out, lse, q, k, v, full, D**-0.5, False)
+
+
+def test_attention_varlen():
+    """Packed sequences (one empty, lengths across tile edges), q a view of a fused projection,
+    tokens before and after every sequence; the Hopper mainloop (max_seqlen_q x group >= 64)."""
+    lq, Hq, Hkv = [17, 1, 70, 0], 4, 2
+    q_start, q_tail = 2, 3
+    torch.manual_seed(11)
+    Tq, Tk = q_start + sum(lq) + q_tail, sum(lq)
+    qkv = torch.randn(Tq, (Hq + 2 * Hkv) * D, dtype=torch.bfloat16)
+    q = qkv[:, : Hq * D].view(Tq, Hq, D)
+    k = torch.randn(Tk, Hkv, D, dtype=torch.bfloat16)
+    v = torch.randn(Tk, Hkv, D, dtype=torch.bfloat16)
+    cu_q = torch.tensor([q_start, *(q_start + torch.tensor(lq).cumsum(0)).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
+    for mainloop in ("mma_sync", "wgmma"):
+        params = dict(dtype="bf16", varlen=1, batch=len(lq), hq=Hq, hkv=Hkv, seqlen_q=max(lq),
+                      seqlen_k=max(lq), total_q=Tq, total_k=Tk, causal=True, scale=D**-0.5,
+                      mainloop=mainloop, q_head_stride=q.stride(1), q_seq_stride=q.stride(0),
+                      k_head_stride=k.stride(1), k_seq_stride=k.stride(0),
+                      v_head_stride=v.stride(1), v_seq_stride=v.stride(0))
+        r = _run_twice("attention", params, dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k),
+                       {"out": (torch.bfloat16, (Tq, Hq, D)), "lse": (torch.float32, (Hq, Tq))})
+        _gpu_judge()._judge_varlen(r["out"], r["lse"], q, k, v, cu_q, cu_k, True)
+
+
+def test_attention_varlen_decode_splits():
+    """Decode-shaped varlen (a query or two per sequence against packed caches), split-KV."""
+    lq, lk, Hq, Hkv = [1, 1, 2], [300, 5, 129], 8, 2
+    torch.manual_seed(12)
+    q = torch.randn(sum(lq), Hq, D, dtype=torch.float16)
+    k = torch.randn(sum(lk), Hkv, D, dtype=torch.float16)
+    v = torch.randn(sum(lk), Hkv, D, dtype=torch.float16)
+    cu = lambda n: torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
+    params = dict(dtype="fp16", varlen=1, batch=3, hq=Hq, hkv=Hkv, seqlen_q=2, seqlen_k=300,
+                  total_q=sum(lq), total_k=sum(lk), causal=True, scale=D**-0.5, mainloop="mma_sync",
+                  force_splits=3, q_head_stride=q.stride(1), q_seq_stride=q.stride(0),
+                  k_head_stride=k.stride(1), k_seq_stride=k.stride(0),
+                  v_head_stride=v.stride(1), v_seq_stride=v.stride(0))
+    r = _run_twice("attention", params, dict(q=q, k=k, v=v, cu_seqlens_q=cu(lq), cu_seqlens_k=cu(lk)),
+                   {"out": (torch.float16, (sum(lq), Hq, D)), "lse": (torch.float32, (Hq, sum(lq)))})
+    assert "splits 3 " in r["stdout"], r["stdout"]
+    _gpu_judge()._judge_varlen(r["out"], r["lse"], q, k, v, cu(lq), cu(lk), True)
+
+
+# ---- MoE experts ---------------------------------------------------------------------------------
+def _experts(x, ids, w, gate_up, down, mainloop="mma_sync"):
+    T, H = x.shape
+    E, I = gate_up.shape[0], gate_up.shape[1] // 2
+    k = ids.shape[1]
+    dtype = "bf16" if x.dtype == torch.bfloat16 else "fp16"
+    params = dict(dtype=dtype, tokens=T, hidden=H, experts=E, inter=I, top_k=k,
+                  hidden_stride=x.stride(0), mainloop=mainloop)
+    return _run_twice("experts", params,
+                   dict(hidden=x, expert_ids=ids.to(torch.int32).contiguous(), gate_up=gate_up, down=down,
+                        route=w.to(x.dtype).contiguous()),
+                   {"out": (x.dtype, (T, H)), "expert_offsets": (torch.int32, (E + 1,)),
+                    "inverse": (torch.int32, (T * k,))})
+
+
+def _moe_inputs(T, E, k, H, I, dtype, seed, experts=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    gate_up = (torch.randn(E, 2 * I, H, generator=g) * H**-0.5).to(dtype)
+    down = (torch.randn(E, H, I, generator=g) * I**-0.5).to(dtype)
+    pool = torch.tensor(experts) if experts is not None else torch.arange(E)
+    ids = pool[torch.argsort(torch.rand(T, len(pool), generator=g), dim=-1)[:, :k]].to(torch.int32)
+    w = torch.rand(T, k, generator=g) + 0.1
+    return x, ids, (w / w.sum(-1, keepdim=True)).to(dtype), gate_up, down
+
+
+# (T, E, k, H, I, dtype, mainloop, experts used): regimes by mean rows per expert (T k / E):
+# decode <= 16, mid <= 64, prefill above
+EXPERT_CASES = [
+    (3, 8, 2, 128, 64, torch.bfloat16, "mma_sync", None),        # decode
+    (1, 128, 8, 256, 128, torch.bfloat16, "mma_sync", None),     # decode, batch 1, 30B-A3B routing
+    (300, 128, 8, 128, 64, torch.bfloat16, "mma_sync", None),    # mid; 2400 picks: tiled permutation
+    (64, 4, 2, 256, 128, torch.float16, "mma_sync", [0, 2, 3]),  # mid, an expert with no token
+    (200, 2, 1, 256, 128, torch.bfloat16, "mma_sync", None),     # prefill
+    (200, 2, 1, 256, 128, torch.bfloat16, "wgmma", None),
+    (150, 4, 2, 128, 64, torch.float16, "wgmma", [1, 3]),        # two experts take everything
+]
+
+
+@pytest.mark.parametrize("case", EXPERT_CASES, ids=lambda c: "-".join(map(str, c[:7])).replace("torch.", ""))
+def test_moe_experts(case):
+    T, E, k, H, I, dtype, mainloop, used = case
+    x, ids, w, gate_up, down = _moe_inputs(T, E, k, H, I, dtype, seed=T + E, experts=used)
+    r = _experts(x, ids, w, gate_up, down, mainloop)
+    # the permutation (exact): per-expert segments padded to the regime's row tile
+    counts = torch.bincount(ids.flatten().long(), minlength=E)
+    offsets = r["expert_offsets"].long()
+    assert offsets[0] == 0 and bool((offsets[1:] - offsets[:-1] >= counts).all()), offsets
+    inverse = r["inverse"].long().view(T, k)
+    for e in range(E):  # picks of e in token order, at the start of e's segment
+        picks = (ids.long() == e).nonzero()
+        slots = inverse[picks[:, 0], picks[:, 1]]
+        assert_identical(slots, offsets[e] + torch.arange(len(picks)), f"slots of expert {e}")
+    import test_moe_experts_gpu
+    test_moe_experts_gpu._judge(r["out"], x, ids, w, gate_up, down)
+
+
+def test_moe_experts_strided_hidden():
+    """hidden_states as a row-strided view (every row 16-byte aligned), as the glue passes it."""
+    T, E, k, H, I = 40, 4, 2, 128, 64
+    x, ids, w, gate_up, down = _moe_inputs(T, E, k, H, I, torch.bfloat16, seed=5)
+    wide = torch.zeros(T, H + 64, dtype=torch.bfloat16)
+    wide[:, :H] = x
+    r = _experts(wide[:, :H], ids, w, gate_up, down)
+    import test_moe_experts_gpu
+    test_moe_experts_gpu._judge(r["out"], x, ids, w, gate_up, down)
+
+
+
+
+# ---- the memory-bound kernels and the router -----------------------------------------------------
+def _dt(dtype):
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def _kernels_judge():
+    import test_kernels_gpu
+    return test_kernels_gpu._judge
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows,hidden,stride,residual", [
+    (7, 1024, 1024, False), (3, 2560, 2560 + 8, True),  # vectorized kernel, strided rows
+    (5, 200, 203, True),                                 # scalar kernel (H not a multiple of 8)
+    (2, 8192, 8192, False),
+])
+def test_rms_norm(dtype, rows, hidden, stride, residual):
+    torch.manual_seed(rows + hidden)
+    x = torch.randn(rows, stride, dtype=dtype)[:, :hidden]
+    w = 1 + 0.1 * torch.randn(hidden, dtype=dtype)
+    params = dict(dtype=_dt(dtype), rows=rows, hidden=hidden, input_stride=stride, eps=1e-6)
+    inputs = dict(input=x, weight=w)
+    outputs = {"out": (dtype, (rows, hidden))}
+    if residual:
+        res = torch.randn(rows, hidden, dtype=dtype)
+        params["residual_stride"] = hidden
+        inputs["residual"] = res
+        outputs["residual_out"] = (dtype, (rows, hidden))
+    r = _run_twice("rms_norm", params, inputs, outputs)
+    if residual:
+        from qwen3x import reference as R
+        _kernels_judge()(r["out"], (x, res, w, 1e-6), lambda *a: R.add_rms_norm(*a)[0])
+        _kernels_judge()(r["residual_out"], (x, res, w, 1e-6), lambda *a: R.add_rms_norm(*a)[1])
+    else:
+        from qwen3x import reference as R
+        _kernels_judge()(r["out"], (x, w, 1e-6), R.rms_norm)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,inter,stride", [(3, 768, 1536), (2, 100, 204)])  # vec; scalar
+def test_silu_and_mul(dtype, rows, inter, stride):
+    from qwen3x import reference as R
+    torch.manual_seed(inter)
+    x = (torch.randn(rows, stride, dtype=dtype) * 3)[:, : 2 * inter]
+    r = _run_twice("silu_and_mul", dict(dtype=_dt(dtype), rows=rows, inter=inter, input_stride=stride),
+                   dict(input=x), {"out": (dtype, (rows, inter))})
+    _kernels_judge()(r["out"], (x,), R.silu_and_mul)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens,experts,top_k,norm", [(5, 128, 8, True), (3, 512, 16, False), (9, 5, 5, True)])
+def test_moe_router(dtype, tokens, experts, top_k, norm):
+    """Distinct logits, exact in every dtype (as test_moe_gpu's): ids and counts exact."""
+    from qwen3x import reference as R
+    import test_moe_gpu
+    g = torch.Generator().manual_seed(tokens * experts)
+    perm = torch.argsort(torch.rand(tokens, experts, generator=g), dim=-1)
+    wide = torch.randn(tokens, 2 * experts + 3, generator=g).to(dtype)
+    wide[:, experts : 2 * experts] = ((perm - experts // 2).float() / 32).to(dtype)
+    logits = wide[:, experts : 2 * experts]
+    r = _run_twice("router", dict(dtype=_dt(dtype), tokens=tokens, experts=experts, top_k=top_k,
+                                  norm_topk_prob=norm, logits_stride=logits.stride(0)),
+                   dict(logits=logits), {"weights": (dtype, (tokens, top_k)),
+                                         "expert_ids": (torch.int32, (tokens, top_k)),
+                                         "counts": (torch.int32, (experts,))})
+    ref_w, ref_ids, ref_counts = R.moe_router(logits, top_k, norm)
+    test_moe_gpu._assert_equal("expert_ids", r["expert_ids"], ref_ids)
+    test_moe_gpu._assert_equal("tokens_per_expert", r["counts"], ref_counts)
+    test_moe_gpu._assert_weights(r["weights"], ref_w)
+
+
+def _rope(tokens, hq, hkv, dtype, seed):
+    from models import tiny_config
+    from qwen3x.rope import rope_parameters
+    config = tiny_config(rope={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+                         head_dim=D, max_position_embeddings=131072)
+    rp = rope_parameters(config)
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * D, generator=g).to(dtype)  # a fused projection
+    q = qkv[:, : hq * D].view(tokens, hq, D)
+    k = qkv[:, hq * D : (hq + hkv) * D].view(tokens, hkv, D)
+    v = qkv[:, (hq + hkv) * D :].view(tokens, hkv, D)
+    wq = 1 + 0.1 * torch.randn(D, generator=g).to(dtype)
+    wk = 1 + 0.1 * torch.randn(D, generator=g).to(dtype)
+    pos = torch.randint(0, 131072, (tokens,), generator=g)
+    pos[-1] = 131071
+    return q, k, v, wq, wk, pos, rp.inv_freq.float(), rp.attention_scaling
+
+
+def _rope_params(q, k, dtype, pos):
+    return dict(dtype=_dt(dtype), tokens=q.shape[0], hq=q.shape[1], hkv=k.shape[1],
+                q_token_stride=q.stride(0), q_head_stride=q.stride(1), k_token_stride=k.stride(0),
+                k_head_stride=k.stride(1), positions_int64=pos.dtype == torch.int64, eps=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens,hq,hkv,pos_dtype", [(7, 16, 8, torch.int64), (3, 32, 4, torch.int32)])
+def test_qk_norm_rope(dtype, tokens, hq, hkv, pos_dtype):
+    """Strided q and k (views of a fused projection), YaRN, positions up to 131071."""
+    from qwen3x import reference as R
+    q, k, _, wq, wk, pos, inv_freq, scaling = _rope(tokens, hq, hkv, dtype, seed=tokens)
+    pos = pos.to(pos_dtype)
+    params = _rope_params(q, k, dtype, pos) | dict(attention_scaling=scaling)
+    r = _run_twice("qk_norm_rope", params,
+                   dict(q=q, k=k, q_weight=wq, k_weight=wk, positions=pos, inv_freq=inv_freq),
+                   {"q_out": (dtype, (tokens, hq, D)), "k_out": (dtype, (tokens, hkv, D))})
+    args = (q, k, wq, wk, pos, inv_freq, scaling, 1e-6)
+    _kernels_judge()(r["q_out"], args, lambda *a: R.qk_norm_rope(*a)[0])
+    _kernels_judge()(r["k_out"], args, lambda *a: R.qk_norm_rope(*a)[1])
+
+
+def test_qk_norm_rope_cache():
+    """Decode into a static cache: k normed and rotated, v as is, at the given slots of each
+    sequence; a slot past the cache is not stored; everything else of the caches untouched."""
+    from qwen3x import reference as R
+    B, S, hq, hkv, smax, dtype = 2, 2, 8, 2, 9, torch.bfloat16
+    q, k, v, wq, wk, pos, inv_freq, scaling = _rope(B * S, hq, hkv, dtype, seed=3)
+    slots = torch.tensor([5, 9], dtype=torch.int64)  # 9 = S_max: not stored
+    k_cache = torch.randn(B, hkv, smax, D).to(dtype)
+    v_cache = torch.randn(B, hkv, smax, D).to(dtype)
+    params = _rope_params(q, k, dtype, pos) | dict(
+        attention_scaling=scaling, batch=B, max_slots=smax, seqlen=S, slots_int64=True,
+        v_token_stride=v.stride(0), v_head_stride=v.stride(1))
+    r = _run_twice("qk_norm_rope", params,
+                   dict(q=q, k=k, v=v, q_weight=wq, k_weight=wk, positions=pos, inv_freq=inv_freq,
+                        k_cache=k_cache, v_cache=v_cache, slots=slots),
+                   {"q_out": (dtype, (B * S, hq, D)), "k_cache": (dtype, (B, hkv, smax, D)),
+                    "v_cache": (dtype, (B, hkv, smax, D))})
+    args = (q, k, wq, wk, pos, inv_freq, scaling, 1e-6)
+    _kernels_judge()(r["q_out"], args, lambda *a: R.qk_norm_rope(*a)[0])
+    k_rot = R.qk_norm_rope(*args)[1].view(B, S, hkv, D)
+    k_rot64 = R.qk_norm_rope(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a
+                               for a in args])[1].view(B, S, hkv, D)
+    from qwen3x.testing import assert_close_to_truth
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_v[:, :, 5] = v.view(B, S, hkv, D)[:, 0]
+    assert_identical(r["v_cache"], want_v, "v cache")
+    stored = r["k_cache"][:, :, 5]
+    assert_close_to_truth(stored, k_rot[:, 0], k_rot64[:, 0])
+    untouched = torch.ones(smax, dtype=torch.bool)
+    untouched[5] = False
+    assert_identical(r["k_cache"][:, :, untouched], want_k[:, :, untouched], "k cache outside the slot")
+
+# ---- planted bugs: each must make one of the checks above fail ---------------------------------
+PLANTED = {
+    # waits for one stage too few: the tile is read before its copies land (late run differs)
+    "attention: cp.async wait too shallow": (
+        ("attention/attention_fwd.cuh", "cp_async_wait<kStages - 1>();", "cp_async_wait<kStages>();"),
+        "attention"),
+    # the barrier before a stage is refilled: a warp's prefetch overwrites what another still reads
+    "attention: no barrier before the refill": (
+        ("attention/attention_fwd.cuh",
+         "__syncthreads();  // this stage is refilled by the next iteration's prefetch", ""),
+        "attention"),
+    # the expert GEMM's wgmma never waited for
+    "moe: wgmma wait dropped": (
+        ("moe/grouped_gemm.cuh", "wgmma_wait<0>();  // before the next barrier", "//"),
+        "experts"),
+    # the expert GEMM's loads one row off in the swizzle
+    "moe: swizzle of the loads": (
+        ("moe/grouped_gemm.cuh", "chunk ^ (row % kGemmSwizzleRows)", "chunk ^ ((row + 1) % kGemmSwizzleRows)"),
+        "experts"),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANTED))
+def test_planted_bug_is_caught(name, monkeypatch):
+    from emulator import build as emu_build
+    from emulator.run import EmulatorError
+
+    patch, op = PLANTED[name]
+    exe = emu_build.build(asan=False, patches=(patch,))
+    real_run = _emu().run
+    monkeypatch.setattr(_emu(), "run", lambda *a, **kw: real_run(*a, **kw, exe=exe))
+    with pytest.raises((AssertionError, EmulatorError)):
+        if op == "attention":
+            test_attention(ATTENTION_CASES[0])
+        else:
+            test_moe_experts(EXPERT_CASES[3])
