@@ -64,7 +64,7 @@ MEMCHECK_S  ?= 75
 RACECHECK_S ?= 45
 BENCH_S     ?= 150
 GPU_TESTS   ?= tests --ignore=tests/test_kernel_models.py --ignore=tests/test_wgmma_smoke.py \
-               --ignore=tests/test_emulator.py  # CPU-only (CI runs them)
+               --ignore=tests/test_emulator.py --ignore=tests/test_emulator_ops.py  # CPU-only (CI runs them)
 GPU_SAMPLE  ?= 3
 # memcheck: the first small parametrization of every GPU kernel test (compute-sanitizer is slow)
 MEMCHECK_TESTS ?= tests/test_kernels_gpu.py tests/test_attention_gpu.py tests/test_moe_gpu.py \

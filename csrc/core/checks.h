@@ -32,8 +32,15 @@ inline std::string dtype_name(at::ScalarType t) {
   }
 }
 
+// The kernels' device. Under QWEN3X_EMULATOR (tests/emulator: this glue and the kernels'
+// source compiled for the CPU and run on a model of CUDA) the CPU plays it.
 inline void cuda(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), "qwen3x.", op, ": expected ", name, " to be a CUDA tensor, got ",
+#if defined(QWEN3X_EMULATOR)
+  const bool on_device = t.is_cpu();
+#else
+  const bool on_device = t.is_cuda();
+#endif
+  TORCH_CHECK(on_device, "qwen3x.", op, ": expected ", name, " to be a CUDA tensor, got ",
               c10::DeviceTypeName(t.device().type(), /*lower_case=*/true));
 }
 

@@ -8,6 +8,10 @@ shared memory. Everything else (the PTX wrappers included, under QWEN3X_EMULATOR
 written. AddressSanitizer is on unless QWEN3X_EMU_ASAN=0.
 
     python tests/emulator/build.py   # prints the runner's path; rebuilds only when a source changed
+
+`build_ops()` compiles the .cu glue and torch_bindings.cpp the same way into a PyTorch extension
+whose ops are `torch.ops.qwen3x_emu.*`: the schemas of `torch.ops.qwen3x.*`, served on CPU
+tensors by the glue and the kernels' source (the CPU plays the GPU: csrc/core/checks.h).
 """
 
 from __future__ import annotations
@@ -34,8 +38,14 @@ def transform(text: str) -> str:
     return DYNAMIC_SMEM.sub(lambda m: f"unsigned char* {m.group(1)} = ::emu::dynamic_smem();", text)
 
 
+GLUE_RENAMES = (  # torch_bindings.cpp: another library name, the CPU dispatch key
+    ("TORCH_LIBRARY(qwen3x, m)", "TORCH_LIBRARY(qwen3x_emu, m)"),
+    ("TORCH_LIBRARY_IMPL(qwen3x, CUDA, m)", "TORCH_LIBRARY_IMPL(qwen3x_emu, CPU, m)"),
+)
+
+
 def sources() -> list[Path]:
-    kernel_headers = sorted(p for p in CSRC.rglob("*") if p.suffix in (".cuh", ".h"))
+    kernel_headers = sorted(p for p in CSRC.rglob("*") if p.suffix in (".cuh", ".h", ".cu", ".cpp"))
     emulator = sorted(p for p in HERE.rglob("*") if p.suffix in (".h", ".cpp", ".py"))
     return kernel_headers + emulator
 
@@ -92,6 +102,46 @@ def build(asan: bool | None = None, verbose: bool = False,
                 old.unlink(missing_ok=True)
     shutil.rmtree(src, ignore_errors=True)
     return exe
+
+
+def build_ops(verbose: bool = False) -> None:
+    """Builds (if needed) and loads the torch.ops.qwen3x_emu library: csrc/'s .cu glue and
+    bindings compiled as C++ over the emulator (no AddressSanitizer: it loads into Python)."""
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256()
+    for p in sources():
+        digest.update(str(p.relative_to(ROOT)).encode())
+        digest.update(p.read_bytes())
+    key = digest.hexdigest()[:16]
+    src = OUT / f"glue-{key}"
+    if not (src / "done").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        for p in CSRC.rglob("*"):
+            if p.suffix in (".cuh", ".h", ".cu", ".cpp"):
+                rel = p.relative_to(CSRC)
+                dst = src / (rel.with_suffix(".cpp") if p.suffix == ".cu" else rel)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                text = p.read_text()
+                if p.name == "torch_bindings.cpp":
+                    for old, new in GLUE_RENAMES:
+                        assert text.count(old) == 1, old
+                        text = text.replace(old, new)
+                dst.write_text(transform(text))
+        (src / "done").write_text("")
+        for old in OUT.glob("glue-*"):
+            if old != src:
+                shutil.rmtree(old, ignore_errors=True)
+    units = sorted(str(p) for p in src.rglob("*.cpp"))
+    cpp_extension.load(
+        name=f"qwen3x_emu_{key}", sources=units, is_python_module=False, verbose=verbose,
+        build_directory=str(src),
+        extra_include_paths=[str(HERE / "include"), str(src)],
+        # -fno-gnu-unique: the static locals of csrc/'s inline helpers (per-device caches) stay
+        # this library's own, not unified with a real qwen3x._C loaded in the same process
+        extra_cflags=["-O1", "-ffp-contract=off", "-fno-gnu-unique", "-DQWEN3X_EMULATOR", "-DQWEN3X_HAS_SM90A",
+                      '-DQWEN3X_VERSION=\\"emulator\\"', '-DQWEN3X_CUDA_ARCHS=\\"sm_90a\\"',
+                      '-DQWEN3X_TORCH_VERSION=\\"any\\"', "-w"])
 
 
 if __name__ == "__main__":

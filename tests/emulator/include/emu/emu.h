@@ -226,11 +226,12 @@ inline Device& device() {
 // ---- fibers ------------------------------------------------------------------------------------
 extern "C" void emu_switch(void** save_sp, void* new_sp);
 extern "C" void emu_fiber_start();
+// (Weak symbols: every translation unit that includes this header defines them.)
 // Saves the callee-saved registers and the SSE / x87 control words on the current stack, stores
 // its pointer in *save_sp, switches to new_sp and restores what is there (System V x86-64).
 asm(R"(
     .text
-    .globl emu_switch
+    .weak emu_switch
     .type emu_switch, @function
 emu_switch:
     pushq %rbp
@@ -255,7 +256,7 @@ emu_switch:
     popq %rbp
     ret
     .size emu_switch, .-emu_switch
-    .globl emu_fiber_start
+    .weak emu_fiber_start
     .type emu_fiber_start, @function
 emu_fiber_start:
     movq %r12, %rdi
