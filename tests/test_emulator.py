@@ -37,9 +37,10 @@ def _emu():
 
 
 def _run_twice(op, params, inputs, outputs):
-    first, second = (_emu().run(op, params, inputs, outputs, **r) for r in RUNS)
-    for name in outputs:
-        assert_identical(second[name], first[name], f"{name}: early/in-order vs late/reversed runs")
+    first, *others = (_emu().run(op, params, inputs, outputs, **r) for r in RUNS)
+    for other in others:
+        for name in outputs:
+            assert_identical(other[name], first[name], f"{name}: early/in-order vs late/reversed runs")
     return first
 
 
@@ -417,7 +418,7 @@ def test_planted_bug_is_caught(name, monkeypatch):
     from emulator.run import EmulatorError
 
     patch, op = PLANTED[name]
-    exe = emu_build.build(asan=False, patches=(patch,))
+    exe = emu_build.build("none", patches=(patch,))
     real_run = _emu().run
     monkeypatch.setattr(_emu(), "run", lambda *a, **kw: real_run(*a, **kw, exe=exe))
     with pytest.raises((AssertionError, EmulatorError)):
@@ -425,3 +426,58 @@ def test_planted_bug_is_caught(name, monkeypatch):
             test_attention(ATTENTION_CASES[0])
         else:  # the prefill regime with the wgmma mainloop (every bug here is on its path)
             test_moe_experts(next(c for c in EXPERT_CASES if c[6] == "wgmma"))
+
+
+
+# ---- racecheck: the same kernels under ThreadSanitizer -----------------------------------------
+# One run each (asynchronous copies and wgmma touching shared memory both at issue and at their
+# wait, reversed order): every pair of conflicting accesses by two
+# threads of a CTA that no __syncthreads / __syncwarp orders is reported (emu.h), whatever order
+# the scheduler happened to run them in: compute-sanitizer's racecheck, on the CPU.
+RACECHECK_RUN = [dict(async_mode="both", order="reverse", dyn_smem_offset=1024 + 384, sanitizer="thread")]
+RACECHECK = {
+    "attention mma_sync": lambda: test_attention(ATTENTION_CASES[0]),
+    "attention wgmma": lambda: test_attention(ATTENTION_CASES[1]),
+    "attention decode split-KV": lambda: test_attention(ATTENTION_CASES[4]),
+    "attention varlen": lambda: test_attention_varlen(),
+    "experts decode": lambda: test_moe_experts(EXPERT_CASES[0]),
+    "experts mid, tiled permutation": lambda: test_moe_experts(EXPERT_CASES[2]),
+    "experts prefill wgmma": lambda: test_moe_experts(next(c for c in EXPERT_CASES if c[6] == "wgmma")),
+    "rms_norm": lambda: test_rms_norm(torch.float32, 5, 200, 203, True),
+    "router": lambda: test_moe_router(torch.bfloat16, 5, 128, 8, True),
+    "qk_norm_rope cache": lambda: test_qk_norm_rope_cache(),
+    "silu_and_mul": lambda: test_silu_and_mul(torch.bfloat16, 3, 768, 1536),
+}
+
+
+@pytest.mark.parametrize("name", list(RACECHECK))
+def test_racecheck(name, monkeypatch):
+    monkeypatch.setattr(__import__(__name__), "RUNS", RACECHECK_RUN)
+    RACECHECK[name]()
+
+
+PLANTED_RACES = {
+    # the barrier before a K/V stage is refilled: the prefetch races with other warps' ldmatrix
+    "attention: no barrier before the refill": (PLANTED["attention: no barrier before the refill"][0],
+                                                lambda: test_attention(ATTENTION_CASES[0])),
+    # a warp's per-expert counters zeroed by some lanes and incremented by others with no
+    # __syncwarp between (the match.any between them orders no memory)
+    "permute: no __syncwarp after zeroing": (
+        ("moe/permute.cuh",
+         "my_warp_base[i] = 0;\n    __syncwarp();", "my_warp_base[i] = 0;"),
+        lambda: test_moe_experts(EXPERT_CASES[0])),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANTED_RACES))
+def test_planted_race_is_reported(name, monkeypatch):
+    from emulator import build as emu_build
+    from emulator.run import EmulatorError
+
+    patch, case = PLANTED_RACES[name]
+    exe = emu_build.build("thread", patches=(patch,))
+    monkeypatch.setattr(__import__(__name__), "RUNS", RACECHECK_RUN)
+    real_run = _emu().run
+    monkeypatch.setattr(_emu(), "run", lambda *a, **kw: real_run(*a, **kw, exe=exe))
+    with pytest.raises(EmulatorError, match="ThreadSanitizer: data race"):
+        case()

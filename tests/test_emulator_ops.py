@@ -192,6 +192,9 @@ def test_patched_model_on_the_kernels(kernels_on_cpu, moe):
         want = hf.generate(ids[:1, :9], max_new_tokens=6, do_sample=False, cache_implementation="static")
         got = patched.generate(ids[:1, :9], max_new_tokens=6, do_sample=False, cache_implementation="static")
     assert_identical(got, want, "greedy tokens")
-    served = {"rms_norm", "add_rms_norm", "qk_norm_rope_", "qk_norm_rope_cache_", "attention"}
-    served |= {"moe_router", "moe_experts"} if moe else {"silu_and_mul"}
-    assert served <= set(kernels_on_cpu), f"ops the model ran on the kernels: {kernels_on_cpu}"
+    ran = set(kernels_on_cpu)
+    assert {"rms_norm", "add_rms_norm", "qk_norm_rope_", "qk_norm_rope_cache_", "attention"} <= ran, ran
+    if moe:  # transformers 5.x: router, then the experts; 4.57: the whole block in one op
+        assert {"moe_router", "moe_experts"} <= ran or "moe" in ran, ran
+    else:
+        assert "silu_and_mul" in ran, ran

@@ -1,11 +1,11 @@
 """Builds tests/emulator's runner: csrc/'s kernel headers and their host launchers, compiled for the CPU.
 
-The kernel sources are used as they are, with two mechanical rewrites of a copy (CUDA syntax
+The kernel sources are used as they are, with mechanical rewrites of a copy (CUDA syntax
 that host C++ has no spelling for): `kernel<<<grid, block, smem, stream>>>(args)` becomes
-`::emu::Launch(grid, block, smem, stream).run(kernel, args)`, and
-`extern __shared__ __align__(N) unsigned char name[];` becomes a pointer to the CTA's dynamic
-shared memory. Everything else (the PTX wrappers included, under QWEN3X_EMULATOR) compiles as
-written. AddressSanitizer is on unless QWEN3X_EMU_ASAN=0.
+`::emu::Launch(grid, block, smem, stream).run(kernel, args)`, and `__shared__` variables
+(`extern` arrays and fixed-size ones) become the running CTA's shared memory. Everything else (the PTX wrappers included, under QWEN3X_EMULATOR) compiles as
+written. The runner is built with AddressSanitizer (bounds) or ThreadSanitizer (races between the
+threads of a CTA: include/emu/emu.h), or neither.
 
     python tests/emulator/build.py   # prints the runner's path; rebuilds only when a source changed
 
@@ -31,11 +31,16 @@ OUT = ROOT / "build" / "emulator"
 
 LAUNCH = re.compile(r"(\b[\w:]+(?:<[^;{}()]*?>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+__align__\(\d+\)\s+unsigned char\s+(\w+)\[\];")
+STATIC_SMEM = re.compile(r"__shared__\s+(\w+)\s+(\w+)((?:\[[^\]]+\])*);")
 
 
 def transform(text: str) -> str:
     text = LAUNCH.sub(lambda m: f"::emu::Launch({m.group(2)}).run({m.group(1)}, ", text)
-    return DYNAMIC_SMEM.sub(lambda m: f"unsigned char* {m.group(1)} = ::emu::dynamic_smem();", text)
+    text = DYNAMIC_SMEM.sub(lambda m: f"unsigned char* {m.group(1)} = ::emu::dynamic_smem();", text)
+    # fixed-size shared variables: storage of the running CTA (fresh and poisoned for each CTA)
+    return STATIC_SMEM.sub(
+        lambda m: f"auto& {m.group(2)} = ::emu::cta_shared<{m.group(1)}{m.group(3)}>"
+                  f"(__FILE__ \":{m.group(2)}\");", text)
 
 
 GLUE_RENAMES = (  # torch_bindings.cpp: another library name, the CPU dispatch key
@@ -50,27 +55,30 @@ def sources() -> list[Path]:
     return kernel_headers + emulator
 
 
-def flags(asan: bool) -> list[str]:
+SANITIZERS = ("address", "thread", "none")
+
+
+def flags(sanitizer: str) -> list[str]:
     f = ["-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=off",
          "-DQWEN3X_EMULATOR", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
-    return f + (["-fsanitize=address"] if asan else [])
+    return f + ([f"-fsanitize={sanitizer}"] if sanitizer != "none" else [])
 
 
-def build(asan: bool | None = None, verbose: bool = False,
+def build(sanitizer: str = "address", verbose: bool = False,
           patches: tuple[tuple[str, str, str], ...] = ()) -> Path:
     """The runner executable, (re)built if any source or flag changed. `patches` (file relative
     to csrc/, old text, new text) plant a bug in the copy: the tests that show a bug is caught."""
-    if asan is None:
-        asan = os.environ.get("QWEN3X_EMU_ASAN", "1") != "0"
+    if sanitizer not in SANITIZERS:
+        raise ValueError(f"sanitizer must be one of {SANITIZERS}, got {sanitizer!r}")
     cxx = os.environ.get("CXX", "g++")
     digest = hashlib.sha256()
     for p in sources():
         digest.update(str(p.relative_to(ROOT)).encode())
         digest.update(p.read_bytes())
-    digest.update(" ".join([cxx] + flags(asan)).encode())
+    digest.update(" ".join([cxx] + flags(sanitizer)).encode())
     digest.update(repr(patches).encode())
     key = digest.hexdigest()[:16]
-    name = "emu_runner" if not patches else "emu_planted"
+    name = f"emu_runner-{sanitizer}" if not patches else "emu_planted"
     exe = OUT / f"{name}-{key}"
     if exe.exists():
         return exe
@@ -88,7 +96,7 @@ def build(asan: bool | None = None, verbose: bool = False,
                         raise ValueError(f"planted bug: {old!r} is not once in {file}")
                     text = text.replace(old, new)
             dst.write_text(transform(text))
-    cmd = [cxx, *flags(asan), f"-I{HERE / 'include'}", f"-I{src}", str(HERE / "runner.cpp"),
+    cmd = [cxx, *flags(sanitizer), f"-I{HERE / 'include'}", f"-I{src}", str(HERE / "runner.cpp"),
            "-o", str(exe) + ".tmp"]
     if verbose:
         print(" ".join(cmd), file=sys.stderr)
@@ -96,8 +104,8 @@ def build(asan: bool | None = None, verbose: bool = False,
     if r.returncode != 0:
         raise RuntimeError(f"emulator build failed:\n{r.stderr[-20000:]}")
     os.replace(str(exe) + ".tmp", exe)
-    if not patches:  # one build kept
-        for old in OUT.glob("emu_runner-*"):
+    if not patches:  # one build per sanitizer kept
+        for old in OUT.glob(f"{name}-*"):
             if old != exe and not old.name.endswith(".tmp"):
                 old.unlink(missing_ok=True)
     shutil.rmtree(src, ignore_errors=True)

@@ -19,18 +19,17 @@ import torch
 
 from . import build as _build
 
-_RUNNER: Path | None = None
+_RUNNERS: dict[str, Path] = {}
 
 
 class EmulatorError(RuntimeError):
     """The emulator (or a launch it checked) failed: the message is the runner's stderr."""
 
 
-def runner() -> Path:
-    global _RUNNER
-    if _RUNNER is None:
-        _RUNNER = _build.build()
-    return _RUNNER
+def runner(sanitizer: str = "address") -> Path:
+    if sanitizer not in _RUNNERS:
+        _RUNNERS[sanitizer] = _build.build(sanitizer)
+    return _RUNNERS[sanitizer]
 
 
 def storage_span(t: torch.Tensor) -> torch.Tensor:
@@ -45,7 +44,8 @@ def storage_span(t: torch.Tensor) -> torch.Tensor:
 def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
         outputs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
         async_mode: str = "early", order: str = "forward", sms: int = 132,
-        dyn_smem_offset: int | None = None, exe: Path | None = None) -> dict[str, torch.Tensor]:
+        dyn_smem_offset: int | None = None, exe: Path | None = None,
+        sanitizer: str = "address") -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory(prefix="qwen3x-emu-") as d:
         job = Path(d)
         lines = [f"op {op}"] + [f"{k} {int(v) if isinstance(v, bool) else v}" for k, v in params.items()]
@@ -54,13 +54,15 @@ def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
             span = t.contiguous() if t.is_contiguous() else storage_span(t)
             (job / f"{name}.bin").write_bytes(span.contiguous().view(torch.uint8).numpy().tobytes())
         env = dict(os.environ, EMU_ASYNC=async_mode, EMU_ORDER=order, EMU_SMS=str(sms),
-                   ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=3")
+                   ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=3",
+                   TSAN_OPTIONS="halt_on_error=1:exitcode=4:report_signal_unsafe=0")
         if dyn_smem_offset is not None:
             env["EMU_DYN_SMEM_OFFSET"] = str(dyn_smem_offset)
-        r = subprocess.run([str(exe or runner()), str(job)], capture_output=True, text=True, env=env)
+        r = subprocess.run([str(exe or runner(sanitizer)), str(job)], capture_output=True, text=True, env=env)
         if r.returncode != 0:
-            raise EmulatorError(f"{op} (async={async_mode}, order={order}) failed with status "
-                                f"{r.returncode}:\n{r.stderr[-6000:]}")
+            err = r.stderr if len(r.stderr) <= 8000 else r.stderr[:6000] + "\n...\n" + r.stderr[-2000:]
+            raise EmulatorError(f"{op} (async={async_mode}, order={order}, sanitizer={sanitizer}) "
+                                f"failed with status {r.returncode}:\n{err}")
         result = {"stdout": r.stdout}
         for name, (dtype, shape) in outputs.items():
             raw = (job / f"{name}.out").read_bytes()

@@ -351,7 +351,15 @@ int main(int argc, char** argv) {
     return 2;
   }
   emu::Device& dev = emu::device();
-  if (const char* a = std::getenv("EMU_ASYNC")) dev.late = std::string(a) == "late";
+  if (const char* a = std::getenv("EMU_ASYNC")) {
+    const std::string mode(a);
+    if (mode != "early" && mode != "late" && mode != "both") {
+      std::cerr << "emu_runner: EMU_ASYNC must be early, late or both\n";
+      return 2;
+    }
+    dev.early = mode != "late";
+    dev.late = mode != "early";
+  }
   if (const char* o = std::getenv("EMU_ORDER")) dev.reverse = std::string(o) == "reverse";
   if (const char* s = std::getenv("EMU_SMS")) dev.sms = std::atoi(s);
   if (const char* s = std::getenv("EMU_DYN_SMEM_OFFSET")) dev.dyn_smem_offset = std::atoi(s);

@@ -10,7 +10,8 @@
 // threads arrived at the same instruction. The asynchronous instructions run EMU_ASYNC=early
 // (cp.async copies and wgmma at issue) or late (at the wait that the kernel's correctness
 // depends on): a kernel that reads before waiting, or overwrites what another warp still reads,
-// gives a wrong answer in one of the two modes.
+// gives a wrong answer in one of the two modes. EMU_ASYNC=both writes (reads) at issue and again
+// at the wait, so that a race checker sees both ends of the interval the hardware may use.
 //
 // Checked and reported as an error (emu::Error, then the runner exits non-zero): shared-memory
 // addresses outside the CTA's dynamic allocation, misaligned cp.async / ldmatrix / 16-byte
@@ -19,6 +20,13 @@
 // than 48 KB of dynamic shared memory without the opt-in, more than the device allows).
 // Global memory is plain host memory: the runner allocates each tensor on its own, so
 // AddressSanitizer (the default build) catches reads and writes outside every tensor.
+// Built with ThreadSanitizer instead (-fsanitize=thread), it is a race checker: each CUDA thread
+// is a TSan fiber, and the only happens-before edges between the threads of a CTA are the ones
+// CUDA gives (__syncthreads, the collectives a warp or warpgroup meets at, atomics), so any two
+// conflicting accesses (shared or global memory, registers a collective hands over) that no
+// barrier orders are reported, whatever order the scheduler ran them in. CTAs are ordered one
+// after another (races between CTAs are not looked for); the emulator's own bookkeeping is
+// excluded from the check.
 #pragma once
 
 #include <algorithm>
@@ -31,10 +39,12 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <vector>
 
 #include <sys/mman.h>
@@ -43,6 +53,12 @@
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define EMU_ASAN 1
+#endif
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#define EMU_TSAN 1
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
 #endif
 
 // ---- CUDA keywords as host C++ ----------------------------------------------------------------
@@ -53,7 +69,6 @@
 #define __launch_bounds__(...)
 #define __grid_constant__
 #define __align__(n) alignas(n)
-#define __shared__ static  // fixed-size shared arrays: one instance, CTAs run one at a time
 
 // ---- bf16 / fp16 -------------------------------------------------------------------------------
 struct __nv_bfloat16 {
@@ -196,6 +211,43 @@ enum cudaDeviceAttr {
 
 namespace emu {
 
+// The emulator's own bookkeeping (counters, queues, the scheduler) is not the kernel's memory:
+// under ThreadSanitizer it is excluded from the race check.
+struct Unchecked {
+#if defined(EMU_TSAN)
+  Unchecked() { __tsan_ignore_thread_begin(); }
+  ~Unchecked() { __tsan_ignore_thread_end(); }
+#else
+  Unchecked() {}  // (user-provided: no unused-variable warning)
+#endif
+};
+// Inside an Unchecked scope: the kernel's memory again (a collective's shared-memory reads).
+struct Checked {
+#if defined(EMU_TSAN)
+  Checked() { __tsan_ignore_thread_end(); }
+  ~Checked() { __tsan_ignore_thread_begin(); }
+#else
+  Checked() {}
+#endif
+};
+
+// Happens-before edges, for ThreadSanitizer: release by every arriving thread, acquire by every
+// leaving one.
+inline void hb_release(const void* sync) {
+#if defined(EMU_TSAN)
+  __tsan_release(const_cast<void*>(sync));
+#else
+  (void)sync;
+#endif
+}
+inline void hb_acquire(const void* sync) {
+#if defined(EMU_TSAN)
+  __tsan_acquire(const_cast<void*>(sync));
+#else
+  (void)sync;
+#endif
+}
+
 struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -211,7 +263,8 @@ struct Device {
   int smem_per_sm = 228 * 1024;
   int reserved_smem_per_cta = 1024;
   int dyn_smem_offset = 1024 + 128;         // shared address of the dynamic allocation
-  bool late = false;                        // EMU_ASYNC=late
+  bool late = false;                        // EMU_ASYNC=late or both: complete at the wait
+  bool early = true;                        // EMU_ASYNC=early or both: (also) at issue
   bool reverse = false;                     // EMU_ORDER=reverse
   cudaError_t last_error = cudaSuccess;
   std::map<const void*, int> smem_optin;    // kernel -> bytes allowed by cudaFuncSetAttribute
@@ -274,6 +327,7 @@ struct Cta;
 
 struct Thread {
   void* sp = nullptr;
+  void* tsan_fiber = nullptr;
   unsigned char* stack = nullptr;
   size_t stack_bytes = 0;
   dim3 tid;
@@ -290,11 +344,14 @@ struct Collective {  // one warp's or warpgroup's meeting point
   unsigned generation = 0;
   const char* what = nullptr;
   std::array<void*, 128> args{};
+  char sync[2] = {};                          // happens-before objects, by generation parity
+  std::map<std::string, long long> executed;  // instruction -> executions (the leader counts)
 };
 
 struct WgmmaOp;  // a recorded (late) wgmma
 
 struct Cta {
+  std::map<std::string, std::unique_ptr<unsigned char[]>> fixed_smem;  // `__shared__ T name[N]`
   dim3 block_idx, block_dim;
   int num_threads = 0;
   int alive = 0;
@@ -305,6 +362,8 @@ struct Cta {
   size_t dyn_smem_bytes = 0;
   int barrier_arrived = 0;
   unsigned barrier_generation = 0;
+  char barrier_sync[2] = {};  // happens-before objects, by generation parity
+  char end_sync = 0;          // every thread's exit -> the scheduler
   std::vector<Collective> warps, warpgroups;
   std::vector<std::vector<WgmmaOp>> wgmma_open;               // per warpgroup
   std::vector<std::deque<std::vector<WgmmaOp>>> wgmma_groups;  // per warpgroup
@@ -312,6 +371,7 @@ struct Cta {
 
 struct Sched {
   void* sp = nullptr;
+  void* tsan_main = nullptr;
   Thread* cur = nullptr;
   Cta* cta = nullptr;
   dim3 grid;
@@ -319,6 +379,7 @@ struct Sched {
   bool failed = false;
   std::string error;
   std::vector<unsigned char*> stack_pool;
+  std::vector<void*> tsan_pool;
 #if defined(EMU_ASAN)
   const void* main_stack_bottom = nullptr;
   size_t main_stack_size = 0;
@@ -331,8 +392,17 @@ inline Sched& sched() {
 
 constexpr size_t kStackBytes = 1 << 20;
 
+// Switches stacks. Under ThreadSanitizer the scheduler's switch into a thread carries a
+// happens-before edge (what the scheduler set up is visible) and a thread's switch back does not
+// (threads of a CTA stay unordered but for CUDA's own synchronization).
 inline void switch_to(void** save, void* to, const unsigned char* to_stack, size_t to_bytes,
-                      bool dying) {
+                      bool dying, void* tsan_to, bool sync) {
+#if defined(EMU_TSAN)
+  __tsan_switch_to_fiber(tsan_to, sync ? 0 : __tsan_switch_to_fiber_no_sync);
+#else
+  (void)tsan_to;
+  (void)sync;
+#endif
 #if defined(EMU_ASAN)
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(dying ? nullptr : &fake, to_stack, to_bytes);
@@ -352,9 +422,9 @@ inline void yield(bool dying = false) {
   Thread* t = s.cur;
 #if defined(EMU_ASAN)
   switch_to(&t->sp, s.sp, static_cast<const unsigned char*>(s.main_stack_bottom), s.main_stack_size,
-            dying);
+            dying, s.tsan_main, false);
 #else
-  switch_to(&t->sp, s.sp, nullptr, 0, dying);
+  switch_to(&t->sp, s.sp, nullptr, 0, dying, s.tsan_main, false);
 #endif
 }
 
@@ -363,48 +433,69 @@ inline Cta& cta() { return *sched().cta; }
 inline int lane_id() { return self().linear % 32; }
 inline int warp_id() { return self().linear / 32; }
 
-// Waits (yielding) until `done()`; the scheduler finds deadlocks (a round with no progress).
-template <typename Done>
-inline void wait_until(Done done) {
-  while (!done()) yield();
-}
-
 // ---- barriers and collectives ------------------------------------------------------------------
 inline void syncthreads() {
   Cta& c = cta();
   Sched& s = sched();
+  const Unchecked bookkeeping;
   const unsigned gen = c.barrier_generation;
+  hb_release(&c.barrier_sync[gen & 1]);
   ++s.progress;
   if (++c.barrier_arrived == c.alive) {
     c.barrier_arrived = 0;
     ++c.barrier_generation;
-    return;
+  } else {
+    while (c.barrier_generation == gen) yield();
   }
-  wait_until([&] { return c.barrier_generation != gen; });
+  hb_acquire(&c.barrier_sync[gen & 1]);
 }
 
 // All `size` threads of a group meet; the last to arrive runs op(args) for all of them, args[i]
 // being what member i passed. `what` names the instruction (members must agree).
+// `orders_memory`: a barrier (__syncwarp), whose members' memory accesses before it happen
+// before theirs after it. Otherwise (shuffles, ldmatrix, mma, wgmma: CUDA promises no memory
+// ordering) the op runs unchecked, as the register hand-over it is, and checks its own
+// shared-memory reads (emu::Checked).
 template <typename Op>
-inline void meet(Collective& g, int member, int size, const char* what, void* mine, Op op) {
+inline void meet(Collective& g, int member, int size, const char* what, void* mine, Op op,
+                 bool orders_memory = false) {
   Sched& s = sched();
-  if (g.arrived == 0) {
-    g.what = what;
-  } else if (std::strcmp(g.what, what) != 0) {
-    fail(std::string("divergent collective: one thread at ") + g.what + ", thread " +
-         std::to_string(self().linear) + " at " + what);
+  unsigned gen;
+  bool leader;
+  {
+    const Unchecked bookkeeping;
+    if (g.arrived == 0) {
+      g.what = what;
+    } else if (std::strcmp(g.what, what) != 0) {
+      fail(std::string("divergent collective: one thread at ") + g.what + ", thread " +
+           std::to_string(self().linear) + " at " + what);
+    }
+    g.args[member] = mine;
+    gen = g.generation;
+    if (orders_memory) hb_release(&g.sync[gen & 1]);
+    ++s.progress;
+    leader = ++g.arrived == size;
+    if (leader) {
+      if (orders_memory) hb_acquire(&g.sync[gen & 1]);
+      ++g.executed[what];
+    }
   }
-  g.args[member] = mine;
-  const unsigned gen = g.generation;
-  ++s.progress;
-  if (++g.arrived == size) {
-    ++device().executed[what];
-    op(g.args);
+  if (leader) {
+    if (orders_memory) {
+      op(g.args);
+    } else {
+      const Unchecked register_hand_over;
+      op(g.args);
+    }
+    const Unchecked bookkeeping;
+    if (orders_memory) hb_release(&g.sync[gen & 1]);
     g.arrived = 0;
     ++g.generation;
     return;
   }
-  wait_until([&] { return g.generation != gen; });
+  const Unchecked bookkeeping;
+  while (g.generation == gen) yield();
+  if (orders_memory) hb_acquire(&g.sync[gen & 1]);
 }
 
 inline void check_full_warp(unsigned mask, const char* what) {
@@ -414,8 +505,8 @@ inline void check_full_warp(unsigned mask, const char* what) {
 }
 
 template <typename Op>
-inline void warp_meet(const char* what, void* mine, Op op) {
-  meet(cta().warps[warp_id()], lane_id(), 32, what, mine, op);
+inline void warp_meet(const char* what, void* mine, Op op, bool orders_memory = false) {
+  meet(cta().warps[warp_id()], lane_id(), 32, what, mine, op, orders_memory);
 }
 
 template <typename Op>
@@ -440,6 +531,19 @@ inline uint32_t smem_address(const void* p) {
 }
 
 inline unsigned char* dynamic_smem() { return cta().dyn_smem; }
+
+// A fixed-size `__shared__` variable (build.py rewrites its declaration to this): storage of the
+// running CTA, allocated and poisoned (0xFF) by the first thread to reach the declaration.
+template <typename A>
+inline A& cta_shared(const char* key) {
+  const Unchecked bookkeeping;
+  auto& slot = cta().fixed_smem[std::string(key) + ":" + typeid(A).name()];
+  if (!slot) {
+    slot.reset(new unsigned char[sizeof(A)]);
+    std::memset(slot.get(), 0xFF, sizeof(A));
+  }
+  return *reinterpret_cast<A*>(slot.get());
+}
 
 inline unsigned char* smem_ptr(uint32_t addr, size_t bytes, const char* what) {
   Cta& c = cta();
@@ -472,11 +576,8 @@ inline void cp_async_16(uint32_t smem_addr, const void* gmem, bool in_range) {
   }
   const CpAsyncCopy c{smem_ptr(smem_addr, 16, "cp.async"),
                       in_range ? static_cast<const unsigned char*>(gmem) : nullptr};
-  if (!device().late) {
-    run_copies({c});
-  } else {
-    self().open_copies.push_back(c);
-  }
+  if (device().early) run_copies({c});
+  if (device().late) self().open_copies.push_back(c);
 }
 
 inline void cp_async_commit() {
@@ -517,7 +618,9 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr, bool trans) {
     for (int j = 0; j < 4; ++j) {
       for (int row = 0; row < 8; ++row) {
         const auto* a = static_cast<LdmatrixArgs*>(args[8 * j + row]);
-        std::memcpy(m[j][row], smem_ptr(a->addr, 16, "ldmatrix"), 16);
+        const unsigned char* src = smem_ptr(a->addr, 16, "ldmatrix");
+        const Checked shared_memory;
+        std::memcpy(m[j][row], src, 16);
       }
     }
     for (int lane = 0; lane < 32; ++lane) {
@@ -658,11 +761,14 @@ inline float mnmajor(const Desc& d, int k, int n, bool bf16) {
   return read_b16(swizzle128(logical), bf16, "wgmma MN-major operand");
 }
 
-inline void run_wgmma(const WgmmaOp& op) {
+// Reads the operands and, with `compute`, accumulates (without: the issue-time read of
+// EMU_ASYNC=both, for the race checker).
+inline void run_wgmma(const WgmmaOp& op, bool compute = true) {
   const Desc db = decode_desc(op.desc_b, "wgmma B");
   std::vector<double> A(64 * 16), B(op.n * 16);
   if (!op.a_regs) {
     const Desc da = decode_desc(op.desc_a, "wgmma A");
+    const Checked shared_memory;
     for (int m = 0; m < 64; ++m)
       for (int k = 0; k < 16; ++k) A[m * 16 + k] = kmajor(da, m, k, op.bf16);
     for (int n = 0; n < op.n; ++n)
@@ -677,9 +783,11 @@ inline void run_wgmma(const WgmmaOp& op) {
         A[row * 16 + col + 1] = op.bf16 ? bf16_bits_to_f32(v >> 16) : f16_bits_to_f32(v >> 16);
       }
     }
+    const Checked shared_memory;
     for (int n = 0; n < op.n; ++n)
       for (int k = 0; k < 16; ++k) B[n * 16 + k] = mnmajor(db, k, n, op.bf16);
   }
+  if (!compute) return;
   for (int th = 0; th < 128; ++th) {  // accumulators: the mma C fragments of n8 blocks j
     const int w = th / 32, lane = th % 32, g = lane / 4, t = lane % 4;
     for (int j = 0; j < op.n / 8; ++j) {
@@ -719,6 +827,7 @@ inline void wgmma_issue(const char* what, int n, float* d, const uint32_t* a, ui
     if (!device().late) {
       run_wgmma(op);
     } else {
+      if (device().early) run_wgmma(op, /*compute=*/false);
       cta().wgmma_open[wg].push_back(op);
     }
   });
@@ -774,6 +883,7 @@ inline void fiber_main(Thread* t) {
       if (!g.empty()) fail("a thread exits with cp.async copies never waited for");
     }
   } catch (const std::exception& e) {
+    const Unchecked bookkeeping;
     if (!s.failed) {
       s.failed = true;
       char where[160];
@@ -782,9 +892,13 @@ inline void fiber_main(Thread* t) {
       s.error = e.what() + std::string(where);
     }
   }
-  t->done = true;
-  --s.cta->alive;
-  ++s.progress;
+  {
+    const Unchecked bookkeeping;
+    t->done = true;
+    --s.cta->alive;
+    ++s.progress;
+  }
+  hb_release(&s.cta->end_sync);
   yield(/*dying=*/true);
   std::abort();  // never resumed
 }
@@ -792,7 +906,11 @@ inline void fiber_main(Thread* t) {
 // Runs one CTA of `body` to completion.
 inline void run_cta(Cta& c) {
   Sched& s = sched();
+  const Unchecked bookkeeping;  // the scheduler's side
   s.cta = &c;
+#if defined(EMU_TSAN)
+  s.tsan_main = __tsan_get_current_fiber();
+#endif
   const int n = c.num_threads;
   while (static_cast<int>(s.stack_pool.size()) < n) {
     void* m = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -825,6 +943,12 @@ inline void run_cta(Cta& c) {
     frame[5] = 0;                                              // rbx
     frame[6] = 0;                                              // rbp
     t.sp = frame;
+#if defined(EMU_TSAN)
+    // one TSan fiber per thread index, reused by every CTA (CTAs are ordered anyway): creating
+    // and destroying them per CTA costs more than the kernels
+    while (static_cast<int>(s.tsan_pool.size()) <= i) s.tsan_pool.push_back(__tsan_create_fiber(0));
+    t.tsan_fiber = s.tsan_pool[i];
+#endif
   }
   c.alive = n;
   c.warps.assign((n + 31) / 32, Collective{});
@@ -861,8 +985,14 @@ inline void run_cta(Cta& c) {
         ++s.progress;
       }
       s.cur = &t;
-      switch_to(&s.sp, t.sp, t.stack, t.stack_bytes, false);
+      switch_to(&s.sp, t.sp, t.stack, t.stack_bytes, false, t.tsan_fiber, true);
       s.cur = nullptr;
+    }
+  }
+  hb_acquire(&c.end_sync);  // the next CTA runs after this one (races between CTAs: not checked)
+  for (const auto* groups : {&c.warps, &c.warpgroups}) {
+    for (const Collective& g : *groups) {
+      for (const auto& [what, n] : g.executed) device().executed[what] += n;
     }
   }
   for (size_t wg = 0; wg < c.wgmma_open.size() && !s.failed; ++wg) {
@@ -945,7 +1075,7 @@ class Launch {
 inline void __syncthreads() { emu::syncthreads(); }
 inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
   emu::check_full_warp(mask, "__syncwarp");
-  emu::warp_meet("__syncwarp", nullptr, [](std::array<void*, 128>&) {});
+  emu::warp_meet("__syncwarp", nullptr, [](std::array<void*, 128>&) {}, /*orders_memory=*/true);
 }
 [[noreturn]] inline void __trap() { emu::fail("__trap() called"); }
 inline unsigned __cvta_generic_to_shared(const void* p) { return emu::smem_address(p); }
@@ -1005,12 +1135,19 @@ inline unsigned __reduce_max_sync(unsigned mask, unsigned v) {
 inline unsigned __reduce_min_sync(unsigned mask, unsigned v) {
   return emu_reduce_sync("redux.min", mask, v, false);
 }
-// Threads of a CTA never run at the same time: atomics are plain read-modify-writes.
+// Relaxed atomic read-modify-writes, as CUDA's (no ordering: ThreadSanitizer sees atomics, not
+// synchronization).
 template <typename V>
 inline V atomicAdd(V* p, V v) {
-  const V old = *p;
-  *p = old + v;
-  return old;
+  if constexpr (std::is_integral_v<V>) {
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+  } else {
+    V old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (!__atomic_compare_exchange(p, &old, &(const V&)(old + v), true, __ATOMIC_RELAXED,
+                                      __ATOMIC_RELAXED)) {
+    }
+    return old;
+  }
 }
 
 // ---- runtime API ---------------------------------------------------------------------------------
