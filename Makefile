@@ -26,12 +26,12 @@ PYTEST_ARGS ?= -q
 OUT         ?= gpu-run
 VPY          = $(VENV)/bin/python
 
-.PHONY: run test setup build test-tf5 test-tf457 gpu demo info clean
+.PHONY: run test setup build test-tf5 test-tf457 test-emulated-gpu gpu demo info clean
 
 run: setup
 	$(VPY) -m benchmarks
 
-test: setup test-tf5 test-tf457
+test: setup test-tf5 test-tf457 test-emulated-gpu
 
 setup: $(VENV)/.stamp
 
@@ -50,8 +50,18 @@ build:
 test-tf5:
 	$(VPY) -m pytest $(PYTEST_ARGS) tests
 
+# (test_emulator.py runs the kernels alone, with no transformers: once is enough)
 test-tf457:
-	PYTHONPATH=$(TF457_DIR) $(VPY) -m pytest $(PYTEST_ARGS) tests
+	PYTHONPATH=$(TF457_DIR) $(VPY) -m pytest $(PYTEST_ARGS) tests --ignore=tests/test_emulator.py
+
+# The GPU test files themselves on the CPU: the glue and kernels through tests/emulator
+# (tests/emulator/gpu_tests.py), every parametrization with sizes up to 300 (~2.5 minutes on two
+# cores); EMULATE_ARGS="--emulate-max-size 1100" for a wider sweep.
+EMULATE_ARGS ?= --emulate-max-size 300
+EMULATED_GPU_TESTS = tests/test_attention_gpu.py tests/test_kernels_gpu.py tests/test_moe_gpu.py \
+                     tests/test_moe_experts_gpu.py
+test-emulated-gpu:
+	$(VPY) -m pytest $(PYTEST_ARGS) --emulate-gpu $(EMULATE_ARGS) $(EMULATED_GPU_TESTS)
 
 demo info:
 	$(VPY) -m qwen3x.$@

@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+from emulator import gpu_tests
+from emulator.gpu_tests import emulated_kernels  # noqa: F401  (a fixture of --emulate-gpu)
+
 
 def pytest_addoption(parser):
     parser.addoption(
@@ -9,6 +12,16 @@ def pytest_addoption(parser):
         default=0,
         help="keep at most N parametrizations of each GPU test function, spread evenly over its grid "
         "(first and last included); 0 keeps all. For a first pass that must fit a short GPU session.",
+    )
+    parser.addoption(
+        "--emulate-gpu",
+        action="store_true",
+        help="run the GPU tests on the CPU: csrc/'s glue and kernels through tests/emulator "
+        "(see tests/emulator/gpu_tests.py); tests that need a real GPU's runtime are deselected",
+    )
+    parser.addoption(
+        "--emulate-max-size", type=int, default=1100,
+        help="with --emulate-gpu: deselect parametrizations with an integer above this (time)",
     )
 
 
@@ -21,7 +34,9 @@ def pytest_configure(config):
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: sample what is left
 def pytest_collection_modifyitems(config, items):
-    if not torch.cuda.is_available():
+    if config.getoption("--emulate-gpu"):
+        gpu_tests.select(config, items, config.getoption("--emulate-max-size"))
+    elif not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="no CUDA device")
         for item in items:
             if "gpu" in item.keywords:
@@ -45,5 +60,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed(request, monkeypatch):
+    if request.config.getoption("--emulate-gpu") and "gpu" in request.node.keywords:
+        gpu_tests.emulate(request, monkeypatch)
     torch.manual_seed(0)

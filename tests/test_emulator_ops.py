@@ -96,6 +96,22 @@ def test_qk_norm_rope_ops(emu):
     assert_identical(kv, got_k, "in-place k vs out-of-place k")
 
 
+def test_in_place_rope_overlap_checks(emu):
+    """Strided views ATen cannot judge (get_overlap_status: TooHard): heads of one buffer that
+    meet are refused, heads that do not (a fused projection's q and k) are served. Found by
+    running test_kernels_gpu.py on the emulator: q[:, :2] given as both q and k was served."""
+    from test_emulator import _rope
+    q, k, _, wq, wk, pos, inv_freq, scaling = _rope(4, 4, 2, torch.bfloat16, seed=8)
+    q = q.contiguous()
+    args = (wq, wk, pos, inv_freq, scaling, 1e-6)
+    for qv, kv in ((q[:, :2], q[:, :2]), (q[:, :2], q[:, 1:3]), (q[:, 1:3], q[:, :2])):
+        with pytest.raises(RuntimeError, match="qwen3x.qk_norm_rope_: expected q and k not to overlap"):
+            emu.qk_norm_rope_(qv, kv, *args)
+    emu.qk_norm_rope_(q[:, :2], q[:, 2:], *args)  # disjoint heads of every token
+    rows = torch.empty(8 * 128, dtype=torch.bfloat16).as_strided((4, 2, 128), (128, 128, 1))  # rows meet
+    with pytest.raises(RuntimeError, match="expected q to give every element its own memory"):
+        emu.qk_norm_rope_(rows, k.contiguous(), *args)
+
 def test_norms_and_silu(emu):
     torch.manual_seed(5)
     x = torch.randn(6, 2560 + 64, dtype=torch.bfloat16)[:, :2560]

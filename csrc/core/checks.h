@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 
 namespace qwen3x::check {
 
@@ -96,22 +97,6 @@ inline void last_dim_contiguous(const char* op, const char* name, const at::Tens
               " to have a contiguous last dimension (stride 1), got strides ", t.strides());
 }
 
-// A tensor written in place: no two elements at one address (an expanded / broadcast view).
-inline void writable(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "qwen3x.", op, ": expected ", name,
-              " to give every element its own memory (it is written in place; an expanded view is "
-              "not), got strides ", t.strides());
-}
-
-// Two tensors of which at least one is written: no shared memory.
-inline void disjoint(const char* op, const char* a_name, const at::Tensor& a, const char* b_name,
-                     const at::Tensor& b) {
-  const at::MemOverlapStatus s = at::get_overlap_status(a, b);
-  TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, "qwen3x.", op,
-              ": expected ", a_name, " and ", b_name,
-              " not to overlap in memory (the op writes one of them)");
-}
-
 // The stride between consecutive "rows" when every dimension before `end_dim`
 // of `t` is flattened into one, or nullopt when those dimensions cannot be
 // addressed with a single stride (then the caller makes a contiguous copy).
@@ -139,6 +124,91 @@ inline int64_t leading_numel(const at::Tensor& t, int64_t end_dim) {
   int64_t n = 1;
   for (int64_t d = 0; d < end_dim; ++d) n *= t.size(d);
   return n;
+}
+
+namespace detail {
+
+// A view as rows (in elements): the trailing dimensions that form one dense block per row
+// (block elements, row-major, no gaps; size-1 dimensions skipped), and the leading ones
+// collapsed into a single stride between rows. nullopt when the leading ones do not collapse.
+// The q / k / v views qwen3x's ops take (slices of a fused projection, [..., heads, 128]) are
+// rows of one block each.
+struct Rows {
+  int64_t stride;
+  int64_t block;
+};
+inline std::optional<Rows> as_rows(const at::Tensor& t) {
+  int64_t block = 1;
+  int64_t d = t.dim();
+  for (; d > 0; --d) {
+    if (t.size(d - 1) == 1) continue;
+    if (t.stride(d - 1) != block) break;
+    block *= t.size(d - 1);
+  }
+  const std::optional<int64_t> stride = collapsed_stride(t, d, block);
+  if (!stride) return std::nullopt;
+  return Rows{*stride, block};
+}
+
+// Whether views a and b that ATen's get_overlap_status calls too hard (it says so of any
+// non-dense view, before looking at storages) may share an element's memory, by the addresses
+// they cover. Exact for two row views with one row stride R: each occupies, in every row, the
+// same byte span, so they meet only if their spans meet modulo R. Any other pair whose byte
+// ranges meet is taken to overlap (a clear error rather than a silent race).
+inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto address = [](const at::Tensor& t) {
+    return static_cast<int64_t>(reinterpret_cast<intptr_t>(t.const_data_ptr()));
+  };
+  auto bytes = [&](const at::Tensor& t) {  // [lo, hi) of the addresses the view covers
+    int64_t lo = 0, hi = 0;                // elements from data_ptr
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      (t.stride(d) >= 0 ? hi : lo) += (t.size(d) - 1) * t.stride(d);
+    }
+    return std::pair<int64_t, int64_t>{address(t) + lo * t.element_size(),
+                                       address(t) + (hi + 1) * t.element_size()};
+  };
+  const auto [a_lo, a_hi] = bytes(a);
+  const auto [b_lo, b_hi] = bytes(b);
+  if (a_hi <= b_lo || b_hi <= a_lo) return false;
+  const std::optional<Rows> ra = as_rows(a);
+  const std::optional<Rows> rb = as_rows(b);
+  if (ra && rb && ra->stride * a.element_size() == rb->stride * b.element_size()) {
+    const int64_t row = ra->stride * a.element_size();
+    const int64_t a_span = ra->block * a.element_size();
+    const int64_t b_span = rb->block * b.element_size();
+    if (row > 0 && a_span <= row && b_span <= row) {
+      const int64_t delta = ((address(b) - address(a)) % row + row) % row;
+      return delta < a_span || delta + b_span > row;
+    }
+  }
+  return true;
+}
+
+}  // namespace detail
+
+// A tensor written in place: no two elements at one address (an expanded / broadcast view, or
+// rows closer together than a row is long).
+inline void writable(const char* op, const char* name, const at::Tensor& t) {
+  const at::MemOverlap overlap = at::has_internal_overlap(t);
+  bool shared = overlap == at::MemOverlap::Yes;
+  if (overlap == at::MemOverlap::TooHard && t.numel() > 1) {
+    const std::optional<detail::Rows> rows = detail::as_rows(t);
+    shared = rows && leading_numel(t, t.dim()) > rows->block && rows->stride < rows->block;
+  }
+  TORCH_CHECK(!shared, "qwen3x.", op, ": expected ", name,
+              " to give every element its own memory (it is written in place; an expanded view is "
+              "not), got strides ", t.strides());
+}
+
+// Two tensors of which at least one is written: no shared memory.
+inline void disjoint(const char* op, const char* a_name, const at::Tensor& a, const char* b_name,
+                     const at::Tensor& b) {
+  const at::MemOverlapStatus s = at::get_overlap_status(a, b);
+  const bool shared = s == at::MemOverlapStatus::Full || s == at::MemOverlapStatus::Partial ||
+                      (s == at::MemOverlapStatus::TooHard && detail::may_overlap(a, b));
+  TORCH_CHECK(!shared, "qwen3x.", op, ": expected ", a_name, " and ", b_name,
+              " not to overlap in memory (the op writes one of them)");
 }
 
 }  // namespace qwen3x::check
