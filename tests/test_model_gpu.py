@@ -58,6 +58,44 @@ def _logits(model, ids, **kw):
         return model(ids, **kw).logits.float()
 
 
+NEAR_TIE_NOISE = 2  # a routing gap under this many times bf16's router error there is a near tie
+MAX_EXCUSED = 0.25  # at most this fraction of the compared tokens may be excused
+
+
+def _router_probs(model, ids, **kw):
+    """Per MoE layer, [B, S, E] fp32 router probabilities (softmax of the gate's logits)."""
+    out = []
+    hooks = [m.register_forward_hook(lambda mod, args, o: out.append((o[0] if isinstance(o, tuple) else o).float().softmax(-1)))
+             for name, m in model.named_modules() if name.endswith("mlp.gate")]
+    with torch.no_grad():
+        model(ids, **kw)
+    for h in hooks:
+        h.remove()
+    return [p.view(*ids.shape, -1) for p in out]
+
+
+def _routing_agrees(truth, baseline, patched, ids, **kw):
+    """[B, S] False where the patched model picks other experts than the truth in some MoE layer
+    at a near tie: the truth's k-th and (k+1)-th router probabilities closer than NEAR_TIE_NOISE
+    times the unpatched bf16 model's router error at that token (the tolerance rule's 2x,
+    applied to routing). Any bf16 implementation may route such a token either way, and other
+    experts give another output: not a kernel's error, so the logits comparisons leave those
+    tokens out. A different pick at a decided gap fails here. (Found by running these tests on
+    the CPU emulator: one token in 48 took another expert at a 10% gap.) All True for dense
+    models."""
+    agrees = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    k = getattr(truth.config, "num_experts_per_tok", 0)
+    for p_truth, p_bf16, p_ours in zip(*(_router_probs(m, ids, **kw) for m in (truth, baseline, patched))):
+        top = p_truth.topk(k + 1, dim=-1)
+        same = (p_ours.topk(k, dim=-1).indices.sort(-1).values == top.indices[..., :k].sort(-1).values).all(-1)
+        near = top.values[..., k - 1] - top.values[..., k] < NEAR_TIE_NOISE * (p_bf16 - p_truth).abs().amax(-1)
+        decisive_flips = (~same & ~near).nonzero().tolist()
+        assert not decisive_flips, f"other experts than the truth's at decided gaps, (batch, position): {decisive_flips}"
+        agrees &= same
+    assert (~agrees).float().mean() <= MAX_EXCUSED, f"{int((~agrees).sum())} of {agrees.numel()} tokens routed otherwise"
+    return agrees
+
+
 def test_prefill_logits_with_left_padding(models):
     truth, baseline, patched = models
     ids = _ids(3, 77)
@@ -84,7 +122,9 @@ def test_decode_logits_through_the_cache(models, cache):
     steps = torch.stack(out.logits, dim=1).float()  # [B, new, V]: logits that chose tokens 40 .. 40 + new - 1
     seq = out.sequences
     positions = slice(ids.shape[1] - 1, seq.shape[1] - 1)
-    assert_close_to_truth(steps, _logits(baseline, seq)[:, positions], _logits(truth, seq)[:, positions].double())
+    agrees = _routing_agrees(truth, baseline, patched, seq)[:, positions]
+    assert_close_to_truth(steps[agrees], _logits(baseline, seq)[:, positions][agrees],
+                          _logits(truth, seq)[:, positions][agrees].double())
 
 
 def test_static_cache_generate_auto_compiled():

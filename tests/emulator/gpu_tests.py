@@ -5,7 +5,8 @@ GPU; instead, for each of them:
   - torch.ops.qwen3x.* on CPU tensors run csrc/'s glue and the kernels' source through
     torch.ops.qwen3x_emu (build.build_ops()), not the references;
   - the test module sees a `torch` whose factories make on the CPU what the test asks for on
-    "cuda" (and `Tensor.cuda()` is the tensor itself), a no-op `poison_allocator` (uninitialized
+    "cuda" (`Tensor.cuda()` is the tensor itself, `Tensor.to("cuda")` stays on the CPU, and so
+    do modules moved there), a no-op `poison_allocator` (uninitialized
     memory is NaN-filled instead: torch.utils.deterministic.fill_uninitialized_memory) and the
     emulated device's answer to `wgmma_available()` (an sm_90 device with sm_90a code: yes).
 Tests that need what only a GPU has (CUDA graphs, streams, memory statistics, the real device's
@@ -115,6 +116,15 @@ def emulate(request, monkeypatch) -> None:
         if hasattr(module, name):
             monkeypatch.setattr(module, name, value)
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    to = torch.Tensor.to
+
+    def to_cpu(self, *args, **kwargs):  # t.to("cuda", ...), t.to(device="cuda"): the CPU
+        args = tuple(_on_cpu(a) if isinstance(a, (str, torch.device)) else a for a in args)
+        if "device" in kwargs:
+            kwargs["device"] = _on_cpu(kwargs["device"])
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to_cpu)
     monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -22,11 +22,12 @@
 // AddressSanitizer (the default build) catches reads and writes outside every tensor.
 // Built with ThreadSanitizer instead (-fsanitize=thread), it is a race checker: each CUDA thread
 // is a TSan fiber, and the only happens-before edges between the threads of a CTA are the ones
-// CUDA gives (__syncthreads, the collectives a warp or warpgroup meets at, atomics), so any two
-// conflicting accesses (shared or global memory, registers a collective hands over) that no
-// barrier orders are reported, whatever order the scheduler ran them in. CTAs are ordered one
-// after another (races between CTAs are not looked for); the emulator's own bookkeeping is
-// excluded from the check.
+// CUDA's memory model gives (__syncthreads, __syncwarp; atomics are atomic but order nothing):
+// shuffles, ldmatrix, mma and wgmma hand registers over unchecked and order no memory, their
+// shared-memory reads are checked. So any two conflicting accesses to shared or global memory
+// that no barrier orders are reported, whatever order the scheduler ran them in. CTAs are
+// ordered one after another (races between CTAs are not looked for); the emulator's own
+// bookkeeping is excluded from the check.
 #pragma once
 
 #include <algorithm>
@@ -333,7 +334,6 @@ struct Thread {
   dim3 tid;
   int linear = 0;
   bool done = false;
-  bool started = false;
   // cp.async: copies since the last commit, committed groups oldest first (late mode)
   std::vector<CpAsyncCopy> open_copies;
   std::deque<std::vector<CpAsyncCopy>> copy_groups;
@@ -357,7 +357,6 @@ struct Cta {
   int alive = 0;
   std::vector<Thread> threads;
   unsigned char* smem_block = nullptr;  // shared address 0
-  size_t smem_block_bytes = 0;
   unsigned char* dyn_smem = nullptr;
   size_t dyn_smem_bytes = 0;
   int barrier_arrived = 0;
@@ -858,10 +857,6 @@ inline void wgmma_fence() {
 }
 
 // ---- launches ------------------------------------------------------------------------------------
-struct LaunchState {
-  std::function<void()>* body = nullptr;
-};
-
 inline void fiber_main(Thread* t);
 
 extern "C" inline void emu_fiber_entry(void* arg) { fiber_main(static_cast<Thread*>(arg)); }
@@ -1043,7 +1038,6 @@ class Launch {
           auto* base = reinterpret_cast<unsigned char*>(
               (reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t{1023});
           c.smem_block = base;
-          c.smem_block_bytes = block_bytes;
           c.dyn_smem = base + dev.dyn_smem_offset;
           c.dyn_smem_bytes = smem_;
           std::memset(c.dyn_smem, 0xFF, smem_);  // poison: NaN in every float format
