@@ -179,9 +179,8 @@ def kernels_on_cpu(emu):
             return kernel(*args)
         return run
 
-    for op in ("rms_norm", "add_rms_norm", "qk_norm_rope", "qk_norm_rope_", "qk_norm_rope_cache_",
-               "silu_and_mul", "attention", "attention_varlen", "qk_norm_rope_attention", "moe_router",
-               "moe_permute", "moe_experts", "moe"):
+    from emulator.gpu_tests import OPS
+    for op in OPS:
         lib.impl(op, counted(op), "CPU", allow_override=True)
     yield calls
     lib._destroy()

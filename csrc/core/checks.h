@@ -152,9 +152,10 @@ inline std::optional<Rows> as_rows(const at::Tensor& t) {
 
 // Whether views a and b that ATen's get_overlap_status calls too hard (it says so of any
 // non-dense view, before looking at storages) may share an element's memory, by the addresses
-// they cover. Exact for two row views with one row stride R: each occupies, in every row, the
-// same byte span, so they meet only if their spans meet modulo R. Any other pair whose byte
-// ranges meet is taken to overlap (a clear error rather than a silent race).
+// they cover. Two row views with one row stride R occupy the same byte span in every row, so
+// they can meet only if their spans meet modulo R: views that interleave without meeting (q, k
+// and v of a fused projection) pass. Any other pair whose byte ranges meet is taken to overlap
+// (at worst a clear error for views that do not, never a silent race).
 inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0) return false;
   auto address = [](const at::Tensor& t) {
@@ -194,7 +195,7 @@ inline void writable(const char* op, const char* name, const at::Tensor& t) {
   bool shared = overlap == at::MemOverlap::Yes;
   if (overlap == at::MemOverlap::TooHard && t.numel() > 1) {
     const std::optional<detail::Rows> rows = detail::as_rows(t);
-    shared = rows && leading_numel(t, t.dim()) > rows->block && rows->stride < rows->block;
+    shared = rows && t.numel() > rows->block && rows->stride < rows->block;
   }
   TORCH_CHECK(!shared, "qwen3x.", op, ": expected ", name,
               " to give every element its own memory (it is written in place; an expanded view is "
