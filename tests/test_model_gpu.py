@@ -85,7 +85,9 @@ def _routing_agrees(truth, baseline, patched, ids, **kw):
     models."""
     agrees = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     k = getattr(truth.config, "num_experts_per_tok", 0)
-    for p_truth, p_bf16, p_ours in zip(*(_router_probs(m, ids, **kw) for m in (truth, baseline, patched))):
+    layers = [_router_probs(m, ids, **kw) for m in (truth, baseline, patched)]
+    assert len({len(p) for p in layers}) == 1 and (k == 0) == (len(layers[0]) == 0), "router outputs seen"
+    for p_truth, p_bf16, p_ours in zip(*layers):
         top = p_truth.topk(k + 1, dim=-1)
         same = (p_ours.topk(k, dim=-1).indices.sort(-1).values == top.indices[..., :k].sort(-1).values).all(-1)
         near = top.values[..., k - 1] - top.values[..., k] < NEAR_TIE_NOISE * (p_bf16 - p_truth).abs().amax(-1)
