@@ -1,11 +1,12 @@
 """Builds tests/emulator's runner: csrc/'s kernel headers and their host launchers, compiled for the CPU.
 
-The kernel sources are used as they are, with mechanical rewrites of a copy (CUDA syntax
-that host C++ has no spelling for): `kernel<<<grid, block, smem, stream>>>(args)` becomes
+The kernel sources are used as they are, with mechanical rewrites of a copy (CUDA syntax that
+host C++ has no spelling for): `kernel<<<grid, block, smem, stream>>>(args)` becomes
 `::emu::Launch(grid, block, smem, stream).run(kernel, args)`, and `__shared__` variables
-(`extern` arrays and fixed-size ones) become the running CTA's shared memory. Everything else (the PTX wrappers included, under QWEN3X_EMULATOR) compiles as
-written. The runner is built with AddressSanitizer (bounds) or ThreadSanitizer (races between the
-threads of a CTA: include/emu/emu.h), or neither.
+(`extern` arrays and fixed-size ones) become the running CTA's shared memory. Everything else
+(the PTX wrappers included, under QWEN3X_EMULATOR) compiles as written. The runner is built with
+AddressSanitizer (bounds) or ThreadSanitizer (races between the threads of a CTA:
+include/emu/emu.h), or neither.
 
     python tests/emulator/build.py   # prints the runner's path; rebuilds only when a source changed
 
@@ -49,10 +50,44 @@ GLUE_RENAMES = (  # torch_bindings.cpp: another library name, the CPU dispatch k
 )
 
 
+HEADERS = (".cuh", ".h")
+GLUE = (".cu", ".cpp")
+
+
 def sources() -> list[Path]:
-    kernel_headers = sorted(p for p in CSRC.rglob("*") if p.suffix in (".cuh", ".h", ".cu", ".cpp"))
+    kernel_sources = sorted(p for p in CSRC.rglob("*") if p.suffix in HEADERS + GLUE)
     emulator = sorted(p for p in HERE.rglob("*") if p.suffix in (".h", ".cpp", ".py"))
-    return kernel_headers + emulator
+    return kernel_sources + emulator
+
+
+def _digest(*extra: str) -> str:
+    """A key of every source (and of `extra`): a build is redone when one changes."""
+    digest = hashlib.sha256()
+    for p in sources():
+        digest.update(str(p.relative_to(ROOT)).encode())
+        digest.update(p.read_bytes())
+    for e in extra:
+        digest.update(e.encode())
+    return digest.hexdigest()[:16]
+
+
+def _copy_csrc(dst: Path, suffixes: tuple[str, ...], edits: tuple[tuple[str, str, str], ...] = ()) -> None:
+    """csrc/'s files with these suffixes, transformed, under dst (.cu as .cpp); `edits` (file
+    relative to csrc/, old text, new text) must each apply exactly once."""
+    shutil.rmtree(dst, ignore_errors=True)
+    for p in CSRC.rglob("*"):
+        if p.suffix not in suffixes:
+            continue
+        rel = p.relative_to(CSRC)
+        text = p.read_text()
+        for file, old, new in edits:
+            if Path(file) == rel:
+                if text.count(old) != 1:
+                    raise ValueError(f"{old!r} is not once in {file}")
+                text = text.replace(old, new)
+        out = dst / (rel.with_suffix(".cpp") if p.suffix == ".cu" else rel)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(transform(text))
 
 
 SANITIZERS = ("address", "thread", "none")
@@ -71,31 +106,13 @@ def build(sanitizer: str = "address", verbose: bool = False,
     if sanitizer not in SANITIZERS:
         raise ValueError(f"sanitizer must be one of {SANITIZERS}, got {sanitizer!r}")
     cxx = os.environ.get("CXX", "g++")
-    digest = hashlib.sha256()
-    for p in sources():
-        digest.update(str(p.relative_to(ROOT)).encode())
-        digest.update(p.read_bytes())
-    digest.update(" ".join([cxx] + flags(sanitizer)).encode())
-    digest.update(repr(patches).encode())
-    key = digest.hexdigest()[:16]
+    key = _digest(" ".join([cxx] + flags(sanitizer)), repr(patches))
     name = f"emu_runner-{sanitizer}" if not patches else "emu_planted"
     exe = OUT / f"{name}-{key}"
     if exe.exists():
         return exe
     src = OUT / f"src-{key}"
-    if src.exists():
-        shutil.rmtree(src)
-    for p in CSRC.rglob("*"):
-        if p.suffix in (".cuh", ".h"):
-            dst = src / p.relative_to(CSRC)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            text = p.read_text()
-            for file, old, new in patches:
-                if Path(file) == p.relative_to(CSRC):
-                    if text.count(old) != 1:
-                        raise ValueError(f"planted bug: {old!r} is not once in {file}")
-                    text = text.replace(old, new)
-            dst.write_text(transform(text))
+    _copy_csrc(src, HEADERS, patches)
     cmd = [cxx, *flags(sanitizer), f"-I{HERE / 'include'}", f"-I{src}", str(HERE / "runner.cpp"),
            "-o", str(exe) + ".tmp"]
     if verbose:
@@ -117,25 +134,10 @@ def build_ops(verbose: bool = False) -> None:
     bindings compiled as C++ over the emulator (no AddressSanitizer: it loads into Python)."""
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256()
-    for p in sources():
-        digest.update(str(p.relative_to(ROOT)).encode())
-        digest.update(p.read_bytes())
-    key = digest.hexdigest()[:16]
+    key = _digest()
     src = OUT / f"glue-{key}"
     if not (src / "done").exists():
-        shutil.rmtree(src, ignore_errors=True)
-        for p in CSRC.rglob("*"):
-            if p.suffix in (".cuh", ".h", ".cu", ".cpp"):
-                rel = p.relative_to(CSRC)
-                dst = src / (rel.with_suffix(".cpp") if p.suffix == ".cu" else rel)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                text = p.read_text()
-                if p.name == "torch_bindings.cpp":
-                    for old, new in GLUE_RENAMES:
-                        assert text.count(old) == 1, old
-                        text = text.replace(old, new)
-                dst.write_text(transform(text))
+        _copy_csrc(src, HEADERS + GLUE, tuple(("torch_bindings.cpp", old, new) for old, new in GLUE_RENAMES))
         (src / "done").write_text("")
         for old in OUT.glob("glue-*"):
             if old != src:

@@ -4,8 +4,9 @@
 
 `inputs` are torch CPU tensors, written as their bytes (contiguous) or, for a strided view, the
 bytes of the storage span the view covers (pass its strides in `params`, in elements).
-The environment of one run picks the emulation: async ("early" | "late": when cp.async copies
-and wgmma happen) and order ("forward" | "reverse": thread scheduling order inside a CTA).
+Each run picks the emulation: async ("early" | "late" | "both": when cp.async copies and wgmma
+touch shared memory), order ("forward" | "reverse": thread scheduling inside a CTA), where the
+dynamic shared memory starts, and the runner's sanitizer ("address" | "thread" | "none").
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
         lines = [f"op {op}"] + [f"{k} {int(v) if isinstance(v, bool) else v}" for k, v in params.items()]
         (job / "params.txt").write_text("\n".join(lines) + "\n")
         for name, t in inputs.items():
-            span = t.contiguous() if t.is_contiguous() else storage_span(t)
-            (job / f"{name}.bin").write_bytes(span.contiguous().view(torch.uint8).numpy().tobytes())
+            span = storage_span(t).contiguous()
+            (job / f"{name}.bin").write_bytes(span.view(torch.uint8).numpy().tobytes())
         env = dict(os.environ, EMU_ASYNC=async_mode, EMU_ORDER=order, EMU_SMS=str(sms),
                    ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=3",
                    TSAN_OPTIONS="halt_on_error=1:exitcode=4:report_signal_unsafe=0")

@@ -330,7 +330,6 @@ struct Thread {
   void* sp = nullptr;
   void* tsan_fiber = nullptr;
   unsigned char* stack = nullptr;
-  size_t stack_bytes = 0;
   dim3 tid;
   int linear = 0;
   bool done = false;
@@ -516,9 +515,6 @@ inline void warpgroup_meet(const char* what, void* mine, Op op) {
   meet(c.warpgroups[wg], self().linear % 128, 128, what, mine, op);
 }
 
-// The CTA's dynamic shared memory (`extern __shared__ T name[]` in the kernel source).
-inline unsigned char* dynamic_smem();
-
 // ---- shared memory -------------------------------------------------------------------------------
 inline uint32_t smem_address(const void* p) {
   Cta& c = cta();
@@ -529,6 +525,7 @@ inline uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(b - c.smem_block);
 }
 
+// The CTA's dynamic shared memory (`extern __shared__ T name[]` in the kernel source).
 inline unsigned char* dynamic_smem() { return cta().dyn_smem; }
 
 // A fixed-size `__shared__` variable (build.py rewrites its declaration to this): storage of the
@@ -919,7 +916,6 @@ inline void run_cta(Cta& c) {
     t.tid = dim3(i % c.block_dim.x, (i / c.block_dim.x) % c.block_dim.y,
                  i / (c.block_dim.x * c.block_dim.y));
     t.stack = s.stack_pool[i];
-    t.stack_bytes = kStackBytes;
 #if defined(EMU_ASAN)
     // a stack left by a thread that switched away for good keeps its frames' redzones
     ASAN_UNPOISON_MEMORY_REGION(t.stack, kStackBytes);
@@ -980,7 +976,7 @@ inline void run_cta(Cta& c) {
         ++s.progress;
       }
       s.cur = &t;
-      switch_to(&s.sp, t.sp, t.stack, t.stack_bytes, false, t.tsan_fiber, true);
+      switch_to(&s.sp, t.sp, t.stack, kStackBytes, false, t.tsan_fiber, true);
       s.cur = nullptr;
     }
   }
