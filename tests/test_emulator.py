@@ -9,8 +9,9 @@ index arithmetic, pipeline or launcher is a bug here too. Each case runs twice:
     1024-byte boundary;
   - async copies and wgmma at the wait the kernel relies on, threads scheduled in reverse, the
     dynamic shared memory off the 1024-byte boundary (the kernels align their wgmma tiles);
-and the two must agree bitwise (a difference is a race or a missing wait), then the first is
-judged by the GPU tests' own rule (test_attention_gpu._judge, test_moe_experts_gpu._judge).
+and the two must agree bitwise (a difference is a race or a missing wait), both must be free of
+shared-memory bank conflicts, then the first is judged by the GPU tests' own rule
+(test_attention_gpu._judge, test_moe_experts_gpu._judge).
 Not covered: what the compiler and the hardware add (registers, timing, the real expf and
 rsqrtf): that is the GPU tests' job.
 """
@@ -38,12 +39,26 @@ def _emu():
 
 
 def _run_all(op, params, inputs, outputs):
-    """Runs the job under each of RUNS; all must agree bitwise; returns the first's outputs."""
+    """Runs the job under each of RUNS; all must agree bitwise, and every run's shared-memory
+    accesses must be free of bank conflicts; returns the first's outputs."""
     first, *others = (_emu().run(op, params, inputs, outputs, **r) for r in RUNS)
     for other in others:
         for name in outputs:
             assert_identical(other[name], first[name], f"{name}: early/in-order vs late/reversed runs")
+    for r in (first, *others):
+        _assert_conflict_free(op, r["banks"])
     return first
+
+
+def _assert_conflict_free(op, banks):
+    """Every ldmatrix and cp.async of the run in the fewest shared-memory wavefronts (emu.h
+    count_banks: 8 lanes a phase, one wavefront when they hit 8 distinct 16-byte bank groups):
+    the tiles' xor swizzles exist for this, and nothing else checks it without a profiler."""
+    for what, b in banks.items():
+        assert b["wavefronts"] == b["ideal"], (
+            f"{op}: shared-memory bank conflicts in {what}: {b['wavefronts']} wavefronts for "
+            f"{b['requests']} warp requests (conflict-free: {b['ideal']})")
+        assert b["unpaired"] == 0, f"{op}: {b['unpaired']} {what} issues no full warp matched"
 
 
 # ---- attention ---------------------------------------------------------------------------------
@@ -425,6 +440,33 @@ def test_planted_bug_is_caught(name, monkeypatch):
         else:  # the prefill regime with the wgmma mainloop (every bug here is on its path)
             test_moe_experts(next(c for c in EXPERT_CASES if c[6] == "wgmma"))
 
+
+
+# the same patterns, one each for the two mma.sync tilings, without their xor swizzle: still
+# correct, but 8 rows of an ldmatrix phase (or a cp.async quarter warp) in one bank group
+PLANTED_CONFLICTS = {
+    "attention: tiles not swizzled": (
+        (("attention/kernel_traits.cuh", "return row * kHeadDim + ((chunk ^ (row % kSwizzleRows)) * kChunkElems);",
+          "return row * kHeadDim + chunk * kChunkElems;"),),
+        lambda: test_attention(ATTENTION_CASES[0])),
+    "moe: tiles not swizzled": (
+        (("moe/grouped_gemm.cuh", "((chunk ^ (row % kGemmSwizzleRows)) * (kGemmChunkBytes / 2))",
+          "(chunk * (kGemmChunkBytes / 2))"),
+         ("moe/grouped_gemm.cuh", "const int swz = lane % kGemmSwizzleRows;", "const int swz = 0;")),
+        lambda: test_moe_experts(EXPERT_CASES[4])),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANTED_CONFLICTS))
+def test_planted_bank_conflict_is_reported(name, monkeypatch):
+    from emulator import build as emu_build
+
+    patches, case = PLANTED_CONFLICTS[name]
+    exe = emu_build.build("none", patches=patches)
+    real_run = _emu().run
+    monkeypatch.setattr(_emu(), "run", lambda *a, **kw: real_run(*a, **kw, exe=exe))
+    with pytest.raises(AssertionError, match=r"bank conflicts in ldmatrix\.x4"):
+        case()
 
 
 # ---- racecheck: the same kernels under ThreadSanitizer -----------------------------------------

@@ -42,6 +42,17 @@ def storage_span(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((last + 1,), (1,))
 
 
+def bank_stats(stdout: str) -> dict[str, dict[str, int]]:
+    """The runner's shared-memory bank report (emu.h count_banks): per instruction, the warp
+    requests, the wavefronts they took, the conflict-free minimum and unpaired cp.async issues."""
+    stats = {}
+    for line in stdout.splitlines():
+        if line.startswith("banks "):
+            _, what, *counts = line.split()
+            stats[what] = dict(zip(("requests", "wavefronts", "ideal", "unpaired"), map(int, counts)))
+    return stats
+
+
 def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
         outputs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
         async_mode: str = "early", order: str = "forward", sms: int = 132,
@@ -64,7 +75,7 @@ def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
             err = r.stderr if len(r.stderr) <= 8000 else r.stderr[:6000] + "\n...\n" + r.stderr[-2000:]
             raise EmulatorError(f"{op} (async={async_mode}, order={order}, sanitizer={sanitizer}) "
                                 f"failed with status {r.returncode}:\n{err}")
-        result = {"stdout": r.stdout}
+        result = {"stdout": r.stdout, "banks": bank_stats(r.stdout)}
         for name, (dtype, shape) in outputs.items():
             raw = (job / f"{name}.out").read_bytes()
             result[name] = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone()

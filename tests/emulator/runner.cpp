@@ -384,6 +384,10 @@ int main(int argc, char** argv) {
     job.write_outputs();
     std::cout << "launches " << dev.launches << "\n";
     for (const auto& [what, n] : dev.executed) std::cout << "executed " << what << " " << n << "\n";
+    for (const auto& [what, b] : dev.banks) {
+      std::cout << "banks " << what << " " << b.requests << " " << b.wavefronts << " " << b.ideal
+                << " " << b.unpaired << "\n";
+    }
   } catch (const std::exception& e) {
     std::cerr << "emu_runner: " << e.what() << "\n";
     return 2;

@@ -18,6 +18,8 @@
 // stores, collectives that not every lane reaches, deadlocks, asynchronous copies or wgmma still
 // in flight when a thread exits, launches the hardware refuses (block size, grid limits, more
 // than 48 KB of dynamic shared memory without the opt-in, more than the device allows).
+// Counted, not checked: the shared-memory wavefronts every ldmatrix and every warp's cp.async
+// take (count_banks), against the conflict-free minimum.
 // Global memory is plain host memory: the runner allocates each tensor on its own, so
 // AddressSanitizer (the default build) catches reads and writes outside every tensor.
 // Built with ThreadSanitizer instead (-fsanitize=thread), it is a race checker: each CUDA thread
@@ -255,6 +257,14 @@ struct Error : std::runtime_error {
 
 [[noreturn]] inline void fail(const std::string& what) { throw Error(what); }
 
+// Shared-memory bank use of one kind of warp instruction (see bank_wavefronts).
+struct BankStats {
+  long long requests = 0;    // warp-wide executions
+  long long wavefronts = 0;  // shared-memory cycles they took
+  long long ideal = 0;       // ... had no two lanes of a phase met in a bank
+  long long unpaired = 0;    // per-lane cp.async issues no full warp matched (divergent loops)
+};
+
 // ---- the device this emulates ----------------------------------------------------------------
 struct Device {
   int sms = 132;                            // H100 SXM
@@ -271,6 +281,7 @@ struct Device {
   std::map<const void*, int> smem_optin;    // kernel -> bytes allowed by cudaFuncSetAttribute
   long long launches = 0;
   std::map<std::string, long long> executed;  // instruction -> warp (warpgroup) executions
+  std::map<std::string, BankStats> banks;  // shared-memory instruction -> bank use
 };
 inline Device& device() {
   static Device d;
@@ -336,6 +347,7 @@ struct Thread {
   // cp.async: copies since the last commit, committed groups oldest first (late mode)
   std::vector<CpAsyncCopy> open_copies;
   std::deque<std::vector<CpAsyncCopy>> copy_groups;
+  long long cp_issued = 0;  // this thread's cp.async count (pairs it with its warp's lanes)
 };
 
 struct Collective {  // one warp's or warpgroup's meeting point
@@ -365,6 +377,8 @@ struct Cta {
   std::vector<Collective> warps, warpgroups;
   std::vector<std::vector<WgmmaOp>> wgmma_open;               // per warpgroup
   std::vector<std::deque<std::vector<WgmmaOp>>> wgmma_groups;  // per warpgroup
+  // per warp: the shared addresses of its lanes' n-th cp.async, until all 32 have issued it
+  std::vector<std::map<long long, std::pair<int, std::array<uint32_t, 32>>>> cp_lanes;
 };
 
 struct Sched {
@@ -554,6 +568,44 @@ inline unsigned char* smem_ptr(uint32_t addr, size_t bytes, const char* what) {
   return c.smem_block + addr;
 }
 
+// ---- shared-memory banks -------------------------------------------------------------------------
+// 32 banks of 4 bytes; a 16-byte access (cp.async.16, an ldmatrix row) covers the aligned group of
+// 4 banks (address / 16) % 8. A warp's 16-byte accesses are served in phases of 8 lanes (quarter
+// warps; for ldmatrix.x4, the 8 rows of one matrix), a phase in as many wavefronts as the most
+// distinct 16-byte lines that one bank group holds in it (lanes on one line share it): 1 when the
+// phase's lines lie in 8 distinct bank groups, 8 when all sit in one.
+inline void count_banks(const char* what, const std::array<uint32_t, 32>& addr) {
+  BankStats& b = device().banks[what];
+  ++b.requests;
+  for (int phase = 0; phase < 4; ++phase) {
+    uint32_t lines[8];
+    int distinct = 0, per_group[8] = {};
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t line = addr[8 * phase + i] / 16;
+      if (std::find(lines, lines + distinct, line) != lines + distinct) continue;
+      lines[distinct++] = line;
+      ++per_group[line % 8];
+    }
+    b.wavefronts += *std::max_element(per_group, per_group + 8);
+    b.ideal += 1;
+  }
+}
+
+// A lane's n-th cp.async meets its warp's other lanes' n-th (the kernels' copy loops are uniform
+// across a warp; issues that never meet a full warp are counted as unpaired).
+inline void count_cp_async_banks(uint32_t smem_addr) {
+  const Unchecked bookkeeping;
+  Thread& t = self();
+  auto& pending = cta().cp_lanes[warp_id()];
+  const long long n = t.cp_issued++;
+  auto& [arrived, addr] = pending[n];
+  addr[lane_id()] = smem_addr;
+  if (++arrived == 32) {
+    count_banks("cp.async.16", addr);
+    pending.erase(n);
+  }
+}
+
 // ---- cp.async ------------------------------------------------------------------------------------
 inline void run_copies(const std::vector<CpAsyncCopy>& copies) {
   for (const CpAsyncCopy& c : copies) {
@@ -572,6 +624,7 @@ inline void cp_async_16(uint32_t smem_addr, const void* gmem, bool in_range) {
   }
   const CpAsyncCopy c{smem_ptr(smem_addr, 16, "cp.async"),
                       in_range ? static_cast<const unsigned char*>(gmem) : nullptr};
+  count_cp_async_banks(smem_addr);
   if (device().early) run_copies({c});
   if (device().late) self().open_copies.push_back(c);
 }
@@ -609,7 +662,11 @@ struct LdmatrixArgs {
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr, bool trans) {
   if (smem_addr % 16 != 0) fail("ldmatrix: row address not 16-byte aligned");
   LdmatrixArgs mine{smem_addr, r};
-  warp_meet(trans ? "ldmatrix.x4.trans" : "ldmatrix.x4", &mine, [&](std::array<void*, 128>& args) {
+  const char* what = trans ? "ldmatrix.x4.trans" : "ldmatrix.x4";
+  warp_meet(what, &mine, [&](std::array<void*, 128>& args) {
+    std::array<uint32_t, 32> rows;  // lane 8 j + i: row i of matrix j
+    for (int lane = 0; lane < 32; ++lane) rows[lane] = static_cast<LdmatrixArgs*>(args[lane])->addr;
+    count_banks(what, rows);
     uint16_t m[4][8][8];  // matrix j, row, element
     for (int j = 0; j < 4; ++j) {
       for (int row = 0; row < 8; ++row) {
@@ -946,6 +1003,7 @@ inline void run_cta(Cta& c) {
   c.warpgroups.assign((n + 127) / 128, Collective{});
   c.wgmma_open.assign(c.warpgroups.size(), {});
   c.wgmma_groups.assign(c.warpgroups.size(), {});
+  c.cp_lanes.assign(c.warps.size(), {});
   unsigned long long last_progress = ~0ull;
   while (c.alive > 0 && !s.failed) {
     if (s.progress == last_progress) {
@@ -985,6 +1043,9 @@ inline void run_cta(Cta& c) {
     for (const Collective& g : *groups) {
       for (const auto& [what, n] : g.executed) device().executed[what] += n;
     }
+  }
+  for (const auto& pending : c.cp_lanes) {
+    for (const auto& [n, lanes] : pending) device().banks["cp.async.16"].unpaired += lanes.first;
   }
   for (size_t wg = 0; wg < c.wgmma_open.size() && !s.failed; ++wg) {
     if (!c.wgmma_open[wg].empty() || !c.wgmma_groups[wg].empty()) {
