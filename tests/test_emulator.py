@@ -10,7 +10,8 @@ index arithmetic, pipeline or launcher is a bug here too. Each case runs twice:
   - async copies and wgmma at the wait the kernel relies on, threads scheduled in reverse, the
     dynamic shared memory off the 1024-byte boundary (the kernels align their wgmma tiles);
 and the two must agree bitwise (a difference is a race or a missing wait), both must be free of
-shared-memory bank conflicts, then the first is judged by the GPU tests' own rule
+shared-memory bank conflicts (and of breaks of wgmma's fence rules: the emulator's errors), then
+the first is judged by the GPU tests' own rule
 (test_attention_gpu._judge, test_moe_experts_gpu._judge).
 Not covered: what the compiler and the hardware add (registers, timing, the real expf and
 rsqrtf): that is the GPU tests' job.
@@ -231,6 +232,7 @@ EXPERT_CASES = [
     (200, 2, 1, 256, 128, torch.bfloat16, "wgmma", None),
     (150, 4, 2, 128, 64, torch.float16, "wgmma", [1, 3]),        # two experts take everything
 ]
+_WGMMA_EXPERTS = next(c for c in EXPERT_CASES if c[6] == "wgmma")  # the prefill regime, wgmma
 
 
 @pytest.mark.parametrize("case", EXPERT_CASES, ids=lambda c: "-".join(map(str, c[:7])).replace("torch.", ""))
@@ -438,34 +440,43 @@ def test_planted_bug_is_caught(name, monkeypatch):
         if op == "attention":
             test_attention(ATTENTION_CASES[0])
         else:  # the prefill regime with the wgmma mainloop (every bug here is on its path)
-            test_moe_experts(next(c for c in EXPERT_CASES if c[6] == "wgmma"))
+            test_moe_experts(_WGMMA_EXPERTS)
 
 
 
-# the same patterns, one each for the two mma.sync tilings, without their xor swizzle: still
-# correct, but 8 rows of an ldmatrix phase (or a cp.async quarter warp) in one bank group
-PLANTED_CONFLICTS = {
+# Mistakes that give the right answer here, and must be reported as what they are: (patches,
+# case, the report). Tiles without their xor swizzle (8 rows of an ldmatrix phase in one bank
+# group); a wgmma that reads cp.async data no fence.proxy.async made visible to the async proxy;
+# a wgmma issued with no wgmma.fence after the warpgroup's registers were touched.
+PLANTED_REPORTS = {
     "attention: tiles not swizzled": (
         (("attention/kernel_traits.cuh", "return row * kHeadDim + ((chunk ^ (row % kSwizzleRows)) * kChunkElems);",
           "return row * kHeadDim + chunk * kChunkElems;"),),
-        lambda: test_attention(ATTENTION_CASES[0])),
+        lambda: test_attention(ATTENTION_CASES[0]), r"bank conflicts in ldmatrix\.x4"),
     "moe: tiles not swizzled": (
         (("moe/grouped_gemm.cuh", "((chunk ^ (row % kGemmSwizzleRows)) * (kGemmChunkBytes / 2))",
           "(chunk * (kGemmChunkBytes / 2))"),
          ("moe/grouped_gemm.cuh", "const int swz = lane % kGemmSwizzleRows;", "const int swz = 0;")),
-        lambda: test_moe_experts(EXPERT_CASES[4])),
+        lambda: test_moe_experts(EXPERT_CASES[4]), r"bank conflicts in ldmatrix\.x4"),
+    "attention: no proxy fence": (
+        (("attention/attention_fwd.cuh", "if (p.proxy_fence) fence_proxy_async();", ""),),
+        lambda: test_attention(ATTENTION_CASES[1]), r"no fence\.proxy\.async"),
+    "moe: no wgmma.fence": (
+        (("moe/grouped_gemm.cuh", "    wgmma_fence();\n", ""),),
+        lambda: test_moe_experts(_WGMMA_EXPERTS), r"no wgmma\.fence"),
 }
 
 
-@pytest.mark.parametrize("name", list(PLANTED_CONFLICTS))
-def test_planted_bank_conflict_is_reported(name, monkeypatch):
+@pytest.mark.parametrize("name", list(PLANTED_REPORTS))
+def test_planted_misuse_is_reported(name, monkeypatch):
     from emulator import build as emu_build
+    from emulator.run import EmulatorError
 
-    patches, case = PLANTED_CONFLICTS[name]
+    patches, case, report = PLANTED_REPORTS[name]
     exe = emu_build.build("none", patches=patches)
     real_run = _emu().run
     monkeypatch.setattr(_emu(), "run", lambda *a, **kw: real_run(*a, **kw, exe=exe))
-    with pytest.raises(AssertionError, match=r"bank conflicts in ldmatrix\.x4"):
+    with pytest.raises((AssertionError, EmulatorError), match=report):
         case()
 
 
@@ -482,7 +493,7 @@ RACECHECK = {
     "attention varlen": lambda: test_attention_varlen(),
     "experts decode": lambda: test_moe_experts(EXPERT_CASES[0]),
     "experts mid, tiled permutation": lambda: test_moe_experts(EXPERT_CASES[2]),
-    "experts prefill wgmma": lambda: test_moe_experts(next(c for c in EXPERT_CASES if c[6] == "wgmma")),
+    "experts prefill wgmma": lambda: test_moe_experts(_WGMMA_EXPERTS),
     "rms_norm": lambda: test_rms_norm(torch.float32, 5, 200, 203, True),
     "router": lambda: test_moe_router(torch.bfloat16, 5, 128, 8, True),
     "qk_norm_rope cache": lambda: test_qk_norm_rope_cache(),

@@ -118,7 +118,7 @@ __device__ __forceinline__ void fence_proxy_async() {
 #if defined(QWEN3X_WGMMA_ENABLED)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #elif defined(QWEN3X_EMULATOR)
-  // nothing to order: the emulator's copies land in place
+  emu::fence_proxy_async();
 #else
   __trap();
 #endif

@@ -18,6 +18,9 @@
 // stores, collectives that not every lane reaches, deadlocks, asynchronous copies or wgmma still
 // in flight when a thread exits, launches the hardware refuses (block size, grid limits, more
 // than 48 KB of dynamic shared memory without the opt-in, more than the device allows).
+// Also errors, as the PTX ISA's wgmma rules: a wgmma.mma_async with no wgmma.fence since its
+// warpgroup started or last waited (wait_group), and a wgmma reading shared memory that a
+// cp.async wrote (a generic-proxy write) before the writing thread's fence.proxy.async.
 // Counted, not checked: the shared-memory wavefronts every ldmatrix and every warp's cp.async
 // take (count_banks), against the conflict-free minimum.
 // Global memory is plain host memory: the runner allocates each tensor on its own, so
@@ -348,6 +351,8 @@ struct Thread {
   std::vector<CpAsyncCopy> open_copies;
   std::deque<std::vector<CpAsyncCopy>> copy_groups;
   long long cp_issued = 0;  // this thread's cp.async count (pairs it with its warp's lanes)
+  std::vector<uint32_t> unfenced;  // shared 16-byte chunks its copies wrote since its last
+                                   // fence.proxy.async
 };
 
 struct Collective {  // one warp's or warpgroup's meeting point
@@ -379,6 +384,10 @@ struct Cta {
   std::vector<std::deque<std::vector<WgmmaOp>>> wgmma_groups;  // per warpgroup
   // per warp: the shared addresses of its lanes' n-th cp.async, until all 32 have issued it
   std::vector<std::map<long long, std::pair<int, std::array<uint32_t, 32>>>> cp_lanes;
+  // per 16-byte chunk of shared memory: the thread whose cp.async wrote it and has not fenced it
+  // for the async proxy since (fence.proxy.async), or -1
+  std::vector<int> generic_writer;
+  std::vector<char> wgmma_fenced;  // per warpgroup: a wgmma.fence since its last wait_group
 };
 
 struct Sched {
@@ -607,6 +616,8 @@ inline void count_cp_async_banks(uint32_t smem_addr) {
 }
 
 // ---- cp.async ------------------------------------------------------------------------------------
+// Performs this thread's copies (generic-proxy writes: wgmma may read them only after the
+// thread's next fence.proxy.async).
 inline void run_copies(const std::vector<CpAsyncCopy>& copies) {
   for (const CpAsyncCopy& c : copies) {
     if (c.src) {
@@ -614,7 +625,23 @@ inline void run_copies(const std::vector<CpAsyncCopy>& copies) {
     } else {
       std::memset(c.dst, 0, 16);
     }
+    const Unchecked bookkeeping;
+    const auto chunk = static_cast<uint32_t>((c.dst - cta().smem_block) / 16);
+    cta().generic_writer[chunk] = self().linear;
+    self().unfenced.push_back(chunk);
   }
+}
+
+// fence.proxy.async.shared::cta: this thread's shared-memory writes so far (here: its completed
+// cp.async copies) become visible to async-proxy reads (wgmma operands) ordered after it.
+inline void fence_proxy_async() {
+  const Unchecked bookkeeping;
+  Thread& t = self();
+  std::vector<int>& writer = cta().generic_writer;
+  for (const uint32_t chunk : t.unfenced) {
+    if (writer[chunk] == t.linear) writer[chunk] = -1;
+  }
+  t.unfenced.clear();
 }
 
 inline void cp_async_16(uint32_t smem_addr, const void* gmem, bool in_range) {
@@ -797,6 +824,16 @@ inline Desc decode_desc(uint64_t d, const char* what) {
 inline float read_b16(uint32_t addr, bool bf16, const char* what) {
   uint16_t bits;
   std::memcpy(&bits, smem_ptr(addr, 2, what), 2);
+  {
+    const Unchecked bookkeeping;
+    const int writer = cta().generic_writer[addr / 16];
+    if (writer >= 0) {
+      fail(std::string(what) + ": shared bytes at " + std::to_string(addr & ~15u) +
+           " were written by thread " + std::to_string(writer) +
+           "'s cp.async with no fence.proxy.async by that thread since (the async proxy need not "
+           "see them)");
+    }
+  }
   return bf16 ? bf16_bits_to_f32(bits) : f16_bits_to_f32(bits);
 }
 
@@ -869,6 +906,10 @@ inline void wgmma_issue(const char* what, int n, float* d, const uint32_t* a, ui
     const auto* first = static_cast<WgmmaArgs*>(args[0]);
     op.desc_a = first->desc_a;
     op.desc_b = first->desc_b;
+    if (!cta().wgmma_fenced[wg]) {
+      fail(std::string(what) + " with no wgmma.fence since the warpgroup's start or its last "
+                               "wgmma.wait_group (whose results its threads may have touched)");
+    }
     for (int th = 0; th < 128; ++th) {
       const auto* m = static_cast<WgmmaArgs*>(args[th]);
       if (m->desc_b != op.desc_b || (!op.a_regs && m->desc_a != op.desc_a)) {
@@ -903,11 +944,13 @@ inline void wgmma_wait(int pending) {
       for (const WgmmaOp& op : groups.front()) run_wgmma(op);
       groups.pop_front();
     }
+    cta().wgmma_fenced[wg] = 0;
   });
 }
 
 inline void wgmma_fence() {
-  warpgroup_meet("wgmma.fence", nullptr, [](std::array<void*, 128>&) {});
+  const int wg = warpgroup_id();
+  warpgroup_meet("wgmma.fence", nullptr, [&](std::array<void*, 128>&) { cta().wgmma_fenced[wg] = 1; });
 }
 
 // ---- launches ------------------------------------------------------------------------------------
@@ -1004,6 +1047,8 @@ inline void run_cta(Cta& c) {
   c.wgmma_open.assign(c.warpgroups.size(), {});
   c.wgmma_groups.assign(c.warpgroups.size(), {});
   c.cp_lanes.assign(c.warps.size(), {});
+  c.wgmma_fenced.assign(c.warpgroups.size(), 0);
+  c.generic_writer.assign((c.dyn_smem - c.smem_block + c.dyn_smem_bytes) / 16 + 1, -1);
   unsigned long long last_progress = ~0ull;
   while (c.alive > 0 && !s.failed) {
     if (s.progress == last_progress) {
