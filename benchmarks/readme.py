@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import targets
 from .rows import case_key, read_rows, shape_label
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +84,10 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args(argv)
     run = args.run or newest_run()
-    body = table(read_rows(run)) + f"\n\nRows: `{run.relative_to(ROOT) if run.is_relative_to(ROOT) else run}`."
+    rows = read_rows(run)
+    body = (table(rows) + "\n\nThe issues' targets, judged from the same rows (`python -m benchmarks.targets`):\n\n"
+            + targets.format_verdicts(targets.evaluate(rows))
+            + f"\n\nRows: `{run.relative_to(ROOT) if run.is_relative_to(ROOT) else run}`.")
     args.readme.write_text(update_readme(args.readme.read_text(), body))
     print(f"README.md benchmark table regenerated from {run}")
     return 0

@@ -6,6 +6,7 @@ Without a GPU nothing is timed: it says so and runs the CPU parity demo (qwen3x.
     python -m benchmarks --quick                      # a smoke subset: one or two shapes per op
     python -m benchmarks --ops rms_norm,moe_layer --shapes tokens=4096 --providers qwen3x,reference
     python -m benchmarks --model                      # include the whole-model benchmark
+    python -m benchmarks --targets                    # only what the issues' targets judge, then verdicts
     python -m benchmarks.plot benchmarks/results/<run>/    # PNGs from the rows
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import model
+from . import model, targets
 from .harness import Case, run_case
 from .rows import RowWriter, default_results_dir, environment, format_table
 from .suites import SUITES
@@ -45,12 +46,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="results directory (default: benchmarks/results/<date>-<device>/)")
     parser.add_argument("--quick", action="store_true", help="a smoke subset: one or two shapes per op")
     parser.add_argument("--model", action="store_true", help="include the whole-model benchmark")
+    parser.add_argument(
+        "--targets",
+        action="store_true",
+        help="only the cases that the issues' targets judge (benchmarks/targets.py; whole-model ones "
+        "included), then each target's verdict",
+    )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="time every case eagerly")
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
     args = parser.parse_args(argv)
     unknown = [op for op in _csv(args.ops) or [] if op not in ALL_SUITES]
     if unknown:
         parser.error(f"unknown op(s) {', '.join(unknown)}; known: {', '.join(ALL_SUITES)}")
+    if args.targets and args.quick:
+        parser.error("--targets judges the full suite's shapes: drop --quick (narrow it with --ops or --shapes)")
     return args
 
 
@@ -66,9 +75,14 @@ def shape_matches(case: Case, terms: list[str] | None) -> bool:
 
 
 def select_cases(args: argparse.Namespace) -> list[Case]:
-    ops = _csv(args.ops) or [*OP_SUITES, *(MODEL_SUITES if args.model else [])]
+    if args.targets:
+        ops = [op for op in (_csv(args.ops) or ALL_SUITES) if op in targets.judged_ops()]
+    else:
+        ops = _csv(args.ops) or [*OP_SUITES, *(MODEL_SUITES if args.model else [])]
     terms = _csv(args.shapes)
     cases = [case for op in ops for case in ALL_SUITES[op](args.quick) if shape_matches(case, terms)]
+    if args.targets:
+        cases = [c for c in cases if targets.wanted(c.op, c.shape)]
     if args.no_cuda_graphs:
         cases = [c for c in cases if not (c.op == "model_decode" and c.shape.get("cuda_graph"))]
         for c in cases:
@@ -132,6 +146,9 @@ def main(argv=None) -> int:
         for row in run_case(case, timer=timer, env=env, ceilings=ceilings, providers=providers, log=log):
             writer.write(row)
     print(format_table(writer.rows))
+    judged = [v for v in targets.evaluate(writer.rows) if v.status != "NO DATA" or args.targets]
+    if judged:
+        print("\nTargets (benchmarks/targets.py):\n" + targets.format_verdicts(judged))
     print(f"\nrows: {writer.path}\nplots: python -m benchmarks.plot {writer.path.parent}")
     return 0
 

@@ -393,3 +393,90 @@ def test_readme_table_from_rows(tmp_path):
     text = f"intro\n{readme.BEGIN}\nold\n{readme.END}\noutro\n"
     new = readme.update_readme(text, body)
     assert new.startswith("intro\n") and new.endswith("outro\n") and "old" not in new and "| rms_norm" in new
+
+
+# ---------------------------------------------------------------------------------------------
+# The issues' targets (benchmarks/targets.py)
+# ---------------------------------------------------------------------------------------------
+def test_targets_select_the_cases_they_judge():
+    from benchmarks import targets
+
+    cases = run.select_cases(run.parse_args(["--targets"]))
+    by_op: dict[str, list[dict]] = {}
+    for c in cases:
+        assert targets.wanted(c.op, c.shape), c.label
+        by_op.setdefault(c.op, []).append(c.shape)
+    assert set(by_op) == targets.judged_ops()  # the whole-model ones included without --model
+    assert all(s["tokens"] >= 16384 for s in by_op["rms_norm"])
+    decode = {(s["batch"], s["context"]) for s in by_op["attention_decode"]}
+    assert (1, 1024) in decode and (16, 32768) in decode and (1, 32768) not in decode
+    assert all(b == 1 and 4096 <= s <= 16384 for b, s in ((x["batch"], x["seqlen"]) for x in by_op["attention_prefill"]))
+    assert any(s["model"] == "Qwen3-235B-A22B" for s in by_op["moe_layer"])
+    assert {s["tokens"] for s in by_op["moe_permute"]} <= {1, 16}
+    with pytest.raises(SystemExit):
+        run.parse_args(["--targets", "--quick"])
+    # --ops narrows it
+    assert {c.op for c in run.select_cases(run.parse_args(["--targets", "--ops", "rms_norm,moe_router"]))} == {
+        "rms_norm", "moe_router"}
+
+
+def test_target_verdicts():
+    from benchmarks import targets
+
+    env = {"device": "test", "git_sha": "0", "torch": "x", "cuda": None, "transformers": None}
+    got = []
+
+    def add(op, shape, provider, ms, status="ok", **kw):
+        got.append(rows.make_row(env, op, shape, provider, status, median_ms=ms if status == "ok" else None, **kw))
+
+    for hidden, frac in ((1024, 0.95), (4096, 0.85)):  # one case below 90%: FAIL, worst 85%
+        add("rms_norm", {"tokens": 16384, "hidden": hidden}, "qwen3x", 0.1, fraction_of_peak=frac)
+    add("rms_norm", {"tokens": 4096, "hidden": 1024}, "qwen3x", 0.1, fraction_of_peak=0.5)  # not judged
+    qk = {"model": "Qwen3-4B", "tokens": 4096, "hq": 32, "hkv": 8}
+    add("qk_norm_rope", qk, "qwen3x", 0.010)
+    add("qk_norm_rope", qk, "hf_eager", 0.050)  # 5x: PASS
+    add("qk_norm_rope", qk, "liger", None, status="skipped")  # no liger: NO DATA
+    router = {"model": "Qwen3-30B-A3B", "tokens": 1, "hidden": 2048, "experts": 128, "topk": 8}
+    add("moe_router", router, "qwen3x", 0.003)
+    add("moe_permute", {**router, "row_align": 1}, "qwen3x", 0.004)  # 7 us together: PASS
+    add("moe_router", {**router, "tokens": 16}, "qwen3x", 0.003)  # its permute was not run: not judged
+    pre = {"model": "Qwen3-4B", "batch": 1, "seqlen": 8192, "hq": 32, "hkv": 8}
+    for provider, ms in (("qwen3x", 1.0), ("sdpa_flash", 1.05), ("sdpa_cudnn", 0.8)):
+        add("attention_prefill", pre, provider, ms)
+    add("moe_layer", {"model": "Qwen3-235B-A22B", "tokens": 16}, "qwen3x", 0.2)
+
+    verdicts = {v.target.text: v for v in targets.evaluate(got)}
+
+    def verdict(prefix):
+        return next(v for text, v in verdicts.items() if text.startswith(prefix))
+
+    v = verdict("rms_norm moves")
+    assert (v.status, v.judged, v.worst, v.worst_shape) == ("FAIL", 2, 0.85, "tokens=16384 hidden=4096")
+    v = verdict("qk_norm_rope >= 4x")
+    assert v.status == "PASS" and abs(v.worst - 5.0) < 1e-9
+    assert verdict("qk_norm_rope >= 1.5x").status == "NO DATA" and verdict("qk_norm_rope >= 1.5x").missing == 1
+    v = verdict("router + permutation")
+    assert (v.status, v.judged, v.missing) == ("PASS", 1, 1) and abs(v.worst - 7.0) < 1e-9
+    v = verdict("prefill at 4k-16k tokens (4B")
+    assert v.status == "FAIL" and abs(v.worst - 1.05) < 1e-9  # 1.05x < 1.1x
+    v = verdict("prefill at 4k-16k tokens: speedup over SDPA's cuDNN")
+    assert v.status == "INFO" and abs(v.worst - 0.8) < 1e-9
+    assert verdict("235B-A22B layer shape").status == "PASS"
+    assert verdict("patched model decode").status == "NO DATA"
+    table = targets.format_verdicts(list(verdicts.values()))
+    assert "| #4 | rms_norm moves" in table and "85%" in table and "7.0 us" in table
+
+
+def test_readme_carries_the_target_verdicts(tmp_path):
+    from benchmarks import readme
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _sample_rows()))
+    text = tmp_path / "README.md"
+    text.write_text(f"intro\n{readme.BEGIN}\n{readme.END}\n")
+    assert readme.main([str(run_dir), "--readme", str(text)]) == 0
+    body = text.read_text()
+    # the sample's model_prefill row: 0.6B patched 8 ms vs unpatched 10 ms
+    assert "| #5 | patched Qwen3-0.6B and Qwen3-4B prefill faster than unpatched | PASS | 1.25x |" in body
+    assert "| #4 | rms_norm moves >= 90%" in body and "NO DATA" in body
