@@ -37,7 +37,7 @@ from qwen3x import reference as R
 
 pytestmark = pytest.mark.gpu
 D = 128
-HEADS = [(16, 8), (32, 8), (32, 4), (64, 4), (8, 8)]  # (Hq, Hkv); the last: Hq == Hkv
+HEADS = [(16, 8), (32, 8), (32, 4), (64, 4), (40, 8), (8, 8)]  # (Hq, Hkv); 40/8: Qwen3-14B, a group of 5; 8/8: Hq == Hkv
 LSE_REL_FLOOR = 2e-5
 REF_CHUNK_ELEMS = 2**26  # score elements per reference chunk
 

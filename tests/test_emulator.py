@@ -117,6 +117,8 @@ ATTENTION_CASES = [
     (1, 4, 1, 3, 129, True, torch.float16, "mma_sync", "bshd", 2),
     (1, 2, 1, 3, 0, False, torch.bfloat16, "mma_sync", "bhsd", None),  # no keys
     (1, 16, 8, 1, 3000, True, torch.bfloat16, "mma_sync", "bhsd", None),  # decode: the glue's split plan
+    (1, 10, 2, 77, 150, True, torch.bfloat16, "wgmma", "bshd", None),  # a group of 5 (Qwen3-14B's 40/8)
+    (2, 40, 8, 1, 300, True, torch.float16, "mma_sync", "bhsd", 3),  # Qwen3-14B decode, split-KV
 ]
 
 

@@ -18,7 +18,7 @@ from qwen3x.rope import rope_parameters
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 TOKENS = [1, 7, 83, 4097, 65536]
-HEADS = [(16, 8), (32, 8), (32, 4), (64, 4)]
+HEADS = [(16, 8), (32, 8), (32, 4), (64, 4), (40, 8)]  # 40/8: Qwen3-14B
 D = 128
 
 
