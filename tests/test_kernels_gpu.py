@@ -38,7 +38,7 @@ def _judge(out, args, ref_fn, index=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("hidden", [128, 1024, 2560, 4096, 8192])
+@pytest.mark.parametrize("hidden", [128, 1024, 2560, 4096, 5120, 8192])  # 5120: Qwen3-14B, 32B
 def test_rms_norm(dtype, tokens, hidden):
     _needs_kernel("rms_norm")
     if tokens * hidden > 2**28:
