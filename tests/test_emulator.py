@@ -11,8 +11,7 @@ index arithmetic, pipeline or launcher is a bug here too. Each case runs twice:
     dynamic shared memory off the 1024-byte boundary (the kernels align their wgmma tiles);
 and the two must agree bitwise (a difference is a race or a missing wait), both must be free of
 shared-memory bank conflicts (and of breaks of wgmma's fence rules: the emulator's errors), then
-the first is judged by the GPU tests' own rule
-(test_attention_gpu._judge, test_moe_experts_gpu._judge).
+the first is judged by the GPU tests' own rule (test_attention_gpu._judge, test_moe_experts_gpu._judge).
 Not covered: what the compiler and the hardware add (registers, timing, the real expf and
 rsqrtf): that is the GPU tests' job.
 """
@@ -443,7 +442,6 @@ def test_planted_bug_is_caught(name, monkeypatch):
             test_attention(ATTENTION_CASES[0])
         else:  # the prefill regime with the wgmma mainloop (every bug here is on its path)
             test_moe_experts(_WGMMA_EXPERTS)
-
 
 
 # Mistakes that give the right answer here, and must be reported as what they are: (patches,

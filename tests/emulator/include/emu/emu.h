@@ -260,7 +260,7 @@ struct Error : std::runtime_error {
 
 [[noreturn]] inline void fail(const std::string& what) { throw Error(what); }
 
-// Shared-memory bank use of one kind of warp instruction (see bank_wavefronts).
+// Shared-memory bank use of one kind of warp instruction (count_banks).
 struct BankStats {
   long long requests = 0;    // warp-wide executions
   long long wavefronts = 0;  // shared-memory cycles they took
