@@ -7,8 +7,10 @@ Environment:
                         (and say why, in one line);
                         0: never build (no compiler, no torch import);
                         1: build or fail loudly.
-  QWEN3X_CUDA_ARCHS     default "9.0a"; ';' or ',' separated, e.g. "8.0;9.0a",
-                        "9.0+PTX" also embeds PTX (cmake/cuda_archs.cmake).
+  QWEN3X_CUDA_ARCHS     ';' or ',' separated, e.g. "8.0;9.0a"; "9.0+PTX" also
+                        embeds PTX (cmake/cuda_archs.cmake). Default: the visible
+                        GPUs' architectures (sm_80 and newer; 9.0 as 9.0a, for the
+                        Hopper mainloops), or "9.0a" when none is visible.
   MAX_JOBS              parallel compile jobs (ninja -j); default: ninja's.
   QWEN3X_PTXAS_VERBOSE  1: pass -Xptxas=-v (registers / spills per kernel).
   CUDA_HOME, CUDA_PATH, CUDACXX: where to find nvcc (else PATH).
@@ -37,6 +39,7 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "9.0a"
+MIN_CAPABILITY = (8, 0)  # the kernels' mma.sync (bf16), ldmatrix and cp.async need sm_80
 
 
 def log(msg: str) -> None:
@@ -104,12 +107,25 @@ def find_tool(module: str, attr: str, exe: str) -> str | None:
     return shutil.which(exe)
 
 
+def visible_gpu_archs(torch) -> str | None:
+    """The visible GPUs' architectures in QWEN3X_CUDA_ARCHS spelling, or None when no GPU the
+    kernels can run on is visible (then DEFAULT_ARCHS)."""
+    try:
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    except Exception:  # noqa: BLE001  (no driver, no device: build the default)
+        return None
+    names = sorted(f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")
+                   for major, minor in caps if (major, minor) >= MIN_CAPABILITY)
+    return ";".join(names) or None
+
+
 class BuildPlan:
     """Decides once whether qwen3x._C is built, and why not."""
 
     def __init__(self) -> None:
         self.mode = build_mode()
-        self.archs = os.environ.get("QWEN3X_CUDA_ARCHS", DEFAULT_ARCHS).strip() or DEFAULT_ARCHS
+        self.archs = os.environ.get("QWEN3X_CUDA_ARCHS", "").strip()
+        self.archs_from = "QWEN3X_CUDA_ARCHS" if self.archs else None
         self.nvcc = self.cmake = self.ninja = None
         self.cuda_version = self.torch_version = None
         self.skip_reason = self._check()
@@ -136,6 +152,10 @@ class BuildPlan:
             return f"torch is not importable ({type(e).__name__}: {e}); " \
                    "install torch first and use pip --no-build-isolation"
         self.torch_version = torch.__version__
+        if not self.archs:
+            visible = visible_gpu_archs(torch)
+            self.archs = visible or DEFAULT_ARCHS
+            self.archs_from = "the visible GPUs" if visible else "the default (no GPU visible)"
         if torch.version.cuda is None:
             return f"torch {torch.__version__} is not a CUDA build"
         if torch.version.cuda.split(".")[0] != self.cuda_version.split(".")[0]:
@@ -193,7 +213,7 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"qwen3x: CMake finished but {built} is missing")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(built, target)
-        log(f"built qwen3x._C for {', '.join(arch_names(PLAN.archs))} with nvcc "
+        log(f"built qwen3x._C for {', '.join(arch_names(PLAN.archs))} ({PLAN.archs_from}) with nvcc "
             f"{PLAN.cuda_version} (torch {PLAN.torch_version}) in {seconds:.1f} s")
 
 

@@ -28,6 +28,35 @@
 #error "QWEN3X_TORCH_VERSION must be defined by the build (CMakeLists.txt)"
 #endif
 
+namespace qwen3x {
+
+const char* build_archs() { return QWEN3X_CUDA_ARCHS; }
+
+// An sm_XY / sm_XYa image runs on compute capability X.Y only; PTX (compute_XY, not an 'a' / 'f'
+// target) also on newer GPUs, compiled by the driver. As qwen3x.info.runs_on.
+bool build_runs_on(int cc) {
+  std::string_view archs = QWEN3X_CUDA_ARCHS;
+  while (!archs.empty()) {
+    const size_t cut = archs.find(',');
+    std::string_view arch = archs.substr(0, cut);
+    const bool sass = arch.substr(0, 3) == "sm_";
+    const bool ptx = arch.substr(0, 8) == "compute_";
+    arch.remove_prefix(sass ? 3 : (ptx ? 8 : 0));
+    int number = 0;
+    size_t digits = 0;
+    for (; digits < arch.size() && arch[digits] >= '0' && arch[digits] <= '9'; ++digits) {
+      number = number * 10 + (arch[digits] - '0');
+    }
+    const bool arch_specific = digits < arch.size();  // the 'a' / 'f' suffix
+    if ((sass && number == cc) || (ptx && !arch_specific && number <= cc)) return true;
+    if (cut == std::string_view::npos) break;
+    archs.remove_prefix(cut + 1);
+  }
+  return false;
+}
+
+}  // namespace qwen3x
+
 TORCH_LIBRARY(qwen3x, m) {
   m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor input, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
@@ -151,10 +180,19 @@ PyObject* build_info(PyObject* /*self*/, PyObject* /*args*/) {
   return info;
 }
 
+PyObject* runs_on(PyObject* /*self*/, PyObject* cc) {
+  const long value = PyLong_AsLong(cc);
+  if (value == -1 && PyErr_Occurred()) return nullptr;
+  return PyBool_FromLong(qwen3x::build_runs_on(static_cast<int>(value)));
+}
+
 PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS,
      "build_info() -> dict: version, cuda_version, archs, torch_version and the ops with CUDA "
      "kernels in this build of qwen3x._C."},
+    {"runs_on", runs_on, METH_O,
+     "runs_on(cc: int) -> bool: whether this build's machine code runs on a GPU of compute "
+     "capability cc (major * 10 + minor), as every op checks before it launches."},
     {nullptr, nullptr, 0, nullptr},
 };
 

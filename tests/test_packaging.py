@@ -4,11 +4,13 @@ quietly install the pure-Python package), and the tests and benchmarks."""
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,3 +41,36 @@ def test_sdist_carries_every_source_file(tmp_path):
     assert {"CMakeLists.txt", "setup.py", "csrc/torch_bindings.cpp", "cmake/torch.cmake"} <= names
     compiled = sorted(n for n in names if n.endswith((".so", ".o", ".pyc")) or n.startswith("build/"))
     assert not compiled, f"build products in the sdist: {compiled}"
+
+
+def _setup_function(name, *constants):
+    """A function of setup.py with the module constants it reads (setup.py runs setup() when
+    imported, so it is not imported)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    keep = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and n.name == name)
+            or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in constants for t in n.targets))]
+    namespace = {}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace[name]
+
+
+def test_default_archs_follow_the_visible_gpus():
+    """Without QWEN3X_CUDA_ARCHS the build is for the GPUs it sees (an A100 user gets sm_80, not
+    an sm_90a-only build that cannot run there); 9.0 becomes 9.0a (the Hopper mainloops); GPUs
+    older than the kernels need are left out; no GPU: None (the default, 9.0a)."""
+    visible_gpu_archs = _setup_function("visible_gpu_archs", "MIN_CAPABILITY")
+
+    def fake_torch(*caps):
+        cuda = SimpleNamespace(device_count=lambda: len(caps), get_device_capability=lambda i: caps[i])
+        return SimpleNamespace(cuda=cuda)
+
+    assert visible_gpu_archs(fake_torch((8, 0))) == "8.0"
+    assert visible_gpu_archs(fake_torch((9, 0), (9, 0))) == "9.0a"
+    assert visible_gpu_archs(fake_torch((8, 9), (9, 0), (7, 5))) == "8.9;9.0a"
+    assert visible_gpu_archs(fake_torch((7, 0))) is None
+    assert visible_gpu_archs(fake_torch()) is None
+
+    def no_driver():
+        raise RuntimeError("no CUDA driver")
+
+    assert visible_gpu_archs(SimpleNamespace(cuda=SimpleNamespace(device_count=no_driver))) is None

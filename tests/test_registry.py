@@ -385,6 +385,40 @@ def test_arch_compatibility_rule():
     assert runs_on(["compute_80"], "sm_90") and not runs_on(["compute_90a"], "sm_100")
 
 
+def test_a_gpu_the_build_does_not_cover(monkeypatch):
+    """An A100 with an sm_90a build: no op may launch there (CUDA's "no kernel image" names neither
+    the op nor the fix); the patched layers run the references instead, with one warning."""
+    from types import SimpleNamespace
+
+    from qwen3x.layers import dispatch
+
+    fake_c = SimpleNamespace(build_info=lambda: {"archs": ["sm_90a"]})
+    monkeypatch.setattr(_library, "_C", fake_c)
+    monkeypatch.setattr(_library, "_RUNS_ON_DEVICE", {})
+    capability = {0: (8, 0), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[index])
+    assert not _library.kernels_run_on(torch.device("cuda", 0))
+    assert _library.kernels_run_on(torch.device("cuda", 1))
+    capability[0] = (9, 0)  # asked once per device
+    assert not _library.kernels_run_on(torch.device("cuda", 0))
+
+    monkeypatch.setattr(dispatch, "has_cuda_kernel", lambda op: True)
+    monkeypatch.setattr(_library, "_warned", set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(2, 128), device=torch.device("cuda", 0))
+    with pytest.warns(UserWarning, match=r"cannot run on cuda:0 \(sm_80\).*QWEN3X_CUDA_ARCHS=8\.0"):
+        assert dispatch.reference_instead("rms_norm", x)
+    assert dispatch.reference_instead("attention", x)  # the same warning, once
+
+
+@pytest.mark.skipif(_library._C is None, reason="needs the built extension")
+def test_the_ops_check_and_python_agree_on_architectures():
+    """qwen3x._C.runs_on is what every op asks (csrc/core/checks.h built_for) before it launches."""
+    archs = _library._C.build_info()["archs"]
+    for cc in (50, 70, 75, 80, 86, 89, 90, 100, 103, 120):
+        assert _library._C.runs_on(cc) == _library.runs_on(archs, f"sm_{cc}"), (cc, archs)
+
+
 def test_info_runs_and_names_every_op(capsys):
     from qwen3x import info
 
@@ -411,10 +445,11 @@ def test_layers_send_what_no_kernel_serves_to_the_reference(monkeypatch):
     from qwen3x.layers import dispatch
 
     monkeypatch.setattr(dispatch, "has_cuda_kernel", lambda op: True)
+    monkeypatch.setattr(dispatch, "kernels_run_on", lambda device: True)
     monkeypatch.setattr(_library, "_warned", set())
 
     def cuda(dtype, head_dim=128):
-        return SimpleNamespace(is_cuda=True, dtype=dtype, shape=(2, 3, head_dim))
+        return SimpleNamespace(is_cuda=True, dtype=dtype, shape=(2, 3, head_dim), device=torch.device("cuda", 0))
 
     assert not dispatch.reference_instead("attention", cuda(torch.bfloat16))
     with pytest.warns(UserWarning, match="qwen3x.attention: no CUDA kernel for torch.float32"):

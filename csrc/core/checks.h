@@ -9,10 +9,23 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <utility>
+
+#include "core/launch.h"
+
+namespace qwen3x {
+
+// What this build's machine code is for (torch_bindings.cpp, from QWEN3X_CUDA_ARCHS): the list,
+// comma-separated ("sm_90a", "sm_80,compute_90"), and whether it runs on a GPU of compute
+// capability `cc` (major * 10 + minor).
+const char* build_archs();
+bool build_runs_on(int cc);
+
+}  // namespace qwen3x
 
 namespace qwen3x::check {
 
@@ -33,6 +46,24 @@ inline std::string dtype_name(at::ScalarType t) {
   }
 }
 
+// The build has machine code for `device` (else every launch fails with CUDA's "no kernel image
+// is available for execution on the device", which names neither the op nor the fix). Asked once
+// per device; a failed capability query lets the launch report instead.
+inline void built_for(const char* op, const char* name, int device) {
+  static std::atomic<int> cache[kMaxCachedDevices] = {};  // 1: runs here, 2: does not
+  const int verdict = cached_per_device(cache, device, [](int d) {
+    const int cc = compute_capability(d);
+    return cc == 0 ? 0 : (build_runs_on(cc) ? 1 : 2);
+  });
+  if (verdict != 2) return;
+  const int cc = compute_capability(device);
+  TORCH_CHECK(false, "qwen3x.", op, ": this build's CUDA kernels (", build_archs(),
+              ") cannot run on the device of ", name, ", cuda:", device, " (sm_", cc,
+              "); rebuild qwen3x for it (QWEN3X_CUDA_ARCHS=", cc / 10, ".", cc % 10,
+              " pip install --no-build-isolation -e .) or use the PyTorch references "
+              "(qwen3x.reference)");
+}
+
 // The kernels' device. Under QWEN3X_EMULATOR (tests/emulator: this glue and the kernels'
 // source compiled for the CPU and run on a model of CUDA) the CPU plays it.
 inline void cuda(const char* op, const char* name, const at::Tensor& t) {
@@ -43,6 +74,9 @@ inline void cuda(const char* op, const char* name, const at::Tensor& t) {
 #endif
   TORCH_CHECK(on_device, "qwen3x.", op, ": expected ", name, " to be a CUDA tensor, got ",
               c10::DeviceTypeName(t.device().type(), /*lower_case=*/true));
+#if !defined(QWEN3X_EMULATOR)
+  built_for(op, name, t.get_device());
+#endif
 }
 
 inline void same_device(const char* op, const char* name, const at::Tensor& t,

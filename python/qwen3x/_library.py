@@ -133,6 +133,34 @@ def has_cuda_kernel(op: str) -> bool:
     return op in _CUDA_KERNELS
 
 
+def runs_on(built: list[str], gpu_arch: str) -> bool:
+    """Whether code built for ``built`` (e.g. ['sm_90a'], ['compute_90']) runs on ``gpu_arch``
+    (as csrc/torch_bindings.cpp build_runs_on, which the ops' own check uses)."""
+    cap = int(gpu_arch[3:])
+    for arch in built:
+        number = int("".join(ch for ch in arch.split("_")[1] if ch.isdigit()))
+        if arch.startswith("sm_") and number == cap:  # sm_90a runs on sm_90 only, like sm_90
+            return True
+        if arch.startswith("compute_") and not arch.endswith(("a", "f")) and number <= cap:  # PTX JIT
+            return True
+    return False
+
+
+_RUNS_ON_DEVICE: dict[int, bool] = {}
+
+
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether this build's CUDA kernels have machine code for ``device`` (a CUDA device); a GPU
+    the build does not cover gets an error from every op, and the patched layers use the
+    references there (qwen3x.layers.dispatch)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _RUNS_ON_DEVICE:
+        major, minor = torch.cuda.get_device_capability(index)
+        archs = _C.build_info()["archs"] if _C is not None else []
+        _RUNS_ON_DEVICE[index] = runs_on(archs, f"sm_{major}{minor}")
+    return _RUNS_ON_DEVICE[index]
+
+
 _CUDA_KERNELS = frozenset(
     op for op in SCHEMAS if _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(qualname(op), "CUDA")
 )

@@ -12,6 +12,7 @@ import platform
 import torch
 
 from . import __version__, _library
+from ._library import runs_on  # noqa: F401  (qwen3x.info.runs_on, as before)
 
 
 def collect() -> dict:
@@ -46,18 +47,6 @@ def collect() -> dict:
         "arch_mismatch": bool(build and gpu_arch and not runs_on(build["archs"], gpu_arch)),
         "wgmma": _library.wgmma_available(),
     }
-
-
-def runs_on(built: list[str], gpu_arch: str) -> bool:
-    """Whether code built for ``built`` (e.g. ['sm_90a'], ['compute_90']) runs on ``gpu_arch``."""
-    cap = int(gpu_arch[3:])
-    for arch in built:
-        number = int("".join(ch for ch in arch.split("_")[1] if ch.isdigit()))
-        if arch.startswith("sm_") and number == cap:  # sm_90a runs on sm_90 only, like sm_90
-            return True
-        if arch.startswith("compute_") and not arch.endswith(("a", "f")) and number <= cap:  # PTX JIT
-            return True
-    return False
 
 
 def main() -> None:

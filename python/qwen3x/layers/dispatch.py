@@ -1,15 +1,16 @@
 """Which CUDA tensors the kernels serve; the layers send everything else to the reference.
 
 The ops' CUDA kernels reject what they were not built for (fp64, head_dim other than 128, fp32
-attention) with a clear error. A patched model must still run, so its layers ask
-``reference_instead`` first and call the reference (with a one-time warning) for such inputs.
+attention, a GPU the build has no machine code for) with a clear error. A patched model must
+still run, so its layers ask ``reference_instead`` first and call the reference (with a one-time
+warning) for such inputs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._library import has_cuda_kernel, warn_once
+from .._library import has_cuda_kernel, kernels_run_on, warn_once
 
 KERNEL_HEAD_DIM = 128  # the only head_dim the CUDA kernels are built for (Qwen3's)
 DEFAULT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -30,6 +31,12 @@ def reference_instead(op: str, x: torch.Tensor, shapes_ok: bool = True, shapes: 
     caller checked: ``shapes_ok`` False, described by ``shapes``)."""
     if not (x.is_cuda and has_cuda_kernel(op)):
         return False
+    if not kernels_run_on(x.device):
+        major, minor = torch.cuda.get_device_capability(x.device)
+        warn_once(f"arch:{x.device}", f"qwen3x: this build's CUDA kernels cannot run on {x.device} "
+                  f"(sm_{major}{minor}): the patched layers run the PyTorch references there; rebuild qwen3x "
+                  f"for it (QWEN3X_CUDA_ARCHS={major}.{minor} pip install --no-build-isolation -e .)")
+        return True
     dtypes = KERNEL_DTYPES.get(op, DEFAULT_DTYPES)
     head_dim_ok = op not in HEAD_DIM_OPS or x.shape[-1] == KERNEL_HEAD_DIM
     if x.dtype in dtypes and head_dim_ok and shapes_ok:
