@@ -61,6 +61,7 @@ constexpr int kRouterBlocksPerSm = 4;
 constexpr int kRouterSlotsSmall = 4;
 constexpr int kRouterSlotsLarge = kMaxExperts / kWarpSize;
 static_assert(kRouterSlotsLarge * kWarpSize == kMaxExperts, "kMaxExperts must be whole warps");
+static_assert(kRouterSlotsLarge <= 32, "a lane's taken slots are the bits of one word");
 static_assert(kMaxTopK <= kWarpSize, "one lane holds each pick");
 
 namespace router_detail {
@@ -143,18 +144,22 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
       key[i] = e < num_experts ? prob_key(x[i] / sum) : kTakenKey;
     }
 
-    // k rounds of warp argmax; lane j keeps round j's pick.
+    // k rounds of warp argmax; lane j keeps round j's pick. A lane's taken slots are bits of
+    // `taken`, not writes to key[]: a store to key[winner / 32] is a runtime index, which puts
+    // the array in local memory (ptxas did so for sm_80 and sm_89).
     float my_prob = 0.0f;
     int my_expert = 0;
     float picked_sum = 0.0f;
+    unsigned taken = 0;  // bit i: slot i already picked
     for (int j = 0; j < top_k; ++j) {
       // This lane's best slot: slots ascend in expert index, so a strict > keeps the lowest.
-      unsigned best = key[0];
+      unsigned best = (taken & 1u) ? kTakenKey : key[0];
       int best_slot = 0;
 #pragma unroll
       for (int i = 1; i < kSlots; ++i) {
-        if (key[i] > best) {
-          best = key[i];
+        const unsigned k_i = ((taken >> i) & 1u) ? kTakenKey : key[i];
+        if (k_i > best) {
+          best = k_i;
           best_slot = i;
         }
       }
@@ -168,12 +173,7 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
         my_prob = prob;
         my_expert = winner;
       }
-      if (lane == winner % kWarpSize) {
-#pragma unroll
-        for (int i = 0; i < kSlots; ++i) {
-          if (i == winner / kWarpSize) key[i] = kTakenKey;
-        }
-      }
+      if (lane == winner % kWarpSize) taken |= 1u << (winner / kWarpSize);
     }
 
     if (lane < top_k) {

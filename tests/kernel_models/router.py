@@ -86,16 +86,22 @@ def moe_router_kernel(dt, grid, slots, weights, expert_ids, tokens_per_expert, l
         x = np.where(present, x.astype(np.float32), np.float32(-np.inf)).astype(np.float32)
         key = np.where(present, prob_key(softmax_lanes(x, slots)), TAKEN_KEY).astype(np.uint32)
 
-        # k rounds of warp argmax; lane j keeps round j's pick
+        # k rounds of warp argmax; lane j keeps round j's pick; a lane's taken slots are bits of `taken`
         my_prob = np.zeros((num_warps, WARP), np.float32)
         my_expert = np.zeros((num_warps, WARP), np.int64)
         picked_sum = np.zeros((num_warps, WARP), np.float32)
+        taken = np.zeros((num_warps, WARP), np.int64)
+
+        def slot_key(i):
+            return np.where((taken >> i) & 1 == 1, TAKEN_KEY, key[..., i]).astype(np.uint32)
+
         for j in range(top_k):
-            best = key[..., 0].copy()  # slots ascend in expert index: a strict > keeps the lowest
+            best = slot_key(0)  # slots ascend in expert index: a strict > keeps the lowest
             best_slot = np.zeros((num_warps, WARP), np.int64)
             for i in range(1, slots):
-                greater = key[..., i] > best
-                best = np.where(greater, key[..., i], best)
+                k_i = slot_key(i)
+                greater = k_i > best
+                best = np.where(greater, k_i, best)
                 best_slot = np.where(greater, i, best_slot)
             top = warp_max_u32(best)
             if not (top >= 1).all():
@@ -108,8 +114,7 @@ def moe_router_kernel(dt, grid, slots, weights, expert_ids, tokens_per_expert, l
             my_prob = np.where(mine, prob, my_prob)
             my_expert = np.where(mine, winner, my_expert)
             owner = lane[None, :] == winner % WARP
-            for i in range(slots):
-                key[..., i] = np.where(owner & (i == winner // WARP), TAKEN_KEY, key[..., i])
+            taken = np.where(owner, taken | (1 << (winner // WARP)), taken)
 
         writes = np.broadcast_to(lane[None, :] < top_k, (num_warps, WARP))
         with np.errstate(invalid="ignore", divide="ignore"):
