@@ -12,7 +12,8 @@ or when a kernel that must be vectorized (see VECTOR_KERNELS) lacks 16-byte
 loads or stores, or a tensor-core kernel (see MMA_KERNELS) has no HMMA, or has
 fewer HMMA inside its main loop (the address range of a backward branch) than
 MMA_LOOP_KERNELS asks, or a Hopper kernel (see WGMMA_LOOP_KERNELS) fewer
-warpgroup HGMMA in its main loop; 2 when the inputs cannot be found.
+warpgroup HGMMA in its main loop (on sm_90a; built for another architecture it
+is a stub that must hold no HGMMA); 2 when the inputs cannot be found.
 
 Usage:
   python cmake/sass_check.py [path/to/_C.so] [--cuobjdump PATH]
@@ -57,6 +58,7 @@ WGMMA_LOOP_KERNELS = {
     "attn::attention_fwd_kernel<__nv_bfloat16, true>": 12,
     "attn::attention_fwd_kernel<__half, true>": 12,
 }
+HOPPER_ARCH = "sm_90a"  # the only architecture the WGMMA_LOOP_KERNELS run on
 HMMA = re.compile(r"\bHMMA\b")
 HGMMA = re.compile(r"\bHGMMA\b")
 
@@ -233,18 +235,26 @@ def main() -> int:
         if any(v in k.name for v in VECTOR_KERNELS) and not (k.ldg128 and k.stg128):
             problems.append("no 16-byte vectors")
         wgmma = [need for sub, need in WGMMA_LOOP_KERNELS.items() if sub in k.name]
-        for need in wgmma:
-            if k.loop_hgmma < need:
-                problems.append(f"{k.loop_hgmma} HGMMA in the main loop, expected >= {need}")
-        for sub, need in MMA_LOOP_KERNELS.items():
-            if sub in k.name and not wgmma and k.loop_hmma < need:
-                problems.append(f"{k.loop_hmma} HMMA in the main loop, expected >= {need}")
-        if any(v in k.name for v in MMA_KERNELS) and not (k.hmma or k.hgmma):
-            problems.append("no HMMA / HGMMA")
+        # A Hopper-mainloop kernel built for another architecture is a stub (core/wgmma.cuh:
+        # __trap), which the host never launches there (core/mainloop_choice.h).
+        stub = bool(wgmma) and k.arch != HOPPER_ARCH
+        if stub:
+            if k.hgmma:
+                problems.append(f"HGMMA outside {HOPPER_ARCH}")
+        else:
+            for need in wgmma:
+                if k.loop_hgmma < need:
+                    problems.append(f"{k.loop_hgmma} HGMMA in the main loop, expected >= {need}")
+            for sub, need in MMA_LOOP_KERNELS.items():
+                if sub in k.name and not wgmma and k.loop_hmma < need:
+                    problems.append(f"{k.loop_hmma} HMMA in the main loop, expected >= {need}")
+            if any(v in k.name for v in MMA_KERNELS) and not (k.hmma or k.hgmma):
+                problems.append("no HMMA / HGMMA")
         failures += bool(problems)
         tc = ", ".join(f"{n} {op}, {loop} in a loop" for op, n, loop in
                        (("HMMA", k.hmma, k.loop_hmma), ("HGMMA", k.hgmma, k.loop_hgmma)) if n)
-        verdict = "; ".join(problems) or ("ok" + (f" ({tc})" if tc else ""))
+        verdict = "; ".join(problems) or ("ok" + (f" ({tc})" if tc else "") +
+                                          (f" (a stub: its mainloop is {HOPPER_ARCH}'s)" if stub else ""))
         print(f"{k.arch:8} {k.name:{width}} {k.ldg128:6} {k.stg128:6} {k.ldg:4} {k.stg:4} "
               f"{k.ldl:4} {k.stl:4} {k.reg:4} {k.stack:5}  {verdict}")
     print(f"{len(rows)} kernels, {failures} with problems")

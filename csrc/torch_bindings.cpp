@@ -32,8 +32,10 @@ namespace qwen3x {
 
 const char* build_archs() { return QWEN3X_CUDA_ARCHS; }
 
-// An sm_XY / sm_XYa image runs on compute capability X.Y only; PTX (compute_XY, not an 'a' / 'f'
-// target) also on newer GPUs, compiled by the driver. As qwen3x.info.runs_on.
+// CUDA's compatibility rules: an sm_XY image runs on X.Y and later minor versions of X (sm_80 on
+// sm_86 and sm_89, not on sm_90), an arch-specific sm_XYa only on X.Y, PTX (compute_XY, not an
+// 'a' / 'f' target) on X.Y and everything newer, compiled by the driver. As qwen3x's
+// _library.runs_on.
 bool build_runs_on(int cc) {
   std::string_view archs = QWEN3X_CUDA_ARCHS;
   while (!archs.empty()) {
@@ -48,7 +50,9 @@ bool build_runs_on(int cc) {
       number = number * 10 + (arch[digits] - '0');
     }
     const bool arch_specific = digits < arch.size();  // the 'a' / 'f' suffix
-    if ((sass && number == cc) || (ptx && !arch_specific && number <= cc)) return true;
+    const bool same_major_newer = number / 10 == cc / 10 && number <= cc;
+    if (sass && (number == cc || (!arch_specific && same_major_newer))) return true;
+    if (ptx && !arch_specific && number <= cc) return true;
     if (cut == std::string_view::npos) break;
     archs.remove_prefix(cut + 1);
   }

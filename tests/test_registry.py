@@ -383,6 +383,9 @@ def test_arch_compatibility_rule():
     assert runs_on(["sm_90a"], "sm_90") and runs_on(["sm_80", "sm_90a"], "sm_80")
     assert not runs_on(["sm_90a"], "sm_80") and not runs_on(["sm_90a"], "sm_100")
     assert runs_on(["compute_80"], "sm_90") and not runs_on(["compute_90a"], "sm_100")
+    # an sm_XY image runs on later minor versions of X, not on the next major
+    assert runs_on(["sm_80"], "sm_86") and runs_on(["sm_80"], "sm_89") and not runs_on(["sm_80"], "sm_90")
+    assert not runs_on(["sm_86"], "sm_80") and not runs_on(["sm_100"], "sm_120")
 
 
 def test_a_gpu_the_build_does_not_cover(monkeypatch):

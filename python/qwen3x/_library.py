@@ -134,14 +134,19 @@ def has_cuda_kernel(op: str) -> bool:
 
 
 def runs_on(built: list[str], gpu_arch: str) -> bool:
-    """Whether code built for ``built`` (e.g. ['sm_90a'], ['compute_90']) runs on ``gpu_arch``
-    (as csrc/torch_bindings.cpp build_runs_on, which the ops' own check uses)."""
+    """Whether code built for ``built`` (e.g. ['sm_90a'], ['sm_80', 'compute_90']) runs on
+    ``gpu_arch`` ('sm_86'), by CUDA's compatibility rules: an sm_XY image on X.Y and later minor
+    versions of X (sm_80 on sm_86, sm_89; not on sm_90), an arch-specific sm_XYa only on X.Y, PTX
+    (compute_XY) on X.Y and everything newer (compiled by the driver). As csrc/torch_bindings.cpp
+    build_runs_on, which every op asks."""
     cap = int(gpu_arch[3:])
     for arch in built:
-        number = int("".join(ch for ch in arch.split("_")[1] if ch.isdigit()))
-        if arch.startswith("sm_") and number == cap:  # sm_90a runs on sm_90 only, like sm_90
+        kind, _, code = arch.partition("_")
+        number = int("".join(ch for ch in code if ch.isdigit()))
+        specific = not code.isdigit()  # the 'a' / 'f' suffix
+        if kind == "sm" and (number == cap or (not specific and number // 10 == cap // 10 and number <= cap)):
             return True
-        if arch.startswith("compute_") and not arch.endswith(("a", "f")) and number <= cap:  # PTX JIT
+        if kind == "compute" and not specific and number <= cap:
             return True
     return False
 
