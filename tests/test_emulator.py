@@ -267,6 +267,38 @@ def test_moe_experts_strided_hidden():
 
 
 
+# ---- other GPUs ---------------------------------------------------------------------------------
+# A build for the GPU it sees (setup.py) runs the mma.sync mainloops on Ampere and Ada: their
+# launches must fit those devices' limits (an RTX 4090 opts in to 99 KB of shared memory per CTA,
+# not 227 KB; 1536 threads per SM) and the split-KV plan follows their SM counts.
+OTHER_GPU_CASES = {
+    "attention prefill": lambda: test_attention(ATTENTION_CASES[0]),
+    "attention decode, the glue's split plan": lambda: test_attention(ATTENTION_CASES[7]),
+    "experts prefill": lambda: test_moe_experts(EXPERT_CASES[4]),
+    "experts mid": lambda: test_moe_experts(EXPERT_CASES[3]),
+    "experts decode": lambda: test_moe_experts(EXPERT_CASES[0]),
+}
+
+
+@pytest.mark.parametrize("device", ["a100", "rtx4090"])
+@pytest.mark.parametrize("case", list(OTHER_GPU_CASES))
+def test_other_gpus(case, device, monkeypatch):
+    assert all(c[7] == "mma_sync" for c in ATTENTION_CASES[:1] + ATTENTION_CASES[7:8])
+    monkeypatch.setattr(sys.modules[__name__], "RUNS", [dict(r, device=device) for r in RUNS])
+    OTHER_GPU_CASES[case]()
+
+
+def test_a_launch_past_the_device_limit_is_refused(monkeypatch):
+    """The check above can fail: the expert GEMM's prefill tiles (96 KB of shared memory) on a
+    device that allows 64 KB."""
+    from emulator.run import DEVICES, EmulatorError
+
+    monkeypatch.setitem(DEVICES, "small", dict(DEVICES["rtx4090"], EMU_SMEM_OPTIN=64 * 1024))
+    monkeypatch.setattr(sys.modules[__name__], "RUNS", [dict(RUNS[0], device="small")])
+    with pytest.raises(EmulatorError, match="launch_moe_experts"):
+        test_moe_experts(EXPERT_CASES[4])
+
+
 # ---- the memory-bound kernels and the router -----------------------------------------------------
 def _dt(dtype):
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]

@@ -6,7 +6,8 @@
 bytes of the storage span the view covers (pass its strides in `params`, in elements).
 Each run picks the emulation: async ("early" | "late" | "both": when cp.async copies and wgmma
 touch shared memory), order ("forward" | "reverse": thread scheduling inside a CTA), where the
-dynamic shared memory starts, and the runner's sanitizer ("address" | "thread" | "none").
+dynamic shared memory starts, the device's limits (DEVICES: an H100 by default, an A100, an
+RTX 4090) and the runner's sanitizer ("address" | "thread" | "none").
 """
 
 from __future__ import annotations
@@ -53,9 +54,21 @@ def bank_stats(stdout: str) -> dict[str, dict[str, int]]:
     return stats
 
 
+# The devices a runner can play (emu.h Device; the default is an H100 SXM): compute capability,
+# SMs, the most dynamic shared memory a kernel may opt in to, shared memory and threads per SM.
+DEVICES = {
+    "h100": dict(EMU_CC=90, EMU_SMS=132, EMU_SMEM_OPTIN=227 * 1024, EMU_SMEM_PER_SM=228 * 1024,
+                 EMU_THREADS_PER_SM=2048),
+    "a100": dict(EMU_CC=80, EMU_SMS=108, EMU_SMEM_OPTIN=163 * 1024, EMU_SMEM_PER_SM=164 * 1024,
+                 EMU_THREADS_PER_SM=2048),
+    "rtx4090": dict(EMU_CC=89, EMU_SMS=128, EMU_SMEM_OPTIN=99 * 1024, EMU_SMEM_PER_SM=100 * 1024,
+                    EMU_THREADS_PER_SM=1536),
+}
+
+
 def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
         outputs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-        async_mode: str = "early", order: str = "forward", sms: int = 132,
+        async_mode: str = "early", order: str = "forward", device: str = "h100", sms: int | None = None,
         dyn_smem_offset: int | None = None, exe: Path | None = None,
         sanitizer: str = "address") -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory(prefix="qwen3x-emu-") as d:
@@ -65,7 +78,8 @@ def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
         for name, t in inputs.items():
             span = storage_span(t).contiguous()
             (job / f"{name}.bin").write_bytes(span.view(torch.uint8).numpy().tobytes())
-        env = dict(os.environ, EMU_ASYNC=async_mode, EMU_ORDER=order, EMU_SMS=str(sms),
+        profile = {k: str(v) for k, v in DEVICES[device].items()} | ({"EMU_SMS": str(sms)} if sms else {})
+        env = dict(os.environ, EMU_ASYNC=async_mode, EMU_ORDER=order, **profile,
                    ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=3",
                    TSAN_OPTIONS="halt_on_error=1:exitcode=4:report_signal_unsafe=0")
         if dyn_smem_offset is not None:

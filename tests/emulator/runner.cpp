@@ -362,6 +362,10 @@ int main(int argc, char** argv) {
   }
   if (const char* o = std::getenv("EMU_ORDER")) dev.reverse = std::string(o) == "reverse";
   if (const char* s = std::getenv("EMU_SMS")) dev.sms = std::atoi(s);
+  if (const char* s = std::getenv("EMU_CC")) dev.cc = std::atoi(s);
+  if (const char* s = std::getenv("EMU_SMEM_OPTIN")) dev.max_smem_optin = std::atoi(s);
+  if (const char* s = std::getenv("EMU_SMEM_PER_SM")) dev.smem_per_sm = std::atoi(s);
+  if (const char* s = std::getenv("EMU_THREADS_PER_SM")) dev.threads_per_sm = std::atoi(s);
   if (const char* s = std::getenv("EMU_DYN_SMEM_OFFSET")) dev.dyn_smem_offset = std::atoi(s);
   try {
     Job job(argv[1]);
