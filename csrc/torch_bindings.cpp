@@ -16,6 +16,7 @@
 #include <string>
 #include <string_view>
 
+#include "core/arch.h"
 #include "ops.h"
 
 #ifndef QWEN3X_VERSION
@@ -32,32 +33,7 @@ namespace qwen3x {
 
 const char* build_archs() { return QWEN3X_CUDA_ARCHS; }
 
-// CUDA's compatibility rules: an sm_XY image runs on X.Y and later minor versions of X (sm_80 on
-// sm_86 and sm_89, not on sm_90), an arch-specific sm_XYa only on X.Y, PTX (compute_XY, not an
-// 'a' / 'f' target) on X.Y and everything newer, compiled by the driver. As qwen3x's
-// _library.runs_on.
-bool build_runs_on(int cc) {
-  std::string_view archs = QWEN3X_CUDA_ARCHS;
-  while (!archs.empty()) {
-    const size_t cut = archs.find(',');
-    std::string_view arch = archs.substr(0, cut);
-    const bool sass = arch.substr(0, 3) == "sm_";
-    const bool ptx = arch.substr(0, 8) == "compute_";
-    arch.remove_prefix(sass ? 3 : (ptx ? 8 : 0));
-    int number = 0;
-    size_t digits = 0;
-    for (; digits < arch.size() && arch[digits] >= '0' && arch[digits] <= '9'; ++digits) {
-      number = number * 10 + (arch[digits] - '0');
-    }
-    const bool arch_specific = digits < arch.size();  // the 'a' / 'f' suffix
-    const bool same_major_newer = number / 10 == cc / 10 && number <= cc;
-    if (sass && (number == cc || (!arch_specific && same_major_newer))) return true;
-    if (ptx && !arch_specific && number <= cc) return true;
-    if (cut == std::string_view::npos) break;
-    archs.remove_prefix(cut + 1);
-  }
-  return false;
-}
+bool build_runs_on(int cc) { return arch_list_runs_on(QWEN3X_CUDA_ARCHS, cc); }
 
 }  // namespace qwen3x
 

@@ -463,6 +463,18 @@ def test_target_verdicts():
     assert v.status == "INFO" and abs(v.worst - 0.8) < 1e-9
     assert verdict("235B-A22B layer shape").status == "PASS"
     assert verdict("patched model decode").status == "NO DATA"
+    # a wrong answer from qwen3x fails its target, never "not judged"
+    add("rms_norm", {"tokens": 32768, "hidden": 2048}, "qwen3x", None, status="failed")
+    v = next(v for v in targets.evaluate(got) if v.target.text.startswith("rms_norm moves"))
+    assert v.status == "FAIL" and "qwen3x failed at tokens=32768 hidden=2048" in v.worst_shape
+    # "faster than" is strict: a tie fails
+    tie = {"model": "Qwen3-4B", "layers": 36, "batch": 1, "seqlen": 2048}
+    add("model_prefill", tie, "qwen3x", 5.0)
+    add("model_prefill", tie, "hf_eager", 5.0)
+    v = next(v for v in targets.evaluate(got) if v.target.text.startswith("patched Qwen3-0.6B and Qwen3-4B"))
+    assert v.status == "FAIL" and v.worst == 1.0
+    v = next(v for v in targets.evaluate(got) if v.target.text.startswith("patched model prefill no slower"))
+    assert v.status == "PASS"
     table = targets.format_verdicts(list(verdicts.values()))
     assert "| #4 | rms_norm moves" in table and "85%" in table and "7.0 us" in table
 

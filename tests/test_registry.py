@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -386,6 +391,8 @@ def test_arch_compatibility_rule():
     # an sm_XY image runs on later minor versions of X, not on the next major
     assert runs_on(["sm_80"], "sm_86") and runs_on(["sm_80"], "sm_89") and not runs_on(["sm_80"], "sm_90")
     assert not runs_on(["sm_86"], "sm_80") and not runs_on(["sm_100"], "sm_120")
+    # arch-specific (a): that version only; family-specific (f): later minor versions too
+    assert runs_on(["sm_100f"], "sm_103") and not runs_on(["sm_100a"], "sm_103") and runs_on(["compute_90a"], "sm_90")
 
 
 def test_a_gpu_the_build_does_not_cover(monkeypatch):
@@ -409,9 +416,36 @@ def test_a_gpu_the_build_does_not_cover(monkeypatch):
     monkeypatch.setattr(_library, "_warned", set())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(2, 128), device=torch.device("cuda", 0))
-    with pytest.warns(UserWarning, match=r"cannot run on cuda:0 \(sm_80\).*QWEN3X_CUDA_ARCHS=8\.0"):
+    with pytest.warns(UserWarning, match=r"cannot run on cuda:0 \(sm_80\).*QWEN3X_CUDA_ARCHS=8\.0 "):
         assert dispatch.reference_instead("rms_norm", x)
-    assert dispatch.reference_instead("attention", x)  # the same warning, once
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert dispatch.reference_instead("attention", x)  # the same warning, once
+    assert not again, [str(w.message) for w in again]
+    assert "QWEN3X_CUDA_ARCHS=9.0a " in _library.rebuild_hint(9, 0)  # with the Hopper mainloops
+    assert "need sm_80 or newer" in _library.rebuild_hint(7, 5)  # no build helps a T4
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_the_cpp_architecture_rule_is_pythons(tmp_path):
+    """csrc/core/arch.h (what every op asks before it launches) against _library.runs_on, over
+    target lists of every kind and the GPUs from Turing to Blackwell."""
+    root = Path(__file__).resolve().parents[1]
+    driver = tmp_path / "arch.cpp"
+    driver.write_text('#include "core/arch.h"\n#include <cstdio>\n#include <cstdlib>\n'
+                      "int main(int argc, char** argv) {\n"
+                      '  for (int i = 2; i < argc; ++i) std::printf("%d", qwen3x::arch_list_runs_on(argv[1], std::atoi(argv[i])));\n'
+                      "}\n")
+    exe = tmp_path / "arch"
+    subprocess.run(["g++", "-std=c++17", f"-I{root / 'csrc'}", str(driver), "-o", str(exe)], check=True)
+    ccs = [75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121]
+    for archs in (["sm_80"], ["sm_86"], ["sm_90a"], ["sm_80", "sm_90a"], ["compute_80"], ["compute_90"],
+                  ["compute_90a"], ["sm_90a", "compute_90"], ["sm_100"], ["sm_100a"], ["sm_100f"], ["compute_100f"],
+                  ["sm_120"], ["sm_80", "sm_100f", "compute_120"]):
+        got = subprocess.run([str(exe), ",".join(archs), *map(str, ccs)], capture_output=True, text=True,
+                             check=True).stdout
+        want = "".join(str(int(_library.runs_on(archs, f"sm_{cc}"))) for cc in ccs)
+        assert got == want, (archs, ccs, got, want)
 
 
 @pytest.mark.skipif(_library._C is None, reason="needs the built extension")

@@ -57,11 +57,14 @@ inline void built_for(const char* op, const char* name, int device) {
   });
   if (verdict != 2) return;
   const int cc = compute_capability(device);
+  constexpr int kMinCapability = 80;  // mma.sync (bf16), ldmatrix, cp.async
+  TORCH_CHECK(cc >= kMinCapability, "qwen3x.", op, ": the CUDA kernels need sm_80 or newer; the device of ",
+              name, ", cuda:", device, ", is sm_", cc, " (use the PyTorch references, qwen3x.reference)");
   TORCH_CHECK(false, "qwen3x.", op, ": this build's CUDA kernels (", build_archs(),
               ") cannot run on the device of ", name, ", cuda:", device, " (sm_", cc,
               "); rebuild qwen3x for it (QWEN3X_CUDA_ARCHS=", cc / 10, ".", cc % 10,
-              " pip install --no-build-isolation -e .) or use the PyTorch references "
-              "(qwen3x.reference)");
+              cc == 90 ? "a" : "", " pip install --no-build-isolation -e .) or use the PyTorch "
+              "references (qwen3x.reference)");
 }
 
 // The kernels' device. Under QWEN3X_EMULATOR (tests/emulator: this glue and the kernels'

@@ -136,17 +136,23 @@ def has_cuda_kernel(op: str) -> bool:
 def runs_on(built: list[str], gpu_arch: str) -> bool:
     """Whether code built for ``built`` (e.g. ['sm_90a'], ['sm_80', 'compute_90']) runs on
     ``gpu_arch`` ('sm_86'), by CUDA's compatibility rules: an sm_XY image on X.Y and later minor
-    versions of X (sm_80 on sm_86, sm_89; not on sm_90), an arch-specific sm_XYa only on X.Y, PTX
-    (compute_XY) on X.Y and everything newer (compiled by the driver). As csrc/torch_bindings.cpp
-    build_runs_on, which every op asks."""
+    versions of X (sm_80 on sm_86, sm_89; not on sm_90); an arch-specific XYa target (sm_90a)
+    only on X.Y; a family-specific XYf target on X.Y and later minor versions of X; PTX
+    (compute_XY) on X.Y and everything newer (compiled by the driver). As
+    csrc/torch_bindings.cpp build_runs_on, which every op asks (qwen3x._C.runs_on)."""
     cap = int(gpu_arch[3:])
     for arch in built:
         kind, _, code = arch.partition("_")
         number = int("".join(ch for ch in code if ch.isdigit()))
-        specific = not code.isdigit()  # the 'a' / 'f' suffix
-        if kind == "sm" and (number == cap or (not specific and number // 10 == cap // 10 and number <= cap)):
-            return True
-        if kind == "compute" and not specific and number <= cap:
+        suffix = code[-1] if not code[-1].isdigit() else ""
+        same_major_newer = number // 10 == cap // 10 and number <= cap
+        if suffix == "a":
+            ok = number == cap
+        elif suffix == "f" or kind == "sm":
+            ok = same_major_newer
+        else:  # PTX
+            ok = number <= cap
+        if ok:
             return True
     return False
 
@@ -161,9 +167,24 @@ def kernels_run_on(device: torch.device) -> bool:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _RUNS_ON_DEVICE:
         major, minor = torch.cuda.get_device_capability(index)
-        archs = _C.build_info()["archs"] if _C is not None else []
-        _RUNS_ON_DEVICE[index] = runs_on(archs, f"sm_{major}{minor}")
+        if hasattr(_C, "runs_on"):  # the rule every op asks
+            _RUNS_ON_DEVICE[index] = bool(_C.runs_on(major * 10 + minor))
+        else:
+            archs = _C.build_info()["archs"] if _C is not None else []
+            _RUNS_ON_DEVICE[index] = runs_on(archs, f"sm_{major}{minor}")
     return _RUNS_ON_DEVICE[index]
+
+
+def rebuild_hint(major: int, minor: int) -> str:
+    """What to do about a GPU the build has no machine code for."""
+    if (major, minor) < MIN_CAPABILITY:
+        return (f"the kernels need sm_{MIN_CAPABILITY[0]}{MIN_CAPABILITY[1]} or newer (mma.sync bf16, cp.async), "
+                "so this GPU runs the PyTorch references (qwen3x.reference)")
+    arch = f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")  # 9.0a: the Hopper mainloops
+    return f"rebuild qwen3x for it (QWEN3X_CUDA_ARCHS={arch} pip install --no-build-isolation -e .)"
+
+
+MIN_CAPABILITY = (8, 0)  # as setup.py
 
 
 _CUDA_KERNELS = frozenset(

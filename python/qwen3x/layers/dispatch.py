@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._library import has_cuda_kernel, kernels_run_on, warn_once
+from .._library import has_cuda_kernel, kernels_run_on, rebuild_hint, warn_once
 
 KERNEL_HEAD_DIM = 128  # the only head_dim the CUDA kernels are built for (Qwen3's)
 DEFAULT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -34,8 +34,8 @@ def reference_instead(op: str, x: torch.Tensor, shapes_ok: bool = True, shapes: 
     if not kernels_run_on(x.device):
         major, minor = torch.cuda.get_device_capability(x.device)
         warn_once(f"arch:{x.device}", f"qwen3x: this build's CUDA kernels cannot run on {x.device} "
-                  f"(sm_{major}{minor}): the patched layers run the PyTorch references there; rebuild qwen3x "
-                  f"for it (QWEN3X_CUDA_ARCHS={major}.{minor} pip install --no-build-isolation -e .)")
+                  f"(sm_{major}{minor}): the patched layers run the PyTorch references there; "
+                  f"{rebuild_hint(major, minor)}")
         return True
     dtypes = KERNEL_DTYPES.get(op, DEFAULT_DTYPES)
     head_dim_ok = op not in HEAD_DIM_OPS or x.shape[-1] == KERNEL_HEAD_DIM
