@@ -107,16 +107,28 @@ def find_tool(module: str, attr: str, exe: str) -> str | None:
     return shutil.which(exe)
 
 
-def visible_gpu_archs(torch) -> str | None:
-    """The visible GPUs' architectures in QWEN3X_CUDA_ARCHS spelling, or None when no GPU the
-    kernels can run on is visible (then DEFAULT_ARCHS)."""
+def nvcc_archs(nvcc: str) -> set[tuple[int, int]] | None:
+    """The compute capabilities this nvcc compiles for (nvcc --list-gpu-arch), None if unknown."""
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {(int(n) // 10, int(n) % 10) for n in re.findall(r"compute_(\d+)", out)} or None
+
+
+def visible_gpu_archs(torch, compilable: set[tuple[int, int]] | None = None) -> str | None:
+    """The visible GPUs' architectures in QWEN3X_CUDA_ARCHS spelling (those the kernels can run on,
+    sm_80 and newer, and that nvcc compiles for, when `compilable` says), or None when there is
+    none (then DEFAULT_ARCHS)."""
     try:
         caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
     except Exception:  # noqa: BLE001  (no driver, no device: build the default)
         return None
-    names = sorted(f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")
-                   for major, minor in caps if (major, minor) >= MIN_CAPABILITY)
-    return ";".join(names) or None
+    usable = sorted(c for c in caps if c >= MIN_CAPABILITY and (compilable is None or c in compilable))
+    for major, minor in sorted(caps - set(usable)):
+        log(f"not building for the visible sm_{major}{minor}: "
+            + ("the kernels need sm_80 or newer" if (major, minor) < MIN_CAPABILITY else "this nvcc does not compile for it"))
+    return ";".join(f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "") for major, minor in usable) or None
 
 
 class BuildPlan:
@@ -153,7 +165,7 @@ class BuildPlan:
                    "install torch first and use pip --no-build-isolation"
         self.torch_version = torch.__version__
         if not self.archs:
-            visible = visible_gpu_archs(torch)
+            visible = visible_gpu_archs(torch, nvcc_archs(self.nvcc))
             self.archs = visible or DEFAULT_ARCHS
             self.archs_from = "the visible GPUs" if visible else "the default (no GPU visible)"
         if torch.version.cuda is None:

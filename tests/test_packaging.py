@@ -59,6 +59,7 @@ def test_default_archs_follow_the_visible_gpus():
     an sm_90a-only build that cannot run there); 9.0 becomes 9.0a (the Hopper mainloops); GPUs
     older than the kernels need are left out; no GPU: None (the default, 9.0a)."""
     visible_gpu_archs = _setup_function("visible_gpu_archs", "MIN_CAPABILITY")
+    visible_gpu_archs.__globals__["log"] = lambda message: None
 
     def fake_torch(*caps):
         cuda = SimpleNamespace(device_count=lambda: len(caps), get_device_capability=lambda i: caps[i])
@@ -67,6 +68,10 @@ def test_default_archs_follow_the_visible_gpus():
     assert visible_gpu_archs(fake_torch((8, 0))) == "8.0"
     assert visible_gpu_archs(fake_torch((9, 0), (9, 0))) == "9.0a"
     assert visible_gpu_archs(fake_torch((8, 9), (9, 0), (7, 5))) == "8.9;9.0a"
+    assert visible_gpu_archs(fake_torch((10, 0), (8, 0))) == "8.0;10.0"  # in capability order
+    # a GPU this nvcc cannot compile for is left out (the build would fail), not the whole build
+    assert visible_gpu_archs(fake_torch((12, 0), (9, 0)), {(8, 0), (9, 0)}) == "9.0a"
+    assert visible_gpu_archs(fake_torch((12, 0)), {(8, 0), (9, 0)}) is None
     assert visible_gpu_archs(fake_torch((7, 0))) is None
     assert visible_gpu_archs(fake_torch()) is None
 

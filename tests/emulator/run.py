@@ -55,14 +55,15 @@ def bank_stats(stdout: str) -> dict[str, dict[str, int]]:
 
 
 # The devices a runner can play (emu.h Device; the default is an H100 SXM): compute capability,
-# SMs, the most dynamic shared memory a kernel may opt in to, shared memory and threads per SM.
+# SMs, the most dynamic shared memory a kernel may opt in to, shared memory, threads and resident
+# CTAs per SM.
 DEVICES = {
     "h100": dict(EMU_CC=90, EMU_SMS=132, EMU_SMEM_OPTIN=227 * 1024, EMU_SMEM_PER_SM=228 * 1024,
-                 EMU_THREADS_PER_SM=2048),
+                 EMU_THREADS_PER_SM=2048, EMU_CTAS_PER_SM=32),
     "a100": dict(EMU_CC=80, EMU_SMS=108, EMU_SMEM_OPTIN=163 * 1024, EMU_SMEM_PER_SM=164 * 1024,
-                 EMU_THREADS_PER_SM=2048),
+                 EMU_THREADS_PER_SM=2048, EMU_CTAS_PER_SM=32),
     "rtx4090": dict(EMU_CC=89, EMU_SMS=128, EMU_SMEM_OPTIN=99 * 1024, EMU_SMEM_PER_SM=100 * 1024,
-                    EMU_THREADS_PER_SM=1536),
+                    EMU_THREADS_PER_SM=1536, EMU_CTAS_PER_SM=24),
 }
 
 

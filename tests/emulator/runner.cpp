@@ -366,6 +366,7 @@ int main(int argc, char** argv) {
   if (const char* s = std::getenv("EMU_SMEM_OPTIN")) dev.max_smem_optin = std::atoi(s);
   if (const char* s = std::getenv("EMU_SMEM_PER_SM")) dev.smem_per_sm = std::atoi(s);
   if (const char* s = std::getenv("EMU_THREADS_PER_SM")) dev.threads_per_sm = std::atoi(s);
+  if (const char* s = std::getenv("EMU_CTAS_PER_SM")) dev.ctas_per_sm = std::atoi(s);
   if (const char* s = std::getenv("EMU_DYN_SMEM_OFFSET")) dev.dyn_smem_offset = std::atoi(s);
   try {
     Job job(argv[1]);

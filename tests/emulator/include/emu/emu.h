@@ -276,6 +276,7 @@ struct Device {
   int max_smem_optin = 227 * 1024;          // sm_90
   int smem_per_sm = 228 * 1024;
   int threads_per_sm = 2048;
+  int ctas_per_sm = 32;
   int reserved_smem_per_cta = 1024;
   int dyn_smem_offset = 1024 + 128;         // shared address of the dynamic allocation
   bool late = false;                        // EMU_ASYNC=late or both: complete at the wait
@@ -1296,6 +1297,6 @@ inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K*, int
                                                                  size_t smem) {
   const emu::Device& dev = emu::device();
   const int by_smem = dev.smem_per_sm / static_cast<int>(smem + dev.reserved_smem_per_cta);
-  *n = std::max(0, std::min({by_smem, dev.threads_per_sm / std::max(threads, 1), 32}));
+  *n = std::max(0, std::min({by_smem, dev.threads_per_sm / std::max(threads, 1), dev.ctas_per_sm}));
   return cudaSuccess;
 }
