@@ -167,7 +167,7 @@ class BuildPlan:
         if not self.archs:
             visible = visible_gpu_archs(torch, nvcc_archs(self.nvcc))
             self.archs = visible or DEFAULT_ARCHS
-            self.archs_from = "the visible GPUs" if visible else "the default (no GPU visible)"
+            self.archs_from = "the visible GPUs" if visible else "the default: no usable GPU visible"
         if torch.version.cuda is None:
             return f"torch {torch.__version__} is not a CUDA build"
         if torch.version.cuda.split(".")[0] != self.cuda_version.split(".")[0]:

@@ -138,8 +138,8 @@ def runs_on(built: list[str], gpu_arch: str) -> bool:
     ``gpu_arch`` ('sm_86'), by CUDA's compatibility rules: an sm_XY image on X.Y and later minor
     versions of X (sm_80 on sm_86, sm_89; not on sm_90); an arch-specific XYa target (sm_90a)
     only on X.Y; a family-specific XYf target on X.Y and later minor versions of X; PTX
-    (compute_XY) on X.Y and everything newer (compiled by the driver). As
-    csrc/torch_bindings.cpp build_runs_on, which every op asks (qwen3x._C.runs_on)."""
+    (compute_XY) on X.Y and everything newer (compiled by the driver). As csrc/core/arch.h,
+    which every op asks (qwen3x._C.runs_on)."""
     cap = int(gpu_arch[3:])
     for arch in built:
         kind, _, code = arch.partition("_")
@@ -175,6 +175,9 @@ def kernels_run_on(device: torch.device) -> bool:
     return _RUNS_ON_DEVICE[index]
 
 
+MIN_CAPABILITY = (8, 0)  # the kernels' mma.sync (bf16), ldmatrix and cp.async; as setup.py
+
+
 def rebuild_hint(major: int, minor: int) -> str:
     """What to do about a GPU the build has no machine code for."""
     if (major, minor) < MIN_CAPABILITY:
@@ -182,9 +185,6 @@ def rebuild_hint(major: int, minor: int) -> str:
                 "so this GPU runs the PyTorch references (qwen3x.reference)")
     arch = f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")  # 9.0a: the Hopper mainloops
     return f"rebuild qwen3x for it (QWEN3X_CUDA_ARCHS={arch} pip install --no-build-isolation -e .)"
-
-
-MIN_CAPABILITY = (8, 0)  # as setup.py
 
 
 _CUDA_KERNELS = frozenset(
