@@ -7,9 +7,9 @@ Each target names the rows it judges (an op and a shape predicate) and a rule: q
 of the measured ceiling, qwen3x's speedup over a peer (or over the fastest of several) from the
 same run, a sum of qwen3x times, or just that qwen3x rows exist. A target PASSes when every case
 it judges passes, FAILs when one does not or when qwen3x failed its correctness check in any of
-its cases, and has NO DATA when no case could be judged (a missing or failed peer, shapes not run). `informational` targets report a figure the
-issue asks to be reported (the gap to cuDNN) and pass or fail nothing. The SASS criteria are
-cmake/sass_check.py's, not these.
+its cases, and has NO DATA when no case could be judged (a missing or failed peer, shapes not
+run). `informational` targets report a figure the issue asks to be reported (the gap to cuDNN)
+and pass or fail nothing. The SASS criteria are cmake/sass_check.py's, not these.
 """
 
 from __future__ import annotations
@@ -118,9 +118,7 @@ def judged_ops() -> set[str]:
 
 def wanted(op: str, shape: Shape) -> bool:
     """Whether some target judges this case (so `python -m benchmarks --targets` runs it)."""
-    return any(t.op == op and t.where(shape) for t in TARGETS) or any(
-        t.with_op == op and t.where(shape) for t in TARGETS
-    )
+    return any(op in (t.op, t.with_op) and t.where(shape) for t in TARGETS)
 
 
 @dataclass

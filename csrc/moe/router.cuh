@@ -153,10 +153,10 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
     unsigned taken = 0;  // bit i: slot i already picked
     for (int j = 0; j < top_k; ++j) {
       // This lane's best slot: slots ascend in expert index, so a strict > keeps the lowest.
-      unsigned best = (taken & 1u) ? kTakenKey : key[0];
+      unsigned best = kTakenKey;  // every real candidate's key is above it
       int best_slot = 0;
 #pragma unroll
-      for (int i = 1; i < kSlots; ++i) {
+      for (int i = 0; i < kSlots; ++i) {
         const unsigned k_i = ((taken >> i) & 1u) ? kTakenKey : key[i];
         if (k_i > best) {
           best = k_i;

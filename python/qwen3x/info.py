@@ -12,7 +12,7 @@ import platform
 import torch
 
 from . import __version__, _library
-from ._library import runs_on  # noqa: F401  (qwen3x.info.runs_on, as before)
+from ._library import runs_on
 
 
 def collect() -> dict:

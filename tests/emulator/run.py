@@ -69,7 +69,7 @@ DEVICES = {
 
 def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
         outputs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-        async_mode: str = "early", order: str = "forward", device: str = "h100", sms: int | None = None,
+        async_mode: str = "early", order: str = "forward", device: str = "h100",
         dyn_smem_offset: int | None = None, exe: Path | None = None,
         sanitizer: str = "address") -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory(prefix="qwen3x-emu-") as d:
@@ -79,8 +79,8 @@ def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
         for name, t in inputs.items():
             span = storage_span(t).contiguous()
             (job / f"{name}.bin").write_bytes(span.view(torch.uint8).numpy().tobytes())
-        profile = {k: str(v) for k, v in DEVICES[device].items()} | ({"EMU_SMS": str(sms)} if sms else {})
-        env = dict(os.environ, EMU_ASYNC=async_mode, EMU_ORDER=order, **profile,
+        env = dict(os.environ, EMU_ASYNC=async_mode, EMU_ORDER=order,
+                   **{k: str(v) for k, v in DEVICES[device].items()},
                    ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=3",
                    TSAN_OPTIONS="halt_on_error=1:exitcode=4:report_signal_unsafe=0")
         if dyn_smem_offset is not None:

@@ -96,9 +96,10 @@ def moe_router_kernel(dt, grid, slots, weights, expert_ids, tokens_per_expert, l
             return np.where((taken >> i) & 1 == 1, TAKEN_KEY, key[..., i]).astype(np.uint32)
 
         for j in range(top_k):
-            best = slot_key(0)  # slots ascend in expert index: a strict > keeps the lowest
+            # slots ascend in expert index: a strict > keeps the lowest; real keys are above TAKEN_KEY
+            best = np.full((num_warps, WARP), TAKEN_KEY, np.uint32)
             best_slot = np.zeros((num_warps, WARP), np.int64)
-            for i in range(1, slots):
+            for i in range(slots):
                 k_i = slot_key(i)
                 greater = k_i > best
                 best = np.where(greater, k_i, best)
