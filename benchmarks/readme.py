@@ -37,6 +37,15 @@ def _ms(value: float | None) -> str:
     return "" if value is None else (f"{value * 1e3:.1f} us" if value < 1 else f"{value:.2f} ms")
 
 
+def _missing(row: dict | None) -> str:
+    """What stands in qwen3x's column when it has no time: why, from its own row."""
+    if row is None:
+        return "not run"
+    if row.get("status") == "failed":
+        return "wrong answer" if "wrong answer" in (row.get("note") or "") else "failed"
+    return row.get("status") or "no time"
+
+
 def table(rows: list[dict]) -> str:
     ok = [r for r in rows if r.get("status") == "ok" and r.get("median_ms")]
     ceilings = {r["op"]: r for r in rows if r["op"] in ("peak_copy", "peak_matmul")}
@@ -56,14 +65,16 @@ def table(rows: list[dict]) -> str:
     for r in ok:
         if r["op"] not in ceilings:
             cases.setdefault(case_key(r), []).append(r)
-    for (op, _), group in cases.items():
+    our_rows = {case_key(r): r for r in rows if r["provider"] == OURS}
+    for key, group in cases.items():
+        op = key[0]
         ours = next((r for r in group if r["provider"] == OURS), None)
         peers = [r for r in group if r["provider"] not in NOT_PEERS]
         best = min(peers, key=lambda r: r["median_ms"]) if peers else None
         frac = ours.get("fraction_of_peak") if ours else None
         speedup = f"{best['median_ms'] / ours['median_ms']:.2f}x" if ours and best else ""
         lines.append(
-            f"| {op} | {shape_label(group[0]['shape'])} | {_ms(ours['median_ms']) if ours else 'no kernel'} | "
+            f"| {op} | {shape_label(group[0]['shape'])} | {_ms(ours['median_ms']) if ours else _missing(our_rows.get(key))} | "
             f"{'' if frac is None else f'{100 * frac:.0f}%'} | {_ms(best['median_ms']) if best else ''} | "
             f"{best['provider'] if best else ''} | {speedup} |"
         )

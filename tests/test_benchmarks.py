@@ -282,6 +282,30 @@ def test_decode_step_is_repeatable():
     torch.testing.assert_close(first, second)
 
 
+
+@pytest.mark.parametrize("spec", [TINY, TINY_MOE], ids=lambda d: d.name)
+def test_fp32_truth_attention_is_sdpa_without_its_gqa_fallback(spec):
+    """The fp32 truth model runs its own attention (k/v expanded to q's heads, so that SDPA does not
+    materialize the scores at 16k tokens): same logits as transformers' sdpa in fp32, padding too."""
+    import copy
+
+    torch.manual_seed(0)
+    pool = model.ModelPool()
+    base = pool.get(spec, "cpu")
+    sdpa = copy.deepcopy(base).float()
+    if hasattr(sdpa, "set_experts_implementation"):
+        sdpa.set_experts_implementation("eager")
+    truth = pool.fp32()
+    assert truth.config._attn_implementation == model.TRUTH_ATTENTION
+    ids = torch.randint(0, 96, (2, 21))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0  # left padding: the mask must reach the truth's attention
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            got = truth(input_ids=ids, use_cache=False, **kwargs).logits
+            want = sdpa(input_ids=ids, use_cache=False, **kwargs).logits
+            torch.testing.assert_close(got[:, 6:], want[:, 6:], rtol=1e-5, atol=1e-5)
+
 # ---------------------------------------------------------------------------------------------
 # Plots and the command line
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +414,12 @@ def test_readme_table_from_rows(tmp_path):
     assert "NVIDIA H100 80GB HBM3" in body and "3000 GB/s" in body and "790 TFLOP/s" in body
     line = next(l for l in body.splitlines() if l.startswith("| rms_norm"))
     assert "20.0 us" in line and "91%" in line and "liger" in line and "2.00x" in line  # the reference is no peer
+    # a case where qwen3x answered wrongly says so (not "no kernel"), beside its peers' times
+    wrong = {**row("rms_norm", "qwen3x", None), "shape": {"tokens": 1}, "status": "failed",
+             "note": "wrong answer: output 0: max abs error 0.2 > tolerance 0.1"}
+    peer = {**row("rms_norm", "liger", 0.04), "shape": {"tokens": 1}}
+    failed_line = next(l for l in readme.table([*rows, wrong, peer]).splitlines() if "tokens=1 " in l)
+    assert "| wrong answer |" in failed_line and "liger" in failed_line
     text = f"intro\n{readme.BEGIN}\nold\n{readme.END}\noutro\n"
     new = readme.update_readme(text, body)
     assert new.startswith("intro\n") and new.endswith("outro\n") and "old" not in new and "| rms_norm" in new
