@@ -138,7 +138,43 @@ class ModelPool:
             self._fp32 = copy.deepcopy(self.base).float()
             if hasattr(self._fp32, "set_experts_implementation"):  # grouped_mm serves bf16 only
                 self._fp32.set_experts_implementation("eager")
+            _use_truth_attention(self._fp32)
         return self._fp32
+
+
+TRUTH_ATTENTION = "qwen3x_benchmark_fp32_truth"
+
+
+def _truth_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                     **kwargs):
+    """transformers' sdpa attention (same mask and causality rules) for the fp32 truth model, with
+    k and v expanded to q's heads first. Given GQA in fp32, SDPA falls back to its math kernel,
+    which materializes the [batch, heads, q, k] scores: 32 GiB for Qwen3-4B at 16k tokens (out of
+    memory on an 80 GB H100, seen 2026-11-26). With as many k/v heads as q heads it runs the
+    memory-efficient kernel, still in fp32. query [B, Hq, S, D], key/value [B, Hkv, S_k, D]."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    causal = bool(causal and attention_mask is None and query.shape[2] > 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_truth_attention(model) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(TRUTH_ATTENTION, _truth_attention)
+    AttentionMaskInterface.register(TRUTH_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # sdpa's masks
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(TRUTH_ATTENTION)
+    else:  # transformers releases before set_attn_implementation
+        model.config._attn_implementation = TRUTH_ATTENTION
 
 
 POOL = ModelPool()

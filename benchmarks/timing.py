@@ -74,6 +74,17 @@ def capture_graph(fn: Callable[[], object]) -> Callable[[], None]:
     return graph.replay
 
 
+def release_rng_from_failed_capture() -> None:
+    """A capture that fails leaves the device's default CUDA generator in capture mode (torch
+    never runs its capture epilogue), and every later random op on the device then fails with
+    "Offset increment outside graph capture encountered unexpectedly": on 2026-11-26 one failed
+    Liger capture took the setup of every later whole-model case with it. A fresh copy of the
+    generator's state (same seed and offset, not capturing) puts it back in order."""
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    if hasattr(gen, "graphsafe_set_state"):
+        gen.graphsafe_set_state(gen.clone_state())
+
+
 class CudaTimer:
     """Median / p20 / p80 of CUDA-event times, with L2 flushed before every timed call.
 
@@ -112,6 +123,7 @@ class CudaTimer:
                 fn = capture_graph(fn)
             except Exception as exc:  # noqa: BLE001 (any capture failure: time it eagerly)
                 torch.cuda.synchronize()
+                release_rng_from_failed_capture()
                 cuda_graph = False
                 note = f"CUDA graph capture failed, timed eagerly: {first_line(exc)}"
         per_call = max(self._estimate_ms(fn), 1e-3)
