@@ -11,7 +11,8 @@
 #               GPU_SAMPLE=N runs N parametrizations of each GPU test (default 3; 0 = all of them);
 #               wheels under .whl/ (carried, e.g. Liger-Kernel) are installed first; a smoke run
 #               of each Hopper (wgmma) mainloop in its own process comes before the tests, and a
-#               failing one is switched to mma.sync for the later steps (wgmma_smoke.log says so)
+#               failing one is switched to mma.sync for the later steps (wgmma_smoke.log says so);
+#               then tests/error_path_probe.py (do bad arguments raise or crash; error_probe.log)
 
 SHELL       := /bin/bash
 PYTHON      ?= python3
@@ -76,6 +77,11 @@ BENCH_S     ?= 150
 GPU_TESTS   ?= tests --ignore=tests/test_kernel_models.py --ignore=tests/test_wgmma_smoke.py \
                --ignore=tests/test_emulator.py --ignore=tests/test_emulator_ops.py  # CPU-only (CI runs them)
 GPU_SAMPLE  ?= 3
+PROBE_S     ?= 150
+# pytest-xdist (where installed, as on the device image) runs the tests in worker processes, so that
+# a test that kills its process (2026-11-26: argument checks with a number in the message did)
+# costs that test, not the rest of the step: the report names it ("worker crashed").
+GPU_TEST_WORKERS ?= $(shell $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n 4")
 # memcheck: the first small parametrization of every GPU kernel test (compute-sanitizer is slow)
 MEMCHECK_TESTS ?= tests/test_kernels_gpu.py tests/test_attention_gpu.py tests/test_moe_gpu.py \
                   tests/test_moe_experts_gpu.py
@@ -105,7 +111,9 @@ gpu:
 	    | tee $(OUT)/build.log
 	$(PYTHON) -m qwen3x.info | tee $(OUT)/info.txt
 	rm -f $(OUT)/mainloop.env; $(PYTHON) tests/wgmma_smoke.py $(OUT)/mainloop.env | tee $(OUT)/wgmma_smoke.log
-	$(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(GPU_TEST_S) $(PYTHON) -m pytest -q -rs --gpu-sample $(GPU_SAMPLE) $(GPU_TESTS) 2>&1 \
+	timeout $(PROBE_S) $(PYTHON) tests/error_path_probe.py 2>&1 | tee $(OUT)/error_probe.log
+	$(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(GPU_TEST_S) $(PYTHON) -m pytest -q -rs $(GPU_TEST_WORKERS) \
+	    --gpu-sample $(GPU_SAMPLE) $(GPU_TESTS) 2>&1 \
 	    | tee $(OUT)/tests.log; echo "tests exit $$?" >> $(OUT)/tests.log
 	$(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(MEMCHECK_S) compute-sanitizer --tool memcheck --error-exitcode 1 \
 	    $(PYTHON) -m pytest -q -x -m gpu --gpu-sample 1 $(MEMCHECK_TESTS) -k "$(MEMCHECK_K)" 2>&1 \
@@ -116,6 +124,7 @@ gpu:
 	$(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(BENCH_S) $(PYTHON) -m benchmarks --out $(OUT) $(BENCH_ARGS) 2>&1 \
 	    | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log
 	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; cat $(OUT)/wgmma_smoke.log
+	@grep "error path probe" $(OUT)/error_probe.log
 	@grep -E "passed|failed" $(OUT)/tests.log | tail -n 1
 	@tail -n 1 $(OUT)/memcheck.log; tail -n 1 $(OUT)/racecheck.log; tail -n 2 $(OUT)/bench.log
 

@@ -135,9 +135,10 @@ def test_qk_norm_rope_in_place_on_slices_of_a_fused_projection(pos_dtype):
                                   torch.ones(64, device="cuda", dtype=torch.bfloat16),
                                   torch.ones(64, device="cuda", dtype=torch.bfloat16),
                                   torch.arange(4, device="cuda"), torch.rand(32, device="cuda")), "128"),
-        (lambda: ops.rms_norm(torch.randn(4, 64, device="cuda"), torch.randn(64)), "device"),
+        (lambda: ops.rms_norm(torch.randn(4, 64, device="cuda"), torch.randn(64)), "weight to be a CUDA tensor, got cpu"),
         (lambda: ops.rms_norm(torch.randn(4, 64, device="cuda"), torch.randn(64, device="cuda").half()), "dtype"),
     ],
+    ids=["head_dim_64", "weight_on_cpu", "weight_dtype"],
 )
 def test_bad_cuda_inputs_are_clear_errors(call, message):
     with pytest.raises((RuntimeError, ValueError), match=f"qwen3x\\.\\w+.*{message}"):

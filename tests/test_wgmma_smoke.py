@@ -63,3 +63,20 @@ def test_failures_are_switched_off_and_logged(monkeypatch, tmp_path, capsys):
     assert "A_MAINLOOP without" not in printed  # a family already switched off is not rerun
     assert env_file.read_text().split() == ["A_MAINLOOP=mma_sync", "B_MAINLOOP=mma_sync", "C_MAINLOOP=mma_sync"]
     assert "illegal instruction" in (tmp_path / "wgmma_smoke_A_MAINLOOP.log").read_text()
+
+
+# ---- tests/error_path_probe.py: its calls raise on the CPU too (the references check their
+# arguments), and it tells a raised error from a killed process ----------------------------------
+import error_path_probe  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(set(error_path_probe.CASES) - {"qwen3x_text"}))  # (a CPU weight for a
+def test_error_probe_cases_raise(monkeypatch, name):  # CUDA input: all on the CPU it is a valid call)
+    monkeypatch.setattr(os, "environ", ENV)
+    verdict = error_path_probe._run(error_path_probe.CASES[name].replace("'cuda'", "'cpu'"))
+    assert verdict.startswith(("exit 0: RuntimeError: ", "exit 0: ValueError: ")), verdict  # (the references')
+
+
+def test_error_probe_reports_a_crash(monkeypatch):
+    monkeypatch.setattr(os, "environ", ENV)
+    assert error_path_probe._run("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)").startswith("CRASHED (signal 11)")

@@ -34,7 +34,7 @@ NEEDS_A_GPU = {
     "test_bad_inputs", "test_varlen_bad_inputs", "test_bad_inputs_raise_naming_the_op",
 }
 # Parametrizations about another device (the emulated device is the CPU itself).
-NEEDS_A_GPU_CASES = {("test_bad_cuda_inputs_are_clear_errors", "-device]")}
+NEEDS_A_GPU_CASES = {("test_bad_cuda_inputs_are_clear_errors", "[weight_on_cpu]")}
 # Sizes no parameter names (minutes each on the CPU model).
 TOO_SLOW = {"test_decode_131072_keys", "test_prefill_long", "test_moe_experts_16k_tokens"}
 
