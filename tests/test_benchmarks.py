@@ -522,3 +522,15 @@ def test_readme_carries_the_target_verdicts(tmp_path):
     # the sample's model_prefill row: 0.6B patched 8 ms vs unpatched 10 ms
     assert "| #5 | patched Qwen3-0.6B and Qwen3-4B prefill faster than unpatched | PASS | 1.25x |" in body
     assert "| #4 | rms_norm moves >= 90%" in body and "NO DATA" in body
+
+
+def test_parity_probe_runs_each_part_and_counts_routing_flips():
+    """benchmarks.parity (what tells a routing flip from a kernel fault in a patched MoE model) on
+    the CPU references: a row per seed and part, errors of bf16 size, flips counted per token."""
+    from benchmarks import parity
+
+    out = parity.run(TINY_MOE, 2, 24, 2, device="cpu")
+    assert [(r["seed"], r["part"]) for r in out] == [(s, p) for s in range(2) for p in parity.PARTS]
+    for r in out:
+        assert 0 < r["max_err"] < 0.05 and 0 < r["baseline_err"] < 0.05, r
+        assert 0 <= r["last_token_flips"] <= r["flips"] <= 2 * 24 * TINY_MOE.layers, r
