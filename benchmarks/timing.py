@@ -79,7 +79,8 @@ def release_rng_from_failed_capture() -> None:
     never runs its capture epilogue), and every later random op on the device then fails with
     "Offset increment outside graph capture encountered unexpectedly": on 2026-11-26 one failed
     Liger capture took the setup of every later whole-model case with it. A fresh copy of the
-    generator's state (same seed and offset, not capturing) puts it back in order."""
+    generator's state (same seed and offset, not capturing) should put it back in order (not yet
+    seen on a GPU: the next run's whole-model cases after a failed capture will say)."""
     gen = torch.cuda.default_generators[torch.cuda.current_device()]
     if hasattr(gen, "graphsafe_set_state"):
         gen.graphsafe_set_state(gen.clone_state())
