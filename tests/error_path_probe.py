@@ -33,6 +33,7 @@ CASES = {
 # them: whether the crash is in capturing or printing the backtrace rather than in the message.
 VARIANTS = {"TORCH_SHOW_CPP_STACKTRACES": "1", "TORCH_DISABLE_ADDR2LINE": "1"}
 TIMEOUT_S = 90
+GDB_TIMEOUT_S = 100  # make gpu gives the whole probe PROBE_S (150 s)
 
 
 def _program(call: str) -> str:
@@ -94,10 +95,13 @@ def main() -> int:
             script = "/tmp/qwen3x_error_probe.py"
             with open(script, "w") as f:
                 f.write(_program(first_crash))
-            r = subprocess.run([gdb, "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, script],
-                               capture_output=True, text=True, timeout=4 * TIMEOUT_S)
-            tail = (r.stdout + r.stderr).strip().splitlines()
-            print("cuda-gdb backtrace of the first crash:\n" + "\n".join(tail[-60:]))
+            try:
+                r = subprocess.run([gdb, "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, script],
+                                   capture_output=True, text=True, timeout=GDB_TIMEOUT_S)
+                tail = (r.stdout + r.stderr).strip().splitlines()
+                print("cuda-gdb backtrace of the first crash:\n" + "\n".join(tail[-60:]))
+            except subprocess.TimeoutExpired:
+                print(f"cuda-gdb: no backtrace within {GDB_TIMEOUT_S} s")
         else:
             print("(no cuda-gdb on PATH: no native backtrace)")
     return 0
