@@ -39,8 +39,9 @@ def _patch(base, part: str):
     return patched
 
 
-def _routing(net, ids, topk: int) -> list[torch.Tensor]:
-    """Each MoE block's top-k expert sets [tokens, topk] (sorted) from its inputs in one forward."""
+def _forward(net, ids, topk: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward: the last position's logits (fp32) and each MoE block's top-k expert sets
+    [tokens, topk] (sorted), from the block's inputs."""
     found: list[torch.Tensor] = []
 
     def hook(block, args):
@@ -50,11 +51,11 @@ def _routing(net, ids, topk: int) -> list[torch.Tensor]:
 
     handles = [layer.mlp.register_forward_pre_hook(hook) for layer in net.model.layers]
     try:
-        M._last_logits(net, ids)
+        logits = M._last_logits(net, ids).float()
     finally:
         for h in handles:
             h.remove()
-    return found
+    return logits, found
 
 
 def run(spec, batch: int, seqlen: int, seeds: int, parts=PARTS, device="cuda") -> list[dict]:
@@ -65,18 +66,15 @@ def run(spec, batch: int, seqlen: int, seeds: int, parts=PARTS, device="cuda") -
             pool = M.ModelPool()
             base = pool.get(spec, device)
             ids = torch.randint(0, M.VOCAB, (batch, seqlen), device=device)
-            truth = M._last_logits(pool.fp32(), ids).float()
-            truth_routes = _routing(pool.fp32(), ids, spec.topk)
+            truth, truth_routes = _forward(pool.fp32(), ids, spec.topk)
             baseline_err = (M._last_logits(base, ids).float() - truth).abs().max().item()
             for part in parts:
-                net = _patch(base, part)
-                err = (M._last_logits(net, ids).float() - truth).abs().max().item()
-                routes = _routing(net, ids, spec.topk)
+                logits, routes = _forward(_patch(base, part), ids, spec.topk)
+                err = (logits - truth).abs().max().item()
                 flips = sum(int((a != b).any(dim=-1).sum()) for a, b in zip(routes, truth_routes))
                 last = sum(int((a[-1] != b[-1]).any()) for a, b in zip(routes, truth_routes))
                 out.append({"seed": seed, "part": part, "max_err": err, "baseline_err": baseline_err,
                             "flips": flips, "last_token_flips": last})
-                del net
             del pool, base
             if device != "cpu":
                 torch.cuda.empty_cache()
