@@ -77,7 +77,7 @@ BENCH_S     ?= 150
 GPU_TESTS   ?= tests --ignore=tests/test_kernel_models.py --ignore=tests/test_wgmma_smoke.py \
                --ignore=tests/test_emulator.py --ignore=tests/test_emulator_ops.py  # CPU-only (CI runs them)
 GPU_SAMPLE  ?= 3
-PROBE_S     ?= 150
+PROBE_S     ?= 180
 # pytest-xdist (where installed, as on the device image) runs the tests in worker processes, so that
 # a test that kills its process (2026-11-26: argument checks with a number in the message did)
 # costs that test, not the rest of the step: the report names it ("worker crashed").

@@ -164,6 +164,28 @@ def test_bad_inputs_name_the_op(emu):
                         torch.randn(2, 96, 64).bfloat16())
 
 
+@pytest.mark.parametrize("call,message", [
+    (lambda emu: emu.moe_router(torch.zeros(4, 8), 9, True),
+     "qwen3x.moe_router: expected 1 <= top_k <= min(experts, 16) = 8, got 9"),
+    (lambda emu: emu.moe_router(torch.zeros(8), 2, True),
+     "qwen3x.moe_router: expected router_logits [tokens, experts], got shape [8]"),
+    (lambda emu: emu.rms_norm(torch.randn(3, 64), torch.randn(()), 1e-6),
+     "qwen3x.rms_norm: expected weight to have shape [64], got []"),
+    (lambda emu: emu.rms_norm(torch.randn(3, 64), torch.randn(64, 2)[:, 0], 1e-6),
+     "qwen3x.rms_norm: expected weight to be contiguous, got stride [2]"),
+    (lambda emu: emu.qk_norm_rope_(torch.randn(1, 2, D)[:, :1].expand(4, 2, D), torch.randn(4, 1, D),
+                                   torch.ones(D), torch.ones(D), torch.arange(4), torch.rand(D // 2), 1.0, 1e-6),
+     "qwen3x.qk_norm_rope_: expected q to give every element its own memory (it is written in place; "
+     "an expanded view is not), got strides [0, 0, 1]"),
+], ids=["int", "shape", "empty_shape", "stride", "strides"])
+def test_numbers_in_messages(emu, call, message):
+    """The checks' messages with numbers, shapes and strides in them, as qwen3x formats them
+    (core/message.h, without iostreams): word for word, torch's [2, 3] style."""
+    with pytest.raises(RuntimeError) as info:
+        call(emu)
+    assert str(info.value).splitlines()[0] == message
+
+
 # ---- a patched model, its qwen3x ops served by the emulated kernels ------------------------------
 @pytest.fixture
 def kernels_on_cpu(emu):

@@ -20,9 +20,9 @@ at::Tensor silu_and_mul(const at::Tensor& input) {
   check::cuda(kOp, "input", input);
   check::float_dtype(kOp, "input", input);
   check::min_dim(kOp, "input", input, 1);
-  TORCH_CHECK(input.size(-1) % 2 == 0, "qwen3x.", kOp,
-              ": expected the last dimension of input to be even ([..., 2 * I]), got ",
-              input.sizes());
+  QWEN3X_CHECK(input.size(-1) % 2 == 0, "qwen3x.", kOp,
+               ": expected the last dimension of input to be even ([..., 2 * I]), got ",
+               input.sizes());
   check::last_dim_contiguous(kOp, "input", input);
 
   const int64_t inter = input.size(-1) / 2;
@@ -31,8 +31,8 @@ at::Tensor silu_and_mul(const at::Tensor& input) {
   const at::Tensor x = collapsed ? input : input.contiguous();
   const int64_t input_stride = collapsed ? *collapsed : input.size(-1);
   const int64_t num_rows = check::leading_numel(input, lead);
-  TORCH_CHECK(num_rows <= kMaxGridX, "qwen3x.", kOp, ": at most ", kMaxGridX,
-              " rows are supported, got ", num_rows);
+  QWEN3X_CHECK(num_rows <= kMaxGridX, "qwen3x.", kOp, ": at most ", kMaxGridX,
+               " rows are supported, got ", num_rows);
 
   const c10::cuda::CUDAGuard device_guard(input.device());
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
@@ -49,7 +49,7 @@ at::Tensor silu_and_mul(const at::Tensor& input) {
         inter,
         activation::silu_and_mul_vectorizable(out_ptr, in_ptr, inter, inter, input_stride),
         &threads);
-    TORCH_CHECK(col_blocks <= kMaxGridY, "qwen3x.", kOp, ": I = ", inter, " is too large");
+    QWEN3X_CHECK(col_blocks <= kMaxGridY, "qwen3x.", kOp, ": I = ", inter, " is too large");
     activation::launch_silu_and_mul<scalar_t>(out_ptr, in_ptr, num_rows, inter,
                                               /*out_stride=*/inter, input_stride, stream);
   });

@@ -69,31 +69,31 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   check::same_device(op, "k", k, "q", q);
   check::same_device(op, "v", v, "q", q);
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::ScalarType::BFloat16 || dt == at::ScalarType::Half, "qwen3x.", op,
-              ": the CUDA kernel serves torch.bfloat16 and torch.float16 only, got q of dtype ",
-              check::dtype_name(dt), " (run qwen3x.reference.", op, " for other dtypes)");
+  QWEN3X_CHECK(dt == at::ScalarType::BFloat16 || dt == at::ScalarType::Half, "qwen3x.", op,
+               ": the CUDA kernel serves torch.bfloat16 and torch.float16 only, got q of dtype ",
+               check::dtype_name(dt), " (run qwen3x.reference.", op, " for other dtypes)");
   check::same_dtype(op, "k", k, "q", q);
   check::same_dtype(op, "v", v, "q", q);
   using Named = std::pair<const char*, const at::Tensor&>;
   for (const auto& [name, t] : {Named{"q", q}, Named{"k", k}, Named{"v", v}}) {
-    TORCH_CHECK(t.dim() == dims, "qwen3x.", op, ": expected ", name, " of shape ", layout, ", got ",
-                t.sizes());
-    TORCH_CHECK(t.size(-1) == kHeadDim, "qwen3x.", op, ": expected ", name, " to have head_dim ",
-                kHeadDim, " (the only head_dim the CUDA kernel is built for), got ", t.size(-1));
+    QWEN3X_CHECK(t.dim() == dims, "qwen3x.", op, ": expected ", name, " of shape ", layout,
+                 ", got ", t.sizes());
+    QWEN3X_CHECK(t.size(-1) == kHeadDim, "qwen3x.", op, ": expected ", name, " to have head_dim ",
+                 kHeadDim, " (the only head_dim the CUDA kernel is built for), got ", t.size(-1));
   }
-  TORCH_CHECK(k.sizes() == v.sizes(), "qwen3x.", op, ": expected k and v of one shape, got ",
-              k.sizes(), " and ", v.sizes());
+  QWEN3X_CHECK(k.sizes() == v.sizes(), "qwen3x.", op, ": expected k and v of one shape, got ",
+               k.sizes(), " and ", v.sizes());
   const int64_t hq = q.size(1), hkv = k.size(1);
-  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "qwen3x.", op, ": expected query heads (", hq,
-              ") divisible by key-value heads (", hkv, ")");
+  QWEN3X_CHECK(hkv > 0 && hq % hkv == 0, "qwen3x.", op, ": expected query heads (", hq,
+               ") divisible by key-value heads (", hkv, ")");
 }
 
 void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const std::optional<at::Tensor>& mask,
                 const std::optional<at::Tensor>& key_lengths) {
   check_qkv(kOp, q, k, v, 4, "[batch, heads, seqlen, head_dim]");
-  TORCH_CHECK(k.size(0) == q.size(0), "qwen3x.", kOp, ": expected k of shape [", q.size(0),
-              ", Hkv, Skv, ", kHeadDim, "], got ", k.sizes());
+  QWEN3X_CHECK(k.size(0) == q.size(0), "qwen3x.", kOp, ": expected k of shape [", q.size(0),
+               ", Hkv, Skv, ", kHeadDim, "], got ", k.sizes());
   const int64_t hq = q.size(1), hkv = k.size(1);
   if (mask) {
     const at::Tensor& m = *mask;
@@ -103,25 +103,25 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const bool ok = m.dim() == 4 && (m.size(0) == 1 || m.size(0) == q.size(0)) &&
                     (m.size(1) == 1 || m.size(1) == hq) && m.size(2) == q.size(2) &&
                     m.size(3) == k.size(2);
-    TORCH_CHECK(ok, "qwen3x.", kOp, ": expected mask of shape [", q.size(0), " or 1, 1 or ", hq,
-                ", ", q.size(2), ", ", k.size(2), "], got ", m.sizes());
+    QWEN3X_CHECK(ok, "qwen3x.", kOp, ": expected mask of shape [", q.size(0), " or 1, 1 or ", hq,
+                 ", ", q.size(2), ", ", k.size(2), "], got ", m.sizes());
   }
   if (key_lengths) {
     const at::Tensor& n = *key_lengths;
     check::cuda(kOp, "key_lengths", n);
     check::same_device(kOp, "key_lengths", n, "q", q);
     check::index_dtype(kOp, "key_lengths", n);
-    TORCH_CHECK(n.numel() == 1 || (n.dim() == 1 && n.size(0) == q.size(0)), "qwen3x.", kOp,
-                ": expected key_lengths of shape [", q.size(0), "] or one value, got ", n.sizes());
+    QWEN3X_CHECK(n.numel() == 1 || (n.dim() == 1 && n.size(0) == q.size(0)), "qwen3x.", kOp,
+                 ": expected key_lengths of shape [", q.size(0), "] or one value, got ", n.sizes());
   }
   // Index ranges of the kernel (int32 tokens, rows and keys, gridDim.y = B * Hkv).
   // (rows get a tile of headroom: row0 + kBlockM must not wrap)
-  TORCH_CHECK(q.size(0) * q.size(2) * (hq / hkv) <= kMaxInt32 - attn::kBlockM &&
-                  k.size(2) <= kMaxInt32 - attn::kBlockN,
-              "qwen3x.", kOp, ": sizes exceed the kernel's int32 range (B = ", q.size(0),
-              ", Sq = ", q.size(2), ", Skv = ", k.size(2), ")");
-  TORCH_CHECK(q.size(0) * hkv <= kMaxGridY, "qwen3x.", kOp, ": batch x kv heads = ",
-              q.size(0) * hkv, " exceeds ", kMaxGridY);
+  QWEN3X_CHECK(q.size(0) * q.size(2) * (hq / hkv) <= kMaxInt32 - attn::kBlockM &&
+                   k.size(2) <= kMaxInt32 - attn::kBlockN,
+               "qwen3x.", kOp, ": sizes exceed the kernel's int32 range (B = ", q.size(0),
+               ", Sq = ", q.size(2), ", Skv = ", k.size(2), ")");
+  QWEN3X_CHECK(q.size(0) * hkv <= kMaxGridY, "qwen3x.", kOp, ": batch x kv heads = ",
+               q.size(0) * hkv, " exceeds ", kMaxGridY);
 }
 
 void check_varlen_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -133,20 +133,20 @@ void check_varlen_args(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     check::cuda(kVarlenOp, name, t);
     check::same_device(kVarlenOp, name, t, "q", q);
     check::dtype(kVarlenOp, name, t, at::ScalarType::Int);
-    TORCH_CHECK(t.dim() == 1 && t.size(0) >= 1, "qwen3x.", kVarlenOp, ": expected ", name,
-                " of shape [batch + 1], got ", t.sizes());
+    QWEN3X_CHECK(t.dim() == 1 && t.size(0) >= 1, "qwen3x.", kVarlenOp, ": expected ", name,
+                 " of shape [batch + 1], got ", t.sizes());
   }
-  TORCH_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "qwen3x.", kVarlenOp,
-              ": expected cu_seqlens_q and cu_seqlens_k of one shape [batch + 1], got ",
-              cu_seqlens_q.sizes(), " and ", cu_seqlens_k.sizes());
+  QWEN3X_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "qwen3x.", kVarlenOp,
+               ": expected cu_seqlens_q and cu_seqlens_k of one shape [batch + 1], got ",
+               cu_seqlens_q.sizes(), " and ", cu_seqlens_k.sizes());
   const int64_t group = q.size(1) / k.size(1);
-  TORCH_CHECK(q.size(0) * group <= kMaxInt32 - attn::kBlockM &&
-                  k.size(0) <= kMaxInt32 - attn::kBlockN,
-              "qwen3x.", kVarlenOp, ": sizes exceed the kernel's int32 range (Tq = ", q.size(0),
-              ", Tk = ", k.size(0), ")");
-  TORCH_CHECK((cu_seqlens_q.size(0) - 1) * k.size(1) <= kMaxGridY, "qwen3x.", kVarlenOp,
-              ": batch x kv heads = ", (cu_seqlens_q.size(0) - 1) * k.size(1), " exceeds ",
-              kMaxGridY);
+  QWEN3X_CHECK(q.size(0) * group <= kMaxInt32 - attn::kBlockM &&
+                   k.size(0) <= kMaxInt32 - attn::kBlockN,
+               "qwen3x.", kVarlenOp, ": sizes exceed the kernel's int32 range (Tq = ", q.size(0),
+               ", Tk = ", k.size(0), ")");
+  QWEN3X_CHECK((cu_seqlens_q.size(0) - 1) * k.size(1) <= kMaxGridY, "qwen3x.", kVarlenOp,
+               ": batch x kv heads = ", (cu_seqlens_q.size(0) - 1) * k.size(1), " exceeds ",
+               kMaxGridY);
 }
 
 // The parameters both layouts fill alike: pointers, element strides (dims of q/k/v's batch,

@@ -30,16 +30,16 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_attention(
   // The checks that name this op; the two kernels' own checks cover the rest.
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
     check::cuda(kOp, name, t);
-    TORCH_CHECK(t.dim() == 4 && t.size(3) == kHeadDim, "qwen3x.", kOp, ": expected ", name,
-                " of shape [batch, seqlen, heads, ", kHeadDim, "], got ", t.sizes());
+    QWEN3X_CHECK(t.dim() == 4 && t.size(3) == kHeadDim, "qwen3x.", kOp, ": expected ", name,
+                 " of shape [batch, seqlen, heads, ", kHeadDim, "], got ", t.sizes());
   }
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::ScalarType::BFloat16 || dt == at::ScalarType::Half, "qwen3x.", kOp,
-              ": the CUDA kernels serve torch.bfloat16 and torch.float16 only, got q of dtype ",
-              check::dtype_name(dt));
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1), "qwen3x.",
-              kOp, ": expected k and v of shape [", q.size(0), ", ", q.size(1), ", Hkv, ", kHeadDim,
-              "], got ", k.sizes(), " and ", v.sizes());
+  QWEN3X_CHECK(dt == at::ScalarType::BFloat16 || dt == at::ScalarType::Half, "qwen3x.", kOp,
+               ": the CUDA kernels serve torch.bfloat16 and torch.float16 only, got q of dtype ",
+               check::dtype_name(dt));
+  QWEN3X_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1),
+               "qwen3x.", kOp, ": expected k and v of shape [", q.size(0), ", ", q.size(1),
+               ", Hkv, ", kHeadDim, "], got ", k.sizes(), " and ", v.sizes());
   auto [q_rot, k_rot] = qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq,
                                      attention_scaling, eps);  // [B, S, H, 128] each
   return attention(q_rot.transpose(1, 2), k_rot.transpose(1, 2), v.transpose(1, 2), mask, scale,

@@ -2,7 +2,8 @@
 // was expected, e.g.
 //   qwen3x.rms_norm: expected input to be a CUDA tensor, got cpu
 //
-// All checks raise through TORCH_CHECK, i.e. RuntimeError in Python.
+// All checks raise through QWEN3X_CHECK (core/message.h: TORCH_CHECK with a message built
+// without iostreams), i.e. RuntimeError in Python.
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
@@ -16,6 +17,7 @@
 #include <utility>
 
 #include "core/launch.h"
+#include "core/message.h"
 
 namespace qwen3x {
 
@@ -58,13 +60,13 @@ inline void built_for(const char* op, const char* name, int device) {
   if (verdict != 2) return;
   const int cc = compute_capability(device);
   constexpr int kMinCapability = 80;  // mma.sync (bf16), ldmatrix, cp.async
-  TORCH_CHECK(cc >= kMinCapability, "qwen3x.", op, ": the CUDA kernels need sm_80 or newer; the device of ",
-              name, ", cuda:", device, ", is sm_", cc, " (use the PyTorch references, qwen3x.reference)");
-  TORCH_CHECK(false, "qwen3x.", op, ": this build's CUDA kernels (", build_archs(),
-              ") cannot run on the device of ", name, ", cuda:", device, " (sm_", cc,
-              "); rebuild qwen3x for it (QWEN3X_CUDA_ARCHS=", cc / 10, ".", cc % 10,
-              cc == 90 ? "a" : "", " pip install --no-build-isolation -e .) or use the PyTorch "
-              "references (qwen3x.reference)");
+  QWEN3X_CHECK(cc >= kMinCapability, "qwen3x.", op, ": the CUDA kernels need sm_80 or newer; the device of ",
+               name, ", cuda:", device, ", is sm_", cc, " (use the PyTorch references, qwen3x.reference)");
+  QWEN3X_CHECK(false, "qwen3x.", op, ": this build's CUDA kernels (", build_archs(),
+               ") cannot run on the device of ", name, ", cuda:", device, " (sm_", cc,
+               "); rebuild qwen3x for it (QWEN3X_CUDA_ARCHS=", cc / 10, ".", cc % 10,
+               cc == 90 ? "a" : "", " pip install --no-build-isolation -e .) or use the PyTorch "
+               "references (qwen3x.reference)");
 }
 
 // The kernels' device. Under QWEN3X_EMULATOR (tests/emulator: this glue and the kernels'
@@ -75,8 +77,8 @@ inline void cuda(const char* op, const char* name, const at::Tensor& t) {
 #else
   const bool on_device = t.is_cuda();
 #endif
-  TORCH_CHECK(on_device, "qwen3x.", op, ": expected ", name, " to be a CUDA tensor, got ",
-              c10::DeviceTypeName(t.device().type(), /*lower_case=*/true));
+  QWEN3X_CHECK(on_device, "qwen3x.", op, ": expected ", name, " to be a CUDA tensor, got ",
+               c10::DeviceTypeName(t.device().type(), /*lower_case=*/true));
 #if !defined(QWEN3X_EMULATOR)
   built_for(op, name, t.get_device());
 #endif
@@ -84,54 +86,56 @@ inline void cuda(const char* op, const char* name, const at::Tensor& t) {
 
 inline void same_device(const char* op, const char* name, const at::Tensor& t,
                         const char* ref_name, const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), "qwen3x.", op, ": expected ", name,
-              " to be on the same device as ", ref_name, " (", ref.device(), "), got ", t.device());
+  QWEN3X_CHECK(t.device() == ref.device(), "qwen3x.", op, ": expected ", name,
+               " to be on the same device as ", ref_name, " (", ref.device(), "), got ",
+               t.device());
 }
 
 // The float types every kernel is instantiated for.
 inline void float_dtype(const char* op, const char* name, const at::Tensor& t) {
   const auto d = t.scalar_type();
-  TORCH_CHECK(d == at::ScalarType::BFloat16 || d == at::ScalarType::Half ||
-                  d == at::ScalarType::Float,
-              "qwen3x.", op, ": expected ", name,
-              " to have dtype torch.bfloat16, torch.float16 or torch.float32, got ", dtype_name(d));
+  QWEN3X_CHECK(d == at::ScalarType::BFloat16 || d == at::ScalarType::Half ||
+                   d == at::ScalarType::Float,
+               "qwen3x.", op, ": expected ", name,
+               " to have dtype torch.bfloat16, torch.float16 or torch.float32, got ",
+               dtype_name(d));
 }
 
 inline void same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
                        const at::Tensor& ref) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "qwen3x.", op, ": expected ", name,
-              " to have the same dtype as ", ref_name, " (", dtype_name(ref.scalar_type()),
-              "), got ", dtype_name(t.scalar_type()));
+  QWEN3X_CHECK(t.scalar_type() == ref.scalar_type(), "qwen3x.", op, ": expected ", name,
+               " to have the same dtype as ", ref_name, " (", dtype_name(ref.scalar_type()),
+               "), got ", dtype_name(t.scalar_type()));
 }
 
 inline void dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
-  TORCH_CHECK(t.scalar_type() == want, "qwen3x.", op, ": expected ", name, " to have dtype ",
-              dtype_name(want), ", got ", dtype_name(t.scalar_type()));
+  QWEN3X_CHECK(t.scalar_type() == want, "qwen3x.", op, ": expected ", name, " to have dtype ",
+               dtype_name(want), ", got ", dtype_name(t.scalar_type()));
 }
 
 // Index tensors (positions, slots, expert ids, lengths): the kernels read int32 or int64.
 inline void index_dtype(const char* op, const char* name, const at::Tensor& t) {
   const auto d = t.scalar_type();
-  TORCH_CHECK(d == at::ScalarType::Int || d == at::ScalarType::Long, "qwen3x.", op, ": expected ",
-              name, " to have dtype torch.int32 or torch.int64, got ", dtype_name(d));
+  QWEN3X_CHECK(d == at::ScalarType::Int || d == at::ScalarType::Long, "qwen3x.", op, ": expected ",
+               name, " to have dtype torch.int32 or torch.int64, got ", dtype_name(d));
 }
 
 inline void min_dim(const char* op, const char* name, const at::Tensor& t, int64_t dims) {
-  TORCH_CHECK(t.dim() >= dims, "qwen3x.", op, ": expected ", name, " to have at least ", dims,
-              " dimension(s), got shape ", t.sizes());
+  QWEN3X_CHECK(t.dim() >= dims, "qwen3x.", op, ": expected ", name, " to have at least ", dims,
+               " dimension(s), got shape ", t.sizes());
 }
 
 // t.shape == [n] (a 1-D vector of n elements), contiguous.
 inline void vector_of(const char* op, const char* name, const at::Tensor& t, int64_t n) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "qwen3x.", op, ": expected ", name,
-              " to have shape [", n, "], got ", t.sizes());
-  TORCH_CHECK(t.stride(0) == 1 || n <= 1, "qwen3x.", op, ": expected ", name,
-              " to be contiguous, got stride ", t.strides());
+  QWEN3X_CHECK(t.dim() == 1 && t.size(0) == n, "qwen3x.", op, ": expected ", name,
+               " to have shape [", n, "], got ", t.sizes());
+  QWEN3X_CHECK(t.stride(0) == 1 || n <= 1, "qwen3x.", op, ": expected ", name,
+               " to be contiguous, got stride ", t.strides());
 }
 
 inline void last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) <= 1, "qwen3x.", op, ": expected ", name,
-              " to have a contiguous last dimension (stride 1), got strides ", t.strides());
+  QWEN3X_CHECK(t.stride(-1) == 1 || t.size(-1) <= 1, "qwen3x.", op, ": expected ", name,
+               " to have a contiguous last dimension (stride 1), got strides ", t.strides());
 }
 
 // The stride between consecutive "rows" when every dimension before `end_dim`
@@ -234,9 +238,9 @@ inline void writable(const char* op, const char* name, const at::Tensor& t) {
     const std::optional<detail::Rows> rows = detail::as_rows(t);
     shared = rows && t.numel() > rows->block && rows->stride < rows->block;
   }
-  TORCH_CHECK(!shared, "qwen3x.", op, ": expected ", name,
-              " to give every element its own memory (it is written in place; an expanded view is "
-              "not), got strides ", t.strides());
+  QWEN3X_CHECK(!shared, "qwen3x.", op, ": expected ", name,
+               " to give every element its own memory (it is written in place; an expanded view is "
+               "not), got strides ", t.strides());
 }
 
 // Two tensors of which at least one is written: no shared memory.
@@ -245,8 +249,8 @@ inline void disjoint(const char* op, const char* a_name, const at::Tensor& a, co
   const at::MemOverlapStatus s = at::get_overlap_status(a, b);
   const bool shared = s == at::MemOverlapStatus::Full || s == at::MemOverlapStatus::Partial ||
                       (s == at::MemOverlapStatus::TooHard && detail::may_overlap(a, b));
-  TORCH_CHECK(!shared, "qwen3x.", op, ": expected ", a_name, " and ", b_name,
-              " not to overlap in memory (the op writes one of them)");
+  QWEN3X_CHECK(!shared, "qwen3x.", op, ": expected ", a_name, " and ", b_name,
+               " not to overlap in memory (the op writes one of them)");
 }
 
 }  // namespace qwen3x::check

@@ -32,8 +32,8 @@
       QWEN3X_DISPATCH_CASE_(Half, __half, __VA_ARGS__)                                     \
       QWEN3X_DISPATCH_CASE_(Float, float, __VA_ARGS__)                                     \
       default:                                                                             \
-        TORCH_CHECK(false, "qwen3x.", OP, ": unsupported dtype ",                          \
-                    ::qwen3x::check::dtype_name(qwen3x_dispatch_dtype_),                   \
-                    " (expected torch.bfloat16, torch.float16 or torch.float32)");         \
+        QWEN3X_CHECK(false, "qwen3x.", OP, ": unsupported dtype ",                         \
+                     ::qwen3x::check::dtype_name(qwen3x_dispatch_dtype_),                  \
+                     " (expected torch.bfloat16, torch.float16 or torch.float32)");        \
     }                                                                                      \
   } while (0)

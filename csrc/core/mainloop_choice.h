@@ -12,6 +12,7 @@
 #include <string_view>
 
 #include "core/launch.h"
+#include "core/message.h"
 
 namespace qwen3x {
 
@@ -26,13 +27,13 @@ inline bool use_wgmma(const char* op, const char* env_name, bool eligible, int d
   constexpr int kHopper = 90;
   const char* env = std::getenv(env_name);
   const std::string_view choice = env == nullptr || *env == '\0' ? "auto" : env;
-  TORCH_CHECK(choice == "auto" || choice == "mma_sync" || choice == "wgmma", "qwen3x.", op, ": ",
-              env_name, " must be auto, mma_sync or wgmma, got '", choice, "'");
+  QWEN3X_CHECK(choice == "auto" || choice == "mma_sync" || choice == "wgmma", "qwen3x.", op, ": ",
+               env_name, " must be auto, mma_sync or wgmma, got '", choice, "'");
   if (!eligible || choice == "mma_sync") return false;
   const bool available = kBuilt && compute_capability(device) == kHopper;
-  TORCH_CHECK(choice != "wgmma" || available, "qwen3x.", op, ": ", env_name,
-              "=wgmma needs an sm_90 GPU and a build that includes sm_90a",
-              kBuilt ? "" : " (this build does not)");
+  QWEN3X_CHECK(choice != "wgmma" || available, "qwen3x.", op, ": ", env_name,
+               "=wgmma needs an sm_90 GPU and a build that includes sm_90a",
+               kBuilt ? "" : " (this build does not)");
   return available;
 }
 

@@ -57,32 +57,32 @@ void check_experts_inputs(const char* op, const at::Tensor& hidden, const at::Te
   check::cuda(op, "down_proj", down);
   check::same_device(op, "gate_up_proj", gate_up, "hidden_states", hidden);
   check::same_device(op, "down_proj", down, "hidden_states", hidden);
-  TORCH_CHECK(hidden.dim() == 2, "qwen3x.", op,
-              ": expected hidden_states [tokens, hidden], got shape ", hidden.sizes());
+  QWEN3X_CHECK(hidden.dim() == 2, "qwen3x.", op,
+               ": expected hidden_states [tokens, hidden], got shape ", hidden.sizes());
   const int64_t H = hidden.size(1);
-  TORCH_CHECK(gate_up.dim() == 3 && gate_up.size(2) == H && gate_up.size(1) % 2 == 0, "qwen3x.", op,
-              ": expected gate_up_proj [experts, 2 * intermediate, ", H,
-              "] (transformers 5.x layout, [gate; up] rows), got shape ", gate_up.sizes());
+  QWEN3X_CHECK(gate_up.dim() == 3 && gate_up.size(2) == H && gate_up.size(1) % 2 == 0,
+               "qwen3x.", op, ": expected gate_up_proj [experts, 2 * intermediate, ", H,
+               "] (transformers 5.x layout, [gate; up] rows), got shape ", gate_up.sizes());
   const int64_t E = gate_up.size(0);
   const int64_t I = gate_up.size(1) / 2;
-  TORCH_CHECK(down.dim() == 3 && down.size(0) == E && down.size(1) == H && down.size(2) == I,
-              "qwen3x.", op, ": expected down_proj [", E, ", ", H, ", ", I,
-              "] (transformers 5.x layout, [experts, hidden, intermediate]), got shape ",
-              down.sizes());
+  QWEN3X_CHECK(down.dim() == 3 && down.size(0) == E && down.size(1) == H && down.size(2) == I,
+               "qwen3x.", op, ": expected down_proj [", E, ", ", H, ", ", I,
+               "] (transformers 5.x layout, [experts, hidden, intermediate]), got shape ",
+               down.sizes());
   check::same_dtype(op, "gate_up_proj", gate_up, "hidden_states", hidden);
   check::same_dtype(op, "down_proj", down, "hidden_states", hidden);
   const auto dtype = hidden.scalar_type();
-  TORCH_CHECK(dtype == at::ScalarType::BFloat16 || dtype == at::ScalarType::Half, "qwen3x.", op,
-              ": the CUDA kernel takes torch.bfloat16 or torch.float16 (tensor cores), got ",
-              check::dtype_name(dtype), "; run qwen3x.reference.", op, " for other dtypes");
-  TORCH_CHECK(E >= 1 && E <= moe::kMaxExperts, "qwen3x.", op, ": expected 1 to ", moe::kMaxExperts,
-              " experts (gate_up_proj.shape[0]), got ", E);
-  TORCH_CHECK(H > 0 && H % moe::kExpertsHMultiple == 0 && H <= kMaxExpertsWidth, "qwen3x.", op,
-              ": hidden size H = ", H, " must be a positive multiple of ", moe::kExpertsHMultiple,
-              " (the kernel's tiles; Qwen3-MoE has 2048 or 4096)");
-  TORCH_CHECK(I > 0 && I % moe::kExpertsIMultiple == 0 && I <= kMaxExpertsWidth, "qwen3x.", op,
-              ": intermediate size I = ", I, " must be a positive multiple of ",
-              moe::kExpertsIMultiple, " (the kernel's tiles; Qwen3-MoE has 768 or 1536)");
+  QWEN3X_CHECK(dtype == at::ScalarType::BFloat16 || dtype == at::ScalarType::Half, "qwen3x.", op,
+               ": the CUDA kernel takes torch.bfloat16 or torch.float16 (tensor cores), got ",
+               check::dtype_name(dtype), "; run qwen3x.reference.", op, " for other dtypes");
+  QWEN3X_CHECK(E >= 1 && E <= moe::kMaxExperts, "qwen3x.", op, ": expected 1 to ", moe::kMaxExperts,
+               " experts (gate_up_proj.shape[0]), got ", E);
+  QWEN3X_CHECK(H > 0 && H % moe::kExpertsHMultiple == 0 && H <= kMaxExpertsWidth, "qwen3x.", op,
+               ": hidden size H = ", H, " must be a positive multiple of ", moe::kExpertsHMultiple,
+               " (the kernel's tiles; Qwen3-MoE has 2048 or 4096)");
+  QWEN3X_CHECK(I > 0 && I % moe::kExpertsIMultiple == 0 && I <= kMaxExpertsWidth, "qwen3x.", op,
+               ": intermediate size I = ", I, " must be a positive multiple of ",
+               moe::kExpertsIMultiple, " (the kernel's tiles; Qwen3-MoE has 768 or 1536)");
 }
 
 // The experts pipeline: permute (row_align = the regime's BLOCK_M), GEMM1 with
@@ -106,8 +106,8 @@ at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tenso
   const bool wgmma = use_wgmma(op, "QWEN3X_MOE_MAINLOOP", regime == moe::GemmRegime::kPrefill,
                                hidden.get_device());
   const int64_t block_m = moe::regime_block_m(regime);
-  TORCH_CHECK(num_picks + E * (block_m - 1) <= kMaxInt32, "qwen3x.", op, ": tokens x top_k = ", T,
-              " x ", k, " picks exceed the int32 range of the permutation");
+  QWEN3X_CHECK(num_picks + E * (block_m - 1) <= kMaxInt32, "qwen3x.", op, ": tokens x top_k = ", T,
+               " x ", k, " picks exceed the int32 range of the permutation");
   const auto [sorted_rows, expert_offsets, inverse] = moe_permute(expert_ids, E, block_m);
   const int64_t row_tiles = moe::max_row_tiles(num_picks, E, block_m);
   at::Tensor act = at::empty({row_tiles * block_m, I}, hidden.options());
@@ -162,19 +162,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(const at::Tensor& rout
   constexpr const char* kOp = "moe_router";
   check::cuda(kOp, "router_logits", router_logits);
   check::float_dtype(kOp, "router_logits", router_logits);
-  TORCH_CHECK(router_logits.dim() == 2, "qwen3x.", kOp,
-              ": expected router_logits [tokens, experts], got shape ", router_logits.sizes());
+  QWEN3X_CHECK(router_logits.dim() == 2, "qwen3x.", kOp,
+               ": expected router_logits [tokens, experts], got shape ", router_logits.sizes());
   const int64_t num_tokens = router_logits.size(0);
   const int64_t num_experts = router_logits.size(1);
-  TORCH_CHECK(num_experts >= 1 && num_experts <= moe::kMaxExperts, "qwen3x.", kOp,
-              ": expected 1 to ", moe::kMaxExperts, " experts (router_logits.shape[1]), got ",
-              num_experts);
-  TORCH_CHECK(top_k >= 1 && top_k <= num_experts && top_k <= moe::kMaxTopK, "qwen3x.", kOp,
-              ": expected 1 <= top_k <= min(experts, ", moe::kMaxTopK, ") = ",
-              std::min<int64_t>(num_experts, moe::kMaxTopK), ", got ", top_k);
+  QWEN3X_CHECK(num_experts >= 1 && num_experts <= moe::kMaxExperts, "qwen3x.", kOp,
+               ": expected 1 to ", moe::kMaxExperts, " experts (router_logits.shape[1]), got ",
+               num_experts);
+  QWEN3X_CHECK(top_k >= 1 && top_k <= num_experts && top_k <= moe::kMaxTopK, "qwen3x.", kOp,
+               ": expected 1 <= top_k <= min(experts, ", moe::kMaxTopK, ") = ",
+               std::min<int64_t>(num_experts, moe::kMaxTopK), ", got ", top_k);
   check::last_dim_contiguous(kOp, "router_logits", router_logits);
-  TORCH_CHECK(num_tokens * top_k <= kMaxInt32, "qwen3x.", kOp, ": tokens x top_k = ",
-              num_tokens, " x ", top_k, " exceeds the int32 range of the outputs");
+  QWEN3X_CHECK(num_tokens * top_k <= kMaxInt32, "qwen3x.", kOp, ": tokens x top_k = ",
+               num_tokens, " x ", top_k, " exceeds the int32 range of the outputs");
   // A single row's stride is never used.
   const int64_t logits_stride = num_tokens <= 1 ? num_experts : router_logits.stride(0);
 
@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(const at::Tensor& rout
   at::Tensor tokens_per_expert = at::empty({num_experts}, router_logits.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(router_logits.get_device()).stream();
   const int num_sms = sm_count(router_logits.get_device());
-  TORCH_CHECK(num_sms > 0, "qwen3x.", kOp, ": could not query the GPU's multiprocessor count");
+  QWEN3X_CHECK(num_sms > 0, "qwen3x.", kOp, ": could not query the GPU's multiprocessor count");
 
   QWEN3X_DISPATCH_FLOAT_TYPES(router_logits.scalar_type(), kOp, [&] {
     C10_CUDA_CHECK(moe::launch_moe_router<scalar_t>(
@@ -204,17 +204,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& exp
   constexpr const char* kOp = "moe_permute";
   check::cuda(kOp, "expert_ids", expert_ids);
   check::index_dtype(kOp, "expert_ids", expert_ids);
-  TORCH_CHECK(expert_ids.dim() == 2, "qwen3x.", kOp,
-              ": expected expert_ids [tokens, top_k], got shape ", expert_ids.sizes());
-  TORCH_CHECK(num_experts >= 1 && num_experts <= moe::kMaxExperts, "qwen3x.", kOp,
-              ": expected 1 <= num_experts <= ", moe::kMaxExperts, ", got ", num_experts);
-  TORCH_CHECK(row_align >= 1 && row_align <= kMaxInt32, "qwen3x.", kOp,
-              ": expected 1 <= row_align <= ", kMaxInt32, ", got ", row_align);
+  QWEN3X_CHECK(expert_ids.dim() == 2, "qwen3x.", kOp,
+               ": expected expert_ids [tokens, top_k], got shape ", expert_ids.sizes());
+  QWEN3X_CHECK(num_experts >= 1 && num_experts <= moe::kMaxExperts, "qwen3x.", kOp,
+               ": expected 1 <= num_experts <= ", moe::kMaxExperts, ", got ", num_experts);
+  QWEN3X_CHECK(row_align >= 1 && row_align <= kMaxInt32, "qwen3x.", kOp,
+               ": expected 1 <= row_align <= ", kMaxInt32, ", got ", row_align);
   const int64_t num_picks = expert_ids.numel();
   const int64_t num_slots = num_picks + num_experts * (row_align - 1);
-  TORCH_CHECK(num_slots <= kMaxInt32, "qwen3x.", kOp, ": ", num_picks, " picks + ", num_experts,
-              " experts x (row_align - 1 = ", row_align - 1,
-              ") padding slots exceed the int32 range of the outputs");
+  QWEN3X_CHECK(num_slots <= kMaxInt32, "qwen3x.", kOp, ": ", num_picks, " picks + ", num_experts,
+               " experts x (row_align - 1 = ", row_align - 1,
+               ") padding slots exceed the int32 range of the outputs");
 
   const c10::cuda::CUDAGuard device_guard(expert_ids.device());
   // The kernels read the picks in flat order n = t * k + j.
@@ -259,12 +259,12 @@ at::Tensor moe_experts(const at::Tensor& hidden_states, const at::Tensor& expert
   check::same_device(kOp, "expert_weights", expert_weights, "hidden_states", hidden_states);
   check::index_dtype(kOp, "expert_ids", expert_ids);
   const int64_t T = hidden_states.size(0);
-  TORCH_CHECK(expert_ids.dim() == 2 && expert_ids.size(0) == T && expert_ids.size(1) >= 1,
-              "qwen3x.", kOp, ": expected expert_ids [", T, ", top_k] with top_k >= 1, got shape ",
-              expert_ids.sizes());
-  TORCH_CHECK(expert_weights.sizes() == expert_ids.sizes(), "qwen3x.", kOp,
-              ": expected expert_weights of the shape of expert_ids ", expert_ids.sizes(), ", got ",
-              expert_weights.sizes());
+  QWEN3X_CHECK(expert_ids.dim() == 2 && expert_ids.size(0) == T && expert_ids.size(1) >= 1,
+               "qwen3x.", kOp, ": expected expert_ids [", T, ", top_k] with top_k >= 1, got shape ",
+               expert_ids.sizes());
+  QWEN3X_CHECK(expert_weights.sizes() == expert_ids.sizes(), "qwen3x.", kOp,
+               ": expected expert_weights of the shape of expert_ids ", expert_ids.sizes(),
+               ", got ", expert_weights.sizes());
   check::float_dtype(kOp, "expert_weights", expert_weights);
   return run_experts(kOp, hidden_states, expert_ids, expert_weights, gate_up_proj, down_proj);
 }
@@ -279,12 +279,12 @@ at::Tensor moe_block(const at::Tensor& hidden_states, const at::Tensor& router_l
   check::same_device(kOp, "router_logits", router_logits, "hidden_states", hidden_states);
   const int64_t T = hidden_states.size(0);
   const int64_t E = gate_up_proj.size(0);
-  TORCH_CHECK(router_logits.dim() == 2 && router_logits.size(0) == T && router_logits.size(1) == E,
-              "qwen3x.", kOp, ": expected router_logits [", T, ", ", E, "], got shape ",
-              router_logits.sizes());
-  TORCH_CHECK(top_k >= 1 && top_k <= std::min<int64_t>(E, moe::kMaxTopK), "qwen3x.", kOp,
-              ": expected 1 <= top_k <= min(experts, ", moe::kMaxTopK, ") = ",
-              std::min<int64_t>(E, moe::kMaxTopK), ", got ", top_k);
+  QWEN3X_CHECK(router_logits.dim() == 2 && router_logits.size(0) == T && router_logits.size(1) == E,
+               "qwen3x.", kOp, ": expected router_logits [", T, ", ", E, "], got shape ",
+               router_logits.sizes());
+  QWEN3X_CHECK(top_k >= 1 && top_k <= std::min<int64_t>(E, moe::kMaxTopK), "qwen3x.", kOp,
+               ": expected 1 <= top_k <= min(experts, ", moe::kMaxTopK, ") = ",
+               std::min<int64_t>(E, moe::kMaxTopK), ", got ", top_k);
   const auto [weights, expert_ids, tokens_per_expert] =
       moe_router(router_logits, top_k, norm_topk_prob);
   return run_experts(kOp, hidden_states, expert_ids, weights, gate_up_proj, down_proj);

@@ -43,13 +43,13 @@ void check_common(const char* op, const at::Tensor& input, const at::Tensor& wei
   check::same_dtype(op, "weight", weight, "input", input);
   check::min_dim(op, "input", input, 1);
   check::vector_of(op, "weight", weight, input.size(-1));
-  TORCH_CHECK(input.size(-1) <= std::numeric_limits<int>::max(), "qwen3x.", op,
-              ": hidden size ", input.size(-1), " is too large");
+  QWEN3X_CHECK(input.size(-1) <= std::numeric_limits<int>::max(), "qwen3x.", op,
+               ": hidden size ", input.size(-1), " is too large");
 }
 
 void check_num_rows(const char* op, int64_t num_rows) {
-  TORCH_CHECK(num_rows <= kMaxGridX, "qwen3x.", op, ": at most ", kMaxGridX,
-              " rows are supported, got ", num_rows);
+  QWEN3X_CHECK(num_rows <= kMaxGridX, "qwen3x.", op, ": at most ", kMaxGridX,
+               " rows are supported, got ", num_rows);
 }
 
 }  // namespace
@@ -86,9 +86,9 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& input,
   check::cuda(kOp, "residual", residual);
   check::same_device(kOp, "residual", residual, "input", input);
   check::same_dtype(kOp, "residual", residual, "input", input);
-  TORCH_CHECK(residual.sizes() == input.sizes(), "qwen3x.", kOp,
-              ": expected residual to have the same shape as input (", input.sizes(), "), got ",
-              residual.sizes());
+  QWEN3X_CHECK(residual.sizes() == input.sizes(), "qwen3x.", kOp,
+               ": expected residual to have the same shape as input (", input.sizes(), "), got ",
+               residual.sizes());
   const Rows x = as_rows(kOp, "input", input);
   const Rows r = as_rows(kOp, "residual", residual);
   check_num_rows(kOp, x.num_rows);

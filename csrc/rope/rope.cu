@@ -66,15 +66,15 @@ Prepared check_args(const char* op, const at::Tensor& q, const at::Tensor& k,
 
   check::min_dim(op, "q", q, 2);
   check::min_dim(op, "k", k, 2);
-  TORCH_CHECK(q.size(-1) == kHeadDim, "qwen3x.", op, ": expected q to have head_dim ", kHeadDim,
-              " (size of the last dimension), got ", q.size(-1));
-  TORCH_CHECK(k.size(-1) == kHeadDim, "qwen3x.", op, ": expected k to have head_dim ", kHeadDim,
-              " (size of the last dimension), got ", k.size(-1));
+  QWEN3X_CHECK(q.size(-1) == kHeadDim, "qwen3x.", op, ": expected q to have head_dim ", kHeadDim,
+               " (size of the last dimension), got ", q.size(-1));
+  QWEN3X_CHECK(k.size(-1) == kHeadDim, "qwen3x.", op, ": expected k to have head_dim ", kHeadDim,
+               " (size of the last dimension), got ", k.size(-1));
   const auto q_lead = q.sizes().slice(0, q.dim() - 2);
   const auto k_lead = k.sizes().slice(0, k.dim() - 2);
-  TORCH_CHECK(q_lead == k_lead, "qwen3x.", op,
-              ": expected q and k to have the same leading (token) dimensions, got q ", q.sizes(),
-              " and k ", k.sizes());
+  QWEN3X_CHECK(q_lead == k_lead, "qwen3x.", op,
+               ": expected q and k to have the same leading (token) dimensions, got q ", q.sizes(),
+               " and k ", k.sizes());
   check::last_dim_contiguous(op, "q", q);
   check::last_dim_contiguous(op, "k", k);
   check::vector_of(op, "q_weight", q_weight, kHeadDim);
@@ -82,15 +82,15 @@ Prepared check_args(const char* op, const at::Tensor& q, const at::Tensor& k,
   check::vector_of(op, "inv_freq", inv_freq, kRotaryHalf);
 
   const int64_t num_tokens = check::leading_numel(q, q.dim() - 2);
-  TORCH_CHECK(positions.numel() == num_tokens, "qwen3x.", op, ": expected positions to have ",
-              num_tokens, " elements (q.shape[:-2] = ", q_lead, "), got shape ",
-              positions.sizes());
+  QWEN3X_CHECK(positions.numel() == num_tokens, "qwen3x.", op, ": expected positions to have ",
+               num_tokens, " elements (q.shape[:-2] = ", q_lead, "), got shape ",
+               positions.sizes());
   const int64_t num_heads = q.size(-2) + k.size(-2);
-  TORCH_CHECK(num_heads <= std::numeric_limits<int>::max() &&
-                  (num_heads == 0 ||
-                   num_tokens <= rope::max_qk_norm_rope_tokens(static_cast<int>(num_heads))),
-              "qwen3x.", op, ": too many tokens x heads for one launch (", num_tokens, " x ",
-              num_heads, ")");
+  QWEN3X_CHECK(num_heads <= std::numeric_limits<int>::max() &&
+                   (num_heads == 0 ||
+                    num_tokens <= rope::max_qk_norm_rope_tokens(static_cast<int>(num_heads))),
+               "qwen3x.", op, ": too many tokens x heads for one launch (", num_tokens, " x ",
+               num_heads, ")");
   return {num_tokens, positions.reshape({-1}).contiguous(), vector_aligned(q_weight),
           vector_aligned(k_weight), vector_aligned(inv_freq)};
 }
@@ -239,15 +239,15 @@ void check_cache(const char* op, const char* name, const at::Tensor& c, const at
   check::cuda(op, name, c);
   check::same_device(op, name, c, "q", q);
   check::same_dtype(op, name, c, "q", q);
-  TORCH_CHECK(c.dim() == 4 && c.size(0) == batch && c.size(1) == kv_heads && c.size(3) == kHeadDim,
-              "qwen3x.", op, ": expected ", name, " of shape [", batch, ", ", kv_heads,
-              ", max_cache_len, ", kHeadDim, "], got ", c.sizes());
+  QWEN3X_CHECK(c.dim() == 4 && c.size(0) == batch && c.size(1) == kv_heads && c.size(3) == kHeadDim,
+               "qwen3x.", op, ": expected ", name, " of shape [", batch, ", ", kv_heads,
+               ", max_cache_len, ", kHeadDim, "], got ", c.sizes());
   const int64_t vec = vec_elems(c);
-  TORCH_CHECK(c.stride(3) == 1 && is_aligned(c.const_data_ptr(), kVecBytes) &&
-                  c.stride(0) % vec == 0 && c.stride(1) % vec == 0 && c.stride(2) % vec == 0,
-              "qwen3x.", op, ": expected ", name,
-              " with a contiguous, 16-byte aligned head_dim and 16-byte multiple strides, got strides ",
-              c.strides());
+  QWEN3X_CHECK(c.stride(3) == 1 && is_aligned(c.const_data_ptr(), kVecBytes) &&
+                   c.stride(0) % vec == 0 && c.stride(1) % vec == 0 && c.stride(2) % vec == 0,
+               "qwen3x.", op, ": expected ", name,
+               " with a contiguous, 16-byte aligned head_dim and 16-byte multiple strides, got strides ",
+               c.strides());
 }
 
 }  // namespace
@@ -259,26 +259,26 @@ void qk_norm_rope_cache_(at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                          const at::Tensor& inv_freq, double attention_scaling, double eps) {
   constexpr const char* kOp = "qk_norm_rope_cache_";
   const Prepared prep = check_args(kOp, q, k, q_weight, k_weight, positions, inv_freq);
-  TORCH_CHECK(q.dim() == 4, "qwen3x.", kOp, ": expected q of shape [batch, seqlen, Hq, ",
-              kHeadDim, "], got ", q.sizes());
+  QWEN3X_CHECK(q.dim() == 4, "qwen3x.", kOp, ": expected q of shape [batch, seqlen, Hq, ",
+               kHeadDim, "], got ", q.sizes());
   const int64_t batch = q.size(0), seqlen = q.size(1), kv_heads = k.size(2);
   check::cuda(kOp, "v", v);
   check::same_device(kOp, "v", v, "q", q);
   check::same_dtype(kOp, "v", v, "q", q);
-  TORCH_CHECK(v.sizes() == k.sizes(), "qwen3x.", kOp, ": expected v of the shape of k (", k.sizes(),
-              "), got ", v.sizes());
+  QWEN3X_CHECK(v.sizes() == k.sizes(), "qwen3x.", kOp, ": expected v of the shape of k (",
+               k.sizes(), "), got ", v.sizes());
   check::last_dim_contiguous(kOp, "v", v);
   check_cache(kOp, "k_cache", k_cache, q, batch, kv_heads);
   check_cache(kOp, "v_cache", v_cache, q, batch, kv_heads);
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "qwen3x.", kOp,
-              ": expected k_cache and v_cache of one shape, got ", k_cache.sizes(), " and ",
-              v_cache.sizes());
+  QWEN3X_CHECK(v_cache.sizes() == k_cache.sizes(), "qwen3x.", kOp,
+               ": expected k_cache and v_cache of one shape, got ", k_cache.sizes(), " and ",
+               v_cache.sizes());
   check::cuda(kOp, "cache_position", cache_position);
   check::same_device(kOp, "cache_position", cache_position, "q", q);
   check::index_dtype(kOp, "cache_position", cache_position);
-  TORCH_CHECK(cache_position.dim() == 1 && cache_position.size(0) == seqlen, "qwen3x.", kOp,
-              ": expected cache_position of shape [", seqlen, "] (q.shape[1]), got ",
-              cache_position.sizes());
+  QWEN3X_CHECK(cache_position.dim() == 1 && cache_position.size(0) == seqlen, "qwen3x.", kOp,
+               ": expected cache_position of shape [", seqlen, "] (q.shape[1]), got ",
+               cache_position.sizes());
   // q is written while k, v are read and the caches written, by other warps of the launch.
   check::writable(kOp, "q", q);
   check::writable(kOp, "k_cache", k_cache);
@@ -293,10 +293,13 @@ void qk_norm_rope_cache_(at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     }
   }
   const int64_t launch_heads = q.size(2) + 2 * kv_heads;  // q, k and v heads
-  TORCH_CHECK(launch_heads <= std::numeric_limits<int>::max() &&
-                  (launch_heads == 0 ||
-                   prep.num_tokens <= rope::max_qk_norm_rope_tokens(static_cast<int>(launch_heads))),
-              "qwen3x.", kOp, ": too many tokens x heads for one launch");
+  const bool heads_fit = launch_heads <= std::numeric_limits<int>::max();
+  const int64_t max_tokens = heads_fit && launch_heads > 0
+                                 ? rope::max_qk_norm_rope_tokens(static_cast<int>(launch_heads))
+                                 : 0;
+  QWEN3X_CHECK(heads_fit && (launch_heads == 0 || prep.num_tokens <= max_tokens),
+               "qwen3x.", kOp, ": too many tokens x heads for one launch (", prep.num_tokens,
+               " x ", launch_heads, ")");
 
   const c10::cuda::CUDAGuard device_guard(q.device());
   const int64_t vec = vec_elems(q);
