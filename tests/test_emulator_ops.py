@@ -164,6 +164,17 @@ def test_bad_inputs_name_the_op(emu):
                         torch.randn(2, 96, 64).bfloat16())
 
 
+def test_every_check_builds_its_message_without_iostreams():
+    """csrc/ checks through QWEN3X_CHECK only: a bare TORCH_CHECK would format its message with
+    c10::str's ostringstream, the path that crashed on the H100 (core/message.h)."""
+    from pathlib import Path
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    bare = [f"{p.relative_to(csrc)}:{i}" for p in sorted(csrc.rglob("*")) if p.suffix in {".h", ".cuh", ".cu", ".cpp"}
+            and p.name != "message.h" for i, line in enumerate(p.read_text().splitlines(), 1)
+            if "TORCH_CHECK" in line and not line.lstrip().startswith("//")]
+    assert not bare, f"bare TORCH_CHECK (use QWEN3X_CHECK) at {bare}"
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda emu: emu.moe_router(torch.zeros(4, 8), 9, True),
      "qwen3x.moe_router: expected 1 <= top_k <= min(experts, 16) = 8, got 9"),
