@@ -859,15 +859,18 @@ def _judge(pairs):
 
 def _rope_spec(x, w, pos, dt):
     """The formula of qk_norm_rope.cuh's header, element-indexed (no lanes), with the kernel's
-    sum-of-squares order (per-lane FFMA sums, then the butterfly): the lane model must agree bitwise."""
+    sum-of-squares order (per lane, FFMA over its element pairs i, i + 64, then the butterfly)
+    and rotation (fmaf(n, cos, -(partner sin)) below 64): the lane model must agree bitwise."""
     to_t = {"bf16": bf16_rne, "fp16": fp16_rne, "fp32": lambda a: np.asarray(a, np.float32)}[dt]
     xf = x.float().numpy()
     kvec = 16 // x.element_size()
-    lanes = HEAD_DIM // kvec
+    lanes = 64 // kvec
+    halves = xf.reshape(xf.shape[:-1] + (2, lanes, kvec))
     part = np.zeros(xf.shape[:-1] + (lanes,), np.float32)
     for j in range(kvec):
-        e = xf.reshape(xf.shape[:-1] + (lanes, kvec))[..., j]
-        part = fp.fma32(e, e, part)
+        for half in range(2):
+            e = halves[..., half, :, j]
+            part = fp.fma32(e, e, part)
     offset = lanes // 2
     while offset:
         part = (part + part[..., np.arange(lanes) ^ offset]).astype(np.float32)
@@ -878,8 +881,8 @@ def _rope_spec(x, w, pos, dt):
     s, c = fp.sincos_accurate(angle)
     c = (np.concatenate([c, c], -1) * np.float32(ATTN_SCALING)).astype(np.float32)[:, None]
     s = (np.concatenate([s, s], -1) * np.float32(ATTN_SCALING)).astype(np.float32)[:, None]
-    rotated = np.concatenate([-n[..., 64:], n[..., :64]], -1)
-    return to_t(fp.fma32(n, c, (rotated * s).astype(np.float32)))
+    partner_s = (np.concatenate([n[..., 64:], n[..., :64]], -1) * s).astype(np.float32)
+    return to_t(fp.fma32(n, c, np.concatenate([-partner_s[..., :64], partner_s[..., 64:]], -1)))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -1012,9 +1015,9 @@ def test_rope_and_norm_tolerate_rsqrtf_error(monkeypatch, ulps):
 
 
 def test_rope_planted_bug(monkeypatch):
-    """The rotation partner taken from the wrong lane must be caught."""
-    shfl_xor = rope.shfl_xor
-    monkeypatch.setattr(rope, "shfl_xor", lambda v, mask, lane_axis: shfl_xor(v, max(mask // 2, 1), lane_axis))
+    """A token's cos / sin taken from the wrong lane of the warp must be caught."""
+    source = rope.sincos_source
+    monkeypatch.setattr(rope, "sincos_source", lambda j, i, lanes, per: source((j + per) % (2 * per), i, lanes, per))
     g = torch.Generator().manual_seed(9)
     q, k, wq, wk, pos = _rope_inputs(g, (3,), 16, 8, torch.bfloat16)
     (tq, tk), (bq, bk) = _rope_reference(q, k, wq, wk, pos)

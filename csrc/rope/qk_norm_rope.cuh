@@ -14,16 +14,17 @@
 // ~1.3e5 rad at 131k positions, where the fast intrinsic loses all accuracy,
 // and libdevice's sincosf would put its slow path's array on the stack.
 //
-// Why it is shaped this way (memory bound; a head is 256 bytes in bf16/fp16):
-// - One 16-byte vector per lane: 16 lanes cover a 16-bit head, so a warp
-//   works on two heads at once (one lane per 16 bytes for fp32: one head).
-// - The rotation partner of element i is i +- 64, which sits in the lane
-//   kLanesPerHead / 2 away (8 for 16-bit types): one __shfl_xor_sync per
-//   element, no shared memory.
-// - The norm's sum of squares is a butterfly over the head's lanes only.
-// - A warp handles kHeadsPerWarp heads of ONE token, so the 64 sin/cos pairs
-//   (the expensive part, accurate sin/cos) are computed once and reused for
-//   all of them, and all of its loads are issued before any math.
+// Why it is shaped this way (memory bound; a head is 256 bytes in bf16/fp16). On the H100 the
+// first version ran at 53-67% of the copy ceiling with ~1,340 instructions per warp: close to
+// instruction bound, so this one is shaped to issue fewer.
+// - Each lane holds a rotation pair: a 16-byte vector of the first half (elements e .. e+kVec-1,
+//   e < 64) and the vector 64 elements on (its rotate_half partners). 8 lanes cover a 16-bit head
+//   (16 for fp32), so a warp step works on 4 heads (2). The rotation needs no shuffle, and the
+//   norm's sum of squares is a butterfly over the head's lanes only.
+// - A warp handles kHeadsPerWarp heads of ONE token, and the lanes share the token's sin/cos:
+//   the heads of a step need the same kVec frequencies per lane, so each lane computes
+//   kVec / kHeadsPerIter of them (2 accurate sincos, not kVec) and takes the rest with
+//   __shfl_sync; all of the warp's loads are issued before any of this.
 // - q and k heads share the launch: head h < num_q_heads is q head h, the rest
 //   are k heads. Inputs and outputs take arbitrary token and head strides
 //   (e.g. slices of a fused qkv projection); in-place is out == in.
@@ -52,17 +53,18 @@ constexpr int kHeadsPerWarp = 8;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kThreadsPerBlock = kWarpsPerBlock * kWarpSize;
 
-// How a 128-wide head maps onto lanes for element type T.
+// How a 128-wide head maps onto lanes for element type T: lane l of a head holds the vectors at
+// elements (l * kVec) and (l * kVec + 64).
 template <typename T>
 struct HeadLayout {
-  static constexpr int kVec = Vec16<T>::kSize;                      // elements per lane
-  static constexpr int kLanesPerHead = kHeadDim / kVec;             // 16 (16-bit) or 32 (fp32)
+  static constexpr int kVec = Vec16<T>::kSize;                      // elements per vector
+  static constexpr int kLanesPerHead = kRotaryHalf / kVec;          // 8 (16-bit) or 16 (fp32)
   static constexpr int kHeadsPerIter = kWarpSize / kLanesPerHead;   // heads per warp step
   static constexpr int kIters = kHeadsPerWarp / kHeadsPerIter;      // steps per warp
-  static constexpr int kPartnerXor = kLanesPerHead / 2;             // lane of element i +- 64
-  static_assert(kHeadDim % kVec == 0 && kWarpSize % kLanesPerHead == 0, "head must tile a warp");
+  static constexpr int kFreqsPerLane = kVec / kHeadsPerIter;        // sincos each lane computes
+  static_assert(kRotaryHalf % kVec == 0 && kWarpSize % kLanesPerHead == 0, "head must tile a warp");
   static_assert(kHeadsPerWarp % kHeadsPerIter == 0, "kHeadsPerWarp must fill whole steps");
-  static_assert(kVec % Vec16<float>::kSize == 0, "inv_freq is read as 16-byte vectors");
+  static_assert(kVec % kHeadsPerIter == 0 && kFreqsPerLane == 2, "inv_freq is read as float2");
 };
 
 // Where the heads of one tensor live: element (t, h, d) is at
@@ -134,12 +136,12 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
   const int head_base = static_cast<int>(warp_id % groups_per_token) * kHeadsPerWarp;
 
   const int head_slot = lane / L::kLanesPerHead;  // which head of a step this lane works on
-  const int elem0 = (lane % L::kLanesPerHead) * kVec;  // first head_dim element of this lane
-  const bool first_half = elem0 < kRotaryHalf;
-  const int freq0 = elem0 % kRotaryHalf;
+  const int lane_in_head = lane % L::kLanesPerHead;
+  const int elem0 = lane_in_head * kVec;  // this lane's elements: elem0 + j and elem0 + 64 + j
 
   // ---- Issue every load of the warp before any math. ----------------------
-  Vec x[L::kIters];
+  Vec lo[L::kIters];  // elements elem0 .. elem0 + kVec - 1
+  Vec hi[L::kIters];  // elements elem0 + 64 .. (their rotate_half partners)
   bool valid[L::kIters];
   bool is_q[L::kIters];
   bool is_v[L::kIters];  // kCache: a v head, copied without norm or rotation
@@ -158,15 +160,14 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
       if (kCache && is_v[it]) {
         src = cache.v + token * cache.v_in.token + head_in_tensor[it] * cache.v_in.head;
       }
-      x[it] = load_vec16(src + elem0);
+      lo[it] = load_vec16(src + elem0);
+      hi[it] = load_vec16(src + elem0 + kRotaryHalf);
     } else {
       // Lanes without a head still take part in the shuffles below.
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) x[it].data[j] = from_float<T>(0.0f);
+      for (int j = 0; j < kVec; ++j) lo[it].data[j] = hi[it].data[j] = from_float<T>(0.0f);
     }
   }
-  const Vec wq = load_vec16(q_weight + elem0);
-  const Vec wk = load_vec16(k_weight + elem0);
   const int64_t pos = positions_int64 ? static_cast<const int64_t*>(positions)[token]
                                       : static_cast<const int32_t*>(positions)[token];
   int64_t batch_row = 0, slot = -1;  // kCache: where this token's k and v go
@@ -177,70 +178,81 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
                              : static_cast<const int32_t*>(cache.slots)[s];
   }
 
-  // ---- cos/sin for this lane's 8 (or 4) frequencies, once per token. -------
+  // ---- cos/sin of this lane's kVec frequencies, once per token. ------------
+  // Lane (i, g) (i = lane_in_head, g = head_slot) computes frequencies elem0 + g * 2 + {0, 1};
+  // frequency elem0 + j is then in lane (i, j / 2), register j % 2.
   float cos_v[kVec];
-  float sin_v[kVec];  // sign folded in: -sin for the first half (rotate_half)
+  float sin_v[kVec];
   {
-    float freq[kVec];
-#pragma unroll
-    for (int m = 0; m < kVec; m += Vec16<float>::kSize) {
-      const Vec16<float> f = load_vec16(inv_freq + freq0 + m);
-#pragma unroll
-      for (int j = 0; j < Vec16<float>::kSize; ++j) freq[m + j] = f.data[j];
-    }
+    const float2 freq = *reinterpret_cast<const float2*>(inv_freq + elem0 + head_slot * L::kFreqsPerLane);
     const float pos_f = static_cast<float>(pos);
+    float own_cos[L::kFreqsPerLane], own_sin[L::kFreqsPerLane];
+    sincos_accurate(__fmul_rn(pos_f, freq.x), &own_sin[0], &own_cos[0]);
+    sincos_accurate(__fmul_rn(pos_f, freq.y), &own_sin[1], &own_cos[1]);
+#pragma unroll
+    for (int m = 0; m < L::kFreqsPerLane; ++m) {
+      own_cos[m] *= attention_scaling;
+      own_sin[m] *= attention_scaling;
+    }
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const float angle = __fmul_rn(pos_f, freq[j]);
-      float s, c;
-      sincos_accurate(angle, &s, &c);
-      cos_v[j] = c * attention_scaling;
-      sin_v[j] = (first_half ? -s : s) * attention_scaling;
+      const int src_lane = lane_in_head + (j / L::kFreqsPerLane) * L::kLanesPerHead;
+      cos_v[j] = __shfl_sync(kFullWarpMask, own_cos[j % L::kFreqsPerLane], src_lane);
+      sin_v[j] = __shfl_sync(kFullWarpMask, own_sin[j % L::kFreqsPerLane], src_lane);
     }
   }
 
-  // ---- Norm + rotate + store, one step (1 or 2 heads per warp) at a time. --
+  // ---- Norm + rotate + store, one step (4 or 2 heads per warp) at a time. --
 #pragma unroll
   for (int it = 0; it < L::kIters; ++it) {
-    float v[kVec];
+    float a[kVec];  // elem0 + j
+    float b[kVec];  // elem0 + 64 + j
     float sum_sq = 0.0f;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      v[j] = to_float(x[it].data[j]);
-      sum_sq += v[j] * v[j];
+      a[j] = to_float(lo[it].data[j]);
+      b[j] = to_float(hi[it].data[j]);
+      sum_sq = fmaf(a[j], a[j], sum_sq);
+      sum_sq = fmaf(b[j], b[j], sum_sq);
     }
+    // This step's weights (L1 hits after the first warps; issued here, used after the norm's
+    // shuffles, so that neither weight vector pair stays in registers across the steps).
+    const T* weight = is_q[it] ? q_weight : k_weight;
+    const Vec w_lo = load_vec16(weight + elem0);
+    const Vec w_hi = load_vec16(weight + elem0 + kRotaryHalf);
     sum_sq = warp_reduce_sum<L::kLanesPerHead>(sum_sq);
     const float rstd = rsqrtf(sum_sq * (1.0f / kHeadDim) + eps);
 
-    // Select per element (not a reference to wq/wk: that would force both
-    // into local memory).
+    Vec y_lo, y_hi;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const float w = to_float(is_q[it] ? wq.data[j] : wk.data[j]);
-      v[j] = round_to<T>(v[j] * rstd) * w;
-    }
-
-    Vec y;
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const float partner = __shfl_xor_sync(kFullWarpMask, v[j], L::kPartnerXor);
-      y.data[j] = from_float<T>(fmaf(v[j], cos_v[j], partner * sin_v[j]));
+      const float w_a = to_float(w_lo.data[j]);
+      const float w_b = to_float(w_hi.data[j]);
+      const float na = round_to<T>(a[j] * rstd) * w_a;
+      const float nb = round_to<T>(b[j] * rstd) * w_b;
+      // rotate_half: out[i] = n[i] cos - n[i + 64] sin, out[i + 64] = n[i + 64] cos + n[i] sin.
+      y_lo.data[j] = from_float<T>(fmaf(na, cos_v[j], -nb * sin_v[j]));
+      y_hi.data[j] = from_float<T>(fmaf(nb, cos_v[j], na * sin_v[j]));
     }
     if constexpr (kCache) {
       if (valid[it] && !is_q[it]) {  // k or v head -> its cache slot (if in range)
         if (slot >= 0 && slot < cache.max_slots) {
-          // Field by field, per element: a reference to either struct would put both (kernel
-          // parameters, registers) into local memory.
+          // Field by field: a reference to either struct would put both (kernel parameters,
+          // registers) into local memory.
           const int64_t batch_stride = is_v[it] ? cache.v_strides.batch : cache.k_strides.batch;
           const int64_t head_stride = is_v[it] ? cache.v_strides.head : cache.k_strides.head;
           const int64_t slot_stride = is_v[it] ? cache.v_strides.slot : cache.k_strides.slot;
           T* dst = (is_v[it] ? cache.v_cache : cache.k_cache) + batch_row * batch_stride +
                    head_in_tensor[it] * head_stride + slot * slot_stride;
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) {
-            if (is_v[it]) y.data[j] = x[it].data[j];
+          for (int j = 0; j < kVec; ++j) {  // a v head as it came (per element: no Vec& select)
+            if (is_v[it]) {
+              y_lo.data[j] = lo[it].data[j];
+              y_hi.data[j] = hi[it].data[j];
+            }
           }
-          store_vec16(dst + elem0, y);
+          store_vec16(dst + elem0, y_lo);
+          store_vec16(dst + elem0 + kRotaryHalf, y_hi);
         }
         continue;
       }
@@ -249,7 +261,8 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
       T* dst = is_q[it]
           ? q_out + token * q_out_strides.token + head_in_tensor[it] * q_out_strides.head
           : k_out + token * k_out_strides.token + head_in_tensor[it] * k_out_strides.head;
-      store_vec16(dst + elem0, y);
+      store_vec16(dst + elem0, y_lo);
+      store_vec16(dst + elem0 + kRotaryHalf, y_hi);
     }
   }
 }

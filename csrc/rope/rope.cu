@@ -36,7 +36,7 @@ struct Prepared {
   at::Tensor inv_freq;   // [64], 16-byte aligned
 };
 
-// The kernel reads weights and inv_freq as 16-byte vectors; a misaligned view
+// The kernel reads weights as 16-byte vectors and inv_freq as 8-byte pairs; a misaligned view
 // (storage offset) gets a fresh copy, which is tiny.
 at::Tensor vector_aligned(const at::Tensor& t) {
   return is_aligned(t.const_data_ptr(), kVecBytes) ? t : t.clone(at::MemoryFormat::Contiguous);

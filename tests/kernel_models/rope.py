@@ -16,7 +16,7 @@ import torch
 
 from . import fp
 from .glue import DTYPE_NAME, Bufs, Ptr, aligned, collapsed_stride
-from .primitives import ELEM_BYTES, WARP, ceil_div, round_to, shfl_xor, warp_reduce_sum
+from .primitives import ELEM_BYTES, WARP, ceil_div, round_to, warp_reduce_sum
 
 HEAD_DIM = 128
 ROTARY_HALF = 64
@@ -38,16 +38,22 @@ class CacheWrite:
     max_slots: int
 
 
+def sincos_source(j, lane_in_head, lanes_per_head, freqs_per_lane):
+    """(lane, register) holding the cos / sin of frequency elem0 + j for the lanes lane_in_head."""
+    return lane_in_head + (j // freqs_per_lane) * lanes_per_head, j % freqs_per_lane
+
+
 def qk_norm_rope_kernel(dt, with_cache, grid, q_out, k_out, q_in, k_in, q_weight, k_weight, positions,
                         inv_freq, num_tokens, num_q_heads, num_kv_heads, q_out_s, k_out_s, q_in_s, k_in_s,
                         attention_scaling, eps, cache: CacheWrite | None):
     """qk_norm_rope.cuh qk_norm_rope_kernel<T, kCache>: every warp of the grid. Strides are
     (token, head) element pairs; pointers are Ptr."""
     kvec = 16 // ELEM_BYTES[dt]      # HeadLayout::kVec
-    lanes_per_head = HEAD_DIM // kvec  # kLanesPerHead
+    lanes_per_head = ROTARY_HALF // kvec  # kLanesPerHead: lane i holds elements i*kvec.. and +64
     heads_per_iter = WARP // lanes_per_head
     iters = HEADS_PER_WARP // heads_per_iter
-    partner_xor = lanes_per_head // 2
+    freqs_per_lane = kvec // heads_per_iter  # kFreqsPerLane
+    assert freqs_per_lane == 2
     to_t = round_to(dt)
     attention_scaling = np.float32(attention_scaling)
     eps = np.float32(eps)
@@ -66,14 +72,14 @@ def qk_norm_rope_kernel(dt, with_cache, grid, q_out, k_out, q_in, k_in, q_weight
     head_base = (warp_id % groups_per_token) * HEADS_PER_WARP  # [W]
 
     head_slot = lane // lanes_per_head
-    elem0 = (lane % lanes_per_head) * kvec
-    first_half = elem0 < ROTARY_HALF
-    freq0 = elem0 % ROTARY_HALF
+    lane_in_head = lane % lanes_per_head
+    elem0 = lane_in_head * kvec
     tok = token[:, None]
     shape = (num_warps, WARP)
 
     # ---- issue every load of the warp before any math
-    x = np.zeros((iters,) + shape + (kvec,), np.float32)
+    lo = np.zeros((iters,) + shape + (kvec,), np.float32)  # elements elem0 ..
+    hi = np.zeros_like(lo)                                  # elements elem0 + 64 ..
     valid = np.zeros((iters,) + shape, bool)
     is_q = np.zeros_like(valid)
     is_v = np.zeros_like(valid)
@@ -90,9 +96,9 @@ def qk_norm_rope_kernel(dt, with_cache, grid, q_out, k_out, q_in, k_in, q_weight
         for sel, ptr, strides in sources:
             if sel.any():  # lanes without a head keep 0 and still take part in the shuffles
                 src = ptr.off + tok * strides[0] + head_in_tensor[it] * strides[1] + elem0[None, :]
-                x[it] = np.where(sel[..., None], ptr.buf.load_vec(src, kvec, sel, "x load"), x[it])
-    wq = q_weight.buf.load_vec(np.broadcast_to(q_weight.off + elem0, shape), kvec, what="q_weight load")
-    wk = k_weight.buf.load_vec(np.broadcast_to(k_weight.off + elem0, shape), kvec, what="k_weight load")
+                lo[it] = np.where(sel[..., None], ptr.buf.load_vec(src, kvec, sel, "x load"), lo[it])
+                hi[it] = np.where(sel[..., None], ptr.buf.load_vec(src + ROTARY_HALF, kvec, sel, "x load"),
+                                  hi[it])
     pos = positions.buf.load(positions.off + np.broadcast_to(tok, shape), what="positions load")
     if with_cache:
         batch_row = token // cache.seqlen
@@ -101,42 +107,58 @@ def qk_norm_rope_kernel(dt, with_cache, grid, q_out, k_out, q_in, k_in, q_weight
                                     what="slots load").astype(np.int64)
         batch_row = np.broadcast_to(batch_row[:, None], shape)
 
-    # ---- cos / sin of this lane's kvec frequencies, once per token
-    freq = np.concatenate([inv_freq.buf.load_vec(np.broadcast_to(inv_freq.off + freq0 + m, shape), 4,
-                                                 what="inv_freq load")
-                           for m in range(0, kvec, 4)], axis=-1)
+    # ---- cos / sin: lane (i, g) computes frequencies elem0 + 2 g + {0, 1}; the lane needing
+    # frequency elem0 + j takes it from lane (i, j // 2), register j % 2 (__shfl_sync)
+    own_freq = inv_freq.buf.load_vec(np.broadcast_to(inv_freq.off + elem0 + head_slot * freqs_per_lane, shape),
+                                     freqs_per_lane, what="inv_freq load")
     pos_f = pos.astype(np.float32)  # static_cast<float>(int64): round to nearest even
-    angle = (pos_f[..., None] * freq).astype(np.float32)  # __fmul_rn
-    sin, cos = fp.sincos_accurate(angle)
-    cos_v = (cos * attention_scaling).astype(np.float32)
-    sin_v = (np.where(first_half[None, :, None], -sin, sin) * attention_scaling).astype(np.float32)
+    own_sin, own_cos = fp.sincos_accurate((pos_f[..., None] * own_freq).astype(np.float32))  # __fmul_rn
+    own_cos = (own_cos * attention_scaling).astype(np.float32)
+    own_sin = (own_sin * attention_scaling).astype(np.float32)
+    cos_v = np.zeros(shape + (kvec,), np.float32)
+    sin_v = np.zeros_like(cos_v)
+    for j in range(kvec):
+        src_lane, reg = sincos_source(j, lane_in_head, lanes_per_head, freqs_per_lane)
+        cos_v[..., j] = own_cos[:, src_lane, reg]
+        sin_v[..., j] = own_sin[:, src_lane, reg]
 
-    # ---- norm + rotate + store, one step (1 or 2 heads per warp) at a time
+    # ---- norm + rotate + store, one step (4 or 2 heads per warp) at a time
     for it in range(iters):
-        v = x[it]
+        a, b = lo[it], hi[it]
         sum_sq = np.zeros(shape, np.float32)
-        for j in range(kvec):
-            sum_sq = fp.fma32(v[..., j], v[..., j], sum_sq)  # nvcc contracts sum += v * v into FFMA
+        for j in range(kvec):  # fmaf(a, a, sum), fmaf(b, b, sum) per element pair
+            sum_sq = fp.fma32(a[..., j], a[..., j], sum_sq)
+            sum_sq = fp.fma32(b[..., j], b[..., j], sum_sq)
         sum_sq = warp_reduce_sum(sum_sq, lanes_per_head, lane_axis=1)
         rstd = fp.rsqrtf(fp.fma32(sum_sq, np.float32(1.0 / HEAD_DIM), eps))
-        w = np.where(is_q[it][..., None], wq, wk)
-        v = (to_t((v * rstd[..., None]).astype(np.float32)) * w).astype(np.float32)
-        partner = shfl_xor(v, partner_xor, lane_axis=1)
-        y = to_t(fp.fma32(v, cos_v, (partner * sin_v).astype(np.float32)))
+        w_lo = np.zeros_like(a)
+        w_hi = np.zeros_like(a)
+        for weight, sel in ((q_weight, is_q[it]), (k_weight, ~is_q[it])):  # this step's weights
+            idx = np.broadcast_to(weight.off + elem0, shape)
+            w_lo = np.where(sel[..., None], weight.buf.load_vec(idx, kvec, sel, "weight load"), w_lo)
+            w_hi = np.where(sel[..., None], weight.buf.load_vec(idx + ROTARY_HALF, kvec, sel, "weight load"), w_hi)
+        na = (to_t((a * rstd[..., None]).astype(np.float32)) * w_lo).astype(np.float32)
+        nb = (to_t((b * rstd[..., None]).astype(np.float32)) * w_hi).astype(np.float32)
+        y_lo = to_t(fp.fma32(na, cos_v, -(nb * sin_v).astype(np.float32)))
+        y_hi = to_t(fp.fma32(nb, cos_v, (na * sin_v).astype(np.float32)))
         rest = valid[it]
         if with_cache:  # k or v head -> its cache slot (if in range); q heads go on below
             in_range = valid[it] & ~is_q[it] & (slot >= 0) & (slot < cache.max_slots)
-            for dst_ptr, strides, values, sel in ((cache.k_cache, cache.k_strides, y, in_range & ~is_v[it]),
-                                                  (cache.v_cache, cache.v_strides, x[it], in_range & is_v[it])):
+            for dst_ptr, strides, values, sel in ((cache.k_cache, cache.k_strides, (y_lo, y_hi),
+                                                   in_range & ~is_v[it]),
+                                                  (cache.v_cache, cache.v_strides, (lo[it], hi[it]),
+                                                   in_range & is_v[it])):
                 if sel.any():
                     dst = (dst_ptr.off + batch_row * strides[0] + head_in_tensor[it] * strides[1]
                            + slot * strides[2] + elem0[None, :])
-                    dst_ptr.buf.store_vec(dst, values, kvec, sel, "cache store")
+                    dst_ptr.buf.store_vec(dst, values[0], kvec, sel, "cache store")
+                    dst_ptr.buf.store_vec(dst + ROTARY_HALF, values[1], kvec, sel, "cache store")
             rest = valid[it] & is_q[it]
         for ptr, strides, sel in ((q_out, q_out_s, rest & is_q[it]), (k_out, k_out_s, rest & ~is_q[it])):
             if sel.any():
                 dst = ptr.off + tok * strides[0] + head_in_tensor[it] * strides[1] + elem0[None, :]
-                ptr.buf.store_vec(dst, y, kvec, sel, "out store")
+                ptr.buf.store_vec(dst, y_lo, kvec, sel, "out store")
+                ptr.buf.store_vec(dst + ROTARY_HALF, y_hi, kvec, sel, "out store")
 
 
 def launch_grid(num_tokens, num_q_heads, num_kv_heads, with_cache):

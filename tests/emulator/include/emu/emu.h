@@ -1186,6 +1186,25 @@ inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
     return (src / width == l / width) ? src : l;
   });
 }
+// shfl.idx: every lane names its own source lane (within its width-wide segment).
+template <typename V>
+inline V __shfl_sync(unsigned mask, V v, int src_lane, int width = 32) {
+  emu::check_full_warp(mask, "__shfl_sync");
+  struct A {
+    V v;
+    int src;
+    V out;
+  } mine{v, src_lane, v};
+  emu::warp_meet("shfl.idx", &mine, [&](std::array<void*, 128>& args) {
+    V vals[32];
+    for (int l = 0; l < 32; ++l) vals[l] = static_cast<A*>(args[l])->v;
+    for (int l = 0; l < 32; ++l) {
+      A* a = static_cast<A*>(args[l]);
+      a->out = vals[(l / width) * width + (a->src % width + width) % width];
+    }
+  });
+  return mine.out;
+}
 template <typename V>
 inline V __shfl_up_sync(unsigned mask, V v, unsigned delta, int width = 32) {
   emu::check_full_warp(mask, "__shfl_up_sync");
