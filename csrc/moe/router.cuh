@@ -31,7 +31,9 @@
 //   one global integer atomicAdd per non-zero expert per block. Integer adds
 //   commute, so the counts are deterministic. The grid is capped at a few
 //   blocks per SM (warps loop over tokens) to bound those global atomics.
-//   tokens_per_expert is zeroed by a memset in the same stream first.
+//   tokens_per_expert is zeroed by a memset in the same stream first, except
+//   for a one-block grid (up to kRouterWarps tokens: decode), which stores
+//   every count itself: one launch instead of a memset and a launch.
 //
 // E <= 128 uses kSlots = 4 (Qwen3-MoE), E <= 512 kSlots = 16: two register
 // footprints per dtype. No host synchronization; graph-capturable.
@@ -96,7 +98,7 @@ template <typename T, int kSlots>
 __global__ void __launch_bounds__(kRouterThreads)
 moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
                   int* __restrict__ expert_ids,          // [num_tokens, top_k]
-                  int* __restrict__ tokens_per_expert,   // [num_experts], zero on entry; gets the pick counts
+                  int* __restrict__ tokens_per_expert,   // [num_experts]: the pick counts (zero on entry unless gridDim.x == 1)
                   const T* __restrict__ logits,          // [num_tokens, num_experts], row stride logits_stride
                   int64_t num_tokens,                    // T; warps loop over tokens
                   int64_t logits_stride,                 // elements between rows of logits
@@ -186,27 +188,35 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
   }
 
   __syncthreads();
+  const bool whole_grid = gridDim.x == 1;  // this block's counts are the counts
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
     const int count = histogram[e];
-    if (count != 0) atomicAdd(&tokens_per_expert[e], count);
+    if (whole_grid) {
+      tokens_per_expert[e] = count;
+    } else if (count != 0) {
+      atomicAdd(&tokens_per_expert[e], count);
+    }
   }
 }
 
-// Launcher: zeroes tokens_per_expert (cudaMemsetAsync) and runs the kernel.
-// Preconditions (checked by the glue): 1 <= num_experts <= kMaxExperts,
-// 1 <= top_k <= min(num_experts, kMaxTopK), num_tokens * top_k < 2^31,
-// num_sms >= 1. Returns the memset's error; the caller checks the launch.
+// Launcher: zeroes tokens_per_expert (cudaMemsetAsync) unless one block does it
+// all, and runs the kernel. Preconditions (checked by the glue):
+// 1 <= num_experts <= kMaxExperts, 1 <= top_k <= min(num_experts, kMaxTopK),
+// num_tokens * top_k < 2^31, num_sms >= 1. Returns the memset's error; the
+// caller checks the launch.
 template <typename T>
 cudaError_t launch_moe_router(T* weights, int* expert_ids, int* tokens_per_expert,
                               const T* logits, int64_t num_tokens, int64_t logits_stride,
                               int num_experts, int top_k, bool norm_topk_prob, int num_sms,
                               cudaStream_t stream) {
-  const cudaError_t err = cudaMemsetAsync(
-      tokens_per_expert, 0, static_cast<size_t>(num_experts) * sizeof(int), stream);
-  if (err != cudaSuccess || num_tokens == 0) return err;
   const int64_t max_blocks = static_cast<int64_t>(num_sms) * kRouterBlocksPerSm;
   const int64_t want = ceil_div<int64_t>(num_tokens, kRouterWarps);
   const dim3 grid(static_cast<unsigned>(want < max_blocks ? want : max_blocks));
+  if (grid.x != 1) {  // no tokens (no launch) or several blocks adding their counts
+    const cudaError_t err = cudaMemsetAsync(
+        tokens_per_expert, 0, static_cast<size_t>(num_experts) * sizeof(int), stream);
+    if (err != cudaSuccess || num_tokens == 0) return err;
+  }
   if (num_experts <= kRouterSlotsSmall * kWarpSize) {
     moe_router_kernel<T, kRouterSlotsSmall><<<grid, kRouterThreads, 0, stream>>>(
         weights, expert_ids, tokens_per_expert, logits, num_tokens, logits_stride, num_experts,

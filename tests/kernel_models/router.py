@@ -130,6 +130,10 @@ def moe_router_kernel(dt, grid, slots, weights, expert_ids, tokens_per_expert, l
         token = token + warps_in_grid
     if not (seen == 1).all():
         raise ModelError("router: a token processed other than once")
+    if grid == 1:  # one block: its counts are the counts, stored (zeros included; no memset)
+        tokens_per_expert.buf.write(tokens_per_expert.off + np.arange(num_experts),
+                                    histogram[0, :num_experts, None], "counts store")
+        return
     # flush: one global atomicAdd per non-zero expert per block
     for b in range(grid):
         nonzero = np.nonzero(histogram[b, :num_experts])[0]
@@ -151,13 +155,14 @@ def moe_router(logits, top_k, norm_topk_prob, num_sms=132):
     w_ptr = bufs.get(weights, "weights", writable=True)
     id_ptr = bufs.get(ids, "expert_ids", writable=True)
     c_ptr = bufs.get(counts, "tokens_per_expert", writable=True)
-    c_ptr.buf.write(c_ptr.off + np.arange(num_experts), np.zeros((num_experts, 1)), "memset")  # cudaMemsetAsync
+    grid = min(ceil_div(num_tokens, ROUTER_WARPS), num_sms * ROUTER_BLOCKS_PER_SM)
+    if grid != 1:  # cudaMemsetAsync, unless one block stores every count
+        c_ptr.buf.write(c_ptr.off + np.arange(num_experts), np.zeros((num_experts, 1)), "memset")
     if num_tokens:
-        grid = min(ceil_div(num_tokens, ROUTER_WARPS), num_sms * ROUTER_BLOCKS_PER_SM)
         slots = SLOTS_SMALL if num_experts <= SLOTS_SMALL * WARP else SLOTS_LARGE
         moe_router_kernel(DTYPE_NAME[logits.dtype], grid, slots, w_ptr, id_ptr, c_ptr, lg, num_tokens, stride,
                           num_experts, top_k, norm_topk_prob)
-    bufs.check_written_exactly([weights, ids, counts])  # counts: the memset (atomics are not writes)
+    bufs.check_written_exactly([weights, ids, counts])  # counts: the memset or the one block's stores
     bufs.write_back()
     return weights, ids, counts
 
