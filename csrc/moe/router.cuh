@@ -32,7 +32,7 @@
 //   commute, so the counts are deterministic. The grid is capped at a few
 //   blocks per SM (warps loop over tokens) to bound those global atomics.
 //   tokens_per_expert is zeroed by a memset in the same stream first, except
-//   for a one-block grid (up to kRouterWarps tokens: decode), which stores
+//   for a one-block grid (up to kRouterWarps = 16 tokens), which stores
 //   every count itself: one launch instead of a memset and a launch.
 //
 // E <= 128 uses kSlots = 4 (Qwen3-MoE), E <= 512 kSlots = 16: two register
@@ -53,12 +53,14 @@
 
 namespace qwen3x::moe {
 
-// Tokens (warps) per router block.
-constexpr int kRouterWarps = 8;
+// Tokens (warps) per router block: 16, so that decode batches up to 16 tokens
+// take one block (no memset, no global atomics).
+constexpr int kRouterWarps = 16;
 constexpr int kRouterThreads = kRouterWarps * kWarpSize;
-// Grid cap: blocks per SM. Each block flushes up to E global atomics, so more
-// blocks mean more contention on tokens_per_expert; warps loop over tokens.
-constexpr int kRouterBlocksPerSm = 4;
+// Grid cap: blocks per SM (32 warps). Each block flushes up to E global
+// atomics, so more blocks mean more contention on tokens_per_expert; warps
+// loop over tokens.
+constexpr int kRouterBlocksPerSm = 2;
 // Experts per lane: the small footprint (E <= 128) and the large (E <= 512).
 constexpr int kRouterSlotsSmall = 4;
 constexpr int kRouterSlotsLarge = kMaxExperts / kWarpSize;

@@ -15,8 +15,8 @@ from . import fp
 from .glue import DTYPE_NAME, Bufs
 from .primitives import WARP, ModelError, ceil_div, round_to, warp_reduce_max, warp_reduce_sum
 
-ROUTER_WARPS = 8          # kRouterWarps
-ROUTER_BLOCKS_PER_SM = 4  # kRouterBlocksPerSm
+ROUTER_WARPS = 16         # kRouterWarps
+ROUTER_BLOCKS_PER_SM = 2  # kRouterBlocksPerSm
 SLOTS_SMALL = 4           # kRouterSlotsSmall
 SLOTS_LARGE = 16          # kRouterSlotsLarge
 MAX_EXPERTS = 512         # kMaxExperts
