@@ -12,7 +12,9 @@
 #               wheels under .whl/ (carried, e.g. Liger-Kernel) are installed first; a smoke run
 #               of each Hopper (wgmma) mainloop in its own process comes before the tests, and a
 #               failing one is switched to mma.sync for the later steps (wgmma_smoke.log says so);
-#               then tests/error_path_probe.py (do bad arguments raise or crash; error_probe.log)
+#               then tests/error_path_probe.py (do bad arguments raise or crash; error_probe.log);
+#               after the tests, benchmarks.parity (the patched 30B-A3B model against the fp32 truth
+#               over PARITY_SEEDS seeds, routing flips counted; parity.log)
 
 SHELL       := /bin/bash
 PYTHON      ?= python3
@@ -78,6 +80,8 @@ GPU_TESTS   ?= tests --ignore=tests/test_kernel_models.py --ignore=tests/test_wg
                --ignore=tests/test_emulator.py --ignore=tests/test_emulator_ops.py  # CPU-only (CI runs them)
 GPU_SAMPLE  ?= 3
 PROBE_S     ?= 180
+PARITY_S    ?= 120
+PARITY_SEEDS ?= 3
 # pytest-xdist (where installed, as on the device image) runs the tests in worker processes, so that
 # a test that kills its process (2026-11-26: argument checks with a number in the message did)
 # costs that test, not the rest of the step: the report names it ("worker crashed").
@@ -115,6 +119,8 @@ gpu:
 	$(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(GPU_TEST_S) $(PYTHON) -m pytest -q -rs $(GPU_TEST_WORKERS) \
 	    --gpu-sample $(GPU_SAMPLE) $(GPU_TESTS) 2>&1 \
 	    | tee $(OUT)/tests.log; echo "tests exit $$?" >> $(OUT)/tests.log
+	$(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(PARITY_S) $(PYTHON) -m benchmarks.parity --seeds $(PARITY_SEEDS) \
+	    2>&1 | tee $(OUT)/parity.log; echo "parity exit $$?" >> $(OUT)/parity.log
 	$(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(MEMCHECK_S) compute-sanitizer --tool memcheck --error-exitcode 1 \
 	    $(PYTHON) -m pytest -q -x -m gpu --gpu-sample 1 $(MEMCHECK_TESTS) -k "$(MEMCHECK_K)" 2>&1 \
 	    | tail -n 30 | tee $(OUT)/memcheck.log; echo "memcheck exit $$?" >> $(OUT)/memcheck.log
@@ -126,6 +132,7 @@ gpu:
 	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; cat $(OUT)/wgmma_smoke.log
 	@grep "error path probe" $(OUT)/error_probe.log
 	@grep -E "passed|failed" $(OUT)/tests.log | tail -n 1
+	@tail -n 1 $(OUT)/parity.log
 	@tail -n 1 $(OUT)/memcheck.log; tail -n 1 $(OUT)/racecheck.log; tail -n 2 $(OUT)/bench.log
 
 clean:

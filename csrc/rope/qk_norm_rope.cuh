@@ -184,7 +184,8 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
   float cos_v[kVec];
   float sin_v[kVec];
   {
-    const float2 freq = *reinterpret_cast<const float2*>(inv_freq + elem0 + head_slot * L::kFreqsPerLane);
+    const float* own_freqs = inv_freq + elem0 + head_slot * L::kFreqsPerLane;  // 8-byte aligned
+    const float2 freq = *reinterpret_cast<const float2*>(own_freqs);
     const float pos_f = static_cast<float>(pos);
     float own_cos[L::kFreqsPerLane], own_sin[L::kFreqsPerLane];
     sincos_accurate(__fmul_rn(pos_f, freq.x), &own_sin[0], &own_cos[0]);
