@@ -589,6 +589,24 @@ def test_moe_permute(N, E, row_align, ids):
     assert np.array_equal(inverse.d, ref_inverse.numpy())
 
 
+@pytest.mark.parametrize("T,k,E,row_align", [(1, 8, 128, 16), (3, 2, 8, 16), (16, 8, 128, 16), (16, 16, 512, 64),
+                                               (5, 1, 4, 1), (16, 8, 8, 128)])
+def test_router_one_block_permutation(T, k, E, row_align):
+    """The router's one-block decode launch (router.cuh kPermute): its picks, then permute_one_block on
+    them, equal reference.moe_router then reference.moe_permute."""
+    g = torch.Generator().manual_seed(T * 1000 + E)
+    logits = _distinct_logits(g, T, E, torch.bfloat16)
+    if E == 8:  # crowd: every token's picks over few experts
+        logits[:, :4] += 8
+    _, ids, counts = router.moe_router(logits, k, True)
+    sorted_rows, offsets, inverse = moe.permute_one_block(ids.numpy().reshape(-1), counts.numpy(), E, row_align)
+    ref_ids = R.moe_router(logits, k, True)[1]
+    ref_sorted, ref_offsets, ref_inverse = R.moe_permute(ref_ids, E, row_align)
+    assert np.array_equal(sorted_rows.d, ref_sorted.numpy())
+    assert np.array_equal(offsets.d, ref_offsets.numpy())
+    assert np.array_equal(inverse.d, ref_inverse.numpy())
+
+
 def test_moe_permute_drops_out_of_range_ids():
     sorted_rows, _, inverse = moe.permute(np.array([0, 5, 1, -1, 1, 0, 7, 2]), 4, 16)
     assert list(inverse.d[[1, 3, 6]]) == [-1, -1, -1]

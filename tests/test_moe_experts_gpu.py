@@ -245,11 +245,14 @@ def _distinct_logits(T, E, dtype):
     return ((perm - E // 2).float() / 32).to(dtype)
 
 
-@pytest.mark.parametrize("T,E,k,norm", [(1, 128, 8, True), (77, 128, 8, True), (600, 8, 2, False)])
-def test_moe_op_matches_reference(T, E, k, norm):
+# up to 16 tokens the router's launch also permutes (router.cuh kPermute); 17 and more do not
+@pytest.mark.parametrize("T,E,k,norm,H,I", [(1, 128, 8, True, 2048, 768), (3, 8, 2, False, 2048, 768),
+                                            (16, 128, 8, True, 2048, 768), (16, 512, 16, True, 256, 128),
+                                            (17, 64, 4, True, 2048, 768), (77, 128, 8, True, 2048, 768),
+                                            (600, 8, 2, False, 2048, 768)])
+def test_moe_op_matches_reference(T, E, k, norm, H, I):
     _needs_kernel("moe")
     dtype = torch.bfloat16
-    H, I = 2048, 768
     x = torch.randn(T, H, device="cuda", dtype=dtype)
     gate_up, down = _weights(E, H, I, dtype)
     logits = _distinct_logits(T, E, dtype)
@@ -258,6 +261,35 @@ def test_moe_op_matches_reference(T, E, k, norm):
     same = R.moe(x, logits, gate_up, down, k, norm)
     truth = R.moe(x.double(), logits.double(), gate_up.double(), down.double(), k, norm)
     assert_close_to_truth(out, same, truth)
+
+
+@pytest.mark.parametrize("T", [1, 16])
+def test_moe_op_cuda_graph_at_decode(T):
+    """The decode path (routing and permutation in one launch) captured and replayed with new
+    logits and activations."""
+    _needs_kernel("moe")
+    dtype, E, k, H, I = torch.bfloat16, 128, 8, 2048, 768
+    x = torch.randn(T, H, device="cuda", dtype=dtype)
+    logits = _distinct_logits(T, E, dtype)
+    gate_up, down = _weights(E, H, I, dtype)
+    op = torch.ops.qwen3x.moe
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op(x, logits, gate_up, down, k, True)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(x, logits, gate_up, down, k, True)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        logits.copy_(_distinct_logits(T, E, dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_identical(out, op(x, logits, gate_up, down, k, True))
+        same = R.moe(x, logits, gate_up, down, k, True)
+        truth = R.moe(x.double(), logits.double(), gate_up.double(), down.double(), k, True)
+        assert_close_to_truth(out, same, truth)
 
 
 def _bad_calls():

@@ -85,11 +85,24 @@ void check_experts_inputs(const char* op, const at::Tensor& hidden, const at::Te
                moe::kExpertsIMultiple, " (the kernel's tiles; Qwen3-MoE has 768 or 1536)");
 }
 
-// The experts pipeline: permute (row_align = the regime's BLOCK_M), GEMM1 with
-// fused SwiGLU, GEMM2 with the routing weight, combine. Inputs checked.
+// moe_permute's outputs.
+struct Permutation {
+  at::Tensor sorted_rows;     // [num_slots] int32
+  at::Tensor expert_offsets;  // [E + 1] int32
+  at::Tensor inverse;         // [T * k] int32
+};
+
+// The row tile of the expert GEMMs for T * k picks over E experts: moe_permute's row_align.
+int64_t experts_block_m(int64_t num_picks, int64_t num_experts) {
+  return moe::regime_block_m(moe::select_gemm_regime(num_picks, num_experts));
+}
+
+// The experts pipeline: permute (row_align = the regime's BLOCK_M; `permuted` when the router
+// did it already), GEMM1 with fused SwiGLU, GEMM2 with the routing weight, combine. Inputs
+// checked.
 at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tensor& expert_ids,
                        const at::Tensor& expert_weights, const at::Tensor& gate_up,
-                       const at::Tensor& down) {
+                       const at::Tensor& down, const Permutation* permuted = nullptr) {
   const int64_t T = hidden.size(0);
   const int64_t H = hidden.size(1);
   const int64_t E = gate_up.size(0);
@@ -108,7 +121,10 @@ at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tenso
   const int64_t block_m = moe::regime_block_m(regime);
   QWEN3X_CHECK(num_picks + E * (block_m - 1) <= kMaxInt32, "qwen3x.", op, ": tokens x top_k = ", T,
                " x ", k, " picks exceed the int32 range of the permutation");
-  const auto [sorted_rows, expert_offsets, inverse] = moe_permute(expert_ids, E, block_m);
+  const auto [sorted_rows, expert_offsets, inverse] =
+      permuted != nullptr
+          ? std::make_tuple(permuted->sorted_rows, permuted->expert_offsets, permuted->inverse)
+          : moe_permute(expert_ids, E, block_m);
   const int64_t row_tiles = moe::max_row_tiles(num_picks, E, block_m);
   at::Tensor act = at::empty({row_tiles * block_m, I}, hidden.options());
   at::Tensor y = at::empty({num_picks, H}, hidden.options());
@@ -155,25 +171,27 @@ at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tenso
   return out;
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(const at::Tensor& router_logits,
-                                                          int64_t top_k, bool norm_topk_prob) {
-  constexpr const char* kOp = "moe_router";
-  check::cuda(kOp, "router_logits", router_logits);
-  check::float_dtype(kOp, "router_logits", router_logits);
-  QWEN3X_CHECK(router_logits.dim() == 2, "qwen3x.", kOp,
+// moe_router's work; with `permuted` and one router block (decode), the same launch also
+// permutes the picks for the expert GEMMs (moe_permute's outputs, row_align = their BLOCK_M)
+// into *permuted, which is otherwise left empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const char* op,
+                                                     const at::Tensor& router_logits,
+                                                     int64_t top_k, bool norm_topk_prob,
+                                                     Permutation* permuted) {
+  check::cuda(op, "router_logits", router_logits);
+  check::float_dtype(op, "router_logits", router_logits);
+  QWEN3X_CHECK(router_logits.dim() == 2, "qwen3x.", op,
                ": expected router_logits [tokens, experts], got shape ", router_logits.sizes());
   const int64_t num_tokens = router_logits.size(0);
   const int64_t num_experts = router_logits.size(1);
-  QWEN3X_CHECK(num_experts >= 1 && num_experts <= moe::kMaxExperts, "qwen3x.", kOp,
+  QWEN3X_CHECK(num_experts >= 1 && num_experts <= moe::kMaxExperts, "qwen3x.", op,
                ": expected 1 to ", moe::kMaxExperts, " experts (router_logits.shape[1]), got ",
                num_experts);
-  QWEN3X_CHECK(top_k >= 1 && top_k <= num_experts && top_k <= moe::kMaxTopK, "qwen3x.", kOp,
+  QWEN3X_CHECK(top_k >= 1 && top_k <= num_experts && top_k <= moe::kMaxTopK, "qwen3x.", op,
                ": expected 1 <= top_k <= min(experts, ", moe::kMaxTopK, ") = ",
                std::min<int64_t>(num_experts, moe::kMaxTopK), ", got ", top_k);
-  check::last_dim_contiguous(kOp, "router_logits", router_logits);
-  QWEN3X_CHECK(num_tokens * top_k <= kMaxInt32, "qwen3x.", kOp, ": tokens x top_k = ",
+  check::last_dim_contiguous(op, "router_logits", router_logits);
+  QWEN3X_CHECK(num_tokens * top_k <= kMaxInt32, "qwen3x.", op, ": tokens x top_k = ",
                num_tokens, " x ", top_k, " exceeds the int32 range of the outputs");
   // A single row's stride is never used.
   const int64_t logits_stride = num_tokens <= 1 ? num_experts : router_logits.stride(0);
@@ -184,18 +202,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(const at::Tensor& rout
   at::Tensor tokens_per_expert = at::empty({num_experts}, router_logits.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(router_logits.get_device()).stream();
   const int num_sms = sm_count(router_logits.get_device());
-  QWEN3X_CHECK(num_sms > 0, "qwen3x.", kOp, ": could not query the GPU's multiprocessor count");
+  QWEN3X_CHECK(num_sms > 0, "qwen3x.", op, ": could not query the GPU's multiprocessor count");
 
-  QWEN3X_DISPATCH_FLOAT_TYPES(router_logits.scalar_type(), kOp, [&] {
+  // Decode: the permutation in the router's launch (router.cuh kPermute).
+  moe::RoutePermutation perm{};
+  const bool fuse = permuted != nullptr && moe::router_one_block(num_tokens);
+  if (fuse) {
+    const int64_t num_picks = num_tokens * top_k;
+    const int64_t row_align = experts_block_m(num_picks, num_experts);
+    const int64_t num_slots = num_picks + num_experts * (row_align - 1);  // < 2^31: tiny T
+    const auto int_options = router_logits.options().dtype(at::kInt);
+    permuted->sorted_rows = at::empty({num_slots}, int_options);
+    permuted->expert_offsets = at::empty({num_experts + 1}, int_options);
+    permuted->inverse = at::empty({num_picks}, int_options);
+    perm = {static_cast<int*>(permuted->sorted_rows.mutable_data_ptr()),
+            static_cast<int*>(permuted->expert_offsets.mutable_data_ptr()),
+            static_cast<int*>(permuted->inverse.mutable_data_ptr()), static_cast<int>(row_align),
+            static_cast<int>(num_slots)};
+  }
+
+  QWEN3X_DISPATCH_FLOAT_TYPES(router_logits.scalar_type(), op, [&] {
     C10_CUDA_CHECK(moe::launch_moe_router<scalar_t>(
         static_cast<scalar_t*>(weights.mutable_data_ptr()),
         static_cast<int*>(expert_ids.mutable_data_ptr()),
         static_cast<int*>(tokens_per_expert.mutable_data_ptr()),
         static_cast<const scalar_t*>(router_logits.const_data_ptr()), num_tokens, logits_stride,
-        static_cast<int>(num_experts), static_cast<int>(top_k), norm_topk_prob, num_sms, stream));
+        static_cast<int>(num_experts), static_cast<int>(top_k), norm_topk_prob, num_sms, stream,
+        fuse ? &perm : nullptr));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {weights, expert_ids, tokens_per_expert};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(const at::Tensor& router_logits,
+                                                          int64_t top_k, bool norm_topk_prob) {
+  return route("moe_router", router_logits, top_k, norm_topk_prob, /*permuted=*/nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& expert_ids,
@@ -285,9 +328,11 @@ at::Tensor moe_block(const at::Tensor& hidden_states, const at::Tensor& router_l
   QWEN3X_CHECK(top_k >= 1 && top_k <= std::min<int64_t>(E, moe::kMaxTopK), "qwen3x.", kOp,
                ": expected 1 <= top_k <= min(experts, ", moe::kMaxTopK, ") = ",
                std::min<int64_t>(E, moe::kMaxTopK), ", got ", top_k);
+  Permutation permuted;  // filled at decode sizes, where the router's launch permutes too
   const auto [weights, expert_ids, tokens_per_expert] =
-      moe_router(router_logits, top_k, norm_topk_prob);
-  return run_experts(kOp, hidden_states, expert_ids, weights, gate_up_proj, down_proj);
+      route("moe_router", router_logits, top_k, norm_topk_prob, &permuted);
+  return run_experts(kOp, hidden_states, expert_ids, weights, gate_up_proj, down_proj,
+                     permuted.sorted_rows.defined() ? &permuted : nullptr);
 }
 
 }  // namespace qwen3x

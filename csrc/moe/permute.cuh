@@ -145,6 +145,54 @@ __device__ __forceinline__ void tile_range(int64_t num_picks, int64_t tile_picks
 
 }  // namespace permute_detail
 
+// The permutation of at most kPermuteThreads picks whose experts the block
+// already holds in shared memory, all in [0, E), with their counts: the
+// router's one-block decode launch (router.cuh, kPermute) ends with it, so
+// that decode routes and permutes in one launch. One pick per thread; a pick's
+// rank among its expert's picks counts the same ids before it (at most
+// kPermuteThreads - 1 shared reads, the same address for the whole warp at
+// each step). Same outputs as the kernels below. Block-wide: contains
+// __syncthreads; blockDim.x == kPermuteThreads.
+__device__ __forceinline__ void permute_one_block(
+    int* __restrict__ sorted_rows,     // [num_slots]
+    int* __restrict__ expert_offsets,  // [num_experts + 1]
+    int* __restrict__ inverse,         // [num_picks]
+    const int* s_ids,                  // shared [num_picks]: expert of pick n = t * k + j
+    const int* s_counts,               // shared [num_experts]: picks per expert
+    int* s_start,                      // shared [kMaxExperts] scratch: segment starts
+    int* s_warp_totals,                // shared [kPermuteWarps] scratch
+    int num_picks,                     // <= kPermuteThreads
+    int num_experts,                   // <= kMaxExperts
+    int row_align,                     // >= 1
+    int num_slots) {                   // num_picks + num_experts * (row_align - 1)
+  const int expert = threadIdx.x;  // kMaxExperts <= kPermuteThreads
+  const bool owns_expert = expert < num_experts;
+  const int count = owns_expert ? s_counts[expert] : 0;
+  const int padded = (count + row_align - 1) / row_align * row_align;
+  int used = 0;
+  const int start = permute_detail::block_exclusive_scan(padded, s_warp_totals, &used);
+  if (owns_expert) {
+    s_start[expert] = start;
+    expert_offsets[expert] = start;
+    for (int s = start + count; s < start + padded; ++s) sorted_rows[s] = kEmptySlot;
+  }
+  if (threadIdx.x == 0) expert_offsets[num_experts] = used;
+  for (int s = used + static_cast<int>(threadIdx.x); s < num_slots; s += blockDim.x) {
+    sorted_rows[s] = kEmptySlot;
+  }
+  __syncthreads();  // s_start
+
+  const int n = threadIdx.x;
+  if (n < num_picks) {
+    const int e = s_ids[n];
+    int rank = 0;
+    for (int m = 0; m < n; ++m) rank += s_ids[m] == e ? 1 : 0;
+    const int slot = s_start[e] + rank;
+    sorted_rows[slot] = n;
+    inverse[n] = slot;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Count kernel (only when num_tiles > 1): one block per tile writes the tile's
 // picks per expert. Grid = num_tiles, block = kPermuteThreads.

@@ -35,6 +35,12 @@
 //   for a one-block grid (up to kRouterWarps = 16 tokens), which stores
 //   every count itself: one launch instead of a memset and a launch.
 //
+// - With kPermute (the moe op at decode: one block, T <= kRouterWarps), the
+//   block also permutes its picks for the expert GEMMs (permute.cuh,
+//   permute_one_block) from the ids and counts it holds in shared memory:
+//   routing and permutation in one launch instead of three (memset, router,
+//   permutation) or two.
+//
 // E <= 128 uses kSlots = 4 (Qwen3-MoE), E <= 512 kSlots = 16: two register
 // footprints per dtype. No host synchronization; graph-capturable.
 //
@@ -50,6 +56,7 @@
 #include "core/reduce.cuh"
 #include "core/vec.cuh"
 #include "moe/limits.h"
+#include "moe/permute.cuh"
 
 namespace qwen3x::moe {
 
@@ -61,6 +68,21 @@ constexpr int kRouterThreads = kRouterWarps * kWarpSize;
 // atomics, so more blocks mean more contention on tokens_per_expert; warps
 // loop over tokens.
 constexpr int kRouterBlocksPerSm = 2;
+static_assert(kRouterThreads == kPermuteThreads, "the kPermute block is a permute block too");
+
+// moe_permute's outputs, for the kPermute variant.
+struct RoutePermutation {
+  int* sorted_rows;     // [num_slots]
+  int* expert_offsets;  // [num_experts + 1]
+  int* inverse;         // [T * top_k]
+  int row_align;        // >= 1
+  int num_slots;        // T * top_k + num_experts * (row_align - 1)
+};
+
+// Whether T tokens route in one block (then kPermute may be used).
+inline bool router_one_block(int64_t num_tokens) {
+  return num_tokens >= 1 && num_tokens <= kRouterWarps;
+}
 // Experts per lane: the small footprint (E <= 128) and the large (E <= 512).
 constexpr int kRouterSlotsSmall = 4;
 constexpr int kRouterSlotsLarge = kMaxExperts / kWarpSize;
@@ -96,7 +118,7 @@ __device__ __forceinline__ unsigned warp_min_u32(unsigned v) { return __reduce_m
 
 }  // namespace router_detail
 
-template <typename T, int kSlots>
+template <typename T, int kSlots, bool kPermute>
 __global__ void __launch_bounds__(kRouterThreads)
 moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
                   int* __restrict__ expert_ids,          // [num_tokens, top_k]
@@ -106,9 +128,14 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
                   int64_t logits_stride,                 // elements between rows of logits
                   int num_experts,                       // E <= kSlots * 32
                   int top_k,                             // 1 <= k <= min(E, kMaxTopK)
-                  bool norm_topk_prob) {                 // divide the k weights by their sum
+                  bool norm_topk_prob,                   // divide the k weights by their sum
+                  const RoutePermutation perm) {         // kPermute only (gridDim.x == 1)
   using namespace router_detail;
   __shared__ int histogram[kMaxExperts];  // picks per expert by this block
+  // kPermute: the picks' experts, the segment starts, the scan's warp totals.
+  __shared__ int s_ids[kPermute ? kRouterWarps * kMaxTopK : 1];
+  __shared__ int s_start[kPermute ? kMaxExperts : 1];
+  __shared__ int s_warp_totals[kPermute ? kPermuteWarps : 1];
 
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) histogram[e] = 0;
   __syncthreads();
@@ -186,6 +213,7 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
       weights[out] = from_float<T>(w);
       expert_ids[out] = my_expert;
       atomicAdd(&histogram[my_expert], 1);
+      if constexpr (kPermute) s_ids[out] = my_expert;  // out < kRouterWarps * top_k
     }
   }
 
@@ -199,18 +227,24 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
       atomicAdd(&tokens_per_expert[e], count);
     }
   }
+  if constexpr (kPermute) {
+    permute_one_block(perm.sorted_rows, perm.expert_offsets, perm.inverse, s_ids, histogram,
+                      s_start, s_warp_totals, static_cast<int>(num_tokens) * top_k, num_experts,
+                      perm.row_align, perm.num_slots);
+  }
 }
 
 // Launcher: zeroes tokens_per_expert (cudaMemsetAsync) unless one block does it
-// all, and runs the kernel. Preconditions (checked by the glue):
-// 1 <= num_experts <= kMaxExperts, 1 <= top_k <= min(num_experts, kMaxTopK),
-// num_tokens * top_k < 2^31, num_sms >= 1. Returns the memset's error; the
-// caller checks the launch.
+// all, and runs the kernel; with `perm` (requires router_one_block(num_tokens))
+// the kPermute variant, which also writes moe_permute's outputs. Preconditions
+// (checked by the glue): 1 <= num_experts <= kMaxExperts,
+// 1 <= top_k <= min(num_experts, kMaxTopK), num_tokens * top_k < 2^31,
+// num_sms >= 1. Returns the memset's error; the caller checks the launch.
 template <typename T>
 cudaError_t launch_moe_router(T* weights, int* expert_ids, int* tokens_per_expert,
                               const T* logits, int64_t num_tokens, int64_t logits_stride,
                               int num_experts, int top_k, bool norm_topk_prob, int num_sms,
-                              cudaStream_t stream) {
+                              cudaStream_t stream, const RoutePermutation* perm = nullptr) {
   const int64_t max_blocks = static_cast<int64_t>(num_sms) * kRouterBlocksPerSm;
   const int64_t want = ceil_div<int64_t>(num_tokens, kRouterWarps);
   const dim3 grid(static_cast<unsigned>(want < max_blocks ? want : max_blocks));
@@ -219,14 +253,19 @@ cudaError_t launch_moe_router(T* weights, int* expert_ids, int* tokens_per_exper
         tokens_per_expert, 0, static_cast<size_t>(num_experts) * sizeof(int), stream);
     if (err != cudaSuccess || num_tokens == 0) return err;
   }
-  if (num_experts <= kRouterSlotsSmall * kWarpSize) {
-    moe_router_kernel<T, kRouterSlotsSmall><<<grid, kRouterThreads, 0, stream>>>(
-        weights, expert_ids, tokens_per_expert, logits, num_tokens, logits_stride, num_experts,
-        top_k, norm_topk_prob);
+  const RoutePermutation none{};
+  auto run = [&](auto kernel) {
+    kernel<<<grid, kRouterThreads, 0, stream>>>(weights, expert_ids, tokens_per_expert, logits,
+                                                num_tokens, logits_stride, num_experts, top_k,
+                                                norm_topk_prob, perm != nullptr ? *perm : none);
+  };
+  const bool small = num_experts <= kRouterSlotsSmall * kWarpSize;
+  if (perm != nullptr) {
+    run(small ? moe_router_kernel<T, kRouterSlotsSmall, true>
+              : moe_router_kernel<T, kRouterSlotsLarge, true>);
   } else {
-    moe_router_kernel<T, kRouterSlotsLarge><<<grid, kRouterThreads, 0, stream>>>(
-        weights, expert_ids, tokens_per_expert, logits, num_tokens, logits_stride, num_experts,
-        top_k, norm_topk_prob);
+    run(small ? moe_router_kernel<T, kRouterSlotsSmall, false>
+              : moe_router_kernel<T, kRouterSlotsLarge, false>);
   }
   return cudaSuccess;
 }

@@ -446,6 +446,49 @@ def permute(ids_flat, num_experts, row_align):
     return sorted_rows, offsets, inverse
 
 
+def permute_one_block(ids_flat, counts, num_experts, row_align):
+    """permute.cuh permute_one_block, the end of the router's one-block decode launch (router.cuh
+    kPermute): ids_flat (the router's picks, all in [0, E), at most PERMUTE_THREADS of them) and
+    counts (its histogram) from shared memory; one pick per thread, ranked by counting its
+    expert's earlier picks. Returns the GBufs sorted_rows, expert_offsets, inverse (each element
+    checked written exactly once)."""
+    ids = np.asarray(ids_flat, np.int64)
+    num_picks = ids.size
+    if num_picks > PERMUTE_THREADS or not ((ids >= 0) & (ids < num_experts)).all():
+        raise ModelError("permute_one_block: more picks than threads, or an id outside [0, E)")
+    num_slots = num_picks + num_experts * (row_align - 1)
+    sorted_rows = GBuf("sorted_rows", numel=num_slots, dtype=np.int64, fill=-12345)
+    offsets = GBuf("expert_offsets", numel=num_experts + 1, dtype=np.int64, fill=-12345)
+    inverse = GBuf("inverse", numel=num_picks, dtype=np.int64, fill=-12345)
+    tid = np.arange(PERMUTE_THREADS)
+    owns = tid < num_experts
+    count = np.zeros(PERMUTE_THREADS, np.int64)
+    count[:num_experts] = np.asarray(counts, np.int64)[:num_experts]
+    padded = (count + row_align - 1) // row_align * row_align
+    start = np.cumsum(padded) - padded  # block_exclusive_scan
+    used = int(padded.sum())
+    offsets.write(np.arange(num_experts), start[owns, None], "offsets")
+    offsets.write([num_experts], [[used]], "offsets")
+    for e in range(num_experts):
+        s = np.arange(start[e] + count[e], start[e] + padded[e])
+        if s.size:
+            sorted_rows.write(s, np.full((s.size, 1), -1), "padding")
+    s = used + tid
+    while (s < num_slots).any():
+        inside = s < num_slots
+        sorted_rows.write(s[inside], np.full((inside.sum(), 1), -1), "trailing")
+        s = s + PERMUTE_THREADS
+    for n in range(num_picks):  # thread n
+        e = ids[n]
+        rank = int((ids[:n] == e).sum())
+        slot = start[e] + rank
+        sorted_rows.write([slot], [[n]], "scatter")
+        inverse.write([n], [[slot]], "inverse")
+    for buf in (sorted_rows, offsets, inverse):
+        buf.check_written_once(np.ones(buf.d.size, bool))
+    return sorted_rows, offsets, inverse
+
+
 # ----------------------------------------------------------------------------- combine
 def combine(num, out, y, inverse, num_tokens, hidden, top_k):
     """combine.cuh moe_combine_kernel: out[t] = T(sum_j float(y[t * k + j])), dropped picks skipped."""
