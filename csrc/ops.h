@@ -99,6 +99,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(
     const at::Tensor& expert_ids,  // [T, k] int32/int64
     int64_t num_experts, int64_t row_align);
+// moe_router then moe_permute (of its ids, E = router_logits.shape[1]), in one launch up to 16
+// tokens -> weights, expert_ids, tokens_per_expert, sorted_rows, expert_offsets, inverse
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route(
+    const at::Tensor& router_logits,  // [T, E] bf16/fp16/fp32, last dim contiguous
+    int64_t top_k, bool norm_topk_prob, int64_t row_align);
 // -> out [T, H] (hidden's dtype): SwiGLU experts, weighted, summed over the k picks
 at::Tensor moe_experts(const at::Tensor& hidden_states,   // [T, H] bf16/fp16, H % 128 == 0
                        const at::Tensor& expert_ids,      // [T, k] int32/int64

@@ -64,6 +64,9 @@ TORCH_LIBRARY(qwen3x, m) {
   m.def("moe_router(Tensor router_logits, int top_k, bool norm_topk_prob) -> (Tensor, Tensor, Tensor)");
   m.def("moe_permute(Tensor expert_ids, int num_experts, int row_align) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "moe_route(Tensor router_logits, int top_k, bool norm_topk_prob, int row_align) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "moe_experts(Tensor hidden_states, Tensor expert_ids, Tensor expert_weights, "
       "Tensor gate_up_proj, Tensor down_proj) -> Tensor");
   m.def(
@@ -84,6 +87,7 @@ TORCH_LIBRARY(qwen3x, m) {
   X(qk_norm_rope_attention)    \
   X(moe_router)                \
   X(moe_permute)               \
+  X(moe_route)                 \
   X(moe_experts)
 
 // Ops whose entry point is not qwen3x::<op> because that name is taken

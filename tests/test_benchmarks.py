@@ -29,7 +29,7 @@ from benchmarks.timing import Timing, percentile  # noqa: E402
 ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT)])}
 ALL_OPS = (
     "rms_norm qk_norm_rope silu_and_mul attention_prefill attention_varlen attention_decode qk_norm_rope_attention "
-    "moe_router moe_permute moe_experts moe_layer model_prefill model_decode"
+    "moe_router moe_permute moe_route moe_experts moe_layer model_prefill model_decode"
 ).split()
 
 
@@ -470,6 +470,8 @@ def test_target_verdicts():
     add("moe_router", router, "qwen3x", 0.003)
     add("moe_permute", {**router, "row_align": 1}, "qwen3x", 0.004)  # 7 us together: PASS
     add("moe_router", {**router, "tokens": 16}, "qwen3x", 0.003)  # its permute was not run: not judged
+    add("moe_route", {**router, "row_align": 16}, "qwen3x", 0.0095)  # 9.5 us < 10: PASS
+    add("moe_route", {**router, "tokens": 16, "row_align": 16}, "qwen3x", 0.0105)  # 10.5 us: FAIL
     pre = {"model": "Qwen3-4B", "batch": 1, "seqlen": 8192, "hq": 32, "hkv": 8}
     for provider, ms in (("qwen3x", 1.0), ("sdpa_flash", 1.05), ("sdpa_cudnn", 0.8)):
         add("attention_prefill", pre, provider, ms)
@@ -485,8 +487,11 @@ def test_target_verdicts():
     v = verdict("qk_norm_rope >= 4x")
     assert v.status == "PASS" and abs(v.worst - 5.0) < 1e-9
     assert verdict("qk_norm_rope >= 1.5x").status == "NO DATA" and verdict("qk_norm_rope >= 1.5x").missing == 1
-    v = verdict("router + permutation")
-    assert (v.status, v.judged, v.missing) == ("PASS", 1, 1) and abs(v.worst - 7.0) < 1e-9
+    v = verdict("router + permutation as the two separate ops")
+    assert (v.status, v.judged, v.missing) == ("INFO", 1, 1) and abs(v.worst - 7.0) < 1e-9
+    v = verdict("router + permutation under 10 us")
+    assert (v.status, v.judged) == ("FAIL", 2) and abs(v.worst - 10.5) < 1e-9
+    assert v.worst_shape == "model=Qwen3-30B-A3B tokens=16 hidden=2048 experts=128 topk=8 row_align=16"
     v = verdict("prefill at 4k-16k tokens (4B")
     assert v.status == "FAIL" and abs(v.worst - 1.05) < 1e-9  # 1.05x < 1.1x
     v = verdict("prefill at 4k-16k tokens: speedup over SDPA's cuDNN")

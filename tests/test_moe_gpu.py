@@ -1,4 +1,5 @@
-"""CUDA kernels of moe_router and moe_permute against the reference on the same CUDA inputs. GPU only.
+"""CUDA kernels of moe_router, moe_permute and moe_route against the reference on the same CUDA inputs.
+GPU only.
 
 Integer outputs (expert ids, counts, sorted rows, offsets, inverse) must match exactly. Router weights:
 within 1e-6 relative in fp32 (only the order of the k-term renormalizing sum may differ), and equal
@@ -255,6 +256,48 @@ def test_repeated_runs_are_bitwise_identical():
             assert_identical(a, b)
 
 
+# --------------------------------------------------------------------------------------------
+# moe_route: the router then the permutation of its ids; one launch up to 16 tokens
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 16, 17, 300])
+@pytest.mark.parametrize("experts,top_k", [(8, 2), (128, 8), (512, 16), (5, 5)])
+@pytest.mark.parametrize("row_align", [1, 16, 128])
+def test_route_matches_router_then_permute(dtype, tokens, experts, top_k, row_align):
+    _needs_kernel("moe_route")
+    logits = _distinct_logits(tokens, experts, dtype)
+    poison_allocator(tokens * top_k * 16 + experts * (row_align + 8) * 4)
+    got = ops.moe_route(logits, top_k, True, row_align)
+    want = R.moe_route(logits, top_k, True, row_align)
+    _assert_weights(got[0], want[0])
+    for name, g, w in zip(("expert_ids", "tokens_per_expert", "sorted_rows", "expert_offsets", "inverse"),
+                          got[1:], want[1:]):
+        _assert_equal(name, g, w)
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 40])
+def test_route_capture_in_a_cuda_graph(tokens):
+    _needs_kernel("moe_route")
+    E, k, align = 128, 8, 16
+    static_logits = _distinct_logits(tokens, E, torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.moe_route(static_logits, k, True, align)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = ops.moe_route(static_logits, k, True, align)
+    for _ in range(3):
+        static_logits.copy_(_distinct_logits(tokens, E, torch.bfloat16))
+        graph.replay()
+        for a, b in zip(static_out, R.moe_route(static_logits, k, True, align)):
+            if a.is_floating_point():
+                _assert_weights(a, b)
+            else:
+                _assert_equal("route output", a, b)
+
+
 @pytest.mark.parametrize("tokens", [4, 4096])
 def test_router_and_permute_capture_in_a_cuda_graph(tokens):
     _needs_kernel("moe_router")
@@ -295,6 +338,11 @@ def test_opcheck_on_cuda():
     ids = _ids("routed", 7, 4, 64)
     torch.library.opcheck(torch.ops.qwen3x.moe_permute.default, (ids, 64, 16),
                           test_utils=["test_schema", "test_faketensor"])
+    if _library.has_cuda_kernel("moe_route"):
+        for tokens in (7, 40):  # one launch, and router + permutation
+            torch.library.opcheck(torch.ops.qwen3x.moe_route.default,
+                                  (_distinct_logits(tokens, 64, torch.bfloat16), 4, True, 16),
+                                  test_utils=["test_schema", "test_faketensor"])
 
 
 def _cuda(*shape, dtype=torch.float32):

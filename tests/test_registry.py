@@ -48,6 +48,8 @@ def _inputs(op: str):
         return (torch.randn(T, 8), 2, True)
     if op == "moe_permute":
         return (torch.stack([torch.randperm(8)[:2] for _ in range(T)]).int(), 8, 4)
+    if op == "moe_route":
+        return (torch.randn(T, 8), 2, True, 4)
     E, H, I = 4, 16, 8
     if op == "moe_experts":
         w, ids, _ = R.moe_router(torch.randn(T, E), 2, True)
@@ -83,8 +85,8 @@ def test_opcheck(op):
     tests = ["test_schema", "test_faketensor", "test_aot_dispatch_dynamic"]
     if op in _library.NO_AUTOGRAD:
         tests = ["test_schema", "test_faketensor"]
-    if op in ("moe_experts", "moe", "attention_varlen"):
-        tests = ["test_schema", "test_faketensor"]  # data-dependent loops in the reference: no AOT trace
+    if op in ("moe_experts", "moe", "attention_varlen", "moe_route"):
+        tests = ["test_schema", "test_faketensor"]  # data-dependent loops or sizes in the reference: no AOT trace
     torch.library.opcheck(getattr(torch.ops.qwen3x, op).default, args, test_utils=tests)
 
 
@@ -124,7 +126,7 @@ def test_op_equals_reference_and_fake_shapes_match(op):
 
 
 GRAD_OPS = ["rms_norm", "add_rms_norm", "qk_norm_rope", "silu_and_mul", "attention", "attention_varlen",
-            "qk_norm_rope_attention", "moe_router", "moe_experts", "moe"]
+            "qk_norm_rope_attention", "moe_router", "moe_route", "moe_experts", "moe"]
 
 
 @pytest.mark.parametrize("op", GRAD_OPS)
@@ -356,6 +358,8 @@ BAD = [
      "k and v of one shape"),
     ("moe_router", lambda: ops.moe_router(torch.randn(4, 8), 9), "1 <= top_k <= 8"),
     ("moe_permute", lambda: ops.moe_permute(torch.tensor([[0, 9]]), 8), "expert ids in \\[0, 8\\)"),
+    ("moe_route", lambda: ops.moe_route(torch.randn(4, 8), 2, True, 0), "row_align >= 1"),
+    ("moe_route", lambda: ops.moe_route(torch.randn(4, 8), 9), "1 <= top_k <= 8"),
     ("moe_experts", lambda: ops.moe_experts(torch.randn(2, 16), torch.tensor([[0], [1]]), torch.rand(2, 1),
                                             torch.randn(4, 16, 16), torch.randn(4, 16, 8).transpose(1, 2)),
      "expected down_proj \\[4, 16, 8\\]"),

@@ -2,6 +2,7 @@
 
 - moe_router:  router logits -> (weights, expert ids, tokens per expert)
 - moe_permute: expert ids -> stable grouping by expert (sorted rows, offsets, inverse)
+- moe_route:   both, as the layer runs them (one launch up to 16 tokens), with its decode row_align
 - moe_experts: SwiGLU experts + weighted combine, given the routing
 - moe_layer:   a whole sparse block: router GEMM, routing, experts, combine
 
@@ -25,6 +26,7 @@ from .common import ELEM, graph_worthy, hf_module, randn
 
 TOKENS = (1, 16, 128, 1024, 4096, 16384, 32768)  # 16384: issue 6's 1.5x-grouped_mm shape
 ROW_ALIGN = 1  # moe_permute padding of each expert's segment (1: none, as HF's grouped_mm path)
+ROUTE_ROW_ALIGN = 16  # moe_route: the expert GEMMs' decode row tile (BLOCK_M), what the moe op asks for
 NORM_TOPK_PROB = True  # what the Qwen3-MoE checkpoints set
 
 
@@ -257,6 +259,29 @@ def permute_case(d: ModelDims, tokens: int) -> Case:
     )
 
 
+def _route_ref(x, topk, experts):
+    return reference.moe_route(x["router_logits"], topk, NORM_TOPK_PROB, ROUTE_ROW_ALIGN)
+
+
+def route_case(d: ModelDims, tokens: int) -> Case:
+    ref = functools.partial(_route_ref, topk=d.topk, experts=d.experts)
+    return Case(
+        op="moe_route",
+        shape=_shape(d, tokens, row_align=ROUTE_ROW_ALIGN),
+        make_inputs=lambda device: {"router_logits": distinct_logits(tokens, d.experts, device)},
+        reference=ref,
+        providers=[
+            qwen3x_provider("moe_route", lambda x: ops.moe_route(x["router_logits"], d.topk, NORM_TOPK_PROB,
+                                                                 ROUTE_ROW_ALIGN)),
+            reference_provider(ref, graphable=False),
+            torch_compile_provider(ref, graphable=False),
+        ],
+        bytes=moe_router_bytes(tokens, d.experts, d.topk) + moe_permute_bytes(tokens, d.experts, d.topk,
+                                                                               ROUTE_ROW_ALIGN),
+        cuda_graph=graph_worthy(tokens),
+    )
+
+
 def _experts_args(x):
     return x["hidden_states"], x["expert_ids"], x["expert_weights"], x["gate_up_proj"], x["down_proj"]
 
@@ -357,6 +382,7 @@ def _grid(make, quick: bool) -> list[Case]:
 SUITE = {
     "moe_router": functools.partial(_grid, router_case),
     "moe_permute": functools.partial(_grid, permute_case),
+    "moe_route": functools.partial(_grid, route_case),
     "moe_experts": functools.partial(_grid, experts_case),
     "moe_layer": functools.partial(_grid, layer_case),
 }

@@ -1,4 +1,4 @@
-// Torch glue for moe_router, moe_permute, moe_experts and moe: argument
+// Torch glue for moe_router, moe_permute, moe_route, moe_experts and moe: argument
 // checks, device guard, current stream, dtype dispatch, output (and
 // workspace) allocation. Kernels: router.cuh, permute.cuh, experts.cuh
 // (grouped GEMMs + combine).
@@ -172,12 +172,12 @@ at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tenso
 }
 
 // moe_router's work; with `permuted` and one router block (decode), the same launch also
-// permutes the picks for the expert GEMMs (moe_permute's outputs, row_align = their BLOCK_M)
-// into *permuted, which is otherwise left empty.
+// permutes the picks (moe_permute's outputs for `row_align`) into *permuted, which is otherwise
+// left empty. row_align is checked by the caller.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const char* op,
                                                      const at::Tensor& router_logits,
                                                      int64_t top_k, bool norm_topk_prob,
-                                                     Permutation* permuted) {
+                                                     int64_t row_align, Permutation* permuted) {
   check::cuda(op, "router_logits", router_logits);
   check::float_dtype(op, "router_logits", router_logits);
   QWEN3X_CHECK(router_logits.dim() == 2, "qwen3x.", op,
@@ -209,8 +209,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const char* op,
   const bool fuse = permuted != nullptr && moe::router_one_block(num_tokens);
   if (fuse) {
     const int64_t num_picks = num_tokens * top_k;
-    const int64_t row_align = experts_block_m(num_picks, num_experts);
-    const int64_t num_slots = num_picks + num_experts * (row_align - 1);  // < 2^31: tiny T
+    const int64_t num_slots = num_picks + num_experts * (row_align - 1);
+    QWEN3X_CHECK(num_slots <= kMaxInt32, "qwen3x.", op, ": ", num_picks, " picks + ", num_experts,
+                 " experts x (row_align - 1 = ", row_align - 1,
+                 ") padding slots exceed the int32 range of the outputs");
     const auto int_options = router_logits.options().dtype(at::kInt);
     permuted->sorted_rows = at::empty({num_slots}, int_options);
     permuted->expert_offsets = at::empty({num_experts + 1}, int_options);
@@ -238,7 +240,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const char* op,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(const at::Tensor& router_logits,
                                                           int64_t top_k, bool norm_topk_prob) {
-  return route("moe_router", router_logits, top_k, norm_topk_prob, /*permuted=*/nullptr);
+  return route("moe_router", router_logits, top_k, norm_topk_prob, /*row_align=*/1,
+               /*permuted=*/nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route(
+    const at::Tensor& router_logits, int64_t top_k, bool norm_topk_prob, int64_t row_align) {
+  constexpr const char* kOp = "moe_route";
+  QWEN3X_CHECK(row_align >= 1 && row_align <= kMaxInt32, "qwen3x.", kOp,
+               ": expected 1 <= row_align <= ", kMaxInt32, ", got ", row_align);
+  Permutation p;
+  auto [weights, expert_ids, tokens_per_expert] =
+      route(kOp, router_logits, top_k, norm_topk_prob, row_align, &p);
+  if (!p.sorted_rows.defined()) {  // more than one router block: the permutation's own launches
+    std::tie(p.sorted_rows, p.expert_offsets, p.inverse) =
+        moe_permute(expert_ids, router_logits.size(1), row_align);
+  }
+  return {weights, expert_ids, tokens_per_expert, p.sorted_rows, p.expert_offsets, p.inverse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& expert_ids,
@@ -330,7 +348,8 @@ at::Tensor moe_block(const at::Tensor& hidden_states, const at::Tensor& router_l
                std::min<int64_t>(E, moe::kMaxTopK), ", got ", top_k);
   Permutation permuted;  // filled at decode sizes, where the router's launch permutes too
   const auto [weights, expert_ids, tokens_per_expert] =
-      route("moe_router", router_logits, top_k, norm_topk_prob, &permuted);
+      route("moe_router", router_logits, top_k, norm_topk_prob, experts_block_m(T * top_k, E),
+            &permuted);
   return run_experts(kOp, hidden_states, expert_ids, weights, gate_up_proj, down_proj,
                      permuted.sorted_rows.defined() ? &permuted : nullptr);
 }

@@ -218,6 +218,11 @@ def moe_permute(op, ids, num_experts, row_align) -> None:
     expert_ids(op, ids, num_experts)
 
 
+def moe_route(op, router_logits, top_k, row_align) -> None:
+    moe_router(op, router_logits, top_k)
+    expect(row_align >= 1, op, f"expected row_align >= 1, got {row_align}")
+
+
 def moe_weights(op, hidden_states, gate_up_proj, down_proj) -> None:
     floating(op, "hidden_states", hidden_states)
     expect(hidden_states.dim() == 2, op, f"expected hidden_states [tokens, hidden], got {_shape(hidden_states)}")

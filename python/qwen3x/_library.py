@@ -58,6 +58,10 @@ SCHEMAS: dict[str, str] = {
     ),
     "moe_router": "moe_router(Tensor router_logits, int top_k, bool norm_topk_prob) -> (Tensor, Tensor, Tensor)",
     "moe_permute": "moe_permute(Tensor expert_ids, int num_experts, int row_align) -> (Tensor, Tensor, Tensor)",
+    "moe_route": (
+        "moe_route(Tensor router_logits, int top_k, bool norm_topk_prob, int row_align) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
     "moe_experts": (
         "moe_experts(Tensor hidden_states, Tensor expert_ids, Tensor expert_weights, Tensor gate_up_proj, "
         "Tensor down_proj) -> Tensor"
@@ -273,6 +277,11 @@ def _moe_permute(expert_ids, num_experts, row_align):
     return reference.moe_permute(expert_ids, num_experts, row_align)
 
 
+def _moe_route(router_logits, top_k, norm_topk_prob, row_align):
+    _checks.moe_route("moe_route", router_logits, top_k, row_align)
+    return reference.moe_route(router_logits, top_k, norm_topk_prob, row_align)
+
+
 def _moe_experts(hidden_states, expert_ids, expert_weights, gate_up_proj, down_proj):
     _checks.moe_experts("moe_experts", hidden_states, expert_ids, expert_weights, gate_up_proj, down_proj)
     return reference.moe_experts(hidden_states, expert_ids, expert_weights, gate_up_proj, down_proj)
@@ -295,6 +304,7 @@ REFERENCE_IMPLS: dict[str, Callable] = {
     "qk_norm_rope_attention": _qk_norm_rope_attention,
     "moe_router": _moe_router,
     "moe_permute": _moe_permute,
+    "moe_route": _moe_route,
     "moe_experts": _moe_experts,
     "moe": _moe,
 }
@@ -375,6 +385,13 @@ def _fake_moe_permute(expert_ids, num_experts, row_align):
     )
 
 
+def _fake_moe_route(router_logits, top_k, norm_topk_prob, row_align):
+    _checks.moe_route("moe_route", router_logits, top_k, row_align)
+    ids = router_logits.new_empty((router_logits.shape[0], top_k), dtype=torch.int32)
+    return _fake_moe_router(router_logits, top_k, norm_topk_prob) + _fake_moe_permute(
+        ids, router_logits.shape[1], row_align)
+
+
 def _fake_moe_experts(hidden_states, expert_ids, expert_weights, gate_up_proj, down_proj):
     return hidden_states.new_empty(hidden_states.shape)
 
@@ -395,6 +412,7 @@ FAKE_IMPLS: dict[str, Callable] = {
     "qk_norm_rope_attention": _fake_qk_norm_rope_attention,
     "moe_router": _fake_moe_router,
     "moe_permute": _fake_moe_permute,
+    "moe_route": _fake_moe_route,
     "moe_experts": _fake_moe_experts,
     "moe": _fake_moe,
 }

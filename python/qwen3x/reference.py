@@ -25,6 +25,7 @@ __all__ = [
     "attention",
     "moe_router",
     "moe_permute",
+    "moe_route",
     "moe_experts",
     "moe",
 ]
@@ -308,6 +309,16 @@ def moe_permute(
     inverse = torch.empty(n, dtype=torch.int32, device=device)
     inverse[order] = dest.to(torch.int32)
     return sorted_rows, offsets.to(torch.int32), inverse
+
+
+def moe_route(
+    router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, row_align: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """moe_router, then moe_permute of its expert ids (E = router_logits.shape[-1]): what an MoE
+    layer needs before its expert GEMMs. -> weights, expert_ids, tokens_per_expert, sorted_rows,
+    expert_offsets, inverse."""
+    weights, ids, counts = moe_router(router_logits, top_k, norm_topk_prob)
+    return (weights, ids, counts) + moe_permute(ids, router_logits.shape[-1], row_align)
 
 
 def moe_experts(

@@ -28,7 +28,7 @@ import torch
 NEEDS_A_GPU = {
     "test_cuda_graph_decode", "test_varlen_deterministic_and_graph_capturable",
     "test_cuda_graph_capture_and_replay", "test_router_and_permute_capture_in_a_cuda_graph",
-    "test_moe_op_cuda_graph_at_decode",
+    "test_moe_op_cuda_graph_at_decode", "test_route_capture_in_a_cuda_graph",
     "test_backward_memory_is_linear_in_length", "test_mainloop_setting_is_checked",
     "test_backward_of_out_is_as_accurate_as_hf_training", "test_backward_through_grouped_gemms",
     # bad inputs: among them tensors on another device, which the emulated device (the CPU) is not
@@ -91,8 +91,8 @@ def select(config, items, max_size: int) -> None:
 
 
 OPS = ("rms_norm", "add_rms_norm", "qk_norm_rope", "qk_norm_rope_", "qk_norm_rope_cache_", "silu_and_mul",
-       "attention", "attention_varlen", "qk_norm_rope_attention", "moe_router", "moe_permute", "moe_experts",
-       "moe")
+       "attention", "attention_varlen", "qk_norm_rope_attention", "moe_router", "moe_permute", "moe_route",
+       "moe_experts", "moe")
 
 
 @pytest.fixture(scope="session")
