@@ -382,3 +382,21 @@ def test_bad_permute_inputs_are_clear_errors(call, message):
     with pytest.raises(RuntimeError, match=f"qwen3x\\.moe_permute: .*{message}"):
         call()
     torch.cuda.synchronize()
+
+
+BAD_ROUTE = [
+    (lambda: ops.moe_route(_cuda(4, 8), 2, True, 0), "row_align"),
+    (lambda: ops.moe_route(_cuda(4, 8), 9, True, 16), "top_k"),
+    (lambda: ops.moe_route(_cuda(4, 8, dtype=torch.int32), 2, True, 16), "dtype"),
+    # padding slots past int32: in the one-launch path (4 tokens) and after a multi-block router (40)
+    (lambda: ops.moe_route(_cuda(4, 8), 2, True, 2**30), "int32 range"),
+    (lambda: ops.moe_route(_cuda(40, 8), 2, True, 2**30), "int32 range"),
+]
+
+
+@pytest.mark.parametrize("call,message", BAD_ROUTE, ids=[f"route-{i}" for i in range(len(BAD_ROUTE))])
+def test_bad_route_inputs_are_clear_errors(call, message):
+    _needs_kernel("moe_route")
+    with pytest.raises(RuntimeError, match=f"qwen3x\\.moe_route: .*{message}"):
+        call()
+    torch.cuda.synchronize()

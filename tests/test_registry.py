@@ -360,6 +360,8 @@ BAD = [
     ("moe_permute", lambda: ops.moe_permute(torch.tensor([[0, 9]]), 8), "expert ids in \\[0, 8\\)"),
     ("moe_route", lambda: ops.moe_route(torch.randn(4, 8), 2, True, 0), "row_align >= 1"),
     ("moe_route", lambda: ops.moe_route(torch.randn(4, 8), 9), "1 <= top_k <= 8"),
+    ("moe_route", lambda: ops.moe_route(torch.randn(4, 8), 2, True, 2**30), "int32 range"),
+    ("moe_permute", lambda: ops.moe_permute(torch.zeros(4, 2, dtype=torch.int32), 8, 2**30), "int32 range"),
     ("moe_experts", lambda: ops.moe_experts(torch.randn(2, 16), torch.tensor([[0], [1]]), torch.rand(2, 1),
                                             torch.randn(4, 16, 16), torch.randn(4, 16, 8).transpose(1, 2)),
      "expected down_proj \\[4, 16, 8\\]"),

@@ -253,8 +253,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto [weights, expert_ids, tokens_per_expert] =
       route(kOp, router_logits, top_k, norm_topk_prob, row_align, &p);
   if (!p.sorted_rows.defined()) {  // more than one router block: the permutation's own launches
+    const int64_t num_experts = router_logits.size(1);
+    const int64_t num_slots = expert_ids.numel() + num_experts * (row_align - 1);
+    QWEN3X_CHECK(num_slots <= kMaxInt32, "qwen3x.", kOp, ": ", expert_ids.numel(), " picks + ",
+                 num_experts, " experts x (row_align - 1 = ", row_align - 1,
+                 ") padding slots exceed the int32 range of the outputs");
     std::tie(p.sorted_rows, p.expert_offsets, p.inverse) =
-        moe_permute(expert_ids, router_logits.size(1), row_align);
+        moe_permute(expert_ids, num_experts, row_align);
   }
   return {weights, expert_ids, tokens_per_expert, p.sorted_rows, p.expert_offsets, p.inverse};
 }

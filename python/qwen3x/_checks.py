@@ -211,16 +211,25 @@ def expert_ids(op, ids, num_experts) -> None:
         )
 
 
+def padding_slots(op, num_picks, num_experts, row_align) -> None:
+    """The permutation's int32 outputs (as the CUDA kernels): picks + padding slots < 2^31."""
+    slots = num_picks + num_experts * (row_align - 1)
+    expect(slots < 2**31, op, f"{num_picks} picks + {num_experts} experts x (row_align - 1 = {row_align - 1}) "
+           "padding slots exceed the int32 range of the outputs")
+
+
 def moe_permute(op, ids, num_experts, row_align) -> None:
     expect(ids.dim() == 2, op, f"expected expert_ids [tokens, top_k], got {_shape(ids)}")
     expect(num_experts > 0, op, f"expected num_experts > 0, got {num_experts}")
     expect(row_align >= 1, op, f"expected row_align >= 1, got {row_align}")
+    padding_slots(op, ids.numel(), num_experts, row_align)
     expert_ids(op, ids, num_experts)
 
 
 def moe_route(op, router_logits, top_k, row_align) -> None:
     moe_router(op, router_logits, top_k)
     expect(row_align >= 1, op, f"expected row_align >= 1, got {row_align}")
+    padding_slots(op, router_logits.shape[0] * top_k, router_logits.shape[1], row_align)
 
 
 def moe_weights(op, hidden_states, gate_up_proj, down_proj) -> None:
