@@ -3,7 +3,9 @@
 Reads the rows of one run (default: the newest directory under benchmarks/results/) and replaces
 the text between the BEGIN/END markers in README.md with: the device, versions, git sha and date
 of the run, the measured ceilings, and one line per case giving qwen3x's median time, its
-fraction of the relevant ceiling, the fastest peer from the same run and qwen3x's speedup over it.
+fraction of the relevant ceiling, the fastest peer from the same run and qwen3x's speedup over it;
+the targets' verdicts; and the run's committed plots (RUN/plots/*.png, drawn from the same rows by
+``python -m benchmarks.plot RUN --out RUN/plots``).
 Never edit that part of README by hand: measured numbers come only from committed rows.
 """
 
@@ -24,6 +26,7 @@ OURS = "qwen3x"
 # The reference is the spec, not an alternative people use; qwen3x_mma_sync is our own other
 # mainloop (benchmarks/providers.py mma_sync_provider), shown in the rows and plots, not a peer.
 NOT_PEERS = {OURS, "reference", "qwen3x_mma_sync"}
+PLOTS = "plots"  # a run's PNGs, shown under its table
 
 
 def newest_run(results: Path = RESULTS) -> Path:
@@ -81,6 +84,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plots(run: Path, readme: Path) -> str:
+    """Markdown images of the run's plots, addressed from README's folder ("" when it has none)."""
+    pngs = sorted((run / PLOTS).glob("*.png"))
+    if not pngs:
+        return ""
+    base = readme.resolve().parent
+
+    def address(p: Path) -> str:
+        p = p.resolve()
+        return p.relative_to(base).as_posix() if p.is_relative_to(base) else p.as_posix()
+
+    images = "\n".join(f"![{p.stem}]({address(p)})" for p in pngs)
+    return f"\n\nPlots of the same rows (`python -m benchmarks.plot`):\n\n{images}"
+
+
 def update_readme(text: str, body: str) -> str:
     if BEGIN not in text or END not in text:
         raise SystemExit(f"README.md lacks the markers {BEGIN} ... {END}")
@@ -98,7 +116,8 @@ def main(argv=None) -> int:
     rows = read_rows(run)
     body = (table(rows) + "\n\nThe issues' targets, judged from the same rows (`python -m benchmarks.targets`):\n\n"
             + targets.format_verdicts(targets.evaluate(rows))
-            + f"\n\nRows: `{run.relative_to(ROOT) if run.is_relative_to(ROOT) else run}`.")
+            + f"\n\nRows: `{run.relative_to(ROOT) if run.is_relative_to(ROOT) else run}`."
+            + plots(run, args.readme))
     args.readme.write_text(update_readme(args.readme.read_text(), body))
     print(f"README.md benchmark table regenerated from {run}")
     return 0

@@ -527,6 +527,11 @@ def test_readme_carries_the_target_verdicts(tmp_path):
     # the sample's model_prefill row: 0.6B patched 8 ms vs unpatched 10 ms
     assert "| #5 | patched Qwen3-0.6B and Qwen3-4B prefill faster than unpatched | PASS | 1.25x |" in body
     assert "| #4 | rms_norm moves >= 90%" in body and "NO DATA" in body
+    assert "Plots of the same rows" not in body  # the run has none
+    (run_dir / "plots").mkdir()
+    (run_dir / "plots" / "rms_norm-hidden-1024.png").write_bytes(b"\x89PNG")
+    assert readme.main([str(run_dir), "--readme", str(text)]) == 0
+    assert "![rms_norm-hidden-1024](run/plots/rms_norm-hidden-1024.png)" in text.read_text()
 
 
 def test_parity_probe_runs_each_part_and_counts_routing_flips():
