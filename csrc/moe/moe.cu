@@ -92,6 +92,17 @@ struct Permutation {
   at::Tensor inverse;         // [T * k] int32
 };
 
+// The permutation's slots (the picks and each expert's padding to a multiple of row_align),
+// checked against the int32 range of its outputs.
+int64_t permutation_slots(const char* op, int64_t num_picks, int64_t num_experts,
+                          int64_t row_align) {
+  const int64_t num_slots = num_picks + num_experts * (row_align - 1);
+  QWEN3X_CHECK(num_slots <= kMaxInt32, "qwen3x.", op, ": ", num_picks, " picks + ", num_experts,
+               " experts x (row_align - 1 = ", row_align - 1,
+               ") padding slots exceed the int32 range of the outputs");
+  return num_slots;
+}
+
 // The row tile of the expert GEMMs for T * k picks over E experts: moe_permute's row_align.
 int64_t experts_block_m(int64_t num_picks, int64_t num_experts) {
   return moe::regime_block_m(moe::select_gemm_regime(num_picks, num_experts));
@@ -209,10 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const char* op,
   const bool fuse = permuted != nullptr && moe::router_one_block(num_tokens);
   if (fuse) {
     const int64_t num_picks = num_tokens * top_k;
-    const int64_t num_slots = num_picks + num_experts * (row_align - 1);
-    QWEN3X_CHECK(num_slots <= kMaxInt32, "qwen3x.", op, ": ", num_picks, " picks + ", num_experts,
-                 " experts x (row_align - 1 = ", row_align - 1,
-                 ") padding slots exceed the int32 range of the outputs");
+    const int64_t num_slots = permutation_slots(op, num_picks, num_experts, row_align);
     const auto int_options = router_logits.options().dtype(at::kInt);
     permuted->sorted_rows = at::empty({num_slots}, int_options);
     permuted->expert_offsets = at::empty({num_experts + 1}, int_options);
@@ -254,10 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       route(kOp, router_logits, top_k, norm_topk_prob, row_align, &p);
   if (!p.sorted_rows.defined()) {  // more than one router block: the permutation's own launches
     const int64_t num_experts = router_logits.size(1);
-    const int64_t num_slots = expert_ids.numel() + num_experts * (row_align - 1);
-    QWEN3X_CHECK(num_slots <= kMaxInt32, "qwen3x.", kOp, ": ", expert_ids.numel(), " picks + ",
-                 num_experts, " experts x (row_align - 1 = ", row_align - 1,
-                 ") padding slots exceed the int32 range of the outputs");
+    permutation_slots(kOp, expert_ids.numel(), num_experts, row_align);  // named as moe_route
     std::tie(p.sorted_rows, p.expert_offsets, p.inverse) =
         moe_permute(expert_ids, num_experts, row_align);
   }
@@ -277,10 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& exp
   QWEN3X_CHECK(row_align >= 1 && row_align <= kMaxInt32, "qwen3x.", kOp,
                ": expected 1 <= row_align <= ", kMaxInt32, ", got ", row_align);
   const int64_t num_picks = expert_ids.numel();
-  const int64_t num_slots = num_picks + num_experts * (row_align - 1);
-  QWEN3X_CHECK(num_slots <= kMaxInt32, "qwen3x.", kOp, ": ", num_picks, " picks + ", num_experts,
-               " experts x (row_align - 1 = ", row_align - 1,
-               ") padding slots exceed the int32 range of the outputs");
+  const int64_t num_slots = permutation_slots(kOp, num_picks, num_experts, row_align);
 
   const c10::cuda::CUDAGuard device_guard(expert_ids.device());
   // The kernels read the picks in flat order n = t * k + j.
