@@ -205,8 +205,8 @@ def moe_route(
     router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True, row_align: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """moe_router then moe_permute of its ids: (weights, expert_ids, tokens_per_expert,
-    sorted_rows, expert_offsets, inverse), as those two ops return them. On CUDA one launch up to
-    16 tokens (decode), router then permutation kernels above."""
+    sorted_rows, expert_offsets, inverse), as those two ops return them. On CUDA: one kernel up
+    to 16 tokens (decode); above, the router's kernel and then the permutation's."""
     return _ops.moe_route(router_logits, top_k, norm_topk_prob, row_align)
 
 
