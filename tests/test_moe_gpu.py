@@ -368,22 +368,6 @@ BAD_PERMUTE = [
 ]
 
 
-@pytest.mark.parametrize("call,message", BAD_ROUTER, ids=[f"router-{i}" for i in range(len(BAD_ROUTER))])
-def test_bad_router_inputs_are_clear_errors(call, message):
-    _needs_kernel("moe_router")
-    with pytest.raises(RuntimeError, match=f"qwen3x\\.moe_router: .*{message}"):
-        call()
-    torch.cuda.synchronize()  # and no asynchronous fault left behind
-
-
-@pytest.mark.parametrize("call,message", BAD_PERMUTE, ids=[f"permute-{i}" for i in range(len(BAD_PERMUTE))])
-def test_bad_permute_inputs_are_clear_errors(call, message):
-    _needs_kernel("moe_permute")
-    with pytest.raises(RuntimeError, match=f"qwen3x\\.moe_permute: .*{message}"):
-        call()
-    torch.cuda.synchronize()
-
-
 BAD_ROUTE = [
     (lambda: ops.moe_route(_cuda(4, 8), 2, True, 0), "row_align"),
     (lambda: ops.moe_route(_cuda(4, 8), 9, True, 16), "top_k"),
@@ -394,9 +378,24 @@ BAD_ROUTE = [
 ]
 
 
+def _clear_error(op, call, message):
+    """call() raises a RuntimeError naming qwen3x.<op> and matching message; no fault left behind."""
+    _needs_kernel(op)
+    with pytest.raises(RuntimeError, match=f"qwen3x\\.{op}: .*{message}"):
+        call()
+    torch.cuda.synchronize()  # and no asynchronous fault left behind
+
+
+@pytest.mark.parametrize("call,message", BAD_ROUTER, ids=[f"router-{i}" for i in range(len(BAD_ROUTER))])
+def test_bad_router_inputs_are_clear_errors(call, message):
+    _clear_error("moe_router", call, message)
+
+
+@pytest.mark.parametrize("call,message", BAD_PERMUTE, ids=[f"permute-{i}" for i in range(len(BAD_PERMUTE))])
+def test_bad_permute_inputs_are_clear_errors(call, message):
+    _clear_error("moe_permute", call, message)
+
+
 @pytest.mark.parametrize("call,message", BAD_ROUTE, ids=[f"route-{i}" for i in range(len(BAD_ROUTE))])
 def test_bad_route_inputs_are_clear_errors(call, message):
-    _needs_kernel("moe_route")
-    with pytest.raises(RuntimeError, match=f"qwen3x\\.moe_route: .*{message}"):
-        call()
-    torch.cuda.synchronize()
+    _clear_error("moe_route", call, message)
