@@ -130,8 +130,7 @@ at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tenso
   const bool wgmma = use_wgmma(op, "QWEN3X_MOE_MAINLOOP", regime == moe::GemmRegime::kPrefill,
                                hidden.get_device());
   const int64_t block_m = moe::regime_block_m(regime);
-  QWEN3X_CHECK(num_picks + E * (block_m - 1) <= kMaxInt32, "qwen3x.", op, ": tokens x top_k = ", T,
-               " x ", k, " picks exceed the int32 range of the permutation");
+  permutation_slots(op, num_picks, E, block_m);
   const auto [sorted_rows, expert_offsets, inverse] =
       permuted != nullptr
           ? std::make_tuple(permuted->sorted_rows, permuted->expert_offsets, permuted->inverse)
