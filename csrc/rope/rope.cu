@@ -42,6 +42,15 @@ at::Tensor vector_aligned(const at::Tensor& t) {
   return is_aligned(t.const_data_ptr(), kVecBytes) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
+// num_tokens tokens of num_heads heads (q and k, and v with a cache) fit one launch.
+void check_one_launch(const char* op, int64_t num_tokens, int64_t num_heads) {
+  const bool heads_fit = num_heads <= std::numeric_limits<int>::max();
+  const int64_t max_tokens =
+      heads_fit && num_heads > 0 ? rope::max_qk_norm_rope_tokens(static_cast<int>(num_heads)) : 0;
+  QWEN3X_CHECK(heads_fit && (num_heads == 0 || num_tokens <= max_tokens), "qwen3x.", op,
+               ": too many tokens x heads for one launch (", num_tokens, " x ", num_heads, ")");
+}
+
 // Checks shared by both variants; returns the flattened positions.
 Prepared check_args(const char* op, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& q_weight, const at::Tensor& k_weight,
@@ -85,12 +94,7 @@ Prepared check_args(const char* op, const at::Tensor& q, const at::Tensor& k,
   QWEN3X_CHECK(positions.numel() == num_tokens, "qwen3x.", op, ": expected positions to have ",
                num_tokens, " elements (q.shape[:-2] = ", q_lead, "), got shape ",
                positions.sizes());
-  const int64_t num_heads = q.size(-2) + k.size(-2);
-  QWEN3X_CHECK(num_heads <= std::numeric_limits<int>::max() &&
-                   (num_heads == 0 ||
-                    num_tokens <= rope::max_qk_norm_rope_tokens(static_cast<int>(num_heads))),
-               "qwen3x.", op, ": too many tokens x heads for one launch (", num_tokens, " x ",
-               num_heads, ")");
+  check_one_launch(op, num_tokens, q.size(-2) + k.size(-2));
   return {num_tokens, positions.reshape({-1}).contiguous(), vector_aligned(q_weight),
           vector_aligned(k_weight), vector_aligned(inv_freq)};
 }
@@ -292,14 +296,7 @@ void qk_norm_rope_cache_(at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       check::disjoint(kOp, written[i].first, *written[i].second, written[j].first, *written[j].second);
     }
   }
-  const int64_t launch_heads = q.size(2) + 2 * kv_heads;  // q, k and v heads
-  const bool heads_fit = launch_heads <= std::numeric_limits<int>::max();
-  const int64_t max_tokens = heads_fit && launch_heads > 0
-                                 ? rope::max_qk_norm_rope_tokens(static_cast<int>(launch_heads))
-                                 : 0;
-  QWEN3X_CHECK(heads_fit && (launch_heads == 0 || prep.num_tokens <= max_tokens),
-               "qwen3x.", kOp, ": too many tokens x heads for one launch (", prep.num_tokens,
-               " x ", launch_heads, ")");
+  check_one_launch(kOp, prep.num_tokens, q.size(2) + 2 * kv_heads);  // q, k and v heads
 
   const c10::cuda::CUDAGuard device_guard(q.device());
   const int64_t vec = vec_elems(q);
