@@ -24,6 +24,7 @@ import sys
 import pytest
 import torch
 
+from kernel_models import attention as attention_model
 from qwen3x.testing import assert_identical
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulator")
@@ -129,6 +130,11 @@ def test_attention(case):
     out, lse, log = _attention(q, k, v, causal=causal, mainloop=mainloop, force_splits=splits)
     if splits:
         assert f"splits {splits} " in log, log
+    else:  # the glue's plan (heuristics.cuh) is the kernel model's, on the emulated H100
+        group = Hq // Hkv
+        ctas = max(max(-(-Sq * group // 64), 1) * B * Hkv, -(-B * Sq * Hq // 64))
+        want, per_split = attention_model.plan_splits(ctas, Skv, Sq * group, num_sms=132, ctas_per_sm=2)
+        assert f"splits {want} tiles_per_split {per_split}" in log, log
     _gpu_judge()._judge(out, lse, q, k, v, None, D**-0.5, causal)
 
 

@@ -204,7 +204,8 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
   const int ctas_per_sm =
       bf16 ? (wgmma ? fwd_ctas_per_sm<__nv_bfloat16, true>() : fwd_ctas_per_sm<__nv_bfloat16, false>())
            : (wgmma ? fwd_ctas_per_sm<__half, true>() : fwd_ctas_per_sm<__half, false>());
-  const attn::SplitPlan plan = attn::plan_splits(ctas, seqlen_k_hint, num_sms, ctas_per_sm);
+  const attn::SplitPlan plan = attn::plan_splits(
+      ctas, seqlen_k_hint, static_cast<int64_t>(p.seqlen_q) * p.group, num_sms, ctas_per_sm);
   p.num_splits = plan.num_splits;
   p.tiles_per_split = plan.tiles_per_split;
   at::Tensor partial_o, partial_lse;  // split-KV workspace

@@ -265,7 +265,8 @@ void run_attention(Job& job) {
                     attn::kThreads, attn::smem_bytes<true>(), attn::kMinCtasPerSm)
               : resident_ctas_per_sm<attn::attention_fwd_kernel<T, false>>(
                     attn::kThreads, attn::smem_bytes<false>(), attn::kMinCtasPerSm);
-    attn::SplitPlan plan = attn::plan_splits(ctas, p.seqlen_k, num_sms, ctas_per_sm);
+    attn::SplitPlan plan = attn::plan_splits(
+        ctas, p.seqlen_k, static_cast<int64_t>(p.seqlen_q) * p.group, num_sms, ctas_per_sm);
     if (job.has("force_splits")) {  // a plan the SM count would give, without that many CTAs
       const int tiles = static_cast<int>(ceil_div<int64_t>(p.seqlen_k, attn::kBlockN));
       const int want = static_cast<int>(job.i64("force_splits"));

@@ -4,7 +4,7 @@ Every CTA of the grid (x = row tile, y = b * Hkv + kvh, z = split) runs with its
 numpy lane vectors, statement by statement:
   kernel_traits.cuh  swizzled_offset, seq_slice (padded with key_lengths, or varlen), lse_index,
                      token_outside
-  heuristics.cuh     row_tiles, plan_splits
+  heuristics.cuh     row_tiles, min_tiles_per_split, plan_splits
   mainloop.cuh       load_q_tile and KVLoader (per-thread cp.async sources and swizzled
                      destinations, zero-filled rows with an in-bounds source address),
                      load_q_fragments / warp_qk (ldmatrix.x4) / warp_pv (ldmatrix.x4.trans) with
@@ -57,7 +57,7 @@ ROW_BYTES = HEAD_DIM * 2  # mainloop.cuh kRowBytes
 VEC_BYTES = 16
 LN2_F32 = np.float32(0.693147180559945309)  # kLn2
 # heuristics.cuh
-TARGET_WAVES, MIN_TILES_PER_SPLIT, MAX_SPLITS = 2, 4, 128
+TARGET_WAVES, MAX_SPLITS = 2, 128
 # combine.cuh
 COMBINE_DIMS_PER_LANE = HEAD_DIM // WARP  # 4
 # shared-memory byte offsets of the Q (later O) tile and of the K and V stages
@@ -170,13 +170,22 @@ def row_tiles(p):
     return max(ceil_div(p.seqlen_q * p.group, BLOCK_M), 1)
 
 
-def plan_splits(ctas, seqlen_k, num_sms, ctas_per_sm=MIN_CTAS_PER_SM):
+def min_tiles_per_split(rows_per_cta):
+    """heuristics.cuh min_tiles_per_split: K/V bytes of a split >= its partials' traffic."""
+    tile_bytes = 2 * BLOCK_N * HEAD_DIM * 2
+    partial_row_bytes = (HEAD_DIM + 1) * 4
+    rows = min(max(rows_per_cta, 1), BLOCK_M)
+    return max(ceil_div(2 * rows * partial_row_bytes, tile_bytes), 1)
+
+
+def plan_splits(ctas, seqlen_k, rows_per_cta, num_sms, ctas_per_sm=MIN_CTAS_PER_SM):
     """heuristics.cuh plan_splits -> (num_splits, tiles_per_split)."""
     tiles = ceil_div(seqlen_k, BLOCK_N)
     wave = max(num_sms, 1) * max(ctas_per_sm, 1)
     splits = 1
     if 0 < ctas < wave:
-        splits = max(min(ceil_div(TARGET_WAVES * wave, ctas), tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS), 1)
+        splits = max(min(ceil_div(TARGET_WAVES * wave, ctas), tiles // min_tiles_per_split(rows_per_cta),
+                         MAX_SPLITS), 1)
     per_split = max(ceil_div(tiles, splits), 1)
     return max(ceil_div(tiles, per_split), 1), per_split
 
@@ -696,7 +705,8 @@ def plan_and_launch(p, num, seqlen_k_hint, num_sms, ctas_per_sm, force_splits, s
     p.wgmma = wgmma and p.seqlen_q * p.group >= BLOCK_M
     stats["wgmma"] = p.wgmma
     ctas = max(row_tiles(p) * p.batch * p.num_kv_heads, ceil_div(p.total_q * p.num_q_heads, BLOCK_M))
-    p.num_splits, p.tiles_per_split = force_splits or plan_splits(ctas, seqlen_k_hint, num_sms, ctas_per_sm)
+    p.num_splits, p.tiles_per_split = force_splits or plan_splits(ctas, seqlen_k_hint, p.seqlen_q * p.group, num_sms,
+                                                                  ctas_per_sm)
     stats["splits"] = (p.num_splits, p.tiles_per_split)
     if p.num_splits > 1:
         partial_rows_total = p.num_splits * p.num_kv_heads * p.total_q * p.group
