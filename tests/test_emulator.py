@@ -203,13 +203,13 @@ def test_attention_varlen_decode_splits():
 
 
 # ---- MoE experts ---------------------------------------------------------------------------------
-def _experts(x, ids, w, gate_up, down, mainloop="mma_sync"):
+def _experts(x, ids, w, gate_up, down, mainloop="mma_sync", fused_combine=False):
     T, H = x.shape
     E, I = gate_up.shape[0], gate_up.shape[1] // 2
     k = ids.shape[1]
     dtype = "bf16" if x.dtype == torch.bfloat16 else "fp16"
     params = dict(dtype=dtype, tokens=T, hidden=H, experts=E, inter=I, top_k=k,
-                  hidden_stride=x.stride(0), mainloop=mainloop)
+                  hidden_stride=x.stride(0), mainloop=mainloop, fused_combine=int(fused_combine))
     return _run_all("experts", params,
                     dict(hidden=x, expert_ids=ids.to(torch.int32).contiguous(), gate_up=gate_up, down=down,
                          route=w.to(x.dtype).contiguous()),
@@ -258,6 +258,24 @@ def test_moe_experts(case):
         assert_identical(slots, offsets[e] + torch.arange(len(picks)), f"slots of expert {e}")
     import test_moe_experts_gpu
     test_moe_experts_gpu._judge(r["out"], x, ids, w, gate_up, down)
+
+
+# (T, E, k, H, I, dtype): the combine in GEMM2's epilogue (the moe op at decode), every pick routed
+FUSED_COMBINE_CASES = [
+    (1, 128, 8, 256, 128, torch.bfloat16),   # batch 1, 30B-A3B routing
+    (5, 8, 2, 128, 64, torch.float16),       # tokens sharing experts: several rows per tile
+    (16, 16, 16, 128, 64, torch.bfloat16),   # k = E: every token in every expert's tile
+]
+
+
+@pytest.mark.parametrize("case", FUSED_COMBINE_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_moe_experts_fused_combine_is_the_combine_kernel(case):
+    """The last CTA to finish a token's column tile sums its k rows in pick order: the combine
+    kernel's output bitwise, under both CTA orders of RUNS."""
+    T, E, k, H, I, dtype = case
+    x, ids, w, gate_up, down = _moe_inputs(T, E, k, H, I, dtype, seed=7 * T + k)
+    fused = _experts(x, ids, w, gate_up, down, fused_combine=True)
+    assert_identical(fused["out"], _experts(x, ids, w, gate_up, down)["out"], "fused combine")
 
 
 def test_moe_experts_strided_hidden():
@@ -463,6 +481,10 @@ PLANTED = {
     "moe: swizzle of the loads": (
         ("moe/grouped_gemm.cuh", "chunk ^ (row % kGemmSwizzleRows)", "chunk ^ ((row + 1) % kGemmSwizzleRows)"),
         "experts"),
+    # GEMM2's fused combine summed by the first CTA to arrive, not the k-th
+    "moe: the first arrival combines": (
+        ("moe/gemm_epilogue.cuh", "col_tile, 1) == top_k - 1) {", "col_tile, 1) == 0) {"),
+        "fused_combine"),
 }
 
 
@@ -478,6 +500,8 @@ def test_planted_bug_is_caught(name, monkeypatch):
     with pytest.raises((AssertionError, EmulatorError)):
         if op == "attention":
             test_attention(ATTENTION_CASES[0])
+        elif op == "fused_combine":
+            test_moe_experts_fused_combine_is_the_combine_kernel(FUSED_COMBINE_CASES[1])
         else:  # the prefill regime with the wgmma mainloop (every bug here is on its path)
             test_moe_experts(_WGMMA_EXPERTS)
 
@@ -536,6 +560,7 @@ RACECHECK = {
     "router": lambda: test_moe_router(torch.bfloat16, 5, 128, 8, True),
     "qk_norm_rope cache": lambda: test_qk_norm_rope_cache(),
     "silu_and_mul": lambda: test_silu_and_mul(torch.bfloat16, 3, 768, 1536),
+    "experts, combine in GEMM2": lambda: test_moe_experts_fused_combine_is_the_combine_kernel(FUSED_COMBINE_CASES[1]),
 }
 
 
@@ -555,6 +580,12 @@ PLANTED_RACES = {
         ("moe/permute.cuh",
          "my_warp_base[i] = 0;\n    __syncwarp();", "my_warp_base[i] = 0;"),
         lambda: test_moe_experts(EXPERT_CASES[0])),
+    # GEMM2's fused combine reads which tokens its CTA completes before the threads that counted
+    # the arrivals are past a barrier
+    "experts: no barrier after the arrivals": (
+        ("moe/gemm_epilogue.cuh",
+         "before this CTA's reads below\n  __syncthreads();", "before this CTA's reads below"),
+        lambda: test_moe_experts_fused_combine_is_the_combine_kernel(FUSED_COMBINE_CASES[1])),
 }
 
 

@@ -248,6 +248,7 @@ def _distinct_logits(T, E, dtype):
 # up to 16 tokens the router's launch also permutes (router.cuh kPermute); 17 and more do not
 @pytest.mark.parametrize("T,E,k,norm,H,I", [(1, 128, 8, True, 2048, 768), (3, 8, 2, False, 2048, 768),
                                             (16, 128, 8, True, 2048, 768), (16, 512, 16, True, 256, 128),
+                                            (5, 8, 2, False, 256, 64),
                                             (17, 64, 4, True, 2048, 768), (77, 128, 8, True, 2048, 768),
                                             (600, 8, 2, False, 2048, 768)])
 def test_moe_op_matches_reference(T, E, k, norm, H, I):
@@ -261,6 +262,10 @@ def test_moe_op_matches_reference(T, E, k, norm, H, I):
     same = R.moe(x, logits, gate_up, down, k, norm)
     truth = R.moe(x.double(), logits.double(), gate_up.double(), down.double(), k, norm)
     assert_close_to_truth(out, same, truth)
+    # Up to 16 tokens the op combines in GEMM2's epilogue (the last CTA of a token's columns);
+    # the separate ops' combine kernel sums in the same order: the same bits.
+    weights, ids, _ = torch.ops.qwen3x.moe_router(logits, k, norm)
+    assert_identical(out, torch.ops.qwen3x.moe_experts(x, ids, weights, gate_up, down), "moe vs router + experts")
 
 
 @pytest.mark.parametrize("T", [1, 16])

@@ -32,6 +32,16 @@ __device__ __forceinline__ Vec16<T> load_vec16(const T* ptr) {
   return v;
 }
 
+// A 16-byte load served by L2, not this SM's L1 (ld.global.cg): for data another
+// CTA wrote during this kernel, read after a fence that orders it (L1 is not
+// coherent across SMs).
+template <typename T>
+__device__ __forceinline__ Vec16<T> load_vec16_l2(const T* ptr) {
+  Vec16<T> v;
+  *reinterpret_cast<uint4*>(&v) = __ldcg(reinterpret_cast<const uint4*>(ptr));
+  return v;
+}
+
 // Stores go through inline PTX: NVVM otherwise sometimes splits a 16-byte
 // store of separately computed elements into 2- or 4-byte stores (seen in
 // silu_and_mul). The "memory" clobber keeps it ordered with every other

@@ -5,7 +5,9 @@
 //   1. GEMM1 (grouped_gemm.cuh, kGateUp): act[slot] = silu(x W_gate^T) * (x W_up^T),
 //      x gathered from hidden_states by sorted_rows inside the A loads
 //   2. GEMM2 (kDown): y[pick] = T(T(act[slot] W_down^T) * route_weight[pick])
-//   3. combine (combine.cuh): out[t] = T(sum_j float(y[t * k + j]))
+//   3. combine (combine.cuh): out[t] = T(sum_j float(y[t * k + j])); with
+//      combine_counters (the moe op at decode), in GEMM2's epilogue instead
+//      (gemm_epilogue.cuh epilogue_combine), bitwise the same
 //
 // The regime (gemm_config.h) fixes one tile config for both GEMMs; the
 // permutation must have been made with row_align = that config's BLOCK_M.
@@ -49,6 +51,8 @@ struct ExpertsArgs {
   int inter_size;              // I
   int64_t row_tiles;           // max_row_tiles(T * k, E, BLOCK_M)
   bool proxy_fence;            // wgmma mainloop: fence each stage into the async proxy
+  int* combine_counters;       // [T, H / BLOCK_N] zeroed, every pick routed: the combine in
+                               // GEMM2; nullptr: the combine kernel
 };
 
 template <typename T, typename Cfg>
@@ -83,10 +87,14 @@ cudaError_t launch_moe_experts_with(const ExpertsArgs<T>& a, cudaStream_t stream
   g2.route_weights = a.route_weights;
   g2.k_dim = a.inter_size;
   g2.n_out = a.hidden_size;
+  g2.combine_counters = a.combine_counters;
+  g2.combine_out = a.out;
   err = launch_moe_expert_gemm<T, Cfg, GemmKind::kDown>(g2, a.row_tiles, stream);
   if (err != cudaSuccess) return err;
 
-  launch_moe_combine<T>(a.out, a.y, a.inverse, a.num_tokens, a.hidden_size, a.top_k, stream);
+  if (a.combine_counters == nullptr) {
+    launch_moe_combine<T>(a.out, a.y, a.inverse, a.num_tokens, a.hidden_size, a.top_k, stream);
+  }
   return cudaSuccess;
 }
 

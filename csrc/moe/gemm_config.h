@@ -17,7 +17,14 @@
 //   decode   <= 16 rows/expert: weight-bandwidth bound, most tiles hold a few
 //            real rows. BLOCK_M 16 (least padding work), BLOCK_N 64 (more CTAs
 //            streaming weights: GEMM1 I / 32 and GEMM2 H / 64 column tiles per
-//            expert), 4 warps side by side along N, 4 stages (40 KB).
+//            expert), 4 warps side by side along N, 6 stages (60 KB, 3 CTAs
+//            per SM). The weight bytes in flight bound it where the grid is
+//            one wave: at batch 1 (30B-A3B, 8 experts: 192 GEMM1 CTAs) each
+//            CTA keeps 5 stages = 40 KB of weights in flight, 7.7 MB over the
+//            GPU, about 2.5 us of H100 bandwidth, against a loaded DRAM latency
+//            of 1-2 us (Little's law); 4 stages kept 4.6 MB. At 16 tokens
+//            (~80 experts, many waves) 3 CTAs per SM keep as much in flight as
+//            5 CTAs of 4 stages did.
 //   mid      <= 64 rows/expert: BLOCK_M 64, BLOCK_N 128, 2 x 4 warps of 32 x 32,
 //            4 stages (96 KB, 2 CTAs per SM on sm_90).
 //   prefill  otherwise: BLOCK_M 128, BLOCK_N 128, 2 x 4 warps of 64 x 32,
@@ -97,7 +104,7 @@ struct GemmConfig {
                 "wgmma: every A / B tile of every stage on a swizzle-atom boundary");
 };
 
-using DecodeGemmConfig = GemmConfig<16, 64, 1, 4, 4>;
+using DecodeGemmConfig = GemmConfig<16, 64, 1, 4, 6>;
 using MidGemmConfig = GemmConfig<64, 128, 2, 4, 4>;
 using PrefillGemmConfig = GemmConfig<128, 128, 2, 4, 3>;
 using PrefillWgmmaGemmConfig = GemmConfig<128, 128, 8, 1, 3, GemmMainloop::kWgmma>;
@@ -130,6 +137,15 @@ inline int regime_block_m(GemmRegime r) {
     case GemmRegime::kDecode: return DecodeGemmConfig::kBlockM;
     case GemmRegime::kMid: return MidGemmConfig::kBlockM;
     default: return PrefillGemmConfig::kBlockM;
+  }
+}
+
+// GEMM2's output columns per tile (its column tiles: H / this).
+inline int regime_block_n(GemmRegime r) {
+  switch (r) {
+    case GemmRegime::kDecode: return DecodeGemmConfig::kBlockN;
+    case GemmRegime::kMid: return MidGemmConfig::kBlockN;
+    default: return PrefillGemmConfig::kBlockN;
   }
 }
 

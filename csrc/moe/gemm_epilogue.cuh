@@ -96,4 +96,58 @@ __device__ __forceinline__ void epilogue_weighted(
   }
 }
 
+// The combine in GEMM2 (the moe op at decode: experts.cuh). Every pick of a token arrives
+// once at counters[token][col_tile] after writing its y columns; the CTA whose arrival is the
+// k-th sums the token's k rows of y over the tile's columns, in pick order j = 0 .. k-1 as the
+// combine kernel does (combine.cuh: fp32, one rounding), so the output is the same bitwise
+// whichever CTA finishes last. Requires every pick routed (no dropped ids: else a token never
+// reaches k arrivals) and counters zero at launch. The arrival follows the CTA's y stores and a
+// device-wide fence (release); the last CTA fences again before reading (acquire) and reads
+// through L2, since other SMs wrote those rows during this kernel.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void epilogue_combine(
+    T* __restrict__ out,        // [T, H] contiguous
+    const T* y,                 // [T * k, H], row stride y_stride: this kernel's output
+    int64_t y_stride,
+    int* __restrict__ counters,  // [T, col_tiles], zero at launch
+    const int* s_picks,         // shared [BLOCK_M]: pick of each tile row, -1 = padding
+    int* s_last,                // shared [BLOCK_M]: scratch
+    int col_tile, int col_tiles, int hidden, int top_k, int tid) {
+  using Vec = Vec16<T>;
+  constexpr int kVecsPerRow = Cfg::kBlockN / Vec::kSize;  // a tile row's columns, 16 bytes each
+  __threadfence();  // this thread's y stores, device-wide, before its CTA's arrivals
+  __syncthreads();
+  for (int r = tid; r < Cfg::kBlockM; r += Cfg::kThreads) {
+    const int pick = s_picks[r];
+    int last = -1;  // the token this row completes, if it is the k-th arrival
+    if (pick >= 0) {
+      const int token = pick / top_k;
+      if (atomicAdd(counters + static_cast<int64_t>(token) * col_tiles + col_tile, 1) == top_k - 1) {
+        last = token;
+      }
+    }
+    s_last[r] = last;
+  }
+  __threadfence();  // the other arrivals' y stores, before this CTA's reads below
+  __syncthreads();
+  const int col0 = col_tile * Cfg::kBlockN;
+  for (int i = tid; i < Cfg::kBlockM * kVecsPerRow; i += Cfg::kThreads) {
+    const int token = s_last[i / kVecsPerRow];
+    if (token < 0) continue;
+    const int col = col0 + (i % kVecsPerRow) * Vec::kSize;
+    float sum[Vec::kSize];
+#pragma unroll
+    for (int e = 0; e < Vec::kSize; ++e) sum[e] = 0.0f;
+    for (int j = 0; j < top_k; ++j) {
+      const Vec v = load_vec16_l2(y + (static_cast<int64_t>(token) * top_k + j) * y_stride + col);
+#pragma unroll
+      for (int e = 0; e < Vec::kSize; ++e) sum[e] += to_float(v.data[e]);
+    }
+    Vec o;
+#pragma unroll
+    for (int e = 0; e < Vec::kSize; ++e) o.data[e] = from_float<T>(sum[e]);
+    store_vec16(out + static_cast<int64_t>(token) * hidden + col, o);
+  }
+}
+
 }  // namespace qwen3x::moe

@@ -13,7 +13,9 @@
 //     n8 tile i (gate) and n8 tile i + kMmaN / 2 (up) of a warp hold the same
 //     output columns in the same lanes and SwiGLU needs no data exchange.
 //   kDown (GEMM2): A row r = act[r], W_e = down_proj[e] ([H, I]); the
-//     epilogue writes y[sorted_rows[r]] = round(round(acc) * route weight).
+//     epilogue writes y[sorted_rows[r]] = round(round(acc) * route weight),
+//     and with combine_counters set, the CTA completing a token's column tile
+//     also writes its combined output (the moe op at decode: one launch fewer).
 //
 // Padding slots (sorted_rows = -1) are zero-filled by the copies (no global
 // read) and skipped by the epilogues, so act rows of padding slots are never
@@ -79,6 +81,9 @@ struct ExpertGemmParams {
   int k_dim;                  // K: H (kGateUp) or I (kDown), a multiple of kBlockK
   int n_out;                  // output width: I (kGateUp) or H (kDown)
   bool proxy_fence;           // kWgmma: fence.proxy.async after each stage lands
+  // kDown with the combine fused (gemm_epilogue.cuh epilogue_combine), else nullptr:
+  int* combine_counters;      // [T, column tiles] arrival counters, zero at launch
+  T* combine_out;             // [T, n_out] contiguous: the combined output
 };
 
 namespace gemm_detail {
@@ -214,6 +219,7 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
   __shared__ int s_expert;
   __shared__ int s_picks[kBlockM];
   __shared__ float s_route[kBlockM];
+  __shared__ int s_last[kKind == GemmKind::kDown ? kBlockM : 1];  // epilogue_combine's scratch
 
   const RowTile tile = schedule_row_tile<kBlockM, Cfg::kThreads>(
       &s_expert, s_picks, s_route, p.sorted_rows, p.expert_offsets,
@@ -304,6 +310,11 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
   } else {
     epilogue_weighted<T, Cfg>(acc, p.out, p.out_stride, s_picks, s_route,
                               col_tile * Cfg::kBlockN, warp_m, warp_n, lane);
+    if (p.combine_counters != nullptr) {
+      epilogue_combine<T, Cfg>(p.combine_out, p.out, p.out_stride, p.combine_counters, s_picks,
+                               s_last, col_tile, static_cast<int>(gridDim.y), p.n_out, p.top_k,
+                               tid);
+    }
   }
 }
 

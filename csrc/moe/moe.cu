@@ -85,11 +85,12 @@ void check_experts_inputs(const char* op, const at::Tensor& hidden, const at::Te
                moe::kExpertsIMultiple, " (the kernel's tiles; Qwen3-MoE has 768 or 1536)");
 }
 
-// moe_permute's outputs.
+// moe_permute's outputs (and, from the router's decode launch, GEMM2's combine counters).
 struct Permutation {
-  at::Tensor sorted_rows;     // [num_slots] int32
-  at::Tensor expert_offsets;  // [E + 1] int32
-  at::Tensor inverse;         // [T * k] int32
+  at::Tensor sorted_rows;       // [num_slots] int32
+  at::Tensor expert_offsets;    // [E + 1] int32
+  at::Tensor inverse;           // [T * k] int32
+  at::Tensor combine_counters;  // [T * H / BLOCK_N] int32, zeroed; undefined: the combine kernel
 };
 
 // The permutation's slots (the picks and each expert's padding to a multiple of row_align),
@@ -108,8 +109,14 @@ int64_t experts_block_m(int64_t num_picks, int64_t num_experts) {
   return moe::regime_block_m(moe::select_gemm_regime(num_picks, num_experts));
 }
 
+// GEMM2's column tiles for T * k picks over E experts and hidden size H.
+int64_t experts_col_tiles(int64_t num_picks, int64_t num_experts, int64_t hidden) {
+  return hidden / moe::regime_block_n(moe::select_gemm_regime(num_picks, num_experts));
+}
+
 // The experts pipeline: permute (row_align = the regime's BLOCK_M; `permuted` when the router
-// did it already), GEMM1 with fused SwiGLU, GEMM2 with the routing weight, combine. Inputs
+// did it already), GEMM1 with fused SwiGLU, GEMM2 with the routing weight, combine (in GEMM2's
+// epilogue when `permuted` brings zeroed counters: the router routed every pick). Inputs
 // checked.
 at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tensor& expert_ids,
                        const at::Tensor& expert_weights, const at::Tensor& gate_up,
@@ -170,6 +177,9 @@ at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tenso
     a.inter_size = static_cast<int>(I);
     a.row_tiles = row_tiles;
     a.proxy_fence = wgmma_proxy_fence();
+    a.combine_counters = permuted != nullptr && permuted->combine_counters.defined()
+                             ? static_cast<int*>(permuted->combine_counters.mutable_data_ptr())
+                             : nullptr;
     C10_CUDA_CHECK(moe::launch_moe_experts<T_>(a, regime, wgmma, stream));
   };
   if (hidden.scalar_type() == at::ScalarType::BFloat16) {
@@ -183,11 +193,13 @@ at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tenso
 
 // moe_router's work; with `permuted` and one router block (decode), the same launch also
 // permutes the picks (moe_permute's outputs for `row_align`) into *permuted, which is otherwise
-// left empty. row_align is checked by the caller.
+// left empty, and zeroes num_counters combine counters there (none when 0). row_align is
+// checked by the caller.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const char* op,
                                                      const at::Tensor& router_logits,
                                                      int64_t top_k, bool norm_topk_prob,
-                                                     int64_t row_align, Permutation* permuted) {
+                                                     int64_t row_align, Permutation* permuted,
+                                                     int64_t num_counters = 0) {
   check::cuda(op, "router_logits", router_logits);
   check::float_dtype(op, "router_logits", router_logits);
   QWEN3X_CHECK(router_logits.dim() == 2, "qwen3x.", op,
@@ -226,8 +238,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const char* op,
     permuted->inverse = at::empty({num_picks}, int_options);
     perm = {static_cast<int*>(permuted->sorted_rows.mutable_data_ptr()),
             static_cast<int*>(permuted->expert_offsets.mutable_data_ptr()),
-            static_cast<int*>(permuted->inverse.mutable_data_ptr()), static_cast<int>(row_align),
-            static_cast<int>(num_slots)};
+            static_cast<int*>(permuted->inverse.mutable_data_ptr()),
+            static_cast<int>(row_align),
+            static_cast<int>(num_slots),
+            nullptr,
+            0};
+    if (num_counters > 0) {
+      QWEN3X_CHECK(num_counters <= kMaxInt32, "qwen3x.", op, ": ", num_counters,
+                   " combine counters exceed the int32 range");
+      permuted->combine_counters = at::empty({num_counters}, int_options);
+      perm.zero_counters = static_cast<int*>(permuted->combine_counters.mutable_data_ptr());
+      perm.num_counters = static_cast<int>(num_counters);
+    }
   }
 
   QWEN3X_DISPATCH_FLOAT_TYPES(router_logits.scalar_type(), op, [&] {
@@ -352,10 +374,12 @@ at::Tensor moe_block(const at::Tensor& hidden_states, const at::Tensor& router_l
   QWEN3X_CHECK(top_k >= 1 && top_k <= std::min<int64_t>(E, moe::kMaxTopK), "qwen3x.", kOp,
                ": expected 1 <= top_k <= min(experts, ", moe::kMaxTopK, ") = ",
                std::min<int64_t>(E, moe::kMaxTopK), ", got ", top_k);
-  Permutation permuted;  // filled at decode sizes, where the router's launch permutes too
+  // Filled at decode sizes, where the router's launch permutes too and zeroes the counters of
+  // the combine in GEMM2 (every pick is routed: the router's ids are always in range).
+  Permutation permuted;
   const auto [weights, expert_ids, tokens_per_expert] =
       route("moe_router", router_logits, top_k, norm_topk_prob, experts_block_m(T * top_k, E),
-            &permuted);
+            &permuted, T * experts_col_tiles(T * top_k, E, hidden_states.size(1)));
   return run_experts(kOp, hidden_states, expert_ids, weights, gate_up_proj, down_proj,
                      permuted.sorted_rows.defined() ? &permuted : nullptr);
 }

@@ -39,7 +39,9 @@
 //   block also permutes its picks for the expert GEMMs (permute.cuh,
 //   permute_one_block) from the ids and counts it holds in shared memory:
 //   routing and permutation in one launch instead of three (memset, router,
-//   permutation) or two.
+//   permutation) or two. It also zeroes the arrival counters of the expert
+//   GEMM2's fused combine when given (gemm_epilogue.cuh epilogue_combine):
+//   no memset for them either.
 //
 // E <= 128 uses kSlots = 4 (Qwen3-MoE), E <= 512 kSlots = 16: two register
 // footprints per dtype. No host synchronization; graph-capturable.
@@ -77,6 +79,8 @@ struct RoutePermutation {
   int* inverse;         // [T * top_k]
   int row_align;        // >= 1
   int num_slots;        // T * top_k + num_experts * (row_align - 1)
+  int* zero_counters;   // [num_counters] set to 0 (GEMM2's fused combine), or nullptr
+  int num_counters;
 };
 
 // Whether T tokens route in one block (then kPermute may be used).
@@ -228,6 +232,7 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
     }
   }
   if constexpr (kPermute) {
+    for (int i = threadIdx.x; i < perm.num_counters; i += blockDim.x) perm.zero_counters[i] = 0;
     permute_one_block(perm.sorted_rows, perm.expert_offsets, perm.inverse, s_ids, histogram,
                       s_start, s_warp_totals, static_cast<int>(num_tokens) * top_k, num_experts,
                       perm.row_align, perm.num_slots);

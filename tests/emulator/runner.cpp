@@ -340,6 +340,11 @@ void run_experts(Job& job) {
     a.inter_size = static_cast<int>(I);
     a.row_tiles = row_tiles;
     a.proxy_fence = true;
+    if (job.i64("fused_combine", 0) != 0) {  // zeroed as the moe op's router launch zeroes them
+      const int64_t n = T * (H / moe::regime_block_n(regime));
+      a.combine_counters = job.workspace("combine_counters", n * 4).as<int>();
+      std::memset(a.combine_counters, 0, n * 4);
+    }
     check(moe::launch_moe_experts<Tt>(a, regime, wgmma, nullptr), "launch_moe_experts");
   });
 }

@@ -4,7 +4,8 @@
 // Every CUDA thread is a fiber (its own stack, switched by a few instructions, no system call);
 // one CTA runs at a time, its fibers scheduled round-robin and switched only where threads meet
 // (__syncthreads, warp collectives, wgmma), so a run is deterministic for a given scheduling
-// order (EMU_ORDER=forward | reverse: a result that changes with the order is a race).
+// order (EMU_ORDER=forward | reverse, of the threads and of the CTAs: a result that changes with
+// the order is a race).
 // Warp collectives (shuffles, ldmatrix, mma.sync) and warpgroup ones (wgmma) are executed by the
 // last thread to arrive, from the operands every participant left; each checks that all 32 (128)
 // threads arrived at the same instruction. The asynchronous instructions run EMU_ASYNC=early
@@ -159,6 +160,10 @@ inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 template <typename T>
 inline T __ldg(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldcg(const T* p) {
   return *p;
 }
 template <typename A, typename B>
@@ -1130,11 +1135,14 @@ class Launch {
     s.grid = grid_;
     current_body() = [&] { std::apply(kernel, params); };
     const size_t block_bytes = dev.dyn_smem_offset + smem_;
-    for (unsigned z = 0; z < grid_.z; ++z) {
-      for (unsigned y = 0; y < grid_.y; ++y) {
-        for (unsigned x = 0; x < grid_.x; ++x) {
+    // CTAs one after another, in the scheduling order too (reverse: the last CTA first), so a
+    // result that depends on which CTA of a launch runs first or last differs between the orders.
+    const auto pick = [&](unsigned i, unsigned n) { return dev.reverse ? n - 1 - i : i; };
+    for (unsigned zi = 0; zi < grid_.z; ++zi) {
+      for (unsigned yi = 0; yi < grid_.y; ++yi) {
+        for (unsigned xi = 0; xi < grid_.x; ++xi) {
           Cta c;
-          c.block_idx = dim3(x, y, z);
+          c.block_idx = dim3(pick(xi, grid_.x), pick(yi, grid_.y), pick(zi, grid_.z));
           c.block_dim = block_;
           c.num_threads = threads;
           std::vector<unsigned char> storage(block_bytes + 1024 + 16);
@@ -1266,6 +1274,10 @@ inline V atomicAdd(V* p, V v) {
     return old;
   }
 }
+
+// A device-wide fence: CTAs run one after another here, so every earlier CTA's writes are
+// already visible; within a CTA only barriers order (ThreadSanitizer's view, as CUDA's).
+inline void __threadfence() {}
 
 // ---- runtime API ---------------------------------------------------------------------------------
 inline cudaError_t cudaGetLastError() {
