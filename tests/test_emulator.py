@@ -18,6 +18,7 @@ rsqrtf): that is the GPU tests' job.
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 
@@ -130,10 +131,11 @@ def test_attention(case):
     out, lse, log = _attention(q, k, v, causal=causal, mainloop=mainloop, force_splits=splits)
     if splits:
         assert f"splits {splits} " in log, log
-    else:  # the glue's plan (heuristics.cuh) is the kernel model's, on the emulated H100
+    else:  # the glue's plan (heuristics.cuh) is the kernel model's, for the emulated device
         group = Hq // Hkv
         ctas = max(max(-(-Sq * group // 64), 1) * B * Hkv, -(-B * Sq * Hq // 64))
-        want, per_split = attention_model.plan_splits(ctas, Skv, Sq * group, num_sms=132, ctas_per_sm=2)
+        sms, ctas_per_sm = map(int, re.search(r"planned for sms (\d+) ctas_per_sm (\d+)", log).groups())
+        want, per_split = attention_model.plan_splits(ctas, Skv, Sq * group, sms, ctas_per_sm)
         assert f"splits {want} tiles_per_split {per_split}" in log, log
     _gpu_judge()._judge(out, lse, q, k, v, None, D**-0.5, causal)
 

@@ -282,7 +282,7 @@ void run_attention(Job& job) {
       p.partial_lse = job.workspace("partial_lse", rows * 4).as<float>();
     }
     std::cout << "splits " << plan.num_splits << " tiles_per_split " << plan.tiles_per_split
-              << "\n";
+              << "\nplanned for sms " << num_sms << " ctas_per_sm " << ctas_per_sm << "\n";
     check(wgmma ? attn::launch_attention<T, true>(p, nullptr)
                 : attn::launch_attention<T, false>(p, nullptr),
           "launch_attention");
