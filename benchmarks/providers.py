@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import qwen3x
 import torch
-from qwen3x._library import wgmma_available
+from qwen3x._library import pdl_available, wgmma_available
 
 from .harness import Inputs, Provider
 
@@ -76,6 +76,26 @@ def mma_sync_provider(env_name: str, call: Callable[[Inputs], Any], eligible: bo
         return run
 
     return Provider("qwen3x_mma_sync", build, skip=skip, graphable=False, note=f"{env_name}=mma_sync", **kw)
+
+
+def no_pdl_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
+    """qwen3x with plain launches (QWEN3X_PDL=0) where its decode chains use programmatic
+    dependent launch (an sm_90 GPU, sm_90a build): what the launch overlap saves, in the same run.
+    Graph-capturable: the setting is read while the launches are captured."""
+    skip = None
+    if not eligible:
+        skip = "not a decode-sized case"
+    elif not pdl_available():
+        skip = "qwen3x launches plainly here already (no sm_90 + sm_90a, or QWEN3X_PDL=0)"
+
+    def build(x):
+        def run():
+            with env_setting("QWEN3X_PDL", "0"):
+                return call(x)
+        return run
+
+    kw.setdefault("note", "QWEN3X_PDL=0")
+    return Provider("qwen3x_no_pdl", build, skip=skip, **kw)
 
 
 def reference_provider(fn: Callable[[Inputs], Any], **kw) -> Provider:

@@ -13,7 +13,10 @@ loads or stores, or a tensor-core kernel (see MMA_KERNELS) has no HMMA, or has
 fewer HMMA inside its main loop (the address range of a backward branch) than
 MMA_LOOP_KERNELS asks, or a Hopper kernel (see WGMMA_LOOP_KERNELS) fewer
 warpgroup HGMMA in its main loop (on sm_90a; built for another architecture it
-is a stub that must hold no HGMMA); 2 when the inputs cannot be found.
+is a stub that must hold no HGMMA), or a kernel the glue may launch with
+programmatic dependent launch (see PDL_KERNELS) lacks, on sm_90a, the grid
+dependency wait (ACQBULK) before its first global memory access or the trigger
+of its dependents (PREEXIT); 2 when the inputs cannot be found.
 
 Usage:
   python cmake/sass_check.py [path/to/_C.so] [--cuobjdump PATH]
@@ -58,6 +61,12 @@ WGMMA_LOOP_KERNELS = {
     "attn::attention_fwd_kernel<__nv_bfloat16, true>": 12,
     "attn::attention_fwd_kernel<__half, true>": 12,
 }
+# Kernels (demangled-name substrings) that core/pdl.cuh's launch_kernel may launch with
+# programmatic dependent launch on an sm_90 device: on sm_90a each must wait for the previous
+# grid (griddepcontrol.wait = ACQBULK) before touching global memory, and trigger its dependents
+# (griddepcontrol.launch_dependents = PREEXIT).
+PDL_KERNELS = ("attn::attention_fwd_kernel", "attn::attention_combine_kernel", "qk_norm_rope_kernel",
+               "moe::moe_router_kernel", "moe::moe_expert_gemm_kernel", "moe::moe_combine_kernel")
 HOPPER_ARCH = "sm_90a"  # the only architecture the WGMMA_LOOP_KERNELS run on
 HMMA = re.compile(r"\bHMMA\b")
 HGMMA = re.compile(r"\bHGMMA\b")
@@ -70,6 +79,10 @@ LDL = re.compile(r"\bLDL\b")
 BRA_TARGET = re.compile(r"\bBRA\b[^;]*?(0x[0-9a-f]+)\s*;")
 ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/")
 STL = re.compile(r"\bSTL\b")
+ACQBULK = re.compile(r"\bACQBULK\b")
+PREEXIT = re.compile(r"\bPREEXIT\b")
+# Instructions that touch global (or generic) memory: none may come before a PDL kernel's wait.
+GLOBAL_ACCESS = re.compile(r"\b(LDG|STG|LDGSTS|LD|ST|ATOM|ATOMG|RED|UBLKCP|UTMALDG|UTMASTG)\b")
 
 
 @dataclass
@@ -93,6 +106,9 @@ class Kernel:
     hmma_addrs: list = None
     hgmma_addrs: list = None
     back_edges: list = None  # (target, branch) addresses of backward branches
+    acqbulk_at: int = -1  # address of the first ACQBULK (-1: none)
+    first_global_at: int = -1  # address of the first global memory access (-1: none)
+    preexit: int = 0
 
 
 def find_cuobjdump(explicit: str | None) -> str | None:
@@ -142,6 +158,11 @@ def parse_sass(text: str) -> dict[tuple[str, str], Kernel]:
                     cur.hgmma_addrs.append(addr)
                 if (b := BRA_TARGET.search(ins)) and int(b.group(1), 16) < addr:
                     cur.back_edges.append((int(b.group(1), 16), addr))
+                if ACQBULK.search(ins) and cur.acqbulk_at < 0:
+                    cur.acqbulk_at = addr
+                if GLOBAL_ACCESS.search(ins) and cur.first_global_at < 0:
+                    cur.first_global_at = addr
+            cur.preexit += bool(PREEXIT.search(ins))
             cur.ldg128 += bool(LDG128.search(ins))
             cur.stg128 += bool(STG128.search(ins))
             cur.ldg += bool(LDG.search(ins))
@@ -198,6 +219,42 @@ def demangle(kernels: list[Kernel]) -> None:
         k.name = strip_parameters(n).removeprefix("void ")
 
 
+def is_stub(k: Kernel) -> bool:
+    """A Hopper-mainloop kernel built for another architecture is a stub (core/wgmma.cuh:
+    __trap), which the host never launches there (core/mainloop_choice.h)."""
+    return any(sub in k.name for sub in WGMMA_LOOP_KERNELS) and k.arch != HOPPER_ARCH
+
+
+def problems_of(k: Kernel) -> list[str]:
+    """What is wrong with one kernel's machine code (empty: nothing), by the rules above."""
+    problems = []
+    if k.ldl or k.stl or k.stack > 0 or k.local > 0:
+        problems.append("local memory")
+    if any(v in k.name for v in VECTOR_KERNELS) and not (k.ldg128 and k.stg128):
+        problems.append("no 16-byte vectors")
+    wgmma = [need for sub, need in WGMMA_LOOP_KERNELS.items() if sub in k.name]
+    if is_stub(k):
+        if k.hgmma:
+            problems.append(f"HGMMA outside {HOPPER_ARCH}")
+    else:
+        for need in wgmma:
+            if k.loop_hgmma < need:
+                problems.append(f"{k.loop_hgmma} HGMMA in the main loop, expected >= {need}")
+        for sub, need in MMA_LOOP_KERNELS.items():
+            if sub in k.name and not wgmma and k.loop_hmma < need:
+                problems.append(f"{k.loop_hmma} HMMA in the main loop, expected >= {need}")
+        if any(v in k.name for v in MMA_KERNELS) and not (k.hmma or k.hgmma):
+            problems.append("no HMMA / HGMMA")
+    if k.arch == HOPPER_ARCH and any(sub in k.name for sub in PDL_KERNELS):
+        if k.acqbulk_at < 0:
+            problems.append("PDL: no griddepcontrol.wait (ACQBULK)")
+        elif 0 <= k.first_global_at < k.acqbulk_at:
+            problems.append("PDL: a global memory access before griddepcontrol.wait")
+        if not k.preexit:
+            problems.append("PDL: no griddepcontrol.launch_dependents (PREEXIT)")
+    return problems
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("module", nargs="?", help="built _C*.so (default: newest in python/ or build/)")
@@ -229,27 +286,8 @@ def main() -> int:
     print("-" * len(header))
     failures = 0
     for k in rows:
-        problems = []
-        if k.ldl or k.stl or k.stack > 0 or k.local > 0:
-            problems.append("local memory")
-        if any(v in k.name for v in VECTOR_KERNELS) and not (k.ldg128 and k.stg128):
-            problems.append("no 16-byte vectors")
-        wgmma = [need for sub, need in WGMMA_LOOP_KERNELS.items() if sub in k.name]
-        # A Hopper-mainloop kernel built for another architecture is a stub (core/wgmma.cuh:
-        # __trap), which the host never launches there (core/mainloop_choice.h).
-        stub = bool(wgmma) and k.arch != HOPPER_ARCH
-        if stub:
-            if k.hgmma:
-                problems.append(f"HGMMA outside {HOPPER_ARCH}")
-        else:
-            for need in wgmma:
-                if k.loop_hgmma < need:
-                    problems.append(f"{k.loop_hgmma} HGMMA in the main loop, expected >= {need}")
-            for sub, need in MMA_LOOP_KERNELS.items():
-                if sub in k.name and not wgmma and k.loop_hmma < need:
-                    problems.append(f"{k.loop_hmma} HMMA in the main loop, expected >= {need}")
-            if any(v in k.name for v in MMA_KERNELS) and not (k.hmma or k.hgmma):
-                problems.append("no HMMA / HGMMA")
+        problems = problems_of(k)
+        stub = is_stub(k)
         failures += bool(problems)
         tc = ", ".join(f"{n} {op}, {loop} in a loop" for op, n, loop in
                        (("HMMA", k.hmma, k.loop_hmma), ("HGMMA", k.hgmma, k.loop_hgmma)) if n)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from qwen3x import ops, reference
 
 from ..harness import Case, Provider, Skip
-from ..providers import compiled, mma_sync_provider, over_budget, qwen3x_provider
+from ..providers import compiled, mma_sync_provider, no_pdl_provider, over_budget, qwen3x_provider
 from ..shapes import HEAD_DIM, MODELS, RMS_EPS
 from .common import DTYPE, ELEM, hf_module, randn
 
@@ -182,7 +182,7 @@ def _flex(causal: bool):
     return build
 
 
-def _providers(batch: int, hq: int, hkv: int, sq: int, skv: int, causal: bool) -> list[Provider]:
+def _providers(batch: int, hq: int, hkv: int, sq: int, skv: int, causal: bool, decode: bool) -> list[Provider]:
     scores = batch * hq * sq * skv
     kv_fp32 = 2 * batch * hkv * skv * HEAD_DIM * 4
     hf_bytes = 10 * scores + (kv_bytes(batch, hq, skv) if hq > hkv else 0) + 2 * sq * skv * causal
@@ -195,6 +195,7 @@ def _providers(batch: int, hq: int, hkv: int, sq: int, skv: int, causal: bool) -
     return [
         qwen3x_provider("attention", qwen3x_call, canon=_first),
         mma_sync_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, sq * (hq // hkv) >= ROW_TILE, canon=_first),
+        no_pdl_provider(qwen3x_call, decode, canon=_first),
         Provider("reference", lambda x: lambda: ref(x), canon=_first, skip=over_budget(ref_bytes, "fp32 scores")),
         Provider("hf_eager", _hf_eager(causal), canon=_first, skip=over_budget(hf_bytes, "materialized scores")),
         *(Provider(name, _sdpa(name, causal), canon=_bhsd_to_bshd) for name in SDPA_BACKENDS),
@@ -217,7 +218,7 @@ def _case(op: str, shape: dict, batch: int, hq: int, hkv: int, sq: int, skv: int
         reference=functools.partial(_reference, causal=causal),
         truth=lambda x: attention_math(x["q"], x["k"], x["v"], torch.float32, causal),
         baseline=lambda x: attention_math(x["q"], x["k"], x["v"], x["q"].dtype, causal),
-        providers=_providers(batch, hq, hkv, sq, skv, causal),
+        providers=_providers(batch, hq, hkv, sq, skv, causal, decode=graph),
         flops=attention_flops(batch, hq, sq, skv),
         bytes=attention_bytes(batch, hq, hkv, sq, skv),
         cuda_graph=graph,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from qwen3x import ops, reference
 
 from ..harness import Case, Provider
-from ..providers import (liger_provider, mma_sync_provider, over_budget, qwen3x_provider, reference_provider,
+from ..providers import (liger_provider, mma_sync_provider, no_pdl_provider, over_budget, qwen3x_provider, reference_provider,
                          torch_compile_provider)
 from ..shapes import MOE_MODELS, ModelDims
 from .common import ELEM, graph_worthy, hf_module, randn
@@ -364,6 +364,8 @@ def layer_case(d: ModelDims, tokens: int) -> Case:
         truth=functools.partial(_layer_truth, topk=d.topk),
         providers=[
             qwen3x_provider("moe", functools.partial(_layer_qwen3x, topk=d.topk), note="router GEMM: F.linear"),
+            no_pdl_provider(functools.partial(_layer_qwen3x, topk=d.topk), graph_worthy(tokens),
+                            note="QWEN3X_PDL=0; router GEMM: F.linear"),
             reference_provider(ref, graphable=False),
             *_hf_providers(d, tokens, with_router=True),
         ],

@@ -27,6 +27,7 @@
 #include "core/gpu_constants.h"
 #include "core/launch.h"
 #include "core/mainloop_choice.h"
+#include "core/pdl.cuh"
 #include "core/qwen3.h"
 #include "ops.h"
 
@@ -195,6 +196,7 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
   const bool full_tiles = static_cast<int64_t>(p.seqlen_q) * p.group >= attn::kBlockM;
   const bool wgmma = use_wgmma(op, "QWEN3X_ATTENTION_MAINLOOP", full_tiles, q.get_device());
   p.proxy_fence = wgmma_proxy_fence();
+  p.pdl = pdl_enabled(q.get_device());
   const bool bf16 = q.scalar_type() == at::ScalarType::BFloat16;
   // CTAs with work: the grid's, and at least enough to hold every packed row (this bounds the
   // workspace when a varlen max_seqlen_q is small).

@@ -54,6 +54,7 @@
 #include "core/gpu_constants.h"
 #include "core/launch.h"
 #include "core/mma.cuh"
+#include "core/pdl.cuh"
 #include "core/wgmma.cuh"
 
 namespace qwen3x::attn {
@@ -191,6 +192,8 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
 template <typename T, bool kWgmma>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
 attention_fwd_kernel(const __grid_constant__ Params p) {
+  pdl_wait();  // first: the previous kernel's outputs (core/pdl.cuh)
+  pdl_launch_dependents();
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* base = smem;
   if constexpr (kWgmma) {  // wgmma tiles start on a 1024-byte swizzle atom
@@ -227,13 +230,15 @@ cudaError_t launch_attention(const Params& p, cudaStream_t stream) {
   cudaError_t err = allow_dynamic_smem<attention_fwd_kernel<T, kWgmma>>(smem_bytes<kWgmma>());
   if (err != cudaSuccess) return err;
   const dim3 grid(row_tiles(p), p.batch * p.num_kv_heads, p.num_splits);
-  attention_fwd_kernel<T, kWgmma><<<grid, kThreads, smem_bytes<kWgmma>(), stream>>>(p);
-  err = cudaGetLastError();
+  err = launch_kernel(p.pdl, attention_fwd_kernel<T, kWgmma>, grid, dim3(kThreads),
+                      smem_bytes<kWgmma>(), stream, p);
+  if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows = static_cast<int64_t>(p.num_kv_heads) * p.total_q * p.group;
   const dim3 combine_grid(static_cast<unsigned>(ceil_div<int64_t>(rows, kCombineWarps)));
-  attention_combine_kernel<T><<<combine_grid, kCombineThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  err = launch_kernel(p.pdl, attention_combine_kernel<T>, combine_grid, dim3(kCombineThreads), 0,
+                      stream, p);
+  return err == cudaSuccess ? cudaGetLastError() : err;
 }
 
 }  // namespace qwen3x::attn

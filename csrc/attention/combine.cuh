@@ -17,6 +17,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/pdl.cuh"
+
 #include "attention/kernel_traits.cuh"
 #include "core/gpu_constants.h"
 #include "core/mma.cuh"
@@ -33,6 +35,8 @@ static_assert(kCombineDimsPerLane == 4, "a lane owns one float4 of each split's 
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads)
 attention_combine_kernel(const Params p) {
+  pdl_wait();  // first: the previous kernel's outputs (core/pdl.cuh)
+  pdl_launch_dependents();
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / kWarpSize;
   // Workspace rows: [splits][Hkv][token * group + h]; out row token * Hq + kvh * group + h.

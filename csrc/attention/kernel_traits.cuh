@@ -154,6 +154,7 @@ struct Params {
   float scale_log2;  // scale * log2(e): scores are kept in log2 units
   bool causal;       // bottom-right per sequence: query s sees keys j <= s + Skv_b - Sq_b
   bool proxy_fence;  // kWgmma: fence.proxy.async after each stage lands (core/mainloop_choice.h)
+  bool pdl;          // host: launch with programmatic dependent launch (core/pdl.cuh)
                      // (Skv_b: the sequence's keys, after key_lengths)
 
   int num_splits;       // gridDim.z; 1 = write out/lse directly

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "core/gpu_constants.h"
+#include "core/pdl.cuh"
 #include "core/vec.cuh"
 
 namespace qwen3x::moe {
@@ -34,6 +35,8 @@ moe_combine_kernel(T* __restrict__ out,            // [num_tokens, hidden], cont
                    int64_t num_tokens,
                    int hidden,                     // a multiple of Vec16<T>::kSize
                    int top_k) {
+  pdl_wait();  // first: the previous kernel's outputs (core/pdl.cuh)
+  pdl_launch_dependents();
   using Vec = Vec16<T>;
   const int64_t vecs_per_row = hidden / Vec::kSize;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kCombineThreads + threadIdx.x;
@@ -58,13 +61,14 @@ moe_combine_kernel(T* __restrict__ out,            // [num_tokens, hidden], cont
 }
 
 template <typename T>
-void launch_moe_combine(T* out, const T* y, const int* inverse, int64_t num_tokens, int hidden,
-                        int top_k, cudaStream_t stream) {
+cudaError_t launch_moe_combine(T* out, const T* y, const int* inverse, int64_t num_tokens,
+                               int hidden, int top_k, cudaStream_t stream, bool pdl) {
   const int64_t vecs = num_tokens * (hidden / Vec16<T>::kSize);
-  if (vecs == 0) return;
+  if (vecs == 0) return cudaSuccess;
   const int64_t blocks = ceil_div<int64_t>(vecs, kCombineThreads);
-  moe_combine_kernel<T><<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(
-      out, y, inverse, num_tokens, hidden, top_k);
+  return launch_kernel(pdl, moe_combine_kernel<T>, dim3(static_cast<unsigned>(blocks)),
+                       dim3(kCombineThreads), 0, stream, out, y, inverse, num_tokens, hidden,
+                       top_k);
 }
 
 }  // namespace qwen3x::moe

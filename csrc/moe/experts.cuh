@@ -53,6 +53,7 @@ struct ExpertsArgs {
   bool proxy_fence;            // wgmma mainloop: fence each stage into the async proxy
   int* combine_counters;       // [T, H / BLOCK_N] zeroed, every pick routed: the combine in
                                // GEMM2; nullptr: the combine kernel
+  bool pdl;                    // launch with programmatic dependent launch (core/pdl.cuh)
 };
 
 template <typename T, typename Cfg>
@@ -73,6 +74,7 @@ cudaError_t launch_moe_experts_with(const ExpertsArgs<T>& a, cudaStream_t stream
   g1.k_dim = a.hidden_size;
   g1.n_out = a.inter_size;
   g1.proxy_fence = a.proxy_fence;
+  g1.pdl = a.pdl;
   cudaError_t err = launch_moe_expert_gemm<T, Cfg, GemmKind::kGateUp>(g1, a.row_tiles, stream);
   if (err != cudaSuccess) return err;
 
@@ -93,13 +95,14 @@ cudaError_t launch_moe_experts_with(const ExpertsArgs<T>& a, cudaStream_t stream
   if (err != cudaSuccess) return err;
 
   if (a.combine_counters == nullptr) {
-    launch_moe_combine<T>(a.out, a.y, a.inverse, a.num_tokens, a.hidden_size, a.top_k, stream);
+    return launch_moe_combine<T>(a.out, a.y, a.inverse, a.num_tokens, a.hidden_size, a.top_k,
+                                 stream, a.pdl);
   }
   return cudaSuccess;
 }
 
-// Returns the first error of raising a kernel's shared-memory limit; launch
-// errors are the caller's to check (cudaGetLastError).
+// Returns the first error of raising a kernel's shared-memory limit or of a PDL
+// launch; the caller also checks cudaGetLastError().
 template <typename T>
 cudaError_t launch_moe_experts(const ExpertsArgs<T>& args, GemmRegime regime, bool wgmma,
                                cudaStream_t stream) {

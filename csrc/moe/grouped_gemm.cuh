@@ -55,6 +55,7 @@
 #include "core/gpu_constants.h"
 #include "core/launch.h"
 #include "core/mma.cuh"
+#include "core/pdl.cuh"
 #include "core/wgmma.cuh"
 #include "moe/gemm_config.h"
 #include "moe/gemm_epilogue.cuh"
@@ -84,6 +85,7 @@ struct ExpertGemmParams {
   // kDown with the combine fused (gemm_epilogue.cuh epilogue_combine), else nullptr:
   int* combine_counters;      // [T, column tiles] arrival counters, zero at launch
   T* combine_out;             // [T, n_out] contiguous: the combined output
+  bool pdl;                   // host: launch with programmatic dependent launch (core/pdl.cuh)
 };
 
 namespace gemm_detail {
@@ -209,6 +211,8 @@ __device__ __forceinline__ void mainloop_mma_sync(float (&acc)[Cfg::kMmaM][Cfg::
 template <typename T, typename Cfg, GemmKind kKind>
 __global__ void __launch_bounds__(Cfg::kThreads)
 moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
+  pdl_wait();  // first: the previous kernel's outputs (core/pdl.cuh)
+  pdl_launch_dependents();
   using namespace gemm_detail;
   constexpr int kBlockM = Cfg::kBlockM;
   constexpr int kBlockK = Cfg::kBlockK;
@@ -328,7 +332,8 @@ inline int gemm_col_tiles(int n_out) {
 // multiple of kBlockK, n_out a multiple of the column tile, strides multiples
 // of 8 elements and pointers 16-byte aligned, row_tiles = max_row_tiles(...)
 // of the permutation made with row_align = Cfg::kBlockM. Returns the error of
-// raising the shared-memory limit; launch errors are the caller's to check.
+// raising the shared-memory limit or of a PDL launch; the caller also checks
+// cudaGetLastError().
 template <typename T, typename Cfg, GemmKind kKind>
 cudaError_t launch_moe_expert_gemm(const ExpertGemmParams<T>& p, int64_t row_tiles,
                                    cudaStream_t stream) {
@@ -341,8 +346,7 @@ cudaError_t launch_moe_expert_gemm(const ExpertGemmParams<T>& p, int64_t row_til
   }
   const dim3 grid(static_cast<unsigned>(row_tiles),
                   static_cast<unsigned>(gemm_col_tiles<Cfg, kKind>(p.n_out)));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemAllocBytes, stream>>>(p);
-  return cudaSuccess;
+  return launch_kernel(p.pdl, kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemAllocBytes, stream, p);
 }
 
 }  // namespace qwen3x::moe

@@ -20,6 +20,7 @@
 #include "core/gpu_constants.h"
 #include "core/launch.h"
 #include "core/mainloop_choice.h"
+#include "core/pdl.cuh"
 #include "moe/experts.cuh"
 #include "moe/gemm_config.h"
 #include "moe/limits.h"
@@ -177,6 +178,7 @@ at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tenso
     a.inter_size = static_cast<int>(I);
     a.row_tiles = row_tiles;
     a.proxy_fence = wgmma_proxy_fence();
+    a.pdl = pdl_enabled(hidden.get_device());
     a.combine_counters = permuted != nullptr && permuted->combine_counters.defined()
                              ? static_cast<int*>(permuted->combine_counters.mutable_data_ptr())
                              : nullptr;
@@ -259,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const char* op,
         static_cast<int*>(tokens_per_expert.mutable_data_ptr()),
         static_cast<const scalar_t*>(router_logits.const_data_ptr()), num_tokens, logits_stride,
         static_cast<int>(num_experts), static_cast<int>(top_k), norm_topk_prob, num_sms, stream,
-        fuse ? &perm : nullptr));
+        fuse ? &perm : nullptr, pdl_enabled(router_logits.get_device())));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {weights, expert_ids, tokens_per_expert};

@@ -55,6 +55,7 @@
 #include <cstdint>
 
 #include "core/gpu_constants.h"
+#include "core/pdl.cuh"
 #include "core/reduce.cuh"
 #include "core/vec.cuh"
 #include "moe/limits.h"
@@ -134,6 +135,8 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
                   int top_k,                             // 1 <= k <= min(E, kMaxTopK)
                   bool norm_topk_prob,                   // divide the k weights by their sum
                   const RoutePermutation perm) {         // kPermute only (gridDim.x == 1)
+  pdl_wait();  // first: the previous kernel's outputs (core/pdl.cuh)
+  pdl_launch_dependents();
   using namespace router_detail;
   __shared__ int histogram[kMaxExperts];  // picks per expert by this block
   // kPermute: the picks' experts, the segment starts, the scan's warp totals.
@@ -244,12 +247,14 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
 // the kPermute variant, which also writes moe_permute's outputs. Preconditions
 // (checked by the glue): 1 <= num_experts <= kMaxExperts,
 // 1 <= top_k <= min(num_experts, kMaxTopK), num_tokens * top_k < 2^31,
-// num_sms >= 1. Returns the memset's error; the caller checks the launch.
+// num_sms >= 1. Returns the memset's or the launch's error (`pdl`: core/pdl.cuh); the caller
+// also checks cudaGetLastError().
 template <typename T>
 cudaError_t launch_moe_router(T* weights, int* expert_ids, int* tokens_per_expert,
                               const T* logits, int64_t num_tokens, int64_t logits_stride,
                               int num_experts, int top_k, bool norm_topk_prob, int num_sms,
-                              cudaStream_t stream, const RoutePermutation* perm = nullptr) {
+                              cudaStream_t stream, const RoutePermutation* perm = nullptr,
+                              bool pdl = false) {
   const int64_t max_blocks = static_cast<int64_t>(num_sms) * kRouterBlocksPerSm;
   const int64_t want = ceil_div<int64_t>(num_tokens, kRouterWarps);
   const dim3 grid(static_cast<unsigned>(want < max_blocks ? want : max_blocks));
@@ -259,20 +264,20 @@ cudaError_t launch_moe_router(T* weights, int* expert_ids, int* tokens_per_exper
     if (err != cudaSuccess || num_tokens == 0) return err;
   }
   const RoutePermutation none{};
+  // After a memset the launch is an ordinary one: PDL overlaps kernels, not a memset node.
+  const bool programmatic = pdl && grid.x == 1;
   auto run = [&](auto kernel) {
-    kernel<<<grid, kRouterThreads, 0, stream>>>(weights, expert_ids, tokens_per_expert, logits,
-                                                num_tokens, logits_stride, num_experts, top_k,
-                                                norm_topk_prob, perm != nullptr ? *perm : none);
+    return launch_kernel(programmatic, kernel, grid, dim3(kRouterThreads), 0, stream, weights,
+                         expert_ids, tokens_per_expert, logits, num_tokens, logits_stride,
+                         num_experts, top_k, norm_topk_prob, perm != nullptr ? *perm : none);
   };
   const bool small = num_experts <= kRouterSlotsSmall * kWarpSize;
   if (perm != nullptr) {
-    run(small ? moe_router_kernel<T, kRouterSlotsSmall, true>
-              : moe_router_kernel<T, kRouterSlotsLarge, true>);
-  } else {
-    run(small ? moe_router_kernel<T, kRouterSlotsSmall, false>
-              : moe_router_kernel<T, kRouterSlotsLarge, false>);
+    return run(small ? moe_router_kernel<T, kRouterSlotsSmall, true>
+                     : moe_router_kernel<T, kRouterSlotsLarge, true>);
   }
-  return cudaSuccess;
+  return run(small ? moe_router_kernel<T, kRouterSlotsSmall, false>
+                   : moe_router_kernel<T, kRouterSlotsLarge, false>);
 }
 
 }  // namespace qwen3x::moe

@@ -41,6 +41,7 @@
 #include <cstdint>
 
 #include "core/gpu_constants.h"
+#include "core/pdl.cuh"
 #include "core/qwen3.h"
 #include "core/reduce.cuh"
 #include "core/trig.cuh"
@@ -120,6 +121,8 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
                     float attention_scaling,
                     float eps,
                     const CacheWrite<T> cache) {  // used with kCache only
+  pdl_wait();  // first: the previous kernel's outputs (core/pdl.cuh)
+  pdl_launch_dependents();
   using L = HeadLayout<T>;
   using Vec = Vec16<T>;
   constexpr int kVec = L::kVec;
@@ -280,17 +283,18 @@ void launch_qk_norm_rope(T* q_out, T* k_out, const T* q_in, const T* k_in, const
                          int num_kv_heads, HeadStrides q_out_strides, HeadStrides k_out_strides,
                          HeadStrides q_in_strides, HeadStrides k_in_strides,
                          float attention_scaling, float eps, const CacheWrite<T>& cache,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, bool pdl = false) {
   const bool with_cache = cache.k_cache != nullptr;
   const int num_heads = num_q_heads + num_kv_heads * (with_cache ? 2 : 1);
   if (num_tokens == 0 || num_heads == 0) return;
   const int64_t num_warps = num_tokens * ceil_div(num_heads, kHeadsPerWarp);
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(num_warps, kWarpsPerBlock)));
   auto kernel = with_cache ? qk_norm_rope_kernel<T, true> : qk_norm_rope_kernel<T, false>;
-  kernel<<<grid, kThreadsPerBlock, 0, stream>>>(
-      q_out, k_out, q_in, k_in, q_weight, k_weight, positions, positions_int64, inv_freq,
-      num_tokens, num_q_heads, num_kv_heads, q_out_strides, k_out_strides, q_in_strides,
-      k_in_strides, attention_scaling, eps, cache);
+  // An error of the launch is also the thread's last error, which the caller checks.
+  (void)launch_kernel(pdl, kernel, grid, dim3(kThreadsPerBlock), 0, stream, q_out, k_out, q_in,
+                      k_in, q_weight, k_weight, positions, positions_int64, inv_freq, num_tokens,
+                      num_q_heads, num_kv_heads, q_out_strides, k_out_strides, q_in_strides,
+                      k_in_strides, attention_scaling, eps, cache);
 }
 
 // Most tokens one launch can cover for a given head count.

@@ -20,6 +20,7 @@
 
 #include "core/checks.h"
 #include "core/dispatch.h"
+#include "core/pdl.cuh"
 #include "core/qwen3.h"
 #include "rope/qk_norm_rope.cuh"
 #include "ops.h"
@@ -176,7 +177,7 @@ void launch(const char* op, const at::Tensor& q_out, const at::Tensor& k_out,
         static_cast<const float*>(prep.inv_freq.const_data_ptr()), prep.num_tokens,
         static_cast<int>(q_in.size(-2)), static_cast<int>(k_in.size(-2)), q_out_s, k_out_s,
         q_in_s, k_in_s, static_cast<float>(attention_scaling), static_cast<float>(eps), cw,
-        stream);
+        stream, pdl_enabled(q_in.get_device()));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

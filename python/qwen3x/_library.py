@@ -17,6 +17,7 @@ module completes the registration from Python, once, at import:
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from typing import Callable
 
@@ -202,6 +203,13 @@ def wgmma_available() -> bool:
     info = _C.build_info() if _C is not None else {}
     return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
             and "sm_90a" in info.get("archs", []))
+
+
+def pdl_available() -> bool:
+    """Whether the kernels of decode's launch chains (router, expert GEMMs, qk_norm_rope,
+    attention and its combine) are launched with programmatic dependent launch here: where the
+    wgmma mainloops run (csrc/core/pdl.cuh), unless QWEN3X_PDL=0."""
+    return wgmma_available() and os.environ.get("QWEN3X_PDL") != "0"
 
 
 # --------------------------------------------------------------------------------------------

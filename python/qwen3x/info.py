@@ -46,6 +46,7 @@ def collect() -> dict:
         "ops": ops,
         "arch_mismatch": bool(build and gpu_arch and not runs_on(build["archs"], gpu_arch)),
         "wgmma": _library.wgmma_available(),
+        "pdl": _library.pdl_available(),
     }
 
 
@@ -66,6 +67,9 @@ def main() -> None:
     if info["wgmma"]:
         print("  Hopper (wgmma) mainloops: attention prefill and the MoE expert GEMMs' prefill regime "
               "(QWEN3X_ATTENTION_MAINLOOP / QWEN3X_MOE_MAINLOOP=mma_sync to compare)")
+    if info["pdl"]:
+        print("  programmatic dependent launch: router, expert GEMMs, qk_norm_rope, attention and its combine "
+              "(QWEN3X_PDL=0 to compare)")
     width = max(map(len, info["ops"]))
     for op, status in info["ops"].items():
         print(f"  {op:<{width}}  {status}")

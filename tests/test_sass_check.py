@@ -1,0 +1,66 @@
+"""cmake/sass_check.py's rules on hand-written SASS (CI runs the script on the real build; this
+checks that its rules can fail)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "cmake" / "sass_check.py"
+_spec = importlib.util.spec_from_file_location("sass_check", _PATH)
+sass_check = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("sass_check", sass_check)  # its dataclass looks its module up
+_spec.loader.exec_module(sass_check)
+
+PDL_KERNEL = "qwen3x::moe::moe_combine_kernel<__half>"  # one of sass_check.PDL_KERNELS
+OTHER_KERNEL = "qwen3x::norm::rms_norm_scalar_kernel<float>"
+
+
+def _kernel(arch: str, body: list[str], name: str):
+    lines = [f"\tarch = {arch}", "\t\tFunction : _Z1kv"]
+    lines += [f"        /*{16 * i:04x}*/                   {ins} ;" for i, ins in enumerate(body)]
+    (k,) = sass_check.parse_sass("\n".join(lines)).values()
+    k.name, k.reg, k.stack, k.local = name, 32, 0, 0
+    return k
+
+
+def _pdl_problems(arch, body, name=PDL_KERNEL):
+    return [p for p in sass_check.problems_of(_kernel(arch, body, name)) if p.startswith("PDL")]
+
+
+WAIT_FIRST = ["LDC R1, c[0x0][0x28]", "ACQBULK", "PREEXIT", "LDG.E R0, desc[UR4][R2.64]",
+              "STG.E desc[UR4][R2.64], R5", "EXIT"]
+
+
+def test_a_pdl_kernel_that_waits_first_passes():
+    assert _pdl_problems("sm_90a", WAIT_FIRST) == []
+
+
+@pytest.mark.parametrize("access", ["LDG.E R0, desc[UR4][R2.64]", "STG.E.128 desc[UR4][R2.64], R4",
+                                    "LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64]", "ATOMG.E.ADD.STRONG.GPU PT, R0, [R2.64], R5",
+                                    "LD.E R0, [R2.64]"])
+def test_a_global_access_before_the_wait_is_reported(access):
+    body = ["LDC R1, c[0x0][0x28]", access, "ACQBULK", "PREEXIT", "EXIT"]
+    assert _pdl_problems("sm_90a", body) == ["PDL: a global memory access before griddepcontrol.wait"]
+
+
+def test_a_missing_wait_or_trigger_is_reported():
+    assert _pdl_problems("sm_90a", ["PREEXIT", "LDG.E R0, desc[UR4][R2.64]", "EXIT"]) == [
+        "PDL: no griddepcontrol.wait (ACQBULK)"]
+    assert _pdl_problems("sm_90a", ["ACQBULK", "LDG.E R0, desc[UR4][R2.64]", "EXIT"]) == [
+        "PDL: no griddepcontrol.launch_dependents (PREEXIT)"]
+
+
+def test_pdl_is_required_only_of_pdl_kernels_on_sm90a():
+    no_wait = ["LDG.E R0, desc[UR4][R2.64]", "EXIT"]
+    assert _pdl_problems("sm_80", no_wait) == []  # never launched with PDL there
+    assert _pdl_problems("sm_90a", no_wait, OTHER_KERNEL) == []  # launched plainly
+
+
+def test_shared_and_constant_loads_are_not_global_accesses():
+    body = ["LDC R1, c[0x0][0x28]", "LDS R0, [R2]", "STS [R2], R0", "LDSM.16.M88.4 R4, [R8]", "ACQBULK",
+            "PREEXIT", "EXIT"]
+    assert _pdl_problems("sm_90a", body) == []
