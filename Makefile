@@ -105,7 +105,8 @@ export PYTHONPATH := $(WHEEL_SITE)$(if $(PYTHONPATH),:$(PYTHONPATH))
 endif
 
 # The wgmma smoke step (tests/wgmma_smoke.py) leaves QWEN3X_*_MAINLOOP=mma_sync in mainloop.env for
-# a Hopper mainloop that failed, so that one broken kernel does not take every later test with it.
+# a Hopper mainloop that failed (and QWEN3X_PDL=0 if the decode chains answer differently with
+# programmatic dependent launch), so that one broken kernel does not take every later test with it.
 LOAD_MAINLOOP_ENV = set -a; [ -f $(OUT)/mainloop.env ] && . $(OUT)/mainloop.env; set +a;
 
 gpu:

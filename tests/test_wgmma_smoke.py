@@ -18,10 +18,10 @@ import wgmma_smoke  # noqa: E402
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "python"), os.environ.get("PYTHONPATH", "")]))
 
 
-@pytest.mark.parametrize("var", sorted(wgmma_smoke.CASES))
+@pytest.mark.parametrize("var", [*sorted(wgmma_smoke.CASES), "PDL"])
 def test_snippets_run(var):
-    code = wgmma_smoke.CASES[var].replace('device="cuda"', 'device="cpu"').replace(
-        "torch.cuda.synchronize()", "")
+    code = wgmma_smoke.PDL_CASE.replace('"cuda"', '"cpu"') if var == "PDL" else wgmma_smoke.CASES[var]
+    code = code.replace('device="cuda"', 'device="cpu"').replace("torch.cuda.synchronize()", "")
     r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -52,6 +52,7 @@ def test_failures_are_switched_off_and_logged(monkeypatch, tmp_path, capsys):
         "C_MAINLOOP": "import time; time.sleep(60)",
         "D_MAINLOOP": "pass",
     })
+    monkeypatch.setattr(wgmma_smoke, "PDL_CASE", "raise SystemExit('PDL changed the answer')")
     env_file = tmp_path / "mainloop.env"
     monkeypatch.setattr(sys, "argv", ["wgmma_smoke.py", str(env_file)])
     assert wgmma_smoke.main() == 0
@@ -61,7 +62,9 @@ def test_failures_are_switched_off_and_logged(monkeypatch, tmp_path, capsys):
     assert "D_MAINLOOP: ok" in printed
     assert "D_MAINLOOP without the proxy fence (informational): ok" in printed
     assert "A_MAINLOOP without" not in printed  # a family already switched off is not rerun
-    assert env_file.read_text().split() == ["A_MAINLOOP=mma_sync", "B_MAINLOOP=mma_sync", "C_MAINLOOP=mma_sync"]
+    assert "PDL smoke (decode chains, eager and graphed, against QWEN3X_PDL=0): FAILED" in printed
+    assert env_file.read_text().split() == ["A_MAINLOOP=mma_sync", "B_MAINLOOP=mma_sync", "C_MAINLOOP=mma_sync",
+                                            "QWEN3X_PDL=0"]
     assert "illegal instruction" in (tmp_path / "wgmma_smoke_A_MAINLOOP.log").read_text()
 
 

@@ -10,6 +10,10 @@ remaining steps still test everything else, and a failing family's whole stderr 
 wgmma_smoke_<family>.log beside ENV_FILE; where wgmma cannot run at all (no extension, no sm_90
 GPU, no sm_90a build) it writes nothing and says which.
 
+It also runs the decode chains launched with programmatic dependent launch (PDL, csrc/core/pdl.cuh:
+the default where wgmma runs), eagerly and in a CUDA graph, against the same calls with
+QWEN3X_PDL=0, bitwise; if that fails, ENV_FILE gets QWEN3X_PDL=0 and the later steps run without it.
+
 Usage: python tests/wgmma_smoke.py OUT/mainloop.env
 """
 
@@ -52,6 +56,55 @@ truth = R.moe_experts(x.double(), ids, w.double(), gate_up.double(), down.double
 assert_close_to_truth(out, same, truth)
 """,
 }
+# The decode chains (router -> GEMM1 -> GEMM2; qk_norm_rope -> attention -> split-KV combine)
+# with PDL, then without (QWEN3X_PDL is read at each call): the same bits, eager and replayed.
+PDL_CASE = """
+import os
+import torch
+from qwen3x import ops
+torch.manual_seed(0)
+dev, bf = "cuda", torch.bfloat16
+T, E, k, H, I = 1, 128, 8, 256, 128
+x = torch.randn(T, H, device=dev, dtype=bf)
+logits = torch.randn(T, E, device=dev, dtype=bf)
+gate_up = (torch.randn(E, 2 * I, H, device=dev) * H ** -0.5).to(bf)
+down = (torch.randn(E, H, I, device=dev) * I ** -0.5).to(bf)
+q = torch.randn(1, 1, 32, 128, device=dev, dtype=bf)
+kk = torch.randn(1, 1, 8, 128, device=dev, dtype=bf)
+kc = torch.randn(1, 8, 1024, 128, device=dev, dtype=bf)
+vc = torch.randn(1, 8, 1024, 128, device=dev, dtype=bf)
+wq = torch.rand(128, device=dev, dtype=bf) + 0.5
+wk = torch.rand(128, device=dev, dtype=bf) + 0.5
+pos = torch.tensor([[1023]], device=dev)
+inv_freq = 1.0 / (1e6 ** (torch.arange(0, 128, 2, device=dev).float() / 128))
+
+def step():
+    y = ops.moe(x, logits, gate_up, down, k, True)
+    qr, kr = ops.qk_norm_rope(q, kk, wq, wk, pos, inv_freq, 1.0, 1e-6)
+    kc[:, :, 1023] = kr[0]
+    out, lse = ops.attention(qr.transpose(1, 2), kc, vc, None, 128 ** -0.5, False)
+    return y, out, lse
+
+with_pdl = step()
+if torch.cuda.is_available():
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        graphed = step()
+    g.replay()
+    torch.cuda.synchronize()
+os.environ["QWEN3X_PDL"] = "0"
+plain = step()
+for a, b in zip(with_pdl, plain):
+    assert torch.equal(a, b), "eager: PDL changed the answer"
+if torch.cuda.is_available():
+    for a, b in zip(graphed, plain):
+        assert torch.equal(a, b), "CUDA graph: PDL changed the answer"
+"""
 TIMEOUT_S = 60  # a healthy run: a few seconds of imports, milliseconds of GPU work
 
 
@@ -103,6 +156,17 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             detail = f"timed out after {TIMEOUT_S} s"
         print(f"wgmma smoke {var} without the proxy fence (informational): {detail}")
+    try:
+        r = subprocess.run([sys.executable, "-c", PDL_CASE], capture_output=True, text=True, timeout=TIMEOUT_S)
+        ok, detail, stderr = r.returncode == 0, _summary(r.returncode, r.stderr), r.stderr
+    except subprocess.TimeoutExpired as e:
+        ok, detail = False, f"timed out after {TIMEOUT_S} s (a hang?)"
+        stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+    print(f"PDL smoke (decode chains, eager and graphed, against QWEN3X_PDL=0): {'ok' if ok else 'FAILED, ' + detail}")
+    if not ok:
+        fallbacks.append("QWEN3X_PDL=0")
+        with open(os.path.join(out_dir, "wgmma_smoke_QWEN3X_PDL.log"), "w") as f:
+            f.write(stderr)
     with open(env_file, "w") as f:
         f.write("".join(line + "\n" for line in fallbacks))
     if fallbacks:
