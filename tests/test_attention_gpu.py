@@ -341,6 +341,30 @@ def test_cuda_graph_decode():
     _judge(out, lse, q, k, v, mask, D**-0.5, True)
 
 
+@pytest.mark.skipif(not _library.pdl_available(), reason="programmatic dependent launch runs on sm_90 + sm_90a only")
+@pytest.mark.parametrize("skv", [1024, 8193])  # split-KV: the combine follows the forward kernel
+def test_programmatic_dependent_launch_changes_no_bit(monkeypatch, skv):
+    """qk_norm_rope, then attention and its combine, each launched to start while the previous
+    kernel finishes (csrc/core/pdl.cuh), against plain launches (QWEN3X_PDL=0)."""
+    q, k, v = _inputs(1, 32, 8, 1, skv, torch.bfloat16, q_layout="bshd")
+    wq, wk = torch.rand(D, device="cuda").bfloat16() + 0.5, torch.rand(D, device="cuda").bfloat16() + 0.5
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    pos = torch.full((1, 1), skv - 1, device="cuda")
+
+    def chain():
+        qr, kr = ops.qk_norm_rope(q.transpose(1, 2), k[:, :, -1:].transpose(1, 2), wq, wk, pos, inv_freq)
+        k[:, :, -1:] = kr.transpose(1, 2)
+        return ops.attention(qr.transpose(1, 2), k, v, None, D**-0.5, True)
+
+    k_before = k.clone()
+    with_pdl = chain()
+    k.copy_(k_before)
+    monkeypatch.setenv("QWEN3X_PDL", "0")
+    plain = chain()
+    for a, b in zip(with_pdl, plain):
+        assert_identical(a, b)
+
+
 def test_empty_and_zero_keys():
     q, k, v = _inputs(2, 8, 4, 0, 5, torch.bfloat16)
     out, lse = ops.attention(q, k, v, None, D**-0.5, False)

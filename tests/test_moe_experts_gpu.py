@@ -297,6 +297,21 @@ def test_moe_op_cuda_graph_at_decode(T):
         assert_close_to_truth(out, same, truth)
 
 
+@pytest.mark.skipif(not _library.pdl_available(), reason="programmatic dependent launch runs on sm_90 + sm_90a only")
+@pytest.mark.parametrize("T", [1, 16, 300])  # the decode chain (route, GEMM1, GEMM2 + combine); the separate ops
+def test_moe_op_programmatic_dependent_launch_changes_no_bit(monkeypatch, T):
+    """The op's kernels, each launched to start while the previous one finishes (csrc/core/pdl.cuh),
+    against plain launches (QWEN3X_PDL=0)."""
+    _needs_kernel("moe")
+    dtype, E, k, H, I = torch.bfloat16, 128, 8, 2048, 768
+    x = torch.randn(T, H, device="cuda", dtype=dtype)
+    logits = _distinct_logits(T, E, dtype)
+    gate_up, down = _weights(E, H, I, dtype)
+    with_pdl = torch.ops.qwen3x.moe(x, logits, gate_up, down, k, True)
+    monkeypatch.setenv("QWEN3X_PDL", "0")
+    assert_identical(with_pdl, torch.ops.qwen3x.moe(x, logits, gate_up, down, k, True))
+
+
 def _bad_calls():
     dev, bf = "cuda", torch.bfloat16
     T, E, H, I = 4, 8, 256, 64
