@@ -116,6 +116,17 @@ def _summary(returncode: int, stderr: str) -> str:
     return f"exit {returncode}: {(named or lines or ['(no output)'])[0].strip()}"
 
 
+def _run(code: str, env: dict | None = None) -> tuple[bool, str, str]:
+    """Runs a snippet in a process of its own: (passed, a one-line summary, its stderr)."""
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           timeout=TIMEOUT_S)
+        return r.returncode == 0, _summary(r.returncode, r.stderr), r.stderr
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return False, f"timed out after {TIMEOUT_S} s (a hang?)", stderr
+
+
 def main() -> int:
     env_file = sys.argv[1]
     out_dir = os.path.dirname(os.path.abspath(env_file))
@@ -130,14 +141,7 @@ def main() -> int:
         return 0
     fallbacks = []
     for var, code in CASES.items():
-        env = dict(os.environ, **{var: "wgmma"})
-        try:
-            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                               timeout=TIMEOUT_S)
-            ok, detail, stderr = r.returncode == 0, _summary(r.returncode, r.stderr), r.stderr
-        except subprocess.TimeoutExpired as e:
-            ok, detail = False, f"timed out after {TIMEOUT_S} s (a hang?)"
-            stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        ok, detail, stderr = _run(code, dict(os.environ, **{var: "wgmma"}))
         print(f"wgmma smoke {var}: {'ok' if ok else 'FAILED, ' + detail}")
         if not ok:
             fallbacks.append(f"{var}=mma_sync")
@@ -148,20 +152,9 @@ def main() -> int:
     for var, code in CASES.items():
         if f"{var}=mma_sync" in fallbacks:
             continue
-        env = dict(os.environ, **{var: "wgmma", "QWEN3X_WGMMA_PROXY_FENCE": "0"})
-        try:
-            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                               timeout=TIMEOUT_S)
-            detail = "ok" if r.returncode == 0 else "FAILED, " + _summary(r.returncode, r.stderr)
-        except subprocess.TimeoutExpired:
-            detail = f"timed out after {TIMEOUT_S} s"
-        print(f"wgmma smoke {var} without the proxy fence (informational): {detail}")
-    try:
-        r = subprocess.run([sys.executable, "-c", PDL_CASE], capture_output=True, text=True, timeout=TIMEOUT_S)
-        ok, detail, stderr = r.returncode == 0, _summary(r.returncode, r.stderr), r.stderr
-    except subprocess.TimeoutExpired as e:
-        ok, detail = False, f"timed out after {TIMEOUT_S} s (a hang?)"
-        stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        ok, detail, _ = _run(code, dict(os.environ, **{var: "wgmma", "QWEN3X_WGMMA_PROXY_FENCE": "0"}))
+        print(f"wgmma smoke {var} without the proxy fence (informational): {'ok' if ok else 'FAILED, ' + detail}")
+    ok, detail, stderr = _run(PDL_CASE)
     print(f"PDL smoke (decode chains, eager and graphed, against QWEN3X_PDL=0): {'ok' if ok else 'FAILED, ' + detail}")
     if not ok:
         fallbacks.append("QWEN3X_PDL=0")
