@@ -67,6 +67,9 @@ WGMMA_LOOP_KERNELS = {
 # (griddepcontrol.launch_dependents = PREEXIT).
 PDL_KERNELS = ("attn::attention_fwd_kernel", "attn::attention_combine_kernel", "qk_norm_rope_kernel",
                "moe::moe_router_kernel", "moe::moe_expert_gemm_kernel", "moe::moe_combine_kernel")
+# Of those, kernels that read inputs finished two launches back before their wait (GEMM2: its tile
+# and weights, csrc/moe/grouped_gemm.cuh): they may load before the wait, never store.
+PDL_READS_FIRST = ("(qwen3x::moe::GemmKind)1>",)
 HOPPER_ARCH = "sm_90a"  # the only architecture the WGMMA_LOOP_KERNELS run on
 HMMA = re.compile(r"\bHMMA\b")
 HGMMA = re.compile(r"\bHGMMA\b")
@@ -83,6 +86,7 @@ ACQBULK = re.compile(r"\bACQBULK\b")
 PREEXIT = re.compile(r"\bPREEXIT\b")
 # Instructions that touch global (or generic) memory: none may come before a PDL kernel's wait.
 GLOBAL_ACCESS = re.compile(r"\b(LDG|STG|LDGSTS|LD|ST|ATOM|ATOMG|RED|UBLKCP|UTMALDG|UTMASTG)\b")
+GLOBAL_WRITE = re.compile(r"\b(STG|ST|ATOM|ATOMG|RED|UTMASTG)\b")
 
 
 @dataclass
@@ -108,6 +112,7 @@ class Kernel:
     back_edges: list = None  # (target, branch) addresses of backward branches
     acqbulk_at: int = -1  # address of the first ACQBULK (-1: none)
     first_global_at: int = -1  # address of the first global memory access (-1: none)
+    first_write_at: int = -1  # address of the first global memory write (-1: none)
     preexit: int = 0
 
 
@@ -162,6 +167,8 @@ def parse_sass(text: str) -> dict[tuple[str, str], Kernel]:
                     cur.acqbulk_at = addr
                 if GLOBAL_ACCESS.search(ins) and cur.first_global_at < 0:
                     cur.first_global_at = addr
+                if GLOBAL_WRITE.search(ins) and cur.first_write_at < 0:
+                    cur.first_write_at = addr
             cur.preexit += bool(PREEXIT.search(ins))
             cur.ldg128 += bool(LDG128.search(ins))
             cur.stg128 += bool(STG128.search(ins))
@@ -248,6 +255,9 @@ def problems_of(k: Kernel) -> list[str]:
     if k.arch == HOPPER_ARCH and any(sub in k.name for sub in PDL_KERNELS):
         if k.acqbulk_at < 0:
             problems.append("PDL: no griddepcontrol.wait (ACQBULK)")
+        elif any(sub in k.name for sub in PDL_READS_FIRST):
+            if 0 <= k.first_write_at < k.acqbulk_at:
+                problems.append("PDL: a global memory write before griddepcontrol.wait")
         elif 0 <= k.first_global_at < k.acqbulk_at:
             problems.append("PDL: a global memory access before griddepcontrol.wait")
         if not k.preexit:

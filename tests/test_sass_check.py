@@ -64,3 +64,16 @@ def test_shared_and_constant_loads_are_not_global_accesses():
     body = ["LDC R1, c[0x0][0x28]", "LDS R0, [R2]", "STS [R2], R0", "LDSM.16.M88.4 R4, [R8]", "ACQBULK",
             "PREEXIT", "EXIT"]
     assert _pdl_problems("sm_90a", body) == []
+
+
+GEMM2 = "qwen3x::moe::moe_expert_gemm_kernel<__half, qwen3x::moe::GemmConfig<16, 64, 1, 4, 6, (qwen3x::moe::GemmMainloop)0>, (qwen3x::moe::GemmKind)1>"
+
+
+def test_gemm2_may_read_before_its_wait_but_not_write():
+    reads = ["LDG.E.STRONG.GPU R0, desc[UR4][R2.64]", "LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64]", "ACQBULK",
+             "PREEXIT", "STG.E desc[UR4][R2.64], R5", "EXIT"]
+    assert _pdl_problems("sm_90a", reads, GEMM2) == []
+    writes = ["LDG.E R0, desc[UR4][R2.64]", "STG.E desc[UR4][R2.64], R5", "ACQBULK", "PREEXIT", "EXIT"]
+    assert _pdl_problems("sm_90a", writes, GEMM2) == ["PDL: a global memory write before griddepcontrol.wait"]
+    gemm1 = GEMM2.replace("GemmKind)1>", "GemmKind)0>")  # GEMM1 waits first
+    assert _pdl_problems("sm_90a", reads, gemm1) == ["PDL: a global memory access before griddepcontrol.wait"]

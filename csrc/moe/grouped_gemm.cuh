@@ -211,8 +211,18 @@ __device__ __forceinline__ void mainloop_mma_sync(float (&acc)[Cfg::kMmaM][Cfg::
 template <typename T, typename Cfg, GemmKind kKind>
 __global__ void __launch_bounds__(Cfg::kThreads)
 moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
-  pdl_wait();  // first: the previous kernel's outputs (core/pdl.cuh)
-  pdl_launch_dependents();
+  // Programmatic dependent launch (core/pdl.cuh). GEMM1 waits first: its permutation may be the
+  // previous kernel's output. GEMM2 always follows GEMM1, whose CTAs all waited for everything
+  // before GEMM1 at their start, and GEMM2 is launched only once every GEMM1 CTA is past that
+  // wait: the permutation and the routing weights are final when GEMM2 starts; only act (GEMM1's
+  // output) is not. So GEMM2 reads its tile (through L2: this SM's L1 is not coherent) and issues
+  // its first stages' weight copies before waiting, overlapping GEMM1's tail, and writes nothing
+  // before the wait. Without PDL the wait returns at once.
+  constexpr bool kEarly = kKind == GemmKind::kDown;
+  if constexpr (!kEarly) {
+    pdl_wait();
+    pdl_launch_dependents();
+  }
   using namespace gemm_detail;
   constexpr int kBlockM = Cfg::kBlockM;
   constexpr int kBlockK = Cfg::kBlockK;
@@ -225,10 +235,13 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
   __shared__ float s_route[kBlockM];
   __shared__ int s_last[kKind == GemmKind::kDown ? kBlockM : 1];  // epilogue_combine's scratch
 
-  const RowTile tile = schedule_row_tile<kBlockM, Cfg::kThreads>(
+  const RowTile tile = schedule_row_tile<kBlockM, Cfg::kThreads, kEarly>(
       &s_expert, s_picks, s_route, p.sorted_rows, p.expert_offsets,
       kKind == GemmKind::kDown ? p.route_weights : static_cast<const T*>(nullptr), p.num_experts);
-  if (tile.expert < 0) return;
+  if (tile.expert < 0) {
+    if constexpr (kEarly) pdl_wait();  // this grid completes after GEMM1, whichever CTAs work
+    return;
+  }
 
   const int tid = threadIdx.x;
   const int lane = tid % kWarpSize;
@@ -270,18 +283,23 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
   constexpr uint32_t kStageBytes = Cfg::kStageElems * 2;
   constexpr uint32_t kBOffsetBytes = kBlockM * kBlockK * 2;
 
-  auto load_stage = [&](int stage, int k_tile) {
+  auto load_a = [&](int stage, int k_tile) {
     const uint32_t sA = smem_base + stage * kStageBytes;
-    const uint32_t sB = sA + kBOffsetBytes;
-    const int k0 = k_tile * kBlockK;
 #pragma unroll
     for (int i = 0; i < Cfg::kALoads; ++i) {
-      cp_async_16(sA + (store_offset + i * kPassElems) * 2, a_src[i] + k0, a_valid[i]);
+      cp_async_16(sA + (store_offset + i * kPassElems) * 2, a_src[i] + k_tile * kBlockK, a_valid[i]);
     }
+  };
+  auto load_b = [&](int stage, int k_tile) {
+    const uint32_t sB = smem_base + stage * kStageBytes + kBOffsetBytes;
 #pragma unroll
     for (int i = 0; i < Cfg::kBLoads; ++i) {
-      cp_async_16(sB + (store_offset + i * kPassElems) * 2, b_src[i] + k0, true);
+      cp_async_16(sB + (store_offset + i * kPassElems) * 2, b_src[i] + k_tile * kBlockK, true);
     }
+  };
+  auto load_stage = [&](int stage, int k_tile) {
+    load_a(stage, k_tile);
+    load_b(stage, k_tile);
   };
 
   float acc[Cfg::kMmaM][Cfg::kMmaN][4];
@@ -294,10 +312,27 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
     }
   }
 
+  // Prologue: stages 0 .. kStages - 2, one commit group each. GEMM2 issues their weights before
+  // its wait, uncommitted, so the first group holds them all (the mainloop's first wait covers
+  // them) and each group then adds its stage's rows of act.
   const int k_tiles = p.k_dim / kBlockK;
+  if constexpr (kEarly) {
+#pragma unroll
+    for (int s = 0; s < Cfg::kStages - 1; ++s) {
+      if (s < k_tiles) load_b(s, s);
+    }
+    pdl_wait();  // act, GEMM1's output, from here on
+    pdl_launch_dependents();
+  }
 #pragma unroll
   for (int s = 0; s < Cfg::kStages - 1; ++s) {
-    if (s < k_tiles) load_stage(s, s);
+    if (s < k_tiles) {
+      if constexpr (kEarly) {
+        load_a(s, s);
+      } else {
+        load_stage(s, s);
+      }
+    }
     cp_async_commit();
   }
 

@@ -15,6 +15,10 @@
 // matching thread publishes e in shared memory. The tile's picks (sorted_rows,
 // -1 for padding) go to shared memory alongside, for the A gather and the
 // epilogues.
+//
+// kL2: every read goes through L2 (ld.global.cg), for a CTA that reads the
+// permutation before its programmatic-launch wait (GEMM2, grouped_gemm.cuh):
+// the data is final there, but this SM's L1 is not coherent with it.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -33,7 +37,12 @@ struct RowTile {
 // expert = -1 when the tile has no work (then nothing was written; the caller
 // returns). Ends with __syncthreads when there is work; the early-exit
 // decision is uniform over the block.
-template <int kBlockM, int kThreads, typename T>
+template <typename V>
+__device__ __forceinline__ V load_scheduling(const V* p, bool l2) {
+  return l2 ? __ldcg(p) : __ldg(p);
+}
+
+template <int kBlockM, int kThreads, bool kL2, typename T>
 __device__ __forceinline__ RowTile schedule_row_tile(
     int* s_expert,                     // shared [1]
     int* s_picks,                      // shared [kBlockM]: flat pick t * k + j, or -1
@@ -43,15 +52,20 @@ __device__ __forceinline__ RowTile schedule_row_tile(
     const T* __restrict__ route_weights,     // [num_picks] or nullptr
     int num_experts) {
   const int row0 = static_cast<int>(blockIdx.x) * kBlockM;
-  const int used = __ldg(expert_offsets + num_experts);
+  const int used = load_scheduling(expert_offsets + num_experts, kL2);
   if (row0 >= used) return {row0, -1};
   for (int e = threadIdx.x; e < num_experts; e += kThreads) {
-    if (__ldg(expert_offsets + e) <= row0 && row0 < __ldg(expert_offsets + e + 1)) *s_expert = e;
+    if (load_scheduling(expert_offsets + e, kL2) <= row0 &&
+        row0 < load_scheduling(expert_offsets + e + 1, kL2)) {
+      *s_expert = e;
+    }
   }
   for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
-    const int pick = __ldg(sorted_rows + row0 + i);
+    const int pick = load_scheduling(sorted_rows + row0 + i, kL2);
     s_picks[i] = pick;
-    if (route_weights != nullptr) s_route[i] = pick >= 0 ? to_float(route_weights[pick]) : 0.0f;
+    if (route_weights != nullptr) {
+      s_route[i] = pick >= 0 ? to_float(load_scheduling(route_weights + pick, kL2)) : 0.0f;
+    }
   }
   __syncthreads();
   return {row0, *s_expert};

@@ -228,9 +228,8 @@ def gemm_cta(cfg, kind, p, num, bx, by, stats):
     if smem_base + cfg.kSmemBytes > sm.nbytes:
         raise ModelError(f"{what}: stages end past the dynamic shared memory")
 
-    def load_stage(stage, k_tile):
+    def load_a(stage, k_tile):
         sA = smem_base + stage * stage_bytes
-        sB = sA + b_offset_bytes
         k0 = k_tile * BLOCK_K
         for i in range(cfg.kALoads):
             vals = np.zeros((cfg.kThreads, CHUNK_ELEMS))
@@ -239,16 +238,29 @@ def gemm_cta(cfg, kind, p, num, bx, by, stats):
             if valid.any():
                 vals[valid] = p.a.read(a_src[i][valid] + k0, CHUNK_ELEMS, what + " A load", align=CHUNK_ELEMS)
             sm.cp_async(sA + (store_offset + i * pass_elems) * 2, vals, what + " A")
+
+    def load_b(stage, k_tile):
+        sB = smem_base + stage * stage_bytes + b_offset_bytes
+        k0 = k_tile * BLOCK_K
         for i in range(cfg.kBLoads):
             vals = p.w.read(b_src[i] + k0, CHUNK_ELEMS, what + " B load", align=CHUNK_ELEMS)
             sm.cp_async(sB + (store_offset + i * pass_elems) * 2, vals, what + " B")
 
+    def load_stage(stage, k_tile):
+        load_a(stage, k_tile)
+        load_b(stage, k_tile)
+
     num_warps = cfg.kThreads // WARP
     acc = np.zeros((num_warps, cfg.kMmaM, cfg.kMmaN, WARP, 4))
     k_tiles = p.k_dim // BLOCK_K
+    early = kind == DOWN  # GEMM2: its prologue's weights before the PDL wait, in the first group
+    if early:
+        for s in range(cfg.kStages - 1):
+            if s < k_tiles:
+                load_b(s, s)
     for s in range(cfg.kStages - 1):
         if s < k_tiles:
-            load_stage(s, s)
+            load_a(s, s) if early else load_stage(s, s)
         sm.commit()
     for kt in range(k_tiles):
         sm.wait(cfg.kStages - 2)
