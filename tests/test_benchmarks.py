@@ -544,3 +544,8 @@ def test_parity_probe_runs_each_part_and_counts_routing_flips():
     for r in out:
         assert 0 < r["max_err"] < 0.05 and 0 < r["baseline_err"] < 0.05, r
         assert 0 <= r["last_token_flips"] <= r["flips"] <= 2 * 24 * TINY_MOE.layers, r
+        assert 0 <= r["baseline_last_token_flips"] <= r["baseline_flips"] <= 2 * 24 * TINY_MOE.layers, r
+    # On the CPU the patched MoE blocks run the MoE reference, HF's numerics to the bit: the same
+    # logits and routing as the unpatched bf16 model.
+    for r in (r for r in out if r["part"] == "moe"):
+        assert r["max_err"] == r["baseline_err"] and r["flips"] == r["baseline_flips"], r
