@@ -285,16 +285,18 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
 
   auto load_a = [&](int stage, int k_tile) {
     const uint32_t sA = smem_base + stage * kStageBytes;
+    const int k0 = k_tile * kBlockK;
 #pragma unroll
     for (int i = 0; i < Cfg::kALoads; ++i) {
-      cp_async_16(sA + (store_offset + i * kPassElems) * 2, a_src[i] + k_tile * kBlockK, a_valid[i]);
+      cp_async_16(sA + (store_offset + i * kPassElems) * 2, a_src[i] + k0, a_valid[i]);
     }
   };
   auto load_b = [&](int stage, int k_tile) {
     const uint32_t sB = smem_base + stage * kStageBytes + kBOffsetBytes;
+    const int k0 = k_tile * kBlockK;
 #pragma unroll
     for (int i = 0; i < Cfg::kBLoads; ++i) {
-      cp_async_16(sB + (store_offset + i * kPassElems) * 2, b_src[i] + k_tile * kBlockK, true);
+      cp_async_16(sB + (store_offset + i * kPassElems) * 2, b_src[i] + k0, true);
     }
   };
   auto load_stage = [&](int stage, int k_tile) {
