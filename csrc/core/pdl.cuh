@@ -12,10 +12,14 @@
 // kernel is still writing, nor writes a buffer it still reads. griddepcontrol.wait
 // returns once every prerequisite grid has completed and its memory is
 // visible; in a kernel launched without PDL it returns at once. After its
-// wait a kernel calls pdl_launch_dependents(): once every CTA of it has (or
-// has exited), the next PDL kernel may be scheduled, and its CTAs wait in
+// wait a kernel calls pdl_launch_dependents(): once every CTA of it has done so
+// (or exited), the next PDL kernel may be scheduled, and its CTAs wait in
 // their own pdl_wait() for this grid to finish. By induction each kernel of a
-// chain starts its real work after all earlier ones finished.
+// chain starts its real work after all earlier ones finished, and when a kernel
+// starts, every kernel before the previous one has finished. One kernel uses
+// that: the expert GEMM2 (moe/grouped_gemm.cuh) reads inputs that were final
+// before GEMM1 began, through L2, and prefetches its weights before its wait;
+// it writes nothing before it.
 //
 // Where: pdl_enabled(device) (host) -- an sm_90 device and a build with sm_90a
 // code, whose cubin (the one an sm_90 device runs) has the two instructions
