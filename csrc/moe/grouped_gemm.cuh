@@ -235,9 +235,10 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
   __shared__ float s_route[kBlockM];
   __shared__ int s_last[kKind == GemmKind::kDown ? kBlockM : 1];  // epilogue_combine's scratch
 
-  const RowTile tile = schedule_row_tile<kBlockM, Cfg::kThreads, kEarly>(
+  const RowTile tile = schedule_row_tile<kBlockM, Cfg::kThreads>(
       &s_expert, s_picks, s_route, p.sorted_rows, p.expert_offsets,
-      kKind == GemmKind::kDown ? p.route_weights : static_cast<const T*>(nullptr), p.num_experts);
+      kKind == GemmKind::kDown ? p.route_weights : static_cast<const T*>(nullptr), p.num_experts,
+      /*through_l2=*/kEarly);
   if (tile.expert < 0) {
     if constexpr (kEarly) pdl_wait();  // this grid completes after GEMM1, whichever CTAs work
     return;

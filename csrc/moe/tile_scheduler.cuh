@@ -16,7 +16,7 @@
 // -1 for padding) go to shared memory alongside, for the A gather and the
 // epilogues.
 //
-// kL2: every read goes through L2 (ld.global.cg), for a CTA that reads the
+// through_l2: every read goes through L2 (ld.global.cg), for a CTA that reads the
 // permutation before its programmatic-launch wait (GEMM2, grouped_gemm.cuh):
 // the data is final there, but this SM's L1 is not coherent with it.
 #pragma once
@@ -42,7 +42,7 @@ __device__ __forceinline__ V load_scheduling(const V* p, bool l2) {
   return l2 ? __ldcg(p) : __ldg(p);
 }
 
-template <int kBlockM, int kThreads, bool kL2, typename T>
+template <int kBlockM, int kThreads, typename T>
 __device__ __forceinline__ RowTile schedule_row_tile(
     int* s_expert,                     // shared [1]
     int* s_picks,                      // shared [kBlockM]: flat pick t * k + j, or -1
@@ -50,21 +50,22 @@ __device__ __forceinline__ RowTile schedule_row_tile(
     const int* __restrict__ sorted_rows,     // [num_slots]
     const int* __restrict__ expert_offsets,  // [num_experts + 1]
     const T* __restrict__ route_weights,     // [num_picks] or nullptr
-    int num_experts) {
+    int num_experts,
+    bool through_l2) {
   const int row0 = static_cast<int>(blockIdx.x) * kBlockM;
-  const int used = load_scheduling(expert_offsets + num_experts, kL2);
+  const int used = load_scheduling(expert_offsets + num_experts, through_l2);
   if (row0 >= used) return {row0, -1};
   for (int e = threadIdx.x; e < num_experts; e += kThreads) {
-    if (load_scheduling(expert_offsets + e, kL2) <= row0 &&
-        row0 < load_scheduling(expert_offsets + e + 1, kL2)) {
+    if (load_scheduling(expert_offsets + e, through_l2) <= row0 &&
+        row0 < load_scheduling(expert_offsets + e + 1, through_l2)) {
       *s_expert = e;
     }
   }
   for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
-    const int pick = load_scheduling(sorted_rows + row0 + i, kL2);
+    const int pick = load_scheduling(sorted_rows + row0 + i, through_l2);
     s_picks[i] = pick;
     if (route_weights != nullptr) {
-      s_route[i] = pick >= 0 ? to_float(load_scheduling(route_weights + pick, kL2)) : 0.0f;
+      s_route[i] = pick >= 0 ? to_float(load_scheduling(route_weights + pick, through_l2)) : 0.0f;
     }
   }
   __syncthreads();
