@@ -4,7 +4,9 @@ Reads the rows of one run (default: the newest directory under benchmarks/result
 the text between the BEGIN/END markers in README.md with: the device, versions, git sha and date
 of the run, the measured ceilings, and one line per case giving qwen3x's median time, its
 fraction of the relevant ceiling, the fastest peer from the same run and qwen3x's speedup over it;
-the targets' verdicts; and the run's committed plots (RUN/plots/*.png, drawn from the same rows by
+then, run by run, the cases that only earlier runs beside it measured (each with its own header:
+a GPU session rarely has time for the whole suite); the targets' verdicts, each case judged from
+its newest run; and the run's committed plots (RUN/plots/*.png, drawn from the same rows by
 ``python -m benchmarks.plot RUN --out RUN/plots``).
 Never edit that part of README by hand: measured numbers come only from committed rows.
 """
@@ -28,6 +30,7 @@ OURS = "qwen3x"
 # (benchmarks/providers.py), shown in the rows and plots, not peers.
 NOT_PEERS = {OURS, "reference", "qwen3x_mma_sync", "qwen3x_no_pdl"}
 PLOTS = "plots"  # a run's PNGs, shown under its table
+CEILING_OPS = ("peak_copy", "peak_matmul")
 
 
 def newest_run(results: Path = RESULTS) -> Path:
@@ -52,7 +55,7 @@ def _missing(row: dict | None) -> str:
 
 def table(rows: list[dict]) -> str:
     ok = [r for r in rows if r.get("status") == "ok" and r.get("median_ms")]
-    ceilings = {r["op"]: r for r in rows if r["op"] in ("peak_copy", "peak_matmul")}
+    ceilings = {r["op"]: r for r in rows if r["op"] in CEILING_OPS}
     first = rows[0]
     lines = [
         f"Measured on {first['device']} on {str(first['timestamp'])[:10]} (git {str(first['git_sha'])[:10]}, "
@@ -85,6 +88,31 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def earlier_runs(run: Path) -> list[Path]:
+    """Result directories beside ``run`` whose names sort before it (runs are named by date), newest
+    first."""
+    return sorted((p for p in run.parent.glob("*") if p.is_dir() and p.name < run.name and any(p.glob("*.jsonl"))),
+                  reverse=True)
+
+
+def layered_rows(run: Path) -> list[tuple[Path, list[dict]]]:
+    """(run, rows) for ``run`` and then each earlier run that measured cases no newer run did: those
+    cases' rows with the run's own ceilings. A case is never shown from two runs."""
+    seen: set[tuple] = set()
+    layers = []
+    for r in [run, *earlier_runs(run)]:
+        rows = read_rows(r)
+        fresh = [x for x in rows if x["op"] not in CEILING_OPS and case_key(x) not in seen]
+        if fresh or r == run:
+            layers.append((r, [x for x in rows if x["op"] in CEILING_OPS] + fresh))
+        seen |= {case_key(x) for x in rows}
+    return layers
+
+
+def _where(run: Path) -> str:
+    return str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run)
+
+
 def plots(run: Path, readme: Path) -> str:
     """Markdown images of the run's plots, addressed from README's folder ("" when it has none)."""
     pngs = sorted((run / PLOTS).glob("*.png"))
@@ -113,12 +141,16 @@ def main(argv=None) -> int:
     parser.add_argument("run", nargs="?", type=Path, help="a results directory (default: the newest)")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args(argv)
-    run = args.run or newest_run()
-    rows = read_rows(run)
-    body = (table(rows) + "\n\nThe issues' targets, judged from the same rows (`python -m benchmarks.targets`):\n\n"
-            + targets.format_verdicts(targets.evaluate(rows))
-            + f"\n\nRows: `{run.relative_to(ROOT) if run.is_relative_to(ROOT) else run}`."
-            + plots(run, args.readme))
+    run = (args.run or newest_run()).resolve()
+    layers = layered_rows(run)
+    body = table(layers[0][1])
+    for earlier, rows in layers[1:]:
+        body += f"\n\nCases that run did not measure, from an earlier run (`{_where(earlier)}`):\n\n" + table(rows)
+    judged = [x for _, rows in layers for x in rows if x["op"] not in CEILING_OPS]
+    where = ", ".join(f"`{_where(r)}`" for r, _ in layers)
+    body += ("\n\nThe issues' targets, each case judged from the newest run that measured it "
+             "(`python -m benchmarks.targets`):\n\n" + targets.format_verdicts(targets.evaluate(judged))
+             + f"\n\nRows: {where}." + plots(run, args.readme))
     args.readme.write_text(update_readme(args.readme.read_text(), body))
     print(f"README.md benchmark table regenerated from {run}")
     return 0

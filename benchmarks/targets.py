@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .rows import case_key, read_rows, shape_label
+from .rows import case_key, shape_label
 
 OURS = "qwen3x"
 SDPA = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
@@ -220,13 +220,15 @@ def format_verdicts(verdicts: list[Verdict]) -> str:
 
 
 def main(argv=None) -> int:
-    from .readme import newest_run
+    from .readme import CEILING_OPS, layered_rows, newest_run
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.targets", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", nargs="?", type=Path, help="a results directory (default: the newest)")
     args = parser.parse_args(argv)
-    run = args.run or newest_run()
-    print(format_verdicts(evaluate(read_rows(run))))
+    run = (args.run or newest_run()).resolve()
+    # each case from the newest run beside this one that measured it, as README's table shows it
+    rows = [r for _, layer in layered_rows(run) for r in layer if r["op"] not in CEILING_OPS]
+    print(format_verdicts(evaluate(rows)))
     return 0
 
 

@@ -534,6 +534,39 @@ def test_readme_carries_the_target_verdicts(tmp_path):
     assert "![rms_norm-hidden-1024](run/plots/rms_norm-hidden-1024.png)" in text.read_text()
 
 
+def test_readme_takes_unmeasured_cases_from_earlier_runs(tmp_path):
+    """A GPU session rarely has time for the whole suite: README shows the newest run, then each
+    case only an earlier run measured under that run's own header; never one case twice."""
+    from benchmarks import readme
+
+    def row(sha, op, provider, ms, shape):
+        return {"device": "H100", "git_sha": sha, "timestamp": "2026-11-26T10:00:00", "torch": "2.11",
+                "cuda": "13.0", "transformers": "5.17.0", "op": op, "shape": shape, "provider": provider,
+                "status": "ok", "median_ms": ms, "p20_ms": ms, "p80_ms": ms}
+
+    def write(name, rows):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    both, old_only = {"tokens": 16384, "hidden": 1024}, {"tokens": 16384, "hidden": 4096}
+    write("2026-11-26-h100", [row("aaaaaaa", "peak_copy", "torch", 1.0, {}),
+                              row("aaaaaaa", "rms_norm", "qwen3x", 0.050, both),
+                              row("aaaaaaa", "rms_norm", "qwen3x", 0.090, old_only)])
+    write("2026-11-26-h100-2", [row("bbbbbbb", "peak_copy", "torch", 1.0, {}),
+                                row("bbbbbbb", "rms_norm", "qwen3x", 0.028, both)])
+    write("2026-11-27-h100", [])  # no rows: not a run
+    layers = readme.layered_rows(tmp_path / "2026-11-26-h100-2")
+    assert [r.name for r, _ in layers] == ["2026-11-26-h100-2", "2026-11-26-h100"]
+    assert [x["median_ms"] for x in layers[1][1] if x["op"] == "rms_norm"] == [0.090]
+    text = tmp_path / "README.md"
+    text.write_text(f"{readme.BEGIN}\n{readme.END}\n")
+    assert readme.main([str(tmp_path / "2026-11-26-h100-2"), "--readme", str(text)]) == 0
+    body = text.read_text()
+    newest, earlier = body.split("from an earlier run")
+    assert "git bbbbbbb" in newest and "28.0 us" in newest and "90.0 us" not in newest
+    assert "git aaaaaaa" in earlier and "90.0 us" in earlier and "50.0 us" not in earlier
+
+
 def test_parity_probe_runs_each_part_and_counts_routing_flips():
     """benchmarks.parity (what tells a routing flip from a kernel fault in a patched MoE model) on
     the CPU references: a row per seed and part, errors of bf16 size, flips counted per token."""
