@@ -47,12 +47,12 @@ def measure(timer, env: dict) -> tuple[Ceilings, list[dict]]:
         src = torch.randint(0, 256, (COPY_BYTES,), dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
         copy = timer(lambda: dst.copy_(src))
-        del src, dst
+        src = dst = None  # frees them (None, not del: pyflakes flags deleting names a lambda uses)
         a = torch.randn(MATMUL_N, MATMUL_N, dtype=torch.bfloat16, device="cuda")
         b = torch.randn(MATMUL_N, MATMUL_N, dtype=torch.bfloat16, device="cuda")
         c = torch.empty_like(a)
         mm = timer(lambda: torch.mm(a, b, out=c))
-        del a, b, c
+        a = b = c = None
     torch.cuda.empty_cache()
     gbps = copy_bytes(COPY_BYTES) / copy.median_ms / 1e6
     tflops = matmul_flops(MATMUL_N, MATMUL_N, MATMUL_N) / mm.median_ms / 1e9

@@ -9,6 +9,7 @@ gets a 'failed' row with the error and is never timed.
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -69,6 +70,9 @@ class Case:
     cuda_graph: bool = False  # time CUDA-graph replays (launch-bound decode shapes)
     tokens: int | None = None  # tokens per call, for tokens_per_s (whole-model rows)
     extra: dict = field(default_factory=dict)  # copied into every row of the case
+    # Collect and empty the cache after every provider (else after failures only): for providers
+    # that each build large state of their own, possibly in reference cycles (a model copy).
+    release_each_provider: bool = False
 
     @property
     def label(self) -> str:
@@ -153,33 +157,55 @@ def run_case(
         return rows
     device = torch.device(device)
     with torch.inference_mode():
-        try:
-            torch.manual_seed(SEED)
-            inputs = case.make_inputs(device)
-            truth = as_tuple(case.truth(inputs) if case.truth else case.reference(upcast(inputs)))
-            baseline = as_tuple(case.baseline(inputs) if case.baseline else case.reference(inputs))
-            tolerances = [tolerance(t, b) for t, b in zip(truth, baseline)]
-            del baseline
-        except Exception as exc:  # noqa: BLE001 (reported in the rows)
+        setup = _setup(case, device)
+        if isinstance(setup, str):
             _release(device)
-            return rows + [row(p, "failed", f"case setup failed: {first_line(exc)}") for p in runnable]
+            return rows + [row(p, "failed", f"case setup failed: {setup}") for p in runnable]
+        inputs, truth, tolerances = setup
+        del setup
         for p in runnable:
             rows.append(_run_provider(case, p, inputs, truth, tolerances, timer, ceilings, device, row))
             r = rows[-1]
             ms = f"{r['median_ms']:.4f} ms" if r["median_ms"] is not None else r["note"]
             log(f"  {case.label}: {p.name}: {r['status']} {ms}")
+            if case.release_each_provider or r["status"] == "failed":
+                _release(device)
         del inputs, truth
-    _release(device)
+    # Kernel cases' providers hold tensors, not cycles: a collection per case would cost about
+    # 0.2 s (with transformers loaded), a fifth of a typical kernel case.
+    _release(device, collect=False)
     return rows
 
 
-def _release(device: torch.device) -> None:
+def _release(device: torch.device, collect: bool = True) -> None:
+    """Hand back what the last case or provider held. Called where nothing it built can still be
+    reached from a live frame: after _setup / _run_provider returned (an exception's traceback
+    holds the frames that held the model, until its ``except`` block ends). The collection
+    first: objects in reference cycles (Liger binds methods to module instances: a model copy)
+    outlive their last reference until the cyclic collector runs, and empty_cache only returns
+    segments with nothing alive in them."""
+    if collect:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
 
+def _setup(case: Case, device: torch.device) -> tuple | str:
+    """(inputs, truth, tolerances), or the first line of what went wrong."""
+    try:
+        torch.manual_seed(SEED)
+        inputs = case.make_inputs(device)
+        truth = as_tuple(case.truth(inputs) if case.truth else case.reference(upcast(inputs)))
+        baseline = as_tuple(case.baseline(inputs) if case.baseline else case.reference(inputs))
+        return inputs, truth, [tolerance(t, b) for t, b in zip(truth, baseline)]
+    except Exception as exc:  # noqa: BLE001 (reported in the rows)
+        return first_line(exc)
+
+
 def _run_provider(case, p, inputs, truth, tolerances, timer, ceilings, device, row) -> dict:
+    """The provider's row. Releases nothing itself: the caller does, once this frame (which holds
+    the provider's call and with it its model) and any exception's traceback are gone."""
     cuda = device.type == "cuda"
     if cuda:  # peak_mem_gb: what the provider's setup and run add at their peak (inputs excluded)
         torch.cuda.reset_peak_memory_stats()
@@ -193,7 +219,6 @@ def _run_provider(case, p, inputs, truth, tolerances, timer, ceilings, device, r
     except Skip as exc:
         return row(p, "skipped", str(exc))
     except Exception as exc:  # noqa: BLE001
-        _release(device)
         return row(p, "failed", first_line(exc))
     checked = {"max_abs_err": errors, "tolerance": tolerances}
     if problem:
@@ -202,8 +227,6 @@ def _run_provider(case, p, inputs, truth, tolerances, timer, ceilings, device, r
     try:
         timing = timer(fn, cuda_graph=case.cuda_graph and p.graphable)
     except Exception as exc:  # noqa: BLE001
-        del fn
-        _release(device)
         return row(p, "failed", f"timing failed: {first_line(exc)}", **checked)
     del fn
     peak = (torch.cuda.max_memory_allocated() - mem_before) / 2**30 if cuda else None

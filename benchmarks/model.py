@@ -5,8 +5,9 @@ real width with fewer layers; random bf16 weights (checkpoints cannot be downloa
   generation does); tokens/s = batch * seqlen / time.
 - model_decode: one decode step of ``batch`` sequences at context 2048 with a static cache, timed
   eagerly and as a CUDA-graph replay (where the model can be captured); tokens/s = batch / time.
-  Every timed step writes the same cache slot (the cache's length is stepped back after it), so
-  repetitions are identical.
+  The untimed prefill fills the cache PREFILL_CHUNK_TOKENS tokens per forward. Every timed step
+  writes the same cache slot (the cache's length is stepped back after it), so repetitions are
+  identical.
 
 Providers, each on its own copy of one randomly initialized model: ``hf_eager`` (unpatched
 transformers: sdpa attention, its default experts implementation), ``qwen3x`` (qwen3x.patch),
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import importlib
 
 import torch
@@ -38,6 +40,12 @@ DECODE_BATCH = (1, 16, 64)
 DECODE_CONTEXT = 2048
 CHECK_ROWS = 2  # decode sequences compared against the fp32 truth
 MAX_POSITIONS = 40960
+# Tokens per forward of the untimed prefill that fills a decode case's static cache. One forward
+# over all batch x context tokens (131k at batch 64) needed 2.38 GiB per MLP intermediate of
+# Qwen3-4B and 4 GiB in HF's MoE of Qwen3-30B-A3B: out of memory on an 80 GB H100 on 2026-11-26.
+# Half the largest prefill the suite times: 152 MiB per Qwen3-4B MLP intermediate, and batch 64
+# fills in sixteen forwards instead of one (the same FLOPs).
+PREFILL_CHUNK_TOKENS = 8192
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +126,8 @@ def build_model(d: ModelDims, device, dtype=torch.bfloat16):
 
 
 class ModelPool:
-    """The models of one spec at a time: the unpatched bf16 base and its fp32 copy (the truth)."""
+    """The models of one spec at a time: the unpatched bf16 base and its fp32 copy (the truth,
+    twice the base's size: kept for the spec's cases, released with the base)."""
 
     def __init__(self):
         self.spec: ModelDims | None = None
@@ -127,11 +136,21 @@ class ModelPool:
 
     def get(self, d: ModelDims, device):
         if self.spec != d:
-            self.base = self._fp32 = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            self.base, self.spec = build_model(d, device), d
+            self.release()
+            self.base = build_model(d, device)
+            self.spec = d  # only once built: a failed build is retried by the next case
         return self.base
+
+    def release(self) -> None:
+        """Drop both models and hand their memory back before another spec's are built. The
+        collection first: a model in a reference cycle (Liger binds methods to module instances)
+        outlives its last reference until the cyclic collector runs, and empty_cache can only
+        return segments with nothing alive in them. On 2026-11-26, 31.7 GiB were still allocated
+        when Qwen3-30B-A3B was built after Qwen3-4B, and all its cases ran out of memory."""
+        self.base = self._fp32 = self.spec = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def fp32(self):
         if self._fp32 is None:
@@ -249,15 +268,39 @@ def prefill_case(d: ModelDims, batch: int, seqlen: int) -> Case:
         make_inputs=make_inputs,
         reference=lambda x: _last_logits(POOL.base, x["input_ids"]),
         truth=lambda x: _last_logits(POOL.fp32(), x["input_ids"]),
-        providers=_providers(_prefill_build),
+        providers=_providers(_prefill_build, d),
         flops=prefill_flops(d, batch, seqlen),
         tokens=batch * seqlen,
+        release_each_provider=True,  # each provider builds its own copy of the model
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # Decode
 # ---------------------------------------------------------------------------------------------
+def _counts_on_device(cache) -> bool:
+    """transformers 5.x static layers count their filled slots on the device (cumulative_length)
+    and write there; 4.57's write where the cache_position the caller passes says."""
+    return any(hasattr(layer, "cumulative_length") for layer in cache.layers)
+
+
+def _fill(model, ids, cache) -> None:
+    """The untimed prefill: ``ids`` [B, S] into slots 0..S-1 of the empty static ``cache``, in
+    chunks of PREFILL_CHUNK_TOKENS tokens (max(1, that // B) positions), each forward attending to
+    the slots the earlier ones wrote. Positions are passed explicitly, [1, S] as the model derives
+    them itself (5.x from the layers' device counter, 4.57 from cache_position, which 4.57 also
+    needs to know where to write), so the cache ends up as one forward leaves it."""
+    batch, length = ids.shape
+    step = max(1, PREFILL_CHUNK_TOKENS // batch)
+    counted = _counts_on_device(cache)
+    for start in range(0, length, step):
+        end = min(start + step, length)
+        positions = torch.arange(start, end, device=ids.device)
+        extra = {} if counted else {"cache_position": positions}
+        model(input_ids=ids[:, start:end], position_ids=positions[None], past_key_values=cache, use_cache=True,
+              logits_to_keep=1, **extra)  # fmt: skip
+
+
 def _decode_build(name):
     def build(x):
         from transformers import StaticCache
@@ -266,12 +309,12 @@ def _decode_build(name):
         batch, total = ids.shape
         context = total - 1
         cache = StaticCache(config=model.config, max_cache_len=total)
-        model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)  # untimed
+        _fill(model, ids[:, :context], cache)
         new_token = ids[:, context:].contiguous()
         position_ids = torch.full((batch, 1), context, dtype=torch.long, device=ids.device)
         # Every timed step must write the same cache slot. transformers 5.x static layers count
-        # their length on the device (step it back after each call); 4.57 writes where
-        # cache_position says.
+        # their length on the device (step it back after each call; the counters are read after
+        # the fill, which moves them to the cache's device); 4.57 writes where cache_position says.
         lengths = [layer.cumulative_length for layer in cache.layers if hasattr(layer, "cumulative_length")]
         extra = {} if lengths else {"cache_position": position_ids[0]}
 
@@ -295,7 +338,7 @@ def decode_case(d: ModelDims, batch: int, context: int, cuda_graph: bool) -> Cas
         POOL.get(d, device)
         return {"input_ids": torch.randint(0, VOCAB, (batch, context + 1), device=device)}
 
-    providers = _providers(_decode_build)
+    providers = _providers(_decode_build, d)
     for p in providers:
         p.canon = lambda logits: logits[:rows]
     return Case(
@@ -309,14 +352,26 @@ def decode_case(d: ModelDims, batch: int, context: int, cuda_graph: bool) -> Cas
         bytes=decode_bytes(d, batch, context),
         cuda_graph=cuda_graph,
         tokens=batch,
+        release_each_provider=True,  # each provider builds its own copy of the model and its cache
     )
 
 
-def _providers(build) -> list[Provider]:
+def _graphable(name: str, d: ModelDims) -> bool:
+    """Whether the provider's forward can be captured into a CUDA graph. Liger's MoE experts
+    (liger_kernel.ops.fused_moe.compute_routing_metadata, 0.8.5) read the number of 64-row tiles
+    the routing produced back to the host (``int(expert_tile_offset[-1].item())``) to size their
+    buffers and the GEMM grids: a host sync in every MoE layer, which a capture cannot contain
+    (it failed on 2026-11-26 with "operation failed due to a previous error during capture").
+    Before transformers 5 Liger keeps HF's loop over the experts hit, whose nonzero() syncs too."""
+    return not (name == "liger" and d.is_moe)
+
+
+def _providers(build, d: ModelDims) -> list[Provider]:
     return [
-        Provider(name, build(name), note=NOTES[name], skip=LIGER_MISSING if name == "liger" else None)
+        Provider(name, build(name), note=NOTES[name], skip=LIGER_MISSING if name == "liger" else None,
+                 graphable=_graphable(name, d))
         for name in PREPARE
-    ]
+    ]  # fmt: skip
 
 
 def prefill_cases(quick: bool = False) -> list[Case]:

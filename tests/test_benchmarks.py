@@ -5,12 +5,14 @@ CPU tests run everywhere in a few seconds; the GPU quick run carries the ``gpu``
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import runpy
 import subprocess
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -238,6 +240,94 @@ def test_graph_request_falls_back_for_host_syncing_providers():
     assert "host sync" in by["reference"]["note"]
 
 
+def test_capture_failure_names_the_first_error():
+    from benchmarks.timing import capture_error
+
+    assert capture_error(RuntimeError("no graph today")) == "RuntimeError: no graph today"
+    try:
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        except RuntimeError:  # as torch.cuda.graph's exit raises when the capture was invalidated
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")  # noqa: B904
+    except RuntimeError as exc:
+        text = capture_error(exc)
+    assert text == ("RuntimeError: CUDA error: operation failed due to a previous error during capture "
+                    "(after RuntimeError: CUDA error: operation not permitted when stream is capturing)")  # fmt: skip
+
+
+def test_a_failed_capture_lets_its_pool_go(monkeypatch):
+    """The private pool of a capture that did not end is released by hand (torch leaves it); one
+    that ended is the graph's own business; the allocator's complaints are no reason to fail."""
+    from benchmarks import timing
+
+    class Graph:
+        def __init__(self, ended):
+            self.ended = ended
+
+        def pool(self):
+            if not self.ended:
+                raise RuntimeError("Called CUDAGraph::pool() without a preceding successful capture.")
+            return (1, 0)
+
+    calls = []
+
+    def binding(name, fail=False):
+        def call(device, pool):
+            calls.append((name, device, pool))
+            if fail:
+                raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+
+        return call
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", binding("end", fail=True), raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", binding("release"), raising=False)
+    timing.release_pool_of_failed_capture(Graph(ended=True), (0, 7))
+    assert calls == []
+    timing.release_pool_of_failed_capture(Graph(ended=False), (0, 7))
+    assert calls == [("end", 0, (0, 7)), ("release", 0, (0, 7))]
+
+
+class _Cyclic:
+    """State in a reference cycle (as Liger's methods bound to module instances make of a model
+    copy): only the cyclic collector frees it."""
+
+    def __init__(self):
+        self.me = self
+
+
+@pytest.mark.parametrize("each", [False, True], ids=["release_after_case", "release_each_provider"])
+def test_providers_state_is_collected_before_the_next_provider_builds(each):
+    """What a provider built is collected before the next provider is built when the case asks for
+    it (whole-model cases), and after a failing provider in any case (the exception's traceback,
+    which holds the failed build's frame, gone by then). Other cases end without a collection."""
+    alive, seen = [], {}
+
+    def build(name, fail=False):
+        def b(x):
+            seen[name] = [r() is not None for r in alive]
+            state = _Cyclic()
+            alive.append(weakref.ref(state))
+            if fail:
+                raise RuntimeError("out of memory")
+            return lambda: (x["x"] * 2 if state else None, x["w"] + 1)
+
+        return b
+
+    case = _toy_case([Provider("a", build("a")), Provider("b", build("b", fail=True)), Provider("c", build("c"))])
+    case.release_each_provider = each
+    timer = lambda fn, cuda_graph=False: Timing(1.0, 1.0, 1.0, 10)  # noqa: E731 (keeps no call alive)
+    gc.disable()  # only the harness's own collections count
+    try:
+        out = harness.run_case(case, timer=timer, env=rows.environment(), device="cpu", log=lambda m: None)
+    finally:
+        gc.enable()
+    assert [r["status"] for r in out] == ["ok", "failed", "ok"]
+    assert seen == {"a": [], "b": [not each], "c": [False, False]}
+    assert [r() is None for r in alive] == [True, True, each]
+    gc.collect()
+
+
 # ---------------------------------------------------------------------------------------------
 # The suites' peers on tiny shapes (CPU): the checks pass for the providers that run on a CPU
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +370,69 @@ def test_decode_step_is_repeatable():
         step = case.providers[0].build(case.make_inputs(torch.device("cpu")))
         first, second = step(), step()
     torch.testing.assert_close(first, second)
+
+
+@pytest.mark.parametrize(
+    "spec, provider", [(TINY, "hf_eager"), (TINY, "qwen3x"), (TINY_MOE, "hf_eager")],
+    ids=["tiny-hf_eager", "tiny-qwen3x", "tiny-moe-hf_eager"],
+)  # fmt: skip
+def test_chunked_cache_fill_gives_the_one_forward_fill_logits(monkeypatch, spec, provider):
+    """The decode case fills its static cache PREFILL_CHUNK_TOKENS tokens per forward (here 5
+    positions of 3 sequences: chunks of 5, 5, 5 and 1): in fp32 the timed step then gives the
+    logits of a fill in one forward (and of a forward without a cache), and the same logits again
+    when repeated. qwen3x writes every chunk after the first through its own cache path."""
+    batch, context, positions = 3, 16, 5
+    pool = model.ModelPool()
+    torch.manual_seed(0)
+    pool.base, pool.spec = model.build_model(spec, "cpu", dtype=torch.float32), spec
+    monkeypatch.setattr(model, "POOL", pool)
+    forwards = []
+    pool.base.register_forward_pre_hook(lambda module, args: forwards.append(1))  # deepcopy keeps it
+    case = model.decode_case(spec, batch, context, cuda_graph=False)
+    build = next(p for p in case.providers if p.name == provider).build
+
+    def decode(chunk_tokens):
+        monkeypatch.setattr(model, "PREFILL_CHUNK_TOKENS", chunk_tokens)
+        forwards.clear()
+        step = build(inputs)
+        fills = len(forwards)
+        return fills, step(), step()
+
+    with torch.inference_mode():
+        torch.manual_seed(1)
+        inputs = case.make_inputs(torch.device("cpu"))
+        one_fill, want, _ = decode(batch * context)
+        fills, got, again = decode(batch * positions)
+        full = model._last_logits(pool.base, inputs["input_ids"])  # no cache at all
+    assert (one_fill, fills) == (1, 4)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
+
+
+def test_liger_moe_is_never_captured():
+    """Liger's MoE experts sync with the host (model._graphable): its decode rows are timed
+    eagerly, no capture attempted; the dense Liger model and the other providers are captured."""
+    for spec, liger in ((TINY, True), (TINY_MOE, False)):
+        case = model.decode_case(spec, 1, 16, cuda_graph=True)
+        assert {p.name: p.graphable for p in case.providers} == {"hf_eager": True, "qwen3x": True, "liger": liger}
+
+
+def test_model_pool_collects_the_previous_spec():
+    """Another spec's models are built only once the previous spec's are gone, cycles included."""
+    pool = model.ModelPool()
+    base = pool.get(TINY, "cpu")
+    truth = pool.fp32()
+    base.__dict__["forward"] = base.forward  # a method bound to the instance, as Liger patches
+    refs = [weakref.ref(base.lm_head.weight), weakref.ref(truth.lm_head.weight)]
+    del base, truth
+    gc.disable()  # only the pool's own collection counts
+    try:
+        assert pool.get(TINY_MOE, "cpu") is pool.base and pool.spec == TINY_MOE
+    finally:
+        gc.enable()
+    assert all(r() is None for r in refs)
+    assert pool._fp32 is None
 
 
 
@@ -565,6 +718,19 @@ def test_readme_takes_unmeasured_cases_from_earlier_runs(tmp_path):
     newest, earlier = body.split("from an earlier run")
     assert "git bbbbbbb" in newest and "28.0 us" in newest and "90.0 us" not in newest
     assert "git aaaaaaa" in earlier and "90.0 us" in earlier and "50.0 us" not in earlier
+
+
+def test_kernel_times_lists_each_kernel_and_their_sum(capsys):
+    from benchmarks import kernel_times
+
+    rows = [("moe_expert_gemm_kernel<1>", 20.5, 1), ("moe_router_kernel", 1.25, 1)]
+    text = kernel_times.format_times("moe_layer tokens=1 qwen3x", rows, 30.0)
+    assert "20.50" in text and "moe_router_kernel" in text and "21.75" in text and "30.00 us wall" in text
+    with pytest.raises(SystemExit):
+        kernel_times.main(["--ops", "no_such_op"])
+    if not torch.cuda.is_available():
+        assert kernel_times.main(["--ops", "moe_layer", "--shapes", "tokens=1"]) == 0
+        assert "No CUDA GPU" in capsys.readouterr().out
 
 
 def test_parity_probe_runs_each_part_and_counts_routing_flips():

@@ -1,0 +1,99 @@
+"""``python -m benchmarks.kernel_times --ops OP [--shapes ...] [--providers ...]``: where a case's
+time goes, kernel by kernel.
+
+The suite times a provider's whole call (a CUDA-graph replay at decode sizes); this runs the same
+call eagerly under torch.profiler and lists every GPU kernel it launched with its mean device
+time per call, their sum, and the wall time of one eager call, so that a layer that misses its
+bandwidth target says which of its kernels does (the MoE decode layer: router GEMM, routing,
+GEMM1, GEMM2). Eager launches are not programmatic (the gaps between kernels are the launch
+path's), and kernel times here are with a warm L2: a breakdown, not a benchmark.
+
+    python -m benchmarks.kernel_times --ops moe_layer --shapes tokens=1 --providers qwen3x
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+
+import torch
+
+from .run import ALL_SUITES, _csv, shape_matches
+
+CALLS = 20  # profiled calls per provider
+WARMUP_CALLS = 5
+NAME_WIDTH = 90  # kernel names are cut to this many characters
+
+
+def kernel_times(fn, calls: int = CALLS) -> tuple[list[tuple[str, float, int]], float]:
+    """([(kernel name, mean device us per call, launches per call)], mean wall us per call) of
+    ``calls`` eager calls of fn, after WARMUP_CALLS."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(WARMUP_CALLS):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+    total_us: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            total_us[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            count[e.name] += 1
+    rows = sorted(((name, us / calls, count[name] // calls) for name, us in total_us.items()),
+                  key=lambda r: -r[1])
+    return rows, start.elapsed_time(end) * 1e3 / calls
+
+
+def format_times(label: str, rows, wall_us: float) -> str:
+    lines = [label, f"  {'us/call':>9} {'launches':>8}  kernel"]
+    lines += [f"  {us:9.2f} {n:8d}  {name[:NAME_WIDTH]}" for name, us, n in rows]
+    lines.append(f"  {sum(us for _, us, _ in rows):9.2f} {'':8}  sum of kernel times; one eager call "
+                 f"{wall_us:.2f} us wall")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_times", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", required=True, help=f"comma-separated ops: {', '.join(ALL_SUITES)}")
+    parser.add_argument("--shapes", help="as python -m benchmarks --shapes")
+    parser.add_argument("--providers", default="qwen3x", help="comma-separated providers (default: qwen3x)")
+    parser.add_argument("--calls", type=int, default=CALLS)
+    args = parser.parse_args(argv)
+    ops, terms, providers = _csv(args.ops), _csv(args.shapes), _csv(args.providers)
+    unknown = [op for op in ops if op not in ALL_SUITES]
+    if unknown:
+        parser.error(f"unknown op(s) {', '.join(unknown)}")
+    if not torch.cuda.is_available():
+        print("No CUDA GPU found: nothing to profile.")
+        return 0
+    device = torch.device("cuda")
+    for op in ops:
+        for case in ALL_SUITES[op](False):
+            if not shape_matches(case, terms):
+                continue
+            with torch.inference_mode():
+                torch.manual_seed(0)
+                inputs = case.make_inputs(device)
+                for p in case.providers:
+                    if p.name not in providers:
+                        continue
+                    if p.skip:
+                        print(f"{case.label} {p.name}: skipped ({p.skip})")
+                        continue
+                    rows, wall = kernel_times(p.build(inputs), args.calls)
+                    print(format_times(f"{case.label} {p.name}", rows, wall), flush=True)
+                del inputs
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
