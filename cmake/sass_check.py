@@ -65,7 +65,7 @@ WGMMA_LOOP_KERNELS = {
 # programmatic dependent launch on an sm_90 device: on sm_90a each must wait for the previous
 # grid (griddepcontrol.wait = ACQBULK) before touching global memory, and trigger its dependents
 # (griddepcontrol.launch_dependents = PREEXIT).
-PDL_KERNELS = ("attn::attention_fwd_kernel", "attn::attention_combine_kernel", "qk_norm_rope_kernel",
+PDL_KERNELS = ("attn::attention_fwd_kernel", "qk_norm_rope_kernel",
                "moe::moe_router_kernel", "moe::moe_expert_gemm_kernel", "moe::moe_combine_kernel")
 # Of those, kernels that read inputs finished two launches back before their wait (GEMM2: its tile
 # and weights, csrc/moe/grouped_gemm.cuh): they may load before the wait, never store.

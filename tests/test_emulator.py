@@ -68,7 +68,7 @@ def _strides(prefix, t, dims):
     return {f"{prefix}_{name}_stride": t.stride(d) for name, d in dims.items()}
 
 
-def _attention(q, k, v, *, causal, mainloop, mask=None, key_lengths=None, force_splits=None):
+def _attention(q, k, v, *, causal, mainloop, mask=None, key_lengths=None, force_splits=None, replays=1):
     """q [B, Hq, Sq, D] (any strides), k/v [B, Hkv, Skv, D]: (out [B, Sq, Hq, D], lse)."""
     B, Hq, Sq, _ = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -89,6 +89,8 @@ def _attention(q, k, v, *, causal, mainloop, mask=None, key_lengths=None, force_
         inputs["key_lengths"] = key_lengths
     if force_splits:
         params["force_splits"] = force_splits
+    if replays > 1:
+        params["replays"] = replays
     r = _run_all("attention", params, inputs,
                  {"out": (q.dtype, (B, Sq, Hq, D)), "lse": (torch.float32, (B, Hq, Sq))})
     return r["out"], r["lse"], r["stdout"]
@@ -138,6 +140,19 @@ def test_attention(case):
         want, per_split = attention_model.plan_splits(ctas, Skv, Sq * group, sms, ctas_per_sm)
         assert f"splits {want} tiles_per_split {per_split}" in log, log
     _gpu_judge()._judge(out, lse, q, k, v, None, D**-0.5, causal)
+
+
+def test_attention_split_kv_replays():
+    """Split-KV's combine is fused: the CTA that sees every split's arrival mark merges the tile
+    (combine.cuh). A CUDA graph replays a launch with its workspace and mark: the combiner must
+    leave the marks reset, else a replay's first CTA finds them complete and merges partials no
+    split has written yet (the runner poisons them between launches). Under both CTA orders."""
+    torch.manual_seed(7)
+    q, k, v = _qkv(2, 8, 2, 1, 700)
+    out, lse, log = _attention(q, k, v, causal=True, mainloop="mma_sync", force_splits=4, replays=3)
+    assert "splits 4 " in log, log
+    assert log.count("split marks left set 0\n") == 3, log  # every launch's combiners reset them
+    _gpu_judge()._judge(out, lse, q, k, v, None, D**-0.5, True)
 
 
 @pytest.mark.parametrize("mainloop", ["mma_sync", "wgmma"])
@@ -483,6 +498,15 @@ PLANTED = {
     "moe: swizzle of the loads": (
         ("moe/grouped_gemm.cuh", "chunk ^ (row % kGemmSwizzleRows)", "chunk ^ ((row + 1) % kGemmSwizzleRows)"),
         "experts"),
+    # split-KV's fused combine: the marks never reset (a replay merges unwritten partials)
+    "attention: split marks not reset": (
+        ("attention/combine.cuh", "atomicExch(flags + i, 0ULL);  // for the next replay", ";"),
+        "attention_replays"),
+    # split-KV's fused combine run by split 0, whether or not the others have arrived
+    "attention: split 0 combines": (
+        ("attention/combine.cuh", "all = atomicAdd(flags + i, 0ULL) == p.split_tag;",
+         "all = split == 0;"),
+        "attention_replays"),
     # GEMM2's fused combine summed by the first CTA to arrive, not the k-th
     "moe: the first arrival combines": (
         ("moe/gemm_epilogue.cuh", "col_tile, 1) == top_k - 1) {", "col_tile, 1) == 0) {"),
@@ -502,6 +526,8 @@ def test_planted_bug_is_caught(name, monkeypatch):
     with pytest.raises((AssertionError, EmulatorError)):
         if op == "attention":
             test_attention(ATTENTION_CASES[0])
+        elif op == "attention_replays":
+            test_attention_split_kv_replays()
         elif op == "fused_combine":
             test_moe_experts_fused_combine_is_the_combine_kernel(FUSED_COMBINE_CASES[1])
         else:  # the prefill regime with the wgmma mainloop (every bug here is on its path)
@@ -582,6 +608,10 @@ PLANTED_RACES = {
         ("moe/permute.cuh",
          "my_warp_base[i] = 0;\n    __syncwarp();", "my_warp_base[i] = 0;"),
         lambda: test_moe_experts(EXPERT_CASES[0])),
+    # split-KV's fused combine: threads read whether their CTA is the last before thread 0 wrote it
+    "attention: no barrier after the marks": (
+        ("attention/combine.cuh", "*s_flag = all;\n  }\n  __syncthreads();", "*s_flag = all;\n  }"),
+        lambda: test_attention(ATTENTION_CASES[4])),
     # GEMM2's fused combine reads which tokens its CTA completes before the threads that counted
     # the arrivals are past a barrier
     "experts: no barrier after the arrivals": (

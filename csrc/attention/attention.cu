@@ -18,7 +18,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <optional>
 
@@ -179,6 +181,19 @@ attn::Params common_params(const at::Tensor& qa, const at::Tensor& ka, const at:
   return p;
 }
 
+// This launch's split-KV arrival mark (combine.cuh): splitmix64 (a bijection of 64-bit words)
+// of a process-wide launch count, so no two launches share a mark (a CUDA graph's replays of
+// one launch do, and find the marks reset), and a workspace whose memory held other data
+// matches it by chance only (2^-64 per slot). 0 is the reset value, never a mark.
+unsigned long long next_split_tag() {
+  static std::atomic<uint64_t> launches{0};
+  uint64_t z = launches.fetch_add(1, std::memory_order_relaxed) + 0x9E3779B97F4A7C15ULL;  // splitmix64
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z ^= z >> 31;
+  return z != 0 ? z : 1;
+}
+
 // CTAs of the forward kernel resident per SM (the split plan's wave size).
 template <typename T, bool kWgmma>
 int fwd_ctas_per_sm() {
@@ -210,7 +225,7 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
       ctas, seqlen_k_hint, static_cast<int64_t>(p.seqlen_q) * p.group, num_sms, ctas_per_sm);
   p.num_splits = plan.num_splits;
   p.tiles_per_split = plan.tiles_per_split;
-  at::Tensor partial_o, partial_lse;  // split-KV workspace
+  at::Tensor partial_o, partial_lse, split_flags;  // split-KV workspace
   if (plan.num_splits > 1) {
     const int64_t partial_rows =
         static_cast<int64_t>(plan.num_splits) * p.num_kv_heads * p.total_q * p.group;
@@ -218,6 +233,11 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
     partial_lse = at::empty({partial_rows}, q.options().dtype(at::kFloat));
     p.partial_o = static_cast<float*>(partial_o.mutable_data_ptr());
     p.partial_lse = static_cast<float*>(partial_lse.mutable_data_ptr());
+    // arrival marks (combine.cuh): left as the allocator hands them over, never this tag
+    split_flags = at::empty({static_cast<int64_t>(attn::row_tiles(p)) * p.batch * p.num_kv_heads *
+                             plan.num_splits}, q.options().dtype(at::kLong));
+    p.split_flags = reinterpret_cast<unsigned long long*>(split_flags.mutable_data_ptr());
+    p.split_tag = next_split_tag();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
   cudaError_t err;

@@ -1,7 +1,7 @@
 // Attention forward for Qwen3 (head_dim 128, bf16/fp16): one tensor-core
 // kernel for prefill and decode, GQA-packed, causal and/or boolean-masked,
-// with split-KV for small grids, and the launcher that runs it (plus the
-// combine kernel when the key range is split).
+// with split-KV for small grids (the splits merged by the CTA that finishes
+// last, combine.cuh), and the launcher that runs it.
 //
 //   out[b, s, hq, :] = softmax_j(scale * q[b, hq, s, :] . k[b, hq / group, j, :]
 //                                 over visible j) @ v[b, hq / group, :, :]
@@ -28,7 +28,8 @@
 //      scale.
 //   3. Warps whose 16 rows are all past the last packed row (a decode tile
 //      with group < 64) still load and synchronize, but skip the math.
-//   4. Epilogue (epilogue.cuh): the output directly, or the split's partials.
+//   4. Epilogue (epilogue.cuh): the output directly, or the split's partials and,
+//      for the last of the tile's splits to finish, the combine (combine.cuh).
 //
 // kWgmma (sm_90a, mainloop.cuh): the Hopper layout and warpgroup wgmma for
 // S = Q K^T and O += P V (Q read from shared memory at every tile, not kept in
@@ -182,6 +183,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
     write_output<T>(p, seq, sQ, o, inv_l, lse2, kvh, row0, warp, lane, tid);
   } else {
     write_partial(p, seq, o, inv_l, lse2, kvh, split, row0, warp, lane);
+    combine_if_last<T>(p, seq, kvh, split, row0, warp, lane, tid, reinterpret_cast<int*>(sQ));
   }
 }
 
@@ -202,10 +204,11 @@ attention_fwd_kernel(const __grid_constant__ Params p) {
   T* sQ = reinterpret_cast<T*>(base);  // [kBlockM][128], later the output tile; then K, V
   const int b = blockIdx.y / p.num_kv_heads;
   const int kvh = blockIdx.y - b * p.num_kv_heads;
-  if (p.cu_seqlens_q != nullptr) {  // varlen bookkeeping, before the tile (nothing stays live)
-    if (p.num_splits == 1 && blockIdx.x == 0) clear_outside_tokens<T>(p, b, kvh, threadIdx.x);
+  if (p.cu_seqlens_q != nullptr && blockIdx.z == 0) {  // varlen bookkeeping, by split 0, before
+                                                       // the tile (nothing stays live)
+    if (blockIdx.x == 0) clear_outside_tokens<T>(p, b, kvh, threadIdx.x);
     if (blockIdx.x == gridDim.x - 1) {
-      mark_uncovered_rows<T>(p, seq_slice(p, b), kvh, blockIdx.z, gridDim.x * kBlockM, threadIdx.x);
+      mark_uncovered_rows<T>(p, seq_slice(p, b), kvh, gridDim.x * kBlockM, threadIdx.x);
     }
   }
   const int row0 = blockIdx.x * kBlockM;
@@ -220,10 +223,10 @@ constexpr int smem_bytes() {
   return kWgmma ? kSmemAllocWgmma : kSmemBytes;
 }
 
-// Launches the forward kernel on grid (row_tiles(p), B * Hkv, p.num_splits)
-// and, when p.num_splits > 1, the combine. p.partial_o / p.partial_lse must
-// hold num_splits * Hkv * total_q * group rows when splitting. kWgmma only on
-// sm_90 devices with sm_90a code in the build.
+// Launches the forward kernel on grid (row_tiles(p), B * Hkv, p.num_splits). When
+// p.num_splits > 1, p.partial_o / p.partial_lse must hold num_splits * Hkv * total_q * group
+// rows and p.split_flags row_tiles(p) * B * Hkv * num_splits slots, none equal to p.split_tag.
+// kWgmma only on sm_90 devices with sm_90a code in the build.
 template <typename T, bool kWgmma>
 cudaError_t launch_attention(const Params& p, cudaStream_t stream) {
   if (p.batch == 0 || p.total_q == 0) return cudaSuccess;
@@ -232,12 +235,6 @@ cudaError_t launch_attention(const Params& p, cudaStream_t stream) {
   const dim3 grid(row_tiles(p), p.batch * p.num_kv_heads, p.num_splits);
   err = launch_kernel(p.pdl, attention_fwd_kernel<T, kWgmma>, grid, dim3(kThreads),
                       smem_bytes<kWgmma>(), stream, p);
-  if (err == cudaSuccess) err = cudaGetLastError();
-  if (err != cudaSuccess || p.num_splits == 1) return err;
-  const int64_t rows = static_cast<int64_t>(p.num_kv_heads) * p.total_q * p.group;
-  const dim3 combine_grid(static_cast<unsigned>(ceil_div<int64_t>(rows, kCombineWarps)));
-  err = launch_kernel(p.pdl, attention_combine_kernel<T>, combine_grid, dim3(kCombineThreads), 0,
-                      stream, p);
   return err == cudaSuccess ? cudaGetLastError() : err;
 }
 

@@ -1,23 +1,32 @@
-// Split-KV combine: merges the num_splits partial results of every packed row
-// into out and lse, in a fixed order (deterministic):
+// Split-KV combine, fused into the forward kernel: the CTA that finishes a (row tile, b, kv head)
+// last merges the num_splits partial results of the tile's packed rows into out and lse, in a
+// fixed order (deterministic, whichever CTA finishes last):
 //
 //   L   = log2 sum_i 2^(lse2_i)        (max-shifted; -inf when every split is empty)
 //   out = sum_i 2^(lse2_i - L) O_i      (i = 0, 1, ..., num_splits - 1)
 //   lse = L * ln 2
 //
-// One warp per workspace row (kv head, token, h); lane l owns head dims 4 l .. 4 l + 3
-// (16-byte fp32 loads of each split's O_i). The split weights are reduced with
-// a fixed butterfly over lanes (lane l sums splits l, l + 32, ... in order).
-// An empty split (lse2 = -inf, O = 0) gets weight 0. Rows that see no key at
-// all, and a varlen batch's tokens outside every sequence, get out = 0, lse = -inf.
+// Who is last (combine_if_last): each split's CTA, after its partials, writes this launch's tag
+// into its slot of split_flags[tile][split], then (one thread, after a device-wide fence) reads
+// the tile's num_splits slots. Of CTAs that finish together at least one sees every mark (the
+// fences are sequentially consistent: no two can both miss the other's mark), and more than one
+// may: each then writes the same bits. The combiner sets the slots back to 0, so that a CUDA
+// graph's replays (same tag) start clean; a fresh workspace holds whatever the allocator's last
+// user left, which is never the tag (a 64-bit value drawn per launch, attention.cu). No memset,
+// no second kernel: a decode step's attention is one launch (measured on the H100 with a
+// separate combine kernel: 14.2 us at batch 1, context 1k, against cuDNN's single kernel 11.9).
+//
+// combine_row: one warp per workspace row (kv head, token, h); lane l owns head dims
+// 4 l .. 4 l + 3 (16-byte fp32 loads of each split's O_i, through L2: other SMs wrote them). The
+// split weights are reduced with a fixed butterfly over lanes (lane l sums splits l, l + 32, ...
+// in order). An empty split (lse2 = -inf, O = 0) gets weight 0; rows that see no key at all get
+// out = 0, lse = -inf; a NaN partial lse (NaN inputs) gives NaN out and lse.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
-
-#include "core/pdl.cuh"
 
 #include "attention/kernel_traits.cuh"
 #include "core/gpu_constants.h"
@@ -27,22 +36,15 @@
 
 namespace qwen3x::attn {
 
-constexpr int kCombineWarps = 4;  // rows per combine block
-constexpr int kCombineThreads = kCombineWarps * kWarpSize;
 constexpr int kCombineDimsPerLane = kHeadDim / kWarpSize;  // 4
 static_assert(kCombineDimsPerLane == 4, "a lane owns one float4 of each split's row");
 
+// Workspace row `row` of [Hkv][total_q * group] (the same row of every split) into out and lse.
 template <typename T>
-__global__ void __launch_bounds__(kCombineThreads)
-attention_combine_kernel(const Params p) {
-  pdl_wait();  // first: the previous kernel's outputs (core/pdl.cuh)
-  pdl_launch_dependents();
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / kWarpSize;
+__device__ __forceinline__ void combine_row(const Params& p, int64_t row, int lane) {
   // Workspace rows: [splits][Hkv][token * group + h]; out row token * Hq + kvh * group + h.
   const int64_t rows_per_head = static_cast<int64_t>(p.total_q) * p.group;
   const int64_t rows_per_split = p.num_kv_heads * rows_per_head;
-  if (row >= rows_per_split) return;
   const int kvh = static_cast<int>(row / rows_per_head);
   const int64_t r = row - kvh * rows_per_head;
   const int token = static_cast<int>(r / p.group);
@@ -53,43 +55,71 @@ attention_combine_kernel(const Params p) {
 
   float lse2 = -INFINITY;
   float acc[kCombineDimsPerLane] = {0.0f, 0.0f, 0.0f, 0.0f};
-  if (!token_outside(p, token)) {  // else no split wrote this row: out = 0, lse = -inf
-    float max2 = -INFINITY;
-    for (int i = lane; i < p.num_splits; i += kWarpSize) {
-      max2 = fmaxf(max2, lse_row[i * rows_per_split]);
-    }
+  float max2 = -INFINITY;
+  for (int i = lane; i < p.num_splits; i += kWarpSize) {
+    max2 = fmaxf(max2, __ldcg(lse_row + i * rows_per_split));
+  }
 #pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      max2 = fmaxf(max2, __shfl_xor_sync(kFullWarpMask, max2, offset));
-    }
-    const float base = max2 == -INFINITY ? 0.0f : max2;
-    float sum = 0.0f;
-    for (int i = lane; i < p.num_splits; i += kWarpSize) {
-      sum += exp2f(lse_row[i * rows_per_split] - base);
-    }
-    sum = warp_reduce_sum(sum);
-    // sum == 0: no split saw a key. A NaN partial lse (NaN inputs, or a row marked uncovered,
-    // whose partial O nobody wrote) makes sum NaN: out and lse become NaN without reading O.
-    if (isnan(sum)) {
-      lse2 = NAN;
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    max2 = fmaxf(max2, __shfl_xor_sync(kFullWarpMask, max2, offset));
+  }
+  const float base = max2 == -INFINITY ? 0.0f : max2;
+  float sum = 0.0f;
+  for (int i = lane; i < p.num_splits; i += kWarpSize) {
+    sum += exp2f(__ldcg(lse_row + i * rows_per_split) - base);
+  }
+  sum = warp_reduce_sum(sum);
+  // sum == 0: no split saw a key. A NaN partial lse makes sum NaN: out and lse become NaN
+  // without reading O.
+  if (isnan(sum)) {
+    lse2 = NAN;
 #pragma unroll
-      for (int d = 0; d < kCombineDimsPerLane; ++d) acc[d] = NAN;
-    } else if (sum > 0.0f) {
-      lse2 = base + log2f(sum);
-      const float* o_row = p.partial_o + row * kHeadDim + lane * kCombineDimsPerLane;
-      for (int i = 0; i < p.num_splits; ++i) {
-        const float w = exp2f(lse_row[i * rows_per_split] - lse2);
-        const float4 oi = *reinterpret_cast<const float4*>(o_row + i * rows_per_split * kHeadDim);
-        acc[0] += w * oi.x;
-        acc[1] += w * oi.y;
-        acc[2] += w * oi.z;
-        acc[3] += w * oi.w;
-      }
+    for (int d = 0; d < kCombineDimsPerLane; ++d) acc[d] = NAN;
+  } else if (sum > 0.0f) {
+    lse2 = base + log2f(sum);
+    const float* o_row = p.partial_o + row * kHeadDim + lane * kCombineDimsPerLane;
+    for (int i = 0; i < p.num_splits; ++i) {
+      const float w = exp2f(__ldcg(lse_row + i * rows_per_split) - lse2);
+      const float4 oi = __ldcg(reinterpret_cast<const float4*>(o_row + i * rows_per_split * kHeadDim));
+      acc[0] += w * oi.x;
+      acc[1] += w * oi.y;
+      acc[2] += w * oi.z;
+      acc[3] += w * oi.w;
     }
   }
   const uint2 packed = make_uint2(pack_float2<T>(acc[0], acc[1]), pack_float2<T>(acc[2], acc[3]));
   *reinterpret_cast<uint2*>(out) = packed;
   if (lane == 0) p.lse[lse_index(p, token, hq)] = lse2 * kLn2;
+}
+
+// After this CTA's write_partial (every thread): if every split of the CTA's (row tile, b, kv
+// head) has written its partials, merge the tile's rows. s_flag: one int of shared memory no
+// thread uses any more (the Q tile's first word).
+template <typename T>
+__device__ __forceinline__ void combine_if_last(const Params& p, const SeqSlice& seq, int kvh,
+                                                int split, int row0, int warp, int lane, int tid,
+                                                int* s_flag) {
+  unsigned long long* flags =
+      p.split_flags + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * p.num_splits;
+  __threadfence();  // this thread's partial stores, device-wide, before the CTA's mark
+  __syncthreads();
+  if (tid == 0) {
+    atomicExch(flags + split, p.split_tag);
+    __threadfence();  // the mark before the reads of the others' marks
+    bool all = true;
+    for (int i = 0; i < p.num_splits && all; ++i) all = atomicAdd(flags + i, 0ULL) == p.split_tag;
+    if (all) {
+      for (int i = 0; i < p.num_splits; ++i) atomicExch(flags + i, 0ULL);  // for the next replay
+    }
+    *s_flag = all;
+  }
+  __syncthreads();
+  if (!*s_flag) return;
+  __threadfence();  // the other splits' partials, before this CTA's reads of them
+  const int64_t tile_row0 =
+      static_cast<int64_t>(kvh) * p.total_q * p.group + static_cast<int64_t>(seq.token0) * p.group + row0;
+  const int rows = min(kBlockM, seq.rows - row0);
+  for (int r = warp; r < rows; r += kNumWarps) combine_row<T>(p, tile_row0 + r, lane);
 }
 
 }  // namespace qwen3x::attn

@@ -12,9 +12,10 @@
 // partial_lse [splits, Hkv, total_q * group]; combine.cuh merges the splits.
 //
 // clear_outside_tokens: a varlen batch's tokens outside every sequence get
-// out = 0 and lse = -inf (when splitting, the combine writes them).
+// out = 0 and lse = -inf.
 // mark_uncovered_rows: varlen rows beyond the grid (a max_seqlen_q hint below
-// the longest sequence) get NaN, directly or through the combine.
+// the longest sequence) get NaN out and lse.
+// (Both by the CTAs of split 0 only, whether or not the key range is split.)
 #pragma once
 
 #include <cuda_runtime.h>
@@ -97,7 +98,7 @@ __device__ __forceinline__ void write_partial(const Params& p, const SeqSlice& s
   }
 }
 
-// Varlen, num_splits == 1, run by the CTAs of row tile 0: sequence 0 clears the tokens before
+// Varlen, run by the CTAs of row tile 0, split 0: sequence 0 clears the tokens before
 // cu_seqlens_q[0], sequence B - 1 those from cu_seqlens_q[B] on, for the kv head's query heads.
 template <typename T>
 __device__ __forceinline__ void clear_outside_tokens(const Params& p, int b, int kvh, int tid) {
@@ -129,21 +130,13 @@ __device__ __forceinline__ void clear_outside_tokens(const Params& p, int b, int
   }
 }
 
-// Varlen, run by the CTAs of the last row tile: the sequence's packed rows from `covered` on
-// (which no CTA computes) become NaN: out and lse, or this split's partial lse, which the combine
-// turns into NaN out and lse.
+// Varlen, run by the CTAs of the last row tile, split 0: the sequence's packed rows from
+// `covered` on (which no CTA computes) get NaN out and lse.
 template <typename T>
 __device__ __forceinline__ void mark_uncovered_rows(const Params& p, const SeqSlice& seq, int kvh,
-                                                    int split, int covered, int tid) {
+                                                    int covered, int tid) {
   if (covered >= seq.rows) return;
   const int64_t rows = seq.rows - covered;
-  if (p.num_splits > 1) {
-    float* lse = p.partial_lse +
-                 (static_cast<int64_t>(split) * p.num_kv_heads + kvh) * p.total_q * p.group +
-                 static_cast<int64_t>(seq.token0) * p.group;
-    for (int64_t i = tid; i < rows; i += kThreads) lse[covered + i] = NAN;
-    return;
-  }
   T* out = static_cast<T*>(p.out);
   Vec16<T> nan;
 #pragma unroll

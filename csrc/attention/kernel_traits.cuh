@@ -135,6 +135,9 @@ struct Params {
   float* partial_o;    // [num_splits, Hkv, total_q * group, 128] fp32, normalized per split
                        // (splits > 1)
   float* partial_lse;  // [num_splits, Hkv, total_q * group] fp32, log2 units (splits > 1)
+  unsigned long long* split_flags;  // [row tiles * B * Hkv, num_splits] (splits > 1): each
+                                   // split's arrival mark (combine.cuh), never split_tag at launch
+  unsigned long long split_tag;     // this launch's mark: nonzero, drawn per launch
 
   int64_t q_batch_stride, q_head_stride, q_seq_stride;  // varlen: batch stride 0, seq = token
   int64_t k_batch_stride, k_head_stride, k_seq_stride;

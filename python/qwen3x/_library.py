@@ -207,7 +207,7 @@ def wgmma_available() -> bool:
 
 def pdl_available() -> bool:
     """Whether the kernels of decode's launch chains (router, expert GEMMs, qk_norm_rope,
-    attention and its combine) are launched with programmatic dependent launch here: where the
+    attention) are launched with programmatic dependent launch here: where the
     wgmma mainloops run (csrc/core/pdl.cuh), unless QWEN3X_PDL=0."""
     return wgmma_available() and os.environ.get("QWEN3X_PDL") != "0"
 

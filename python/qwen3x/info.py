@@ -68,7 +68,7 @@ def main() -> None:
         print("  Hopper (wgmma) mainloops: attention prefill and the MoE expert GEMMs' prefill regime "
               "(QWEN3X_ATTENTION_MAINLOOP / QWEN3X_MOE_MAINLOOP=mma_sync to compare)")
     if info["pdl"]:
-        print("  programmatic dependent launch: router, expert GEMMs, qk_norm_rope, attention and its combine "
+        print("  programmatic dependent launch: router, expert GEMMs, qk_norm_rope, attention "
               "(QWEN3X_PDL=0 to compare)")
     width = max(map(len, info["ops"]))
     for op, status in info["ops"].items():

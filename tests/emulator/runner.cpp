@@ -280,12 +280,38 @@ void run_attention(Job& job) {
           static_cast<size_t>(plan.num_splits) * p.num_kv_heads * p.total_q * p.group;
       p.partial_o = job.workspace("partial_o", rows * kHeadDim * 4).as<float>();
       p.partial_lse = job.workspace("partial_lse", rows * 4).as<float>();
+      // arrival marks: 0xFF..., as a fresh allocation may hold, never the tag
+      p.split_flags = job.workspace("split_flags", static_cast<size_t>(attn::row_tiles(p)) * p.batch *
+                                                       p.num_kv_heads * plan.num_splits * 8)
+                          .as<unsigned long long>();
+      p.split_tag = static_cast<unsigned long long>(job.i64("split_tag", 0x5eed));
     }
     std::cout << "splits " << plan.num_splits << " tiles_per_split " << plan.tiles_per_split
               << "\nplanned for sms " << num_sms << " ctas_per_sm " << ctas_per_sm << "\n";
-    check(wgmma ? attn::launch_attention<T, true>(p, nullptr)
-                : attn::launch_attention<T, false>(p, nullptr),
-          "launch_attention");
+    // replays > 1: the same launch again (a CUDA graph's replays: same workspace, same tag), out,
+    // lse and the partials poisoned in between (the marks kept), so what is checked is the last
+    // launch's own answer, and a combine that ran on an earlier launch's marks reads NaN
+    const int64_t replays = job.i64("replays", 1);
+    for (int64_t i = 0; i < replays; ++i) {
+      if (i > 0) {
+        std::memset(p.out, 0xFF, out_elems * sizeof(T));
+        std::memset(p.lse, 0xFF, static_cast<size_t>(p.total_q) * p.num_q_heads * 4);
+        if (plan.num_splits > 1) {
+          const size_t rows = static_cast<size_t>(plan.num_splits) * p.num_kv_heads * p.total_q * p.group;
+          std::memset(p.partial_o, 0xFF, rows * kHeadDim * 4);
+          std::memset(p.partial_lse, 0xFF, rows * 4);
+        }
+      }
+      check(wgmma ? attn::launch_attention<T, true>(p, nullptr)
+                  : attn::launch_attention<T, false>(p, nullptr),
+            "launch_attention");
+      if (plan.num_splits > 1) {  // the combiners' reset: what a replay's correctness rests on
+        const size_t slots = static_cast<size_t>(attn::row_tiles(p)) * p.batch * p.num_kv_heads * plan.num_splits;
+        size_t left = 0;
+        for (size_t j = 0; j < slots; ++j) left += p.split_flags[j] != 0;
+        std::cout << "split marks left set " << left << "\n";
+      }
+    }
   });
 }
 

@@ -18,7 +18,9 @@ numpy lane vectors, statement by statement:
                      barriers of the double-buffered main loop), attention_fwd_kernel
   epilogue.cuh       write_output (4-byte shared stores, barrier, 16-byte shared loads, 16-byte
                      global stores), write_partial, clear_outside_tokens, mark_uncovered_rows
-  combine.cuh        attention_combine_kernel (per-lane split loops, butterflies, NaN rows)
+  combine.cuh        combine_if_last (arrival marks: the CTA that sees every split's mark merges
+                     the tile's rows and resets the marks), combine_row (per-lane split loops,
+                     butterflies, NaN rows)
   attention.cu       common_params strides, mask strides, key_lengths, plan_and_launch
 Checks: every global read in bounds, inside the tensors and of written data (keys past
 key_lengths are unreadable), every address a zero-filled copy forms in bounds, write counts of
@@ -60,6 +62,8 @@ LN2_F32 = np.float32(0.693147180559945309)  # kLn2
 TARGET_WAVES, MAX_SPLITS = 2, 128
 # combine.cuh
 COMBINE_DIMS_PER_LANE = HEAD_DIM // WARP  # 4
+SPLIT_TAG = np.uint64(0x9E3779B97F4A7C15)  # a launch's arrival mark (attention.cu draws one per launch)
+ALLOCATOR_LEFTOVER = np.uint64(0xFFFFFFFFFFFFFFFF)  # what a fresh workspace holds here
 # shared-memory byte offsets of the Q (later O) tile and of the K and V stages
 SQ, SK, SV = 0, TILE_Q_ELEMS * 2, (TILE_Q_ELEMS + STAGES * TILE_KV_ELEMS) * 2
 # the Hopper layout (kernel_traits.cuh)
@@ -501,6 +505,7 @@ def attention_tile(p, num, sm, b, kvh, split, row0, stats, what):
         write_output(p, num, seq, sm, o, final, kvh, row0, tid, what)
     else:
         write_partial(p, num, seq, o, final, kvh, split, row0, what)
+        combine_if_last(p, num, seq, kvh, split, row0, what)
 
 
 # ----------------------------------------------------------------------------- epilogue.cuh
@@ -564,7 +569,7 @@ def write_partial(p, num, seq, o, final, kvh, split, row0, what):
 
 
 def clear_outside_tokens(p, b, kvh, what):
-    """epilogue.cuh clear_outside_tokens (varlen, one split, row tile 0): out = 0, lse = -inf for
+    """epilogue.cuh clear_outside_tokens (varlen, row tile 0, split 0): out = 0, lse = -inf for
     the tokens before cu_seqlens_q[0] (sequence 0) and from cu_seqlens_q[B] on (sequence B - 1)."""
     first, last = owned_tokens(p, what)
     chunks_per_token = p.group * CHUNKS_PER_ROW
@@ -583,16 +588,12 @@ def clear_outside_tokens(p, b, kvh, what):
         p.lse.write(hq * p.total_q + token, np.full((i.size, 1), -np.inf), what + " clear lse")
 
 
-def mark_uncovered_rows(p, seq, kvh, split, covered, what):
-    """epilogue.cuh mark_uncovered_rows (varlen, last row tile): packed rows from `covered` on
-    get NaN: out and lse, or this split's partial lse (the combine makes out and lse NaN)."""
+def mark_uncovered_rows(p, seq, kvh, covered, what):
+    """epilogue.cuh mark_uncovered_rows (varlen, last row tile, split 0): packed rows from
+    `covered` on get NaN out and lse."""
     if covered >= seq.rows:
         return
     rows = seq.rows - covered
-    if p.num_splits > 1:
-        p.partial_lse.write(partial_rows(p, seq, kvh, split) + covered + np.arange(rows),
-                            np.full((rows, 1), np.nan), what + " NaN partial_lse")
-        return
     i = np.arange(rows * CHUNKS_PER_ROW)
     r = covered + i // CHUNKS_PER_ROW
     s = r // p.group
@@ -618,11 +619,12 @@ def attention_fwd_kernel(p, num, grid, stats):
             kvh = y - b * p.num_kv_heads
             for x in range(grid_x):
                 what = f"cta({x},{y},{z})"
-                if p.cu_seqlens_q is not None:  # varlen bookkeeping
-                    if p.num_splits == 1 and x == 0:
+                p.cta = (x, y, z)
+                if p.cu_seqlens_q is not None and z == 0:  # varlen bookkeeping, by split 0
+                    if x == 0:
                         clear_outside_tokens(p, b, kvh, what)
                     if x == grid_x - 1:
-                        mark_uncovered_rows(p, seq_slice(p, b, what), kvh, z, grid_x * BLOCK_M, what)
+                        mark_uncovered_rows(p, seq_slice(p, b, what), kvh, grid_x * BLOCK_M, what)
                 row0 = x * BLOCK_M
                 if row0 < seq_slice(p, b, what).rows:
                     if p.wgmma:  # the base rounded up to 1024 inside the larger allocation
@@ -636,55 +638,68 @@ def attention_fwd_kernel(p, num, grid, stats):
                     stats["max_groups"] = max(stats["max_groups"], sm.max_groups_in_flight)
 
 
-def attention_combine_kernel(p, num):
-    """combine.cuh attention_combine_kernel: one warp per workspace row (every row; the kernel's
-    blocks of 4 warps only group them)."""
+def combine_if_last(p, num, seq, kvh, split, row0, what):
+    """combine.cuh combine_if_last: this CTA's arrival mark in its (row tile, b, kv head) slots;
+    the CTA that reads every split's mark (CTAs run one at a time here: the last one) resets them
+    and merges the tile's rows."""
+    x, y = p.cta[0], p.cta[1]
+    slots = (y * p.grid[0] + x) * p.num_splits + np.arange(p.num_splits)
+    p.split_flags.write([slots[split]], [[p.split_tag]], what + " mark")
+    marks = p.split_flags.read(slots, 1, what + " marks")[:, 0]
+    if not (marks == p.split_tag).all():
+        return
+    p.split_flags.write(slots, np.zeros((p.num_splits, 1), np.uint64), what + " marks reset")
+    tile_row0 = kvh * p.total_q * p.group + seq.token0 * p.group + row0
+    for r in range(min(BLOCK_M, seq.rows - row0)):  # warp r % 4 takes row r
+        combine_row(p, num, tile_row0 + r, what)
+
+
+def combine_row(p, num, row, what):
+    """combine.cuh combine_row: one warp merges workspace row `row` of every split."""
+    what = f"{what} combine row {row}"
     rows_per_head = p.total_q * p.group
     rows_per_split = p.num_kv_heads * rows_per_head
     ln2 = LN2_F32 if num.mode != "f64" else np.log(2.0)
     # lane l handles splits l, l + 32, ...: (split of each lane, whether it has one) per round
     lane_splits = [(first + LANE, first + LANE < p.num_splits) for first in range(0, p.num_splits, WARP)]
-    for row in range(rows_per_split):
-        what = f"combine row {row}"
-        kvh = row // rows_per_head
-        r = row - kvh * rows_per_head
-        token = r // p.group
-        hq = kvh * p.group + (r - token * p.group)
-        out = (token * p.num_q_heads + hq) * HEAD_DIM + LANE * COMBINE_DIMS_PER_LANE
-        lse2 = np.full(WARP, -np.inf)
-        acc = np.zeros((WARP, COMBINE_DIMS_PER_LANE))
-        if not token_outside(p, token, what):  # else no split wrote this row: out = 0, lse = -inf
-            max2 = np.full(WARP, -np.inf)
-            for i, has in lane_splits:
-                lse_i = np.full(WARP, -np.inf)
-                lse_i[has] = p.partial_lse.read(row + i[has] * rows_per_split, 1, what)[:, 0]
-                max2 = np.fmax(max2, lse_i)
-            for offset in (16, 8, 4, 2, 1):
-                max2 = np.fmax(max2, shfl_xor(max2, offset))
-            base = np.where(max2 == -np.inf, 0.0, max2)
-            total = np.zeros(WARP)
-            for i, has in lane_splits:
-                lse_i = np.zeros(WARP)
-                lse_i[has] = p.partial_lse.read(row + i[has] * rows_per_split, 1, what)[:, 0]
-                total = np.where(has, num.f32(total + num.exp2(num.f32(lse_i - base))), total)
-            for offset in (16, 8, 4, 2, 1):  # warp_reduce_sum
-                total = num.f32(total + shfl_xor(total, offset))
-            if len(set(np.isnan(total))) != 1 or len(set(total > 0)) != 1:
-                raise ModelError(f"{what}: lanes disagree on the row's branch")
-            if np.isnan(total[0]):  # a NaN partial lse: NaN out and lse, partial O not read
-                lse2 = np.full(WARP, np.nan)
-                acc = np.full((WARP, COMBINE_DIMS_PER_LANE), np.nan)
-            elif total[0] > 0:
-                lse2 = num.f32(base + num.log2(total))
-                o_row = row * HEAD_DIM + LANE * COMBINE_DIMS_PER_LANE
-                for i in range(p.num_splits):
-                    lse_i = p.partial_lse.read([row + i * rows_per_split], 1, what)[0, 0]
-                    weight = num.exp2(num.f32(lse_i - lse2))
-                    o_i = p.partial_o.read(o_row + i * rows_per_split * HEAD_DIM, COMBINE_DIMS_PER_LANE, what,
-                                           align=COMBINE_DIMS_PER_LANE)
-                    acc = num.f32(acc + num.f32(weight[:, None] * o_i))
-        p.out.write(out, num.rnd(acc), what + " out", align=COMBINE_DIMS_PER_LANE)
-        p.lse.write([lse_index(p, token, hq)], [[num.f32(lse2[0] * ln2)]], what + " lse")
+    kvh = row // rows_per_head
+    r = row - kvh * rows_per_head
+    token = r // p.group
+    hq = kvh * p.group + (r - token * p.group)
+    out = (token * p.num_q_heads + hq) * HEAD_DIM + LANE * COMBINE_DIMS_PER_LANE
+    lse2 = np.full(WARP, -np.inf)
+    acc = np.zeros((WARP, COMBINE_DIMS_PER_LANE))
+    max2 = np.full(WARP, -np.inf)
+    for i, has in lane_splits:
+        lse_i = np.full(WARP, -np.inf)
+        lse_i[has] = p.partial_lse.read(row + i[has] * rows_per_split, 1, what)[:, 0]
+        max2 = np.fmax(max2, lse_i)
+    for offset in (16, 8, 4, 2, 1):
+        max2 = np.fmax(max2, shfl_xor(max2, offset))
+    base = np.where(max2 == -np.inf, 0.0, max2)
+    total = np.zeros(WARP)
+    for i, has in lane_splits:
+        lse_i = np.zeros(WARP)
+        lse_i[has] = p.partial_lse.read(row + i[has] * rows_per_split, 1, what)[:, 0]
+        total = np.where(has, num.f32(total + num.exp2(num.f32(lse_i - base))), total)
+    for offset in (16, 8, 4, 2, 1):  # warp_reduce_sum
+        total = num.f32(total + shfl_xor(total, offset))
+    if len(set(np.isnan(total))) != 1 or len(set(total > 0)) != 1:
+        raise ModelError(f"{what}: lanes disagree on the row's branch")
+    if np.isnan(total[0]):  # a NaN partial lse: NaN out and lse, partial O not read
+        lse2 = np.full(WARP, np.nan)
+        acc = np.full((WARP, COMBINE_DIMS_PER_LANE), np.nan)
+    elif total[0] > 0:
+        lse2 = num.f32(base + num.log2(total))
+        o_row = row * HEAD_DIM + LANE * COMBINE_DIMS_PER_LANE
+        for i in range(p.num_splits):
+            lse_i = p.partial_lse.read([row + i * rows_per_split], 1, what)[0, 0]
+            weight = num.exp2(num.f32(lse_i - lse2))
+            o_i = p.partial_o.read(o_row + i * rows_per_split * HEAD_DIM, COMBINE_DIMS_PER_LANE, what,
+                                   align=COMBINE_DIMS_PER_LANE)
+            acc = num.f32(acc + num.f32(weight[:, None] * o_i))
+    p.out.write(out, num.rnd(acc), what + " out", align=COMBINE_DIMS_PER_LANE)
+    p.lse.write([lse_index(p, token, hq)], [[num.f32(lse2[0] * ln2)]], what + " lse")
 
 
 def launch_attention(p, num, stats):
@@ -692,10 +707,8 @@ def launch_attention(p, num, stats):
     if p.batch == 0 or p.total_q == 0:
         return
     grid = (row_tiles(p), p.batch * p.num_kv_heads, p.num_splits)
-    stats["grid"] = grid
+    stats["grid"] = p.grid = grid
     attention_fwd_kernel(p, num, grid, stats)
-    if p.num_splits > 1:
-        attention_combine_kernel(p, num)
 
 
 def plan_and_launch(p, num, seqlen_k_hint, num_sms, ctas_per_sm, force_splits, stats, wgmma=False):
@@ -712,6 +725,10 @@ def plan_and_launch(p, num, seqlen_k_hint, num_sms, ctas_per_sm, force_splits, s
         partial_rows_total = p.num_splits * p.num_kv_heads * p.total_q * p.group
         p.partial_o = GBuf("partial_o", numel=partial_rows_total * HEAD_DIM)
         p.partial_lse = GBuf("partial_lse", numel=partial_rows_total)
+        # arrival marks as a fresh allocation may hold them (anything but the tag)
+        p.split_flags = GBuf("split_flags", data=np.full(row_tiles(p) * p.batch * p.num_kv_heads * p.num_splits,
+                                                         ALLOCATOR_LEFTOVER, np.uint64))
+        p.split_tag = SPLIT_TAG
     launch_attention(p, num, stats)
 
 

@@ -1275,6 +1275,11 @@ inline V atomicAdd(V* p, V v) {
   }
 }
 
+template <typename V>
+inline V atomicExch(V* p, V v) {
+  return __atomic_exchange_n(p, v, __ATOMIC_RELAXED);
+}
+
 // A device-wide fence: CTAs run one after another here, so every earlier CTA's writes are
 // already visible; within a CTA only barriers order (ThreadSanitizer's view, as CUDA's).
 inline void __threadfence() {}
