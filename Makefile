@@ -14,7 +14,8 @@
 #               failing one is switched to mma.sync for the later steps (wgmma_smoke.log says so);
 #               then tests/error_path_probe.py (do bad arguments raise or crash; error_probe.log);
 #               after the tests, benchmarks.parity (the patched 30B-A3B model against the fp32 truth
-#               over PARITY_SEEDS seeds, routing flips counted; parity.log)
+#               over PARITY_SEEDS seeds, routing flips counted; parity.log); STEPS="tests bench"
+#               runs only the steps named (default: probe tests parity memcheck racecheck bench)
 
 SHELL       := /bin/bash
 PYTHON      ?= python3
@@ -109,6 +110,12 @@ endif
 # programmatic dependent launch), so that one broken kernel does not take every later test with it.
 LOAD_MAINLOOP_ENV = set -a; [ -f $(OUT)/mainloop.env ] && . $(OUT)/mainloop.env; set +a;
 
+# The steps after the build, the info line and the wgmma smoke run: all by default; a GPU lease
+# too short for all of them names the ones it wants (e.g. STEPS="tests bench"). A step left out
+# is a no-op (its log is absent from OUT, and the summary skips it).
+STEPS       ?= probe tests parity memcheck racecheck bench
+step = $(if $(filter $(1),$(STEPS)),,exit 0;)  # a recipe line runs in a shell of its own
+
 gpu:
 	mkdir -p $(OUT)
 	$(if $(WHEELS),$(PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(WHEEL_SITE) $(WHEELS))
@@ -116,25 +123,23 @@ gpu:
 	    | tee $(OUT)/build.log
 	$(PYTHON) -m qwen3x.info | tee $(OUT)/info.txt
 	rm -f $(OUT)/mainloop.env; $(PYTHON) tests/wgmma_smoke.py $(OUT)/mainloop.env | tee $(OUT)/wgmma_smoke.log
-	timeout $(PROBE_S) $(PYTHON) tests/error_path_probe.py 2>&1 | tee $(OUT)/error_probe.log
-	$(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(GPU_TEST_S) $(PYTHON) -m pytest -q -rs $(GPU_TEST_WORKERS) \
-	    --gpu-sample $(GPU_SAMPLE) $(GPU_TESTS) 2>&1 \
+	$(call step,probe) timeout $(PROBE_S) $(PYTHON) tests/error_path_probe.py 2>&1 | tee $(OUT)/error_probe.log
+	$(call step,tests) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(GPU_TEST_S) $(PYTHON) -m pytest -q -rs \
+	    $(GPU_TEST_WORKERS) --gpu-sample $(GPU_SAMPLE) $(GPU_TESTS) 2>&1 \
 	    | tee $(OUT)/tests.log; echo "tests exit $$?" >> $(OUT)/tests.log
-	$(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(PARITY_S) $(PYTHON) -m benchmarks.parity --seeds $(PARITY_SEEDS) \
-	    2>&1 | tee $(OUT)/parity.log; echo "parity exit $$?" >> $(OUT)/parity.log
-	$(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(MEMCHECK_S) compute-sanitizer --tool memcheck --error-exitcode 1 \
-	    $(PYTHON) -m pytest -q -x -m gpu --gpu-sample 1 $(MEMCHECK_TESTS) -k "$(MEMCHECK_K)" 2>&1 \
+	$(call step,parity) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(PARITY_S) $(PYTHON) -m benchmarks.parity \
+	    --seeds $(PARITY_SEEDS) 2>&1 | tee $(OUT)/parity.log; echo "parity exit $$?" >> $(OUT)/parity.log
+	$(call step,memcheck) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(MEMCHECK_S) compute-sanitizer --tool memcheck \
+	    --error-exitcode 1 $(PYTHON) -m pytest -q -x -m gpu --gpu-sample 1 $(MEMCHECK_TESTS) -k "$(MEMCHECK_K)" 2>&1 \
 	    | tail -n 30 | tee $(OUT)/memcheck.log; echo "memcheck exit $$?" >> $(OUT)/memcheck.log
-	$(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(RACECHECK_S) compute-sanitizer --tool racecheck --error-exitcode 1 \
-	    $(PYTHON) -m pytest -q -x -m gpu tests/test_attention_gpu.py -k "$(RACECHECK_K)" 2>&1 \
+	$(call step,racecheck) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(RACECHECK_S) compute-sanitizer --tool racecheck \
+	    --error-exitcode 1 $(PYTHON) -m pytest -q -x -m gpu tests/test_attention_gpu.py -k "$(RACECHECK_K)" 2>&1 \
 	    | tail -n 30 | tee $(OUT)/racecheck.log; echo "racecheck exit $$?" >> $(OUT)/racecheck.log
-	$(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(BENCH_S) $(PYTHON) -m benchmarks --out $(OUT) $(BENCH_ARGS) 2>&1 \
-	    | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log
+	$(call step,bench) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(BENCH_S) $(PYTHON) -m benchmarks --out $(OUT) \
+	    $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log
 	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; cat $(OUT)/wgmma_smoke.log
-	@grep "error path probe" $(OUT)/error_probe.log
-	@grep -E "passed|failed" $(OUT)/tests.log | tail -n 1
-	@tail -n 1 $(OUT)/parity.log
-	@tail -n 1 $(OUT)/memcheck.log; tail -n 1 $(OUT)/racecheck.log; tail -n 2 $(OUT)/bench.log
+	@for f in error_probe tests parity memcheck racecheck bench; do [ -f $(OUT)/$$f.log ] && grep -E \
+	    "error path probe|passed|failed| exit " $(OUT)/$$f.log | tail -n 3; done; true
 
 clean:
 	rm -rf build python/qwen3x/_C*.so *.egg-info python/*.egg-info
