@@ -504,8 +504,8 @@ PLANTED = {
         "attention_replays"),
     # split-KV's fused combine run by split 0, whether or not the others have arrived
     "attention: split 0 combines": (
-        ("attention/combine.cuh", "all = atomicAdd(flags + i, 0ULL) == p.split_tag;",
-         "all = split == 0;"),
+        ("attention/combine.cuh", "const bool all = __all_sync(kFullWarpMask, mine);",
+         "const bool all = split == 0;"),
         "attention_replays"),
     # GEMM2's fused combine summed by the first CTA to arrive, not the k-th
     "moe: the first arrival combines": (

@@ -7,8 +7,8 @@
 //   lse = L * ln 2
 //
 // Who is last (combine_if_last): each split's CTA, after its partials, writes this launch's tag
-// into its slot of split_flags[tile][split], then (one thread, after a device-wide fence) reads
-// the tile's num_splits slots. Of CTAs that finish together at least one sees every mark (the
+// into its slot of split_flags[tile][split] and, after a device-wide fence, reads the tile's
+// num_splits slots (one warp, each lane its own slots, all reads in flight together). Of CTAs that finish together at least one sees every mark (the
 // fences are sequentially consistent: no two can both miss the other's mark), and more than one
 // may: each then writes the same bits. The combiner sets the slots back to 0, so that a CUDA
 // graph's replays (same tag) start clean; a fresh workspace holds whatever the allocator's last
@@ -103,15 +103,19 @@ __device__ __forceinline__ void combine_if_last(const Params& p, const SeqSlice&
       p.split_flags + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * p.num_splits;
   __threadfence();  // this thread's partial stores, device-wide, before the CTA's mark
   __syncthreads();
-  if (tid == 0) {
-    atomicExch(flags + split, p.split_tag);
-    __threadfence();  // the mark before the reads of the others' marks
-    bool all = true;
-    for (int i = 0; i < p.num_splits && all; ++i) all = atomicAdd(flags + i, 0ULL) == p.split_tag;
-    if (all) {
-      for (int i = 0; i < p.num_splits; ++i) atomicExch(flags + i, 0ULL);  // for the next replay
+  if (warp == 0) {  // the mark, then the tile's marks read by the warp's lanes at once
+    if (lane == 0) {
+      atomicExch(flags + split, p.split_tag);
+      __threadfence();  // the mark before the reads below (which __syncwarp orders after it)
     }
-    *s_flag = all;
+    __syncwarp();
+    bool mine = true;  // every slot this lane reads holds the tag (no early exit: reads overlap)
+    for (int i = lane; i < p.num_splits; i += kWarpSize) mine &= atomicAdd(flags + i, 0ULL) == p.split_tag;
+    const bool all = __all_sync(kFullWarpMask, mine);
+    if (all) {
+      for (int i = lane; i < p.num_splits; i += kWarpSize) atomicExch(flags + i, 0ULL);  // for the next replay
+    }
+    if (lane == 0) *s_flag = all;
   }
   __syncthreads();
   if (!*s_flag) return;

@@ -1260,6 +1260,9 @@ inline unsigned __reduce_max_sync(unsigned mask, unsigned v) {
 inline unsigned __reduce_min_sync(unsigned mask, unsigned v) {
   return emu_reduce_sync("redux.min", mask, v, false);
 }
+inline int __all_sync(unsigned mask, int predicate) {
+  return static_cast<int>(emu_reduce_sync("vote.all", mask, predicate != 0, false));
+}
 // Relaxed atomic read-modify-writes, as CUDA's (no ordering: ThreadSanitizer sees atomics, not
 // synchronization).
 template <typename V>
