@@ -74,8 +74,9 @@ demo info:
 # with its logs; the full benchmark suite needs a call of its own (python3 -m benchmarks --out DIR).
 BUILD_S     ?= 240
 GPU_TEST_S  ?= 210
-MEMCHECK_S  ?= 75
-RACECHECK_S ?= 45
+# (compute-sanitizer's start-up with torch took most of a 45 s limit on 2026-11-26)
+MEMCHECK_S  ?= 150
+RACECHECK_S ?= 90
 BENCH_S     ?= 150
 GPU_TESTS   ?= tests --ignore=tests/test_kernel_models.py --ignore=tests/test_wgmma_smoke.py \
                --ignore=tests/test_emulator.py --ignore=tests/test_emulator_ops.py  # CPU-only (CI runs them)
