@@ -13,7 +13,11 @@ Providers, each on its own copy of one randomly initialized model: ``hf_eager`` 
 transformers: sdpa attention, its default experts implementation), ``qwen3x`` (qwen3x.patch),
 ``liger`` (apply_liger_kernel_to_qwen3*, when installed). Correctness: last-position logits against
 an fp32 copy of the unpatched model (truth) and the unpatched bf16 model (baseline); decode checks
-its first CHECK_ROWS sequences against a full forward over prompt + new token.
+its first CHECK_ROWS sequences against a full forward over prompt + new token. In an MoE model a
+judged token whose router probabilities nearly tie may go to other experts in any bf16 model,
+which moves its logits by about 0.1: a failed check where every judged token out of tolerance was
+routed otherwise only at near ties (qwen3x.testing's routing rule) is no kernel's fault, and the
+row is reported ok, its note saying so (``_routing_excuse``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import importlib
 
 import torch
 
-from .harness import Case, Provider
+from qwen3x.testing import RoutingAgreement, compare_routing, recording_router_probs, router_probs
+
+from .harness import Case, Excuse, Provider
 from .providers import LIGER_MISSING
 from .shapes import HEAD_DIM, QWEN3_0_6B, QWEN3_4B, QWEN3_30B_A3B, RMS_EPS, ROPE_THETA, VOCAB, ModelDims
 from .suites.attention import attention_bytes, attention_flops
@@ -252,7 +258,12 @@ def _last_logits(model, ids):
 def _prefill_build(name):
     def build(x):
         model, ids = PREPARE[name](POOL.base), x["input_ids"]
-        return lambda: _last_logits(model, ids)
+
+        def call():
+            return _last_logits(model, ids)
+
+        call.model = model  # for _routing_excuse
+        return call
 
     return build
 
@@ -272,6 +283,7 @@ def prefill_case(d: ModelDims, batch: int, seqlen: int) -> Case:
         flops=prefill_flops(d, batch, seqlen),
         tokens=batch * seqlen,
         release_each_provider=True,  # each provider builds its own copy of the model
+        excuse=_routing_excuse(d, batch) if d.is_moe else None,
     )
 
 
@@ -326,6 +338,7 @@ def _decode_build(name):
                 torch._foreach_sub_(lengths, 1)
             return logits
 
+        step.model = model  # for _routing_excuse
         return step
 
     return build
@@ -353,7 +366,59 @@ def decode_case(d: ModelDims, batch: int, context: int, cuda_graph: bool) -> Cas
         cuda_graph=cuda_graph,
         tokens=batch,
         release_each_provider=True,  # each provider builds its own copy of the model and its cache
+        excuse=_routing_excuse(d, rows) if d.is_moe else None,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing flips at near ties (MoE models)
+# ---------------------------------------------------------------------------------------------
+def _judged_routing(call, inputs, rows: int, topk: int) -> RoutingAgreement:
+    """Routing of the judged tokens, the last position of each of the first ``rows`` sequences,
+    per MoE layer: the provider's as its checked call routes them (called again, with the
+    routers recorded: a decode step's one token per sequence, a prefill's every token), against
+    the truth's and the unpatched bf16 model's in the forwards that gave the check's logits."""
+    ids = inputs["input_ids"]
+    with recording_router_probs(call.model) as recorded:
+        call()
+    candidate = [p.view(ids.shape[0], -1, p.shape[-1])[:rows, -1] for p in recorded]
+    truth, baseline = ([p[:, -1] for p in router_probs(m, ids[:rows], use_cache=False, logits_to_keep=1)]
+                       for m in (POOL.fp32(), POOL.base))  # fmt: skip
+    return compare_routing(truth, baseline, candidate, topk)
+
+
+def _sequences(mask: torch.Tensor, layers: torch.Tensor, moe_layers: int) -> str:
+    """'0 (1 of 4 MoE layers), 1 (...)': the sequences in ``mask`` and their layer counts."""
+    return ", ".join(f"{i} ({int(layers[i])} of {moe_layers} MoE layers)" for i in mask.nonzero().flatten().tolist())
+
+
+def _routing_verdict(out_of_tolerance: torch.Tensor, routing: RoutingAgreement) -> Excuse:
+    """Accepted when every judged token out of tolerance was routed otherwise at near ties only
+    and no judged token was routed otherwise at a decided gap (a fault, whatever its logits)."""
+    decisive = routing.decisive > 0
+    if decisive.any():
+        where = _sequences(decisive, routing.decisive, routing.layers)
+        return Excuse(False, f"other experts than the truth's at a decided gap at the judged token of sequence {where}")
+    unexplained = out_of_tolerance & ~routing.excused
+    if unexplained.any():
+        where = ", ".join(map(str, unexplained.nonzero().flatten().tolist()))
+        return Excuse(False, f"no routing flip at the judged token of sequence {where}")
+    where = _sequences(out_of_tolerance, routing.near_ties, routing.layers)
+    return Excuse(True, f"routing flip at a near tie at the judged token of sequence {where}: logits not judged there")
+
+
+def _routing_excuse(d: ModelDims, rows: int):
+    """Case.excuse of an MoE model's cases, whose check compares the last-position logits
+    [rows, 1, V] of ``rows`` sequences: judged per sequence against the one tolerance."""
+
+    def excuse(call, inputs, got, truth, tolerances) -> Excuse | None:
+        (logits,), (want,), (tol,) = got, truth, tolerances
+        if logits.shape != want.shape or not torch.isfinite(logits).all():
+            return None  # a shape or a NaN is no routing flip
+        errors = (logits.double() - want.double()).abs().flatten(1).amax(dim=1)
+        return _routing_verdict(errors > tol, _judged_routing(call, inputs, rows, d.topk))
+
+    return excuse
 
 
 def _graphable(name: str, d: ModelDims) -> bool:

@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 from models import TF5, VOCAB, tiny_model
-from qwen3x.testing import assert_close_to_truth
+from qwen3x.testing import MAX_EXCUSED, assert_close_to_truth, routing_agreement
 
 import qwen3x
 from qwen3x import _library
@@ -58,42 +58,17 @@ def _logits(model, ids, **kw):
         return model(ids, **kw).logits.float()
 
 
-NEAR_TIE_NOISE = 2  # a routing gap under this many times bf16's router error there is a near tie
-MAX_EXCUSED = 0.25  # at most this fraction of the compared tokens may be excused
-
-
-def _router_probs(model, ids, **kw):
-    """Per MoE layer, [B, S, E] fp32 router probabilities (softmax of the gate's logits)."""
-    out = []
-    hooks = [m.register_forward_hook(lambda mod, args, o: out.append((o[0] if isinstance(o, tuple) else o).float().softmax(-1)))
-             for name, m in model.named_modules() if name.endswith("mlp.gate")]
-    with torch.no_grad():
-        model(ids, **kw)
-    for h in hooks:
-        h.remove()
-    return [p.view(*ids.shape, -1) for p in out]
-
-
 def _routing_agrees(truth, baseline, patched, ids, **kw):
-    """[B, S] False where the patched model picks other experts than the truth in some MoE layer
-    at a near tie: the truth's k-th and (k+1)-th router probabilities closer than NEAR_TIE_NOISE
-    times the unpatched bf16 model's router error at that token (the tolerance rule's 2x,
-    applied to routing). Any bf16 implementation may route such a token either way, and other
-    experts give another output: not a kernel's error, so the logits comparisons leave those
-    tokens out. A different pick at a decided gap fails here. (Found by running these tests on
-    the CPU emulator: one token in 48 took another expert at a 10% gap.) All True for dense
-    models."""
-    agrees = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-    k = getattr(truth.config, "num_experts_per_tok", 0)
-    layers = [_router_probs(m, ids, **kw) for m in (truth, baseline, patched)]
-    assert len({len(p) for p in layers}) == 1 and (k == 0) == (len(layers[0]) == 0), "router outputs seen"
-    for p_truth, p_bf16, p_ours in zip(*layers):
-        top = p_truth.topk(k + 1, dim=-1)
-        same = (p_ours.topk(k, dim=-1).indices.sort(-1).values == top.indices[..., :k].sort(-1).values).all(-1)
-        near = top.values[..., k - 1] - top.values[..., k] < NEAR_TIE_NOISE * (p_bf16 - p_truth).abs().amax(-1)
-        decisive_flips = (~same & ~near).nonzero().tolist()
-        assert not decisive_flips, f"other experts than the truth's at decided gaps, (batch, position): {decisive_flips}"
-        agrees &= same
+    """[B, S] False where the patched model routes a token to other experts than the truth in
+    some MoE layer at a near tie (qwen3x.testing.routing_agreement): any bf16 implementation may
+    route such a token either way, so the logits comparisons leave those tokens out. A different
+    pick at a decided gap fails here, as do more than MAX_EXCUSED of the tokens routed otherwise.
+    (Found by running these tests on the CPU emulator: one token in 48 took another expert at a
+    10% gap.) All True for dense models."""
+    routing = routing_agreement(truth, baseline, patched, ids, **kw)
+    decisive = routing.decisive_flips
+    assert not decisive, f"other experts than the truth's at decided gaps, (batch, position): {decisive}"
+    agrees = routing.agrees
     assert (~agrees).float().mean() <= MAX_EXCUSED, f"{int((~agrees).sum())} of {agrees.numel()} tokens routed otherwise"
     return agrees
 

@@ -5,9 +5,16 @@ max abs error may be at most RATIO x the error of the same-dtype PyTorch computa
 "baseline"), plus the rounding error of the truth in the result's dtype (the unavoidable part),
 plus ABS_FLOOR. Integer outputs (expert ids, offsets, permutations) must match exactly. Failures
 name the worst elements. Used by the tests and by the benchmark suite's correctness check.
+
+For MoE models also the routing rule (``routing_agreement``): which tokens a candidate model
+routes to other experts than the truth, and whether only at near ties of the router probabilities
+(excused: the logits of those tokens are left out) or at a decided gap (a fault).
 """
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -155,3 +162,101 @@ def poison_allocator(nbytes: int, device: str = "cuda") -> None:
     small = [torch.empty(_SMALL_REQUEST_BYTES // 4, dtype=torch.float32, device=device).fill_(nan)
              for _ in range(_SMALL_POISON_BLOCKS)]
     del small
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE routing at near ties
+# ---------------------------------------------------------------------------------------------
+# A token whose k-th and (k+1)-th router probabilities (the truth's) nearly tie may be routed
+# either way by any bf16 computation, and other experts give other outputs: a different top-k set
+# there is no kernel's error, so logits comparisons leave such tokens out. "Nearly" is the
+# tolerance rule's RATIO applied to routing: a gap under NEAR_TIE_NOISE times the unpatched bf16
+# model's router error at that token. A different pick at a decided gap is a fault.
+NEAR_TIE_NOISE = RATIO
+MAX_EXCUSED = 0.25  # at most this fraction of the compared tokens may be excused (the GPU tests' bound)
+ROUTER_MODULE_SUFFIX = "mlp.gate"  # Qwen3-MoE's router: Qwen3MoeTopKRouter (5.x), nn.Linear (4.57)
+
+
+@dataclass
+class RoutingAgreement:
+    """A candidate model's top-k expert sets against the truth's, per token (the router
+    probabilities' leading dimensions: [B, S] from ``router_probs``): in how many MoE layers it
+    picked another set at a near tie (excused) and at a decided gap (a fault)."""
+
+    near_ties: torch.Tensor  # int64 per token
+    decisive: torch.Tensor  # int64 per token
+    layers: int  # MoE layers compared
+
+    @property
+    def agrees(self) -> torch.Tensor:
+        """bool per token: the truth's top-k set in every MoE layer."""
+        return (self.near_ties == 0) & (self.decisive == 0)
+
+    @property
+    def excused(self) -> torch.Tensor:
+        """bool per token: routed otherwise, but only at near ties."""
+        return (self.near_ties > 0) & (self.decisive == 0)
+
+    @property
+    def decisive_flips(self) -> list[list[int]]:
+        """Indices of the tokens routed otherwise at a decided gap in some layer."""
+        return (self.decisive > 0).nonzero().tolist()
+
+
+@contextlib.contextmanager
+def recording_router_probs(model):
+    """Within the block, each forward of an MoE layer's router appends the fp32 router
+    probabilities (softmax of its logits, as HF routes) of the tokens it sees, [T, E], to the
+    list it yields: layer by layer, in call order."""
+    found: list[torch.Tensor] = []
+
+    def hook(module, args, out):
+        logits = out[0] if isinstance(out, tuple) else out  # 5.x: (logits, weights, ids)
+        found.append(logits.float().softmax(-1))
+
+    hooks = [m.register_forward_hook(hook) for name, m in model.named_modules() if name.endswith(ROUTER_MODULE_SUFFIX)]
+    try:
+        yield found
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def router_probs(model, ids: torch.Tensor, **kw) -> list[torch.Tensor]:
+    """Per MoE layer, [*ids.shape, E] fp32 router probabilities of one forward over ``ids``
+    (``kw`` passed on to the model); an empty list for a dense model."""
+    with torch.no_grad(), recording_router_probs(model) as found:
+        model(ids, **kw)
+    return [p.view(*ids.shape, -1) for p in found]
+
+
+def compare_routing(truth: list, baseline: list, candidate: list, k: int, shape=None) -> RoutingAgreement:
+    """The near-tie rule on per-layer router probabilities [..., E] of the same tokens: the fp32
+    truth's, the unpatched bf16 model's (which measures bf16's router noise at each token) and the
+    candidate's. ``shape``: the tokens' leading shape where there are no MoE layers."""
+    if not len(truth) == len(baseline) == len(candidate):
+        raise ValueError(f"router outputs of {len(truth)}, {len(baseline)} and {len(candidate)} MoE layers "
+                         "(truth, baseline, candidate): a model whose routers were not seen")
+    shape = tuple(truth[0].shape[:-1]) if truth else tuple(shape)
+    device = truth[0].device if truth else None
+    near_ties = torch.zeros(shape, dtype=torch.int64, device=device)
+    decisive = torch.zeros_like(near_ties)
+    for p_truth, p_bf16, p_cand in zip(truth, baseline, candidate):
+        top = p_truth.topk(k + 1, dim=-1)
+        picked = p_cand.to(p_truth.device).topk(k, dim=-1).indices.sort(-1).values
+        other = (picked != top.indices[..., :k].sort(-1).values).any(-1)
+        gap = top.values[..., k - 1] - top.values[..., k]
+        near = gap < NEAR_TIE_NOISE * (p_bf16.to(p_truth.device) - p_truth).abs().amax(-1)
+        near_ties += other & near
+        decisive += other & ~near
+    return RoutingAgreement(near_ties, decisive, len(truth))
+
+
+def routing_agreement(truth, baseline, candidate, ids: torch.Tensor, **kw) -> RoutingAgreement:
+    """compare_routing on one forward of each model over ``ids`` (``kw`` passed on): all tokens
+    agree for a dense model."""
+    k = getattr(truth.config, "num_experts_per_tok", 0)
+    probs = [router_probs(m, ids, **kw) for m in (truth, baseline, candidate)]
+    if (k == 0) != (len(probs[0]) == 0):
+        raise ValueError(f"{len(probs[0])} MoE router outputs seen for num_experts_per_tok={k}")
+    return compare_routing(*probs, k, shape=ids.shape)
