@@ -243,6 +243,29 @@ def test_decode(sq, skv, hq, hkv, batch, causal):
     _judge(out, lse, q, k, v, None, D**-0.5, causal)
 
 
+# Decode's split keys: a CTA whose packed rows fit one warp (<= 16: Sq x group) has each of its four
+# warps on the same rows and a quarter of every 64-key tile (keys 16 w .. 16 w + 15), the warps'
+# softmax states merged after the last tile. Key ends in each warp's quarter of tile 3
+# (key_lengths 195, 217, 239, 253: last keys 194, 216, 238, 252), NaN past them; 3 queries x
+# group 5 (Qwen3-14B's 40 / 8) give causal ends that differ per row inside one quarter.
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("sq,hq,hkv", [(1, 32, 8), (3, 40, 8), (1, 64, 4)])
+def test_decode_split_keys_key_ends(sq, hq, hkv, causal):
+    B, s_max = 4, 260
+    q, k, v = _inputs(B, hq, hkv, sq, s_max, torch.bfloat16, q_layout="bshd")
+    lengths = torch.tensor([195, 217, 239, 253], device="cuda")
+    n = lengths.tolist()
+    for b in range(B):
+        k[b, :, n[b]:] = float("nan")
+        v[b, :, n[b]:] = float("nan")
+    poison_allocator(B * hq * sq * (D * 2 + 4) + 128 * B * hq * sq * (D + 1) * 4)
+    out, lse = ops.attention(q, k, v, None, D**-0.5, causal, lengths)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    for b in range(B):
+        _judge(out[b : b + 1], lse[b : b + 1], q[b : b + 1], k[b : b + 1, :, : n[b]], v[b : b + 1, :, : n[b]], None,
+               D**-0.5, causal)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_131072_keys(dtype):
     q, k, v = _inputs(1, 32, 4, 1, 131072, dtype, q_layout="bshd")
@@ -562,7 +585,7 @@ def test_varlen_bad_inputs():
     bad(q.float(), k.float(), k.float(), cu, cu, match="bfloat16")
 
 
-@pytest.mark.parametrize("sq,skv", [(1, 8193), (300, 300)])  # split-KV decode; one pass
+@pytest.mark.parametrize("sq,skv", [(1, 8193), (300, 300), (1, 260)])  # split-KV decode; one pass; split keys
 def test_nan_input_shows_as_nan(sq, skv):
     """A NaN in one query row gives NaN in that row's out and lse (never 0 / -inf), and nowhere else."""
     q, k, v = _inputs(2, 16, 8, sq, skv, torch.bfloat16)

@@ -122,6 +122,7 @@ ATTENTION_CASES = [
     (1, 16, 8, 1, 3000, True, torch.bfloat16, "mma_sync", "bhsd", None),  # decode: the glue's split plan
     (1, 10, 2, 77, 150, True, torch.bfloat16, "wgmma", "bshd", None),  # a group of 5 (Qwen3-14B's 40/8)
     (2, 40, 8, 1, 300, True, torch.float16, "mma_sync", "bhsd", 3),  # Qwen3-14B decode, split-KV
+    (1, 10, 2, 3, 200, True, torch.float16, "mma_sync", "bhsd", 2),  # 15 rows: split keys, causal per row
 ]
 
 
@@ -173,6 +174,23 @@ def test_attention_mask_and_key_lengths(mainloop):
         n = int(lengths[b])
         causal_b = torch.ones(Sq, n, dtype=torch.bool).tril(n - Sq)
         full[b, :, :, :n] = seen[b, :, :, :n] & causal_b
+    _gpu_judge()._judge(out, lse, q, k, v, full, D**-0.5, False)
+
+
+def test_attention_decode_split_keys():
+    """Decode (rows <= 16: every warp on warp 0's rows, a quarter of each tile's keys, the states
+    merged after the last tile) with splits of 4 tiles and key ends inside a warp's quarter:
+    key_lengths 389 (tile 6, warp 0's keys 384-399) and 421 (warp 2's keys 416-431), so the
+    last split of sequence 0 sees no key."""
+    B, Hq, Hkv, Sq, Skv = 2, 8, 2, 1, 700
+    torch.manual_seed(11)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv)
+    lengths = torch.tensor([389, 421], dtype=torch.int32)
+    out, lse, log = _attention(q, k, v, causal=True, mainloop="mma_sync", key_lengths=lengths, force_splits=3)
+    assert "splits 3 tiles_per_split 4" in log, log
+    full = torch.zeros(B, Hq, Sq, Skv, dtype=torch.bool)
+    for b in range(B):
+        full[b, :, :, :int(lengths[b])] = True  # one query: causal = all of its keys
     _gpu_judge()._judge(out, lse, q, k, v, full, D**-0.5, False)
 
 
@@ -486,10 +504,12 @@ PLANTED = {
         ("attention/attention_fwd.cuh", "cp_async_wait<kStages - 1>();", "cp_async_wait<kStages>();"),
         "attention"),
     # the barrier before a stage is refilled: a warp's prefetch overwrites what another still reads
+    # (in the numbers only where warps work unequally: a partial row tile's idle warps run ahead;
+    # the race check sees it anywhere)
     "attention: no barrier before the refill": (
         ("attention/attention_fwd.cuh",
          "__syncthreads();  // this stage is refilled by the next iteration's prefetch", ""),
-        "attention"),
+        "attention_idle_warps"),
     # the expert GEMM's wgmma never waited for
     "moe: wgmma wait dropped": (
         ("moe/grouped_gemm.cuh", "wgmma_wait<0>();  // before the next barrier", "//"),
@@ -507,6 +527,10 @@ PLANTED = {
         ("attention/combine.cuh", "const bool all = __all_sync(kFullWarpMask, mine);",
          "const bool all = split == 0;"),
         "attention_replays"),
+    # decode's split-key merge: warp 0 reads the other warps' states with no barrier after their stores
+    "attention: no barrier in the split-key merge": (
+        ("attention/softmax.cuh", "    __syncthreads();\n    if (warp != 0) return;", "    if (warp != 0) return;"),
+        "attention_decode"),
     # GEMM2's fused combine summed by the first CTA to arrive, not the k-th
     "moe: the first arrival combines": (
         ("moe/gemm_epilogue.cuh", "col_tile, 1) == top_k - 1) {", "col_tile, 1) == 0) {"),
@@ -526,6 +550,10 @@ def test_planted_bug_is_caught(name, monkeypatch):
     with pytest.raises((AssertionError, EmulatorError)):
         if op == "attention":
             test_attention(ATTENTION_CASES[0])
+        elif op == "attention_decode":
+            test_attention(ATTENTION_CASES[4])
+        elif op == "attention_idle_warps":  # 420 rows: the last row tile's 36 rows leave warp 3 idle
+            test_attention((1, 4, 2, 210, 200, True, torch.bfloat16, "mma_sync", "bhsd", None))
         elif op == "attention_replays":
             test_attention_split_kv_replays()
         elif op == "fused_combine":
@@ -602,6 +630,9 @@ PLANTED_RACES = {
     # the barrier before a K/V stage is refilled: the prefetch races with other warps' ldmatrix
     "attention: no barrier before the refill": (PLANTED["attention: no barrier before the refill"][0],
                                                 lambda: test_attention(ATTENTION_CASES[0])),
+    # decode's split-key merge: the other warps' stores and warp 0's loads with no barrier between
+    "attention: no barrier in the split-key merge": (PLANTED["attention: no barrier in the split-key merge"][0],
+                                                     lambda: test_attention(ATTENTION_CASES[4])),
     # a warp's per-expert counters zeroed by some lanes and incremented by others with no
     # __syncwarp between (the match.any between them orders no memory)
     "permute: no __syncwarp after zeroing": (

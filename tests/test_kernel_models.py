@@ -83,15 +83,17 @@ def _bank_factors(run, kinds):
     return factors
 
 
-ATTENTION_SMEM = ("Q load", "K load", "V load", "K prefetch", "V prefetch", "ldm Q", "ldm K", "ldm V",
-                  "sO store", "sO load")
+ATTENTION_SMEM_TILES = ("Q load", "K load", "V load", "K prefetch", "V prefetch", "ldm Q", "ldm K", "ldm V",
+                        "sO store", "sO load")
+# + decode's split-key merge (float4 stores / loads of the warps' states in the K stages)
+ATTENTION_SMEM = ATTENTION_SMEM_TILES + ("merge store", "merge load")
 MOE_SMEM = (" A", " B", "ldm A", "ldm B")
 
 
 def test_attention_smem_conflict_free():
     """Every shared-memory access of the attention kernel (Q / K / V cp.async stores, the Q, K
-    and V.trans ldmatrix, the output tile's staging) is free of bank conflicts, in a prefill
-    tile, a packed-GQA decode tile with a split and a partial tile."""
+    and V.trans ldmatrix, the output tile's staging, decode's split-key merge) is free of bank
+    conflicts, in a prefill tile, a packed-GQA decode tile with a split and a partial tile."""
     factors = _bank_factors(lambda: (run_padded("banks", 2, 4, 2, 70, 130, True, modes=("f64",)),
                                      run_padded("banks decode", 1, 16, 2, 1, 300, True, modes=("f64",),
                                                 force_splits=(2, 1))), ATTENTION_SMEM)
@@ -120,7 +122,7 @@ def test_smem_conflicts_caught(monkeypatch):
     numbers), the count shows the 8-way conflicts the swizzle exists to avoid."""
     monkeypatch.setattr(attention, "swizzled_offset", lambda row, chunk: row * HEAD_DIM + chunk * 8)
     factors = _bank_factors(lambda: run_padded("unswizzled", 1, 2, 1, 17, 130, True, modes=("f64",)),
-                            ATTENTION_SMEM)
+                            ATTENTION_SMEM_TILES)
     # rows of 256 bytes: the 8 row addresses of an ldmatrix phase all start in banks 0-3; the
     # cp.async stores (8 threads = 128 contiguous bytes of one row) never conflict
     assert factors["ldm Q"] == factors["ldm K"] == factors["ldm V"] == 8.0, factors
@@ -359,6 +361,57 @@ def test_attention_split_kv(case):
     }[case]
     stats = run_padded(f"split-KV: {case}", **args, modes=("f64", "bf16") if case == "plan" else ("f64",))
     assert stats["splits"][0] > 1
+
+
+@pytest.mark.parametrize("case", ["splits of several tiles, key_lengths in a quarter", "group of 5, 3 queries",
+                                  "mask", "key_lengths 0, empty splits", "one key tile, no split"])
+def test_attention_split_keys(case):
+    """Decode (a CTA's packed rows fit one warp): every warp computes warp 0's 16 rows over its
+    quarter of each tile's keys, the four softmax states merged into warp 0 after the last tile.
+    Key ends inside a warp's quarter (key_lengths 389 = warp 0's, 421 = warp 2's quarter of tile
+    6), per-row causal ends inside one (3 queries x group 5 = 15 rows), a mask, quarters and
+    splits that see no key."""
+    m = _mask(5, (1, 16, 1, 130), 0.4, (0, 3, 0))
+    args = {
+        "splits of several tiles, key_lengths in a quarter": dict(
+            B=2, Hq=8, Hkv=2, Sq=1, Skv=700, causal=True, key_lengths=np.array([389, 421]), force_splits=(3, 4)),
+        "group of 5, 3 queries": dict(B=1, Hq=10, Hkv=2, Sq=3, Skv=200, causal=True, force_splits=(2, 2)),
+        "mask": dict(B=1, Hq=16, Hkv=1, Sq=1, Skv=130, causal=False, mask=m),
+        "key_lengths 0, empty splits": dict(B=2, Hq=4, Hkv=2, Sq=3, Skv=200, causal=True,
+                                            key_lengths=np.array([0, 70]), force_splits=(4, 1)),
+        "one key tile, no split": dict(B=2, Hq=4, Hkv=1, Sq=1, Skv=37, causal=True),
+    }[case]
+    stats = run_padded(f"split keys: {case}", **args)
+    assert stats["split_key_ctas"] == stats["ctas"] > 0, stats
+
+
+def test_attention_split_keys_not_for_wider_tiles():
+    """17 packed rows take the per-warp rows path (warp 1 holds row 16)."""
+    stats = run_padded("17 rows", 1, 17, 1, 1, 130, True, modes=("f64",))
+    assert stats["split_key_ctas"] == 0, stats
+
+
+def test_attention_split_keys_planted_bugs(monkeypatch):
+    """The model catches a merge with no barrier after the warps' stores, and warps that all take
+    the first quarter of the keys."""
+    with monkeypatch.context() as patch:
+        barrier = primitives.Smem.barrier
+        calls = []
+
+        def no_merge_barrier(self):  # the merge's barrier is the last one before the epilogue's stores
+            import inspect
+            if inspect.stack()[1].function == "merge_split_keys":
+                calls.append(1)
+                return None
+            return barrier(self)
+        patch.setattr(primitives.Smem, "barrier", no_merge_barrier)
+        with pytest.raises(ModelError, match="no barrier"):
+            run_padded("merge without its barrier", 1, 8, 2, 1, 130, True, modes=("f64",))
+        assert calls
+    with monkeypatch.context() as patch:
+        patch.setattr(attention, "KEYS_PER_WARP", 0)
+        with pytest.raises(AssertionError, match="out max error"):
+            run_padded("every warp on keys 0-15", 1, 8, 2, 1, 130, True, modes=("f64",))
 
 
 @pytest.mark.parametrize("case", [

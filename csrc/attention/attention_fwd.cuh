@@ -26,8 +26,14 @@
 //      element only when it may hold an invisible key for some row (the causal
 //      diagonal, the end of the keys, or a mask tensor); other tiles only
 //      scale.
-//   3. Warps whose 16 rows are all past the last packed row (a decode tile
-//      with group < 64) still load and synchronize, but skip the math.
+//   3. Decode (kSplitKeys: the CTA's packed rows fit one warp, seq.rows - row0 <=
+//      kSplitKeysMaxRows; mma.sync only): every warp computes the same 16 rows
+//      (warp 0's), warp w on keys 16 w .. 16 w + 15 of each tile (Q K^T 8 x 2 =
+//      16 mma, P V 1 x 16 = 16 mma) with its own online softmax; after the last
+//      tile the four states are merged into warp 0 through the freed K stages
+//      (OnlineSoftmax::merge_split_keys), and the epilogue writes warp 0's rows.
+//      Otherwise warps whose 16 rows are all past the last packed row still load
+//      and synchronize, but skip the math.
 //   4. Epilogue (epilogue.cuh): the output directly, or the split's partials and,
 //      for the last of the tile's splits to finish, the combine (combine.cuh).
 //
@@ -61,15 +67,17 @@
 namespace qwen3x::attn {
 
 // One row tile [row0, row0 + kBlockM) of sequence b, kv head kvh, key split `split`: steps
-// 1-4 above.
-template <typename T, bool kWgmma>
+// 1-4 above. kSplitKeys: the tile's rows fit warp 0 (step 3), mma.sync only.
+template <typename T, bool kWgmma, bool kSplitKeys>
 __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, int kvh, int split,
                                                int row0, int tid) {
   const SeqSlice seq = seq_slice(p, b);
   T* sK = sQ + kTileQElems;             // [kStages][kBlockN][128]
   T* sV = sK + kStages * kTileKVElems;  // [kStages][kBlockN][128]
+  static_assert(!(kWgmma && kSplitKeys), "split keys is the mma.sync mainloop's decode path");
   const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
+  const int row_warp = kSplitKeys ? 0 : warp;  // whose 16 rows this warp computes
 
   // ---- the CTA's key tiles -----------------------------------------------------------------
   const int causal_offset = seq.seqlen_k - seq.seqlen_q;  // query s sees keys <= s + offset
@@ -92,7 +100,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
   RowLimit limit[kRowHalves];
 #pragma unroll
   for (int half = 0; half < kRowHalves; ++half) {
-    const int r = row0 + warp * kRowsPerWarp + lane / 4 + 8 * half;
+    const int r = row0 + row_warp * kRowsPerWarp + lane / 4 + 8 * half;
     limit[half] = {-1, nullptr};
     if (r < seq.rows) {
       const int s = r / p.group;
@@ -123,7 +131,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
   }
   cp_async_commit();
 
-  const bool warp_active = row0 + warp * kRowsPerWarp < seq.rows;
+  const bool warp_active = row0 + row_warp * kRowsPerWarp < seq.rows;
   float o[kHeadTilesN][4];
 #pragma unroll
   for (int j = 0; j < kHeadTilesN; ++j) {
@@ -160,21 +168,28 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
       uint32_t pf[kKeyStepsK][4];
       softmax.update<T>(s, o, pf);
       warpgroup_pv<T>(o, pf, sV_addr + stage_offset);
-    } else if (warp_active) {
-      if (tile == tile_begin) load_q_fragments<T>(qf, sQ_addr, warp, lane);  // mma.sync only
-      float s[kScoreTilesN][4];
-      warp_qk<T>(s, qf, sK_addr + stage_offset, lane);
-      const int key0 = tile * kBlockN;
-      const bool mask_tile = has_mask || key0 + kBlockN - 1 > all_visible_last;
+    } else if (warp_active) {  // always with kSplitKeys (warp 0's rows, which hold row0)
+      // the whole tile, or with kSplitKeys the warp's quarter of its keys
+      constexpr int kTiles = kSplitKeys ? kWarpScoreTilesN : kScoreTilesN;
+      const int first_key = kSplitKeys ? warp * kKeysPerWarp : 0;  // in the tile
+      if (tile == tile_begin) load_q_fragments<T>(qf, sQ_addr, row_warp, lane);  // mma.sync only
+      const uint32_t keys_offset = stage_offset + first_key * kRowBytes;
+      float s[kTiles][4];
+      warp_qk<T>(s, qf, sK_addr + keys_offset, lane);
+      const int key0 = tile * kBlockN + first_key;
+      const bool mask_tile = has_mask || key0 + kTiles * kMmaN - 1 > all_visible_last;
       scale_and_mask(s, p.scale_log2, mask_tile, limit, key0, lane);
-      uint32_t pf[kKeyStepsK][4];
+      uint32_t pf[kTiles / 2][4];
       softmax.update<T>(s, o, pf);
-      warp_pv<T>(o, pf, sV_addr + stage_offset, lane);
+      warp_pv<T>(o, pf, sV_addr + keys_offset, lane);
     }
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
   }
   cp_async_wait<0>();  // nothing may land in sQ while it holds the output tile
   __syncthreads();
+  if constexpr (kSplitKeys) {  // the K stages are free: the warps' states into warp 0
+    softmax.merge_split_keys(o, reinterpret_cast<float4*>(sK), warp, lane);
+  }
 
   // ---- epilogue ----------------------------------------------------------------------------
   float inv_l[kRowHalves], lse2[kRowHalves];
@@ -212,8 +227,15 @@ attention_fwd_kernel(const __grid_constant__ Params p) {
     }
   }
   const int row0 = blockIdx.x * kBlockM;
-  if (row0 < seq_slice(p, b).rows) {
-    attention_tile<T, kWgmma>(p, sQ, b, kvh, blockIdx.z, row0, threadIdx.x);
+  const int rows = seq_slice(p, b).rows;
+  if (row0 < rows) {
+    if constexpr (!kWgmma) {
+      if (rows - row0 <= kSplitKeysMaxRows) {  // decode: one warp's rows, the keys split (step 3)
+        attention_tile<T, false, true>(p, sQ, b, kvh, blockIdx.z, row0, threadIdx.x);
+        return;
+      }
+    }
+    attention_tile<T, kWgmma, false>(p, sQ, b, kvh, blockIdx.z, row0, threadIdx.x);
   }
 }
 

@@ -11,7 +11,10 @@
 //
 // Warps. kNumWarps warps, warp w owns rows 16 w .. 16 w + 15 of the tile (one
 // m16 MMA row block) and all kBlockN keys of a score tile, so the softmax row
-// statistics stay inside a quad of lanes (no shared memory).
+// statistics stay inside a quad of lanes (no shared memory). Except at decode
+// (split keys, below): when the CTA's rows fit one warp, every warp takes the
+// same 16 rows and a quarter of each tile's keys, and the four softmax states
+// are merged once, through shared memory, after the last tile.
 //
 // Shared memory per CTA (bf16/fp16, kHeadDim = 128):
 //   Q    kBlockM x 128                   = 16 KB  (reused for the output tile)
@@ -66,6 +69,15 @@ constexpr int kHeadTilesN = kHeadDim / kMmaN;                     // 16 n8 tiles
 constexpr int kHeadStepsK = kHeadDim / kMmaK;                     // 8 k16 steps of Q.K^T
 constexpr int kKeyStepsK = kBlockN / kMmaK;                       // 4 k16 steps of P.V
 
+// Decode (split keys): a CTA whose packed rows fit one warp (seq.rows - row0 <= kSplitKeysMaxRows:
+// every single-token decode of Qwen3, groups 2-16) has all kNumWarps warps compute the same 16
+// rows, warp w on keys kKeysPerWarp w .. kKeysPerWarp (w + 1) - 1 of each tile, with its own
+// online-softmax state; the warps' states are merged into warp 0 after the last tile.
+constexpr int kSplitKeysMaxRows = kRowsPerWarp;
+constexpr int kKeysPerWarp = kBlockN / kNumWarps;                 // 16
+constexpr int kWarpScoreTilesN = kKeysPerWarp / kMmaN;            // 2 n8 tiles of scores
+constexpr int kWarpKeyStepsK = kKeysPerWarp / kMmaK;              // 1 k16 step of P.V
+
 constexpr int kTileQElems = kBlockM * kHeadDim;
 constexpr int kTileKVElems = kBlockN * kHeadDim;
 constexpr int kSmemBytes = (kTileQElems + 2 * kStages * kTileKVElems) * kElemBytes;  // 80 KB
@@ -78,6 +90,8 @@ static_assert(kLoadRowsPerPass == kSwizzleRows,
               "loader rows of one thread share one xor pattern (row % 8 == tid / 16)");
 static_assert(kBlockN % (2 * kMmaN) == 0 && kHeadDim % (2 * kMmaN) == 0,
               "ldmatrix.x4 loads pairs of n8 tiles");
+static_assert(kKeysPerWarp % (2 * kMmaN) == 0 && kKeysPerWarp % kSwizzleRows == 0,
+              "split keys: whole ldmatrix.x4 key pairs per warp, quarters on swizzle rows");
 static_assert(kStages == 2, "the main loop's wait_group depth assumes double buffering");
 static_assert(kSmemBytes <= 164 * 1024, "must fit sm_80's 164 KB per CTA");
 

@@ -5,6 +5,7 @@
 //   load_q_fragments shared -> registers: a warp's 16 x 128 Q block as A fragments
 //   warp_qk          S[16 x 64] = Q K^T    (8 k16 steps x 8 n8 tiles = 64 mma)
 //   warp_pv          O[16 x 128] += P V    (4 k16 steps x 16 n8 tiles = 64 mma)
+//   (decode, split keys: a warp's 16 keys of the tile, 8 x 2 = 16 mma and 1 x 16 = 16 mma)
 //
 // Loads are 16-byte cp.async into the swizzled tiles of kernel_traits.cuh;
 // rows past the end (packed rows >= rows, keys >= Skv) are zero-filled, so
@@ -137,14 +138,18 @@ __device__ __forceinline__ uint32_t lane_offset(int row, int c_lane) {
 __device__ __forceinline__ uint32_t chunk_pair_xor(int c) { return 2 * c * kVecBytes; }
 constexpr uint32_t kRowBytes = kHeadDim * kElemBytes;  // 256
 
-// s[nt][.] = C fragments of Q K^T for keys 8 nt .. 8 nt + 7 of the tile (fp32, unscaled).
-template <typename T>
-__device__ __forceinline__ void warp_qk(float (&s)[kScoreTilesN][4],
+// s[nt][.] = C fragments of Q K^T for keys 8 nt .. 8 nt + 7 of sK (fp32, unscaled): the whole
+// tile (kTiles = kScoreTilesN), or at decode a warp's kKeysPerWarp keys (kTiles =
+// kWarpScoreTilesN, sK = the tile + its first key's row: a multiple of 8 rows, so the lanes'
+// swizzle terms stay lane % 8).
+template <typename T, int kTiles>
+__device__ __forceinline__ void warp_qk(float (&s)[kTiles][4],
                                         const uint32_t (&qf)[kHeadStepsK][4],
-                                        uint32_t sK,  // [kBlockN][128] swizzled
+                                        uint32_t sK,  // [kTiles * 8][128] swizzled
                                         int lane) {
+  static_assert(kTiles % 2 == 0, "ldmatrix.x4 loads pairs of n8 tiles");
 #pragma unroll
-  for (int nt = 0; nt < kScoreTilesN; ++nt) {
+  for (int nt = 0; nt < kTiles; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
   }
@@ -153,7 +158,7 @@ __device__ __forceinline__ void warp_qk(float (&s)[kScoreTilesN][4],
   for (int kk = 0; kk < kHeadStepsK; ++kk) {
     const uint32_t base = sK + (off ^ chunk_pair_xor(kk));
 #pragma unroll
-    for (int np = 0; np < kScoreTilesN / 2; ++np) {
+    for (int np = 0; np < kTiles / 2; ++np) {
       uint32_t b[4];
       ldmatrix_x4(b, base + np * 2 * kMmaN * kRowBytes);
       mma_16816<T>(s[2 * np], qf[kk], b[0], b[1]);
@@ -163,18 +168,20 @@ __device__ __forceinline__ void warp_qk(float (&s)[kScoreTilesN][4],
 }
 
 // o[j][.] += P V for head dims 8 j .. 8 j + 7; pf[kc] = A fragments of P for
-// keys 16 kc .. 16 kc + 15. Each o tile accumulates over kc in ascending order.
-template <typename T>
+// keys 16 kc .. 16 kc + 15 of sV (the whole tile, kSteps = kKeyStepsK; at decode a warp's
+// kKeysPerWarp keys, kSteps = kWarpKeyStepsK, sV = the tile + its first key's row). Each o
+// tile accumulates over kc in ascending order.
+template <typename T, int kSteps>
 __device__ __forceinline__ void warp_pv(float (&o)[kHeadTilesN][4],
-                                        const uint32_t (&pf)[kKeyStepsK][4],
-                                        uint32_t sV,  // [kBlockN][128] swizzled
+                                        const uint32_t (&pf)[kSteps][4],
+                                        uint32_t sV,  // [kSteps * 16][128] swizzled
                                         int lane) {
   const uint32_t off = lane_offset(lane % 8 + 8 * ((lane / 8) % 2), lane / 16);
 #pragma unroll
   for (int dp = 0; dp < kHeadTilesN / 2; ++dp) {
     const uint32_t base = sV + (off ^ chunk_pair_xor(dp));
 #pragma unroll
-    for (int kc = 0; kc < kKeyStepsK; ++kc) {
+    for (int kc = 0; kc < kSteps; ++kc) {
       uint32_t b[4];
       ldmatrix_x4_trans(b, base + kc * kMmaK * kRowBytes);
       mma_16816<T>(o[2 * dp], pf[kc], b[0], b[1]);

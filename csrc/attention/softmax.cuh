@@ -37,12 +37,14 @@ struct RowLimit {
   const uint8_t* mask;  // the row's mask, mask[j] != 0 = attend (keys contiguous); or nullptr
 };
 
-// x = scores * scale_log2; then, when mask_tile, -inf where (row, key) is not visible.
-__device__ __forceinline__ void scale_and_mask(float (&s)[kScoreTilesN][4], float scale_log2,
+// x = scores * scale_log2; then, when mask_tile, -inf where (row, key) is not visible. s holds
+// keys key0 .. key0 + 8 kTiles - 1 (the tile, or at decode the warp's quarter of it).
+template <int kTiles>
+__device__ __forceinline__ void scale_and_mask(float (&s)[kTiles][4], float scale_log2,
                                                bool mask_tile, const RowLimit (&limit)[kRowHalves],
                                                int key0, int lane) {
 #pragma unroll
-  for (int nt = 0; nt < kScoreTilesN; ++nt) {
+  for (int nt = 0; nt < kTiles; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
   }
@@ -53,7 +55,7 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[kScoreTilesN][4], floa
     const int visible_cols = limit[half].last_key - lane_key0;  // column c visible iff c <= this
     const uint8_t* mask = limit[half].mask == nullptr ? nullptr : limit[half].mask + lane_key0;
 #pragma unroll
-    for (int nt = 0; nt < kScoreTilesN; ++nt) {
+    for (int nt = 0; nt < kTiles; ++nt) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int col = nt * kMmaN + c;
@@ -78,16 +80,16 @@ struct OnlineSoftmax {
   }
 
   // Folds one tile of x into the state: rescales o, turns s into p (fp32) and
-  // packs p into the A fragments of P V.
-  template <typename T>
-  __device__ __forceinline__ void update(float (&s)[kScoreTilesN][4],
+  // packs p into the A fragments of P V. (At decode, s is the warp's quarter of the tile.)
+  template <typename T, int kTiles>
+  __device__ __forceinline__ void update(float (&s)[kTiles][4],
                                          float (&o)[kHeadTilesN][4],
-                                         uint32_t (&pf)[kKeyStepsK][4]) {
+                                         uint32_t (&pf)[kTiles / 2][4]) {
 #pragma unroll
     for (int half = 0; half < kRowHalves; ++half) {
       float tile_max = -INFINITY;
 #pragma unroll
-      for (int nt = 0; nt < kScoreTilesN; ++nt) {
+      for (int nt = 0; nt < kTiles; ++nt) {
         tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
       }
       tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullWarpMask, tile_max, 1));
@@ -98,7 +100,7 @@ struct OnlineSoftmax {
       m[half] = m_new;
       float sum = 0.0f;
 #pragma unroll
-      for (int nt = 0; nt < kScoreTilesN; ++nt) {
+      for (int nt = 0; nt < kTiles; ++nt) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const float pv = fast_exp2(s[nt][2 * half + c] - base);
@@ -115,7 +117,7 @@ struct OnlineSoftmax {
     }
     // C fragments of n8 tiles 2 kc, 2 kc + 1 are the A fragment of k16 step kc.
 #pragma unroll
-    for (int kc = 0; kc < kKeyStepsK; ++kc) {
+    for (int kc = 0; kc < kTiles / 2; ++kc) {
       pf[kc][0] = pack_float2<T>(s[2 * kc][0], s[2 * kc][1]);
       pf[kc][1] = pack_float2<T>(s[2 * kc][2], s[2 * kc][3]);
       pf[kc][2] = pack_float2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
@@ -139,6 +141,84 @@ struct OnlineSoftmax {
       lse2[half] = seen ? m[half] + log2f(total) : -INFINITY;
     }
   }
+
+  // Decode with split keys (kernel_traits.cuh): after the last tile, warp w's (m, l, o) cover
+  // the CTA's 16 rows over keys kKeysPerWarp w .. kKeysPerWarp (w + 1) - 1 of every tile.
+  // Warps 1.. store theirs in xchg; warp 0 merges all of them in the order w = 0, 1, 2, 3
+  // (deterministic), as update() folds a tile into the state:
+  //   m = max_w m_w,  alpha_w = 2^(m_w - base)  (base = m, or 0 while m = -inf),
+  //   l = sum_w l_w alpha_w,  O = sum_w alpha_w O_w
+  // l stays a per-lane share (finalize() sums the quad); m is the same in a quad's lanes. A
+  // warp that saw no key (m_w = -inf, l_w = 0, O_w = 0) adds exactly 0; NaN in l_w or O_w
+  // stays NaN (0 * NaN). Every thread calls it (one barrier inside). Warps 1.. keep their own
+  // unmerged state: their rows (16 w ..) are past the CTA's rows, never written out.
+  // xchg: kSplitKeysXchgBytes of shared memory nobody else touches from the call on (the K
+  // stages, after the main loop's last wait and barrier). Layout: float4 per lane, lanes
+  // consecutive (16-byte stores and loads, one wavefront per 8 lanes: conflict-free):
+  //   [warp - 1][j][lane] = o[j][0..3], then [warp - 1][lane] = {m[0], m[1], l[0], l[1]}.
+  __device__ __forceinline__ void merge_split_keys(float (&o)[kHeadTilesN][4], float4* xchg,
+                                                   int warp, int lane) {
+    constexpr int kOther = kNumWarps - 1;
+    float4* xs = xchg + kOther * kHeadTilesN * kWarpSize;  // the (m, l) of warps 1..
+    if (warp > 0) {
+      float4* dst = xchg + (warp - 1) * kHeadTilesN * kWarpSize + lane;
+#pragma unroll
+      for (int j = 0; j < kHeadTilesN; ++j) {
+        dst[j * kWarpSize] = make_float4(o[j][0], o[j][1], o[j][2], o[j][3]);
+      }
+      xs[(warp - 1) * kWarpSize + lane] = make_float4(m[0], m[1], l[0], l[1]);
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    float alpha[kNumWarps][kRowHalves];
+    {
+      float4 st[kOther];
+#pragma unroll
+      for (int w = 0; w < kOther; ++w) st[w] = xs[w * kWarpSize + lane];
+#pragma unroll
+      for (int half = 0; half < kRowHalves; ++half) {
+        float m_w[kNumWarps], l_w[kNumWarps];
+        m_w[0] = m[half];
+        l_w[0] = l[half];
+#pragma unroll
+        for (int w = 1; w < kNumWarps; ++w) {
+          m_w[w] = half == 0 ? st[w - 1].x : st[w - 1].y;
+          l_w[w] = half == 0 ? st[w - 1].z : st[w - 1].w;
+        }
+        float m_new = m_w[0];
+#pragma unroll
+        for (int w = 1; w < kNumWarps; ++w) m_new = fmaxf(m_new, m_w[w]);
+        const float base = m_new == -INFINITY ? 0.0f : m_new;
+        float l_new = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kNumWarps; ++w) {
+          alpha[w][half] = fast_exp2(m_w[w] - base);
+          l_new += l_w[w] * alpha[w][half];
+        }
+        m[half] = m_new;
+        l[half] = l_new;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kHeadTilesN; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[j][e] *= alpha[0][e / 2];
+#pragma unroll
+      for (int w = 1; w < kNumWarps; ++w) {
+        const float4 ow = xchg[((w - 1) * kHeadTilesN + j) * kWarpSize + lane];
+        o[j][0] += ow.x * alpha[w][0];
+        o[j][1] += ow.y * alpha[w][0];
+        o[j][2] += ow.z * alpha[w][1];
+        o[j][3] += ow.w * alpha[w][1];
+      }
+    }
+  }
 };
+
+// Shared memory merge_split_keys exchanges through: every warp but 0 stores its o and (m, l).
+constexpr int kSplitKeysXchgBytes =
+    (kNumWarps - 1) * (kHeadTilesN + 1) * kWarpSize * static_cast<int>(sizeof(float4));  // 25.5 KB
+static_assert(kSplitKeysXchgBytes <= kStages * kTileKVElems * kElemBytes,
+              "the split-key merge fits the K stages");
 
 }  // namespace qwen3x::attn

@@ -13,9 +13,11 @@ numpy lane vectors, statement by statement:
                      descriptors) and warpgroup_pv (P from registers, V MN-major), proxy fences
                      and wgmma waits
   softmax.cuh        scale_and_mask (per-lane key columns, byte mask reads), OnlineSoftmax.update
-                     (quad xor-shuffles, P packed to T) and finalize
+                     (quad xor-shuffles, P packed to T), finalize and merge_split_keys (decode:
+                     the warps' states through float4s in the K stages, merged into warp 0)
   attention_fwd.cuh  attention_tile (key range of the CTA and split, commit / wait groups and
-                     barriers of the double-buffered main loop), attention_fwd_kernel
+                     barriers of the double-buffered main loop; at decode, rows <= 16, every warp
+                     on warp 0's rows and a quarter of each tile's keys), attention_fwd_kernel
   epilogue.cuh       write_output (4-byte shared stores, barrier, 16-byte shared loads, 16-byte
                      global stores), write_partial, clear_outside_tokens, mark_uncovered_rows
   combine.cuh        combine_if_last (arrival marks: the CTA that sees every split's mark merges
@@ -52,6 +54,11 @@ SCORE_TILES_N = BLOCK_N // 8  # n8 tiles of scores per warp
 HEAD_TILES_N = HEAD_DIM // 8  # n8 tiles of output per warp
 HEAD_STEPS_K = HEAD_DIM // 16  # k16 steps of Q K^T
 KEY_STEPS_K = BLOCK_N // 16  # k16 steps of P V
+# decode, split keys: a CTA whose packed rows fit one warp has every warp on warp 0's rows, warp w
+# on keys KEYS_PER_WARP w .. of each tile; the states merged into warp 0 after the last tile
+SPLIT_KEYS_MAX_ROWS = 16
+KEYS_PER_WARP = BLOCK_N // NUM_WARPS  # 16
+WARP_SCORE_TILES_N = KEYS_PER_WARP // 8  # 2
 TILE_Q_ELEMS = BLOCK_M * HEAD_DIM
 TILE_KV_ELEMS = BLOCK_N * HEAD_DIM
 SMEM_BYTES = (TILE_Q_ELEMS + 2 * STAGES * TILE_KV_ELEMS) * 2
@@ -266,13 +273,14 @@ def load_q_fragments(sm, warp, what):
             for kk in range(HEAD_STEPS_K)]
 
 
-def warp_qk(num, sm, qf, sK, what):
-    """mainloop.cuh warp_qk: C fragments of Q K^T for the 8 n8 key tiles (unscaled)."""
-    s = np.zeros((SCORE_TILES_N, WARP, 4))
+def warp_qk(num, sm, qf, sK, what, tiles=SCORE_TILES_N):
+    """mainloop.cuh warp_qk<T, kTiles>: C fragments of Q K^T for `tiles` n8 key tiles from sK (the
+    tile, or at decode the warp's 16 keys of it: sK + its first key's row), unscaled."""
+    s = np.zeros((tiles, WARP, 4))
     off = lane_offset(LANE % 8 + 8 * (LANE // 16), (LANE // 8) % 2)
     for kk in range(HEAD_STEPS_K):
         base = sK + (off ^ chunk_pair_xor(kk))
-        for n_pair in range(SCORE_TILES_N // 2):
+        for n_pair in range(tiles // 2):
             b = sm.ldmatrix_x4(base + n_pair * 2 * 8 * ROW_BYTES, what + " ldm K")
             s[2 * n_pair] = mma_16816(num, s[2 * n_pair], qf[kk], b[0], b[1])
             s[2 * n_pair + 1] = mma_16816(num, s[2 * n_pair + 1], qf[kk], b[2], b[3])
@@ -280,11 +288,12 @@ def warp_qk(num, sm, qf, sK, what):
 
 
 def warp_pv(num, sm, o, pf, sV, what):
-    """mainloop.cuh warp_pv: o[j] += P V for head dims 8 j .. 8 j + 7 (ascending kc)."""
+    """mainloop.cuh warp_pv<T, kSteps>: o[j] += P V for head dims 8 j .. 8 j + 7 (ascending kc), P's
+    len(pf) k16 steps of keys from sV (the tile, or at decode sV + the warp's first key's row)."""
     off = lane_offset(LANE % 8 + 8 * ((LANE // 8) % 2), LANE // 16)
     for dp in range(HEAD_TILES_N // 2):
         base = sV + (off ^ chunk_pair_xor(dp))
-        for kc in range(KEY_STEPS_K):
+        for kc in range(len(pf)):
             b = sm.ldmatrix_x4_trans(base + kc * 16 * ROW_BYTES, what + " ldm V")
             o[2 * dp] = mma_16816(num, o[2 * dp], pf[kc], b[0], b[1])
             o[2 * dp + 1] = mma_16816(num, o[2 * dp + 1], pf[kc], b[2], b[3])
@@ -327,7 +336,8 @@ def warpgroup_pv(num, sm, o, pf, sV, what):
 # ----------------------------------------------------------------------------- softmax.cuh
 def scale_and_mask(num, p, s, mask_tile, last_key, mask_off, key0, what):
     """softmax.cuh scale_and_mask: x = s * scale_log2, then -inf where (row, key) is not visible.
-    last_key / mask_off [2 halves, 32 lanes]: the RowLimit of each lane's rows (mask_off -1 = none)."""
+    last_key / mask_off [2 halves, 32 lanes]: the RowLimit of each lane's rows (mask_off -1 = none);
+    s: len(s) n8 tiles from key key0 (the tile, or at decode the warp's quarter)."""
     s = num.f32(s * p.scale_log2)
     if not mask_tile:
         return s
@@ -335,7 +345,7 @@ def scale_and_mask(num, p, s, mask_tile, last_key, mask_off, key0, what):
     for half in range(2):
         visible_cols = last_key[half] - lane_key0  # column c visible iff c <= this
         has_mask = mask_off[half] >= 0
-        for nt in range(SCORE_TILES_N):
+        for nt in range(len(s)):
             for c in range(2):
                 col = nt * 8 + c
                 visible = col <= visible_cols
@@ -358,7 +368,7 @@ class OnlineSoftmax:
         """Folds a tile of x into the state, rescales o, returns the A fragments of P [4, 4, 32, 2]."""
         for half in range(2):
             tile_max = np.full(WARP, -np.inf)
-            for nt in range(SCORE_TILES_N):
+            for nt in range(len(s)):
                 tile_max = np.fmax(tile_max, np.fmax(s[nt][:, 2 * half], s[nt][:, 2 * half + 1]))
             tile_max = np.fmax(tile_max, shfl_xor(tile_max, 1))
             tile_max = np.fmax(tile_max, shfl_xor(tile_max, 2))
@@ -367,7 +377,7 @@ class OnlineSoftmax:
             alpha = num.exp2(num.f32(self.m[half] - base))
             self.m[half] = m_new
             row_sum = np.zeros(WARP)
-            for nt in range(SCORE_TILES_N):
+            for nt in range(len(s)):
                 for c in range(2):
                     pv = num.exp2(num.f32(s[nt][:, 2 * half + c] - base))
                     s[nt][:, 2 * half + c] = pv
@@ -377,8 +387,8 @@ class OnlineSoftmax:
                 o[j][:, 2 * half] = num.f32(o[j][:, 2 * half] * alpha)
                 o[j][:, 2 * half + 1] = num.f32(o[j][:, 2 * half + 1] * alpha)
         # C fragments of n8 tiles 2 kc, 2 kc + 1 are the A fragment of k16 step kc
-        pf = np.empty((KEY_STEPS_K, 4, WARP, 2))
-        for kc in range(KEY_STEPS_K):
+        pf = np.empty((len(s) // 2, 4, WARP, 2))
+        for kc in range(len(s) // 2):
             pf[kc][0] = num.rnd(s[2 * kc][:, 0:2])
             pf[kc][1] = num.rnd(s[2 * kc][:, 2:4])
             pf[kc][2] = num.rnd(s[2 * kc + 1][:, 0:2])
@@ -398,6 +408,60 @@ class OnlineSoftmax:
                 inv_l[half] = np.where(seen, num.f32(1.0 / total), 0.0)
                 lse2[half] = np.where(seen, num.f32(self.m[half] + num.log2(total)), -np.inf)
         return inv_l, lse2
+
+
+XCHG_O = SK  # merge_split_keys: float4 [warp - 1][j][lane] of o, in the K stages
+XCHG_STATE = XCHG_O + (NUM_WARPS - 1) * HEAD_TILES_N * WARP * 16  # float4 [warp - 1][lane]: m0, m1, l0, l1
+XCHG_BYTES = (NUM_WARPS - 1) * (HEAD_TILES_N + 1) * WARP * 16
+assert XCHG_BYTES <= STAGES * TILE_KV_ELEMS * 2
+
+
+def _float4_elems(byte_addr):
+    """The 8 16-bit smem elements of a float4 at each lane's byte address [32] -> [32, 8]."""
+    return (byte_addr // 2)[:, None] + np.arange(8)
+
+
+def _as_float4_halves(vals):
+    """fp32 values [32, 4] as the model's 16-bit elements: each float in its two elements."""
+    return np.repeat(vals, 2, axis=1)
+
+
+def merge_split_keys(num, sm, softmax, o, what):
+    """softmax.cuh OnlineSoftmax::merge_split_keys, every warp: warps 1.. store (o, m, l) as float4s
+    in the K stages, a barrier, warp 0 merges the warps in the order 0, 1, 2, 3."""
+    for w in range(1, NUM_WARPS):
+        threads = w * WARP + LANE
+        for j in range(HEAD_TILES_N):
+            addr = XCHG_O + (((w - 1) * HEAD_TILES_N + j) * WARP + LANE) * 16
+            sm.st_shared(_float4_elems(addr), _as_float4_halves(o[w][j]), threads, what + " merge store")
+        state = np.stack([softmax[w].m[0], softmax[w].m[1], softmax[w].l[0], softmax[w].l[1]], 1)
+        sm.st_shared(_float4_elems(XCHG_STATE + ((w - 1) * WARP + LANE) * 16), _as_float4_halves(state), threads,
+                     what + " merge store")
+    sm.barrier()
+    sm0 = softmax[0]
+    st = [sm.ld_shared(_float4_elems(XCHG_STATE + (w * WARP + LANE) * 16), LANE, what + " merge load")[:, 0::2]
+          for w in range(NUM_WARPS - 1)]
+    alpha = np.zeros((NUM_WARPS, 2, WARP))
+    for half in range(2):
+        m_w = [sm0.m[half]] + [st[w - 1][:, half] for w in range(1, NUM_WARPS)]
+        l_w = [sm0.l[half]] + [st[w - 1][:, 2 + half] for w in range(1, NUM_WARPS)]
+        m_new = m_w[0]
+        for w in range(1, NUM_WARPS):
+            m_new = np.fmax(m_new, m_w[w])
+        base = np.where(m_new == -np.inf, 0.0, m_new)
+        l_new = np.zeros(WARP)
+        for w in range(NUM_WARPS):
+            alpha[w][half] = num.exp2(num.f32(m_w[w] - base))
+            l_new = num.f32(l_new + num.f32(l_w[w] * alpha[w][half]))
+        sm0.m[half] = m_new
+        sm0.l[half] = l_new
+    a = alpha[:, [0, 0, 1, 1], :].transpose(0, 2, 1)  # [w, lane, e]: the half of element e
+    for j in range(HEAD_TILES_N):
+        o[0][j] = num.f32(o[0][j] * a[0])
+        for w in range(1, NUM_WARPS):
+            addr = XCHG_O + (((w - 1) * HEAD_TILES_N + j) * WARP + LANE) * 16
+            ow = sm.ld_shared(_float4_elems(addr), LANE, what + " merge load")[:, 0::2]
+            o[0][j] = num.f32(o[0][j] + num.f32(ow * a[w]))
 
 
 # ----------------------------------------------------------------------------- attention_fwd.cuh
@@ -428,11 +492,15 @@ def attention_tile(p, num, sm, b, kvh, split, row0, stats, what):
     tile_end = key_tiles if split == p.num_splits - 1 else min(tile_begin + p.tiles_per_split, key_tiles)
     all_visible_last = int(last_visible_key(p, seq, s_first))  # visible to every row of the CTA
     has_mask = p.mask is not None
+    # attention_fwd_kernel's choice: decode (the rows fit one warp) splits the tile's keys
+    split_keys = not p.wgmma and seq.rows - row0 <= SPLIT_KEYS_MAX_ROWS
+    row_warp = [0 if split_keys else w for w in range(NUM_WARPS)]  # whose 16 rows warp w computes
+    stats["split_key_ctas"] = stats.get("split_key_ctas", 0) + split_keys
 
     # ---- each lane's two rows, per warp: RowLimit {last_key, mask}
     limits = []
     for w in range(NUM_WARPS):
-        r = row0 + w * 16 + LANE_G[None, :] + 8 * np.arange(2)[:, None]  # [half, lane]
+        r = row0 + row_warp[w] * 16 + LANE_G[None, :] + 8 * np.arange(2)[:, None]  # [half, lane]
         inside = r < seq.rows
         s = r // p.group
         hq = kvh * p.group + (r - s * p.group)
@@ -451,7 +519,7 @@ def attention_tile(p, num, sm, b, kvh, split, row0, stats, what):
         v_loader.load(sm, p.v, SV, seq.seqlen_k, what + " V load")
     sm.commit()
 
-    warp_active = [row0 + w * 16 < seq.rows for w in range(NUM_WARPS)]
+    warp_active = [row0 + row_warp[w] * 16 < seq.rows for w in range(NUM_WARPS)]
     o = [np.zeros((HEAD_TILES_N, WARP, 4)) for _ in range(NUM_WARPS)]
     softmax = [OnlineSoftmax() for _ in range(NUM_WARPS)]
     qf = [None] * NUM_WARPS
@@ -472,9 +540,9 @@ def attention_tile(p, num, sm, b, kvh, split, row0, stats, what):
         if p.wgmma:
             sm.fence_proxy_async(tid)  # each thread's copies, to wgmma's proxy
         sm.barrier()
-        key0 = tile * BLOCK_N
-        mask_tile = has_mask or key0 + BLOCK_N - 1 > all_visible_last
         if p.wgmma:  # every warp: wgmma is warpgroup-wide
+            key0 = tile * BLOCK_N
+            mask_tile = has_mask or key0 + BLOCK_N - 1 > all_visible_last
             s_all = warpgroup_qk(num, sm, SQ, SK + stage_offset, what)
             pf = []
             for w in range(NUM_WARPS):
@@ -485,19 +553,27 @@ def attention_tile(p, num, sm, b, kvh, split, row0, stats, what):
             sm.barrier()  # this stage is refilled by the next iteration's prefetch
             continue
         for w in range(NUM_WARPS):
-            if not warp_active[w]:  # all 16 rows past the end: load and sync, no math
+            if not warp_active[w]:  # all 16 rows past the end: load and sync, no math (never with split keys)
                 continue
+            # the whole tile, or with split keys the warp's quarter of its keys
+            tiles = WARP_SCORE_TILES_N if split_keys else SCORE_TILES_N
+            first_key = w * KEYS_PER_WARP if split_keys else 0
             if tile == tile_begin:
-                qf[w] = load_q_fragments(sm, w, what)
-            s = warp_qk(num, sm, qf[w], SK + stage_offset, what)
+                qf[w] = load_q_fragments(sm, row_warp[w], what)
+            keys_offset = stage_offset + first_key * ROW_BYTES
+            s = warp_qk(num, sm, qf[w], SK + keys_offset, what, tiles)
+            key0 = tile * BLOCK_N + first_key
+            mask_tile = has_mask or key0 + tiles * 8 - 1 > all_visible_last
             stats["masked_tiles" if mask_tile else "plain_tiles"] += 1
             s = scale_and_mask(num, p, s, mask_tile, *limits[w], key0, what)
             pf = softmax[w].update(num, s, o[w])
-            warp_pv(num, sm, o[w], pf, SV + stage_offset, what)
+            warp_pv(num, sm, o[w], pf, SV + keys_offset, what)
         sm.barrier()  # this stage is refilled by the next iteration's prefetch
     sm.wait(0)  # nothing may land in sQ while it holds the output tile
     sm.barrier()
     sm.assert_idle(what + " at the epilogue")
+    if split_keys:  # the K stages are free: the warps' states into warp 0
+        merge_split_keys(num, sm, softmax, o, what)
 
     # ---- epilogue
     final = [softmax[w].finalize(num) for w in range(NUM_WARPS)]
