@@ -9,6 +9,9 @@ import torch
 DTYPE = torch.bfloat16
 ELEM = 2  # bytes per bf16 element
 TOKENS = (1, 64, 4096, 16384)  # decode, small batch, prefill chunk, long prefill
+# The memory-bound ops also at 64k tokens (a batch of long prompts): four times the waves of
+# blocks of 16k, which tells a partial last wave's cost (gone at 64k) from a per-row one.
+LONG_TOKENS = 65536
 DECODE_TOKENS = 64  # at or below this many tokens a call is launch-bound: time CUDA-graph replays
 
 

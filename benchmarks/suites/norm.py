@@ -7,7 +7,7 @@ from qwen3x import ops, reference
 from ..harness import Case, Provider
 from ..providers import liger_provider, qwen3x_provider, reference_provider, torch_compile_provider
 from ..shapes import MODELS, RMS_EPS
-from .common import ELEM, TOKENS, graph_worthy, hf_module, randn
+from .common import ELEM, LONG_TOKENS, TOKENS, graph_worthy, hf_module, randn
 
 HIDDEN = tuple(sorted({m.hidden for m in MODELS}))  # 1024, 2048, 2560, 4096
 
@@ -56,15 +56,10 @@ def case(tokens: int, hidden: int) -> Case:
     )
 
 
-# Also 64k tokens (a batch of long prompts): at hidden 1024 a 16k-token call is about six waves of
-# blocks on an H100, so a partial last wave may cost ~10%; 64k tokens is four times as many waves,
-# which tells a tail effect (better at 64k) from a per-row cost (the same).
-LONG_TOKENS = 65536
-
-
 def cases(quick: bool = False) -> list[Case]:
     if quick:
         return [case(1, 2048), case(4096, 2048)]
+    # (at hidden 1024 a 16k-token call is about six waves of blocks on an H100: LONG_TOKENS)
     return [case(t, h) for h in HIDDEN for t in (*TOKENS, LONG_TOKENS)]
 
 

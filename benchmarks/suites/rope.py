@@ -15,7 +15,7 @@ from qwen3x import ops, reference, rope_parameters
 from ..harness import Case, Provider
 from ..providers import liger_provider, qwen3x_provider, reference_provider, torch_compile_provider
 from ..shapes import HEAD_DIM, MAX_CONTEXT, MODELS, ORIGINAL_CONTEXT, RMS_EPS, ROPE_THETA, YARN_FACTOR
-from .common import ELEM, TOKENS, graph_worthy, hf_module, randn
+from .common import ELEM, LONG_TOKENS, TOKENS, graph_worthy, hf_module, randn
 
 LAYOUTS = tuple((m.name, m.hq, m.hkv) for m in MODELS)  # 16/8, 32/8, 32/4, 64/4
 
@@ -131,7 +131,7 @@ def case(tokens: int, hq: int, hkv: int, model: str | None = None) -> Case:
 def cases(quick: bool = False) -> list[Case]:
     if quick:
         return [case(1, 32, 8, "Qwen3-4B"), case(4096, 32, 8, "Qwen3-4B")]
-    return [case(t, hq, hkv, name) for name, hq, hkv in LAYOUTS for t in TOKENS]
+    return [case(t, hq, hkv, name) for name, hq, hkv in LAYOUTS for t in (*TOKENS, LONG_TOKENS)]
 
 
 SUITE = {"qk_norm_rope": cases}
