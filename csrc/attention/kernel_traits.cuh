@@ -228,21 +228,12 @@ __device__ __forceinline__ SeqSlice seq_slice(const Params& p, int b) {
   return s;
 }
 
-// lse index of (token, query head) for a token that is not known to belong to a given sequence
-// (the combine): padded layouts recover (b, s) from the token.
+// lse index of (token, query head), the sequence found from the token (the combine, which
+// works on workspace rows): padded layouts recover (b, s) from the token.
 __device__ __forceinline__ int64_t lse_index(const Params& p, int token, int hq) {
   if (p.cu_seqlens_q != nullptr) return static_cast<int64_t>(hq) * p.total_q + token;
   const int b = token / p.seqlen_q;
   return (static_cast<int64_t>(b) * p.num_q_heads + hq) * p.seqlen_q + (token - b * p.seqlen_q);
-}
-
-// Varlen only: true when `token` lies in no sequence (before cu_seqlens_q[0] or from
-// cu_seqlens_q[B] on); such tokens get out = 0 and lse = -inf.
-__device__ __forceinline__ bool token_outside(const Params& p, int token) {
-  if (p.cu_seqlens_q == nullptr) return false;
-  const int first = min(max(p.cu_seqlens_q[0], 0), p.total_q);
-  const int last = min(max(p.cu_seqlens_q[p.batch], first), p.total_q);
-  return token < first || token >= last;
 }
 
 }  // namespace qwen3x::attn

@@ -2,8 +2,7 @@
 
 Every CTA of the grid (x = row tile, y = b * Hkv + kvh, z = split) runs with its 128 threads as
 numpy lane vectors, statement by statement:
-  kernel_traits.cuh  swizzled_offset, seq_slice (padded with key_lengths, or varlen), lse_index,
-                     token_outside
+  kernel_traits.cuh  swizzled_offset, seq_slice (padded with key_lengths, or varlen), lse_index
   heuristics.cuh     row_tiles, min_tiles_per_split, plan_splits
   mainloop.cuh       load_q_tile and KVLoader (per-thread cp.async sources and swizzled
                      destinations, zero-filled rows with an in-bounds source address),
@@ -161,19 +160,11 @@ def lse_index(p, token, hq):
 
 
 def owned_tokens(p, what):
-    """[first, last): the tokens some sequence owns (token_outside, clear_outside_tokens)."""
+    """[first, last): the tokens some sequence owns (clear_outside_tokens)."""
     def cu(i):
         return int(p.cu_seqlens_q.read([i], 1, what + " cu_seqlens")[0, 0])
     first = min(max(cu(0), 0), p.total_q)
     return first, min(max(cu(p.batch), first), p.total_q)
-
-
-def token_outside(p, token, what):
-    """kernel_traits.cuh token_outside (varlen only)."""
-    if p.cu_seqlens_q is None:
-        return False
-    first, last = owned_tokens(p, what)
-    return token < first or token >= last
 
 
 def row_tiles(p):
