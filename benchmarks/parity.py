@@ -24,6 +24,8 @@ import dataclasses
 
 import torch
 
+from qwen3x.testing import recording_router_probs
+
 from . import model as M
 from .shapes import QWEN3_30B_A3B
 
@@ -43,21 +45,10 @@ def _patch(base, part: str):
 
 def _forward(net, ids, topk: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One forward: the last position's logits (fp32) and each MoE block's top-k expert sets
-    [tokens, topk] (sorted), from the block's inputs."""
-    found: list[torch.Tensor] = []
-
-    def hook(block, args):
-        x = args[0].reshape(-1, args[0].shape[-1])
-        logits = torch.nn.functional.linear(x, block.gate.weight.to(x.dtype)).float()
-        found.append(torch.topk(logits, topk, dim=-1).indices.sort(dim=-1).values)
-
-    handles = [layer.mlp.register_forward_pre_hook(hook) for layer in net.model.layers]
-    try:
+    [tokens, topk] (sorted), from its router's probabilities (qwen3x.testing's recording)."""
+    with recording_router_probs(net) as probs:
         logits = M._last_logits(net, ids).float()
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, found
+    return logits, [p.topk(topk, dim=-1).indices.sort(dim=-1).values for p in probs]
 
 
 def _flips(routes, truth_routes) -> tuple[int, int]:
