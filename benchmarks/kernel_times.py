@@ -6,7 +6,8 @@ call eagerly under torch.profiler and lists every GPU kernel it launched with it
 time per call, their sum, and the wall time of one eager call, so that a layer that misses its
 bandwidth target says which of its kernels does (the MoE decode layer: router GEMM, routing,
 GEMM1, GEMM2). Eager launches are not programmatic (the gaps between kernels are the launch
-path's), and kernel times here are with a warm L2: a breakdown, not a benchmark.
+path's), and by default the L2 is emptied before each call as the suite does (``--warm-l2`` to
+keep it; the flush's own kernels are left out of the list): a breakdown, not a benchmark.
 
     python -m benchmarks.kernel_times --ops moe_layer --shapes tokens=1 --providers qwen3x
 """
@@ -26,18 +27,17 @@ WARMUP_CALLS = 5
 NAME_WIDTH = 90  # kernel names are cut to this many characters
 
 
-def kernel_times(fn, calls: int = CALLS) -> tuple[list[tuple[str, float, int]], float]:
-    """([(kernel name, mean device us per call, launches per call)], mean wall us per call) of
-    ``calls`` eager calls of fn, after WARMUP_CALLS."""
+def _profile(fn, calls: int, before=None) -> tuple[dict[str, float], dict[str, int], float]:
+    """Total device us and launch count per kernel name over ``calls`` calls of fn (each after
+    ``before()`` when given), and the wall ms of them all."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(WARMUP_CALLS):
-        fn()
-    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         start.record()
         for _ in range(calls):
+            if before is not None:
+                before()
             fn()
         end.record()
         torch.cuda.synchronize()
@@ -47,16 +47,29 @@ def kernel_times(fn, calls: int = CALLS) -> tuple[list[tuple[str, float, int]], 
         if e.device_type == torch.autograd.DeviceType.CUDA:
             total_us[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
             count[e.name] += 1
-    rows = sorted(((name, us / calls, count[name] // calls) for name, us in total_us.items()),
-                  key=lambda r: -r[1])
-    return rows, start.elapsed_time(end) * 1e3 / calls
+    return total_us, count, start.elapsed_time(end)
+
+
+def kernel_times(fn, calls: int = CALLS, flush=None) -> tuple[list[tuple[str, float, int]], float]:
+    """([(kernel name, mean device us per call, launches per call)], mean wall us per call) of
+    ``calls`` eager calls of fn, after WARMUP_CALLS. With ``flush`` (a callable emptying the L2)
+    each call runs after a flush; the flush's kernels, found by profiling it alone, are left out
+    (so is the wall time: it is None then)."""
+    for _ in range(WARMUP_CALLS):
+        fn()
+    torch.cuda.synchronize()
+    flush_names = set(_profile(flush, 1)[0]) if flush is not None else set()
+    total_us, count, wall_ms = _profile(fn, calls, before=flush)
+    rows = sorted(((name, us / calls, count[name] // calls) for name, us in total_us.items()
+                   if name not in flush_names), key=lambda r: -r[1])  # fmt: skip
+    return rows, (None if flush is not None else wall_ms * 1e3 / calls)
 
 
 def format_times(label: str, rows, wall_us: float) -> str:
     lines = [label, f"  {'us/call':>9} {'launches':>8}  kernel"]
     lines += [f"  {us:9.2f} {n:8d}  {name[:NAME_WIDTH]}" for name, us, n in rows]
-    lines.append(f"  {sum(us for _, us, _ in rows):9.2f} {'':8}  sum of kernel times; one eager call "
-                 f"{wall_us:.2f} us wall")
+    wall = "" if wall_us is None else f"; one eager call {wall_us:.2f} us wall"
+    lines.append(f"  {sum(us for _, us, _ in rows):9.2f} {'':8}  sum of kernel times{wall}")
     return "\n".join(lines)
 
 
@@ -66,6 +79,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", help="as python -m benchmarks --shapes")
     parser.add_argument("--providers", default="qwen3x", help="comma-separated providers (default: qwen3x)")
     parser.add_argument("--calls", type=int, default=CALLS)
+    parser.add_argument("--warm-l2", action="store_true",
+                        help="no L2 flush before each call (kernel times with the last call's data cached; "
+                        "the wall time of an eager call is reported only then)")
     args = parser.parse_args(argv)
     ops, terms, providers = _csv(args.ops), _csv(args.shapes), _csv(args.providers)
     unknown = [op for op in ops if op not in ALL_SUITES]
@@ -75,6 +91,11 @@ def main(argv=None) -> int:
         print("No CUDA GPU found: nothing to profile.")
         return 0
     device = torch.device("cuda")
+    from .timing import flush_l2, l2_bytes
+
+    buffer = torch.empty(2 * l2_bytes(), dtype=torch.uint8, device=device)
+    sink = torch.empty((), dtype=torch.int32, device=device)
+    flush = None if args.warm_l2 else lambda: flush_l2(buffer, sink, "clean")
     for op in ops:
         for case in ALL_SUITES[op](False):
             if not shape_matches(case, terms):
@@ -88,7 +109,7 @@ def main(argv=None) -> int:
                     if p.skip:
                         print(f"{case.label} {p.name}: skipped ({p.skip})")
                         continue
-                    rows, wall = kernel_times(p.build(inputs), args.calls)
+                    rows, wall = kernel_times(p.build(inputs), args.calls, flush)
                     print(format_times(f"{case.label} {p.name}", rows, wall), flush=True)
                 del inputs
             torch.cuda.empty_cache()

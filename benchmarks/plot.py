@@ -15,11 +15,10 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .rows import read_rows, shape_label, speedup_baseline
+from .rows import CEILING_OPS, read_rows, shape_label, speedup_baseline
 
 X_KEYS = ("context", "seqlen", "tokens", "batch")  # the first one a shape has is the x axis
 MODEL_OPS = ("model_prefill", "model_decode")
-CEILING_OPS = ("peak_copy", "peak_matmul")
 
 
 def latest(rows: list[dict]) -> list[dict]:

@@ -24,6 +24,7 @@ from . import model, targets
 from .harness import Case, run_case
 from .rows import RowWriter, default_results_dir, environment, format_table
 from .suites import SUITES
+from .timing import L2_FLUSHES
 
 OP_SUITES = dict(SUITES)
 MODEL_SUITES = dict(model.SUITE)
@@ -53,6 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "included), then each target's verdict",
     )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="time every case eagerly")
+    parser.add_argument(
+        "--l2-flush", choices=L2_FLUSHES, default="clean",
+        help="how the L2 is emptied before each timed call: 'clean' (write then read a buffer twice its "
+        "size: no dirty lines left; default) or 'dirty' (the write alone, as most harnesses do); rows "
+        "record it",
+    )  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
     args = parser.parse_args(argv)
     unknown = [op for op in _csv(args.ops) or [] if op not in ALL_SUITES]
@@ -130,16 +137,17 @@ def main(argv=None) -> int:
     from .ceilings import measure
     from .timing import CudaTimer
 
-    env = environment()
+    env = {**environment(), "l2_flush": args.l2_flush}
     out = args.out or default_results_dir(env["device"])
     writer = RowWriter(_fresh(Path(out) / "rows.jsonl"))
-    timer = CudaTimer()
+    timer = CudaTimer(l2_flush=args.l2_flush)
     log(f"{env['device']}: {len(cases)} cases, rows -> {writer.path}")
     log("measuring ceilings (device copy, 8192^3 bf16 matmul)")
     ceilings, rows = measure(timer, env)
     for row in rows:
         writer.write(row)
-    log(f"  copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
+    log(f"  copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s; "
+        + ", ".join(f"{r['bytes'] / 2**20:.0f} MiB moved {r['gbps']:.0f} GB/s" for r in rows if r["op"] == "copy"))
     start = time.monotonic()
     for i, case in enumerate(cases):
         log(f"[{i + 1}/{len(cases)}, {time.monotonic() - start:.0f} s] {case.label}")

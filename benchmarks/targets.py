@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .rows import case_key, shape_label
+from .rows import CEILING_OPS, case_key, shape_label
 
 OURS = "qwen3x"
 SDPA = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
@@ -220,7 +220,7 @@ def format_verdicts(verdicts: list[Verdict]) -> str:
 
 
 def main(argv=None) -> int:
-    from .readme import CEILING_OPS, layered_rows, newest_run
+    from .readme import layered_rows, newest_run
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.targets", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", nargs="?", type=Path, help="a results directory (default: the newest)")

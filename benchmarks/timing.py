@@ -18,6 +18,14 @@ WARMUP_MS = 25.0  # warm-up time, also used to estimate the per-call time
 TARGET_MS = 200.0  # timed repetitions aim at about this much GPU time per provider
 MIN_REPS, MAX_REPS = 10, 2000
 GRAPH_WARMUP_CALLS = 3
+# How the L2 is emptied before each timed call (CudaTimer's l2_flush; every row records it):
+#   "clean": write a buffer twice the L2's size, then read it back: the L2 ends full of clean lines,
+#            which the timed call evicts for free (the default since 2026-11-26, third GPU session);
+#   "dirty": only the write (torch's zero_, as triton's do_bench and most harnesses flush): the L2
+#            ends full of dirty lines, and a timed call that moves more than a few MB pays for
+#            writing them back to DRAM -- the harness's bytes, charged to the op (the suspect for
+#            the ~5 us that every 16k-token rms_norm row spent beyond its bytes at the copy rate).
+L2_FLUSHES = ("clean", "dirty")
 
 
 @dataclass
@@ -116,21 +124,39 @@ def release_rng_from_failed_capture() -> None:
         gen.graphsafe_set_state(gen.clone_state())
 
 
+def flush_l2(buffer: torch.Tensor, sink: torch.Tensor, mode: str) -> None:
+    """Evict the L2 by writing ``buffer`` (uint8, twice the L2's size), and for "clean" read it back
+    into ``sink`` (a 0-dim int32): the write evicts whatever the last call left, the read writes
+    the flush's own dirty lines back now, untimed, instead of inside the next timed call."""
+    if mode not in L2_FLUSHES:
+        raise ValueError(f"l2_flush must be one of {L2_FLUSHES}, got {mode!r}")
+    buffer.zero_()
+    if mode == "clean":
+        torch.amax(buffer.view(torch.int32), dim=(0,), out=sink)
+
+
 class CudaTimer:
     """Median / p20 / p80 of CUDA-event times, with L2 flushed before every timed call.
 
-    The flush (a write of twice the L2 size) is enqueued before the start event, so it is not
-    timed; it also keeps the GPU busy while the host launches the call, so event times measure
-    the GPU and not the launch path. With ``cuda_graph`` the call is captured once and replays
+    The flush (``flush_l2``: a write of twice the L2 size, then by default a read of it) is
+    enqueued before the start event, so it is not timed; it also keeps the GPU busy while the host
+    launches the call, so event times measure the GPU and not the launch path. With ``cuda_graph`` the call is captured once and replays
     are timed (for launch-bound decode shapes); a call that cannot be captured (host syncs) is
     timed eagerly and the Timing says why.
     """
 
-    def __init__(self, target_ms: float = TARGET_MS, warmup_ms: float = WARMUP_MS, max_reps: int = MAX_REPS):
+    def __init__(
+        self, target_ms: float = TARGET_MS, warmup_ms: float = WARMUP_MS, max_reps: int = MAX_REPS,
+        l2_flush: str = "clean",
+    ):  # fmt: skip
+        if l2_flush not in L2_FLUSHES:
+            raise ValueError(f"l2_flush must be one of {L2_FLUSHES}, got {l2_flush!r}")
         self.target_ms = target_ms
         self.warmup_ms = warmup_ms
         self.max_reps = max_reps
+        self.l2_flush = l2_flush
         self.flush_buffer = torch.empty(2 * l2_bytes(), dtype=torch.uint8, device="cuda")
+        self.flush_sink = torch.empty((), dtype=torch.int32, device="cuda")
 
     def _estimate_ms(self, fn: Callable[[], object]) -> float:
         """Warm up for about warmup_ms; returns the mean time per call (launches included)."""
@@ -162,7 +188,7 @@ class CudaTimer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for i in range(reps):
-            self.flush_buffer.zero_()
+            flush_l2(self.flush_buffer, self.flush_sink, self.l2_flush)
             starts[i].record()
             fn()
             ends[i].record()
