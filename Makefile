@@ -94,6 +94,11 @@ MEMCHECK_TESTS ?= tests/test_kernels_gpu.py tests/test_attention_gpu.py tests/te
 # (test_prefill_mainloops: its wgmma cases, the only ones that reach the Hopper kernels at these sizes)
 MEMCHECK_K  ?= not 65536 and not 4097 and not 4096 and not 8192 and not 8193 and not 16384 and not 32768 \
                and not 131072 and not long and not 20000 and not (mainloops and mma_sync)
+# compute-sanitizer instruments only qwen3x's kernels (every one is in namespace qwen3x, so its mangled
+# name holds the word): torch's own kernels in the tests' setup and references run at full speed.
+# The 2026-11-26 runs' memcheck never reached a verdict in 45 s with everything instrumented.
+# Left empty where this compute-sanitizer refuses the option (tried on /bin/true, which launches nothing).
+SANITIZER_FILTER ?= $(shell compute-sanitizer --kernel-name kns=qwen3x true >/dev/null 2>&1 && echo "--kernel-name kns=qwen3x")
 # racecheck (shared-memory hazards): the attention kernel on a prefill pass and a split-KV decode
 # (on H100 the prefill case runs the wgmma mainloop; mma_sync-2 keeps the sm_80 prefill loop checked)
 RACECHECK_K ?= test_prefill and 128-16-8-1-True or test_decode and 1-1024-32-8-1-True \
@@ -131,11 +136,11 @@ gpu:
 	$(call step,parity) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(PARITY_S) $(PYTHON) -m benchmarks.parity \
 	    --seeds $(PARITY_SEEDS) 2>&1 | tee $(OUT)/parity.log; echo "parity exit $$?" >> $(OUT)/parity.log
 	$(call step,memcheck) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(MEMCHECK_S) compute-sanitizer --tool memcheck \
-	    --error-exitcode 1 $(PYTHON) -m pytest -q -x -m gpu --gpu-sample 1 $(MEMCHECK_TESTS) -k "$(MEMCHECK_K)" 2>&1 \
-	    | tail -n 30 | tee $(OUT)/memcheck.log; echo "memcheck exit $$?" >> $(OUT)/memcheck.log
+	    $(SANITIZER_FILTER) --error-exitcode 1 $(PYTHON) -m pytest -q -x -m gpu --gpu-sample 1 $(MEMCHECK_TESTS) -k "$(MEMCHECK_K)" 2>&1 \
+	    | tail -n 30 | tee $(OUT)/memcheck.log; echo "memcheck exit $$? (filter: $(SANITIZER_FILTER))" >> $(OUT)/memcheck.log
 	$(call step,racecheck) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(RACECHECK_S) compute-sanitizer --tool racecheck \
-	    --error-exitcode 1 $(PYTHON) -m pytest -q -x -m gpu tests/test_attention_gpu.py -k "$(RACECHECK_K)" 2>&1 \
-	    | tail -n 30 | tee $(OUT)/racecheck.log; echo "racecheck exit $$?" >> $(OUT)/racecheck.log
+	    $(SANITIZER_FILTER) --error-exitcode 1 $(PYTHON) -m pytest -q -x -m gpu tests/test_attention_gpu.py -k "$(RACECHECK_K)" 2>&1 \
+	    | tail -n 30 | tee $(OUT)/racecheck.log; echo "racecheck exit $$? (filter: $(SANITIZER_FILTER))" >> $(OUT)/racecheck.log
 	$(call step,bench) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(BENCH_S) $(PYTHON) -m benchmarks --out $(OUT) \
 	    $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log
 	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; cat $(OUT)/wgmma_smoke.log
