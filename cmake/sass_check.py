@@ -66,7 +66,8 @@ WGMMA_LOOP_KERNELS = {
 # grid (griddepcontrol.wait = ACQBULK) before touching global memory, and trigger its dependents
 # (griddepcontrol.launch_dependents = PREEXIT).
 PDL_KERNELS = ("attn::attention_fwd_kernel", "qk_norm_rope_kernel",
-               "moe::moe_router_kernel", "moe::moe_expert_gemm_kernel", "moe::moe_combine_kernel")
+               "moe::moe_router_kernel", "moe::moe_permute_count_kernel", "moe::moe_permute_scatter_kernel",
+               "moe::moe_expert_gemm_kernel", "moe::moe_combine_kernel")
 # Of those, kernels that read inputs finished two launches back before their wait (GEMM2: its tile
 # and weights, csrc/moe/grouped_gemm.cuh): they may load before the wait, never store.
 PDL_READS_FIRST = ("(qwen3x::moe::GemmKind)1>",)

@@ -238,13 +238,16 @@ def test_attention_varlen_decode_splits():
 
 
 # ---- MoE experts ---------------------------------------------------------------------------------
-def _experts(x, ids, w, gate_up, down, mainloop="mma_sync", fused_combine=False):
+def _experts(x, ids, w, gate_up, down, mainloop="mma_sync", combine="glue"):
+    """combine: "glue" (moe.cu's choice: GEMM2's epilogue up to 16 tokens, prepared by the
+    permutation's launch), "kernel" (the combine kernel), "router" (GEMM2's epilogue with counters
+    zeroed, as the moe op's router launch leaves them)."""
     T, H = x.shape
     E, I = gate_up.shape[0], gate_up.shape[1] // 2
     k = ids.shape[1]
     dtype = "bf16" if x.dtype == torch.bfloat16 else "fp16"
     params = dict(dtype=dtype, tokens=T, hidden=H, experts=E, inter=I, top_k=k,
-                  hidden_stride=x.stride(0), mainloop=mainloop, fused_combine=int(fused_combine))
+                  hidden_stride=x.stride(0), mainloop=mainloop, combine=combine)
     return _run_all("experts", params,
                     dict(hidden=x, expert_ids=ids.to(torch.int32).contiguous(), gate_up=gate_up, down=down,
                          route=w.to(x.dtype).contiguous()),
@@ -306,11 +309,31 @@ FUSED_COMBINE_CASES = [
 @pytest.mark.parametrize("case", FUSED_COMBINE_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
 def test_moe_experts_fused_combine_is_the_combine_kernel(case):
     """The last CTA to finish a token's column tile sums its k rows in pick order: the combine
-    kernel's output bitwise, under both CTA orders of RUNS."""
+    kernel's output bitwise, under both CTA orders of RUNS, with the counters as the moe op's
+    router launch leaves them and as moe_experts' own permutation launch prepares them."""
     T, E, k, H, I, dtype = case
     x, ids, w, gate_up, down = _moe_inputs(T, E, k, H, I, dtype, seed=7 * T + k)
-    fused = _experts(x, ids, w, gate_up, down, fused_combine=True)
-    assert_identical(fused["out"], _experts(x, ids, w, gate_up, down)["out"], "fused combine")
+    kernel = _experts(x, ids, w, gate_up, down, combine="kernel")
+    assert "combine kernel" in kernel["stdout"]
+    for how in ("router", "glue"):
+        fused = _experts(x, ids, w, gate_up, down, combine=how)
+        assert "combine gemm2" in fused["stdout"], how
+        assert_identical(fused["out"], kernel["out"], f"fused combine ({how})")
+
+
+def test_moe_experts_decode_drops_picks_in_the_fused_combine():
+    """moe_experts at decode with expert ids outside [0, E) (the CUDA path drops such picks): the
+    permutation's launch starts each counter at its token's dropped picks and zeroes the row of
+    a token with none left (the output is poisoned first); bitwise the combine kernel's answer."""
+    T, E, k, H, I, dtype = 5, 8, 2, 128, 64, torch.float16
+    x, ids, w, gate_up, down = _moe_inputs(T, E, k, H, I, dtype, seed=11)
+    ids[0, 1] = -1
+    ids[3, 0] = E
+    ids[2] = E + 100  # no pick left
+    glue = _experts(x, ids, w, gate_up, down)
+    assert "combine gemm2" in glue["stdout"]
+    assert_identical(glue["out"], _experts(x, ids, w, gate_up, down, combine="kernel")["out"], "dropped picks")
+    assert_identical(glue["out"][2], torch.zeros(H, dtype=dtype), "the token with no pick")
 
 
 def test_moe_experts_strided_hidden():
@@ -535,6 +558,20 @@ PLANTED = {
     "moe: the first arrival combines": (
         ("moe/gemm_epilogue.cuh", "col_tile, 1) == top_k - 1) {", "col_tile, 1) == 0) {"),
         "fused_combine"),
+    # moe_experts' permutation launch: counters zeroed, not set to the dropped picks (a token with
+    # a dropped pick never completes)
+    "moe: dropped picks not counted": (
+        ("moe/permute.cuh", "c.counters[i] = dropped_picks(ids, i / c.col_tiles, c.top_k, num_experts);",
+         "c.counters[i] = 0;"),
+        "dropped_picks"),
+    # ... or the row of a token with every pick dropped left unwritten
+    "moe: the empty token's row not zeroed": (
+        ("moe/permute.cuh", "reinterpret_cast<uint4*>(c.out)[i] = make_uint4(0u, 0u, 0u, 0u);", ";"),
+        "dropped_picks"),
+    # GEMM2's fused combine adds the unwritten y row of a dropped pick
+    "moe: the fused combine reads dropped picks": (
+        ("moe/gemm_epilogue.cuh", "if (inverse[n] < 0) continue;  // dropped: no y row", ";"),
+        "dropped_picks"),
 }
 
 
@@ -558,6 +595,8 @@ def test_planted_bug_is_caught(name, monkeypatch):
             test_attention_split_kv_replays()
         elif op == "fused_combine":
             test_moe_experts_fused_combine_is_the_combine_kernel(FUSED_COMBINE_CASES[1])
+        elif op == "dropped_picks":
+            test_moe_experts_decode_drops_picks_in_the_fused_combine()
         else:  # the prefill regime with the wgmma mainloop (every bug here is on its path)
             test_moe_experts(_WGMMA_EXPERTS)
 

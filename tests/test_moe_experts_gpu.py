@@ -178,11 +178,14 @@ def test_strided_hidden_and_weights():
     _judge(out, x, ids, w, gate_up, down)
 
 
-def test_out_of_range_ids_are_dropped():
-    """Ids outside [0, E) get no slot; their picks contribute nothing (never an illegal access)."""
+@pytest.mark.parametrize("T", [40, 5])  # the combine kernel; at decode sizes, GEMM2's combine
+def test_out_of_range_ids_are_dropped(T):
+    """Ids outside [0, E) get no slot; their picks contribute nothing (never an illegal access).
+    At 16 tokens or fewer the combine is GEMM2's epilogue: a token's counters start at its
+    dropped picks, and the row of a token with none left is zeroed by the permutation's launch."""
     _needs_kernel()
     dtype = torch.bfloat16
-    T, E, k, H, I = 40, 8, 2, 2048, 768
+    E, k, H, I = 8, 2, 2048, 768
     x = torch.randn(T, H, device="cuda", dtype=dtype)
     gate_up, down = _weights(E, H, I, dtype)
     ids, w = _routing(T, E, k, dtype)
@@ -190,6 +193,7 @@ def test_out_of_range_ids_are_dropped():
     bad[::3, 1] = -1
     bad[1::3, 0] = E
     bad[2] = E + 100  # a token with no valid pick: out row 0
+    poison_allocator(T * H * x.element_size() * (k + 2))
     out = _run(x, bad, w, gate_up, down)
     torch.cuda.synchronize()
     dropped = (bad < 0) | (bad >= E)
@@ -197,6 +201,26 @@ def test_out_of_range_ids_are_dropped():
     w_ok = torch.where(dropped, torch.zeros_like(w), w)  # weight 0: the pick adds exactly 0
     _judge(out, x, ids_ok, w_ok, gate_up, down)
     assert_identical(out[2], torch.zeros_like(out[2]))
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_combine_in_gemm2_is_the_combine_kernel(drop):
+    """16 tokens combine in GEMM2's epilogue, 17 in the combine kernel; both sum a token's rows in
+    pick order, and a row of an expert GEMM depends only on its own inputs (same decode tiles at
+    both sizes): the first 16 rows agree bitwise, dropped picks included."""
+    _needs_kernel()
+    dtype, E, k, H, I = torch.bfloat16, 128, 8, 2048, 768
+    x = torch.randn(17, H, device="cuda", dtype=dtype)
+    gate_up, down = _weights(E, H, I, dtype)
+    ids, w = _routing(17, E, k, dtype)
+    if drop:
+        ids[::4, 3] = -1
+        ids[5] = E  # every pick dropped: a zero row
+    assert 17 * k <= 16 * E  # both sizes in the decode regime (csrc/moe/gemm_config.h)
+    poison_allocator(17 * H * x.element_size() * (k + 2))
+    decode = _run(x[:16], ids[:16], w[:16], gate_up, down)
+    kernel = _run(x, ids, w, gate_up, down)
+    assert_identical(decode, kernel[:16], "GEMM2's combine vs the combine kernel")
 
 
 @pytest.mark.parametrize("T,E,k", [(3, 128, 8), (300, 8, 2), (2048, 64, 8)])

@@ -5,9 +5,10 @@
 //   1. GEMM1 (grouped_gemm.cuh, kGateUp): act[slot] = silu(x W_gate^T) * (x W_up^T),
 //      x gathered from hidden_states by sorted_rows inside the A loads
 //   2. GEMM2 (kDown): y[pick] = T(T(act[slot] W_down^T) * route_weight[pick])
-//   3. combine (combine.cuh): out[t] = T(sum_j float(y[t * k + j])); with
-//      combine_counters (the moe op at decode), in GEMM2's epilogue instead
-//      (gemm_epilogue.cuh epilogue_combine), bitwise the same
+//   3. combine (combine.cuh): out[t] = T(sum_j float(y[t * k + j])) over the
+//      picks not dropped; with combine_counters (at decode: the moe op's router
+//      launch or moe_experts' permutation launch prepared them), in GEMM2's
+//      epilogue instead (gemm_epilogue.cuh epilogue_combine), bitwise the same
 //
 // The regime (gemm_config.h) fixes one tile config for both GEMMs; the
 // permutation must have been made with row_align = that config's BLOCK_M.
@@ -51,8 +52,8 @@ struct ExpertsArgs {
   int inter_size;              // I
   int64_t row_tiles;           // max_row_tiles(T * k, E, BLOCK_M)
   bool proxy_fence;            // wgmma mainloop: fence each stage into the async proxy
-  int* combine_counters;       // [T, H / BLOCK_N] zeroed, every pick routed: the combine in
-                               // GEMM2; nullptr: the combine kernel
+  int* combine_counters;       // [T, H / BLOCK_N], each the token's dropped picks (0 when all
+                               // are routed): the combine in GEMM2; nullptr: the combine kernel
   bool pdl;                    // launch with programmatic dependent launch (core/pdl.cuh)
 };
 
@@ -90,6 +91,7 @@ cudaError_t launch_moe_experts_with(const ExpertsArgs<T>& a, cudaStream_t stream
   g2.k_dim = a.inter_size;
   g2.n_out = a.hidden_size;
   g2.combine_counters = a.combine_counters;
+  g2.combine_inverse = a.inverse;
   g2.combine_out = a.out;
   err = launch_moe_expert_gemm<T, Cfg, GemmKind::kDown>(g2, a.row_tiles, stream);
   if (err != cudaSuccess) return err;

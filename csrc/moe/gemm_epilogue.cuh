@@ -100,8 +100,10 @@ __device__ __forceinline__ void epilogue_weighted(
 // once at counters[token][col_tile] after writing its y columns; the CTA whose arrival is the
 // k-th sums the token's k rows of y over the tile's columns, in pick order j = 0 .. k-1 as the
 // combine kernel does (combine.cuh: fp32, one rounding), so the output is the same bitwise
-// whichever CTA finishes last. Requires every pick routed (no dropped ids: else a token never
-// reaches k arrivals) and counters zero at launch. The arrival follows the CTA's y stores and a
+// whichever CTA finishes last; a dropped pick (inverse -1: an expert id outside [0, E), whose
+// y row no CTA wrote) is skipped there as well. Counters start at the token's dropped picks (0
+// for the router's picks), so its k-th arrival overall completes it; a token with every pick
+// dropped never arrives, and its row was zeroed before (permute.cuh CombinePrep). The arrival follows the CTA's y stores and a
 // device-wide fence (release); the last CTA fences again before reading (acquire) and reads
 // through L2, since other SMs wrote those rows during this kernel.
 template <typename T, typename Cfg>
@@ -109,7 +111,8 @@ __device__ __forceinline__ void epilogue_combine(
     T* __restrict__ out,        // [T, H] contiguous
     const T* y,                 // [T * k, H], row stride y_stride: this kernel's output
     int64_t y_stride,
-    int* __restrict__ counters,  // [T, col_tiles], zero at launch
+    int* __restrict__ counters,  // [T, col_tiles], the token's dropped picks at launch
+    const int* inverse,         // [T * k]: slot of each pick, -1 = dropped
     const int* s_picks,         // shared [BLOCK_M]: pick of each tile row, -1 = padding
     int* s_last,                // shared [BLOCK_M]: scratch
     int col_tile, int col_tiles, int hidden, int top_k, int tid) {
@@ -139,7 +142,9 @@ __device__ __forceinline__ void epilogue_combine(
 #pragma unroll
     for (int e = 0; e < Vec::kSize; ++e) sum[e] = 0.0f;
     for (int j = 0; j < top_k; ++j) {
-      const Vec v = load_vec16_l2(y + (static_cast<int64_t>(token) * top_k + j) * y_stride + col);
+      const int64_t n = static_cast<int64_t>(token) * top_k + j;
+      if (inverse[n] < 0) continue;  // dropped: no y row
+      const Vec v = load_vec16_l2(y + n * y_stride + col);
 #pragma unroll
       for (int e = 0; e < Vec::kSize; ++e) sum[e] += to_float(v.data[e]);
     }

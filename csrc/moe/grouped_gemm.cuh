@@ -15,7 +15,7 @@
 //   kDown (GEMM2): A row r = act[r], W_e = down_proj[e] ([H, I]); the
 //     epilogue writes y[sorted_rows[r]] = round(round(acc) * route weight),
 //     and with combine_counters set, the CTA completing a token's column tile
-//     also writes its combined output (the moe op at decode: one launch fewer).
+//     also writes its combined output (at decode: one launch fewer).
 //
 // Padding slots (sorted_rows = -1) are zero-filled by the copies (no global
 // read) and skipped by the epilogues, so act rows of padding slots are never
@@ -83,7 +83,8 @@ struct ExpertGemmParams {
   int n_out;                  // output width: I (kGateUp) or H (kDown)
   bool proxy_fence;           // kWgmma: fence.proxy.async after each stage lands
   // kDown with the combine fused (gemm_epilogue.cuh epilogue_combine), else nullptr:
-  int* combine_counters;      // [T, column tiles] arrival counters, zero at launch
+  int* combine_counters;      // [T, column tiles] arrival counters, each token's dropped picks at launch
+  const int* combine_inverse;  // [T * k]: slot of each pick, -1 = dropped
   T* combine_out;             // [T, n_out] contiguous: the combined output
   bool pdl;                   // host: launch with programmatic dependent launch (core/pdl.cuh)
 };
@@ -353,9 +354,9 @@ moe_expert_gemm_kernel(const ExpertGemmParams<T> p) {
     epilogue_weighted<T, Cfg>(acc, p.out, p.out_stride, s_picks, s_route,
                               col_tile * Cfg::kBlockN, warp_m, warp_n, lane);
     if (p.combine_counters != nullptr) {
-      epilogue_combine<T, Cfg>(p.combine_out, p.out, p.out_stride, p.combine_counters, s_picks,
-                               s_last, col_tile, static_cast<int>(gridDim.y), p.n_out, p.top_k,
-                               tid);
+      epilogue_combine<T, Cfg>(p.combine_out, p.out, p.out_stride, p.combine_counters,
+                               p.combine_inverse, s_picks, s_last, col_tile,
+                               static_cast<int>(gridDim.y), p.n_out, p.top_k, tid);
     }
   }
 }

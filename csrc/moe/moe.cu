@@ -115,10 +115,52 @@ int64_t experts_col_tiles(int64_t num_picks, int64_t num_experts, int64_t hidden
   return hidden / moe::regime_block_n(moe::select_gemm_regime(num_picks, num_experts));
 }
 
+// moe_permute's launch(es) for expert_ids [T, k] (checked by the caller: a CUDA index tensor).
+// With prep.counters (the picks take one block), the launch also prepares GEMM2's fused combine
+// (permute.cuh CombinePrep).
+Permutation permute_picks(const char* op, const at::Tensor& expert_ids, int64_t num_experts,
+                          int64_t row_align, const moe::CombinePrep& prep = {}) {
+  const int64_t num_picks = expert_ids.numel();
+  const int64_t num_slots = permutation_slots(op, num_picks, num_experts, row_align);
+  const c10::cuda::CUDAGuard device_guard(expert_ids.device());
+  // The kernels read the picks in flat order n = t * k + j.
+  const at::Tensor ids = expert_ids.contiguous();
+  const auto int_options = expert_ids.options().dtype(at::kInt);
+  Permutation out;
+  out.sorted_rows = at::empty({num_slots}, int_options);
+  out.expert_offsets = at::empty({num_experts + 1}, int_options);
+  out.inverse = at::empty({num_picks}, int_options);
+  const moe::PermuteTiling tiling = moe::permute_tiling(num_picks);
+  at::Tensor tile_counts;  // workspace of the two-launch path
+  if (tiling.num_tiles > 1) tile_counts = at::empty({tiling.num_tiles, num_experts}, int_options);
+  int* tile_counts_ptr =
+      tiling.num_tiles > 1 ? static_cast<int*>(tile_counts.mutable_data_ptr()) : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(expert_ids.get_device()).stream();
+  const bool pdl = pdl_enabled(expert_ids.get_device());
+
+  auto launch = [&](auto id_tag) {
+    using IdT = decltype(id_tag);
+    C10_CUDA_CHECK(moe::launch_moe_permute<IdT>(
+        static_cast<int*>(out.sorted_rows.mutable_data_ptr()),
+        static_cast<int*>(out.expert_offsets.mutable_data_ptr()),
+        static_cast<int*>(out.inverse.mutable_data_ptr()), tile_counts_ptr,
+        static_cast<const IdT*>(ids.const_data_ptr()), num_picks, static_cast<int>(num_experts),
+        static_cast<int>(row_align), num_slots, stream, pdl, prep));
+  };
+  if (expert_ids.scalar_type() == at::ScalarType::Long) {
+    launch(int64_t{});
+  } else {
+    launch(int32_t{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 // The experts pipeline: permute (row_align = the regime's BLOCK_M; `permuted` when the router
-// did it already), GEMM1 with fused SwiGLU, GEMM2 with the routing weight, combine (in GEMM2's
-// epilogue when `permuted` brings zeroed counters: the router routed every pick). Inputs
-// checked.
+// did it already), GEMM1 with fused SwiGLU, GEMM2 with the routing weight, combine. At decode
+// sizes (T <= 16: where the moe op's router launch permutes) the combine is GEMM2's epilogue,
+// its counters prepared by the launch that permuted (the router's, or here the permutation's:
+// then no combine launch follows the GEMMs); above, the combine kernel. Inputs checked.
 at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tensor& expert_ids,
                        const at::Tensor& expert_weights, const at::Tensor& gate_up,
                        const at::Tensor& down, const Permutation* permuted = nullptr) {
@@ -139,10 +181,23 @@ at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tenso
                                hidden.get_device());
   const int64_t block_m = moe::regime_block_m(regime);
   permutation_slots(op, num_picks, E, block_m);
-  const auto [sorted_rows, expert_offsets, inverse] =
-      permuted != nullptr
-          ? std::make_tuple(permuted->sorted_rows, permuted->expert_offsets, permuted->inverse)
-          : moe_permute(expert_ids, E, block_m);
+  Permutation own;
+  if (permuted == nullptr) {
+    moe::CombinePrep prep{};
+    at::Tensor counters;
+    if (moe::router_one_block(T) && num_picks <= moe::kSingleBlockMaxPicks) {
+      const int64_t col_tiles = H / moe::regime_block_n(regime);
+      counters = at::empty({T * col_tiles}, hidden.options().dtype(at::kInt));
+      prep = {static_cast<int*>(counters.mutable_data_ptr()), static_cast<int>(col_tiles),
+              static_cast<int>(k), out.mutable_data_ptr(), H * out.element_size()};
+    }
+    own = permute_picks(op, expert_ids, E, block_m, prep);
+    own.combine_counters = counters;
+    permuted = &own;
+  }
+  const at::Tensor& sorted_rows = permuted->sorted_rows;
+  const at::Tensor& expert_offsets = permuted->expert_offsets;
+  const at::Tensor& inverse = permuted->inverse;
   const int64_t row_tiles = moe::max_row_tiles(num_picks, E, block_m);
   at::Tensor act = at::empty({row_tiles * block_m, I}, hidden.options());
   at::Tensor y = at::empty({num_picks, H}, hidden.options());
@@ -179,7 +234,7 @@ at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tenso
     a.row_tiles = row_tiles;
     a.proxy_fence = wgmma_proxy_fence();
     a.pdl = pdl_enabled(hidden.get_device());
-    a.combine_counters = permuted != nullptr && permuted->combine_counters.defined()
+    a.combine_counters = permuted->combine_counters.defined()
                              ? static_cast<int*>(permuted->combine_counters.mutable_data_ptr())
                              : nullptr;
     C10_CUDA_CHECK(moe::launch_moe_experts<T_>(a, regime, wgmma, stream));
@@ -302,39 +357,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& exp
                ": expected 1 <= num_experts <= ", moe::kMaxExperts, ", got ", num_experts);
   QWEN3X_CHECK(row_align >= 1 && row_align <= kMaxInt32, "qwen3x.", kOp,
                ": expected 1 <= row_align <= ", kMaxInt32, ", got ", row_align);
-  const int64_t num_picks = expert_ids.numel();
-  const int64_t num_slots = permutation_slots(kOp, num_picks, num_experts, row_align);
-
-  const c10::cuda::CUDAGuard device_guard(expert_ids.device());
-  // The kernels read the picks in flat order n = t * k + j.
-  const at::Tensor ids = expert_ids.contiguous();
-  const auto int_options = expert_ids.options().dtype(at::kInt);
-  at::Tensor sorted_rows = at::empty({num_slots}, int_options);
-  at::Tensor expert_offsets = at::empty({num_experts + 1}, int_options);
-  at::Tensor inverse = at::empty({num_picks}, int_options);
-  const moe::PermuteTiling tiling = moe::permute_tiling(num_picks);
-  at::Tensor tile_counts;  // workspace of the two-launch path
-  if (tiling.num_tiles > 1) tile_counts = at::empty({tiling.num_tiles, num_experts}, int_options);
-  int* tile_counts_ptr =
-      tiling.num_tiles > 1 ? static_cast<int*>(tile_counts.mutable_data_ptr()) : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(expert_ids.get_device()).stream();
-
-  auto launch = [&](auto id_tag) {
-    using IdT = decltype(id_tag);
-    moe::launch_moe_permute<IdT>(
-        static_cast<int*>(sorted_rows.mutable_data_ptr()),
-        static_cast<int*>(expert_offsets.mutable_data_ptr()),
-        static_cast<int*>(inverse.mutable_data_ptr()), tile_counts_ptr,
-        static_cast<const IdT*>(ids.const_data_ptr()), num_picks, static_cast<int>(num_experts),
-        static_cast<int>(row_align), num_slots, stream);
-  };
-  if (expert_ids.scalar_type() == at::ScalarType::Long) {
-    launch(int64_t{});
-  } else {
-    launch(int32_t{});
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {sorted_rows, expert_offsets, inverse};
+  const Permutation p = permute_picks(kOp, expert_ids, num_experts, row_align);
+  return {p.sorted_rows, p.expert_offsets, p.inverse};
 }
 
 at::Tensor moe_experts(const at::Tensor& hidden_states, const at::Tensor& expert_ids,

@@ -32,6 +32,15 @@
 // - Padding and trailing slots are written -1 by the blocks (spread over
 //   experts and slots), so every output element is written exactly once; no
 //   memset.
+// - moe_experts at decode (CombinePrep): the one-block launch also prepares
+//   GEMM2's fused combine (gemm_epilogue.cuh epilogue_combine), as the
+//   router's decode launch does for the moe op: each arrival counter starts
+//   at its token's dropped picks (so the k-th arrival still completes it), and
+//   a token with every pick dropped, which no GEMM2 CTA will visit, gets its
+//   output row zeroed here (the combine kernel's empty sum). Then no combine
+//   launch follows the GEMMs.
+// - Both kernels are launched with programmatic dependent launch where the
+//   device allows (core/pdl.cuh): they wait for the previous kernel first.
 //
 // Ids outside [0, E) are a checked precondition only on the reference path
 // (checking here would need a host sync). The kernels never index with them:
@@ -46,6 +55,7 @@
 #include <cstdint>
 
 #include "core/gpu_constants.h"
+#include "core/pdl.cuh"
 #include "core/reduce.cuh"
 #include "moe/limits.h"
 
@@ -64,6 +74,15 @@ constexpr int kTargetTiles = 128;
 constexpr int kCountUnroll = 4;
 // Tile-count loads a thread has in flight when summing a column.
 constexpr int kColumnUnroll = 8;
+
+// GEMM2's fused combine, prepared by the one-block launch (moe_experts at decode).
+struct CombinePrep {
+  int* counters;      // [num_tokens, col_tiles]: set to the token's dropped picks; nullptr = none
+  int col_tiles;      // GEMM2's column tiles (H / its BLOCK_N)
+  int top_k;          // k: num_picks = num_tokens * k
+  void* out;          // [num_tokens] rows of row_bytes: the experts' output (any dtype)
+  int64_t row_bytes;  // a multiple of 16 (H % 128 == 0)
+};
 
 struct PermuteTiling {
   int64_t tile_picks;  // picks per tile (the last tile may be shorter)
@@ -89,6 +108,33 @@ __device__ __forceinline__ int expert_of(const IdT* ids, int64_t n, int64_t end,
 }
 
 __device__ __forceinline__ unsigned lanes_below(int lane) { return (1u << lane) - 1u; }
+
+// Picks of token t whose expert id lies outside [0, E) (the permutation drops them).
+template <typename IdT>
+__device__ __forceinline__ int dropped_picks(const IdT* ids, int t, int top_k, int num_experts) {
+  const int64_t n0 = static_cast<int64_t>(t) * top_k;
+  int dropped = 0;
+  for (int j = 0; j < top_k; ++j) dropped += expert_of(ids, n0 + j, n0 + top_k, num_experts) == kNoExpert;
+  return dropped;
+}
+
+// CombinePrep's work, by the whole block: every counter of token t set to its dropped picks,
+// and the output row of a token with all k picks dropped set to zero (16-byte stores).
+template <typename IdT>
+__device__ __forceinline__ void prepare_combine(const CombinePrep& c, const IdT* ids,
+                                                int64_t num_picks, int num_experts) {
+  const int num_tokens = static_cast<int>(num_picks / c.top_k);
+  for (int i = threadIdx.x; i < num_tokens * c.col_tiles; i += blockDim.x) {
+    c.counters[i] = dropped_picks(ids, i / c.col_tiles, c.top_k, num_experts);
+  }
+  const int64_t vecs_per_row = c.row_bytes / kVecBytes;
+  for (int64_t i = threadIdx.x; i < num_tokens * vecs_per_row; i += blockDim.x) {
+    const int t = static_cast<int>(i / vecs_per_row);
+    if (dropped_picks(ids, t, c.top_k, num_experts) == c.top_k) {
+      reinterpret_cast<uint4*>(c.out)[i] = make_uint4(0u, 0u, 0u, 0u);  // row t, vector i % vecs_per_row
+    }
+  }
+}
 
 // Adds the valid picks in [begin, end) to histogram (shared, [num_experts]).
 // Block-wide: every thread of the block calls it (the loop bounds are
@@ -205,6 +251,8 @@ moe_permute_count_kernel(int* __restrict__ tile_counts,       // [num_tiles, num
                          int64_t tile_picks,                  // picks per tile
                          int num_experts) {                   // E <= kMaxExperts
   using namespace permute_detail;
+  pdl_wait();  // first: the previous kernel's outputs (core/pdl.cuh)
+  pdl_launch_dependents();
   __shared__ int histogram[kMaxExperts];
   const int expert = threadIdx.x;  // kMaxExperts <= kPermuteThreads
   if (expert < num_experts) histogram[expert] = 0;
@@ -222,8 +270,9 @@ moe_permute_count_kernel(int* __restrict__ tile_counts,       // [num_tiles, num
 // Scatter kernel: one block per tile. Segment layout from the tile counts (or
 // from its own count when tile_counts is nullptr, num_tiles == 1), then the
 // stable placement of the tile's picks. Block 0 writes expert_offsets; every
-// block writes its share of the -1 padding. Grid = num_tiles, block =
-// kPermuteThreads.
+// block writes its share of the -1 padding; with prep.counters (num_tiles ==
+// 1 only), the block also prepares GEMM2's fused combine. Grid = num_tiles,
+// block = kPermuteThreads.
 // ---------------------------------------------------------------------------
 template <typename IdT>
 __global__ void __launch_bounds__(kPermuteThreads)
@@ -237,8 +286,12 @@ moe_permute_scatter_kernel(int* __restrict__ sorted_rows,          // [num_slots
                            int num_tiles,                          // gridDim.x
                            int num_experts,                        // E <= kMaxExperts
                            int row_align,                          // >= 1
-                           int64_t num_slots) {                    // N + E * (row_align - 1)
+                           int64_t num_slots,                      // N + E * (row_align - 1)
+                           CombinePrep prep) {                     // counters nullptr: none
   using namespace permute_detail;
+  pdl_wait();  // first: the previous kernel's outputs (core/pdl.cuh)
+  pdl_launch_dependents();
+  if (prep.counters != nullptr) prepare_combine(prep, expert_ids, num_picks, num_experts);
   __shared__ int histogram[kMaxExperts];                 // single-tile count
   __shared__ int warp_base[kPermuteWarps][kMaxExperts];  // per step: count, then first slot, per warp and expert
   __shared__ int warp_totals[kPermuteWarps];
@@ -342,21 +395,29 @@ moe_permute_scatter_kernel(int* __restrict__ sorted_rows,          // [num_slots
 // Launcher. tile_counts: workspace of permute_tiling(num_picks).num_tiles *
 // num_experts ints when that is > 1 tile (else unused, may be nullptr).
 // Preconditions (checked by the glue): 1 <= num_experts <= kMaxExperts,
-// row_align >= 1, num_slots = num_picks + num_experts * (row_align - 1) < 2^31.
-// Does not check errors.
+// row_align >= 1, num_slots = num_picks + num_experts * (row_align - 1) < 2^31;
+// prep.counters only when the picks take one tile (num_picks <=
+// kSingleBlockMaxPicks). Returns the first PDL launch's error; the caller also
+// checks cudaGetLastError().
 template <typename IdT>
-void launch_moe_permute(int* sorted_rows, int* expert_offsets, int* inverse, int* tile_counts,
-                        const IdT* expert_ids, int64_t num_picks, int num_experts, int row_align,
-                        int64_t num_slots, cudaStream_t stream) {
+cudaError_t launch_moe_permute(int* sorted_rows, int* expert_offsets, int* inverse,
+                               int* tile_counts, const IdT* expert_ids, int64_t num_picks,
+                               int num_experts, int row_align, int64_t num_slots,
+                               cudaStream_t stream, bool pdl, CombinePrep prep = {}) {
   const PermuteTiling tiling = permute_tiling(num_picks);
   const bool single = tiling.num_tiles == 1;
+  if (prep.counters != nullptr && !single) return cudaErrorInvalidValue;  // one block prepares
   if (!single) {
-    moe_permute_count_kernel<IdT><<<tiling.num_tiles, kPermuteThreads, 0, stream>>>(
-        tile_counts, expert_ids, num_picks, tiling.tile_picks, num_experts);
+    const cudaError_t err =
+        launch_kernel(pdl, moe_permute_count_kernel<IdT>, dim3(tiling.num_tiles),
+                      dim3(kPermuteThreads), 0, stream, tile_counts, expert_ids, num_picks,
+                      tiling.tile_picks, num_experts);
+    if (err != cudaSuccess) return err;
   }
-  moe_permute_scatter_kernel<IdT><<<tiling.num_tiles, kPermuteThreads, 0, stream>>>(
-      sorted_rows, expert_offsets, inverse, expert_ids, single ? nullptr : tile_counts, num_picks,
-      tiling.tile_picks, tiling.num_tiles, num_experts, row_align, num_slots);
+  return launch_kernel(pdl, moe_permute_scatter_kernel<IdT>, dim3(tiling.num_tiles),
+                       dim3(kPermuteThreads), 0, stream, sorted_rows, expert_offsets, inverse,
+                       expert_ids, single ? nullptr : tile_counts, num_picks, tiling.tile_picks,
+                       tiling.num_tiles, num_experts, row_align, num_slots, prep);
 }
 
 }  // namespace qwen3x::moe

@@ -337,14 +337,28 @@ void run_experts(Job& job) {
   const moe::PermuteTiling tiling = moe::permute_tiling(num_picks);
   int* tile_counts =
       tiling.num_tiles > 1 ? job.workspace("tile_counts", tiling.num_tiles * E * 4).as<int>() : nullptr;
-  moe::launch_moe_permute<int>(sorted_rows, offsets, inverse, tile_counts, ids, num_picks,
-                               static_cast<int>(E), static_cast<int>(block_m), num_slots, nullptr);
-  check(cudaSuccess, "launch_moe_permute");
+  // GEMM2's combine: "glue" (moe.cu run_experts: at decode sizes prepared by the permutation's
+  // launch, else the combine kernel), "kernel" (always the combine kernel) or "router" (counters
+  // zeroed, as the moe op's router launch zeroes them: every pick routed)
+  const std::string combine = job.has("combine") ? job.str("combine") : "glue";
+  const int64_t col_tiles = H / moe::regime_block_n(regime);
+  const bool prepared = combine == "glue" && moe::router_one_block(T) && num_picks <= moe::kSingleBlockMaxPicks;
+  int* counters = combine == "router" || prepared
+                      ? job.workspace("combine_counters", T * col_tiles * 4).as<int>() : nullptr;
+  if (combine == "router") std::memset(counters, 0, T * col_tiles * 4);
+  const size_t elem = job.str("dtype") == "fp16" ? sizeof(__half) : sizeof(__nv_bfloat16);
+  Buffer& out = job.output("out", T * H * elem);
+  moe::CombinePrep prep{};
+  if (prepared) prep = {counters, static_cast<int>(col_tiles), static_cast<int>(k), out.ptr, H * static_cast<int64_t>(elem)};
+  check(moe::launch_moe_permute<int>(sorted_rows, offsets, inverse, tile_counts, ids, num_picks,
+                                     static_cast<int>(E), static_cast<int>(block_m), num_slots,
+                                     nullptr, /*pdl=*/false, prep),
+        "launch_moe_permute");
   const int64_t row_tiles = moe::max_row_tiles(num_picks, E, block_m);
   with_dtype(job, [&](auto tag) {
     using Tt = decltype(tag);
     moe::ExpertsArgs<Tt> a{};
-    a.out = job.output("out", T * H * sizeof(Tt)).as<Tt>();
+    a.out = out.as<Tt>();
     a.act = job.workspace("act", row_tiles * block_m * I * sizeof(Tt)).as<Tt>();
     a.y = job.workspace("y", num_picks * H * sizeof(Tt)).as<Tt>();
     a.hidden = job.input("hidden").as<Tt>();
@@ -366,11 +380,8 @@ void run_experts(Job& job) {
     a.inter_size = static_cast<int>(I);
     a.row_tiles = row_tiles;
     a.proxy_fence = true;
-    if (job.i64("fused_combine", 0) != 0) {  // zeroed as the moe op's router launch zeroes them
-      const int64_t n = T * (H / moe::regime_block_n(regime));
-      a.combine_counters = job.workspace("combine_counters", n * 4).as<int>();
-      std::memset(a.combine_counters, 0, n * 4);
-    }
+    a.combine_counters = counters;
+    std::cout << "combine " << (counters != nullptr ? "gemm2" : "kernel") << "\n";
     check(moe::launch_moe_experts<Tt>(a, regime, wgmma, nullptr), "launch_moe_experts");
   });
 }
