@@ -18,8 +18,8 @@ WARMUP_MS = 25.0  # warm-up time, also used to estimate the per-call time
 TARGET_MS = 200.0  # timed repetitions aim at about this much GPU time per provider
 # Timed calls per provider: TARGET_MS of GPU time, at least MIN_REPS, at most MAX_REPS. The cap binds
 # for every call under 0.4 ms, and each of those reps also costs a flush (~70 us: 100 MB written,
-# then read) and its launches: 500 keep the median's spread small and a full suite's ~1,500
-# provider-cases inside its 10-minute budget (2,000 before the read-back flush).
+# then read) and its launches: 500 keep the median's spread small and help a full suite's ~1,500
+# provider-cases toward its 10-minute budget (2,000 before the read-back flush).
 MIN_REPS, MAX_REPS = 10, 500
 GRAPH_WARMUP_CALLS = 3
 # How the L2 is emptied before each timed call (CudaTimer's l2_flush; every row records it):
