@@ -24,7 +24,7 @@ from ..providers import (liger_provider, mma_sync_provider, no_pdl_provider, ove
 from ..shapes import MOE_MODELS, ModelDims
 from .common import ELEM, graph_worthy, hf_module, randn
 
-TOKENS = (1, 16, 128, 1024, 4096, 16384, 32768)  # 16384: issue 6's 1.5x-grouped_mm shape
+TOKENS = (1, 16, 64, 128, 1024, 4096, 16384, 32768)  # 64: the top of issue 6's decode range; 16384: its 1.5x-grouped_mm shape
 ROW_ALIGN = 1  # moe_permute padding of each expert's segment (1: none, as HF's grouped_mm path)
 ROUTE_ROW_ALIGN = 16  # moe_route: the expert GEMMs' decode row tile (BLOCK_M), what the moe op asks for
 NORM_TOPK_PROB = True  # what the Qwen3-MoE checkpoints set
