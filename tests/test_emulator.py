@@ -239,7 +239,7 @@ def test_attention_varlen_decode_splits():
 
 # ---- MoE experts ---------------------------------------------------------------------------------
 def _experts(x, ids, w, gate_up, down, mainloop="mma_sync", combine="glue"):
-    """combine: "glue" (moe.cu's choice: GEMM2's epilogue up to 16 tokens, prepared by the
+    """combine: "glue" (moe.cu's choice: GEMM2's epilogue at decode sizes, prepared by the
     permutation's launch), "kernel" (the combine kernel), "router" (GEMM2's epilogue with counters
     zeroed, as the moe op's router launch leaves them)."""
     T, H = x.shape
@@ -676,7 +676,7 @@ PLANTED_RACES = {
     # __syncwarp between (the match.any between them orders no memory)
     "permute: no __syncwarp after zeroing": (
         ("moe/permute.cuh",
-         "my_warp_base[i] = 0;\n    __syncwarp();", "my_warp_base[i] = 0;"),
+         "my_warp_base[i] = 0;\n  __syncwarp();", "my_warp_base[i] = 0;"),
         lambda: test_moe_experts(EXPERT_CASES[0])),
     # split-KV's fused combine: threads read whether their CTA is the last before thread 0 wrote it
     "attention: no barrier after the marks": (

@@ -181,7 +181,7 @@ def test_strided_hidden_and_weights():
 @pytest.mark.parametrize("T", [40, 5])  # the combine kernel; at decode sizes, GEMM2's combine
 def test_out_of_range_ids_are_dropped(T):
     """Ids outside [0, E) get no slot; their picks contribute nothing (never an illegal access).
-    At 16 tokens or fewer the combine is GEMM2's epilogue: a token's counters start at its
+    At decode sizes (up to 64 tokens x 8 picks) the combine is GEMM2's epilogue: a token's counters start at its
     dropped picks, and the row of a token with none left is zeroed by the permutation's launch."""
     _needs_kernel()
     dtype = torch.bfloat16
@@ -205,22 +205,23 @@ def test_out_of_range_ids_are_dropped(T):
 
 @pytest.mark.parametrize("drop", [False, True])
 def test_combine_in_gemm2_is_the_combine_kernel(drop):
-    """16 tokens combine in GEMM2's epilogue, 17 in the combine kernel; both sum a token's rows in
-    pick order, and a row of an expert GEMM depends only on its own inputs (same decode tiles at
-    both sizes): the first 16 rows agree bitwise, dropped picks included."""
+    """64 tokens x 8 picks combine in GEMM2's epilogue, 65 in the combine kernel (router.cuh
+    route_one_launch); both sum a token's rows in pick order, and a row of an expert GEMM depends
+    only on its own inputs (same decode tiles at both sizes): the first 64 rows agree bitwise,
+    dropped picks included."""
     _needs_kernel()
     dtype, E, k, H, I = torch.bfloat16, 128, 8, 2048, 768
-    x = torch.randn(17, H, device="cuda", dtype=dtype)
+    x = torch.randn(65, H, device="cuda", dtype=dtype)
     gate_up, down = _weights(E, H, I, dtype)
-    ids, w = _routing(17, E, k, dtype)
+    ids, w = _routing(65, E, k, dtype)
     if drop:
         ids[::4, 3] = -1
         ids[5] = E  # every pick dropped: a zero row
-    assert 17 * k <= 16 * E  # both sizes in the decode regime (csrc/moe/gemm_config.h)
-    poison_allocator(17 * H * x.element_size() * (k + 2))
-    decode = _run(x[:16], ids[:16], w[:16], gate_up, down)
+    assert 65 * k <= 16 * E  # both sizes in the decode regime (csrc/moe/gemm_config.h)
+    poison_allocator(65 * H * x.element_size() * (k + 2))
+    decode = _run(x[:64], ids[:64], w[:64], gate_up, down)
     kernel = _run(x, ids, w, gate_up, down)
-    assert_identical(decode, kernel[:16], "GEMM2's combine vs the combine kernel")
+    assert_identical(decode, kernel[:64], "GEMM2's combine vs the combine kernel")
 
 
 @pytest.mark.parametrize("T,E,k", [(3, 128, 8), (300, 8, 2), (2048, 64, 8)])
@@ -269,10 +270,12 @@ def _distinct_logits(T, E, dtype):
     return ((perm - E // 2).float() / 32).to(dtype)
 
 
-# up to 16 tokens the router's launch also permutes (router.cuh kPermute); 17 and more do not
+# up to 64 tokens with tokens x k <= 512 the router's launch also permutes (router.cuh
+# route_one_launch); 64 x 8 does, 33 x 16 and 77 x 8 do not
 @pytest.mark.parametrize("T,E,k,norm,H,I", [(1, 128, 8, True, 2048, 768), (3, 8, 2, False, 2048, 768),
                                             (16, 128, 8, True, 2048, 768), (16, 512, 16, True, 256, 128),
-                                            (5, 8, 2, False, 256, 64),
+                                            (5, 8, 2, False, 256, 64), (64, 128, 8, True, 2048, 768),
+                                            (33, 512, 16, True, 256, 128),
                                             (17, 64, 4, True, 2048, 768), (77, 128, 8, True, 2048, 768),
                                             (600, 8, 2, False, 2048, 768)])
 def test_moe_op_matches_reference(T, E, k, norm, H, I):
@@ -286,13 +289,13 @@ def test_moe_op_matches_reference(T, E, k, norm, H, I):
     same = R.moe(x, logits, gate_up, down, k, norm)
     truth = R.moe(x.double(), logits.double(), gate_up.double(), down.double(), k, norm)
     assert_close_to_truth(out, same, truth)
-    # Up to 16 tokens the op combines in GEMM2's epilogue (the last CTA of a token's columns);
-    # the separate ops' combine kernel sums in the same order: the same bits.
+    # At decode sizes the op combines in GEMM2's epilogue (the last CTA of a token's columns),
+    # as moe_experts does there too; above, both use the combine kernel: the same bits.
     weights, ids, _ = torch.ops.qwen3x.moe_router(logits, k, norm)
     assert_identical(out, torch.ops.qwen3x.moe_experts(x, ids, weights, gate_up, down), "moe vs router + experts")
 
 
-@pytest.mark.parametrize("T", [1, 16])
+@pytest.mark.parametrize("T", [1, 16, 64])
 def test_moe_op_cuda_graph_at_decode(T):
     """The decode path (routing and permutation in one launch) captured and replayed with new
     logits and activations."""

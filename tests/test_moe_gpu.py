@@ -257,10 +257,11 @@ def test_repeated_runs_are_bitwise_identical():
 
 
 # --------------------------------------------------------------------------------------------
-# moe_route: the router then the permutation of its ids; one launch up to 16 tokens
+# moe_route: the router then the permutation of its ids; one launch up to 64 tokens when
+# tokens x top_k <= 512 (router.cuh route_one_launch): 64 x 8 is, 33 x 16 is not
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 3, 16, 17, 300])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 17, 33, 64, 65, 300])
 @pytest.mark.parametrize("experts,top_k", [(8, 2), (128, 8), (512, 16), (5, 5)])
 @pytest.mark.parametrize("row_align", [1, 16, 128])
 def test_route_matches_router_then_permute(dtype, tokens, experts, top_k, row_align):
@@ -275,7 +276,7 @@ def test_route_matches_router_then_permute(dtype, tokens, experts, top_k, row_al
         _assert_equal(name, g, w)
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 40])
+@pytest.mark.parametrize("tokens", [1, 16, 64, 80])
 def test_route_capture_in_a_cuda_graph(tokens):
     _needs_kernel("moe_route")
     E, k, align = 128, 8, 16

@@ -2,7 +2,7 @@
 
 - moe_router:  router logits -> (weights, expert ids, tokens per expert)
 - moe_permute: expert ids -> stable grouping by expert (sorted rows, offsets, inverse)
-- moe_route:   both, as the layer runs them (one launch up to 16 tokens), with its decode row_align
+- moe_route:   both, as the layer runs them (one launch up to 64 tokens), with its decode row_align
 - moe_experts: SwiGLU experts + weighted combine, given the routing
 - moe_layer:   a whole sparse block: router GEMM, routing, experts, combine
 

@@ -158,7 +158,7 @@ Permutation permute_picks(const char* op, const at::Tensor& expert_ids, int64_t 
 
 // The experts pipeline: permute (row_align = the regime's BLOCK_M; `permuted` when the router
 // did it already), GEMM1 with fused SwiGLU, GEMM2 with the routing weight, combine. At decode
-// sizes (T <= 16: where the moe op's router launch permutes) the combine is GEMM2's epilogue,
+// sizes (route_one_launch: where the moe op's router launch permutes) the combine is GEMM2's epilogue,
 // its counters prepared by the launch that permuted (the router's, or here the permutation's:
 // then no combine launch follows the GEMMs); above, the combine kernel. Inputs checked.
 at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tensor& expert_ids,
@@ -185,7 +185,7 @@ at::Tensor run_experts(const char* op, const at::Tensor& hidden, const at::Tenso
   if (permuted == nullptr) {
     moe::CombinePrep prep{};
     at::Tensor counters;
-    if (moe::router_one_block(T) && num_picks <= moe::kSingleBlockMaxPicks) {
+    if (moe::route_one_launch(T, k)) {  // the moe op's decode sizes: one block of picks
       const int64_t col_tiles = H / moe::regime_block_n(regime);
       counters = at::empty({T * col_tiles}, hidden.options().dtype(at::kInt));
       prep = {static_cast<int*>(counters.mutable_data_ptr()), static_cast<int>(col_tiles),
@@ -285,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const char* op,
 
   // Decode: the permutation in the router's launch (router.cuh kPermute).
   moe::RoutePermutation perm{};
-  const bool fuse = permuted != nullptr && moe::router_one_block(num_tokens);
+  const bool fuse = permuted != nullptr && moe::route_one_launch(num_tokens, top_k);
   if (fuse) {
     const int64_t num_picks = num_tokens * top_k;
     const int64_t num_slots = permutation_slots(op, num_picks, num_experts, row_align);
@@ -300,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const char* op,
             static_cast<int>(num_slots),
             nullptr,
             0};
-    if (num_counters > 0) {  // <= 16 tokens x H / 64 <= 2^14 column tiles: an int
+    if (num_counters > 0) {  // <= 64 tokens x H / 64 <= 2^14 column tiles: an int
       permuted->combine_counters = at::empty({num_counters}, int_options);
       perm.zero_counters = static_cast<int*>(permuted->combine_counters.mutable_data_ptr());
       perm.num_counters = static_cast<int>(num_counters);

@@ -189,23 +189,56 @@ __device__ __forceinline__ void tile_range(int64_t num_picks, int64_t tile_picks
   *end = *begin + tile_picks < num_picks ? *begin + tile_picks : num_picks;
 }
 
+// One step of the stable placement, by the whole block: thread i holds a pick of expert e
+// (kNoExpert: no pick, or a dropped one), the picks of a step in ascending order of i. Returns the
+// pick's slot (kEmptySlot for kNoExpert): its expert's next free slot at the step's start, plus
+// that expert's picks in earlier warps of the step (their counts, scanned per expert by its
+// owner) and in earlier lanes of its own warp (__match_any_sync). The owner of expert `expert`
+// (< num_experts, else none) keeps the expert's next free slot in *next_slot, advanced past the
+// step's picks. warp_base: shared [kPermuteWarps][kMaxExperts] scratch. Two __syncthreads.
+__device__ __forceinline__ int place_step(int e, int (*warp_base)[kMaxExperts], int num_experts,
+                                          int expert, int* next_slot) {
+  const int lane = threadIdx.x % kWarpSize;
+  int* my_warp_base = warp_base[threadIdx.x / kWarpSize];
+  // This warp's counts per expert (the row is only this warp's: warp-level sync; the first
+  // __syncwarp orders the previous step's reads of the row before the zeroing).
+  __syncwarp();
+  for (int i = lane; i < num_experts; i += kWarpSize) my_warp_base[i] = 0;
+  __syncwarp();
+  const unsigned peers = __match_any_sync(kFullWarpMask, e);
+  const int rank = __popc(peers & lanes_below(lane));  // earlier picks of e in this warp
+  if (e != kNoExpert && rank == 0) my_warp_base[e] = __popc(peers);
+  __syncthreads();
+  // Owned expert: counts over the warps -> first slot of each warp's picks.
+  if (expert < num_experts) {
+#pragma unroll
+    for (int w = 0; w < kPermuteWarps; ++w) {
+      const int c = warp_base[w][expert];
+      warp_base[w][expert] = *next_slot;
+      *next_slot += c;
+    }
+  }
+  __syncthreads();
+  return e == kNoExpert ? kEmptySlot : my_warp_base[e] + rank;
+}
+
 }  // namespace permute_detail
 
 // The permutation of at most kPermuteThreads picks whose experts the block
 // already holds in shared memory, all in [0, E), with their counts: the
 // router's one-block decode launch (router.cuh, kPermute) ends with it, so
-// that decode routes and permutes in one launch. One pick per thread; a pick's
-// rank among its expert's picks counts the same ids before it (at most
-// kPermuteThreads - 1 shared reads, the same address for the whole warp at
-// each step). Same outputs as the kernels below. Block-wide: contains
-// __syncthreads; blockDim.x == kPermuteThreads.
+// that decode routes and permutes in one launch. One pick per thread, placed
+// as the scatter kernel places a step's picks (place_step: warp match and a
+// scan over the warps, no loop over earlier picks). Same outputs as the
+// kernels below. Block-wide: contains __syncthreads; blockDim.x ==
+// kPermuteThreads.
 __device__ __forceinline__ void permute_one_block(
     int* __restrict__ sorted_rows,     // [num_slots]
     int* __restrict__ expert_offsets,  // [num_experts + 1]
     int* __restrict__ inverse,         // [num_picks]
     const int* s_ids,                  // shared [num_picks]: expert of pick n = t * k + j
     const int* s_counts,               // shared [num_experts]: picks per expert
-    int* s_start,                      // shared [kMaxExperts] scratch: segment starts
+    int (*s_warp_base)[kMaxExperts],   // shared [kPermuteWarps][kMaxExperts] scratch
     int* s_warp_totals,                // shared [kPermuteWarps] scratch
     int num_picks,                     // <= kPermuteThreads
     int num_experts,                   // <= kMaxExperts
@@ -216,24 +249,20 @@ __device__ __forceinline__ void permute_one_block(
   const int count = owns_expert ? s_counts[expert] : 0;
   const int padded = (count + row_align - 1) / row_align * row_align;
   int used = 0;
-  const int start = permute_detail::block_exclusive_scan(padded, s_warp_totals, &used);
+  int next_slot = permute_detail::block_exclusive_scan(padded, s_warp_totals, &used);
   if (owns_expert) {
-    s_start[expert] = start;
-    expert_offsets[expert] = start;
-    for (int s = start + count; s < start + padded; ++s) sorted_rows[s] = kEmptySlot;
+    expert_offsets[expert] = next_slot;
+    for (int s = next_slot + count; s < next_slot + padded; ++s) sorted_rows[s] = kEmptySlot;
   }
   if (threadIdx.x == 0) expert_offsets[num_experts] = used;
   for (int s = used + static_cast<int>(threadIdx.x); s < num_slots; s += blockDim.x) {
     sorted_rows[s] = kEmptySlot;
   }
-  __syncthreads();  // s_start
 
   const int n = threadIdx.x;
+  const int e = n < num_picks ? s_ids[n] : kNoExpert;
+  const int slot = permute_detail::place_step(e, s_warp_base, num_experts, expert, &next_slot);
   if (n < num_picks) {
-    const int e = s_ids[n];
-    int rank = 0;
-    for (int m = 0; m < n; ++m) rank += s_ids[m] == e ? 1 : 0;
-    const int slot = s_start[e] + rank;
     sorted_rows[slot] = n;
     inverse[n] = slot;
   }
@@ -296,8 +325,6 @@ moe_permute_scatter_kernel(int* __restrict__ sorted_rows,          // [num_slots
   __shared__ int warp_base[kPermuteWarps][kMaxExperts];  // per step: count, then first slot, per warp and expert
   __shared__ int warp_totals[kPermuteWarps];
 
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
   // Per-expert work: thread e owns expert e (kMaxExperts <= kPermuteThreads).
   const int expert = threadIdx.x;
   const bool owns_expert = expert < num_experts;
@@ -355,37 +382,12 @@ moe_permute_scatter_kernel(int* __restrict__ sorted_rows,          // [num_slots
   }
 
   // 3. Stable placement, kPermuteThreads picks per step.
-  int* my_warp_base = warp_base[warp];
   for (int64_t base = begin; base < end; base += kPermuteThreads) {
     const int64_t n = base + threadIdx.x;
     const int e_next = expert_of(expert_ids, n + kPermuteThreads, end, num_experts);
-
-    // This warp's counts per expert (the row is only this warp's: warp-level sync).
-    __syncwarp();
-    for (int i = lane; i < num_experts; i += kWarpSize) my_warp_base[i] = 0;
-    __syncwarp();
-    const unsigned peers = __match_any_sync(kFullWarpMask, e);
-    const int rank = __popc(peers & lanes_below(lane));  // earlier picks of e in this warp
-    if (e != kNoExpert && rank == 0) my_warp_base[e] = __popc(peers);
-    __syncthreads();
-
-    // Owned expert: counts over the warps -> first slot of each warp's picks.
-    if (owns_expert) {
-#pragma unroll
-      for (int w = 0; w < kPermuteWarps; ++w) {
-        const int c = warp_base[w][expert];
-        warp_base[w][expert] = next_slot;
-        next_slot += c;
-      }
-    }
-    __syncthreads();
-
+    const int slot = place_step(e, warp_base, num_experts, expert, &next_slot);
     if (n < end) {
-      int slot = kEmptySlot;
-      if (e != kNoExpert) {
-        slot = my_warp_base[e] + rank;
-        sorted_rows[slot] = static_cast<int>(n);
-      }
+      if (slot != kEmptySlot) sorted_rows[slot] = static_cast<int>(n);
       inverse[n] = slot;
     }
     e = e_next;

@@ -32,16 +32,17 @@
 //   commute, so the counts are deterministic. The grid is capped at a few
 //   blocks per SM (warps loop over tokens) to bound those global atomics.
 //   tokens_per_expert is zeroed by a memset in the same stream first, except
-//   for a one-block grid (up to kRouterWarps = 16 tokens), which stores
-//   every count itself: one launch instead of a memset and a launch.
+//   for a one-block grid (up to kRouterOneBlockMaxTokens = 64 tokens, each
+//   warp looping over up to 4), which stores every count itself: one launch
+//   instead of a memset and a launch.
 //
-// - With kPermute (the moe op at decode: one block, T <= kRouterWarps), the
-//   block also permutes its picks for the expert GEMMs (permute.cuh,
-//   permute_one_block) from the ids and counts it holds in shared memory:
-//   routing and permutation in one launch instead of three (memset, router,
-//   permutation) or two. It also zeroes the arrival counters of the expert
-//   GEMM2's fused combine when given (gemm_epilogue.cuh epilogue_combine):
-//   no memset for them either.
+// - With kPermute (the moe op at decode: one block, and T * k picks at most
+//   kPermuteThreads: route_one_launch), the block also permutes its picks for
+//   the expert GEMMs (permute.cuh, permute_one_block) from the ids and counts
+//   it holds in shared memory: routing and permutation in one launch instead
+//   of three (memset, router, permutation) or two. It also zeroes the arrival
+//   counters of the expert GEMM2's fused combine when given
+//   (gemm_epilogue.cuh epilogue_combine): no memset for them either.
 //
 // E <= 128 uses kSlots = 4 (Qwen3-MoE), E <= 512 kSlots = 16: two register
 // footprints per dtype. No host synchronization; graph-capturable.
@@ -63,9 +64,11 @@
 
 namespace qwen3x::moe {
 
-// Tokens (warps) per router block: 16, so that decode batches up to 16 tokens
-// take one block (no memset, no global atomics).
+// Warps per router block (one token at a time each).
 constexpr int kRouterWarps = 16;
+// Up to this many tokens one block routes them all (its warps loop over them): no memset, no
+// global atomics, a programmatic launch. Above, blocks of kRouterWarps tokens add their counts.
+constexpr int64_t kRouterOneBlockMaxTokens = 64;
 constexpr int kRouterThreads = kRouterWarps * kWarpSize;
 // Grid cap: blocks per SM (32 warps). Each block flushes up to E global
 // atomics, so more blocks mean more contention on tokens_per_expert; warps
@@ -84,9 +87,14 @@ struct RoutePermutation {
   int num_counters;
 };
 
-// Whether T tokens route in one block (then kPermute may be used).
+// Whether T tokens route in one block.
 inline bool router_one_block(int64_t num_tokens) {
-  return num_tokens >= 1 && num_tokens <= kRouterWarps;
+  return num_tokens >= 1 && num_tokens <= kRouterOneBlockMaxTokens;
+}
+// Whether T tokens with k picks each route and permute in one launch (kPermute: one pick per
+// thread of the block). Up to 64 tokens with Qwen3-MoE's k = 8.
+inline bool route_one_launch(int64_t num_tokens, int64_t top_k) {
+  return router_one_block(num_tokens) && num_tokens * top_k <= kPermuteThreads;
 }
 // Experts per lane: the small footprint (E <= 128) and the large (E <= 512).
 constexpr int kRouterSlotsSmall = 4;
@@ -134,14 +142,14 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
                   int num_experts,                       // E <= kSlots * 32
                   int top_k,                             // 1 <= k <= min(E, kMaxTopK)
                   bool norm_topk_prob,                   // divide the k weights by their sum
-                  const RoutePermutation perm) {         // kPermute only (gridDim.x == 1)
+                  const RoutePermutation perm) {         // kPermute only (gridDim.x == 1, T * k <= kPermuteThreads)
   pdl_wait();  // first: the previous kernel's outputs (core/pdl.cuh)
   pdl_launch_dependents();
   using namespace router_detail;
   __shared__ int histogram[kMaxExperts];  // picks per expert by this block
-  // kPermute: the picks' experts, the segment starts, the scan's warp totals.
-  __shared__ int s_ids[kPermute ? kRouterWarps * kMaxTopK : 1];
-  __shared__ int s_start[kPermute ? kMaxExperts : 1];
+  // kPermute: the picks' experts, the placement's per-warp counts, the scan's warp totals.
+  __shared__ int s_ids[kPermute ? kPermuteThreads : 1];
+  __shared__ int s_warp_base[kPermute ? kPermuteWarps : 1][kMaxExperts];
   __shared__ int s_warp_totals[kPermute ? kPermuteWarps : 1];
 
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) histogram[e] = 0;
@@ -220,7 +228,7 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
       weights[out] = from_float<T>(w);
       expert_ids[out] = my_expert;
       atomicAdd(&histogram[my_expert], 1);
-      if constexpr (kPermute) s_ids[out] = my_expert;  // out < kRouterWarps * top_k
+      if constexpr (kPermute) s_ids[out] = my_expert;  // out < T * k <= kPermuteThreads
     }
   }
 
@@ -237,13 +245,13 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
   if constexpr (kPermute) {
     for (int i = threadIdx.x; i < perm.num_counters; i += blockDim.x) perm.zero_counters[i] = 0;
     permute_one_block(perm.sorted_rows, perm.expert_offsets, perm.inverse, s_ids, histogram,
-                      s_start, s_warp_totals, static_cast<int>(num_tokens) * top_k, num_experts,
-                      perm.row_align, perm.num_slots);
+                      s_warp_base, s_warp_totals, static_cast<int>(num_tokens) * top_k,
+                      num_experts, perm.row_align, perm.num_slots);
   }
 }
 
 // Launcher: zeroes tokens_per_expert (cudaMemsetAsync) unless one block does it
-// all, and runs the kernel; with `perm` (requires router_one_block(num_tokens))
+// all, and runs the kernel; with `perm` (requires route_one_launch(num_tokens, top_k))
 // the kPermute variant, which also writes moe_permute's outputs. Preconditions
 // (checked by the glue): 1 <= num_experts <= kMaxExperts,
 // 1 <= top_k <= min(num_experts, kMaxTopK), num_tokens * top_k < 2^31,
@@ -256,7 +264,7 @@ cudaError_t launch_moe_router(T* weights, int* expert_ids, int* tokens_per_exper
                               cudaStream_t stream, const RoutePermutation* perm = nullptr,
                               bool pdl = false) {
   const int64_t max_blocks = static_cast<int64_t>(num_sms) * kRouterBlocksPerSm;
-  const int64_t want = ceil_div<int64_t>(num_tokens, kRouterWarps);
+  const int64_t want = router_one_block(num_tokens) ? 1 : ceil_div<int64_t>(num_tokens, kRouterWarps);
   const dim3 grid(static_cast<unsigned>(want < max_blocks ? want : max_blocks));
   if (grid.x != 1) {  // no tokens (no launch) or several blocks adding their counts
     const cudaError_t err = cudaMemsetAsync(

@@ -206,7 +206,8 @@ def moe_route(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """moe_router then moe_permute of its ids: (weights, expert_ids, tokens_per_expert,
     sorted_rows, expert_offsets, inverse), as those two ops return them. On CUDA: one kernel up
-    to 16 tokens (decode); above, the router's kernel and then the permutation's."""
+    to 64 tokens when tokens x top_k <= 512 (decode); above, the router's kernel and then the
+    permutation's."""
     return _ops.moe_route(router_logits, top_k, norm_topk_prob, row_align)
 
 

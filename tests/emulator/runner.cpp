@@ -342,7 +342,7 @@ void run_experts(Job& job) {
   // zeroed, as the moe op's router launch zeroes them: every pick routed)
   const std::string combine = job.has("combine") ? job.str("combine") : "glue";
   const int64_t col_tiles = H / moe::regime_block_n(regime);
-  const bool prepared = combine == "glue" && moe::router_one_block(T) && num_picks <= moe::kSingleBlockMaxPicks;
+  const bool prepared = combine == "glue" && moe::route_one_launch(T, k);
   int* counters = combine == "router" || prepared
                       ? job.workspace("combine_counters", T * col_tiles * 4).as<int>() : nullptr;
   if (combine == "router") std::memset(counters, 0, T * col_tiles * 4);
