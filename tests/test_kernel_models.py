@@ -643,7 +643,8 @@ def test_moe_permute(N, E, row_align, ids):
 
 
 @pytest.mark.parametrize("T,k,E,row_align", [(1, 8, 128, 16), (3, 2, 8, 16), (16, 8, 128, 16), (16, 16, 512, 64),
-                                               (5, 1, 4, 1), (16, 8, 8, 128)])
+                                               (5, 1, 4, 1), (16, 8, 8, 128), (64, 8, 128, 16), (32, 16, 512, 64),
+                                               (64, 8, 8, 16)])  # up to 512 picks: one per thread
 def test_router_one_block_permutation(T, k, E, row_align):
     """The router's one-block decode launch (router.cuh kPermute): its picks, then permute_one_block on
     them, equal reference.moe_router then reference.moe_permute."""

@@ -358,6 +358,31 @@ def permute_tiling(num_picks):
     return tile, ceil_div(num_picks, tile)
 
 
+def place_step(e, next_slot, num_experts):
+    """permute_detail::place_step: one step of the block's stable placement. e [PERMUTE_THREADS]:
+    each thread's pick's expert (NO_EXPERT: none); next_slot [PERMUTE_THREADS]: the owner's next
+    free slot of each expert (thread e owns expert e), advanced here past the step's picks.
+    Returns each thread's slot (-1 for NO_EXPERT): its warp's base for the expert (the owner's
+    scan over the warps' counts) plus its rank among its warp's peers (__match_any_sync)."""
+    warp = np.arange(PERMUTE_THREADS) // WARP
+    warp_base = np.zeros((PERMUTE_WARPS, max(num_experts, 1)), np.int64)
+    rank = np.zeros(PERMUTE_THREADS, np.int64)
+    for w in range(PERMUTE_WARPS):  # __match_any_sync: rank among peers, leader's count
+        ew = e[w * WARP:(w + 1) * WARP]
+        for ln in range(WARP):
+            peers = ew == ew[ln]
+            rank[w * WARP + ln] = peers[:ln].sum()
+            if ew[ln] != NO_EXPERT and rank[w * WARP + ln] == 0:
+                warp_base[w, ew[ln]] = peers.sum()
+    for ex in range(num_experts):  # owned expert: counts over the warps -> first slots
+        for w in range(PERMUTE_WARPS):
+            count = warp_base[w, ex]
+            warp_base[w, ex] = next_slot[ex]
+            next_slot[ex] += count
+    safe = np.where(e == NO_EXPERT, 0, e)
+    return np.where(e == NO_EXPERT, -1, warp_base[warp, safe] + rank)
+
+
 def permute(ids_flat, num_experts, row_align):
     """permute.cuh launch_moe_permute: (count kernel when num_tiles > 1, then) the scatter kernel,
     block by block. Returns the GBufs sorted_rows, expert_offsets, inverse (each element checked
@@ -370,7 +395,6 @@ def permute(ids_flat, num_experts, row_align):
     inverse = GBuf("inverse", numel=num_picks, dtype=np.int64, fill=-12345)
     tile_picks, num_tiles = permute_tiling(num_picks)
     tid = np.arange(PERMUTE_THREADS)
-    warp = tid // WARP
 
     def expert_of(n, end):
         """permute_detail::expert_of per thread."""
@@ -432,27 +456,11 @@ def permute(ids_flat, num_experts, row_align):
         # 3. stable placement, PERMUTE_THREADS picks per step
         for base in range(begin, end, PERMUTE_THREADS):
             n = base + tid
-            e = expert_of(n, end)
-            warp_base = np.zeros((PERMUTE_WARPS, max(num_experts, 1)), np.int64)
-            rank = np.zeros(PERMUTE_THREADS, np.int64)
-            for w in range(PERMUTE_WARPS):  # __match_any_sync: rank among peers, leader's count
-                ew = e[w * WARP:(w + 1) * WARP]
-                for ln in range(WARP):
-                    peers = ew == ew[ln]
-                    rank[w * WARP + ln] = peers[:ln].sum()
-                    if ew[ln] != NO_EXPERT and rank[w * WARP + ln] == 0:
-                        warp_base[w, ew[ln]] = peers.sum()
-            for ex in range(num_experts):  # owned expert: counts over the warps -> first slots
-                for w in range(PERMUTE_WARPS):
-                    count = warp_base[w, ex]
-                    warp_base[w, ex] = next_slot[ex]
-                    next_slot[ex] += count
+            slot = place_step(expert_of(n, end), next_slot, num_experts)
             for th in np.nonzero(n < end)[0]:
-                slot = -1
-                if e[th] != NO_EXPERT:
-                    slot = warp_base[warp[th], e[th]] + rank[th]
-                    sorted_rows.write([slot], [[n[th]]], "scatter")
-                inverse.write([n[th]], [[slot]], "inverse")
+                if slot[th] != -1:
+                    sorted_rows.write([slot[th]], [[n[th]]], "scatter")
+                inverse.write([n[th]], [[slot[th]]], "inverse")
     for buf in (sorted_rows, offsets, inverse):
         buf.check_written_once(np.ones(buf.d.size, bool))
     return sorted_rows, offsets, inverse
@@ -461,9 +469,9 @@ def permute(ids_flat, num_experts, row_align):
 def permute_one_block(ids_flat, counts, num_experts, row_align):
     """permute.cuh permute_one_block, the end of the router's one-block decode launch (router.cuh
     kPermute): ids_flat (the router's picks, all in [0, E), at most PERMUTE_THREADS of them) and
-    counts (its histogram) from shared memory; one pick per thread, ranked by counting its
-    expert's earlier picks. Returns the GBufs sorted_rows, expert_offsets, inverse (each element
-    checked written exactly once)."""
+    counts (its histogram) from shared memory; one pick per thread, placed as one step of the
+    scatter kernel (place_step). Returns the GBufs sorted_rows, expert_offsets, inverse (each
+    element checked written exactly once)."""
     ids = np.asarray(ids_flat, np.int64)
     num_picks = ids.size
     if num_picks > PERMUTE_THREADS or not ((ids >= 0) & (ids < num_experts)).all():
@@ -490,12 +498,12 @@ def permute_one_block(ids_flat, counts, num_experts, row_align):
         inside = s < num_slots
         sorted_rows.write(s[inside], np.full((inside.sum(), 1), -1), "trailing")
         s = s + PERMUTE_THREADS
+    e = np.full(PERMUTE_THREADS, NO_EXPERT)
+    e[:num_picks] = ids
+    slot = place_step(e, start.copy(), num_experts)
     for n in range(num_picks):  # thread n
-        e = ids[n]
-        rank = int((ids[:n] == e).sum())
-        slot = start[e] + rank
-        sorted_rows.write([slot], [[n]], "scatter")
-        inverse.write([n], [[slot]], "inverse")
+        sorted_rows.write([slot[n]], [[n]], "scatter")
+        inverse.write([n], [[slot[n]]], "inverse")
     for buf in (sorted_rows, offsets, inverse):
         buf.check_written_once(np.ones(buf.d.size, bool))
     return sorted_rows, offsets, inverse
