@@ -83,7 +83,7 @@ def _prefill_mainloops() -> dict:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def make_row(env: dict, op: str, shape: dict, provider: str, status: str, note: str = "", **fields) -> dict:
