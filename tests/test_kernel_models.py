@@ -345,6 +345,24 @@ def test_attention_key_lengths_and_mask():
                modes=("f64",))
 
 
+@pytest.mark.parametrize("ctas,seqlen_k,rows,want", [
+    (64, 32768, 8, (8, 64)),     # batch 16 x Hkv 4: 8 splits fill 1.94 waves of 264 (9 would be 2.18)
+    (64, 131072, 16, (8, 256)),
+    (8, 131072, 4, (64, 32)),    # batch 1 x Hkv 8: 66 wanted (2 waves), dealt as 64 splits of 32 tiles
+    (8, 1024, 4, (16, 1)),       # latency bound: one tile per split
+    (200, 32768, 8, (5, 103)),   # 5 splits: 3.8 waves (3 would leave a last wave 27% full)
+    (256, 8192, 16, (3, 43)),    # a wave of (b, kv head) CTAs already: nothing better than the target
+    (264, 32768, 8, (1, 512)),   # a full wave: no split
+    (4, 2048, 64, (8, 4)),       # full 64-row tiles: at least 3 tiles a split (10 wanted, dealt as 8 of 4)
+])
+def test_split_plan_fills_its_last_wave(ctas, seqlen_k, rows, want):
+    """heuristics.cuh plan_splits on an H100 (132 SMs, 2 CTAs each): among 1 .. 2 x the target split
+    count, the one with the fewest waves per split, nearest the target."""
+    assert attention.plan_splits(ctas, seqlen_k, rows, 132, 2) == want
+    splits, per_split = want
+    assert (splits - 1) * per_split < -(-seqlen_k // attention.BLOCK_N) <= splits * per_split  # no empty split
+
+
 @pytest.mark.parametrize("case", ["plan", "last split takes the rest", "empty split", "empty causal splits",
                                   "mask and key_lengths", "key_lengths 0"])
 def test_attention_split_kv(case):

@@ -9,8 +9,16 @@
 // shared memory and 128 threads each: 2 per SM on sm_80 and sm_90). When the
 // (row tile, b, kv head) CTAs fill at least one wave, the key range is not
 // split. Otherwise (decode, small batch, long context) each CTA's key range is
-// cut into num_splits chunks of whole K/V tiles, aiming at kTargetWaves waves
-// of CTAs, and at most kMaxSplits. A split must earn its partials: the K/V
+// cut into num_splits chunks of whole K/V tiles, about kTargetWaves waves of
+// CTAs, and at most kMaxSplits. Which count near that: waves run one after
+// another and a split's CTA reads 1/s of its keys, so the time goes as
+// waves(s) / s, waves(s) = ceil(ctas * s / wave); a last wave left mostly
+// empty costs nearly a full one (its few CTAs cannot draw the bandwidth). The
+// plan takes, among s = 1 .. 2 * s_target (s_target = ceil(kTargetWaves *
+// wave / ctas)), the s with the least waves(s) / s, ties to the one nearest
+// s_target, then the smaller. The second H100 run: batch 16, Hkv 4 (64 CTAs),
+// 32k keys took s_target = 9 splits, 2.18 waves, 89% of copy, where Hkv 8 (128
+// CTAs, 5 splits, 2.42 waves) reached 97%; now 8 splits, 1.94 waves. A split must earn its partials: the K/V
 // bytes it reads are at least the traffic of the fp32 partials it writes and
 // the combine reads back (min_tiles_per_split, from the rows a CTA holds): 3
 // tiles for a full 64-row tile, 1 tile for a decode tile (group * Sq <= 31
@@ -70,9 +78,16 @@ inline SplitPlan plan_splits(int64_t ctas,          // CTAs with work: row tiles
   const int64_t wave = static_cast<int64_t>(std::max(num_sms, 1)) * std::max(ctas_per_sm, 1);
   int64_t splits = 1;
   if (ctas > 0 && ctas < wave) {
-    splits = std::min({ceil_div<int64_t>(kTargetWaves * wave, ctas),
-                       tiles / min_tiles_per_split(rows_per_cta), static_cast<int64_t>(kMaxSplits)});
-    splits = std::max<int64_t>(splits, 1);
+    const int64_t target = ceil_div<int64_t>(kTargetWaves * wave, ctas);
+    const int64_t most = std::max<int64_t>(
+        std::min({2 * target, tiles / min_tiles_per_split(rows_per_cta), static_cast<int64_t>(kMaxSplits)}), 1);
+    const auto waves = [&](int64_t s) { return ceil_div<int64_t>(ctas * s, wave); };
+    const auto distance = [&](int64_t s) { return s > target ? s - target : target - s; };
+    for (int64_t s = 2; s <= most; ++s) {
+      // waves(s) / s < waves(splits) / splits, or equal and nearer the target
+      const int64_t lhs = waves(s) * splits, rhs = waves(splits) * s;
+      if (lhs < rhs || (lhs == rhs && distance(s) < distance(splits))) splits = s;
+    }
   }
   const int64_t per_split = std::max<int64_t>(ceil_div<int64_t>(tiles, splits), 1);
   splits = std::max<int64_t>(ceil_div<int64_t>(tiles, per_split), 1);

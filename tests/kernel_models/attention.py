@@ -30,6 +30,7 @@ out and lse, shared-memory hazards (Smem), fully covered mma fragments.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 
@@ -186,8 +187,13 @@ def plan_splits(ctas, seqlen_k, rows_per_cta, num_sms, ctas_per_sm=MIN_CTAS_PER_
     wave = max(num_sms, 1) * max(ctas_per_sm, 1)
     splits = 1
     if 0 < ctas < wave:
-        splits = max(min(ceil_div(TARGET_WAVES * wave, ctas), tiles // min_tiles_per_split(rows_per_cta),
-                         MAX_SPLITS), 1)
+        target = ceil_div(TARGET_WAVES * wave, ctas)
+        most = max(min(2 * target, tiles // min_tiles_per_split(rows_per_cta), MAX_SPLITS), 1)
+
+        def cost(s):  # waves(s) / s as a fraction, then the distance to the target, then s
+            return (Fraction(ceil_div(ctas * s, wave), s), abs(s - target), s)
+
+        splits = min(range(1, most + 1), key=cost)
     per_split = max(ceil_div(tiles, splits), 1)
     return max(ceil_div(tiles, per_split), 1), per_split
 
