@@ -24,7 +24,8 @@ MIN_REPS, MAX_REPS = 10, 500
 GRAPH_WARMUP_CALLS = 3
 # How the L2 is emptied before each timed call (CudaTimer's l2_flush; every row records it):
 #   "clean": write a buffer twice the L2's size, then read it back: the L2 ends full of clean lines,
-#            which the timed call evicts for free (the default since 2026-11-26, third GPU session);
+#            which the timed call evicts for free (the default since 2026-11-26; the first two GPU
+#            runs' rows were timed with "dirty");
 #   "dirty": only the write (torch's zero_, as triton's do_bench and most harnesses flush): the L2
 #            ends full of dirty lines, and a timed call that moves more than a few MB pays for
 #            writing them back to DRAM -- the harness's bytes, charged to the op (the suspect for
