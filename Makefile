@@ -14,8 +14,12 @@
 #               failing one is switched to mma.sync for the later steps (wgmma_smoke.log says so);
 #               then tests/error_path_probe.py (do bad arguments raise or crash; error_probe.log);
 #               after the tests, benchmarks.parity (the patched 30B-A3B model against the fp32 truth
-#               over PARITY_SEEDS seeds, routing flips counted; parity.log); STEPS="tests bench"
-#               runs only the steps named (default: probe tests parity memcheck racecheck bench)
+#               over PARITY_SEEDS seeds, routing flips counted; parity.log); after the benchmarks,
+#               flushab (FLUSH_AB_ARGS cases timed again after the old write-only L2 flush, rows in
+#               OUT/dirty: what the harness's own write-back costs short calls) and kernel_times
+#               (KERNEL_TIMES_ARGS, per-kernel device times; kernel_times.txt); STEPS="tests bench"
+#               runs only the steps named (default: probe tests parity memcheck racecheck bench
+#               flushab kernel_times)
 
 SHELL       := /bin/bash
 PYTHON      ?= python3
@@ -78,6 +82,13 @@ GPU_TEST_S  ?= 210
 MEMCHECK_S  ?= 150
 RACECHECK_S ?= 90
 BENCH_S     ?= 150
+FLUSHAB_S   ?= 60
+KERNEL_TIMES_S ?= 60
+# The L2-flush A/B (benchmarks/NOTES.md): the cases whose gap to the copy rate suggested it, with the
+# flush every run used before 2026-11-26's change; compare with the same cases' default rows.
+FLUSH_AB_ARGS ?= --l2-flush dirty --ops rms_norm,qk_norm_rope --shapes tokens=16384 --providers qwen3x
+FLUSH_AB_MOE_ARGS ?= --l2-flush dirty --ops moe_layer --shapes model=Qwen3-30B-A3B,tokens=1 --providers qwen3x
+KERNEL_TIMES_ARGS ?= --ops moe_layer --shapes tokens=1
 GPU_TESTS   ?= tests --ignore=tests/test_kernel_models.py --ignore=tests/test_wgmma_smoke.py \
                --ignore=tests/test_emulator.py --ignore=tests/test_emulator_ops.py  # CPU-only (CI runs them)
 GPU_SAMPLE  ?= 3
@@ -119,7 +130,7 @@ LOAD_MAINLOOP_ENV = set -a; [ -f $(OUT)/mainloop.env ] && . $(OUT)/mainloop.env;
 # The steps after the build, the info line and the wgmma smoke run: all by default; a GPU lease
 # too short for all of them names the ones it wants (e.g. STEPS="tests bench"). A step left out
 # is a no-op (its log is absent from OUT, and the summary skips it).
-STEPS       ?= probe tests parity memcheck racecheck bench
+STEPS       ?= probe tests parity memcheck racecheck bench flushab kernel_times
 step = $(if $(filter $(1),$(STEPS)),,exit 0;)  # a recipe line runs in a shell of its own
 
 gpu:
@@ -143,8 +154,14 @@ gpu:
 	    | tail -n 30 | tee $(OUT)/racecheck.log; echo "racecheck exit $$? (filter: $(SANITIZER_FILTER))" >> $(OUT)/racecheck.log
 	$(call step,bench) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(BENCH_S) $(PYTHON) -m benchmarks --out $(OUT) \
 	    $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log
+	$(call step,flushab) $(LOAD_MAINLOOP_ENV) set -o pipefail; (timeout $(FLUSHAB_S) $(PYTHON) -m benchmarks \
+	    --out $(OUT)/dirty $(FLUSH_AB_ARGS) && timeout $(FLUSHAB_S) $(PYTHON) -m benchmarks --out $(OUT)/dirty \
+	    $(FLUSH_AB_MOE_ARGS)) 2>&1 | tail -n 60 > $(OUT)/flushab.log; echo "flushab exit $$?" >> $(OUT)/flushab.log
+	$(call step,kernel_times) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(KERNEL_TIMES_S) $(PYTHON) \
+	    -m benchmarks.kernel_times $(KERNEL_TIMES_ARGS) > $(OUT)/kernel_times.txt 2>&1; \
+	    echo "kernel_times exit $$?" >> $(OUT)/kernel_times.txt
 	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; cat $(OUT)/wgmma_smoke.log
-	@for f in error_probe tests parity memcheck racecheck bench; do [ -f $(OUT)/$$f.log ] && grep -E \
+	@for f in error_probe tests parity memcheck racecheck bench flushab; do [ -f $(OUT)/$$f.log ] && grep -E \
 	    "error path probe|passed|failed| exit " $(OUT)/$$f.log | tail -n 3; done; true
 
 clean:
