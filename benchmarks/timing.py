@@ -29,7 +29,8 @@ GRAPH_WARMUP_CALLS = 3
 #   "dirty": only the write (torch's zero_, as triton's do_bench and most harnesses flush): the L2
 #            ends full of dirty lines, and a timed call that moves more than a few MB pays for
 #            writing them back to DRAM -- the harness's bytes, charged to the op (the suspect for
-#            the ~5 us that every 16k-token rms_norm row spent beyond its bytes at the copy rate).
+#            4-6 us that the 16k-token rms_norm rows at hidden 1024, 2048, 4096 spent beyond their
+#            bytes at the copy rate).
 L2_FLUSHES = ("clean", "dirty")
 
 
