@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
+from functools import partial
 
 import torch
 
@@ -91,11 +92,12 @@ def main(argv=None) -> int:
         print("No CUDA GPU found: nothing to profile.")
         return 0
     device = torch.device("cuda")
-    from .timing import flush_l2, l2_bytes
+    flush = None  # --warm-l2; else the suite's flush, with its own buffer
+    if not args.warm_l2:
+        from .timing import flush_l2, l2_bytes
 
-    buffer = torch.empty(2 * l2_bytes(), dtype=torch.uint8, device=device)
-    sink = torch.empty((), dtype=torch.int32, device=device)
-    flush = None if args.warm_l2 else lambda: flush_l2(buffer, sink, "clean")
+        flush = partial(flush_l2, torch.empty(2 * l2_bytes(), dtype=torch.uint8, device=device),
+                        torch.empty((), dtype=torch.int32, device=device), "clean")
     for op in ops:
         for case in ALL_SUITES[op](False):
             if not shape_matches(case, terms):

@@ -561,12 +561,11 @@ PLANTED = {
     # moe_experts' permutation launch: counters zeroed, not set to the dropped picks (a token with
     # a dropped pick never completes)
     "moe: dropped picks not counted": (
-        ("moe/permute.cuh", "c.counters[i] = dropped_picks(ids, i / c.col_tiles, c.top_k, num_experts);",
-         "c.counters[i] = 0;"),
+        ("moe/permute.cuh", "c.col_tiles + i] = dropped;", "c.col_tiles + i] = 0;"),
         "dropped_picks"),
     # ... or the row of a token with every pick dropped left unwritten
     "moe: the empty token's row not zeroed": (
-        ("moe/permute.cuh", "reinterpret_cast<uint4*>(c.out)[i] = make_uint4(0u, 0u, 0u, 0u);", ";"),
+        ("moe/permute.cuh", "row[v] = make_uint4(0u, 0u, 0u, 0u);", ";"),
         "dropped_picks"),
     # GEMM2's fused combine adds the unwritten y row of a dropped pick
     "moe: the fused combine reads dropped picks": (

@@ -109,29 +109,28 @@ __device__ __forceinline__ int expert_of(const IdT* ids, int64_t n, int64_t end,
 
 __device__ __forceinline__ unsigned lanes_below(int lane) { return (1u << lane) - 1u; }
 
-// Picks of token t whose expert id lies outside [0, E) (the permutation drops them).
-template <typename IdT>
-__device__ __forceinline__ int dropped_picks(const IdT* ids, int t, int top_k, int num_experts) {
-  const int64_t n0 = static_cast<int64_t>(t) * top_k;
-  int dropped = 0;
-  for (int j = 0; j < top_k; ++j) dropped += expert_of(ids, n0 + j, n0 + top_k, num_experts) == kNoExpert;
-  return dropped;
-}
-
-// CombinePrep's work, by the whole block: every counter of token t set to its dropped picks,
-// and the output row of a token with all k picks dropped set to zero (16-byte stores).
+// CombinePrep's work, by the whole block, a warp per token: the token's dropped picks (ids
+// outside [0, E)) counted once, stored in every counter of the token, and the token's output row
+// set to zero (16-byte stores) when all k of its picks are dropped.
 template <typename IdT>
 __device__ __forceinline__ void prepare_combine(const CombinePrep& c, const IdT* ids,
                                                 int64_t num_picks, int num_experts) {
+  const int lane = threadIdx.x % kWarpSize;
   const int num_tokens = static_cast<int>(num_picks / c.top_k);
-  for (int i = threadIdx.x; i < num_tokens * c.col_tiles; i += blockDim.x) {
-    c.counters[i] = dropped_picks(ids, i / c.col_tiles, c.top_k, num_experts);
-  }
   const int64_t vecs_per_row = c.row_bytes / kVecBytes;
-  for (int64_t i = threadIdx.x; i < num_tokens * vecs_per_row; i += blockDim.x) {
-    const int t = static_cast<int>(i / vecs_per_row);
-    if (dropped_picks(ids, t, c.top_k, num_experts) == c.top_k) {
-      reinterpret_cast<uint4*>(c.out)[i] = make_uint4(0u, 0u, 0u, 0u);  // row t, vector i % vecs_per_row
+  for (int t = threadIdx.x / kWarpSize; t < num_tokens; t += blockDim.x / kWarpSize) {
+    const int64_t n0 = static_cast<int64_t>(t) * c.top_k;
+    int dropped = 0;
+    for (int j = lane; j < c.top_k; j += kWarpSize) {
+      dropped += expert_of(ids, n0 + j, n0 + c.top_k, num_experts) == kNoExpert ? 1 : 0;
+    }
+    dropped = __reduce_add_sync(kFullWarpMask, dropped);
+    for (int i = lane; i < c.col_tiles; i += kWarpSize) {
+      c.counters[static_cast<int64_t>(t) * c.col_tiles + i] = dropped;
+    }
+    if (dropped == c.top_k) {  // no GEMM2 CTA will visit the token: the combine's empty sum
+      uint4* row = reinterpret_cast<uint4*>(c.out) + t * vecs_per_row;
+      for (int64_t v = lane; v < vecs_per_row; v += kWarpSize) row[v] = make_uint4(0u, 0u, 0u, 0u);
     }
   }
 }

@@ -1239,29 +1239,33 @@ inline unsigned __match_any_sync(unsigned mask, V v) {
   });
   return mine.out;
 }
-inline unsigned emu_reduce_sync(const char* what, unsigned mask, unsigned v, bool want_max) {
+// redux.sync: `op` folds the 32 lanes' values (lane order), every lane gets the result.
+template <typename V, typename Op>
+inline V emu_reduce_sync(const char* what, unsigned mask, V v, Op op) {
   emu::check_full_warp(mask, what);
   struct A {
-    unsigned v, out;
+    V v, out;
   } mine{v, 0};
   emu::warp_meet(what, &mine, [&](std::array<void*, 128>& args) {
-    unsigned r = static_cast<A*>(args[0])->v;
-    for (int l = 1; l < 32; ++l) {
-      const unsigned x = static_cast<A*>(args[l])->v;
-      r = want_max ? std::max(r, x) : std::min(r, x);
-    }
+    V r = static_cast<A*>(args[0])->v;
+    for (int l = 1; l < 32; ++l) r = op(r, static_cast<A*>(args[l])->v);
     for (int l = 0; l < 32; ++l) static_cast<A*>(args[l])->out = r;
   });
   return mine.out;
 }
 inline unsigned __reduce_max_sync(unsigned mask, unsigned v) {
-  return emu_reduce_sync("redux.max", mask, v, true);
+  return emu_reduce_sync("redux.max", mask, v, [](unsigned a, unsigned b) { return std::max(a, b); });
 }
 inline unsigned __reduce_min_sync(unsigned mask, unsigned v) {
-  return emu_reduce_sync("redux.min", mask, v, false);
+  return emu_reduce_sync("redux.min", mask, v, [](unsigned a, unsigned b) { return std::min(a, b); });
+}
+inline int __reduce_add_sync(unsigned mask, int v) {  // wraps modulo 2^32, as the hardware's
+  return static_cast<int>(emu_reduce_sync("redux.add", mask, static_cast<unsigned>(v),
+                                          [](unsigned a, unsigned b) { return a + b; }));
 }
 inline int __all_sync(unsigned mask, int predicate) {
-  return static_cast<int>(emu_reduce_sync("vote.all", mask, predicate != 0, false));
+  return static_cast<int>(emu_reduce_sync("vote.all", mask, static_cast<unsigned>(predicate != 0),
+                                          [](unsigned a, unsigned b) { return std::min(a, b); }));
 }
 // Relaxed atomic read-modify-writes, as CUDA's (no ordering: ThreadSanitizer sees atomics, not
 // synchronization).
