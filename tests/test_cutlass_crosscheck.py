@@ -121,11 +121,11 @@ def test_layouts_match_cute(toolchain):
     assert summary is not None, f"no summary line (exit {r.returncode}):\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"
     if r.returncode != 0 or summary.group(1) != "0":
         lines = r.stdout.splitlines()
-        table = [line for line in lines if re.match(r"(desc|layout|frag)\.|compared:|mismatches:", line)]
+        table = [line for line in lines if re.match(r"(desc|ldsm|layout|frag)\.|compared:|mismatches:", line)]
         details = [line for line in lines if line.startswith("  ")][:60]
         pytest.fail(f"our wgmma encodings disagree with CuTe ({summary.group(1)} mismatches):\n"
                     + "\n".join(table) + "\nfirst mismatches:\n" + "\n".join(details), pytrace=False)
-    families = re.findall(r"^(desc|layout|frag)\.\S+\s+compared\s+(\d+)", r.stdout, re.MULTILINE)
+    families = re.findall(r"^(desc|ldsm|layout|frag)\.\S+\s+compared\s+(\d+)", r.stdout, re.MULTILINE)
     assert len(families) == 9 and all(int(n) > 0 for _, n in families), r.stdout
 
 
@@ -143,12 +143,13 @@ def _ptx_bodies(ptx: str) -> dict[str, str]:
 
 
 def test_asm_operand_order_matches_cute(toolchain):
-    """Our wgmma_ss / wgmma_m64n128k16_rs_mn inline PTX == CuTe's SM90 SS / RS atoms' (sm_90a PTX)."""
+    """Our wgmma_ss / wgmma_rs inline PTX == CuTe's SM90 SS / RS atoms' (sm_90a PTX)."""
     nvcc, include = toolchain
     ptx = _compile(nvcc, include, ASM_SRC, "wgmma_asm.ptx", ["-arch=sm_90a", "-ptx"]).read_text()
     bodies = _ptx_bodies(ptx)
     cases = sorted(name[len("ours_"):] for name in bodies if name.startswith("ours_"))
-    assert cases == ["rs128_bf16", "rs128_fp16", "ss128_bf16", "ss128_fp16", "ss64_bf16", "ss64_fp16"], bodies.keys()
+    assert cases == ["rs128_bf16", "rs128_fp16", "rs64k_bf16", "rs64k_fp16", "ss128_bf16", "ss128_fp16",
+                     "ss64_bf16", "ss64_fp16"], bodies.keys()
     differ = []
     for case in cases:
         ours, cute = bodies[f"ours_{case}"], bodies[f"cute_{case}"]

@@ -101,9 +101,10 @@ def test_attention_smem_conflict_free():
 
 
 def test_attention_wgmma_smem_conflict_free():
-    """The Hopper layout's cp.async stores (8 threads = one 128-byte half-row) and the output
-    staging are conflict-free too (wgmma reads shared memory itself)."""
-    kinds = ("Q load", "K load", "V load", "K prefetch", "V prefetch", "sO store", "sO load")
+    """The Hopper layout's cp.async stores (8 threads = one 128-byte half-row), the ldmatrix reads
+    of the Q fragments (Q K^T's registers A) and the output staging are conflict-free too (wgmma
+    reads K and V itself)."""
+    kinds = ("Q load", "K load", "V load", "K prefetch", "V prefetch", "ldm Q", "sO store", "sO load")
     factors = _bank_factors(lambda: run_padded("banks wgmma", 1, 8, 2, 40, 200, True, modes=("f64",), wgmma=True),
                             kinds)
     assert all(f == 1.0 for f in factors.values()), factors

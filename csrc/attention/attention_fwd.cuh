@@ -38,8 +38,8 @@
 //      for the last of the tile's splits to finish, the combine (combine.cuh).
 //
 // kWgmma (sm_90a, mainloop.cuh): the Hopper layout and warpgroup wgmma for
-// S = Q K^T and O += P V (Q read from shared memory at every tile, not kept in
-// registers); every warp takes part (wgmma is warpgroup-wide), rows past the
+// S = Q K^T and O += P V (A operands from registers: the Q fragments, as in step 1,
+// and P); every warp takes part (wgmma is warpgroup-wide), rows past the
 // sequence compute harmlessly on zero-filled Q and are never written. The
 // host picks it for tiles that are mostly full (prefill), see
 // attention.cu.
@@ -140,7 +140,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
   }
   OnlineSoftmax softmax;
   softmax.init();
-  uint32_t qf[kWgmma ? 1 : kHeadStepsK][4];  // mma.sync: Q fragments, kept in registers
+  uint32_t qf[kHeadStepsK][4];  // Q fragments, loaded at the first tile, kept in registers
 
   // ---- main loop ---------------------------------------------------------------------------
   for (int tile = tile_begin; tile < tile_end; ++tile) {
@@ -160,8 +160,9 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
     __syncthreads();
 
     if constexpr (kWgmma) {
+      if (tile == tile_begin) load_q_fragments<T, true>(qf, sQ_addr, warp, lane);
       float s[kScoreTilesN][4];
-      warpgroup_qk<T>(s, sQ_addr, sK_addr + stage_offset);
+      warpgroup_qk<T>(s, qf, sK_addr + stage_offset);
       const int key0 = tile * kBlockN;
       const bool mask_tile = has_mask || key0 + kBlockN - 1 > all_visible_last;
       scale_and_mask(s, p.scale_log2, mask_tile, limit, key0, lane);
@@ -172,7 +173,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
       // the whole tile, or with kSplitKeys the warp's quarter of its keys
       constexpr int kTiles = kSplitKeys ? kWarpScoreTilesN : kScoreTilesN;
       const int first_key = kSplitKeys ? warp * kKeysPerWarp : 0;  // in the tile
-      if (tile == tile_begin) load_q_fragments<T>(qf, sQ_addr, row_warp, lane);  // mma.sync only
+      if (tile == tile_begin) load_q_fragments<T, false>(qf, sQ_addr, row_warp, lane);
       const uint32_t keys_offset = stage_offset + first_key * kRowBytes;
       float s[kTiles][4];
       warp_qk<T>(s, qf, sK_addr + keys_offset, lane);

@@ -2,7 +2,8 @@
 //
 //   load_q_tile      global -> shared: the CTA's kBlockM packed rows of Q
 //   KVLoader         global -> shared: kBlockN keys of K and of V of one kv head
-//   load_q_fragments shared -> registers: a warp's 16 x 128 Q block as A fragments
+//   load_q_fragments shared -> registers: a warp's 16 x 128 Q block as A fragments (both
+//                    mainloops: once per CTA, they stay in registers for every tile)
 //   warp_qk          S[16 x 64] = Q K^T    (8 k16 steps x 8 n8 tiles = 64 mma)
 //   warp_pv          O[16 x 128] += P V    (4 k16 steps x 16 n8 tiles = 64 mma)
 //   (decode, split keys: a warp's 16 keys of the tile, 8 x 2 = 16 mma and 1 x 16 = 16 mma)
@@ -23,11 +24,17 @@
 //
 // The Hopper mainloop (kWgmma = true: sm_90a builds on sm_90 GPUs) loads the
 // same rows into the Hopper layout of kernel_traits.cuh and replaces the
-// warp-level math by warpgroup-level wgmma straight from shared memory:
-//   warpgroup_qk     S[64 x 64] = Q K^T: 8 k16 steps of m64n64k16, Q and K K-major
+// warp-level math by warpgroup-level wgmma, A from registers, B from shared memory:
+//   warpgroup_qk     S[64 x 64] = Q K^T: 8 k16 steps of m64n64k16, Q the warps' A
+//                    fragments (load_q_fragments), K K-major
 //   warpgroup_pv     O[64 x 128] += P V: 4 k16 steps of m64n128k16, P from the
 //                    registers (the same A fragments softmax.cuh makes for
 //                    mma.sync), V MN-major
+// Why Q sits in registers: shared memory serves an SM about 128 bytes a clock, and a
+// 64 x 64 tile of a CTA costs, per 2.1 MFLOP, 32 KB of cp.async writes (K, V), 16 KB of V
+// read by P V, 16 KB of K and, were Q read from shared memory by every Q K^T, 16 KB of Q
+// (80 KB; 64 KB without Q). At the 389 TFLOP/s the first run measured (Q from shared
+// memory) that is 113-128 bytes a clock, the whole budget (benchmarks/NOTES.md).
 // Warp w's accumulators are the mma.sync C fragments of its 16 rows (s[8][4],
 // o[16][4]; core/wgmma.cuh), so softmax and epilogue are shared. Each waits
 // for its wgmma group before returning.
@@ -115,15 +122,17 @@ struct KVLoader {
   }
 };
 
-// A fragments of the warp's 16 rows x 128 head dims.
-template <typename T>
+// A fragments of the warp's 16 rows x 128 head dims (qf[kk]: head dims 16 kk .. 16 kk + 15),
+// for mma.sync and for wgmma's RS form alike. Either layout puts the 8 rows of an ldmatrix
+// phase at one logical chunk in 8 distinct bank groups (chunk ^ row % 8).
+template <typename T, bool kWgmma>
 __device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[kHeadStepsK][4],
-                                                 uint32_t sQ,  // [kBlockM][128] swizzled
+                                                 uint32_t sQ,  // [kBlockM][128], tile_offset<kWgmma>
                                                  int warp, int lane) {
   const int row = warp * kRowsPerWarp + lane % 8 + 8 * ((lane / 8) % 2);
 #pragma unroll
   for (int kk = 0; kk < kHeadStepsK; ++kk) {
-    ldmatrix_x4(qf[kk], sQ + swizzled_offset(row, 2 * kk + lane / 16) * kElemBytes);
+    ldmatrix_x4(qf[kk], sQ + tile_offset<kWgmma>(row, 2 * kk + lane / 16, kBlockM) * kElemBytes);
   }
 }
 
@@ -191,27 +200,29 @@ __device__ __forceinline__ void warp_pv(float (&o)[kHeadTilesN][4],
 }
 
 // ---- Hopper: warpgroup-level wgmma -----------------------------------------------------------
-constexpr uint32_t kHalfTileQBytes = kBlockM * kHalfDim * kElemBytes;   // 8 KB
 constexpr uint32_t kHalfTileKVBytes = kBlockN * kHalfDim * kElemBytes;  // 8 KB
 constexpr int kStepsPerHalf = kHalfDim / kMmaK;                         // 4 k16 steps per half
 constexpr uint32_t kKeyStepBytes = kMmaK * kHalfDim * kElemBytes;       // 16 V rows: 2 KB
 
 // s[nt][.] = Q K^T for the warp's 16 rows, keys 8 nt .. 8 nt + 7 (fp32, unscaled): the
-// warpgroup's S[64 x 64] from Q and K K-major (k16 step kk: half kk / 4, 32 bytes per step).
+// warpgroup's S[64 x 64], A = the warps' Q fragments, B = K K-major (k16 step kk: half kk / 4,
+// 32 bytes per step).
 template <typename T>
 __device__ __forceinline__ void warpgroup_qk(float (&s)[kScoreTilesN][4],
-                                             uint32_t sQ,  // [kBlockM][128], Hopper layout
+                                             uint32_t (&qf)[kHeadStepsK][4],
                                              uint32_t sK) {  // [kBlockN][128], Hopper layout
   float(&d)[kScoreTilesN * 4] = reinterpret_cast<float(&)[kScoreTilesN * 4]>(s);
+  uint32_t(&a)[kHeadStepsK * 4] = reinterpret_cast<uint32_t(&)[kHeadStepsK * 4]>(qf);
 #pragma unroll
   for (int i = 0; i < kScoreTilesN * 4; ++i) d[i] = 0.0f;
   wgmma_fence_operands(d);
+  wgmma_fence_operands(a);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kHeadStepsK; ++kk) {
     const uint32_t step = (kk % kStepsPerHalf) * kWgmmaStepBytes;
-    wgmma_ss<T, kBlockN>(d, wgmma_desc_sw128(sQ + (kk / kStepsPerHalf) * kHalfTileQBytes + step),
-                         wgmma_desc_sw128(sK + (kk / kStepsPerHalf) * kHalfTileKVBytes + step));
+    wgmma_rs<T, kBlockN, WgmmaB::kKMajor>(
+        d, qf[kk], wgmma_desc_sw128(sK + (kk / kStepsPerHalf) * kHalfTileKVBytes + step));
   }
   wgmma_commit();
   wgmma_wait<0>();
@@ -232,7 +243,7 @@ __device__ __forceinline__ void warpgroup_pv(float (&o)[kHeadTilesN][4],
   wgmma_fence();
 #pragma unroll
   for (int kc = 0; kc < kKeyStepsK; ++kc) {
-    wgmma_m64n128k16_rs_mn<T>(
+    wgmma_rs<T, kHeadDim, WgmmaB::kMNMajor>(
         d, pf[kc], wgmma_desc_sw128(sV + kc * kKeyStepBytes, kHalfTileKVBytes, kWgmmaAtomBytes));
   }
   wgmma_commit();

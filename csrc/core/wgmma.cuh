@@ -5,7 +5,7 @@
 //                          stored with the 128-byte swizzle
 //   wgmma_ss<T, N>         wgmma.mma_async m64nNk16 (N = 64, 128), bf16 or fp16
 //                          inputs from shared memory (both K-major), fp32 accumulators
-//   wgmma_m64n128k16_rs_mn A from registers, B an MN-major shared-memory tile
+//   wgmma_rs<T, N, B>      A from registers, B a K-major or MN-major shared-memory tile
 //   wgmma_fence / wgmma_commit / wgmma_wait<N>, wgmma_fence_operands
 //   fence_proxy_async      makes this thread's shared-memory writes visible to
 //                          the async proxy that wgmma reads through
@@ -215,20 +215,35 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[kN / 2], uint64_t desc_a, ui
 #endif
 }
 
-// d (64 fp32) += A[64 x 16] x B[16 x 128]: A from registers (a = the warp's
-// mma.m16n8k16 A fragment of its 16 rows), B an MN-major SW128 tile in shared
-// memory (N contiguous: rows of B are its K index), hence tnsp-b = 1. After the
-// descriptor: scale-d (p), scale-a = scale-b = 1, tnsp-b = 1.
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n128k16_rs_mn(float (&d)[64], const uint32_t (&a)[4],
-                                                       uint64_t desc_b) {
+// How B lies in shared memory for the RS form (its tnsp-b operand).
+enum class WgmmaB { kKMajor = 0, kMNMajor = 1 };
+
+// d (kN / 2 fp32 per thread) += A[64 x 16] x B, A from registers (a = the warp's
+// mma.m16n8k16 A fragment of its 16 rows, as core/mma.cuh's A fragments), B a SW128 tile
+// in shared memory: K-major ([kN][16], B^T as wgmma_ss reads it; tnsp-b = 0) or MN-major
+// ([16][kN], N contiguous: rows of B are its K index; tnsp-b = 1). kN = 64 or 128. After the
+// descriptor: scale-d (p), scale-a = scale-b = 1, tnsp-b.
+template <typename T, int kN, WgmmaB kB>
+__device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)[4],
+                                         uint64_t desc_b) {
+  static_assert(kN == 64 || kN == 128, "wgmma_rs: N = 64 or 128");
 #if defined(QWEN3X_WGMMA_ENABLED)
-  QWEN3X_WGMMA_BY_TYPE(T, "m64n128k16",
-                       QWEN3X_WGMMA_D64_OPS ", {%64, %65, %66, %67}, %68, p, 1, 1, 1", "%69",
-                       QWEN3X_WGMMA_D64(d), "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]),
-                       "l"(desc_b), "r"(wgmma_detail::kAccumulate))
+  constexpr int kTransB = static_cast<int>(kB);
+  if constexpr (kN == 128) {
+    QWEN3X_WGMMA_BY_TYPE(T, "m64n128k16",
+                         QWEN3X_WGMMA_D64_OPS ", {%64, %65, %66, %67}, %68, p, 1, 1, %70", "%69",
+                         QWEN3X_WGMMA_D64(d), "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]),
+                         "l"(desc_b), "r"(wgmma_detail::kAccumulate), "n"(kTransB))
+  } else {
+    QWEN3X_WGMMA_BY_TYPE(T, "m64n64k16",
+                         QWEN3X_WGMMA_D32_OPS ", {%32, %33, %34, %35}, %36, p, 1, 1, %38", "%37",
+                         QWEN3X_WGMMA_D32(d), "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]),
+                         "l"(desc_b), "r"(wgmma_detail::kAccumulate), "n"(kTransB))
+  }
 #elif defined(QWEN3X_EMULATOR)
-  emu::wgmma_issue<T>("wgmma.m64n128k16 RS", 128, d, a, 0, desc_b);
+  emu::wgmma_issue<T>(kB == WgmmaB::kMNMajor ? "wgmma.m64nNk16 RS (B MN-major)"
+                                             : "wgmma.m64nNk16 RS (B K-major)",
+                      kN, d, a, 0, desc_b, kB == WgmmaB::kMNMajor);
 #else
   (void)d;
   (void)a;

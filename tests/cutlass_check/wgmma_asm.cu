@@ -1,4 +1,4 @@
-// The operand order of our wgmma inline PTX (core/wgmma.cuh wgmma_ss, wgmma_m64n128k16_rs_mn)
+// The operand order of our wgmma inline PTX (core/wgmma.cuh wgmma_ss, wgmma_rs)
 // against CuTe's SM90 GMMA atoms (cute/arch/mma_sm90_gmma.hpp), made checkable without a GPU:
 // compiled to PTX for sm_90a only (`nvcc -arch=sm_90a -ptx`), never run. Each pair of kernels
 // ours_<case> / cute_<case> feeds the same values to one wgmma (descriptors and A registers from
@@ -57,31 +57,33 @@ __device__ __forceinline__ void cute_rs(float (&d)[kN], const uint32_t (&a)[4], 
     store(d, io);                                                                              \
   }
 
-#define QWEN3X_RS_PAIR(NAME, T, CUTE_OP)                                                       \
+#define QWEN3X_RS_PAIR(NAME, T, N, B, CUTE_OP)                                                 \
   __global__ void ours_##NAME(uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t db, \
                               float* io) {                                                     \
-    float d[64];                                                                               \
+    float d[N / 2];                                                                            \
     const uint32_t a[4] = {a0, a1, a2, a3};                                                    \
     load(d, io);                                                                               \
-    qwen3x::wgmma_m64n128k16_rs_mn<T>(d, a, db);                                               \
+    qwen3x::wgmma_rs<T, N, qwen3x::WgmmaB::B>(d, a, db);                                       \
     store(d, io);                                                                              \
   }                                                                                            \
   __global__ void cute_##NAME(uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t db, \
                               float* io) {                                                     \
-    float d[64];                                                                               \
+    float d[N / 2];                                                                            \
     const uint32_t a[4] = {a0, a1, a2, a3};                                                    \
     load(d, io);                                                                               \
-    cute_rs<CUTE_OP>(d, a, db, std::make_index_sequence<64>{});                                \
+    cute_rs<CUTE_OP>(d, a, db, std::make_index_sequence<N / 2>{});                             \
     store(d, io);                                                                              \
   }
 
-// SS, both operands K-major (tnsp-a = tnsp-b = 0), as attention's Q K^T and the MoE GEMMs use them;
-// RS with B MN-major (tnsp-b = 1), as attention's P V uses it.
+// SS, both operands K-major (tnsp-a = tnsp-b = 0), as the MoE GEMMs use them; RS with B K-major
+// (tnsp-b = 0), as attention's Q K^T uses it, and with B MN-major (tnsp-b = 1), as its P V does.
 namespace gmma = cute::SM90::GMMA;
 using CuteSs64Bf16 = gmma::MMA_64x64x16_F32BF16BF16_SS<Major::K, Major::K>;
 using CuteSs64Fp16 = gmma::MMA_64x64x16_F32F16F16_SS<Major::K, Major::K>;
 using CuteSs128Bf16 = gmma::MMA_64x128x16_F32BF16BF16_SS<Major::K, Major::K>;
 using CuteSs128Fp16 = gmma::MMA_64x128x16_F32F16F16_SS<Major::K, Major::K>;
+using CuteRs64KBf16 = gmma::MMA_64x64x16_F32BF16BF16_RS<Major::K, Major::K>;
+using CuteRs64KFp16 = gmma::MMA_64x64x16_F32F16F16_RS<Major::K, Major::K>;
 using CuteRs128Bf16 = gmma::MMA_64x128x16_F32BF16BF16_RS<Major::K, Major::MN>;
 using CuteRs128Fp16 = gmma::MMA_64x128x16_F32F16F16_RS<Major::K, Major::MN>;
 
@@ -89,5 +91,7 @@ QWEN3X_SS_PAIR(ss64_bf16, __nv_bfloat16, 64, CuteSs64Bf16)
 QWEN3X_SS_PAIR(ss64_fp16, __half, 64, CuteSs64Fp16)
 QWEN3X_SS_PAIR(ss128_bf16, __nv_bfloat16, 128, CuteSs128Bf16)
 QWEN3X_SS_PAIR(ss128_fp16, __half, 128, CuteSs128Fp16)
-QWEN3X_RS_PAIR(rs128_bf16, __nv_bfloat16, CuteRs128Bf16)
-QWEN3X_RS_PAIR(rs128_fp16, __half, CuteRs128Fp16)
+QWEN3X_RS_PAIR(rs64k_bf16, __nv_bfloat16, 64, kKMajor, CuteRs64KBf16)
+QWEN3X_RS_PAIR(rs64k_fp16, __half, 64, kKMajor, CuteRs64KFp16)
+QWEN3X_RS_PAIR(rs128_bf16, __nv_bfloat16, 128, kMNMajor, CuteRs128Bf16)
+QWEN3X_RS_PAIR(rs128_fp16, __half, 128, kMNMajor, CuteRs128Fp16)

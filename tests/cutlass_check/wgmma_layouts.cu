@@ -12,6 +12,9 @@
 //             atom (partition_A / partition_B) and turned into descriptors by make_fragment_A / _B
 //             (make_gmma_desc + DescriptorIterator: the path CUTLASS's SM90 GEMM mainloops take);
 //             the k-step descriptor is the fragment's element (0, 0, k).
+//   ldsm.*    attention's Q K^T takes Q from registers: every Q element's shared byte address as
+//             load_q_fragments' ldmatrix reads it into the register and half that CuTe's RS A
+//             layout (ALayout_64x16) gives it == CuTe's address of that element.
 //   layout.*  every element's shared byte address under our layout functions (as the kernels'
 //             loaders store it) == CuTe's address of the same element (Swizzle<3,4,3> applied to
 //             the absolute byte address of the tiled atom, CuTe's position-dependent swizzle_ptr).
@@ -152,6 +155,7 @@ struct Atoms<cutlass::bfloat16_t> {
   static constexpr const char* name = "bf16";
   using SS64 = SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;
   using SS128 = SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;
+  using RS64_K = SM90_64x64x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::K>;
   using RS128_MN = SM90_64x128x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::MN>;
 };
 template <>
@@ -159,6 +163,7 @@ struct Atoms<cutlass::half_t> {
   static constexpr const char* name = "fp16";
   using SS64 = SM90_64x64x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>;
   using SS128 = SM90_64x128x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>;
+  using RS64_K = SM90_64x64x16_F32F16F16_RS<GMMA::Major::K, GMMA::Major::K>;
   using RS128_MN = SM90_64x128x16_F32F16F16_RS<GMMA::Major::K, GMMA::Major::MN>;
 };
 
@@ -271,8 +276,8 @@ void check_moe(Family& desc_a, Family& desc_b, Family& layout) {
 }
 
 // =============================================================================================
-// Attention, kWgmma mainloop: S = Q K^T (m64n64k16 SS, K-major), O += P V (m64n128k16 RS, V
-// MN-major)
+// Attention, kWgmma mainloop: S = Q K^T (m64n64k16 RS: Q fragments by ldmatrix, K K-major),
+// O += P V (m64n128k16 RS, V MN-major)
 // =============================================================================================
 namespace attn = qwen3x::attn;
 // Shared layout of attention_fwd.cuh (element offsets there, bytes here).
@@ -285,7 +290,7 @@ constexpr uint32_t kTileKVBytes = attn::kTileKVElems * attn::kElemBytes;
 
 // MIRRORS csrc/attention/attention_fwd.cuh: const uint32_t stage_offset = ((tile - tile_begin) % kStages) * kTileKVBytes;
 uint32_t attn_sK(uint32_t base, int stage) {
-  // MIRRORS csrc/attention/attention_fwd.cuh: warpgroup_qk<T>(s, sQ_addr, sK_addr + stage_offset);
+  // MIRRORS csrc/attention/attention_fwd.cuh: warpgroup_qk<T>(s, qf, sK_addr + stage_offset);
   return base + kQBytes + stage * kTileKVBytes;
 }
 uint32_t attn_sV(uint32_t base, int stage) {
@@ -294,13 +299,8 @@ uint32_t attn_sV(uint32_t base, int stage) {
 }
 
 // Our descriptors, as warpgroup_qk / warpgroup_pv compute them.
-uint64_t attn_desc_q(uint32_t sQ, int kk) {
-  // MIRRORS csrc/attention/mainloop.cuh: const uint32_t step = (kk % kStepsPerHalf) * kWgmmaStepBytes;
-  const uint32_t step = (kk % attn::kStepsPerHalf) * qwen3x::kWgmmaStepBytes;
-  // MIRRORS csrc/attention/mainloop.cuh: wgmma_ss<T, kBlockN>(d, wgmma_desc_sw128(sQ + (kk / kStepsPerHalf) * kHalfTileQBytes + step),
-  return wgmma_desc_sw128(sQ + (kk / attn::kStepsPerHalf) * attn::kHalfTileQBytes + step);
-}
 uint64_t attn_desc_k(uint32_t sK, int kk) {
+  // MIRRORS csrc/attention/mainloop.cuh: const uint32_t step = (kk % kStepsPerHalf) * kWgmmaStepBytes;
   const uint32_t step = (kk % attn::kStepsPerHalf) * qwen3x::kWgmmaStepBytes;
   // MIRRORS csrc/attention/mainloop.cuh: wgmma_desc_sw128(sK + (kk / kStepsPerHalf) * kHalfTileKVBytes + step));
   return wgmma_desc_sw128(sK + (kk / attn::kStepsPerHalf) * attn::kHalfTileKVBytes + step);
@@ -311,6 +311,15 @@ uint64_t attn_desc_v(uint32_t sV, int kc) {
                           qwen3x::kWgmmaAtomBytes);
 }
 
+// The shared byte address load_q_fragments' ldmatrix.x4 reads for lane `lane` of warp `warp` at
+// k16 step kk: the start of the 8-element row of matrix lane / 8 that this lane supplies.
+uint32_t attn_q_ldsm_row(uint32_t sQ, int warp, int lane, int kk) {
+  // MIRRORS csrc/attention/mainloop.cuh: const int row = warp * kRowsPerWarp + lane % 8 + 8 * ((lane / 8) % 2);
+  const int row = warp * attn::kRowsPerWarp + lane % 8 + 8 * ((lane / 8) % 2);
+  // MIRRORS csrc/attention/mainloop.cuh: ldmatrix_x4(qf[kk], sQ + tile_offset<kWgmma>(row, 2 * kk + lane / 16, kBlockM) * kElemBytes);
+  return sQ + attn::tile_offset<true>(row, 2 * kk + lane / 16, attn::kBlockM) * attn::kElemBytes;
+}
+
 // Our byte address of (row, head dim d) of a [rows][128] tile in the Hopper layout.
 uint32_t attn_ours(uint32_t tile, int row, int d, int rows) {
   return tile + attn::tile_offset<true>(row, d / attn::kChunkElems, rows) * attn::kElemBytes +
@@ -318,10 +327,10 @@ uint32_t attn_ours(uint32_t tile, int row, int d, int rows) {
 }
 
 template <class T>
-void check_attention(Family& desc_q, Family& desc_k, Family& desc_v, Family& layout) {
+void check_attention(Family& ldsm_q, Family& desc_k, Family& desc_v, Family& layout) {
   static_assert(qwen3x::kHeadDim == 128 && attn::kBlockM == 64 && attn::kBlockN == 64, "shapes");
   using Atom = Atoms<T>;
-  auto tiled_qk = make_tiled_mma(typename Atom::SS64{});
+  auto tiled_qk = make_tiled_mma(typename Atom::RS64_K{});
   auto tiled_pv = make_tiled_mma(typename Atom::RS128_MN{});
   // Q [64 rows][128 dims] and K [64 keys][128 dims], K-major: the SW128 atom (8 x 64) tiled over
   // (rows, dims) in CuTe's default (column-major) order, i.e. all row groups of dims 0-63, then all
@@ -344,11 +353,30 @@ void check_attention(Family& desc_q, Family& desc_k, Family& desc_v, Family& lay
     auto tQ = smem_tensor<T>(sQ, layout_q);
     auto thr_qk = tiled_qk.get_slice(0);
     auto thr_pv = tiled_pv.get_slice(0);
-    auto frag_q = thr_qk.make_fragment_A(thr_qk.partition_A(tQ));
-    static_assert(decltype(size<2>(frag_q))::value == attn::kHeadStepsK, "8 k16 steps of Q K^T");
-    for (int kk = 0; kk < attn::kHeadStepsK; ++kk) {
-      check_desc(desc_q, std::string(tn) + fmt(" base %#lx kk %ld", base, kk), attn_desc_q(sQ, kk),
-                 uint64_t(frag_q(0, 0, kk)));
+    // Q K^T's A operand, registers: load_q_fragments' ldmatrix.x4 hands lane L, in register j,
+    // elements 2 (L % 4), + 1 of row L / 4 of matrix j, whose row address lane 8 j + L / 4
+    // supplied. That must be, for every thread, register and half h, the element CuTe's RS A
+    // layout assigns to value 2 j + h (ALayout_64x16: (thread, value) -> m + 64 k), at k step kk
+    // (head dims 16 kk ..), read from CuTe's address of that element of Q.
+    {
+      using AL = typename MMA_Traits<typename Atom::RS64_K>::ALayout;
+      static_assert(is_same<AL, GMMA::ALayout_64x16>::value, "the RS atom's A layout");
+      for (int tid = 0; tid < 128; ++tid) {
+        const int warp = tid / 32, lane = tid % 32;
+        for (int kk = 0; kk < attn::kHeadStepsK; ++kk) {
+          for (int j = 0; j < 4; ++j) {
+            const uint32_t row_start = attn_q_ldsm_row(sQ, warp, 8 * j + lane / 4, kk);
+            for (int h = 0; h < 2; ++h) {
+              const int mk = AL{}(tid, 2 * j + h);
+              const int m = mk % 64, k = mk / 64;
+              check_value(ldsm_q, std::string(tn) + fmt(" base %#lx tid %ld kk %ld", base, tid, kk) +
+                                      fmt(" a[%ld] half %ld", j, h),
+                          row_start + (2 * (lane % 4) + h) * attn::kElemBytes,
+                          cute_address(tQ, m, attn::kMmaK * kk + k));
+            }
+          }
+        }
+      }
     }
     for (int row = 0; row < attn::kBlockM; ++row) {
       for (int d = 0; d < qwen3x::kHeadDim; ++d) {
@@ -557,7 +585,7 @@ void check_fragments(Family& frag_c, Family& frag_a) {
 
 int main() {
   Family moe_a{"desc.moe.A"}, moe_b{"desc.moe.B"}, moe_layout{"layout.moe"};
-  Family q{"desc.attn.Q"}, k{"desc.attn.K"}, v{"desc.attn.V"}, attn_layout{"layout.attn"};
+  Family q{"ldsm.attn.Q"}, k{"desc.attn.K"}, v{"desc.attn.V"}, attn_layout{"layout.attn"};
   Family frag_c{"frag.C"}, frag_a{"frag.A"};
 
   check_moe<cutlass::bfloat16_t>(moe_a, moe_b, moe_layout);

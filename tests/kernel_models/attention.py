@@ -8,8 +8,8 @@ numpy lane vectors, statement by statement:
                      destinations, zero-filled rows with an in-bounds source address),
                      load_q_fragments / warp_qk (ldmatrix.x4) / warp_pv (ldmatrix.x4.trans) with
                      the kernel's per-lane address arithmetic (lane_offset ^ chunk_pair_xor);
-                     the Hopper mainloop (p.wgmma): the two-half layout, warpgroup_qk (K-major
-                     descriptors) and warpgroup_pv (P from registers, V MN-major), proxy fences
+                     the Hopper mainloop (p.wgmma): the two-half layout, warpgroup_qk (Q's A
+                     fragments by ldmatrix, K K-major descriptors) and warpgroup_pv (P from registers, V MN-major), proxy fences
                      and wgmma waits
   softmax.cuh        scale_and_mask (per-lane key columns, byte mask reads), OnlineSoftmax.update
                      (quad xor-shuffles, P packed to T), finalize and merge_split_keys (decode:
@@ -77,7 +77,6 @@ SQ, SK, SV = 0, TILE_Q_ELEMS * 2, (TILE_Q_ELEMS + STAGES * TILE_KV_ELEMS) * 2
 HALF_DIM = HEAD_DIM // 2
 HALF_CHUNKS = CHUNKS_PER_ROW // 2
 SMEM_ALLOC_WGMMA = SMEM_BYTES + WGMMA_ATOM_BYTES
-HALF_TILE_Q_BYTES = BLOCK_M * HALF_DIM * 2
 HALF_TILE_KV_BYTES = BLOCK_N * HALF_DIM * 2
 STEPS_PER_HALF = HALF_DIM // 16
 WGMMA_STEP_BYTES = 32
@@ -263,10 +262,11 @@ def chunk_pair_xor(c):
     return 2 * c * VEC_BYTES
 
 
-def load_q_fragments(sm, warp, what):
-    """mainloop.cuh load_q_fragments: A fragments of the warp's 16 rows, per k16 step."""
+def load_q_fragments(sm, warp, what, wgmma=False):
+    """mainloop.cuh load_q_fragments<T, kWgmma>: A fragments of the warp's 16 rows, per k16 step,
+    from Q in the mainloop's layout."""
     row = warp * 16 + LANE % 8 + 8 * ((LANE // 8) % 2)
-    return [sm.ldmatrix_x4(SQ + swizzled_offset(row, 2 * kk + LANE // 16) * 2, what + " ldm Q")
+    return [sm.ldmatrix_x4(SQ + tile_offset(wgmma, row, 2 * kk + LANE // 16, BLOCK_M) * 2, what + " ldm Q")
             for kk in range(HEAD_STEPS_K)]
 
 
@@ -296,15 +296,14 @@ def warp_pv(num, sm, o, pf, sV, what):
             o[2 * dp + 1] = mma_16816(num, o[2 * dp + 1], pf[kc], b[2], b[3])
 
 
-def warpgroup_qk(num, sm, sQ, sK, what):
-    """mainloop.cuh warpgroup_qk: S[64 x 64] = Q K^T by 8 wgmma.m64n64k16 (Q, K K-major; k16 step
-    kk in half kk / 4, 32 bytes per step), committed and waited for. Returns each warp's C
-    fragments s[w] [8, 32, 4]."""
+def warpgroup_qk(num, sm, qf, sK, what):
+    """mainloop.cuh warpgroup_qk: S[64 x 64] = Q K^T by 8 wgmma.m64n64k16 in the RS form (A = each
+    warp's Q fragments qf[w][kk], K K-major: k16 step kk in half kk / 4, 32 bytes per step),
+    committed and waited for. Returns each warp's C fragments s[w] [8, 32, 4]."""
     D = np.zeros((BLOCK_M, BLOCK_N))
     for kk in range(HEAD_STEPS_K):
         step = (kk % STEPS_PER_HALF) * WGMMA_STEP_BYTES
-        a = wgmma_operand(sm, wgmma_desc_sw128(sQ + (kk // STEPS_PER_HALF) * HALF_TILE_Q_BYTES + step), BLOCK_M,
-                          what + " wgmma Q")
+        a = a_fragments_matrix([qf[w][kk] for w in range(NUM_WARPS)])
         b = wgmma_operand(sm, wgmma_desc_sw128(sK + (kk // STEPS_PER_HALF) * HALF_TILE_KV_BYTES + step), BLOCK_N,
                           what + " wgmma K")
         D = num.f32(D + a @ b.T)
@@ -540,7 +539,9 @@ def attention_tile(p, num, sm, b, kvh, split, row0, stats, what):
         if p.wgmma:  # every warp: wgmma is warpgroup-wide
             key0 = tile * BLOCK_N
             mask_tile = has_mask or key0 + BLOCK_N - 1 > all_visible_last
-            s_all = warpgroup_qk(num, sm, SQ, SK + stage_offset, what)
+            if tile == tile_begin:
+                qf = [load_q_fragments(sm, w, what, wgmma=True) for w in range(NUM_WARPS)]
+            s_all = warpgroup_qk(num, sm, qf, SK + stage_offset, what)
             pf = []
             for w in range(NUM_WARPS):
                 stats["masked_tiles" if mask_tile else "plain_tiles"] += 1

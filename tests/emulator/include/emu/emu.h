@@ -803,7 +803,8 @@ inline void store_global_16(void* p, const void* src) {
 // ---- wgmma ---------------------------------------------------------------------------------------
 struct WgmmaOp {
   int n = 0;            // N of m64nNk16
-  bool a_regs = false;  // A from registers (RS), B MN-major
+  bool a_regs = false;  // A from registers (RS)
+  bool b_mn = false;    // RS only: B MN-major (tnsp-b = 1), else K-major
   uint64_t desc_a = 0, desc_b = 0;
   std::array<float*, 128> d{};
   std::array<const uint32_t*, 128> a{};  // RS: each thread's four A registers
@@ -882,7 +883,8 @@ inline void run_wgmma(const WgmmaOp& op, bool compute = true) {
     }
     const Checked shared_memory;
     for (int n = 0; n < op.n; ++n)
-      for (int k = 0; k < 16; ++k) B[n * 16 + k] = mnmajor(db, k, n, op.bf16);
+      for (int k = 0; k < 16; ++k)
+        B[n * 16 + k] = op.b_mn ? mnmajor(db, k, n, op.bf16) : kmajor(db, n, k, op.bf16);
   }
   if (!compute) return;
   for (int th = 0; th < 128; ++th) {  // accumulators: the mma C fragments of n8 blocks j
@@ -902,13 +904,14 @@ inline int warpgroup_id() { return self().linear / 128; }
 
 template <typename T>
 inline void wgmma_issue(const char* what, int n, float* d, const uint32_t* a, uint64_t desc_a,
-                        uint64_t desc_b) {
+                        uint64_t desc_b, bool b_mn = false) {
   WgmmaArgs mine{d, a, desc_a, desc_b};
   const int wg = warpgroup_id();
   warpgroup_meet(what, &mine, [&](std::array<void*, 128>& args) {
     WgmmaOp op;
     op.n = n;
     op.a_regs = a != nullptr;
+    op.b_mn = b_mn;
     op.bf16 = std::is_same_v<T, __nv_bfloat16>;
     const auto* first = static_cast<WgmmaArgs*>(args[0]);
     op.desc_a = first->desc_a;
