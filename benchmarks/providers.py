@@ -18,6 +18,14 @@ from .harness import Inputs, Provider
 
 MEM_BUDGET_BYTES = 24 * 2**30  # temporaries a provider may need (beyond its inputs) before it is skipped
 COMPILE_RECOMPILE_LIMIT = 1024  # one compiled reference serves every shape of its suite
+# Inputs whose dim 0 is the token count. torch_compile compiles that dim symbolic and every other
+# dim static: one compile per op configuration (hidden size, head layout, experts, dtype) and one
+# for a single token (0/1 specialization), not one per token count. Per token count, 104 cases
+# would each compile in the suite's own time (about 5-10 s a compile on a GPU machine: more than
+# the suite's 10-minute budget by itself), and a server with varying batch sizes sees the symbolic
+# kernel too (torch.compile's automatic dynamic shapes).
+TOKEN_INPUTS = ("x", "residual", "q", "k", "positions", "router_logits", "expert_ids", "expert_weights",
+                "hidden_states")
 
 
 def missing(module: str) -> str | None:
@@ -107,23 +115,38 @@ _compiled: dict[Callable, Callable] = {}
 
 
 def compiled(fn: Callable) -> Callable:
-    """torch.compile(fn), once per fn, with the recompile limits raised for many shapes."""
+    """torch.compile(fn), once per fn, with the recompile limits raised for many shapes. Dims are
+    static unless marked (mark_token_dims): no automatic dynamic shapes, so a new hidden size
+    compiles a new static kernel rather than turning the hidden dim symbolic."""
     if fn not in _compiled:
         cfg = torch._dynamo.config
         for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
             if hasattr(cfg, name):
                 setattr(cfg, name, max(getattr(cfg, name), COMPILE_RECOMPILE_LIMIT))
-        _compiled[fn] = torch.compile(fn, dynamic=False)
+        cfg.automatic_dynamic_shapes = False
+        _compiled[fn] = torch.compile(fn)
     return _compiled[fn]
 
 
+def mark_token_dims(x: Inputs) -> None:
+    """Dim 0 of the TOKEN_INPUTS tensors of x: symbolic for torch.compile (a size of 1 stays
+    specialized)."""
+    for name in TOKEN_INPUTS:
+        t = x.get(name)
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
 def torch_compile_provider(fn: Callable[[Inputs], Any], **kw) -> Provider:
-    """torch.compile of the reference (compiled on the correctness call, so never timed)."""
+    """torch.compile of the reference (compiled on the correctness call, so never timed), the
+    token dim symbolic (TOKEN_INPUTS)."""
 
     def build(x):
         compiled_fn = compiled(fn)
+        mark_token_dims(x)
         return lambda: compiled_fn(x)
 
+    kw.setdefault("note", "token count symbolic, other dims static")
     return Provider("torch_compile", build, **kw)
 
 

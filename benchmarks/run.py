@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     writer = RowWriter(_fresh(Path(out) / "rows.jsonl"))
     timer = CudaTimer(l2_flush=args.l2_flush)
     log(f"{env['device']}: {len(cases)} cases, rows -> {writer.path}")
+    run_start = time.monotonic()  # the suite's wall time (issue 3: the whole suite in 10 minutes)
     log("measuring ceilings (device copy, 8192^3 bf16 matmul)")
     ceilings, rows = measure(timer, env)
     for row in rows:
@@ -158,6 +159,8 @@ def main(argv=None) -> int:
     if judged:
         print("\nTargets (benchmarks/targets.py):\n" + targets.format_verdicts(judged))
     print(f"\nrows: {writer.path}\nplots: python -m benchmarks.plot {writer.path.parent}")
+    print(f"wall time: {time.monotonic() - run_start:.0f} s for {len(cases)} cases and {len(writer.rows)} rows "
+          "(ceilings included)")
     return 0
 
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import ceilings, harness, model, rows, run  # noqa: E402
+from benchmarks import ceilings, harness, model, providers, rows, run  # noqa: E402
 from benchmarks.harness import Case, Provider, Skip  # noqa: E402
 from benchmarks.shapes import QWEN3_0_6B, ModelDims  # noqa: E402
 from benchmarks.suites import SUITES, activation, attention, moe, norm, rope  # noqa: E402
@@ -940,3 +940,58 @@ def test_parity_probe_runs_each_part_and_counts_routing_flips():
     # logits and routing as the unpatched bf16 model.
     for r in (r for r in out if r["part"] == "moe"):
         assert r["max_err"] == r["baseline_err"] and r["flips"] == r["baseline_flips"], r
+
+
+def test_torch_compile_provider_compiles_once_per_configuration(monkeypatch):
+    """torch_compile's token dim is symbolic: token counts 7, 83 and 4097 share one graph, a single
+    token gets its own (0/1 specialization), each new hidden size its own with the hidden dim static
+    (with automatic dynamic shapes, hidden 96 would reuse the graph that hidden 128 made symbolic);
+    every answer is the reference's."""
+    from torch._dynamo.utils import counters
+
+    cfg = torch._dynamo.config
+    monkeypatch.setattr(cfg, "automatic_dynamic_shapes", cfg.automatic_dynamic_shapes)  # restored after
+    monkeypatch.setattr(providers, "_compiled", {})
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+
+    def ref(x):
+        v = x["x"].float().pow(2).mean(-1, keepdim=True)
+        return (x["x"].float() * torch.rsqrt(v + 1e-6)) * x["weight"]
+
+    provider = providers.torch_compile_provider(ref)
+    assert provider.note == "token count symbolic, other dims static"
+    graphs = []
+    for tokens, hidden in ((7, 64), (83, 64), (4097, 64), (1, 64), (7, 128), (90, 128), (3, 96)):
+        x = {"x": torch.randn(tokens, hidden), "weight": torch.randn(hidden)}
+        torch.testing.assert_close(provider.build(x)(), ref(x))
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs == [1, 1, 1, 2, 3, 3, 4], graphs
+
+
+def test_flex_decode_compiles_once_per_head_layout(monkeypatch):
+    """flex at decode (no block mask): batch and context symbolic, so the decode cases of one head
+    layout share a graph (batch 1 its own); a new layout compiles anew. Answers match SDPA's."""
+    from torch._dynamo.utils import counters
+
+    cfg = torch._dynamo.config
+    monkeypatch.setattr(cfg, "automatic_dynamic_shapes", cfg.automatic_dynamic_shapes)
+    monkeypatch.setattr(providers, "_compiled", {})
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for batch, context, hq, hkv in ((2, 300, 8, 2), (3, 700, 8, 2), (1, 500, 8, 2), (4, 260, 8, 4)):
+        x = {"q": torch.randn(batch, hq, 1, 128), "k": torch.randn(batch, hkv, context, 128),
+             "v": torch.randn(batch, hkv, context, 128)}
+        out = attention._flex(False)(x)()
+        want = torch.nn.functional.scaled_dot_product_attention(x["q"], x["k"], x["v"], scale=attention.SCALE,
+                                                                enable_gqa=True)
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs == [1, 1, 2, 3], graphs

@@ -172,10 +172,14 @@ def _flex(causal: bool):
         q, k, v = x["q"], x["k"], x["v"]
         sq, skv = q.shape[2], k.shape[2]
         block_mask = None
-        if causal:
+        if causal:  # the block mask's lengths are Python ints: flex compiles once per causal shape
             block_mask = create_block_mask(
                 lambda b, h, qi, ki: qi + (skv - sq) >= ki, None, None, sq, skv, device=q.device
             )  # fmt: skip
+        else:  # batch and lengths symbolic: one compile per head layout (and batch 1), not per case
+            for t in (q, k, v):
+                for dim in (0, 2):
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
         flex = compiled(flex_attention)
         return lambda: flex(q, k, v, block_mask=block_mask, scale=SCALE, enable_gqa=True)
 
