@@ -30,11 +30,10 @@
 //   warpgroup_pv     O[64 x 128] += P V: 4 k16 steps of m64n128k16, P from the
 //                    registers (the same A fragments softmax.cuh makes for
 //                    mma.sync), V MN-major
-// Why Q sits in registers: shared memory serves an SM about 128 bytes a clock, and a
-// 64 x 64 tile of a CTA costs, per 2.1 MFLOP, 32 KB of cp.async writes (K, V), 16 KB of V
-// read by P V, 16 KB of K and, were Q read from shared memory by every Q K^T, 16 KB of Q
-// (80 KB; 64 KB without Q). At the 389 TFLOP/s the first run measured (Q from shared
-// memory) that is 113-128 bytes a clock, the whole budget (benchmarks/NOTES.md).
+// Why Q sits in registers: shared memory serves an SM 128 bytes a clock, and Q K^T as SS
+// wgmma (A = Q from shared memory) would need all of it at the tensor cores' full rate
+// (m64n64k16 reads 2 KB of A and 2 KB of B in 32 clocks), beside the cp.async writes and P V's
+// reads of V; the RS form reads only K (benchmarks/NOTES.md, "Q in registers").
 // Warp w's accumulators are the mma.sync C fragments of its 16 rows (s[8][4],
 // o[16][4]; core/wgmma.cuh), so softmax and epilogue are shared. Each waits
 // for its wgmma group before returning.
