@@ -8,8 +8,12 @@ bandwidth target says which of its kernels does (the MoE decode layer: router GE
 GEMM1, GEMM2). Eager launches are not programmatic (the gaps between kernels are the launch
 path's), and by default the L2 is emptied before each call as the suite does (``--warm-l2`` to
 keep it; the flush's own kernels are left out of the list): a breakdown, not a benchmark.
+``--plain`` only makes the calls (warm-up included, flushes as above), for a profiler outside the
+process: Nsight Compute's counters say why a kernel takes the time it does (make gpu's ncu step).
 
     python -m benchmarks.kernel_times --ops moe_layer --shapes tokens=1 --providers qwen3x
+    ncu --kernel-name regex:qwen3x --launch-skip 5 --launch-count 1 \
+        python -m benchmarks.kernel_times --plain --calls 1 --ops rms_norm --shapes tokens=16384,hidden=1024
 """
 
 from __future__ import annotations
@@ -66,6 +70,18 @@ def kernel_times(fn, calls: int = CALLS, flush=None) -> tuple[list[tuple[str, fl
     return rows, (None if flush is not None else wall_ms * 1e3 / calls)
 
 
+def plain_calls(fn, calls: int, flush=None) -> None:
+    """WARMUP_CALLS calls of fn, then ``calls`` more, each after ``flush()`` when given: kernel
+    launch i of the profiled calls is launch WARMUP_CALLS * (launches per call) + i."""
+    for _ in range(WARMUP_CALLS):
+        fn()
+    for _ in range(calls):
+        if flush is not None:
+            flush()
+        fn()
+    torch.cuda.synchronize()
+
+
 def format_times(label: str, rows, wall_us: float) -> str:
     lines = [label, f"  {'us/call':>9} {'launches':>8}  kernel"]
     lines += [f"  {us:9.2f} {n:8d}  {name[:NAME_WIDTH]}" for name, us, n in rows]
@@ -80,6 +96,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", help="as python -m benchmarks --shapes")
     parser.add_argument("--providers", default="qwen3x", help="comma-separated providers (default: qwen3x)")
     parser.add_argument("--calls", type=int, default=CALLS)
+    parser.add_argument("--plain", action="store_true",
+                        help=f"no profiling and no report: {WARMUP_CALLS} warm-up calls, then --calls calls "
+                        "(each after the flush), for a profiler outside the process (ncu)")
     parser.add_argument("--warm-l2", action="store_true",
                         help="no L2 flush before each call (kernel times with the last call's data cached; "
                         "the wall time of an eager call is reported only then)")
@@ -110,6 +129,10 @@ def main(argv=None) -> int:
                         continue
                     if p.skip:
                         print(f"{case.label} {p.name}: skipped ({p.skip})")
+                        continue
+                    if args.plain:
+                        plain_calls(p.build(inputs), args.calls, flush)
+                        print(f"{case.label} {p.name}: {WARMUP_CALLS} + {args.calls} calls", flush=True)
                         continue
                     rows, wall = kernel_times(p.build(inputs), args.calls, flush)
                     print(format_times(f"{case.label} {p.name}", rows, wall), flush=True)

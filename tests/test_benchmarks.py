@@ -925,6 +925,17 @@ def test_kernel_times_lists_each_kernel_and_their_sum(capsys):
         assert "No CUDA GPU" in capsys.readouterr().out
 
 
+def test_kernel_times_plain_makes_the_calls_ncu_counts_on(monkeypatch):
+    """--plain (for ncu's --launch-skip): the warm-up calls unflushed, then each profiled call right
+    after a flush, in that order, and a sync at the end."""
+    from benchmarks import kernel_times
+
+    log = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: log.append("sync"))
+    kernel_times.plain_calls(lambda: log.append("call"), 2, flush=lambda: log.append("flush"))
+    assert log == ["call"] * kernel_times.WARMUP_CALLS + ["flush", "call"] * 2 + ["sync"]
+
+
 def test_parity_probe_runs_each_part_and_counts_routing_flips():
     """benchmarks.parity (what tells a routing flip from a kernel fault in a patched MoE model) on
     the CPU references: a row per seed and part, errors of bf16 size, flips counted per token."""
