@@ -34,7 +34,7 @@ PYTEST_ARGS ?= -q
 OUT         ?= gpu-run
 VPY          = $(VENV)/bin/python
 
-.PHONY: run test setup build test-tf5 test-tf457 test-emulated-gpu gpu demo info clean
+.PHONY: run test setup build test-tf5 test-tf457 test-emulated-gpu gpu gpu-check gpu-perf demo info clean
 
 run: setup
 	$(VPY) -m benchmarks
@@ -178,6 +178,23 @@ gpu:
 	@for f in error_probe tests parity memcheck racecheck bench flushab; do [ -f $(OUT)/$$f.log ] && grep -E \
 	    "error path probe|passed|failed| exit " $(OUT)/$$f.log | tail -n 3; done; \
 	    [ -f $(OUT)/ncu.txt ] && grep "^ncu .* exit" $(OUT)/ncu.txt; true
+
+# A 15-minute device lease as two calls on one machine (the second finds the first's build and only
+# relinks): correctness first, then the numbers. Each fits a 10-minute call with room to spare
+# (about 6 and 5 minutes of step limits, the build and the smoke runs included).
+#   make gpu-check OUT=/tmp/r PYTHON=python3    a sample of the kernel tests, memcheck, racecheck
+#   make gpu-perf OUT=/tmp/r2 PYTHON=python3    the targets' cases of the kernels changed since the last
+#                                              run (rows), the flush A/B, kernel times, ncu
+GPU_CHECK_TESTS ?= tests/test_attention_gpu.py tests/test_moe_gpu.py tests/test_moe_experts_gpu.py \
+                   tests/test_kernels_gpu.py
+GPU_PERF_ARGS   ?= --targets --ops attention_prefill,attention_decode,moe_layer,moe_route,rms_norm,qk_norm_rope \
+                   --providers qwen3x,qwen3x_no_pdl,sdpa_flash,sdpa_cudnn,hf_grouped_mm,liger
+gpu-check:
+	$(MAKE) gpu STEPS="tests memcheck racecheck" GPU_SAMPLE=1 GPU_TESTS="$(GPU_CHECK_TESTS)" \
+	    GPU_TEST_S=120 MEMCHECK_S=100 RACECHECK_S=50 BUILD_S=200
+gpu-perf:
+	$(MAKE) gpu STEPS="bench flushab kernel_times ncu" BENCH_ARGS="$(GPU_PERF_ARGS)" BENCH_S=150 \
+	    FLUSHAB_S=40 KERNEL_TIMES_S=40 NCU_S=50 BUILD_S=120
 
 clean:
 	rm -rf build python/qwen3x/_C*.so *.egg-info python/*.egg-info
