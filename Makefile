@@ -19,7 +19,8 @@
 #               OUT/dirty: what the harness's own write-back costs short calls) and kernel_times
 #               (KERNEL_TIMES_ARGS, per-kernel device times; kernel_times.txt); STEPS="tests bench"
 #               runs only the steps named (default: probe tests parity memcheck racecheck bench
-#               flushab kernel_times ncu); ncu: Nsight Compute sections of NCU_RUNS' kernels (ncu.txt)
+#               model flushab kernel_times ncu); model: the whole-model targets (MODEL_ARGS, rows in
+#               OUT/model); ncu: Nsight Compute sections of NCU_RUNS' kernels (ncu.txt)
 
 SHELL       := /bin/bash
 PYTHON      ?= python3
@@ -82,6 +83,10 @@ GPU_TEST_S  ?= 210
 MEMCHECK_S  ?= 150
 RACECHECK_S ?= 90
 BENCH_S     ?= 150
+# model: the whole-model targets (benchmarks/targets.py), patched against unpatched transformers, rows in
+# OUT/model (MODEL_ARGS narrows them: the full set takes 3-4 minutes with Liger)
+MODEL_S     ?= 240
+MODEL_ARGS  ?= --targets --ops model_prefill,model_decode
 FLUSHAB_S   ?= 60
 KERNEL_TIMES_S ?= 60
 # The L2-flush A/B (benchmarks/NOTES.md): the cases whose gap to the copy rate suggested it, with the
@@ -140,7 +145,7 @@ LOAD_MAINLOOP_ENV = set -a; [ -f $(OUT)/mainloop.env ] && . $(OUT)/mainloop.env;
 # The steps after the build, the info line and the wgmma smoke run: all by default; a GPU lease
 # too short for all of them names the ones it wants (e.g. STEPS="tests bench"). A step left out
 # is a no-op (its log is absent from OUT, and the summary skips it).
-STEPS       ?= probe tests parity memcheck racecheck bench flushab kernel_times ncu
+STEPS       ?= probe tests parity memcheck racecheck bench model flushab kernel_times ncu
 step = $(if $(filter $(1),$(STEPS)),,exit 0;)  # a recipe line runs in a shell of its own
 
 gpu:
@@ -164,6 +169,8 @@ gpu:
 	    | tail -n 30 | tee $(OUT)/racecheck.log; echo "racecheck exit $$? (filter: $(SANITIZER_FILTER))" >> $(OUT)/racecheck.log
 	$(call step,bench) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(BENCH_S) $(PYTHON) -m benchmarks --out $(OUT) \
 	    $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log
+	$(call step,model) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(MODEL_S) $(PYTHON) -m benchmarks \
+	    --out $(OUT)/model $(MODEL_ARGS) 2>&1 | tee $(OUT)/model.log; echo "model exit $$?" >> $(OUT)/model.log
 	$(call step,flushab) $(LOAD_MAINLOOP_ENV) set -o pipefail; (timeout $(FLUSHAB_S) $(PYTHON) -m benchmarks \
 	    --out $(OUT)/dirty $(FLUSH_AB_ARGS) && timeout $(FLUSHAB_S) $(PYTHON) -m benchmarks --out $(OUT)/dirty \
 	    $(FLUSH_AB_MOE_ARGS)) 2>&1 | tail -n 60 > $(OUT)/flushab.log; echo "flushab exit $$?" >> $(OUT)/flushab.log
@@ -175,7 +182,7 @@ gpu:
 	    --launch-count $$1 $(NCU_SECTIONS) $(PYTHON) -m benchmarks.kernel_times --plain --calls 1 --ops $$2 \
 	    --shapes $$3 --providers qwen3x 2>&1; echo "ncu $$2 $$3 exit $$?"; done > $(OUT)/ncu.txt
 	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; cat $(OUT)/wgmma_smoke.log
-	@for f in error_probe tests parity memcheck racecheck bench flushab; do [ -f $(OUT)/$$f.log ] && grep -E \
+	@for f in error_probe tests parity memcheck racecheck bench model flushab; do [ -f $(OUT)/$$f.log ] && grep -E \
 	    "error path probe|passed|failed| exit " $(OUT)/$$f.log | tail -n 3; done; \
 	    [ -f $(OUT)/ncu.txt ] && grep "^ncu .* exit" $(OUT)/ncu.txt; true
 
@@ -184,7 +191,8 @@ gpu:
 # (about 6 and 5 minutes of step limits, the build and the smoke runs included).
 #   make gpu-check OUT=/tmp/r PYTHON=python3    a sample of the kernel tests, memcheck, racecheck
 #   make gpu-perf OUT=/tmp/r2 PYTHON=python3    the targets' cases of the kernels changed since the last
-#                                              run (rows), the flush A/B, kernel times, ncu
+#                                              run (rows), the 30B-A3B whole-model targets against
+#                                              unpatched transformers, the flush A/B, ncu
 GPU_CHECK_TESTS ?= tests/test_attention_gpu.py tests/test_moe_gpu.py tests/test_moe_experts_gpu.py \
                    tests/test_kernels_gpu.py
 GPU_PERF_ARGS   ?= --targets --ops attention_prefill,attention_decode,moe_layer,moe_route,rms_norm,qk_norm_rope \
@@ -193,8 +201,9 @@ gpu-check:
 	$(MAKE) gpu STEPS="tests memcheck racecheck" GPU_SAMPLE=1 GPU_TESTS="$(GPU_CHECK_TESTS)" \
 	    GPU_TEST_S=120 MEMCHECK_S=100 RACECHECK_S=50 BUILD_S=200
 gpu-perf:
-	$(MAKE) gpu STEPS="bench flushab kernel_times ncu" BENCH_ARGS="$(GPU_PERF_ARGS)" BENCH_S=150 \
-	    FLUSHAB_S=40 KERNEL_TIMES_S=40 NCU_S=50 BUILD_S=120
+	$(MAKE) gpu STEPS="bench model flushab ncu" BENCH_ARGS="$(GPU_PERF_ARGS)" BENCH_S=120 \
+	    MODEL_ARGS="--targets --ops model_prefill,model_decode --shapes model=Qwen3-30B-A3B --providers qwen3x,hf_eager" \
+	    MODEL_S=100 FLUSHAB_S=30 NCU_S=40 BUILD_S=120
 
 clean:
 	rm -rf build python/qwen3x/_C*.so *.egg-info python/*.egg-info
