@@ -33,8 +33,9 @@
 // Hopper layout (the kWgmma mainloop, mainloop.cuh): each tile is two
 // [rows][64] halves (head dims 0-63, then 64-127), rows of 128 bytes, chunk
 // c < 8 of a half-row at c ^ (r % 8): wgmma's 128-byte-swizzle layout, K read
-// K-major (Q K^T; Q itself goes to registers by ldmatrix) and V MN-major (P V), with every tile and
-// half on a 1024-byte boundary (the kernel aligns the shared-memory base).
+// K-major (Q K^T; Q itself goes to registers by ldmatrix) and V MN-major (P V),
+// with every tile and half on a 1024-byte boundary (the kernel aligns the
+// shared-memory base).
 #pragma once
 
 #include <cuda_runtime.h>
