@@ -196,7 +196,7 @@ gpu:
 GPU_CHECK_TESTS ?= tests/test_attention_gpu.py tests/test_moe_gpu.py tests/test_moe_experts_gpu.py \
                    tests/test_kernels_gpu.py
 GPU_PERF_ARGS   ?= --targets --ops attention_prefill,attention_decode,moe_layer,moe_route,rms_norm,qk_norm_rope \
-                   --providers qwen3x,qwen3x_no_pdl,sdpa_flash,sdpa_cudnn,hf_grouped_mm,liger
+                   --providers qwen3x,qwen3x_no_pdl,qwen3x_no_fence,sdpa_flash,sdpa_cudnn,hf_grouped_mm,liger
 gpu-check:
 	$(MAKE) gpu STEPS="tests memcheck racecheck" GPU_SAMPLE=1 GPU_TESTS="$(GPU_CHECK_TESTS)" \
 	    GPU_TEST_S=120 MEMCHECK_S=100 RACECHECK_S=50 BUILD_S=200

@@ -67,23 +67,43 @@ def env_setting(name: str, value: str):
             os.environ[name] = saved
 
 
+def _wgmma_skip(env_name: str, eligible: bool) -> str | None:
+    """Why a variant of qwen3x's Hopper mainloop cannot be timed here (None: it can): the shape is
+    not one the wgmma mainloop serves, or qwen3x runs mma.sync here anyway."""
+    if not eligible:
+        return "the Hopper mainloop does not serve this shape"
+    if not wgmma_available() or os.environ.get(env_name) == "mma_sync":
+        return f"qwen3x runs mma.sync here already ({env_name}={os.environ.get(env_name, 'auto')})"
+    return None
+
+
+def _env_variant(name: str, setting: tuple[str, str], call: Callable[[Inputs], Any], **kw) -> Provider:
+    """qwen3x called with one environment setting (name, value) in force, e.g. a mainloop choice."""
+
+    def build(x):
+        def run():
+            with env_setting(*setting):
+                return call(x)
+        return run
+
+    kw.setdefault("note", "=".join(setting))
+    return Provider(name, build, **kw)
+
+
 def mma_sync_provider(env_name: str, call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
     """qwen3x with its sm_80 mainloop (mma.sync) where the default is wgmma (env_name =
     mma_sync): the measurement that decides whether a Hopper mainloop pays. Skipped where both
     would run the same kernel."""
-    skip = None
-    if not eligible:
-        skip = "the Hopper mainloop does not serve this shape"
-    elif not wgmma_available() or os.environ.get(env_name) == "mma_sync":
-        skip = f"qwen3x runs mma.sync here already ({env_name}={os.environ.get(env_name, 'auto')})"
+    return _env_variant("qwen3x_mma_sync", (env_name, "mma_sync"), call, skip=_wgmma_skip(env_name, eligible),
+                        graphable=False, **kw)
 
-    def build(x):
-        def run():
-            with env_setting(env_name, "mma_sync"):
-                return call(x)
-        return run
 
-    return Provider("qwen3x_mma_sync", build, skip=skip, graphable=False, note=f"{env_name}=mma_sync", **kw)
+def no_fence_provider(env_name: str, call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
+    """qwen3x's wgmma mainloop without the fence.proxy.async after each stage's cp.async wait
+    (QWEN3X_WGMMA_PROXY_FENCE=0): what the fence costs (benchmarks/NOTES.md, "A suspect to check
+    first"), in the same run. The PTX memory model asks for the fence; an A/B, not a setting."""
+    return _env_variant("qwen3x_no_fence", ("QWEN3X_WGMMA_PROXY_FENCE", "0"), call,
+                        skip=_wgmma_skip(env_name, eligible), graphable=False, **kw)
 
 
 def no_pdl_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
@@ -95,15 +115,7 @@ def no_pdl_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Prov
         skip = "not a decode-sized case"
     elif not pdl_available():
         skip = "qwen3x launches plainly here already (no sm_90 + sm_90a, or QWEN3X_PDL=0)"
-
-    def build(x):
-        def run():
-            with env_setting("QWEN3X_PDL", "0"):
-                return call(x)
-        return run
-
-    kw.setdefault("note", "QWEN3X_PDL=0")
-    return Provider("qwen3x_no_pdl", build, skip=skip, **kw)
+    return _env_variant("qwen3x_no_pdl", ("QWEN3X_PDL", "0"), call, skip=skip, **kw)
 
 
 def reference_provider(fn: Callable[[Inputs], Any], **kw) -> Provider:

@@ -953,15 +953,23 @@ def test_parity_probe_runs_each_part_and_counts_routing_flips():
         assert r["max_err"] == r["baseline_err"] and r["flips"] == r["baseline_flips"], r
 
 
-def test_torch_compile_provider_compiles_once_per_configuration(monkeypatch):
+@pytest.fixture
+def dynamo_config_restored():
+    """compiled() turns torch.compile's automatic dynamic shapes off for the process; restored after
+    the test (monkeypatch cannot: its undo deletes a torch config entry), caches emptied."""
+    cfg = torch._dynamo.config
+    with cfg.patch(automatic_dynamic_shapes=cfg.automatic_dynamic_shapes):
+        yield
+    torch._dynamo.reset()
+
+
+def test_torch_compile_provider_compiles_once_per_configuration(monkeypatch, dynamo_config_restored):
     """torch_compile's token dim is symbolic: token counts 7, 83 and 4097 share one graph, a single
     token gets its own (0/1 specialization), each new hidden size its own with the hidden dim static
     (with automatic dynamic shapes, hidden 96 would reuse the graph that hidden 128 made symbolic);
     every answer is the reference's."""
     from torch._dynamo.utils import counters
 
-    cfg = torch._dynamo.config
-    monkeypatch.setattr(cfg, "automatic_dynamic_shapes", cfg.automatic_dynamic_shapes)  # restored after
     monkeypatch.setattr(providers, "_compiled", {})
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
@@ -983,13 +991,11 @@ def test_torch_compile_provider_compiles_once_per_configuration(monkeypatch):
     assert graphs == [1, 1, 1, 2, 3, 3, 4], graphs
 
 
-def test_flex_decode_compiles_once_per_head_layout(monkeypatch):
+def test_flex_decode_compiles_once_per_head_layout(monkeypatch, dynamo_config_restored):
     """flex at decode (no block mask): batch and context symbolic, so the decode cases of one head
     layout share a graph (batch 1 its own); a new layout compiles anew. Answers match SDPA's."""
     from torch._dynamo.utils import counters
 
-    cfg = torch._dynamo.config
-    monkeypatch.setattr(cfg, "automatic_dynamic_shapes", cfg.automatic_dynamic_shapes)
     monkeypatch.setattr(providers, "_compiled", {})
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
@@ -1006,3 +1012,29 @@ def test_flex_decode_compiles_once_per_head_layout(monkeypatch):
         graphs.append(counters["stats"]["unique_graphs"])
     torch._dynamo.reset()
     assert graphs == [1, 1, 2, 3], graphs
+
+
+def test_env_variant_providers_set_their_setting_only_during_the_call(monkeypatch):
+    """qwen3x_mma_sync / qwen3x_no_fence / qwen3x_no_pdl run qwen3x with one environment setting in
+    force during each call (the C++ side reads it per call) and restore it afterwards; each says
+    the setting in its note and why it is skipped where it cannot differ from qwen3x."""
+    monkeypatch.delenv("QWEN3X_WGMMA_PROXY_FENCE", raising=False)
+    monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "auto")
+    seen = []
+    call = lambda x: seen.append((os.environ.get("QWEN3X_WGMMA_PROXY_FENCE"),  # noqa: E731
+                                  os.environ.get("QWEN3X_ATTENTION_MAINLOOP"), os.environ.get("QWEN3X_PDL")))
+    monkeypatch.setattr(providers, "wgmma_available", lambda: True)
+    monkeypatch.setattr(providers, "pdl_available", lambda: True)
+    fence = providers.no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True)
+    mma = providers.mma_sync_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True)
+    pdl = providers.no_pdl_provider(call, eligible=True)
+    for p in (fence, mma, pdl):
+        assert p.skip is None, (p.name, p.skip)
+        p.build({})()
+    assert seen == [("0", "auto", None), (None, "mma_sync", None), (None, "auto", "0")]
+    assert "QWEN3X_WGMMA_PROXY_FENCE" not in os.environ and os.environ["QWEN3X_ATTENTION_MAINLOOP"] == "auto"
+    assert (fence.name, fence.note) == ("qwen3x_no_fence", "QWEN3X_WGMMA_PROXY_FENCE=0")
+    assert mma.note == "QWEN3X_ATTENTION_MAINLOOP=mma_sync" and pdl.note == "QWEN3X_PDL=0"
+    assert "does not serve" in providers.no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=False).skip
+    monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "mma_sync")
+    assert "mma.sync here already" in providers.no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", call, True).skip

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from qwen3x import ops, reference
 
 from ..harness import Case, Provider
-from ..providers import (liger_provider, mma_sync_provider, no_pdl_provider, over_budget, qwen3x_provider, reference_provider,
-                         torch_compile_provider)
+from ..providers import (liger_provider, mma_sync_provider, no_fence_provider, no_pdl_provider, over_budget, qwen3x_provider,
+                         reference_provider, torch_compile_provider)
 from ..shapes import MOE_MODELS, ModelDims
 from .common import ELEM, graph_worthy, hf_module, randn
 
@@ -301,9 +301,13 @@ def _liger_experts(x):
 PREFILL_MIN_ROWS_PER_EXPERT = 64  # gemm_config.h kMidMaxRowsPerExpert: above it, the prefill regime
 
 
+def _prefill_regime(d: ModelDims, tokens: int) -> bool:
+    return tokens * d.topk > PREFILL_MIN_ROWS_PER_EXPERT * d.experts
+
+
 def _mma_sync_provider(d: ModelDims, tokens: int, call) -> Provider:
     """qwen3x with the prefill regime's mma.sync mainloop, beside the default (wgmma on sm_90)."""
-    return mma_sync_provider("QWEN3X_MOE_MAINLOOP", call, tokens * d.topk > PREFILL_MIN_ROWS_PER_EXPERT * d.experts)
+    return mma_sync_provider("QWEN3X_MOE_MAINLOOP", call, _prefill_regime(d, tokens))
 
 
 def experts_case(d: ModelDims, tokens: int) -> Case:
@@ -366,6 +370,8 @@ def layer_case(d: ModelDims, tokens: int) -> Case:
             qwen3x_provider("moe", functools.partial(_layer_qwen3x, topk=d.topk), note="router GEMM: F.linear"),
             no_pdl_provider(functools.partial(_layer_qwen3x, topk=d.topk), graph_worthy(tokens),
                             note="QWEN3X_PDL=0; router GEMM: F.linear"),
+            no_fence_provider("QWEN3X_MOE_MAINLOOP", functools.partial(_layer_qwen3x, topk=d.topk),
+                              _prefill_regime(d, tokens), note="QWEN3X_WGMMA_PROXY_FENCE=0; router GEMM: F.linear"),
             reference_provider(ref, graphable=False),
             *_hf_providers(d, tokens, with_router=True),
         ],
