@@ -25,10 +25,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BEGIN = "<!-- benchmarks:begin (python -m benchmarks.readme) -->"
 END = "<!-- benchmarks:end -->"
 OURS = "qwen3x"
-# The reference is the spec, not an alternative people use; qwen3x_mma_sync (our own other
-# mainloop) and qwen3x_no_pdl (our kernels launched plainly) are A/B rows of our own
-# (benchmarks/providers.py), shown in the rows and plots, not peers.
-NOT_PEERS = {OURS, "reference", "qwen3x_mma_sync", "qwen3x_no_pdl"}
+# The reference is the spec, not an alternative people use; qwen3x_<variant> rows (qwen3x_mma_sync:
+# our other mainloop, qwen3x_no_pdl: plain launches, qwen3x_no_fence: no proxy fence) are A/B rows
+# of our own (benchmarks/providers.py), shown in the rows and plots, not peers.
+NOT_PEERS = {OURS, "reference"}
+
+
+def is_peer(provider: str) -> bool:
+    return provider not in NOT_PEERS and not provider.startswith(OURS + "_")
 PLOTS = "plots"  # a run's PNGs, shown under its table
 
 
@@ -88,7 +92,7 @@ def table(rows: list[dict]) -> str:
     for key, group in cases.items():
         op = key[0]
         ours = next((r for r in group if r["provider"] == OURS), None)
-        peers = [r for r in group if r["provider"] not in NOT_PEERS]
+        peers = [r for r in group if is_peer(r["provider"])]
         best = min(peers, key=lambda r: r["median_ms"]) if peers else None
         frac = ours.get("fraction_of_peak") if ours else None
         speedup = f"{best['median_ms'] / ours['median_ms']:.2f}x" if ours and best else ""

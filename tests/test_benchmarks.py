@@ -749,6 +749,7 @@ def test_readme_table_from_rows(tmp_path):
             row("rms_norm", "qwen3x", 0.02, fraction_of_peak=0.91), row("rms_norm", "reference", 0.01),
             row("rms_norm", "hf_eager", 0.08), row("rms_norm", "liger", 0.04),
             row("rms_norm", "qwen3x_mma_sync", 0.03),  # our other mainloop: no peer either
+            row("rms_norm", "qwen3x_no_fence", 0.021),  # nor any other qwen3x_<variant> A/B row
             row("copy", "torch", 0.0256, gbps=2621.0, bytes=64 * 2**20, fraction_of_peak=0.874, l2_flush="clean")]
     body = readme.table(rows)
     assert "NVIDIA H100 80GB HBM3" in body and "3000 GB/s" in body and "790 TFLOP/s" in body
