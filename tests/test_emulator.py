@@ -526,6 +526,11 @@ PLANTED = {
     "attention: cp.async wait too shallow": (
         ("attention/attention_fwd.cuh", "cp_async_wait<kStages - 1>();", "cp_async_wait<kStages>();"),
         "attention"),
+    # the Hopper loop's wait lets this tile's group stay in flight: wgmma reads the tile before it lands
+    "attention: wgmma loop waits for nothing": (
+        ("attention/attention_fwd.cuh", "      cp_async_wait<0>();\n      if (p.proxy_fence)",
+         "      cp_async_wait<1>();\n      if (p.proxy_fence)"),
+        "attention_wgmma"),
     # the barrier before a stage is refilled: a warp's prefetch overwrites what another still reads
     # (in the numbers only where warps work unequally: a partial row tile's idle warps run ahead;
     # the race check sees it anywhere)
@@ -588,6 +593,8 @@ def test_planted_bug_is_caught(name, monkeypatch):
             test_attention(ATTENTION_CASES[0])
         elif op == "attention_decode":
             test_attention(ATTENTION_CASES[4])
+        elif op == "attention_wgmma":
+            test_attention(ATTENTION_CASES[1])
         elif op == "attention_idle_warps":  # 420 rows: the last row tile's 36 rows leave warp 3 idle
             test_attention((1, 4, 2, 210, 200, True, torch.bfloat16, "mma_sync", "bhsd", None))
         elif op == "attention_replays":

@@ -18,7 +18,8 @@
 //      tile of the CTA's key range: prefetch the next tile into the other
 //      buffer, wait for the current one, S = Q K^T (mma), scale + mask,
 //      online softmax, O += P V (mma). Q fragments are read from shared memory
-//      once, before the first tile, and stay in registers.
+//      once, before the first tile, and stay in registers. (kWgmma: the wait
+//      and the proxy fence come before the prefetch, one barrier per tile.)
 //   2. Key range: tiles [z * tiles_per_split, (z + 1) * tiles_per_split)
 //      (the last split: to the end), clipped at the last key any of the
 //      CTA's rows sees causally; tiles wholly above the diagonal are never
@@ -145,19 +146,34 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
   // ---- main loop ---------------------------------------------------------------------------
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const uint32_t stage_offset = ((tile - tile_begin) % kStages) * kTileKVBytes;
-    if (tile + 1 < tile_end) {
-      const uint32_t next_offset = kTileKVBytes - stage_offset;  // the other buffer
-      k_loader.advance();
-      v_loader.advance();
-      k_loader.load(sK_addr + next_offset, seq.seqlen_k);
-      v_loader.load(sV_addr + next_offset, seq.seqlen_k);
-    }
-    cp_async_commit();  // possibly empty: keeps "all but the newest group" = this tile
-    cp_async_wait<kStages - 1>();
+    // The next tile's copies into the other buffer, as one commit group (empty after the last
+    // tile, so that the wait depths below hold throughout).
+    const auto prefetch_next = [&] {
+      if (tile + 1 < tile_end) {
+        const uint32_t next_offset = kTileKVBytes - stage_offset;  // the other buffer
+        k_loader.advance();
+        v_loader.advance();
+        k_loader.load(sK_addr + next_offset, seq.seqlen_k);
+        v_loader.load(sV_addr + next_offset, seq.seqlen_k);
+      }
+      cp_async_commit();
+    };
     if constexpr (kWgmma) {
+      // Compute bound: this tile's copies are the only group in flight when it waits, so the
+      // proxy fence (a MEMBAR in SASS) has no later copies it could wait for; the barrier makes
+      // every thread's copies visible and frees the other buffer (every warp is past the
+      // previous tile's wgmma), which the prefetch then refills while this tile computes.
+      cp_async_wait<0>();
       if (p.proxy_fence) fence_proxy_async();  // this thread's copies, to wgmma's proxy
+      __syncthreads();
+      prefetch_next();
+    } else {
+      // Decode is bandwidth bound: the next tile's copies go out before this tile's wait (two
+      // tiles in flight); the previous iteration's closing barrier freed their buffer.
+      prefetch_next();
+      cp_async_wait<kStages - 1>();  // all but the newest group: this tile
+      __syncthreads();
     }
-    __syncthreads();
 
     if constexpr (kWgmma) {
       if (tile == tile_begin) load_q_fragments<T, true>(qf, sQ_addr, warp, lane);
@@ -184,7 +200,9 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
       softmax.update<T>(s, o, pf);
       warp_pv<T>(o, pf, sV_addr + keys_offset, lane);
     }
-    __syncthreads();  // this stage is refilled by the next iteration's prefetch
+    if constexpr (!kWgmma) {
+      __syncthreads();  // this stage is refilled by the next iteration's prefetch
+    }
   }
   cp_async_wait<0>();  // nothing may land in sQ while it holds the output tile
   __syncthreads();

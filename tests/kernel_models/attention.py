@@ -525,17 +525,26 @@ def attention_tile(p, num, sm, b, kvh, split, row0, stats, what):
     # ---- main loop
     for tile in range(tile_begin, tile_end):
         stage_offset = ((tile - tile_begin) % STAGES) * tile_bytes
-        if tile + 1 < tile_end:
-            next_offset = tile_bytes - stage_offset  # the other buffer
-            k_loader.advance()
-            v_loader.advance()
-            k_loader.load(sm, p.k, SK + next_offset, seq.seqlen_k, what + " K prefetch")
-            v_loader.load(sm, p.v, SV + next_offset, seq.seqlen_k, what + " V prefetch")
-        sm.commit()  # possibly empty: keeps "all but the newest group" = this tile
-        sm.wait(STAGES - 1)
-        if p.wgmma:
+
+        def prefetch_next():
+            """The next tile's copies into the other buffer, one commit group (empty after the last)."""
+            if tile + 1 < tile_end:
+                next_offset = tile_bytes - stage_offset  # the other buffer
+                k_loader.advance()
+                v_loader.advance()
+                k_loader.load(sm, p.k, SK + next_offset, seq.seqlen_k, what + " K prefetch")
+                v_loader.load(sm, p.v, SV + next_offset, seq.seqlen_k, what + " V prefetch")
+            sm.commit()
+
+        if p.wgmma:  # wait and fence with nothing else in flight, barrier, then the prefetch
+            sm.wait(0)
             sm.fence_proxy_async(tid)  # each thread's copies, to wgmma's proxy
-        sm.barrier()
+            sm.barrier()
+            prefetch_next()
+        else:  # the prefetch first: two tiles in flight while this one is waited for
+            prefetch_next()
+            sm.wait(STAGES - 1)
+            sm.barrier()
         if p.wgmma:  # every warp: wgmma is warpgroup-wide
             key0 = tile * BLOCK_N
             mask_tile = has_mask or key0 + BLOCK_N - 1 > all_visible_last
@@ -548,8 +557,7 @@ def attention_tile(p, num, sm, b, kvh, split, row0, stats, what):
                 s_w = scale_and_mask(num, p, s_all[w], mask_tile, *limits[w], key0, what)
                 pf.append(softmax[w].update(num, s_w, o[w]))
             warpgroup_pv(num, sm, o, pf, SV + stage_offset, what)
-            sm.barrier()  # this stage is refilled by the next iteration's prefetch
-            continue
+            continue  # (the next iteration's barrier comes before its prefetch)
         for w in range(NUM_WARPS):
             if not warp_active[w]:  # all 16 rows past the end: load and sync, no math (never with split keys)
                 continue
