@@ -96,12 +96,15 @@ FLUSH_AB_MOE_ARGS ?= --l2-flush dirty --ops moe_layer --shapes model=Qwen3-30B-A
 KERNEL_TIMES_ARGS ?= --ops moe_layer --shapes tokens=1
 # ncu: Nsight Compute's counters for the kernels whose time the notes cannot explain from outside
 # (benchmarks/NOTES.md): prefill attention at 389 of the tensor cores' ~990 TFLOP/s, rms_norm at 79%
-# of copy at hidden 1024, the MoE decode layer at 46% of its weight bandwidth. Each entry: "<qwen3x
-# kernel launches per call> <op> <shape filter>"; benchmarks.kernel_times --plain makes 5 warm-up
-# calls and one profiled call after the L2 flush, and ncu skips the warm-up's launches.
+# of copy at hidden 1024, the MoE decode layer at 46% of its weight bandwidth, the MoE prefill
+# expert GEMMs (wgmma, fence with copies in flight). Each entry: "<launches per call of the kernels
+# matching the regex> <kernel name regex> <op> <shape filter>"; benchmarks.kernel_times --plain makes
+# 5 warm-up calls and one profiled call after the L2 flush, and ncu skips the warm-up's launches.
 NCU_S       ?= 150
-NCU_RUNS    ?= "1 attention_prefill model=Qwen3-4B,seqlen=4096" "1 rms_norm tokens=16384,hidden=1024" \
-               "3 moe_layer model=Qwen3-30B-A3B,tokens=1"
+# (Each name is matched anywhere in the function name, ncu's default --kernel-name-base: no namespace.)
+NCU_RUNS    ?= "1 attention_fwd attention_prefill model=Qwen3-4B,seqlen=4096" \
+               "1 rms_norm rms_norm tokens=16384,hidden=1024" "3 moe_ moe_layer model=Qwen3-30B-A3B,tokens=1" \
+               "2 moe_expert_gemm moe_layer model=Qwen3-30B-A3B,tokens=16384"
 NCU_SECTIONS ?= --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                 --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats
 GPU_TESTS   ?= tests --ignore=tests/test_kernel_models.py --ignore=tests/test_wgmma_smoke.py \
@@ -123,8 +126,16 @@ MEMCHECK_K  ?= not 65536 and not 4097 and not 4096 and not 8192 and not 8193 and
 # compute-sanitizer instruments only qwen3x's kernels (every one is in namespace qwen3x, so its mangled
 # name holds the word): torch's own kernels in the tests' setup and references run at full speed.
 # The 2026-11-26 runs' memcheck never reached a verdict in 45 s with everything instrumented.
-# Left empty where this compute-sanitizer refuses the option (tried on /bin/true, which launches nothing).
-SANITIZER_FILTER ?= $(shell compute-sanitizer --kernel-name kns=qwen3x true >/dev/null 2>&1 && echo "--kernel-name kns=qwen3x")
+# SANITIZER_FILTER=auto (default) probes it once per run, before the sanitizer steps, into
+# OUT/sanitizer_filter.txt: empty (everything instrumented) where this compute-sanitizer refuses the
+# option, or where it does not instrument qwen3x's kernels with it (tests/sanitizer_filter_probe.py:
+# initcheck must see that script's uninitialized read; a filter matching nothing would make every
+# verdict clean for free). Any other value is used as given (empty: no filter).
+SANITIZER_FILTER ?= auto
+SANITIZER_KNS    = --kernel-name kns=qwen3x
+SANITIZER_PROBE  = compute-sanitizer $(SANITIZER_KNS) true >/dev/null 2>&1 && { timeout 120 compute-sanitizer \
+                   --tool initcheck $(SANITIZER_KNS) --error-exitcode 9 $(PYTHON) tests/sanitizer_filter_probe.py \
+                   >/dev/null 2>&1; [ $$? = 9 ]; } && echo "$(SANITIZER_KNS)"
 # racecheck (shared-memory hazards): the attention kernel on a prefill pass and a split-KV decode
 # (on H100 the prefill case runs the wgmma mainloop; mma_sync-2 keeps the sm_80 prefill loop checked)
 RACECHECK_K ?= test_prefill and 128-16-8-1-True or test_decode and 1-1024-32-8-1-True \
@@ -161,12 +172,14 @@ gpu:
 	    | tee $(OUT)/tests.log; echo "tests exit $$?" >> $(OUT)/tests.log
 	$(call step,parity) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(PARITY_S) $(PYTHON) -m benchmarks.parity \
 	    --seeds $(PARITY_SEEDS) 2>&1 | tee $(OUT)/parity.log; echo "parity exit $$?" >> $(OUT)/parity.log
+	$(if $(filter memcheck racecheck,$(STEPS)),$(if $(filter auto,$(SANITIZER_FILTER)),{ $(SANITIZER_PROBE); }, \
+	    echo "$(SANITIZER_FILTER)") > $(OUT)/sanitizer_filter.txt || true)
 	$(call step,memcheck) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(MEMCHECK_S) compute-sanitizer --tool memcheck \
-	    $(SANITIZER_FILTER) --error-exitcode 1 $(PYTHON) -m pytest -q -x -m gpu --gpu-sample 1 $(MEMCHECK_TESTS) -k "$(MEMCHECK_K)" 2>&1 \
-	    | tail -n 30 | tee $(OUT)/memcheck.log; echo "memcheck exit $$? (filter: $(SANITIZER_FILTER))" >> $(OUT)/memcheck.log
+	    $$(cat $(OUT)/sanitizer_filter.txt) --error-exitcode 1 $(PYTHON) -m pytest -q -x -m gpu --gpu-sample 1 $(MEMCHECK_TESTS) -k "$(MEMCHECK_K)" 2>&1 \
+	    | tail -n 30 | tee $(OUT)/memcheck.log; echo "memcheck exit $$? (filter: '$$(cat $(OUT)/sanitizer_filter.txt)')" >> $(OUT)/memcheck.log
 	$(call step,racecheck) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(RACECHECK_S) compute-sanitizer --tool racecheck \
-	    $(SANITIZER_FILTER) --error-exitcode 1 $(PYTHON) -m pytest -q -x -m gpu tests/test_attention_gpu.py -k "$(RACECHECK_K)" 2>&1 \
-	    | tail -n 30 | tee $(OUT)/racecheck.log; echo "racecheck exit $$? (filter: $(SANITIZER_FILTER))" >> $(OUT)/racecheck.log
+	    $$(cat $(OUT)/sanitizer_filter.txt) --error-exitcode 1 $(PYTHON) -m pytest -q -x -m gpu tests/test_attention_gpu.py -k "$(RACECHECK_K)" 2>&1 \
+	    | tail -n 30 | tee $(OUT)/racecheck.log; echo "racecheck exit $$? (filter: '$$(cat $(OUT)/sanitizer_filter.txt)')" >> $(OUT)/racecheck.log
 	$(call step,bench) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(BENCH_S) $(PYTHON) -m benchmarks --out $(OUT) \
 	    $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log
 	$(call step,model) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(MODEL_S) $(PYTHON) -m benchmarks \
@@ -178,9 +191,9 @@ gpu:
 	    -m benchmarks.kernel_times $(KERNEL_TIMES_ARGS) > $(OUT)/kernel_times.txt 2>&1; \
 	    echo "kernel_times exit $$?" >> $(OUT)/kernel_times.txt
 	$(call step,ncu) $(LOAD_MAINLOOP_ENV) for run in $(NCU_RUNS); do set -- $$run; \
-	    timeout $(NCU_S) ncu --clock-control none --kernel-name regex:qwen3x --launch-skip $$((5 * $$1)) \
-	    --launch-count $$1 $(NCU_SECTIONS) $(PYTHON) -m benchmarks.kernel_times --plain --calls 1 --ops $$2 \
-	    --shapes $$3 --providers qwen3x 2>&1; echo "ncu $$2 $$3 exit $$?"; done > $(OUT)/ncu.txt
+	    timeout $(NCU_S) ncu --clock-control none --kernel-name "regex:.*$$2.*" --launch-skip $$((5 * $$1)) \
+	    --launch-count $$1 $(NCU_SECTIONS) $(PYTHON) -m benchmarks.kernel_times --plain --calls 1 --ops $$3 \
+	    --shapes $$4 --providers qwen3x 2>&1; echo "ncu $$3 $$4 exit $$?"; done > $(OUT)/ncu.txt
 	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; cat $(OUT)/wgmma_smoke.log
 	@for f in error_probe tests parity memcheck racecheck bench model flushab; do [ -f $(OUT)/$$f.log ] && grep -E \
 	    "error path probe|passed|failed| exit " $(OUT)/$$f.log | tail -n 3; done; \
