@@ -133,7 +133,7 @@ MEMCHECK_K  ?= not 65536 and not 4097 and not 4096 and not 8192 and not 8193 and
 # verdict clean for free). Any other value is used as given (empty: no filter).
 SANITIZER_FILTER ?= auto
 SANITIZER_KNS    = --kernel-name kns=qwen3x
-SANITIZER_PROBE  = compute-sanitizer $(SANITIZER_KNS) true >/dev/null 2>&1 && { timeout 120 compute-sanitizer \
+SANITIZER_PROBE  = compute-sanitizer $(SANITIZER_KNS) true >/dev/null 2>&1 && { timeout 60 compute-sanitizer \
                    --tool initcheck $(SANITIZER_KNS) --error-exitcode 9 $(PYTHON) tests/sanitizer_filter_probe.py \
                    >/dev/null 2>&1; [ $$? = 9 ]; } && echo "$(SANITIZER_KNS)"
 # racecheck (shared-memory hazards): the attention kernel on a prefill pass and a split-KV decode
