@@ -12,7 +12,7 @@ keep it; the flush's own kernels are left out of the list): a breakdown, not a b
 process: Nsight Compute's counters say why a kernel takes the time it does (make gpu's ncu step).
 
     python -m benchmarks.kernel_times --ops moe_layer --shapes tokens=1 --providers qwen3x
-    ncu --kernel-name regex:qwen3x --launch-skip 5 --launch-count 1 \
+    ncu --kernel-name regex:rms_norm --launch-skip 5 --launch-count 1 \
         python -m benchmarks.kernel_times --plain --calls 1 --ops rms_norm --shapes tokens=16384,hidden=1024
 """
 

@@ -196,10 +196,11 @@ def _providers(batch: int, hq: int, hkv: int, sq: int, skv: int, causal: bool, d
     def qwen3x_call(x):
         return ops.attention(x["q"], x["k"], x["v"], None, SCALE, causal=causal)
 
+    wgmma_served = sq * (hq // hkv) >= ROW_TILE  # full row tiles: the Hopper mainloop's calls
     return [
         qwen3x_provider("attention", qwen3x_call, canon=_first),
-        mma_sync_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, sq * (hq // hkv) >= ROW_TILE, canon=_first),
-        no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, sq * (hq // hkv) >= ROW_TILE, canon=_first),
+        mma_sync_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
+        no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
         no_pdl_provider(qwen3x_call, decode, canon=_first),
         Provider("reference", lambda x: lambda: ref(x), canon=_first, skip=over_budget(ref_bytes, "fp32 scores")),
         Provider("hf_eager", _hf_eager(causal), canon=_first, skip=over_budget(hf_bytes, "materialized scores")),

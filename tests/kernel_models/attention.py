@@ -9,7 +9,8 @@ numpy lane vectors, statement by statement:
                      load_q_fragments / warp_qk (ldmatrix.x4) / warp_pv (ldmatrix.x4.trans) with
                      the kernel's per-lane address arithmetic (lane_offset ^ chunk_pair_xor);
                      the Hopper mainloop (p.wgmma): the two-half layout, warpgroup_qk (Q's A
-                     fragments by ldmatrix, K K-major descriptors) and warpgroup_pv (P from registers, V MN-major), proxy fences
+                     fragments by ldmatrix, K K-major descriptors) and warpgroup_pv (P from
+                     registers, V MN-major), proxy fences
                      and wgmma waits
   softmax.cuh        scale_and_mask (per-lane key columns, byte mask reads), OnlineSoftmax.update
                      (quad xor-shuffles, P packed to T), finalize and merge_split_keys (decode:
