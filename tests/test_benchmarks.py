@@ -991,9 +991,10 @@ def test_torch_compile_provider_compiles_once_per_configuration(monkeypatch, dyn
     assert graphs == [1, 1, 1, 2, 3, 3, 4], graphs
 
 
-def test_flex_decode_compiles_once_per_head_layout(monkeypatch, dynamo_config_restored):
-    """flex at decode (no block mask): batch and context symbolic, so the decode cases of one head
-    layout share a graph (batch 1 its own); a new layout compiles anew. Answers match SDPA's."""
+def test_flex_decode_compiles_once_per_head_layout_and_batch(monkeypatch, dynamo_config_restored):
+    """flex at decode (no block mask): the context symbolic, the batch static (inductor's split-KV
+    decoding kernel needs a static batch), so the decode cases of one head layout and batch share a
+    graph; a new batch or layout compiles anew. Answers match SDPA's."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(providers, "_compiled", {})
@@ -1002,7 +1003,8 @@ def test_flex_decode_compiles_once_per_head_layout(monkeypatch, dynamo_config_re
     torch._dynamo.reset()
     counters.clear()
     graphs = []
-    for batch, context, hq, hkv in ((2, 300, 8, 2), (3, 700, 8, 2), (1, 500, 8, 2), (4, 260, 8, 4)):
+    for batch, context, hq, hkv in ((2, 300, 8, 2), (2, 700, 8, 2), (3, 500, 8, 2), (3, 260, 8, 2), (1, 500, 8, 2),
+                                    (2, 260, 8, 4)):
         x = {"q": torch.randn(batch, hq, 1, 128), "k": torch.randn(batch, hkv, context, 128),
              "v": torch.randn(batch, hkv, context, 128)}
         out = attention._flex(False)(x)()
@@ -1010,7 +1012,7 @@ def test_flex_decode_compiles_once_per_head_layout(monkeypatch, dynamo_config_re
                                                                 enable_gqa=True)
         torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs == [1, 1, 2, 3], graphs
+    assert graphs == [1, 1, 2, 2, 3, 4], graphs
 
 
 def test_env_variant_providers_set_their_setting_only_during_the_call(monkeypatch):

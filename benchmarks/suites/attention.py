@@ -176,10 +176,14 @@ def _flex(causal: bool):
             block_mask = create_block_mask(
                 lambda b, h, qi, ki: qi + (skv - sq) >= ki, None, None, sq, skv, device=q.device
             )  # fmt: skip
-        else:  # batch and lengths symbolic: one compile per head layout (and batch 1), not per case
-            for t in (q, k, v):
-                for dim in (0, 2):
-                    torch._dynamo.maybe_mark_dynamic(t, dim)
+        else:  # decode: the context symbolic, one compile per head layout and batch, not per case
+            # The batch stays static: inductor serves a short query with its split-KV decoding
+            # kernel only when batch and heads are static (flex_decoding._use_flex_decoding), and
+            # falls back to one CTA per query head otherwise, a far slower peer at long contexts.
+            # A symbolic context costs nothing there: the decoding kernel's boundary checks stay
+            # on at any query length under the block size (1 is not a multiple of 128).
+            for t in (k, v):
+                torch._dynamo.maybe_mark_dynamic(t, 2)
         flex = compiled(flex_attention)
         return lambda: flex(q, k, v, block_mask=block_mask, scale=SCALE, enable_gqa=True)
 
