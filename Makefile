@@ -76,7 +76,8 @@ demo info:
 	$(VPY) -m qwen3x.$@
 
 # Each step has a time limit (seconds) so that one device call (10 minutes, build included) returns
-# with its logs; the full benchmark suite needs a call of its own (python3 -m benchmarks --out DIR).
+# with its logs; the full benchmark suite needs a call of its own (python3 -m benchmarks --model --out DIR;
+# if a limit cuts it short, the same command with --resume in the next call runs what it did not).
 BUILD_S     ?= 240
 GPU_TEST_S  ?= 210
 # (compute-sanitizer's start-up with torch took most of a 45 s limit on 2026-11-26)

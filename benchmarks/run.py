@@ -7,6 +7,7 @@ Without a GPU nothing is timed: it says so and runs the CPU parity demo (qwen3x.
     python -m benchmarks --ops rms_norm,moe_layer --shapes tokens=4096 --providers qwen3x,reference
     python -m benchmarks --model                      # include the whole-model benchmark
     python -m benchmarks --targets                    # only what the issues' targets judge, then verdicts
+    python -m benchmarks --out DIR --resume           # go on with a run in DIR that was cut short
     python -m benchmarks.plot benchmarks/results/<run>/    # PNGs from the rows
 """
 
@@ -14,15 +15,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import model, targets
+from .ceilings import Ceilings
 from .harness import Case, run_case
-from .rows import RowWriter, default_results_dir, environment, format_table
+from .rows import CEILING_OPS, RowWriter, default_results_dir, environment, format_table, read_rows
 from .suites import SUITES
 from .timing import L2_FLUSHES
 
@@ -60,11 +65,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "size: no dirty lines left; default) or 'dirty' (the write alone, as most harnesses do); rows "
         "record it",
     )  # fmt: skip
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="go on with the run whose rows are in --out (its newest rows file): run only the provider-cases "
+        "it has no row for, append to that file, reuse its ceilings; refused if its rows come from other code "
+        "(git sha), another device or other versions",
+    )  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
     args = parser.parse_args(argv)
     unknown = [op for op in _csv(args.ops) or [] if op not in ALL_SUITES]
     if unknown:
         parser.error(f"unknown op(s) {', '.join(unknown)}; known: {', '.join(ALL_SUITES)}")
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out DIR, the directory of the run to go on with")
     if args.targets and args.quick:
         parser.error("--targets judges the full suite's shapes: drop --quick (narrow it with --ops or --shapes)")
     return args
@@ -139,20 +152,39 @@ def main(argv=None) -> int:
 
     env = {**environment(), "l2_flush": args.l2_flush}
     out = args.out or default_results_dir(env["device"])
-    writer = RowWriter(_fresh(Path(out) / "rows.jsonl"))
+    if args.resume:
+        try:
+            resumed = resume_state(Path(out), env)
+        except ValueError as exc:
+            print(f"--resume: {exc}", file=sys.stderr)
+            return 2
+        writer = RowWriter(resumed.path)
+        writer.rows.extend(resumed.rows)
+    else:
+        resumed = None
+        writer = RowWriter(_fresh(Path(out) / "rows.jsonl"))
     timer = CudaTimer(l2_flush=args.l2_flush)
-    log(f"{env['device']}: {len(cases)} cases, rows -> {writer.path}")
+    log(f"{env['device']}: {len(cases)} cases, rows -> {writer.path}"
+        + (f" (resumed: {len(resumed.rows)} rows there already)" if resumed else ""))
     run_start = time.monotonic()  # the suite's wall time (issue 3: the whole suite in 10 minutes)
-    log("measuring ceilings (device copy, 8192^3 bf16 matmul)")
-    ceilings, rows = measure(timer, env)
-    for row in rows:
-        writer.write(row)
-    log(f"  copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s; "
-        + ", ".join(f"{r['bytes'] / 2**20:.0f} MiB moved {r['gbps']:.0f} GB/s" for r in rows if r["op"] == "copy"))
+    if resumed and resumed.ceilings:
+        ceilings = resumed.ceilings
+        log(f"ceilings from the resumed run: copy {ceilings.copy_gbps:.0f} GB/s, "
+            f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
+    else:
+        log("measuring ceilings (device copy, 8192^3 bf16 matmul)")
+        ceilings, rows = measure(timer, env)
+        for row in rows:
+            writer.write(row)
+        log(f"  copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s; "
+            + ", ".join(f"{r['bytes'] / 2**20:.0f} MiB moved {r['gbps']:.0f} GB/s" for r in rows if r["op"] == "copy"))
     start = time.monotonic()
     for i, case in enumerate(cases):
+        names = pending_providers(case, providers, resumed.done if resumed else set())
+        if not names:
+            continue
         log(f"[{i + 1}/{len(cases)}, {time.monotonic() - start:.0f} s] {case.label}")
-        for row in run_case(case, timer=timer, env=env, ceilings=ceilings, providers=providers, log=log):
+        for row in run_case(case, timer=timer, env=env, ceilings=ceilings, providers=names, log=log):
             writer.write(row)
     print(format_table(writer.rows))
     judged = [v for v in targets.evaluate(writer.rows) if v.status != "NO DATA" or args.targets]
@@ -160,8 +192,66 @@ def main(argv=None) -> int:
         print("\nTargets (benchmarks/targets.py):\n" + targets.format_verdicts(judged))
     print(f"\nrows: {writer.path}\nplots: python -m benchmarks.plot {writer.path.parent}")
     print(f"wall time: {time.monotonic() - run_start:.0f} s for {len(cases)} cases and {len(writer.rows)} rows "
-          "(ceilings included)")
+          + (f"({len(resumed.rows)} of them from earlier calls, whose time is not included)" if resumed
+             else "(ceilings included)"))
     return 0
+
+
+@dataclass
+class Resumed:
+    """What --resume takes over from a run cut short: its rows file, rows, ceilings, and the
+    provider-cases it has a row for (op, shape as sorted JSON, provider)."""
+
+    path: Path
+    rows: list[dict]
+    ceilings: Ceilings | None
+    done: set[tuple[str, str, str]]
+
+
+# What every row of a resumed run shares with this call's environment (rows.environment, the flush).
+RESUME_MUST_MATCH = ("device", "git_sha", "torch", "cuda", "transformers", "prefill_mainloop", "l2_flush")
+
+
+def newest_rows_file(out: Path) -> Path | None:
+    """rows.jsonl, rows-2.jsonl, ...: the highest-numbered one there (_fresh's naming)."""
+    numbered = []
+    for f in out.glob("rows*.jsonl"):
+        m = re.fullmatch(r"rows(?:-(\d+))?\.jsonl", f.name)
+        if m:
+            numbered.append((int(m.group(1) or 1), f))
+    return max(numbered)[1] if numbered else None
+
+
+def resume_state(out: Path, env: dict) -> Resumed:
+    """The run in ``out`` to go on with; ValueError saying why when there is none to resume or its
+    rows were measured by other code, on another device or under other versions."""
+    path = newest_rows_file(out)
+    if path is None:
+        raise ValueError(f"no rows*.jsonl in {out} to resume")
+    text = path.read_text()
+    if text and not text.endswith("\n"):  # killed while writing a row: drop the torn line
+        path.write_text(text[: text.rfind("\n") + 1])
+    rows = read_rows(path)
+    for key in RESUME_MUST_MATCH:
+        seen = {json.dumps(r.get(key), sort_keys=True) for r in rows}
+        mine = json.dumps(env.get(key), sort_keys=True)
+        if seen and seen != {mine}:
+            raise ValueError(f"{path} holds rows with {key} {', '.join(sorted(seen))}, this run has {mine}: "
+                             "start a fresh run (a new --out) instead")
+    peaks = {r["op"]: r for r in rows if r["op"] in ("peak_copy", "peak_matmul") and r["status"] == "ok"}
+    ceilings = None
+    if len(peaks) == 2:
+        ceilings = Ceilings(copy_gbps=peaks["peak_copy"]["gbps"], matmul_tflops=peaks["peak_matmul"]["tflops"])
+    done = {(r["op"], json.dumps(r["shape"], sort_keys=True), r["provider"])
+            for r in rows if r["op"] not in CEILING_OPS}
+    return Resumed(path, rows, ceilings, done)
+
+
+def pending_providers(case: Case, providers: list[str] | None, done: set) -> list[str]:
+    """The names of the case's providers to run: those selected that have no row in ``done``."""
+    key = json.dumps(case.shape, sort_keys=True)
+    return [p.name for p in case.providers
+            if (providers is None or p.name in providers) and (case.op, key, p.name) not in done]
 
 
 def _fresh(path: Path) -> Path:

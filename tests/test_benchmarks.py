@@ -698,6 +698,77 @@ def test_no_gpu_without_demo(monkeypatch, capsys):
     assert "No CUDA GPU found" in out and "unavailable" in out
 
 
+def _fake_gpu_run(monkeypatch, git_sha="abc"):
+    """run.main as on a GPU, with nothing timed: a fixed environment, ceilings measured by a stub
+    (counted), and run_case replaced by one that records the providers it was asked for."""
+    env = {"device": "fake", "git_sha": git_sha, "torch": "t", "cuda": "c", "transformers": "x",
+           "prefill_mainloop": {"attention": "mma_sync", "moe": "mma_sync"}}
+    calls = {"measure": 0, "cases": []}
+
+    def measure(timer, run_env):
+        calls["measure"] += 1
+        peak = [rows.make_row(run_env, "peak_copy", {"bytes": 1}, "torch", "ok", gbps=3000.0),
+                rows.make_row(run_env, "peak_matmul", {"m": 1}, "torch", "ok", tflops=800.0)]
+        return ceilings.Ceilings(copy_gbps=3000.0, matmul_tflops=800.0), peak
+
+    def run_case(case, *, timer, env, ceilings, providers, log):
+        assert ceilings.copy_gbps == 3000.0 and ceilings.matmul_tflops == 800.0
+        calls["cases"].append((case.label, list(providers)))
+        return [rows.make_row(env, case.op, case.shape, name, "ok", median_ms=1.0) for name in providers]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(run, "environment", lambda: dict(env))
+    monkeypatch.setattr(ceilings, "measure", measure)
+    monkeypatch.setattr("benchmarks.timing.CudaTimer", lambda **kw: None)
+    monkeypatch.setattr(run, "run_case", run_case)
+    return calls
+
+
+def test_resume_runs_only_what_the_cut_short_run_lacks(monkeypatch, tmp_path, capsys):
+    """--resume goes on with the newest rows file in --out: the provider-cases it has rows for are
+    not run again, the rest are appended to that file, its ceilings are reused (not re-measured),
+    and the summary covers all the rows; rows of other code are refused."""
+    calls = _fake_gpu_run(monkeypatch)
+    args = ["--ops", "rms_norm", "--quick", "--providers", "qwen3x,reference", "--out", str(tmp_path)]
+    assert run.main([*args, "--shapes", "tokens=1"]) == 0  # the run that was cut short: its first case
+    first = rows.read_rows(tmp_path / "rows.jsonl")
+    assert calls["measure"] == 1 and [c[1] for c in calls["cases"]] == [["qwen3x", "reference"]]
+    # ... and only part of the second case (one provider's row written before the cut)
+    second = [c for c in run.select_cases(run.parse_args(args)) if c.shape["tokens"] != 1][0]
+    rows.RowWriter(tmp_path / "rows.jsonl").write(rows.make_row({**first[0], "l2_flush": "clean"}, second.op,
+                                                                second.shape, "reference", "ok", median_ms=2.0))
+    with (tmp_path / "rows.jsonl").open("a") as f:
+        f.write('{"op": "rms_norm", "sha')  # a row torn by the kill: dropped
+    calls["cases"].clear()
+    capsys.readouterr()
+    assert run.main([*args, "--resume"]) == 0
+    assert calls["measure"] == 1, "the resumed run's ceilings are reused"
+    assert calls["cases"] == [(second.label, ["qwen3x"])]
+    got = rows.read_rows(tmp_path / "rows.jsonl")
+    assert not (tmp_path / "rows-2.jsonl").exists()
+    assert len(got) == len(first) + 2
+    out = capsys.readouterr().out
+    assert f"for 2 cases and {len(got)} rows ({len(first) + 1} of them from earlier calls" in out
+    # everything there: a second resume runs nothing
+    calls["cases"].clear()
+    assert run.main([*args, "--resume"]) == 0 and calls["cases"] == []
+
+    _fake_gpu_run(monkeypatch, git_sha="other")
+    assert run.main([*args, "--resume"]) == 2
+    assert "git_sha" in capsys.readouterr().err
+    assert run.main(["--ops", "rms_norm", "--resume", "--out", str(tmp_path / "nothing")]) == 2
+    assert "no rows" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.parse_args(["--resume"])  # needs --out
+
+
+def test_newest_rows_file_follows_the_runs_numbering(tmp_path):
+    for name in ("rows.jsonl", "rows-2.jsonl", "rows-10.jsonl", "rows-x.jsonl", "other.jsonl"):
+        (tmp_path / name).write_text("")
+    assert run.newest_rows_file(tmp_path).name == "rows-10.jsonl"
+    assert run.newest_rows_file(tmp_path / "missing") is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_quick_run_on_gpu(tmp_path):
