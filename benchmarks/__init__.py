@@ -10,6 +10,7 @@ Layout (one concern per module):
 - ``shapes.py``    Qwen3 model dimensions (DESIGN.md section 3)
 - ``suites/``      one module per op family, FLOP and byte formulas next to each benchmark
 - ``model.py``     whole-model prefill / decode benchmark
+- ``precompile.py`` the torch.compile'd providers compiled first in parallel worker processes
 - ``plot.py``      PNGs from rows; ``run.py`` the command line
 
 Nothing here is imported by the ``qwen3x`` package.

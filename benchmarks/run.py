@@ -27,6 +27,7 @@ import torch
 from . import model, targets
 from .ceilings import Ceilings
 from .harness import Case, run_case
+from .precompile import items_to_compile, precompile
 from .rows import CEILING_OPS, RowWriter, default_results_dir, environment, format_table, read_rows
 from .suites import SUITES
 from .timing import L2_FLUSHES
@@ -59,6 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "included), then each target's verdict",
     )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="time every case eagerly")
+    parser.add_argument(
+        "--no-precompile", action="store_true",
+        help="compile the torch.compile'd providers (torch_compile, flex) in the run's own process only, "
+        "not first in parallel worker processes (benchmarks/precompile.py)",
+    )  # fmt: skip
     parser.add_argument(
         "--l2-flush", choices=L2_FLUSHES, default="clean",
         help="how the L2 is emptied before each timed call: 'clean' (write then read a buffer twice its "
@@ -137,6 +143,7 @@ def log(message: str) -> None:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     cases = select_cases(args)
     providers = _csv(args.providers)
@@ -167,6 +174,10 @@ def main(argv=None) -> int:
     log(f"{env['device']}: {len(cases)} cases, rows -> {writer.path}"
         + (f" (resumed: {len(resumed.rows)} rows there already)" if resumed else ""))
     run_start = time.monotonic()  # the suite's wall time (issue 3: the whole suite in 10 minutes)
+    done = resumed.done if resumed else set()
+    if not args.no_precompile:  # before the ceilings: nothing the workers run overlaps a timed call
+        precompile(argv, items_to_compile(cases, lambda i, name: name in pending_providers(cases[i], providers, done)),
+                   log=log)
     if resumed and resumed.ceilings:
         ceilings = resumed.ceilings
         log(f"ceilings from the resumed run: copy {ceilings.copy_gbps:.0f} GB/s, "
@@ -180,7 +191,7 @@ def main(argv=None) -> int:
             + ", ".join(f"{r['bytes'] / 2**20:.0f} MiB moved {r['gbps']:.0f} GB/s" for r in rows if r["op"] == "copy"))
     start = time.monotonic()
     for i, case in enumerate(cases):
-        names = pending_providers(case, providers, resumed.done if resumed else set())
+        names = pending_providers(case, providers, done)
         if not names:
             continue
         log(f"[{i + 1}/{len(cases)}, {time.monotonic() - start:.0f} s] {case.label}")

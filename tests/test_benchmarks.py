@@ -762,6 +762,49 @@ def test_resume_runs_only_what_the_cut_short_run_lacks(monkeypatch, tmp_path, ca
         run.parse_args(["--resume"])  # needs --out
 
 
+def test_precompile_leaves_the_runs_compiles_in_inductors_caches(tmp_path):
+    """The run's torch.compile'd providers, compiled first in spawned worker processes, are then
+    found in inductor's on-disk caches by a process that runs the same provider-cases (FX graph
+    and AOTAutograd caches: hits, no misses); the items are the run's compiling providers only."""
+    from benchmarks import precompile
+
+    argv = ["--ops", "rms_norm,silu_and_mul", "--quick", "--providers", "qwen3x,torch_compile,reference"]
+    cases = run.select_cases(run.parse_args(argv))
+    items = precompile.items_to_compile(cases, lambda i, name: name in run.pending_providers(cases[i], None, set()))
+    assert items == [(i, "torch_compile") for i in range(len(cases))] and len(items) == 4
+    assert precompile.items_to_compile(cases, lambda i, name: i == 2) == [(2, "torch_compile")]
+    env = {**os.environ, **ENV, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+
+    def python(code):
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.splitlines()
+
+    logs = python("from benchmarks import precompile\n"
+                  "if __name__ == '__main__':  # spawned workers import this module again\n"
+                  f"    precompile.precompile({argv!r}, [(99, 'flex')], device='cpu', workers=1, log=print)\n"
+                  f"    precompile.precompile({argv!r}, {items[:2]!r}, device='cpu', workers=2, log=print)\n")
+    # a worker that dies (no case 99) is reported without waiting out the phase's time limit
+    assert logs[0].startswith("precompiling 1") and "1 of 1 processes did not finish" in logs[1], logs
+    assert int(logs[1].split()[0]) < precompile.TIMEOUT_S / 2, logs
+    assert logs[2].startswith("precompiling 2") and "did not finish" not in logs[3] and "failed" not in logs[3], logs
+    counts = python("import json\n"  # the run's own first calls (harness.run_case), as run.main makes them
+                    "from benchmarks import harness, rows, run\n"
+                    "from benchmarks.timing import Timing\n"
+                    "from torch._dynamo.utils import counters\n"
+                    f"cases = run.select_cases(run.parse_args({argv!r}))\n"
+                    f"for i in {[i for i, _ in items[:2]]!r}:\n"
+                    "    out = harness.run_case(cases[i], timer=lambda fn, cuda_graph=False: Timing(1, 1, 1, 10),\n"
+                    "                           env=rows.environment(), device='cpu', providers=['torch_compile'],\n"
+                    "                           log=lambda m: None)\n"
+                    "    assert [r['status'] for r in out] == ['ok'], out\n"
+                    "print(json.dumps([counters['inductor'], counters['aot_autograd']]))\n")
+    inductor, aot = json.loads(counts[-1])
+    assert inductor.get("fxgraph_cache_hit") == 2 and not inductor.get("fxgraph_cache_miss"), counts
+    assert aot.get("autograd_cache_hit") == 2 and not aot.get("autograd_cache_miss"), counts
+
+
 def test_newest_rows_file_follows_the_runs_numbering(tmp_path):
     for name in ("rows.jsonl", "rows-2.jsonl", "rows-10.jsonl", "rows-x.jsonl", "other.jsonl"):
         (tmp_path / name).write_text("")
