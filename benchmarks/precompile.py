@@ -28,7 +28,8 @@ COMPILING_PROVIDERS = ("torch_compile", "flex", "liger")
 # Whole-model cases are left to the run: a worker would build a model of several GB for them.
 SKIPPED_OPS = ("model_prefill", "model_decode")
 MAX_WORKERS = 8
-TIMEOUT_S = 240.0  # the whole phase; past it the run goes on and compiles what is left itself
+MIN_ITEMS = 8  # fewer: not worth starting processes (~10-15 s each to import torch and init CUDA)
+TIMEOUT_S = 150.0  # the whole phase; past it the run goes on and compiles what is left itself
 
 Item = tuple[int, str]  # (index into the run's case list, provider name)
 
@@ -88,13 +89,14 @@ def _worker(argv: list[str], items: list[Item], device: str, results) -> None:
 
 def precompile(
     argv: list[str], items: list[Item], device: str = "cuda", workers: int | None = None,
-    timeout_s: float = TIMEOUT_S, log: Callable[[str], None] = print,
+    timeout_s: float = TIMEOUT_S, log: Callable[[str], None] = print, min_items: int = MIN_ITEMS,
 ) -> None:  # fmt: skip
-    """Spread ``items`` over ``workers`` spawned processes (round robin, so that each gets some of
-    every op) and wait for them, at most ``timeout_s``; a worker still running then is killed
-    (nothing of this phase may run beside a timed call). The calling program's main module must
-    not start a run when a spawned process imports it (``if __name__ == "__main__"``)."""
-    if not items:
+    """Spread ``items`` (at least ``min_items``, else nothing is started) over ``workers`` spawned
+    processes (round robin, so that each gets some of every op) and wait for them, at most
+    ``timeout_s``; a worker still running then is killed (nothing of this phase may run beside a
+    timed call). The calling program's main module must not start a run when a spawned process
+    imports it (``if __name__ == "__main__"``)."""
+    if len(items) < min_items:
         return
     workers = min(workers or default_workers(), len(items))
     start = time.monotonic()

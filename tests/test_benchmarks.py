@@ -781,11 +781,15 @@ def test_precompile_leaves_the_runs_compiles_in_inductors_caches(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout.splitlines()
 
-    logs = python("from benchmarks import precompile\n"
+    logs = python("from functools import partial\n"
+                  "from benchmarks import precompile\n"
                   "if __name__ == '__main__':  # spawned workers import this module again\n"
-                  f"    precompile.precompile({argv!r}, [(99, 'flex')], device='cpu', workers=1, log=print)\n"
-                  f"    precompile.precompile({argv!r}, {items[:2]!r}, device='cpu', workers=2, log=print)\n")
-    # a worker that dies (no case 99) is reported without waiting out the phase's time limit
+                  f"    run = partial(precompile.precompile, {argv!r}, device='cpu', log=print)\n"
+                  f"    run({items!r}, min_items=5)\n"
+                  "    run([(99, 'flex')], workers=1, min_items=1)\n"
+                  f"    run({items[:2]!r}, workers=2, min_items=2)\n")
+    # fewer items than min_items: nothing started (the first call); a worker that dies (no case 99)
+    # is reported without waiting out the phase's time limit
     assert logs[0].startswith("precompiling 1") and "1 of 1 processes did not finish" in logs[1], logs
     assert int(logs[1].split()[0]) < precompile.TIMEOUT_S / 2, logs
     assert logs[2].startswith("precompiling 2") and "did not finish" not in logs[3] and "failed" not in logs[3], logs
