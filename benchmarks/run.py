@@ -62,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-cuda-graphs", action="store_true", help="time every case eagerly")
     parser.add_argument(
         "--no-precompile", action="store_true",
-        help="compile the torch.compile'd providers (torch_compile, flex) in the run's own process only, "
-        "not first in parallel worker processes (benchmarks/precompile.py)",
+        help="compile the providers that compile on their first call (torch_compile, flex, liger) in the run's "
+        "own process only, not first in parallel worker processes (benchmarks/precompile.py)",
     )  # fmt: skip
     parser.add_argument(
         "--l2-flush", choices=L2_FLUSHES, default="clean",
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     print(f"\nrows: {writer.path}\nplots: python -m benchmarks.plot {writer.path.parent}")
     print(f"wall time: {time.monotonic() - run_start:.0f} s for {len(cases)} cases and {len(writer.rows)} rows "
           + (f"({len(resumed.rows)} of them from earlier calls, whose time is not included)" if resumed
-             else "(ceilings included)"))
+             else "(ceilings and precompile included)"))
     return 0
 
 
