@@ -29,7 +29,7 @@ COMPILING_PROVIDERS = ("torch_compile", "flex", "liger")
 SKIPPED_OPS = ("model_prefill", "model_decode")
 MAX_WORKERS = 8
 MIN_ITEMS = 8  # fewer: not worth starting processes (~10-15 s each to import torch and init CUDA)
-TIMEOUT_S = 150.0  # the whole phase; past it the run goes on and compiles what is left itself
+TIMEOUT_S = 120.0  # the whole phase; past it the run goes on and compiles what is left itself
 
 Item = tuple[int, str]  # (index into the run's case list, provider name)
 
