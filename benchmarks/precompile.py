@@ -1,4 +1,4 @@
-"""Compile the suite's torch.compile'd providers in parallel before anything is timed.
+"""Compile the suite's compiling providers in parallel before anything is timed.
 
 The `torch_compile` and `flex` providers compile on their first (correctness) call, and Liger's
 Triton kernels JIT-compile on theirs: ~80 graphs in the whole suite (flex at causal prefill once
@@ -35,7 +35,7 @@ Item = tuple[int, str]  # (index into the run's case list, provider name)
 
 
 def default_workers() -> int:
-    """Half the CPUs (the other half for inductor's own compile workers), at most MAX_WORKERS."""
+    """Half the CPUs, at most MAX_WORKERS (each compiles one kernel at a time: _worker)."""
     return max(1, min(MAX_WORKERS, (os.cpu_count() or 2) // 2))
 
 
@@ -100,7 +100,7 @@ def precompile(
         return
     workers = min(workers or default_workers(), len(items))
     start = time.monotonic()
-    log(f"precompiling {len(items)} torch.compile'd provider-cases in {workers} processes")
+    log(f"precompiling {len(items)} provider-cases that compile on their first call, in {workers} processes")
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     results = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(argv, items[w::workers], device, results)) for w in range(workers)]
