@@ -89,3 +89,15 @@ def test_routing_agreement_of_dense_models_is_all_agreeing():
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
     r = routing_agreement(truth, baseline, baseline, ids)
     assert r.layers == 0 and r.agrees.shape == (2, 8) and bool(r.agrees.all())
+
+
+def test_assert_identical_takes_nan_for_nan_and_nothing_else():
+    from qwen3x.testing import assert_identical
+
+    a = torch.tensor([1.0, float("nan"), -0.0], dtype=torch.bfloat16)
+    assert_identical(a, a.clone())  # NaN rows (a kernel's "not computed" mark) match themselves
+    for other in ([1.0, 2.0, 0.0], [1.0, float("nan"), 1.0], [float("nan"), float("nan"), 0.0]):
+        with pytest.raises(AssertionError, match="differ"):
+            assert_identical(torch.tensor(other, dtype=torch.bfloat16), a)
+    with pytest.raises(AssertionError, match="differ"):
+        assert_identical(torch.tensor([1, 2]), torch.tensor([1, 3]))

@@ -99,21 +99,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
 
   // ---- this lane's two rows ----------------------------------------------------------------
   RowLimit limit[kRowHalves];
-#pragma unroll
-  for (int half = 0; half < kRowHalves; ++half) {
-    const int r = row0 + row_warp * kRowsPerWarp + lane / 4 + 8 * half;
-    limit[half] = {-1, nullptr};
-    if (r < seq.rows) {
-      const int s = r / p.group;
-      const int hq = kvh * p.group + (r - s * p.group);
-      limit[half].last_key =
-          p.causal ? min(seq.seqlen_k - 1, s + causal_offset) : seq.seqlen_k - 1;
-      if (has_mask) {  // padded batches only
-        limit[half].mask = p.mask + b * p.mask_batch_stride + hq * p.mask_head_stride +
-                           s * p.mask_q_stride;
-      }
-    }
-  }
+  row_limits(limit, p, seq, b, kvh, row0 + row_warp * kRowsPerWarp, lane);
 
   // ---- prologue: Q and the first K/V tile --------------------------------------------------
   const uint32_t sQ_addr = smem_u32(sQ);
@@ -214,7 +200,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
   float inv_l[kRowHalves], lse2[kRowHalves];
   softmax.finalize(inv_l, lse2);
   if (p.num_splits == 1) {
-    write_output<T>(p, seq, sQ, o, inv_l, lse2, kvh, row0, warp, lane, tid);
+    write_output<T>(p, seq, sQ, o, inv_l, lse2, kvh, row0, warp, lane, tid, [] { __syncthreads(); });
   } else {
     write_partial(p, seq, o, inv_l, lse2, kvh, split, row0, warp, lane);
     combine_if_last<T>(p, seq, kvh, split, row0, warp, lane, tid, reinterpret_cast<int*>(sQ));

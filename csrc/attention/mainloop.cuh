@@ -36,7 +36,8 @@
 // reads of V; the RS form reads only K (benchmarks/NOTES.md, "Q in registers").
 // Warp w's accumulators are the mma.sync C fragments of its 16 rows (s[8][4],
 // o[16][4]; core/wgmma.cuh), so softmax and epilogue are shared. Each waits
-// for its wgmma group before returning.
+// for its wgmma group before returning; issue_qk / issue_pv are their wgmma
+// alone, for a caller that issues both in one group (attention_ws.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -203,9 +204,37 @@ constexpr uint32_t kHalfTileKVBytes = kBlockN * kHalfDim * kElemBytes;  // 8 KB
 constexpr int kStepsPerHalf = kHalfDim / kMmaK;                         // 4 k16 steps per half
 constexpr uint32_t kKeyStepBytes = kMmaK * kHalfDim * kElemBytes;       // 16 V rows: 2 KB
 
-// s[nt][.] = Q K^T for the warp's 16 rows, keys 8 nt .. 8 nt + 7 (fp32, unscaled): the
-// warpgroup's S[64 x 64], A = the warps' Q fragments, B = K K-major (k16 step kk: half kk / 4,
-// 32 bytes per step).
+// Issues (no fence, commit or wait) S[64 x 64] += Q K^T for the warpgroup: s[nt][.] holds the
+// warp's 16 rows, keys 8 nt .. 8 nt + 7; A = the warps' Q fragments, B = K K-major (k16 step
+// kk: half kk / 4, 32 bytes per step).
+template <typename T>
+__device__ __forceinline__ void issue_qk(float (&s)[kScoreTilesN][4], uint32_t (&qf)[kHeadStepsK][4],
+                                         uint32_t sK) {  // [kBlockN][128], Hopper layout
+  float(&d)[kScoreTilesN * 4] = reinterpret_cast<float(&)[kScoreTilesN * 4]>(s);
+#pragma unroll
+  for (int kk = 0; kk < kHeadStepsK; ++kk) {
+    const uint32_t step = (kk % kStepsPerHalf) * kWgmmaStepBytes;
+    wgmma_rs<T, kBlockN, WgmmaB::kKMajor>(
+        d, qf[kk], wgmma_desc_sw128(sK + (kk / kStepsPerHalf) * kHalfTileKVBytes + step));
+  }
+}
+
+// Issues (no fence, commit or wait) O[64 x 128] += P V for the warpgroup: o[j][.] holds the
+// warp's 16 rows, head dims 8 j .. 8 j + 7; pf[kc] = A fragments of P for keys 16 kc ..
+// 16 kc + 15. V MN-major: 16 keys per step (2 KB), the second half of the head dims
+// kHalfTileKVBytes on (leading byte offset), 8-key groups 1024 bytes apart.
+template <typename T>
+__device__ __forceinline__ void issue_pv(float (&o)[kHeadTilesN][4], uint32_t (&pf)[kKeyStepsK][4],
+                                         uint32_t sV) {  // [kBlockN][128], Hopper layout
+  float(&d)[kHeadTilesN * 4] = reinterpret_cast<float(&)[kHeadTilesN * 4]>(o);
+#pragma unroll
+  for (int kc = 0; kc < kKeyStepsK; ++kc) {
+    wgmma_rs<T, kHeadDim, WgmmaB::kMNMajor>(
+        d, pf[kc], wgmma_desc_sw128(sV + kc * kKeyStepBytes, kHalfTileKVBytes, kWgmmaAtomBytes));
+  }
+}
+
+// s = Q K^T (fp32, unscaled), waited for.
 template <typename T>
 __device__ __forceinline__ void warpgroup_qk(float (&s)[kScoreTilesN][4],
                                              uint32_t (&qf)[kHeadStepsK][4],
@@ -217,20 +246,13 @@ __device__ __forceinline__ void warpgroup_qk(float (&s)[kScoreTilesN][4],
   wgmma_fence_operands(d);
   wgmma_fence_operands(a);
   wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kHeadStepsK; ++kk) {
-    const uint32_t step = (kk % kStepsPerHalf) * kWgmmaStepBytes;
-    wgmma_rs<T, kBlockN, WgmmaB::kKMajor>(
-        d, qf[kk], wgmma_desc_sw128(sK + (kk / kStepsPerHalf) * kHalfTileKVBytes + step));
-  }
+  issue_qk<T>(s, qf, sK);
   wgmma_commit();
   wgmma_wait<0>();
   wgmma_fence_operands(d);
 }
 
-// o[j][.] += P V for the warp's 16 rows, head dims 8 j .. 8 j + 7; pf[kc] = A fragments of P
-// for keys 16 kc .. 16 kc + 15. V MN-major: 16 keys per step (2 KB), the second half of the
-// head dims kHalfTileKVBytes on (leading byte offset), 8-key groups 1024 bytes apart.
+// o += P V, waited for.
 template <typename T>
 __device__ __forceinline__ void warpgroup_pv(float (&o)[kHeadTilesN][4],
                                              uint32_t (&pf)[kKeyStepsK][4],
@@ -240,11 +262,7 @@ __device__ __forceinline__ void warpgroup_pv(float (&o)[kHeadTilesN][4],
   wgmma_fence_operands(d);
   wgmma_fence_operands(a);  // P packed before the fence
   wgmma_fence();
-#pragma unroll
-  for (int kc = 0; kc < kKeyStepsK; ++kc) {
-    wgmma_rs<T, kHeadDim, WgmmaB::kMNMajor>(
-        d, pf[kc], wgmma_desc_sw128(sV + kc * kKeyStepBytes, kHalfTileKVBytes, kWgmmaAtomBytes));
-  }
+  issue_pv<T>(o, pf, sV);
   wgmma_commit();
   wgmma_wait<0>();
   wgmma_fence_operands(d);

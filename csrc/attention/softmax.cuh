@@ -67,6 +67,28 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[kTiles][4], float scal
   }
 }
 
+// The limits of this lane's two rows (rows first_row + lane / 4 and + 8 of the packed index of
+// sequence b, kv head kvh): the last key each sees, and its mask row (padded batches).
+__device__ __forceinline__ void row_limits(RowLimit (&limit)[kRowHalves], const Params& p,
+                                           const SeqSlice& seq, int b, int kvh, int first_row,
+                                           int lane) {
+  const int causal_offset = seq.seqlen_k - seq.seqlen_q;  // query s sees keys <= s + offset
+#pragma unroll
+  for (int half = 0; half < kRowHalves; ++half) {
+    const int r = first_row + lane / 4 + 8 * half;
+    limit[half] = {-1, nullptr};
+    if (r < seq.rows) {
+      const int s = r / p.group;
+      const int hq = kvh * p.group + (r - s * p.group);
+      limit[half].last_key = p.causal ? min(seq.seqlen_k - 1, s + causal_offset) : seq.seqlen_k - 1;
+      if (p.mask != nullptr) {  // padded batches only
+        limit[half].mask = p.mask + b * p.mask_batch_stride + hq * p.mask_head_stride +
+                           s * p.mask_q_stride;
+      }
+    }
+  }
+}
+
 struct OnlineSoftmax {
   float m[kRowHalves];  // running max of x per row (log2 units), -inf = nothing visible yet
   float l[kRowHalves];  // this lane's share of the running sum of 2^(x - m)
