@@ -60,12 +60,18 @@ WGMMA_LOOP_KERNELS = {
     # csrc/attention kWgmma mainloop: per K/V tile, Q K^T 8 k16 steps + P V 4 k16 steps.
     "attn::attention_fwd_kernel<__nv_bfloat16, true>": 12,
     "attn::attention_fwd_kernel<__half, true>": 12,
+    # csrc/attention/attention_ws.cuh: the same per K/V tile, in each consumer warpgroup's loop.
+    "attn::attention_ws_kernel": 12,
 }
+# Warp-specialized kernels (demangled-name substrings) -> the registers a thread must get from the
+# launch bounds, which their setmaxnreg budget assumes (csrc/core/warp_specialization.cuh: PTX lets
+# setmaxnreg do nothing in a kernel without a known register count).
+SETMAXNREG_KERNELS = {"attn::attention_ws_kernel": 168}
 # Kernels (demangled-name substrings) that core/pdl.cuh's launch_kernel may launch with
 # programmatic dependent launch on an sm_90 device: on sm_90a each must wait for the previous
 # grid (griddepcontrol.wait = ACQBULK) before touching global memory, and trigger its dependents
 # (griddepcontrol.launch_dependents = PREEXIT).
-PDL_KERNELS = ("attn::attention_fwd_kernel", "qk_norm_rope_kernel",
+PDL_KERNELS = ("attn::attention_fwd_kernel", "attn::attention_ws_kernel", "qk_norm_rope_kernel",
                "moe::moe_router_kernel", "moe::moe_permute_count_kernel", "moe::moe_permute_scatter_kernel",
                "moe::moe_expert_gemm_kernel", "moe::moe_combine_kernel")
 # Of those, kernels that read inputs finished two launches back before their wait (GEMM2: its tile
@@ -74,6 +80,11 @@ PDL_READS_FIRST = ("(qwen3x::moe::GemmKind)1>",)
 HOPPER_ARCH = "sm_90a"  # the only architecture the WGMMA_LOOP_KERNELS run on
 HMMA = re.compile(r"\bHMMA\b")
 HGMMA = re.compile(r"\bHGMMA\b")
+# wgmma.wait_group. ptxas serializes a pipeline it cannot prove safe (its C7515 / C7520 notes: a
+# wgmma on a conditional path, accumulators written between issue and wait): a wait after every
+# HGMMA. A main loop must wait fewer times than half its HGMMA (the kernels wait once or twice a
+# tile for 4 to 12).
+WGMMA_WAIT = re.compile(r"\bWARPGROUP\.DEPBAR\b")
 
 LDG128 = re.compile(r"\bLDG(\.[A-Z0-9_]+)*\.128\b")
 STG128 = re.compile(r"\bSTG(\.[A-Z0-9_]+)*\.128\b")
@@ -108,6 +119,8 @@ class Kernel:
     name: str = ""
     loop_hmma: int = 0  # HMMA between a backward branch and its target
     loop_hgmma: int = 0
+    loop_wgmma_waits: int = 0
+    wait_addrs: list = None
     hmma_addrs: list = None
     hgmma_addrs: list = None
     back_edges: list = None  # (target, branch) addresses of backward branches
@@ -153,7 +166,7 @@ def parse_sass(text: str) -> dict[tuple[str, str], Kernel]:
             arch = m.group(1)
         elif m := re.match(r"\s*Function : (\S+)", line):
             cur = kernels.setdefault((arch, m.group(1)), Kernel(arch, m.group(1)))
-            cur.hmma_addrs, cur.hgmma_addrs, cur.back_edges = [], [], []
+            cur.hmma_addrs, cur.hgmma_addrs, cur.back_edges, cur.wait_addrs = [], [], [], []
         elif cur is not None and "/*" in line:
             ins = line.split("*/", 1)[-1]  # drop the /*addr*/ prefix
             if a := ADDR.search(line):
@@ -162,6 +175,8 @@ def parse_sass(text: str) -> dict[tuple[str, str], Kernel]:
                     cur.hmma_addrs.append(addr)
                 if HGMMA.search(ins):
                     cur.hgmma_addrs.append(addr)
+                if WGMMA_WAIT.search(ins):
+                    cur.wait_addrs.append(addr)
                 if (b := BRA_TARGET.search(ins)) and int(b.group(1), 16) < addr:
                     cur.back_edges.append((int(b.group(1), 16), addr))
                 if ACQBULK.search(ins) and cur.acqbulk_at < 0:
@@ -186,6 +201,7 @@ def parse_sass(text: str) -> dict[tuple[str, str], Kernel]:
     for k in kernels.values():
         k.loop_hmma = in_loops(k, k.hmma_addrs)
         k.loop_hgmma = in_loops(k, k.hgmma_addrs)
+        k.loop_wgmma_waits = in_loops(k, k.wait_addrs)
     return kernels
 
 
@@ -248,6 +264,12 @@ def problems_of(k: Kernel) -> list[str]:
         for need in wgmma:
             if k.loop_hgmma < need:
                 problems.append(f"{k.loop_hgmma} HGMMA in the main loop, expected >= {need}")
+        for sub, regs in SETMAXNREG_KERNELS.items():
+            if sub in k.name and k.reg != regs:
+                problems.append(f"{k.reg} registers from the launch, its setmaxnreg budget assumes {regs}")
+        if wgmma and 2 * k.loop_wgmma_waits >= k.loop_hgmma > 0:
+            problems.append(f"wgmma serialized: {k.loop_wgmma_waits} waits for {k.loop_hgmma} HGMMA "
+                            "in the main loop")
         for sub, need in MMA_LOOP_KERNELS.items():
             if sub in k.name and not wgmma and k.loop_hmma < need:
                 problems.append(f"{k.loop_hmma} HMMA in the main loop, expected >= {need}")
