@@ -82,7 +82,6 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
 
   // ---- the CTA's key tiles -----------------------------------------------------------------
   const int causal_offset = seq.seqlen_k - seq.seqlen_q;  // query s sees keys <= s + offset
-  const int s_first = row0 / p.group;
   const int s_last = (min(row0 + kBlockM, seq.rows) - 1) / p.group;
   int key_end = seq.seqlen_k;  // exclusive
   if (p.causal) key_end = max(0, min(key_end, s_last + causal_offset + 1));
@@ -92,9 +91,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
   // costs time, never keys.
   const int tile_end =
       split == p.num_splits - 1 ? key_tiles : min(tile_begin + p.tiles_per_split, key_tiles);
-  // Keys <= all_visible_last are in range and causally visible for every row of the CTA.
-  const int all_visible_last =
-      p.causal ? min(seq.seqlen_k - 1, s_first + causal_offset) : seq.seqlen_k - 1;
+  const int visible_last = all_visible_last(p, seq, row0);  // for every row of the CTA
   const bool has_mask = p.mask != nullptr;
 
   // ---- this lane's two rows ----------------------------------------------------------------
@@ -166,7 +163,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
       float s[kScoreTilesN][4];
       warpgroup_qk<T>(s, qf, sK_addr + stage_offset);
       const int key0 = tile * kBlockN;
-      const bool mask_tile = has_mask || key0 + kBlockN - 1 > all_visible_last;
+      const bool mask_tile = has_mask || key0 + kBlockN - 1 > visible_last;
       scale_and_mask(s, p.scale_log2, mask_tile, limit, key0, lane);
       uint32_t pf[kKeyStepsK][4];
       softmax.update<T>(s, o, pf);
@@ -180,7 +177,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
       float s[kTiles][4];
       warp_qk<T>(s, qf, sK_addr + keys_offset, lane);
       const int key0 = tile * kBlockN + first_key;
-      const bool mask_tile = has_mask || key0 + kTiles * kMmaN - 1 > all_visible_last;
+      const bool mask_tile = has_mask || key0 + kTiles * kMmaN - 1 > visible_last;
       scale_and_mask(s, p.scale_log2, mask_tile, limit, key0, lane);
       uint32_t pf[kTiles / 2][4];
       softmax.update<T>(s, o, pf);

@@ -243,11 +243,7 @@ __device__ __forceinline__ void consume_rows(const Params& p, const SeqSlice& se
   const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
   const int own_barrier = kBarConsumer + consumer;
-  const int causal_offset = seq.seqlen_k - seq.seqlen_q;
-  const int s_first = row0 / p.group;
-  // Keys <= all_visible_last are in range and causally visible for every row of the warpgroup.
-  const int all_visible_last =
-      p.causal ? min(seq.seqlen_k - 1, s_first + causal_offset) : seq.seqlen_k - 1;
+  const int visible_last = all_visible_last(p, seq, row0);  // for every row of the warpgroup
   const bool has_mask = p.mask != nullptr;
   RowLimit limit[kRowHalves];
   row_limits(limit, p, seq, b, kvh, row0 + warp * kRowsPerWarp, lane);
@@ -296,7 +292,7 @@ __device__ __forceinline__ void consume_rows(const Params& p, const SeqSlice& se
     }
     if constexpr (qk()) {
       const int key0 = t * kBlockN;
-      scale_and_mask(s, p.scale_log2, has_mask || key0 + kBlockN - 1 > all_visible_last, limit, key0,
+      scale_and_mask(s, p.scale_log2, has_mask || key0 + kBlockN - 1 > visible_last, limit, key0,
                      lane);
       softmax.update<T>(s, o, pf);
     }

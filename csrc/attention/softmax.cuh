@@ -67,6 +67,13 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[kTiles][4], float scal
   }
 }
 
+// Keys <= this are in range and causally visible for every packed row from first_row on (a tile
+// of rows needs no element-wise mask for a key tile that ends there).
+__device__ __forceinline__ int all_visible_last(const Params& p, const SeqSlice& seq, int first_row) {
+  return p.causal ? min(seq.seqlen_k - 1, first_row / p.group + seq.seqlen_k - seq.seqlen_q)
+                  : seq.seqlen_k - 1;
+}
+
 // The limits of this lane's two rows (rows first_row + lane / 4 and + 8 of the packed index of
 // sequence b, kv head kvh): the last key each sees, and its mask row (padded batches).
 __device__ __forceinline__ void row_limits(RowLimit (&limit)[kRowHalves], const Params& p,
