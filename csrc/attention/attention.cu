@@ -225,7 +225,7 @@ bool launch_ws_if_unsplit(attn::Params& p, const at::Tensor& q, int64_t seqlen_k
                           int num_sms, WsMode mode, cudaStream_t stream) {
   const bool bf16 = q.scalar_type() == at::ScalarType::BFloat16;
   const int64_t ctas = std::max<int64_t>(
-      static_cast<int64_t>(attn::ws_row_tiles(p)) * p.batch * p.num_kv_heads,
+      static_cast<int64_t>(attn::row_tiles(p, attn::kWsBlockM)) * p.batch * p.num_kv_heads,
       ceil_div<int64_t>(static_cast<int64_t>(p.total_q) * p.num_q_heads, attn::kWsBlockM));
   const int ctas_per_sm =
       bf16 ? resident_ctas_per_sm<attn::attention_ws_kernel<__nv_bfloat16, false>>(

@@ -278,7 +278,8 @@ __device__ __forceinline__ void consume_rows(const Params& p, const SeqSlice& se
       named_barrier_sync(full_barrier(t % kWsStages, consumer), kFullThreads);
     }
     if constexpr (kPingPong) named_barrier_sync(turn_barrier(consumer), kTurnThreads);
-    issue_block<T, pv(), qk()>(o, s, qf, pf, sV + ((t + kWsStages - 1) % kWsStages) * kWsTileKVBytes,
+    issue_block<T, pv(), qk()>(o, s, qf, pf,
+                               sV + ((t + kWsStages - 1) % kWsStages) * kWsTileKVBytes,  // t - 1
                                sK + (t % kWsStages) * kWsTileKVBytes);
     if constexpr (kPingPong) {  // the other consumer's turn (consumer 1's last block has no next)
       if (consumer == 0 || qk()) named_barrier_arrive(turn_barrier(1 - consumer), kTurnThreads);
@@ -323,7 +324,8 @@ attention_ws_kernel(const __grid_constant__ Params p) {
   pdl_launch_dependents();
   extern __shared__ __align__(128) unsigned char smem[];
   // wgmma tiles start on a 1024-byte swizzle atom
-  unsigned char* base = smem + (round_up<uint32_t>(smem_u32(smem), kWgmmaAtomBytes) - smem_u32(smem));
+  unsigned char* base =
+      smem + (round_up<uint32_t>(smem_u32(smem), kWgmmaAtomBytes) - smem_u32(smem));
   T* sQ = reinterpret_cast<T*>(base);  // [kWsConsumers][kBlockM][128], later the output tiles
   const uint32_t sK = smem_u32(sQ + kWsBlockM * kHeadDim);   // [kWsStages][kBlockN][128]
   const uint32_t sV = sK + kWsStages * kWsTileKVBytes;       // [kWsStages][kBlockN][128]
@@ -351,31 +353,27 @@ attention_ws_kernel(const __grid_constant__ Params p) {
   const int num_tiles = ceil_div(key_end, kBlockN);
   if (tid >= kWsConsumerThreads) {
     set_max_registers<kWsProducerRegs, false>();
-    if (tid < kWsConsumerThreads + kWarpSize) produce_kv<T>(p, seq, kvh, sK, sV, num_tiles, tid % kWarpSize);
+    if (tid < kWsConsumerThreads + kWarpSize) {  // the loading warp; the other three exit
+      produce_kv<T>(p, seq, kvh, sK, sV, num_tiles, tid % kWarpSize);
+    }
   } else {
     set_max_registers<kWsConsumerRegs, true>();
     const int consumer = tid / kThreads;
-    consume_rows<T, kPingPong>(p, seq, b, kvh, sQ + consumer * kTileQElems, sK, sV, row0 + consumer * kBlockM,
-                    num_tiles, consumer, tid % kThreads);
+    consume_rows<T, kPingPong>(p, seq, b, kvh, sQ + consumer * kTileQElems, sK, sV,
+                               row0 + consumer * kBlockM, num_tiles, consumer, tid % kThreads);
   }
 }
 
-// Row tiles of the grid (gridDim.x) at kWsBlockM rows per CTA.
-inline int ws_row_tiles(const Params& p) {
-  return static_cast<int>(std::max<int64_t>(
-      ceil_div<int64_t>(static_cast<int64_t>(p.seqlen_q) * p.group, kWsBlockM), 1));
-}
-
-// Launches the warp-specialized kernel on grid (ws_row_tiles(p), B * Hkv). Requires
+// Launches the warp-specialized kernel on grid (row_tiles(p, kWsBlockM), B * Hkv). Requires
 // p.num_splits == 1; sm_90 devices with sm_90a code in the build only.
 template <typename T, bool kPingPong>
 cudaError_t launch_attention_ws(const Params& p, cudaStream_t stream) {
   if (p.batch == 0 || p.total_q == 0) return cudaSuccess;
   cudaError_t err = allow_dynamic_smem<attention_ws_kernel<T, kPingPong>>(kWsSmemAlloc);
   if (err != cudaSuccess) return err;
-  const dim3 grid(ws_row_tiles(p), p.batch * p.num_kv_heads, 1);
-  err = launch_kernel(p.pdl, attention_ws_kernel<T, kPingPong>, grid, dim3(kWsThreads), kWsSmemAlloc, stream,
-                      p);
+  const dim3 grid(row_tiles(p, kWsBlockM), p.batch * p.num_kv_heads, 1);
+  err = launch_kernel(p.pdl, attention_ws_kernel<T, kPingPong>, grid, dim3(kWsThreads),
+                      kWsSmemAlloc, stream, p);
   return err == cudaSuccess ? cudaGetLastError() : err;
 }
 
