@@ -106,20 +106,6 @@ def no_fence_provider(env_name: str, call: Callable[[Inputs], Any], eligible: bo
                         skip=_wgmma_skip(env_name, eligible), graphable=False, **kw)
 
 
-def ws_provider(env_name: str, call: Callable[[Inputs], Any], eligible: bool, ping_pong: bool = False,
-                **kw) -> Provider:
-    """qwen3x's warp-specialized Hopper attention kernel (QWEN3X_ATTENTION_WS=1: 128-row CTAs, a
-    producer warpgroup, csrc/attention/attention_ws.cuh; ping_pong: =pingpong, its consumers take
-    turns) against the default 64-row one, in the same run: the A/B that decides which stays
-    (benchmarks/NOTES.md). Skipped under QWEN3X_ATTENTION_WS=0, which `make gpu` sets when the
-    kernel's smoke run failed."""
-    skip = _wgmma_skip(env_name, eligible)
-    if skip is None and os.environ.get("QWEN3X_ATTENTION_WS") == "0":
-        skip = "QWEN3X_ATTENTION_WS=0 (make gpu sets it when the warp-specialized smoke run failed)"
-    name, value = ("qwen3x_ws_pingpong", "pingpong") if ping_pong else ("qwen3x_ws", "1")
-    return _env_variant(name, ("QWEN3X_ATTENTION_WS", value), call, skip=skip, graphable=False, **kw)
-
-
 def no_pdl_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
     """qwen3x with plain launches (QWEN3X_PDL=0) where its decode chains use programmatic
     dependent launch (an sm_90 GPU, sm_90a build): what the launch overlap saves, in the same run.

@@ -60,18 +60,12 @@ WGMMA_LOOP_KERNELS = {
     # csrc/attention kWgmma mainloop: per K/V tile, Q K^T 8 k16 steps + P V 4 k16 steps.
     "attn::attention_fwd_kernel<__nv_bfloat16, true>": 12,
     "attn::attention_fwd_kernel<__half, true>": 12,
-    # csrc/attention/attention_ws.cuh: the same per K/V tile, in each consumer warpgroup's loop.
-    "attn::attention_ws_kernel": 12,
 }
-# Warp-specialized kernels (demangled-name substrings) -> the registers a thread must get from the
-# launch bounds, which their setmaxnreg budget assumes (csrc/core/warp_specialization.cuh: PTX lets
-# setmaxnreg do nothing in a kernel without a known register count).
-SETMAXNREG_KERNELS = {"attn::attention_ws_kernel": 168}
 # Kernels (demangled-name substrings) that core/pdl.cuh's launch_kernel may launch with
 # programmatic dependent launch on an sm_90 device: on sm_90a each must wait for the previous
 # grid (griddepcontrol.wait = ACQBULK) before touching global memory, and trigger its dependents
 # (griddepcontrol.launch_dependents = PREEXIT).
-PDL_KERNELS = ("attn::attention_fwd_kernel", "attn::attention_ws_kernel", "qk_norm_rope_kernel",
+PDL_KERNELS = ("attn::attention_fwd_kernel", "qk_norm_rope_kernel",
                "moe::moe_router_kernel", "moe::moe_permute_count_kernel", "moe::moe_permute_scatter_kernel",
                "moe::moe_expert_gemm_kernel", "moe::moe_combine_kernel")
 # Of those, kernels that read inputs finished two launches back before their wait (GEMM2: its tile
@@ -264,9 +258,6 @@ def problems_of(k: Kernel) -> list[str]:
         for need in wgmma:
             if k.loop_hgmma < need:
                 problems.append(f"{k.loop_hgmma} HGMMA in the main loop, expected >= {need}")
-        for sub, regs in SETMAXNREG_KERNELS.items():
-            if sub in k.name and k.reg != regs:
-                problems.append(f"{k.reg} registers from the launch, its setmaxnreg budget assumes {regs}")
         if wgmma and 2 * k.loop_wgmma_waits >= k.loop_hgmma > 0:
             problems.append(f"wgmma serialized: {k.loop_wgmma_waits} waits for {k.loop_hgmma} HGMMA "
                             "in the main loop")

@@ -1134,39 +1134,26 @@ def test_flex_decode_compiles_once_per_head_layout_and_batch(monkeypatch, dynamo
 
 
 def test_env_variant_providers_set_their_setting_only_during_the_call(monkeypatch):
-    """qwen3x_mma_sync / qwen3x_no_fence / qwen3x_ws / qwen3x_no_pdl run qwen3x with one environment setting in
+    """qwen3x_mma_sync / qwen3x_no_fence / qwen3x_no_pdl run qwen3x with one environment setting in
     force during each call (the C++ side reads it per call) and restore it afterwards; each says
     the setting in its note and why it is skipped where it cannot differ from qwen3x."""
     monkeypatch.delenv("QWEN3X_WGMMA_PROXY_FENCE", raising=False)
-    monkeypatch.delenv("QWEN3X_ATTENTION_WS", raising=False)
     monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "auto")
     seen = []
     call = lambda x: seen.append((os.environ.get("QWEN3X_WGMMA_PROXY_FENCE"),  # noqa: E731
-                                  os.environ.get("QWEN3X_ATTENTION_MAINLOOP"), os.environ.get("QWEN3X_PDL"),
-                                  os.environ.get("QWEN3X_ATTENTION_WS")))
+                                  os.environ.get("QWEN3X_ATTENTION_MAINLOOP"), os.environ.get("QWEN3X_PDL")))
     monkeypatch.setattr(providers, "wgmma_available", lambda: True)
     monkeypatch.setattr(providers, "pdl_available", lambda: True)
     fence = providers.no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True)
     mma = providers.mma_sync_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True)
     pdl = providers.no_pdl_provider(call, eligible=True)
-    ws = providers.ws_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True)
-    pp = providers.ws_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True, ping_pong=True)
-    for p in (fence, mma, pdl, ws, pp):
+    for p in (fence, mma, pdl):
         assert p.skip is None, (p.name, p.skip)
         p.build({})()
-    assert seen == [("0", "auto", None, None), (None, "mma_sync", None, None), (None, "auto", "0", None),
-                    (None, "auto", None, "1"), (None, "auto", None, "pingpong")]
-    assert (pp.name, pp.note) == ("qwen3x_ws_pingpong", "QWEN3X_ATTENTION_WS=pingpong")
+    assert seen == [("0", "auto", None), (None, "mma_sync", None), (None, "auto", "0")]
     assert "QWEN3X_WGMMA_PROXY_FENCE" not in os.environ and os.environ["QWEN3X_ATTENTION_MAINLOOP"] == "auto"
-    assert "QWEN3X_ATTENTION_WS" not in os.environ
     assert (fence.name, fence.note) == ("qwen3x_no_fence", "QWEN3X_WGMMA_PROXY_FENCE=0")
-    assert (ws.name, ws.note) == ("qwen3x_ws", "QWEN3X_ATTENTION_WS=1")
     assert mma.note == "QWEN3X_ATTENTION_MAINLOOP=mma_sync" and pdl.note == "QWEN3X_PDL=0"
     assert "does not serve" in providers.no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=False).skip
-    assert "does not serve" in providers.ws_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=False).skip
     monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "mma_sync")
     assert "mma.sync here already" in providers.no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", call, True).skip
-    assert "mma.sync here already" in providers.ws_provider("QWEN3X_ATTENTION_MAINLOOP", call, True).skip
-    monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "auto")
-    monkeypatch.setenv("QWEN3X_ATTENTION_WS", "0")  # its smoke run failed
-    assert "smoke run failed" in providers.ws_provider("QWEN3X_ATTENTION_MAINLOOP", call, True).skip

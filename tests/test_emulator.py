@@ -123,20 +123,6 @@ ATTENTION_CASES = [
     (1, 10, 2, 77, 150, True, torch.bfloat16, "wgmma", "bshd", None),  # a group of 5 (Qwen3-14B's 40/8)
     (2, 40, 8, 1, 300, True, torch.float16, "mma_sync", "bhsd", 3),  # Qwen3-14B decode, split-KV
     (1, 10, 2, 3, 200, True, torch.float16, "mma_sync", "bhsd", 2),  # 15 rows: split keys, causal per row
-    # the warp-specialized kernel (attention_ws.cuh): 128-row CTAs, a producer warp, 3 stages
-    (1, 4, 2, 200, 200, True, torch.bfloat16, "wgmma_ws", "bhsd", None),  # 400 rows: 4 CTAs, the last half empty
-    (2, 2, 1, 70, 130, False, torch.float16, "wgmma_ws", "bshd", None),
-    (1, 2, 2, 90, 40, True, torch.bfloat16, "wgmma_ws", "bhsd", None),  # more queries than keys, 1 tile
-    (1, 10, 2, 77, 300, True, torch.bfloat16, "wgmma_ws", "bshd", None),  # a group of 5, 5 tiles: stages reused
-    (1, 8, 8, 64, 64, True, torch.float16, "wgmma_ws", "bhsd", None),  # one tile, rows of one warpgroup
-    (1, 8, 8, 64, 0, False, torch.float16, "wgmma_ws", "bhsd", None),  # no keys: no tile at all
-    (1, 4, 1, 40, 700, False, torch.bfloat16, "wgmma_ws", "bhsd", None),  # 11 tiles: each barrier's 4th phase
-    # ... with its consumers taking turns (QWEN3X_ATTENTION_WS=pingpong)
-    (1, 4, 2, 200, 200, True, torch.bfloat16, "wgmma_ws_pingpong", "bhsd", None),
-    (1, 10, 2, 77, 300, True, torch.float16, "wgmma_ws_pingpong", "bshd", None),
-    (1, 8, 8, 64, 64, False, torch.bfloat16, "wgmma_ws_pingpong", "bhsd", None),
-    (1, 8, 8, 64, 0, True, torch.bfloat16, "wgmma_ws_pingpong", "bhsd", None),
-    (1, 4, 1, 40, 700, True, torch.float16, "wgmma_ws_pingpong", "bshd", None),  # 11 tiles
 ]
 
 
@@ -148,8 +134,6 @@ def test_attention(case):
     out, lse, log = _attention(q, k, v, causal=causal, mainloop=mainloop, force_splits=splits)
     if splits:
         assert f"splits {splits} " in log, log
-    elif mainloop.startswith("wgmma_ws"):  # never split: every key tile in one CTA
-        assert f"splits 1 tiles_per_split {max(-(-Skv // 64), 1)}" in log, log
     else:  # the glue's plan (heuristics.cuh) is the kernel model's, for the emulated device
         group = Hq // Hkv
         ctas = max(max(-(-Sq * group // 64), 1) * B * Hkv, -(-B * Sq * Hq // 64))
@@ -157,21 +141,6 @@ def test_attention(case):
         want, per_split = attention_model.plan_splits(ctas, Skv, Sq * group, sms, ctas_per_sm)
         assert f"splits {want} tiles_per_split {per_split}" in log, log
     _gpu_judge()._judge(out, lse, q, k, v, None, D**-0.5, causal)
-
-
-@pytest.mark.parametrize("case", [c for c in ATTENTION_CASES if c[7].startswith("wgmma_ws")],
-                         ids=lambda c: "-".join(map(str, c[:5])) + c[7].removeprefix("wgmma_ws"))
-def test_attention_warp_specialized_is_the_wgmma_kernel_bitwise(case):
-    """The warp-specialized kernel computes each row as the 64-row Hopper kernel does (the same
-    wgmma shapes, softmax and epilogue; the extra key tiles a 128-row CTA gives its first
-    warpgroup are masked whole and add exact zeros): the same bits. (Here, where no fused
-    multiply-add is contracted; on the GPU the compiler may contract each kernel otherwise.)"""
-    B, Hq, Hkv, Sq, Skv, causal, dtype, _, layout, _ = case
-    torch.manual_seed(Sq * 1000 + Skv + 1)
-    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv, dtype, layout)
-    ws = _attention(q, k, v, causal=causal, mainloop=case[7])
-    plain = _attention(q, k, v, causal=causal, mainloop="wgmma", force_splits=1)  # its plan may split
-    assert torch.equal(ws[0], plain[0]) and torch.equal(ws[1].nan_to_num(), plain[1].nan_to_num())
 
 
 def test_attention_split_kv_replays():
@@ -187,7 +156,7 @@ def test_attention_split_kv_replays():
     _gpu_judge()._judge(out, lse, q, k, v, None, D**-0.5, True)
 
 
-@pytest.mark.parametrize("mainloop", ["mma_sync", "wgmma", "wgmma_ws"])
+@pytest.mark.parametrize("mainloop", ["mma_sync", "wgmma"])
 def test_attention_mask_and_key_lengths(mainloop):
     """A padding mask per batch and head, and per-sequence key lengths (a static cache's filled
     part); one sequence sees no key at all in its first rows."""
@@ -238,7 +207,7 @@ def test_attention_varlen():
     v = torch.randn(Tk, Hkv, D, dtype=torch.bfloat16)
     cu_q = torch.tensor([q_start, *(q_start + torch.tensor(lq).cumsum(0)).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
-    for mainloop in ("mma_sync", "wgmma", "wgmma_ws"):
+    for mainloop in ("mma_sync", "wgmma"):
         params = dict(dtype="bf16", varlen=1, batch=len(lq), hq=Hq, hkv=Hkv, seqlen_q=max(lq),
                       seqlen_k=max(lq), total_q=Tq, total_k=Tk, causal=True, scale=D**-0.5,
                       mainloop=mainloop, q_head_stride=q.stride(1), q_seq_stride=q.stride(0),
@@ -247,31 +216,6 @@ def test_attention_varlen():
         r = _run_all("attention", params, dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k),
                      {"out": (torch.bfloat16, (Tq, Hq, D)), "lse": (torch.float32, (Hq, Tq))})
         _gpu_judge()._judge_varlen(r["out"], r["lse"], q, k, v, cu_q, cu_k, True)
-
-
-@pytest.mark.parametrize("mainloop", ["wgmma", "wgmma_ws"])
-def test_attention_varlen_query_hint_too_small(mainloop):
-    """max_seqlen_q below the longest sequence: the grid (row tiles of 64, or 128 for the
-    warp-specialized kernel) covers the first rows, the rest come back NaN (mark_uncovered_rows)."""
-    lq, Hq, Hkv, hint = [100, 3, 30], 4, 2, 40  # 80 rows of group 2: 2 tiles of 64, 1 of 128
-    torch.manual_seed(13)
-    T = sum(lq)
-    q, k, v = (torch.randn(T, h, D, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
-    cu = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
-    params = dict(dtype="bf16", varlen=1, batch=len(lq), hq=Hq, hkv=Hkv, seqlen_q=hint, seqlen_k=max(lq),
-                  total_q=T, total_k=T, causal=True, scale=D**-0.5, mainloop=mainloop,
-                  q_head_stride=q.stride(1), q_seq_stride=q.stride(0), k_head_stride=k.stride(1),
-                  k_seq_stride=k.stride(0), v_head_stride=v.stride(1), v_seq_stride=v.stride(0))
-    r = _run_all("attention", params, dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu),
-                 {"out": (torch.bfloat16, (T, Hq, D)), "lse": (torch.float32, (Hq, T))})
-    covered = 128 // (Hq // Hkv)  # tokens of sequence 0 the grid computes: 2 x 64 or 1 x 128 rows
-    out, lse = r["out"], r["lse"]
-    assert torch.isnan(out[covered:lq[0]]).all() and torch.isnan(lse[:, covered:lq[0]]).all()
-    judge = _gpu_judge()
-    judge._judge(out[:covered].unsqueeze(0), lse[:, :covered].unsqueeze(0), q[:covered].transpose(0, 1)[None],
-                 k[:covered].transpose(0, 1)[None], v[:covered].transpose(0, 1)[None], None, D**-0.5, True)
-    rest = slice(lq[0], None)
-    judge._judge_varlen(out[rest], lse[:, rest], q[rest], k[rest], v[rest], cu[1:] - lq[0], cu[1:] - lq[0], True)
 
 
 def test_attention_varlen_decode_splits():
@@ -577,10 +521,6 @@ def test_qk_norm_rope_cache():
     assert_identical(r["k_cache"][:, :, untouched], want_k[:, :, untouched], "k cache outside the slot")
 
 # ---- planted bugs: each must make one of the checks above fail ---------------------------------
-# the warp-specialized kernel's case with 5 key tiles in 3 stages (each stage refilled)
-_WS_CASE = next(c for c in ATTENTION_CASES if c[7] == "wgmma_ws" and c[4] == 300)
-_PINGPONG_CASE = next(c for c in ATTENTION_CASES if c[7] == "wgmma_ws_pingpong" and c[4] == 300)
-
 PLANTED = {
     # waits for one stage too few: the tile is read before its copies land (late run differs)
     "attention: cp.async wait too shallow": (
@@ -598,25 +538,6 @@ PLANTED = {
         ("attention/attention_fwd.cuh",
          "__syncthreads();  // this stage is refilled by the next iteration's prefetch", ""),
         "attention_idle_warps"),
-    # the producer warp publishes a tile one group early: consumers read it before it lands
-    "attention ws: tile published before it lands": (
-        ("attention/attention_ws.cuh", "cp_async_wait<kWsStages - 2>();", "cp_async_wait<kWsStages - 1>();"),
-        "attention_ws"),
-    # the producer refills a stage without waiting for the consumers to free it (its next FULL
-    # arrival lands in a phase the consumer has not synced yet: the emulator's aliasing check)
-    "attention ws: refill without EMPTY": (
-        ("attention/attention_ws.cuh",
-         "if (next >= kWsStages) named_barrier_sync(empty_barrier(next % kWsStages), kEmptyThreads);", ""),
-        "attention_ws"),
-    # the producer warpgroup keeps its registers: the consumers' setmaxnreg.inc waits forever
-    "attention ws: no registers given back": (
-        ("attention/attention_ws.cuh", "    set_max_registers<kWsProducerRegs, false>();\n", ""),
-        "attention_ws"),
-    # ping-pong: consumer 0 never gets its first turn (a deadlock)
-    "attention ws: no first turn": (
-        ("attention/attention_ws.cuh",
-         "if (consumer == 1) named_barrier_arrive(turn_barrier(0), kTurnThreads);", ""),
-        "attention_pingpong"),
     # the expert GEMM's wgmma never waited for
     "moe: wgmma wait dropped": (
         ("moe/grouped_gemm.cuh", "wgmma_wait<0>();  // before the next barrier", "//"),
@@ -674,10 +595,6 @@ def test_planted_bug_is_caught(name, monkeypatch):
             test_attention(ATTENTION_CASES[4])
         elif op == "attention_wgmma":
             test_attention(ATTENTION_CASES[1])
-        elif op == "attention_ws":
-            test_attention(_WS_CASE)
-        elif op == "attention_pingpong":
-            test_attention(_PINGPONG_CASE)
         elif op == "attention_idle_warps":  # 420 rows: the last row tile's 36 rows leave warp 3 idle
             test_attention((1, 4, 2, 210, 200, True, torch.bfloat16, "mma_sync", "bhsd", None))
         elif op == "attention_replays":
@@ -707,9 +624,6 @@ PLANTED_REPORTS = {
     "attention: no proxy fence": (
         (("attention/attention_fwd.cuh", "if (p.proxy_fence) fence_proxy_async();", ""),),
         lambda: test_attention(ATTENTION_CASES[1]), r"no fence\.proxy\.async"),
-    "attention ws: no proxy fence": (
-        (("attention/attention_ws.cuh", "if (p.proxy_fence) fence_proxy_async();", ""),),
-        lambda: test_attention(_WS_CASE), r"no fence\.proxy\.async"),
     "moe: no wgmma.fence": (
         (("moe/grouped_gemm.cuh", "    wgmma_fence();\n", ""),),
         lambda: test_moe_experts(_WGMMA_EXPERTS), r"no wgmma\.fence"),
@@ -739,8 +653,6 @@ RACECHECK = {
     "attention mma_sync": lambda: test_attention(ATTENTION_CASES[0]),
     "attention wgmma": lambda: test_attention(ATTENTION_CASES[1]),
     "attention decode split-KV": lambda: test_attention(ATTENTION_CASES[4]),
-    "attention wgmma_ws": lambda: test_attention(_WS_CASE),
-    "attention wgmma_ws pingpong": lambda: test_attention(_PINGPONG_CASE),
     "attention varlen": lambda: test_attention_varlen(),
     "experts decode": lambda: test_moe_experts(EXPERT_CASES[0]),
     "experts mid, tiled permutation": lambda: test_moe_experts(EXPERT_CASES[2]),
@@ -766,26 +678,6 @@ PLANTED_RACES = {
     # decode's split-key merge: the other warps' stores and warp 0's loads with no barrier between
     "attention: no barrier in the split-key merge": (PLANTED["attention: no barrier in the split-key merge"][0],
                                                      lambda: test_attention(ATTENTION_CASES[4])),
-    # a consumer's epilogue stages its output over Q while another of its warps may still read Q
-    "attention ws: no barrier before the epilogue": (
-        ("attention/attention_ws.cuh",
-         "wgmma orders nothing across warps).\n  named_barrier_sync(own_barrier, kThreads);",
-         "wgmma orders nothing across warps)."),
-        lambda: test_attention((1, 8, 8, 64, 0, False, torch.float16, "wgmma_ws", "bhsd", None))),
-    # a consumer frees a stage (EMPTY) before its P V of it has been waited for: the producer's
-    # refill races with the wgmma's read (the answers agree here: the scheduler runs the wgmma first)
-    "attention ws: stage freed before its P V completes": (
-        ("attention/attention_ws.cuh",
-         "    wait_block<pv(), qk()>(o, s);\n"
-         "    // Tile t - 1's stage is read; the producer refills it with tile t - 1 + kWsStages, if any.\n"
-         "    if constexpr (pv()) {\n"
-         "      if (t - 1 + kWsStages < num_tiles) {\n"
-         "        named_barrier_arrive(empty_barrier((t - 1) % kWsStages), kEmptyThreads);\n      }\n    }\n",
-         "    if constexpr (pv()) {\n"
-         "      if (t - 1 + kWsStages < num_tiles) {\n"
-         "        named_barrier_arrive(empty_barrier((t - 1) % kWsStages), kEmptyThreads);\n      }\n    }\n"
-         "    wait_block<pv(), qk()>(o, s);\n"),
-        lambda: test_attention(_WS_CASE)),
     # a warp's per-expert counters zeroed by some lanes and incremented by others with no
     # __syncwarp between (the match.any between them orders no memory)
     "permute: no __syncwarp after zeroing": (

@@ -38,16 +38,12 @@ def _truth(fn, *args):
 
 
 # ---- ops -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mainloop", ["mma_sync", "wgmma", "wgmma_ws", "wgmma_ws_pingpong"])
+@pytest.mark.parametrize("mainloop", ["mma_sync", "wgmma"])
 def test_attention_views_mask_key_lengths(emu, monkeypatch, mainloop):
     """q a transposed view of a [B, S, H, D] projection, k/v slices of a static cache (a view the
-    glue must copy: an odd element offset), a mask broadcast over heads, one key length for all.
-    wgmma_ws(_pingpong): QWEN3X_ATTENTION_WS=1 (=pingpong), the warp-specialized kernel (unsplit
-    here: 3 key tiles)."""
+    glue must copy: an odd element offset), a mask broadcast over heads, one key length for all."""
     import test_attention_gpu as gpu
-    monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", mainloop.split("_ws")[0])
-    if "_ws" in mainloop:
-        monkeypatch.setenv("QWEN3X_ATTENTION_WS", "pingpong" if mainloop.endswith("pingpong") else "1")
+    monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", mainloop)
     torch.manual_seed(1)
     B, Hq, Hkv, Sq, Smax = 2, 4, 2, 70, 160
     q = torch.randn(B, Sq, Hq, D, dtype=torch.bfloat16).transpose(1, 2)

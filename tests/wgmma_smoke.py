@@ -10,10 +10,6 @@ remaining steps still test everything else, and a failing family's whole stderr 
 wgmma_smoke_<family>.log beside ENV_FILE; where wgmma cannot run at all (no extension, no sm_90
 GPU, no sm_90a build) it writes nothing and says which.
 
-The warp-specialized attention kernel (QWEN3X_ATTENTION_WS=1 and =pingpong, A/B candidates) gets
-runs of its own when the attention family passed; if one fails, ENV_FILE gets QWEN3X_ATTENTION_WS=0,
-which the benchmarks' qwen3x_ws providers and its GPU tests read as "skip".
-
 It also runs the decode chains launched with programmatic dependent launch (PDL, csrc/core/pdl.cuh:
 the default where wgmma runs), eagerly and in a CUDA graph, against the same calls with
 QWEN3X_PDL=0, bitwise; if that fails, ENV_FILE gets QWEN3X_PDL=0 and the later steps run without it.
@@ -60,10 +56,6 @@ truth = R.moe_experts(x.double(), ids, w.double(), gate_up.double(), down.double
 assert_close_to_truth(out, same, truth)
 """,
 }
-# The warp-specialized attention kernel: 1000 queries x group 4 in 128-row CTAs, 16 key tiles through
-# its three stages (a grid of 512 CTAs: never split, so the kernel itself runs).
-WS_CASE = CASES["QWEN3X_ATTENTION_MAINLOOP"].replace(", 200, 128", ", 1000, 128")
-WS_MODES = ("1", "pingpong")
 # The decode chains (router -> GEMM1 -> GEMM2; qk_norm_rope -> attention -> split-KV combine)
 # with PDL, then without (QWEN3X_PDL is read at each call): the same bits, eager and replayed.
 PDL_CASE = """
@@ -162,16 +154,6 @@ def main() -> int:
             continue
         ok, detail, _ = _run(code, dict(os.environ, **{var: "wgmma", "QWEN3X_WGMMA_PROXY_FENCE": "0"}))
         print(f"wgmma smoke {var} without the proxy fence (informational): {'ok' if ok else 'FAILED, ' + detail}")
-    for mode in WS_MODES if "QWEN3X_ATTENTION_MAINLOOP=mma_sync" not in fallbacks else ():
-        env = dict(os.environ, QWEN3X_ATTENTION_MAINLOOP="wgmma", QWEN3X_ATTENTION_WS=mode)
-        ok, detail, stderr = _run(WS_CASE, env)
-        print(f"wgmma smoke QWEN3X_ATTENTION_WS={mode} (the warp-specialized kernel): "
-              f"{'ok' if ok else 'FAILED, ' + detail}")
-        if not ok:
-            if "QWEN3X_ATTENTION_WS=0" not in fallbacks:
-                fallbacks.append("QWEN3X_ATTENTION_WS=0")
-            with open(os.path.join(out_dir, f"wgmma_smoke_QWEN3X_ATTENTION_WS_{mode}.log"), "w") as f:
-                f.write(stderr)
     ok, detail, stderr = _run(PDL_CASE)
     print(f"PDL smoke (decode chains, eager and graphed, against QWEN3X_PDL=0): {'ok' if ok else 'FAILED, ' + detail}")
     if not ok:

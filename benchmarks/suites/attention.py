@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from qwen3x import ops, reference
 
 from ..harness import Case, Provider, Skip
-from ..providers import (compiled, mma_sync_provider, no_fence_provider, no_pdl_provider, over_budget,
-                         qwen3x_provider, ws_provider)
+from ..providers import compiled, mma_sync_provider, no_fence_provider, no_pdl_provider, over_budget, qwen3x_provider
 from ..shapes import HEAD_DIM, MODELS, RMS_EPS
 from .common import DTYPE, ELEM, hf_module, randn
 
@@ -206,8 +205,6 @@ def _providers(batch: int, hq: int, hkv: int, sq: int, skv: int, causal: bool, d
         qwen3x_provider("attention", qwen3x_call, canon=_first),
         mma_sync_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
         no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
-        ws_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
-        ws_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, ping_pong=True, canon=_first),
         no_pdl_provider(qwen3x_call, decode, canon=_first),
         Provider("reference", lambda x: lambda: ref(x), canon=_first, skip=over_budget(ref_bytes, "fp32 scores")),
         Provider("hf_eager", _hf_eager(causal), canon=_first, skip=over_budget(hf_bytes, "materialized scores")),

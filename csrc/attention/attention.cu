@@ -2,9 +2,7 @@
 // [B, H, S, 128], optional mask) and `attention_varlen` (packed sequences
 // [T, H, 128] with cu_seqlens): argument checks, device guard, current
 // stream, dtype dispatch, output and split-KV workspace allocation. One
-// kernel serves both: attention_fwd.cuh (and the files it includes); under
-// QWEN3X_ATTENTION_WS, unsplit Hopper calls run attention_ws.cuh's instead (an
-// A/B candidate, below).
+// kernel serves both: attention_fwd.cuh (and the files it includes).
 //
 // The kernel reads q/k/v through element strides (batch, head, sequence)
 // with a contiguous head dimension; base pointers and those strides must be
@@ -23,13 +21,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <optional>
-#include <string_view>
 
 #include "attention/attention_fwd.cuh"
-#include "attention/attention_ws.cuh"
 #include "core/checks.h"
 #include "core/gpu_constants.h"
 #include "core/launch.h"
@@ -46,8 +41,6 @@ constexpr const char* kVarlenOp = "attention_varlen";
 constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
 constexpr int64_t kChunkElems = attn::kChunkElems;  // elements per 16-byte cp.async chunk
 constexpr double kLog2e = 1.4426950408889634;
-// int32 headroom for packed rows: a row tile's end (row0 + rows per CTA) must not wrap
-constexpr int64_t kRowHeadroom = std::max(attn::kBlockM, attn::kWsBlockM);
 
 // True when the kernel can address t [B, H, S, 128] or [T, H, 128] in place:
 // contiguous head dim, 16-byte aligned base, and whole-chunk strides in every
@@ -126,7 +119,7 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
   // Index ranges of the kernel (int32 tokens, rows and keys, gridDim.y = B * Hkv).
   // (rows get a tile of headroom: row0 + kBlockM must not wrap)
-  QWEN3X_CHECK(q.size(0) * q.size(2) * (hq / hkv) <= kMaxInt32 - kRowHeadroom &&
+  QWEN3X_CHECK(q.size(0) * q.size(2) * (hq / hkv) <= kMaxInt32 - attn::kBlockM &&
                    k.size(2) <= kMaxInt32 - attn::kBlockN,
                "qwen3x.", kOp, ": sizes exceed the kernel's int32 range (B = ", q.size(0),
                ", Sq = ", q.size(2), ", Skv = ", k.size(2), ")");
@@ -150,7 +143,7 @@ void check_varlen_args(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                ": expected cu_seqlens_q and cu_seqlens_k of one shape [batch + 1], got ",
                cu_seqlens_q.sizes(), " and ", cu_seqlens_k.sizes());
   const int64_t group = q.size(1) / k.size(1);
-  QWEN3X_CHECK(q.size(0) * group <= kMaxInt32 - kRowHeadroom &&
+  QWEN3X_CHECK(q.size(0) * group <= kMaxInt32 - attn::kBlockM &&
                    k.size(0) <= kMaxInt32 - attn::kBlockN,
                "qwen3x.", kVarlenOp, ": sizes exceed the kernel's int32 range (Tq = ", q.size(0),
                ", Tk = ", k.size(0), ")");
@@ -208,49 +201,6 @@ int fwd_ctas_per_sm() {
       attn::kThreads, attn::smem_bytes<kWgmma>(), attn::kMinCtasPerSm);
 }
 
-// QWEN3X_ATTENTION_WS=1 (or =pingpong: its consumers take turns): calls the Hopper mainloop
-// serves run the warp-specialized kernel (attention_ws.cuh) where its plan does not split the
-// keys. An A/B switch while the Hopper kernels are compared (benchmarks/NOTES.md); the ones that
-// lose are deleted. Any other value: the 64-row kernel.
-enum class WsMode { kOff, kDrift, kPingPong };
-WsMode ws_requested() {
-  const char* env = std::getenv("QWEN3X_ATTENTION_WS");
-  const std::string_view v = env == nullptr ? "" : env;
-  return v == "1" ? WsMode::kDrift : v == "pingpong" ? WsMode::kPingPong : WsMode::kOff;
-}
-
-// The warp-specialized kernel, if p is a call it serves unsplit (p's sizes set); false: not
-// launched.
-bool launch_ws_if_unsplit(attn::Params& p, const at::Tensor& q, int64_t seqlen_k_hint,
-                          int num_sms, WsMode mode, cudaStream_t stream) {
-  const bool bf16 = q.scalar_type() == at::ScalarType::BFloat16;
-  const int64_t ctas = std::max<int64_t>(
-      static_cast<int64_t>(attn::row_tiles(p, attn::kWsBlockM)) * p.batch * p.num_kv_heads,
-      ceil_div<int64_t>(static_cast<int64_t>(p.total_q) * p.num_q_heads, attn::kWsBlockM));
-  const int ctas_per_sm =
-      bf16 ? resident_ctas_per_sm<attn::attention_ws_kernel<__nv_bfloat16, false>>(
-                 attn::kWsThreads, attn::kWsSmemAlloc, 1)
-           : resident_ctas_per_sm<attn::attention_ws_kernel<__half, false>>(attn::kWsThreads,
-                                                                             attn::kWsSmemAlloc, 1);
-  const attn::SplitPlan plan = attn::plan_splits(
-      ctas, seqlen_k_hint, static_cast<int64_t>(p.seqlen_q) * p.group, num_sms, ctas_per_sm);
-  if (plan.num_splits != 1) return false;
-  p.num_splits = 1;
-  p.tiles_per_split = plan.tiles_per_split;
-  const bool ping_pong = mode == WsMode::kPingPong;
-  cudaError_t err;
-  if (bf16) {
-    err = ping_pong ? attn::launch_attention_ws<__nv_bfloat16, true>(p, stream)
-                    : attn::launch_attention_ws<__nv_bfloat16, false>(p, stream);
-  } else {
-    err = ping_pong ? attn::launch_attention_ws<__half, true>(p, stream)
-                    : attn::launch_attention_ws<__half, false>(p, stream);
-  }
-  C10_CUDA_CHECK(err);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return true;
-}
-
 // Plans split-KV for p (its sizes set), allocates the workspace when splitting and launches.
 // The workspace stays alive until the kernels have run: the caching allocator orders its reuse
 // on this stream. The Hopper mainloop (core/mainloop_choice.h) serves calls whose row tiles are
@@ -262,9 +212,6 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
   const bool wgmma = use_wgmma(op, "QWEN3X_ATTENTION_MAINLOOP", full_tiles, q.get_device());
   p.proxy_fence = wgmma_proxy_fence();
   p.pdl = pdl_enabled(q.get_device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
-  const WsMode ws = wgmma ? ws_requested() : WsMode::kOff;
-  if (ws != WsMode::kOff && launch_ws_if_unsplit(p, q, seqlen_k_hint, num_sms, ws, stream)) return;
   const bool bf16 = q.scalar_type() == at::ScalarType::BFloat16;
   // CTAs with work: the grid's, and at least enough to hold every packed row (this bounds the
   // workspace when a varlen max_seqlen_q is small).
@@ -292,6 +239,7 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
     p.split_flags = reinterpret_cast<unsigned long long*>(split_flags.mutable_data_ptr());
     p.split_tag = next_split_tag();
   }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
   cudaError_t err;
   if (bf16) {
     err = wgmma ? attn::launch_attention<__nv_bfloat16, true>(p, stream)

@@ -197,7 +197,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
   float inv_l[kRowHalves], lse2[kRowHalves];
   softmax.finalize(inv_l, lse2);
   if (p.num_splits == 1) {
-    write_output<T>(p, seq, sQ, o, inv_l, lse2, kvh, row0, warp, lane, tid, [] { __syncthreads(); });
+    write_output<T>(p, seq, sQ, o, inv_l, lse2, kvh, row0, warp, lane, tid);
   } else {
     write_partial(p, seq, o, inv_l, lse2, kvh, split, row0, warp, lane);
     combine_if_last<T>(p, seq, kvh, split, row0, warp, lane, tid, reinterpret_cast<int*>(sQ));

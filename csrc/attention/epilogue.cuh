@@ -29,16 +29,14 @@
 
 namespace qwen3x::attn {
 
-// Requires: all warps past their last read of sQ (a barrier before). `sync` is the barrier of
-// the kThreads threads that own the tile: __syncthreads, or a warpgroup's named barrier
-// (attention_ws.cuh); warp and tid count from that group's first thread.
-template <typename T, typename Sync>
+// Requires: all warps past their last read of sQ (a __syncthreads before).
+template <typename T>
 __device__ __forceinline__ void write_output(const Params& p, const SeqSlice& seq,
                                              T* sO,  // [kBlockM][128] swizzled (the Q tile)
                                              const float (&o)[kHeadTilesN][4],
                                              const float (&inv_l)[kRowHalves],
                                              const float (&lse2)[kRowHalves], int kvh, int row0,
-                                             int warp, int lane, int tid, Sync sync) {
+                                             int warp, int lane, int tid) {
   // 1. registers -> shared (4-byte stores: the 8 rows of a warp phase hit 8
   //    distinct chunk columns thanks to the swizzle, so no bank conflicts).
 #pragma unroll
@@ -57,7 +55,7 @@ __device__ __forceinline__ void write_output(const Params& p, const SeqSlice& se
       p.lse[seq.lse_offset + hq * seq.lse_head_stride + s] = lse2[half] * kLn2;
     }
   }
-  sync();
+  __syncthreads();
   // 2. shared -> global, 16-byte chunks, whole rows per pass.
   T* out = static_cast<T*>(p.out);
   const int chunk = tid % kChunksPerRow;

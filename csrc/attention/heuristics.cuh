@@ -63,11 +63,10 @@ inline int64_t min_tiles_per_split(int64_t rows_per_cta) {
   return std::max<int64_t>(ceil_div<int64_t>(2 * rows * kPartialRowBytes, kTileBytes), 1);
 }
 
-// Row tiles of the grid (gridDim.x): enough for Sq * group packed rows at rows_per_cta (kBlockM,
-// or attention_ws.cuh's kWsBlockM) each, at least 1.
-inline int row_tiles(const Params& p, int rows_per_cta = kBlockM) {
+// Row tiles of the grid (gridDim.x): enough for Sq * group packed rows at kBlockM each, at least 1.
+inline int row_tiles(const Params& p) {
   return static_cast<int>(std::max<int64_t>(
-      ceil_div<int64_t>(static_cast<int64_t>(p.seqlen_q) * p.group, rows_per_cta), 1));
+      ceil_div<int64_t>(static_cast<int64_t>(p.seqlen_q) * p.group, kBlockM), 1));
 }
 
 inline SplitPlan plan_splits(int64_t ctas,          // CTAs with work: row tiles * B * Hkv

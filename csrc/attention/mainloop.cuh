@@ -37,7 +37,7 @@
 // Warp w's accumulators are the mma.sync C fragments of its 16 rows (s[8][4],
 // o[16][4]; core/wgmma.cuh), so softmax and epilogue are shared. Each waits
 // for its wgmma group before returning; issue_qk / issue_pv are their wgmma
-// alone, for a caller that issues both in one group (attention_ws.cuh).
+// instructions alone (no fence, commit or wait).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -66,8 +66,7 @@ def main() -> None:
         print(f"qwen3x._C: not loaded ({info['extension_error']}); every op runs its PyTorch reference")
     if info["wgmma"]:
         print("  Hopper (wgmma) mainloops: attention prefill and the MoE expert GEMMs' prefill regime "
-              "(QWEN3X_ATTENTION_MAINLOOP / QWEN3X_MOE_MAINLOOP=mma_sync to compare; "
-              "QWEN3X_ATTENTION_WS=1 or =pingpong: the warp-specialized prefill kernel, under evaluation)")
+              "(QWEN3X_ATTENTION_MAINLOOP / QWEN3X_MOE_MAINLOOP=mma_sync to compare)")
     if info["pdl"]:
         print("  programmatic dependent launch: router, expert GEMMs, qk_norm_rope, attention "
               "(QWEN3X_PDL=0 to compare)")

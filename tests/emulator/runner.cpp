@@ -17,7 +17,6 @@
 
 #include "activation/silu_and_mul.cuh"
 #include "attention/attention_fwd.cuh"
-#include "attention/attention_ws.cuh"
 #include "core/launch.h"
 #include "moe/experts.cuh"
 #include "moe/permute.cuh"
@@ -249,16 +248,11 @@ void run_attention(Job& job) {
   }
   const size_t out_elems = static_cast<size_t>(p.total_q) * p.num_q_heads * kHeadDim;
   p.lse = job.output("lse", static_cast<size_t>(p.total_q) * p.num_q_heads * 4).as<float>();
-  // "wgmma_ws" / "wgmma_ws_pingpong": the warp-specialized Hopper kernel (attention_ws.cuh),
-  // unsplit, as attention.cu launches it under QWEN3X_ATTENTION_WS=1 / =pingpong
-  const bool ping_pong = job.str("mainloop") == "wgmma_ws_pingpong";
-  const bool ws = ping_pong || job.str("mainloop") == "wgmma_ws";
-  const bool wgmma = ws || job.str("mainloop") == "wgmma";
+  const bool wgmma = job.str("mainloop") == "wgmma";
   p.proxy_fence = job.i64("proxy_fence", 1) != 0;
   if (wgmma && static_cast<int64_t>(p.seqlen_q) * p.group < attn::kBlockM) {
     throw emu::Error("the glue serves only full row tiles with the wgmma mainloop");
   }
-  if (ws && job.has("force_splits")) throw emu::Error("the warp-specialized kernel never splits");
   with_dtype(job, [&](auto tag) {
     using T = decltype(tag);
     p.out = job.output("out", out_elems * sizeof(T)).ptr;
@@ -273,7 +267,6 @@ void run_attention(Job& job) {
                     attn::kThreads, attn::smem_bytes<false>(), attn::kMinCtasPerSm);
     attn::SplitPlan plan = attn::plan_splits(
         ctas, p.seqlen_k, static_cast<int64_t>(p.seqlen_q) * p.group, num_sms, ctas_per_sm);
-    if (ws) plan = {1, static_cast<int>(std::max<int64_t>(ceil_div<int64_t>(p.seqlen_k, attn::kBlockN), 1))};
     if (job.has("force_splits")) {  // a plan the SM count would give, without that many CTAs
       const int tiles = static_cast<int>(ceil_div<int64_t>(p.seqlen_k, attn::kBlockN));
       const int want = static_cast<int>(job.i64("force_splits"));
@@ -309,10 +302,8 @@ void run_attention(Job& job) {
           std::memset(p.partial_lse, 0xFF, rows * 4);
         }
       }
-      check(ping_pong ? attn::launch_attention_ws<T, true>(p, nullptr)
-            : ws      ? attn::launch_attention_ws<T, false>(p, nullptr)
-            : wgmma ? attn::launch_attention<T, true>(p, nullptr)
-                    : attn::launch_attention<T, false>(p, nullptr),
+      check(wgmma ? attn::launch_attention<T, true>(p, nullptr)
+                  : attn::launch_attention<T, false>(p, nullptr),
             "launch_attention");
       if (plan.num_splits > 1) {  // the combiners' reset: what a replay's correctness rests on
         const size_t slots = static_cast<size_t>(attn::row_tiles(p)) * p.batch * p.num_kv_heads * plan.num_splits;

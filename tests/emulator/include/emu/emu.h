@@ -386,19 +386,6 @@ struct Cta {
   unsigned barrier_generation = 0;
   char barrier_sync[2] = {};  // happens-before objects, by generation parity
   char end_sync = 0;          // every thread's exit -> the scheduler
-  struct NamedBarrier {        // bar.sync / bar.arrive with an id and a thread count
-    int arrived = 0;
-    int expected = 0;          // the count its current phase was opened with
-    unsigned generation = 0;
-    char sync[2] = {};         // happens-before objects, by generation parity
-    std::map<int, int> warp_lanes;      // this phase: lanes arrived, per warp
-    std::map<int, unsigned> thread_gen;  // per thread: 1 + the generation it last arrived in
-  };
-  std::array<NamedBarrier, 16> named{};  // id 0 is __syncthreads' (`barrier_*` above)
-  // setmaxnreg: each warpgroup's registers per thread (from the launch: what ptxas gives a block
-  // of this size at one block per SM) and the CTA's pool of registers given back
-  std::vector<int> warpgroup_regs;
-  long long register_pool = 0;
   std::vector<Collective> warps, warpgroups;
   std::vector<std::vector<WgmmaOp>> wgmma_open;               // per warpgroup
   std::vector<std::deque<std::vector<WgmmaOp>>> wgmma_groups;  // per warpgroup
@@ -489,59 +476,6 @@ inline void syncthreads() {
     while (c.barrier_generation == gen) yield();
   }
   hb_acquire(&c.barrier_sync[gen & 1]);
-}
-
-// bar.sync id, count (wait = true) / bar.arrive id, count (wait = false): a phase completes when
-// `count` threads have arrived (every member of a phase must name the same count, a multiple of
-// the warp size, and whole warps arrive together; threads that exited never do). Arrivals
-// release, completion acquires (PTX: memory accesses before the barrier are performed relative
-// to all participating threads when it completes), so under ThreadSanitizer an arrive -> sync
-// pair orders the arriver's earlier accesses before the waiter's later ones.
-inline void named_barrier(int id, int count, bool wait) {
-  Cta& c = cta();
-  Sched& s = sched();
-  const Unchecked bookkeeping;
-  if (id <= 0 || id >= static_cast<int>(c.named.size())) {
-    fail("bar.sync/bar.arrive: barrier id " + std::to_string(id) +
-         " (1..15 here; 0 is __syncthreads')");
-  }
-  if (count <= 0 || count % 32 != 0 || count > c.num_threads) {
-    fail("bar.sync/bar.arrive: thread count " + std::to_string(count) +
-         " (a positive multiple of 32, at most the block's)");
-  }
-  Cta::NamedBarrier& b = c.named[id];
-  if (b.arrived == 0) {
-    b.expected = count;
-  } else if (b.expected != count) {
-    fail("bar.sync/bar.arrive " + std::to_string(id) + ": thread counts " +
-         std::to_string(b.expected) + " and " + std::to_string(count) + " in one phase");
-  }
-  const unsigned gen = b.generation;
-  // The hardware counts whole warps (.aligned: every lane at the same barrier): a thread that
-  // arrives twice in one phase is a warp counted twice (a phase aliased with the next one's).
-  unsigned& last = b.thread_gen[self().linear];
-  if (last == gen + 1) {
-    fail("bar.sync/bar.arrive " + std::to_string(id) + ": thread " + std::to_string(self().linear) +
-         " arrives twice in one phase");
-  }
-  last = gen + 1;
-  ++b.warp_lanes[warp_id()];
-  hb_release(&b.sync[gen & 1]);
-  ++s.progress;
-  if (++b.arrived == b.expected) {
-    for (const auto& [warp, lanes] : b.warp_lanes) {
-      if (lanes != 32) {
-        fail("bar.sync/bar.arrive " + std::to_string(id) + ": warp " + std::to_string(warp) +
-             " completes a phase with " + std::to_string(lanes) + " of its 32 lanes");
-      }
-    }
-    b.warp_lanes.clear();
-    b.arrived = 0;
-    ++b.generation;
-  } else if (wait) {
-    while (b.generation == gen) yield();
-  }
-  if (wait) hb_acquire(&b.sync[gen & 1]);
 }
 
 // All `size` threads of a group meet; the last to arrive runs op(args) for all of them, args[i]
@@ -1029,42 +963,6 @@ inline void wgmma_fence() {
   warpgroup_meet("wgmma.fence", nullptr, [&](std::array<void*, 128>&) { cta().wgmma_fenced[wg] = 1; });
 }
 
-// setmaxnreg: the whole warpgroup meets at one count. .dec gives (old - new) x 128 registers to
-// the CTA's pool, .inc takes (new - old) x 128 from it and waits while the pool cannot cover them
-// (the hardware blocks there: a pool nobody refills is a deadlock, which the scheduler reports).
-// A .dec above or an .inc below the current count is an error (PTX leaves it undefined).
-inline void setmaxnreg(int regs, bool inc) {
-  Cta& c = cta();
-  const int wg = self().linear / 128;
-  if (inc) {
-    for (;;) {
-      {
-        const Unchecked bookkeeping;
-        if (wg >= static_cast<int>(c.warpgroup_regs.size()) ||
-            c.register_pool >= 128LL * (regs - c.warpgroup_regs[wg])) {
-          break;
-        }
-      }
-      yield();
-    }
-  }
-  int mine = regs;  // on this fiber's stack, alive while it waits in the meeting
-  warpgroup_meet(inc ? "setmaxnreg.inc" : "setmaxnreg.dec", &mine, [&](std::array<void*, 128>& args) {
-    for (void* a : args) {
-      if (*static_cast<int*>(a) != regs) fail("setmaxnreg: register counts differ within the warpgroup");
-    }
-    const Unchecked bookkeeping;
-    const int now = c.warpgroup_regs[wg];
-    if (inc ? regs < now : regs > now) {
-      fail(std::string("setmaxnreg.") + (inc ? "inc to " : "dec to ") + std::to_string(regs) +
-           " from " + std::to_string(now) + " registers");
-    }
-    c.register_pool += 128LL * (now - regs);
-    if (c.register_pool < 0) fail("setmaxnreg.inc: more registers taken than the pool holds");
-    c.warpgroup_regs[wg] = regs;
-  });
-}
-
 // ---- launches ------------------------------------------------------------------------------------
 inline void fiber_main(Thread* t);
 
@@ -1160,13 +1058,6 @@ inline void run_cta(Cta& c) {
   c.wgmma_groups.assign(c.warpgroups.size(), {});
   c.cp_lanes.assign(c.warps.size(), {});
   c.wgmma_fenced.assign(c.warpgroups.size(), 0);
-  {  // what ptxas gives each thread of a block this size at one block per SM: the register file
-     // split among 4 schedulers, warps dealt to them in turn, 8-register granules, at most 255
-    const int warps_per_scheduler = (n / 32 + 3) / 4;
-    const int regs = std::min(248, 65536 / 4 / (warps_per_scheduler * 32) / 8 * 8);
-    c.warpgroup_regs.assign(c.warpgroups.size(), regs);
-    c.register_pool = 0;
-  }
   c.generic_writer.assign((c.dyn_smem - c.smem_block + c.dyn_smem_bytes) / 16 + 1, -1);
   unsigned long long last_progress = ~0ull;
   while (c.alive > 0 && !s.failed) {
@@ -1178,12 +1069,6 @@ inline void run_cta(Cta& c) {
       }
       for (const Collective& w : c.warpgroups) {
         if (w.arrived) at += std::string(" ") + w.what + " (" + std::to_string(w.arrived) + "/128)";
-      }
-      for (size_t id = 1; id < c.named.size(); ++id) {
-        if (c.named[id].arrived) {
-          at += " bar.sync " + std::to_string(id) + " (" + std::to_string(c.named[id].arrived) +
-                "/" + std::to_string(c.named[id].expected) + ")";
-        }
       }
       if (c.barrier_arrived) at += " __syncthreads (" + std::to_string(c.barrier_arrived) + "/" +
                                    std::to_string(c.alive) + " alive)";
@@ -1221,14 +1106,6 @@ inline void run_cta(Cta& c) {
     if (!c.wgmma_open[wg].empty() || !c.wgmma_groups[wg].empty()) {
       s.failed = true;
       s.error = "a warpgroup exits with wgmma never committed or waited for";
-    }
-  }
-  for (size_t id = 1; id < c.named.size() && !s.failed; ++id) {
-    if (c.named[id].arrived) {  // an arrive no sync matched: the protocol's counts disagree
-      s.failed = true;
-      s.error = "a CTA exits with bar.sync/bar.arrive " + std::to_string(id) + " incomplete (" +
-                std::to_string(c.named[id].arrived) + "/" + std::to_string(c.named[id].expected) +
-                " threads)";
     }
   }
   s.cta = nullptr;
