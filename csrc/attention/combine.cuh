@@ -8,19 +8,25 @@
 //
 // Who is last (combine_if_last): each split's CTA, after its partials, writes this launch's tag
 // into its slot of split_flags[tile][split] and, after a device-wide fence, reads the tile's
-// num_splits slots (one warp, each lane its own slots, all reads in flight together). Of CTAs that finish together at least one sees every mark (the
-// fences are sequentially consistent: no two can both miss the other's mark), and more than one
-// may: each then writes the same bits. The combiner sets the slots back to 0, so that a CUDA
-// graph's replays (same tag) start clean; a fresh workspace holds whatever the allocator's last
-// user left, which is never the tag (a 64-bit value drawn per launch, attention.cu). No memset,
-// no second kernel: a decode step's attention is one launch (measured on the H100 with a
-// separate combine kernel: 14.2 us at batch 1, context 1k, against cuDNN's single kernel 11.9).
+// num_splits slots (one warp, each lane its own slots, all reads in flight together). Of CTAs
+// that finish together at least one sees every mark (the fences are sequentially consistent: no
+// two can both miss the other's mark), and more than one may: each then writes the same bits.
+// The combiner sets the slots back to 0, so that a CUDA graph's replays (same tag) start clean; a
+// fresh workspace holds whatever the allocator's last user left, which is never the tag (a 64-bit
+// value drawn per launch, attention.cu). No memset, no second kernel: a decode step's attention
+// is one launch.
 //
 // combine_row: one warp per workspace row (kv head, token, h); lane l owns head dims
 // 4 l .. 4 l + 3 (16-byte fp32 loads of each split's O_i, through L2: other SMs wrote them). The
 // split weights are reduced with a fixed butterfly over lanes (lane l sums splits l, l + 32, ...
 // in order). An empty split (lse2 = -inf, O = 0) gets weight 0; rows that see no key at all get
 // out = 0, lse = -inf; a NaN partial lse (NaN inputs) gives NaN out and lse.
+// Its cost is L2 round trips in a chain, on the one combining CTA of each tile: the first H200
+// run (2026-11-27, benchmarks/NOTES.md) timed batch-1 decode at 24-31 us for 1k keys (16 splits;
+// the separate combine kernel this replaced: 14 us on the H100) and 39-55 us for 8k (64 splits),
+// growing with the rows a warp merges and with the split count, while the version then read
+// each lse three times and had its O loop's loads wait in small batches. Now: one pass for the
+// lse values, then the O rows kCombineLoadsInFlight at a time.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -28,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "attention/heuristics.cuh"
 #include "attention/kernel_traits.cuh"
 #include "core/gpu_constants.h"
 #include "core/mma.cuh"
@@ -38,10 +45,18 @@ namespace qwen3x::attn {
 
 constexpr int kCombineDimsPerLane = kHeadDim / kWarpSize;  // 4
 static_assert(kCombineDimsPerLane == 4, "a lane owns one float4 of each split's row");
+constexpr int kCombineSplitsPerLane = kMaxSplits / kWarpSize;  // lse registers a lane holds: 4
+static_assert(kCombineSplitsPerLane * kWarpSize == kMaxSplits, "whole rounds of 32 splits");
+// O loads a lane issues before it adds any of them (16 float4 = 64 registers): the combine is a
+// chain of L2 round trips (other SMs wrote the partials), so it waits once per this many splits.
+constexpr int kCombineLoadsInFlight = 16;
 
 // Workspace row `row` of [Hkv][total_q * group] (the same row of every split) into out and lse.
+// Two passes over L2: the row's num_splits lse values (lane l reads splits l, l + 32, ... once,
+// and keeps them), then the O rows, kCombineLoadsInFlight at a time, each split's weight taken
+// from the lane that holds its lse. The sums run in split order 0, 1, ... whatever the batching.
 template <typename T>
-__device__ __forceinline__ void combine_row(const Params& p, int64_t row, int lane) {
+__device__ __noinline__ void combine_row(const Params& p, int64_t row, int lane) {
   // Workspace rows: [splits][Hkv][token * group + h]; out row token * Hq + kvh * group + h.
   const int64_t rows_per_head = static_cast<int64_t>(p.total_q) * p.group;
   const int64_t rows_per_split = p.num_kv_heads * rows_per_head;
@@ -53,38 +68,65 @@ __device__ __forceinline__ void combine_row(const Params& p, int64_t row, int la
            lane * kCombineDimsPerLane;
   const float* lse_row = p.partial_lse + row;  // split i at lse_row[i * rows_per_split]
 
-  float lse2 = -INFINITY;
-  float acc[kCombineDimsPerLane] = {0.0f, 0.0f, 0.0f, 0.0f};
-  float max2 = -INFINITY;
-  for (int i = lane; i < p.num_splits; i += kWarpSize) {
-    max2 = fmaxf(max2, __ldcg(lse_row + i * rows_per_split));
+  float lse_s[kCombineSplitsPerLane];  // this lane's splits: lane + 32 j (-inf past num_splits)
+#pragma unroll
+  for (int j = 0; j < kCombineSplitsPerLane; ++j) {
+    const int i = lane + j * kWarpSize;
+    lse_s[j] = i < p.num_splits ? __ldcg(lse_row + i * rows_per_split) : -INFINITY;
   }
+  float max2 = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kCombineSplitsPerLane; ++j) max2 = fmaxf(max2, lse_s[j]);
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     max2 = fmaxf(max2, __shfl_xor_sync(kFullWarpMask, max2, offset));
   }
   const float base = max2 == -INFINITY ? 0.0f : max2;
   float sum = 0.0f;
-  for (int i = lane; i < p.num_splits; i += kWarpSize) {
-    sum += exp2f(__ldcg(lse_row + i * rows_per_split) - base);
+#pragma unroll
+  for (int j = 0; j < kCombineSplitsPerLane; ++j) {
+    if (lane + j * kWarpSize < p.num_splits) sum += exp2f(lse_s[j] - base);
   }
   sum = warp_reduce_sum(sum);
   // sum == 0: no split saw a key. A NaN partial lse makes sum NaN: out and lse become NaN
   // without reading O.
+  float lse2 = -INFINITY;
+  float acc[kCombineDimsPerLane] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (isnan(sum)) {
     lse2 = NAN;
 #pragma unroll
     for (int d = 0; d < kCombineDimsPerLane; ++d) acc[d] = NAN;
   } else if (sum > 0.0f) {
     lse2 = base + log2f(sum);
+    float w_s[kCombineSplitsPerLane];  // the weights of this lane's splits
+#pragma unroll
+    for (int j = 0; j < kCombineSplitsPerLane; ++j) w_s[j] = exp2f(lse_s[j] - lse2);
     const float* o_row = p.partial_o + row * kHeadDim + lane * kCombineDimsPerLane;
-    for (int i = 0; i < p.num_splits; ++i) {
-      const float w = exp2f(__ldcg(lse_row + i * rows_per_split) - lse2);
-      const float4 oi = __ldcg(reinterpret_cast<const float4*>(o_row + i * rows_per_split * kHeadDim));
-      acc[0] += w * oi.x;
-      acc[1] += w * oi.y;
-      acc[2] += w * oi.z;
-      acc[3] += w * oi.w;
+#pragma unroll
+    for (int j = 0; j < kCombineSplitsPerLane; ++j) {  // splits 32 j .. 32 j + 31
+      if (j * kWarpSize >= p.num_splits) break;
+#pragma unroll
+      for (int t0 = 0; t0 < kWarpSize; t0 += kCombineLoadsInFlight) {
+        const int i0 = j * kWarpSize + t0;
+        if (i0 >= p.num_splits) break;
+        float4 oi[kCombineLoadsInFlight];
+#pragma unroll
+        for (int t = 0; t < kCombineLoadsInFlight; ++t) {
+          oi[t] = i0 + t < p.num_splits
+                      ? __ldcg(reinterpret_cast<const float4*>(o_row + (i0 + t) * rows_per_split * kHeadDim))
+                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int t = 0; t < kCombineLoadsInFlight; ++t) {
+          const float w = __shfl_sync(kFullWarpMask, w_s[j], t0 + t);
+          if (i0 + t < p.num_splits) {
+            acc[0] += w * oi[t].x;
+            acc[1] += w * oi[t].y;
+            acc[2] += w * oi[t].z;
+            acc[3] += w * oi[t].w;
+          }
+        }
+      }
     }
   }
   const uint2 packed = make_uint2(pack_float2<T>(acc[0], acc[1]), pack_float2<T>(acc[2], acc[3]));

@@ -750,34 +750,37 @@ def combine_row(p, num, row, what):
     token = r // p.group
     hq = kvh * p.group + (r - token * p.group)
     out = (token * p.num_q_heads + hq) * HEAD_DIM + LANE * COMBINE_DIMS_PER_LANE
-    lse2 = np.full(WARP, -np.inf)
-    acc = np.zeros((WARP, COMBINE_DIMS_PER_LANE))
-    max2 = np.full(WARP, -np.inf)
+    # the lse of lane l's splits l, l + 32, ..., read once (-inf past num_splits)
+    lse_s = []
     for i, has in lane_splits:
         lse_i = np.full(WARP, -np.inf)
         lse_i[has] = p.partial_lse.read(row + i[has] * rows_per_split, 1, what)[:, 0]
+        lse_s.append(lse_i)
+    max2 = np.full(WARP, -np.inf)
+    for lse_i in lse_s:
         max2 = np.fmax(max2, lse_i)
     for offset in (16, 8, 4, 2, 1):
         max2 = np.fmax(max2, shfl_xor(max2, offset))
     base = np.where(max2 == -np.inf, 0.0, max2)
     total = np.zeros(WARP)
-    for i, has in lane_splits:
-        lse_i = np.zeros(WARP)
-        lse_i[has] = p.partial_lse.read(row + i[has] * rows_per_split, 1, what)[:, 0]
-        total = np.where(has, num.f32(total + num.exp2(num.f32(lse_i - base))), total)
+    for lse_i, (_, has) in zip(lse_s, lane_splits):
+        total = np.where(has, num.f32(total + num.exp2(num.f32(np.where(has, lse_i, 0.0) - base))), total)
     for offset in (16, 8, 4, 2, 1):  # warp_reduce_sum
         total = num.f32(total + shfl_xor(total, offset))
     if len(set(np.isnan(total))) != 1 or len(set(total > 0)) != 1:
         raise ModelError(f"{what}: lanes disagree on the row's branch")
+    lse2 = np.full(WARP, -np.inf)
+    acc = np.zeros((WARP, COMBINE_DIMS_PER_LANE))
     if np.isnan(total[0]):  # a NaN partial lse: NaN out and lse, partial O not read
         lse2 = np.full(WARP, np.nan)
         acc = np.full((WARP, COMBINE_DIMS_PER_LANE), np.nan)
     elif total[0] > 0:
         lse2 = num.f32(base + num.log2(total))
+        # each lane's splits' weights, taken by split i from lane i % 32 (__shfl_sync)
+        weights = [num.exp2(num.f32(lse_i - lse2)) for lse_i in lse_s]
         o_row = row * HEAD_DIM + LANE * COMBINE_DIMS_PER_LANE
         for i in range(p.num_splits):
-            lse_i = p.partial_lse.read([row + i * rows_per_split], 1, what)[0, 0]
-            weight = num.exp2(num.f32(lse_i - lse2))
+            weight = np.full(WARP, weights[i // WARP][i % WARP])
             o_i = p.partial_o.read(o_row + i * rows_per_split * HEAD_DIM, COMBINE_DIMS_PER_LANE, what,
                                    align=COMBINE_DIMS_PER_LANE)
             acc = num.f32(acc + num.f32(weight[:, None] * o_i))
