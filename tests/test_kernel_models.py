@@ -352,13 +352,15 @@ def test_attention_key_lengths_and_mask():
     (8, 131072, 4, (64, 32)),    # batch 1 x Hkv 8: 66 wanted (2 waves), dealt as 64 splits of 32 tiles
     (8, 1024, 4, (16, 1)),       # latency bound: one tile per split
     (200, 32768, 8, (5, 103)),   # 5 splits: 3.8 waves (3 would leave a last wave 27% full)
-    (256, 8192, 16, (3, 43)),    # a wave of (b, kv head) CTAs already: nothing better than the target
+    (256, 8192, 16, (1, 128)),   # a wave of (b, kv head) CTAs already: no count beats one split
+    (256, 1024, 64, (1, 16)),    # Qwen3-0.6B prefill, 1k tokens: likewise (3 splits tied before)
     (264, 32768, 8, (1, 512)),   # a full wave: no split
     (4, 2048, 64, (8, 4)),       # full 64-row tiles: at least 3 tiles a split (10 wanted, dealt as 8 of 4)
 ])
 def test_split_plan_fills_its_last_wave(ctas, seqlen_k, rows, want):
     """heuristics.cuh plan_splits on an H100 (132 SMs, 2 CTAs each): among 1 .. 2 x the target split
-    count, the one with the fewest waves per split, nearest the target."""
+    count, the one with the fewest waves per split, nearest the target; one split where none does
+    better than it."""
     assert attention.plan_splits(ctas, seqlen_k, rows, 132, 2) == want
     splits, per_split = want
     assert (splits - 1) * per_split < -(-seqlen_k // attention.BLOCK_N) <= splits * per_split  # no empty split

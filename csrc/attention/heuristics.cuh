@@ -16,7 +16,11 @@
 // empty costs nearly a full one (its few CTAs cannot draw the bandwidth). The
 // plan takes, among s = 1 .. 2 * s_target (s_target = ceil(kTargetWaves *
 // wave / ctas)), the s with the least waves(s) / s, ties to the one nearest
-// s_target, then the smaller. The second H100 run: batch 16, Hkv 4 (64 CTAs),
+// s_target, then the smaller; but one split (no split) wherever no count does
+// better than it: splitting then buys nothing and costs the partials' traffic
+// and the merge, on one CTA per row tile (the third run, H200: Qwen3-0.6B
+// prefill of 1k tokens, 256 CTAs of 64 rows, took 3 splits for a tie and ran
+// in 72.8 us, where 2k tokens, unsplit, took 78.9). The second H100 run: batch 16, Hkv 4 (64 CTAs),
 // 32k keys took s_target = 9 splits, 2.18 waves, 89% of copy, where Hkv 8 (128
 // CTAs, 5 splits, 2.42 waves) reached 97%; now 8 splits, 1.94 waves. A split must earn its partials: the K/V
 // bytes it reads are at least the traffic of the fp32 partials it writes and
@@ -84,9 +88,10 @@ inline SplitPlan plan_splits(int64_t ctas,          // CTAs with work: row tiles
     const auto waves = [&](int64_t s) { return ceil_div<int64_t>(ctas * s, wave); };
     const auto distance = [&](int64_t s) { return s > target ? s - target : target - s; };
     for (int64_t s = 2; s <= most; ++s) {
-      // waves(s) / s < waves(splits) / splits, or equal and nearer the target
+      // waves(s) / s < waves(splits) / splits, or equal and nearer the target (but never a tie
+      // with one split: a split that does not shorten the time only adds partials and a merge)
       const int64_t lhs = waves(s) * splits, rhs = waves(splits) * s;
-      if (lhs < rhs || (lhs == rhs && distance(s) < distance(splits))) splits = s;
+      if (lhs < rhs || (lhs == rhs && splits > 1 && distance(s) < distance(splits))) splits = s;
     }
   }
   const int64_t per_split = std::max<int64_t>(ceil_div<int64_t>(tiles, splits), 1);

@@ -194,6 +194,8 @@ def plan_splits(ctas, seqlen_k, rows_per_cta, num_sms, ctas_per_sm=MIN_CTAS_PER_
             return (Fraction(ceil_div(ctas * s, wave), s), abs(s - target), s)
 
         splits = min(range(1, most + 1), key=cost)
+        if cost(splits)[0] == cost(1)[0]:  # no count beats one split: a tie is not split
+            splits = 1
     per_split = max(ceil_div(tiles, splits), 1)
     return max(ceil_div(tiles, per_split), 1), per_split
 
