@@ -101,14 +101,17 @@ FLUSH_AB_ARGS ?= --l2-flush dirty --ops rms_norm,qk_norm_rope --shapes tokens=16
 FLUSH_AB_MOE_ARGS ?= --l2-flush dirty --ops moe_layer --shapes model=Qwen3-30B-A3B,tokens=1 --providers qwen3x
 KERNEL_TIMES_ARGS ?= --ops moe_layer --shapes tokens=1
 # ncu: Nsight Compute's counters for the kernels whose time the notes cannot explain from outside
-# (benchmarks/NOTES.md): prefill attention at 389 of the tensor cores' ~990 TFLOP/s, rms_norm at 79%
-# of copy at hidden 1024, the MoE decode layer at 46% of its weight bandwidth, the MoE prefill
-# expert GEMMs (wgmma, fence with copies in flight). Each entry: "<launches per call of the kernels
+# (benchmarks/NOTES.md): prefill attention at 350-420 of the tensor cores' ~990 TFLOP/s (the third
+# run ruled out L2 traffic, shared-memory bandwidth and the proxy fence), batch-1 decode attention
+# at 2-3x cuDNN's time (its split-KV merge), rms_norm at 78% of copy at hidden 1024, the MoE decode
+# layer at 45% of its weight bandwidth, the MoE prefill expert GEMMs (wgmma, fence with copies in
+# flight). Each entry: "<launches per call of the kernels
 # matching the regex> <kernel name regex> <op> <shape filter>"; benchmarks.kernel_times --plain makes
 # 5 warm-up calls and one profiled call after the L2 flush, and ncu skips the warm-up's launches.
 NCU_S       ?= 150
 # (Each name is matched anywhere in the function name, ncu's default --kernel-name-base: no namespace.)
 NCU_RUNS    ?= "1 attention_fwd attention_prefill model=Qwen3-4B,seqlen=4096" \
+               "1 attention_fwd attention_decode model=Qwen3-4B,batch=1,context=1024" \
                "1 rms_norm rms_norm tokens=16384,hidden=1024" "3 moe_ moe_layer model=Qwen3-30B-A3B,tokens=1" \
                "2 moe_expert_gemm moe_layer model=Qwen3-30B-A3B,tokens=16384"
 NCU_SECTIONS ?= --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
@@ -131,7 +134,9 @@ MEMCHECK_K  ?= not 65536 and not 4097 and not 4096 and not 8192 and not 8193 and
                and not 131072 and not long and not 20000 and not (mainloops and mma_sync)
 # compute-sanitizer instruments only qwen3x's kernels (every one is in namespace qwen3x, so its mangled
 # name holds the word): torch's own kernels in the tests' setup and references run at full speed.
-# The 2026-11-26 runs' memcheck never reached a verdict in 45 s with everything instrumented.
+# The 2026-11-26 runs' memcheck never reached a verdict in 45 s with everything instrumented; on
+# 2026-11-27 (H200) the probe found the filter unusable (empty), memcheck ran 36 tests in its 60 s
+# without a verdict, and racecheck's three tests passed in 36 s but its summary missed the 40 s limit.
 # SANITIZER_FILTER=auto (default) probes it once per run, before the sanitizer steps, into
 # OUT/sanitizer_filter.txt: empty (everything instrumented) where this compute-sanitizer refuses the
 # option, or where it does not instrument qwen3x's kernels with it (tests/sanitizer_filter_probe.py:
@@ -209,7 +214,8 @@ gpu:
 
 # A 15-minute device lease as two calls on one machine (the second finds the first's build and only
 # relinks): correctness first, then the numbers. Step limits add up to about 8.5 minutes each (the
-# build and the smoke runs included); typical runs take 6-7, so both fit beside a machine start. Give
+# build and the smoke runs included). Measured on 2026-11-27 (H200): the build, info and smoke runs
+# took about 2.5 minutes of a call, the sampled tests 30 s, `--targets` 45 s. Give
 # the second call a timeout inside the device time left (the tool's status says it).
 #   make gpu-check OUT=/tmp/r PYTHON=python3    a sample of the kernel tests, memcheck, racecheck
 #   make gpu-perf OUT=/tmp/r2 PYTHON=python3    the targets' cases of the kernels changed since the last
@@ -223,7 +229,7 @@ GPU_PERF_ARGS   ?= --targets --ops attention_prefill,attention_decode,moe_layer,
                    --no-precompile
 gpu-check:
 	$(MAKE) gpu STEPS="tests memcheck racecheck" GPU_SAMPLE=1 GPU_TESTS="$(GPU_CHECK_TESTS)" \
-	    GPU_TEST_S=100 MEMCHECK_S=80 RACECHECK_S=45 BUILD_S=200
+	    GPU_TEST_S=100 MEMCHECK_S=150 RACECHECK_S=75 BUILD_S=200
 gpu-perf:
 	$(MAKE) gpu STEPS="bench model flushab ncu" BENCH_ARGS="$(GPU_PERF_ARGS)" BENCH_S=110 \
 	    MODEL_ARGS="--targets --ops model_prefill,model_decode --shapes model=Qwen3-30B-A3B --providers qwen3x,hf_eager" \
