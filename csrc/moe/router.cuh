@@ -9,7 +9,8 @@
 // Why it is shaped this way:
 // - One warp per token. Lane l holds experts e = l + 32 * i (i < kSlots) in
 //   registers: every load instruction of the warp reads 32 consecutive logits
-//   (coalesced), and it is the element-to-lane map of PyTorch's warp softmax
+//   (coalesced; a warp with more tokens loads its next token's row before it
+//   routes this one), and it is the element-to-lane map of PyTorch's warp softmax
 //   (PersistentSoftmax.cuh: per-lane sums in slot order from 0, then an xor
 //   butterfly 16, 8, 4, 2, 1; masked slots add exact zeros, so narrower torch
 //   warps for E < 32 sum the same way). With the same expf and an IEEE divide,
@@ -158,17 +159,24 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int64_t warps_in_grid = static_cast<int64_t>(gridDim.x) * kRouterWarps;
-  for (int64_t token = static_cast<int64_t>(blockIdx.x) * kRouterWarps + warp; token < num_tokens;
-       token += warps_in_grid) {
+  // A token's logits as this lane's slots; slots past E read as -inf, whose exp is an exact 0.
+  const auto load_logits = [&](int64_t token, float (&x)[kSlots]) {
     const T* row = logits + token * logits_stride;
-
-    // All loads first; slots past E read as -inf, whose exp is an exact 0.
-    float x[kSlots];
 #pragma unroll
     for (int i = 0; i < kSlots; ++i) {
       const int e = lane + i * kWarpSize;
       x[i] = e < num_experts ? to_float(row[e]) : -INFINITY;
     }
+  };
+  const int64_t first_token = static_cast<int64_t>(blockIdx.x) * kRouterWarps + warp;
+  float next_x[kSlots];  // the warp's next token's logits, loaded a token ahead (a warp routes
+                         // up to 4 tokens in the one-block grid: their loads would be a chain)
+  if (first_token < num_tokens) load_logits(first_token, next_x);
+  for (int64_t token = first_token; token < num_tokens; token += warps_in_grid) {
+    float x[kSlots];
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) x[i] = next_x[i];
+    if (token + warps_in_grid < num_tokens) load_logits(token + warps_in_grid, next_x);
 
     // Softmax in fp32, summed in torch's order (see the header).
     float row_max = x[0];
