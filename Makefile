@@ -144,9 +144,14 @@ MEMCHECK_K  ?= not 65536 and not 4097 and not 4096 and not 8192 and not 8193 and
 # verdict clean for free). Any other value is used as given (empty: no filter).
 SANITIZER_FILTER ?= auto
 SANITIZER_KNS    = --kernel-name kns=qwen3x
-SANITIZER_PROBE  = compute-sanitizer $(SANITIZER_KNS) true >/dev/null 2>&1 && { timeout 60 compute-sanitizer \
-                   --tool initcheck $(SANITIZER_KNS) --error-exitcode 9 $(PYTHON) tests/sanitizer_filter_probe.py \
-                   >/dev/null 2>&1; [ $$? = 9 ]; } && echo "$(SANITIZER_KNS)"
+# The probe's own output and exit codes go to OUT/sanitizer_probe.log (9 from initcheck = the filter
+# works; 124 = SANITIZER_PROBE_S ran out: compute-sanitizer's start-up with torch is slow, and the
+# 2026-11-27 probe, then limited to 60 s, may have timed out rather than found the filter wanting).
+SANITIZER_PROBE_S ?= 120
+SANITIZER_PROBE  = compute-sanitizer $(SANITIZER_KNS) true >$(OUT)/sanitizer_probe.log 2>&1 && { timeout \
+                   $(SANITIZER_PROBE_S) compute-sanitizer --tool initcheck $(SANITIZER_KNS) --error-exitcode 9 \
+                   $(PYTHON) tests/sanitizer_filter_probe.py >>$(OUT)/sanitizer_probe.log 2>&1; rc=$$?; \
+                   echo "initcheck probe exit $$rc" >>$(OUT)/sanitizer_probe.log; [ $$rc = 9 ]; } && echo "$(SANITIZER_KNS)"
 # racecheck (shared-memory hazards): the attention kernel on a prefill pass and a split-KV decode
 # (on H100 the prefill case runs the wgmma mainloop; mma_sync-2 keeps the sm_80 prefill loop checked)
 RACECHECK_K ?= test_prefill and 128-16-8-1-True or test_decode and 1-1024-32-8-1-True \
