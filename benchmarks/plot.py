@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +20,25 @@ from .rows import CEILING_OPS, read_rows, shape_label, speedup_baseline
 
 X_KEYS = ("context", "seqlen", "tokens", "batch")  # the first one a shape has is the x axis
 MODEL_OPS = ("model_prefill", "model_decode")
+OURS = "qwen3x"
+MARKERS = "osD^vP<X>*"
+# 20 colours: the default cycle's ten (C0-C9), then the light halves of matplotlib's tab20
+# palette (a figure of the suite can have 11 or more providers; the default cycle repeats at 10)
+COLOURS = tuple(f"C{i}" for i in range(10)) + (
+    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
+    "#dbdb8d", "#9edae5")
+
+
+def line_style(provider: str, index: int) -> dict:
+    """Plot keywords for the index-th provider of a figure: qwen3x a thick black line on top, its
+    own A/B variants (qwen3x_*) dashed, every other provider a colour and a marker of its own."""
+    name = provider.removesuffix(" (graph)")
+    if name == OURS:
+        return dict(color="black", linewidth=2.5, marker="o", zorder=3)
+    style = dict(color=COLOURS[index % len(COLOURS)], marker=MARKERS[index % len(MARKERS)], linewidth=1.2)
+    if name.startswith(OURS + "_"):
+        style["linestyle"] = "--"
+    return style
 
 
 def latest(rows: list[dict]) -> list[dict]:
@@ -33,7 +53,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "all"
 
 
-def _metric(rows: list[dict]) -> tuple[str, str]:
+def _metric(rows: list[dict], copy_gbps: float | None = None,
+            matmul_tflops: float | None = None) -> tuple[str, str]:
+    """The y axis: where rows have both TFLOP/s and GB/s and the run's ceilings are known, the one
+    the op is bound by (the larger median share of its ceiling, as fraction_of_peak takes it:
+    decode attention is drawn in GB/s, prefill in TFLOP/s); else TFLOP/s, GB/s, ms in that order."""
+    both = [r for r in rows if r.get("tflops") is not None and r.get("gbps") is not None]
+    if both and copy_gbps and matmul_tflops:
+        compute = statistics.median(r["tflops"] / matmul_tflops for r in both)
+        memory = statistics.median(r["gbps"] / copy_gbps for r in both)
+        return ("gbps", "GB/s") if memory > compute else ("tflops", "TFLOP/s")
     if any(r.get("tflops") is not None for r in rows):
         return "tflops", "TFLOP/s"
     if any(r.get("gbps") is not None for r in rows):
@@ -41,7 +70,8 @@ def _metric(rows: list[dict]) -> tuple[str, str]:
     return "median_ms", "median ms"
 
 
-def _op_figures(rows: list[dict], out: Path, plt) -> list[Path]:
+def _op_figures(rows: list[dict], out: Path, plt, copy_gbps: float | None = None,
+                matmul_tflops: float | None = None) -> list[Path]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         x_key = next((k for k in X_KEYS if k in r["shape"]), None)
@@ -51,21 +81,22 @@ def _op_figures(rows: list[dict], out: Path, plt) -> list[Path]:
         groups[(r["op"], x_key, shape_label(rest))].append(r)
     paths = []
     for (op, x_key, rest), group in sorted(groups.items()):
-        metric, label = _metric(group)
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        metric, label = _metric(group, copy_gbps, matmul_tflops)
+        fig, ax = plt.subplots(figsize=(8.5, 4.5))
         by_provider: dict[str, list[dict]] = defaultdict(list)
         for r in group:
             by_provider[r["provider"] + (" (graph)" if r.get("cuda_graph") else "")].append(r)
-        for provider, prs in sorted(by_provider.items()):
+        for index, (provider, prs) in enumerate(sorted(by_provider.items())):
             prs = sorted((r for r in prs if r.get(metric) is not None), key=lambda r: r["shape"][x_key])
             if prs:
-                ax.plot([r["shape"][x_key] for r in prs], [r[metric] for r in prs], marker="o", label=provider)
+                ax.plot([r["shape"][x_key] for r in prs], [r[metric] for r in prs], label=provider,
+                        **line_style(provider, index))
         ax.set_xscale("log", base=2)
         ax.set_xlabel(x_key)
         ax.set_ylabel(label)
         ax.set_title(f"{op}  {rest}", fontsize=9)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not over, the lines
         paths.append(_save(fig, out / f"{op}-{_slug(rest)}.png", plt))
     return paths
 
@@ -111,9 +142,13 @@ def plot_rows(rows: list[dict], out: Path) -> list[Path]:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ok = [r for r in latest(rows) if r["status"] == "ok" and r["op"] not in CEILING_OPS]
+    newest = latest(rows)
+    ok = [r for r in newest if r["status"] == "ok" and r["op"] not in CEILING_OPS]
     ops = [r for r in ok if r["op"] not in MODEL_OPS]
-    return _op_figures(ops, out, plt) + _model_figures(ok, out, plt)
+    ceiling = {r["op"]: r for r in newest if r["op"] in ("peak_copy", "peak_matmul") and r["status"] == "ok"}
+    copy_gbps = ceiling.get("peak_copy", {}).get("gbps")
+    matmul_tflops = ceiling.get("peak_matmul", {}).get("tflops")
+    return _op_figures(ops, out, plt, copy_gbps, matmul_tflops) + _model_figures(ok, out, plt)
 
 
 def main(argv=None) -> int:

@@ -656,6 +656,32 @@ def test_plot_writes_pngs(tmp_path):
     assert any(n.startswith("rms_norm-") for n in names)
 
 
+def test_plot_axis_is_the_resource_the_op_is_bound_by():
+    """Decode attention has both a FLOP and a byte count: it is drawn in GB/s (its share of the copy
+    rate is the larger), prefill in TFLOP/s; without the run's ceilings TFLOP/s comes first."""
+    from benchmarks import plot
+
+    decode = [{"tflops": 0.7, "gbps": 4400.0}, {"tflops": 18.0, "gbps": 4500.0}]
+    prefill = [{"tflops": 400.0, "gbps": 60.0}, {"tflops": 350.0, "gbps": 200.0}]
+    assert plot._metric(decode, copy_gbps=4291.0, matmul_tflops=791.0) == ("gbps", "GB/s")
+    assert plot._metric(prefill, copy_gbps=4291.0, matmul_tflops=791.0) == ("tflops", "TFLOP/s")
+    assert plot._metric(decode) == ("tflops", "TFLOP/s")
+    assert plot._metric([{"gbps": 1.0}]) == ("gbps", "GB/s")
+    assert plot._metric([{"median_ms": 1.0}]) == ("median_ms", "median ms")
+
+
+def test_plot_styles_keep_providers_apart():
+    """qwen3x stands out, its own variants are dashed, and up to 20 other providers get distinct
+    colours (the default cycle repeated at 10: flex and sdpa_flash once shared a colour)."""
+    from benchmarks import plot
+
+    styles = [plot.line_style(f"peer{i}", i) for i in range(20)]
+    assert len({s["color"] for s in styles}) == 20
+    assert plot.line_style("qwen3x (graph)", 3)["color"] == "black"
+    assert plot.line_style("qwen3x_no_pdl", 4)["linestyle"] == "--"
+    assert "linestyle" not in plot.line_style("sdpa_flash", 4)
+
+
 def test_list_enumerates_every_op(monkeypatch, capsys):
     # `python -m benchmarks --list --model`, in this process (runpy runs benchmarks/__main__.py)
     monkeypatch.setattr(sys, "argv", ["benchmarks", "--list", "--model"])
