@@ -123,6 +123,9 @@ ATTENTION_CASES = [
     (1, 10, 2, 77, 150, True, torch.bfloat16, "wgmma", "bshd", None),  # a group of 5 (Qwen3-14B's 40/8)
     (2, 40, 8, 1, 300, True, torch.float16, "mma_sync", "bhsd", 3),  # Qwen3-14B decode, split-KV
     (1, 10, 2, 3, 200, True, torch.float16, "mma_sync", "bhsd", 2),  # 15 rows: split keys, causal per row
+    (1, 8, 1, 1, 2988, True, torch.bfloat16, "mma_sync", "bhsd", 47),  # 47 splits: the combine's
+    # weights from lanes' second lse slot, O loads in batches of 16 with a ragged last one
+    (1, 8, 2, 1, 8150, False, torch.float16, "mma_sync", "bhsd", 128),  # kMaxSplits: every lse slot
 ]
 
 
@@ -141,6 +144,16 @@ def test_attention(case):
         want, per_split = attention_model.plan_splits(ctas, Skv, Sq * group, sms, ctas_per_sm)
         assert f"splits {want} tiles_per_split {per_split}" in log, log
     _gpu_judge()._judge(out, lse, q, k, v, None, D**-0.5, causal)
+
+
+def test_attention_more_splits_than_the_combine_holds_is_refused():
+    """launch_attention refuses num_splits > kMaxSplits (128: the lse values a combining warp
+    holds) rather than merge the first 128 and drop the rest: 130 forced splits."""
+    from emulator.run import EmulatorError
+
+    q, k, v = _qkv(1, 8, 1, 1, 130 * 64, torch.bfloat16, "bhsd")
+    with pytest.raises(EmulatorError, match="launch_attention: invalid argument"):
+        _attention(q, k, v, causal=True, mainloop="mma_sync", force_splits=130)
 
 
 def test_attention_split_kv_replays():

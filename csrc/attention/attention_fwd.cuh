@@ -250,9 +250,12 @@ constexpr int smem_bytes() {
 // Launches the forward kernel on grid (row_tiles(p), B * Hkv, p.num_splits). When
 // p.num_splits > 1, p.partial_o / p.partial_lse must hold num_splits * Hkv * total_q * group
 // rows and p.split_flags row_tiles(p) * B * Hkv * num_splits slots, none equal to p.split_tag.
+// 1 <= num_splits <= kMaxSplits (the combine's registers hold that many splits' lse; plan_splits
+// never asks for more): cudaErrorInvalidValue otherwise, nothing launched.
 // kWgmma only on sm_90 devices with sm_90a code in the build.
 template <typename T, bool kWgmma>
 cudaError_t launch_attention(const Params& p, cudaStream_t stream) {
+  if (p.num_splits < 1 || p.num_splits > kMaxSplits) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.total_q == 0) return cudaSuccess;
   cudaError_t err = allow_dynamic_smem<attention_fwd_kernel<T, kWgmma>>(smem_bytes<kWgmma>());
   if (err != cudaSuccess) return err;

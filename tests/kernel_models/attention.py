@@ -741,6 +741,8 @@ def combine_if_last(p, num, seq, kvh, split, row0, what):
 
 def combine_row(p, num, row, what):
     """combine.cuh combine_row: one warp merges workspace row `row` of every split."""
+    if p.num_splits > MAX_SPLITS:  # the lanes hold MAX_SPLITS lse values (launch_attention refuses more)
+        raise ModelError(f"{what}: {p.num_splits} splits, more than the combine holds ({MAX_SPLITS})")
     what = f"{what} combine row {row}"
     rows_per_head = p.total_q * p.group
     rows_per_split = p.num_kv_heads * rows_per_head
