@@ -49,10 +49,12 @@ def items_to_compile(cases: Sequence, wanted: Callable[[int, str], bool]) -> lis
     ]  # fmt: skip
 
 
-def compile_items(argv: list[str], items: list[Item], device: str) -> list[str]:
+def compile_items(argv: list[str], items: list[Item], device: str,
+                  on_item: Callable[[str, float, str | None], None] | None = None) -> list[str]:
     """In a worker: rebuild the run's cases from its command line and call each item's provider
     once on the case's inputs (as harness.run_case builds them: the same seed, inference mode).
-    Returns one line per item that failed (the run will report it properly)."""
+    Returns one line per item that failed (the run will report it properly); ``on_item(what,
+    seconds, failure or None)`` after each item."""
     from .harness import SEED  # noqa: PLC0415
     from .run import parse_args, select_cases  # noqa: PLC0415
 
@@ -61,6 +63,7 @@ def compile_items(argv: list[str], items: list[Item], device: str) -> list[str]:
     for index, name in items:
         case = cases[index]
         provider = next(p for p in case.providers if p.name == name)
+        start, failure = time.monotonic(), None
         try:
             with torch.inference_mode():
                 torch.manual_seed(SEED)
@@ -69,11 +72,14 @@ def compile_items(argv: list[str], items: list[Item], device: str) -> list[str]:
             if device == "cuda":
                 torch.cuda.synchronize()
         except Exception as exc:  # noqa: BLE001 (the run itself reports what fails)
-            failures.append(f"{case.label}: {name}: {type(exc).__name__}: {str(exc)[:200]}")
+            failure = f"{case.label}: {name}: {type(exc).__name__}: {str(exc)[:200]}"
+            failures.append(failure)
         finally:
             inputs = None
             if device == "cuda":
                 torch.cuda.empty_cache()
+        if on_item is not None:
+            on_item(f"{case.label}: {name}", time.monotonic() - start, failure)
     return failures
 
 
@@ -84,7 +90,10 @@ def _worker(argv: list[str], items: list[Item], device: str, results) -> None:
     import torch._inductor.config as inductor_config  # noqa: PLC0415
 
     inductor_config.compile_threads = 1
-    results.put(compile_items(argv, items, device))
+    # One message per item as it ends (so that a worker killed at the phase's limit still says what it
+    # compiled and how long each took), then one for the worker's end.
+    compile_items(argv, items, device, lambda what, seconds, failure: results.put(("item", what, seconds, failure)))
+    results.put(("end",))
 
 
 def precompile(
@@ -104,7 +113,18 @@ def precompile(
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     results = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(argv, items[w::workers], device, results)) for w in range(workers)]
-    failures, reported = [], 0
+    failures, timings, reported = [], [], 0
+
+    def take(message) -> None:
+        nonlocal reported
+        if message[0] == "end":
+            reported += 1
+            return
+        _, what, seconds, failure = message
+        timings.append((seconds, what))
+        if failure is not None:
+            failures.append(failure)
+
     try:
         for proc in procs:
             proc.start()
@@ -114,15 +134,13 @@ def precompile(
         deadline = start + timeout_s
         while reported < workers and time.monotonic() < deadline:
             try:
-                failures += results.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-                reported += 1
+                take(results.get(timeout=min(1.0, max(0.0, deadline - time.monotonic()))))
             except queue.Empty:
                 if not any(proc.is_alive() for proc in procs):  # all ended, some without reporting
                     break
-        while reported < workers:  # what the last ones put just before they ended
+        while True:  # what the workers put just before they ended or the limit came
             try:
-                failures += results.get(timeout=0.2)
-                reported += 1
+                take(results.get(timeout=0.2))
             except queue.Empty:
                 break
     finally:
@@ -132,9 +150,12 @@ def precompile(
             if proc.pid is not None:
                 proc.join()
     lost = workers - reported
-    log(f"  {time.monotonic() - start:.0f} s"
+    log(f"  {time.monotonic() - start:.0f} s, {len(timings)} of {len(items)} compiled"
         + (f"; {lost} of {workers} processes did not finish (crashed or out of time): the run compiles "
            "their part itself" if lost else "")
         + (f"; {len(failures)} provider-cases failed there (the run reports them)" if failures else ""))
     for line in failures[:3]:
         log(f"    {line}")
+    if timings:  # where the phase's time went: the next tuning's evidence (benchmarks/NOTES.md)
+        slowest = ", ".join(f"{what} {seconds:.0f} s" for seconds, what in sorted(timings, reverse=True)[:5])
+        log(f"    {sum(t for t, _ in timings):.0f} s of compiles in the processes; slowest: {slowest}")

@@ -819,6 +819,9 @@ def test_precompile_leaves_the_runs_compiles_in_inductors_caches(tmp_path):
     assert logs[0].startswith("precompiling 1") and "1 of 1 processes did not finish" in logs[1], logs
     assert int(logs[1].split()[0]) < precompile.TIMEOUT_S / 2, logs
     assert logs[2].startswith("precompiling 2") and "did not finish" not in logs[3] and "failed" not in logs[3], logs
+    # each item's end is reported as it happens (a worker killed at the limit still tells its part)
+    assert "2 of 2 compiled" in logs[3] and "0 of 1 compiled" in logs[1], logs
+    assert "slowest:" in logs[4] and logs[4].count(": torch_compile ") == 2, logs
     counts = python("import json\n"  # the run's own first calls (harness.run_case), as run.main makes them
                     "from benchmarks import harness, rows, run\n"
                     "from benchmarks.timing import Timing\n"
