@@ -19,9 +19,9 @@
 #               flushab (FLUSH_AB_ARGS cases timed again after the old write-only L2 flush, rows in
 #               OUT/dirty: what the harness's own write-back costs short calls) and kernel_times
 #               (KERNEL_TIMES_ARGS, per-kernel device times; kernel_times.txt); STEPS="tests bench"
-#               runs only the steps named (default: probe tests parity memcheck racecheck bench
-#               ncu model flushab kernel_times, in that order); model: the whole-model targets (MODEL_ARGS, rows in
-#               OUT/model); ncu: Nsight Compute sections of NCU_RUNS' kernels (ncu.txt); suite (not in
+#               runs only the steps named (default, in this order: probe tests parity memcheck
+#               racecheck bench ncu model flushab kernel_times); model: the whole-model targets
+#               (MODEL_ARGS, rows in OUT/model); ncu: Nsight Compute sections of NCU_RUNS' kernels (ncu.txt); suite (not in
 #               the default STEPS): the whole suite, model included, rows in OUT/suite (make gpu-suite)
 
 SHELL       := /bin/bash
@@ -104,11 +104,11 @@ KERNEL_TIMES_ARGS ?= --ops moe_layer --shapes tokens=1
 # ncu: Nsight Compute's counters for the kernels whose time the notes cannot explain from outside
 # (benchmarks/NOTES.md): prefill attention at 350-420 of the tensor cores' ~990 TFLOP/s (the third
 # run ruled out L2 traffic, shared-memory bandwidth and the proxy fence), batch-1 decode attention
-# at 2-3x cuDNN's time (its split-KV merge), rms_norm at 88% of copy at hidden 4096 (Liger 96%), the MoE decode
-# layer at 45% of its weight bandwidth, the MoE prefill expert GEMMs (wgmma, fence with copies in
-# flight). Each entry: "<launches per call of the kernels
-# matching the regex> <kernel name regex> <op> <shape filter>"; benchmarks.kernel_times --plain makes
-# 5 warm-up calls and one profiled call after the L2 flush, and ncu skips the warm-up's launches.
+# at 2-3x cuDNN's time (its split-KV merge), rms_norm at 88% of copy at hidden 4096 (Liger 96%),
+# the MoE decode layer at 45% of its weight bandwidth, the MoE prefill expert GEMMs (wgmma, fence
+# with copies in flight). Each entry: "<launches per call of the kernels matching the regex>
+# <kernel name regex> <op> <shape filter>"; benchmarks.kernel_times --plain makes 5 warm-up calls
+# and one profiled call after the L2 flush, and ncu skips the warm-up's launches.
 NCU_S       ?= 150
 # (Each name is matched anywhere in the function name, ncu's default --kernel-name-base: no namespace.)
 NCU_RUNS    ?= "1 attention_fwd attention_prefill model=Qwen3-4B,seqlen=4096" \
@@ -136,7 +136,7 @@ MEMCHECK_K  ?= not 65536 and not 4097 and not 4096 and not 8192 and not 8193 and
 # compute-sanitizer instruments only qwen3x's kernels (every one is in namespace qwen3x, so its mangled
 # name holds the word): torch's own kernels in the tests' setup and references run at full speed.
 # The 2026-11-26 runs' memcheck never reached a verdict in 45 s with everything instrumented; on
-# 2026-11-27 (H200) the probe found the filter unusable (empty), memcheck ran 36 tests in its 60 s
+# 2026-11-27 (H200) the probe came back empty (see SANITIZER_PROBE_S), memcheck ran 36 tests in its 60 s
 # without a verdict, and racecheck's three tests passed in 36 s but its summary missed the 40 s limit.
 # SANITIZER_FILTER=auto (default) probes it once per run, before the sanitizer steps, into
 # OUT/sanitizer_filter.txt: empty (everything instrumented) where this compute-sanitizer refuses the

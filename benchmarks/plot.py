@@ -16,11 +16,10 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .rows import CEILING_OPS, read_rows, shape_label, speedup_baseline
+from .rows import CEILING_OPS, OURS, read_rows, shape_label, speedup_baseline
 
 X_KEYS = ("context", "seqlen", "tokens", "batch")  # the first one a shape has is the x axis
 MODEL_OPS = ("model_prefill", "model_decode")
-OURS = "qwen3x"
 MARKERS = "osD^vP<X>*"
 # 20 colours: the default cycle's ten (C0-C9), then the light halves of matplotlib's tab20
 # palette (a figure of the suite can have 11 or more providers; the default cycle repeats at 10)

@@ -50,16 +50,15 @@ def items_to_compile(cases: Sequence, wanted: Callable[[int, str], bool]) -> lis
 
 
 def compile_items(argv: list[str], items: list[Item], device: str,
-                  on_item: Callable[[str, float, str | None], None] | None = None) -> list[str]:
+                  on_item: Callable[[str, float, str | None], None]) -> None:
     """In a worker: rebuild the run's cases from its command line and call each item's provider
-    once on the case's inputs (as harness.run_case builds them: the same seed, inference mode).
-    Returns one line per item that failed (the run will report it properly); ``on_item(what,
-    seconds, failure or None)`` after each item."""
+    once on the case's inputs (as harness.run_case builds them: the same seed, inference mode);
+    ``on_item(what, seconds, failure)`` after each item, failure None or one line (the run will
+    report it properly)."""
     from .harness import SEED  # noqa: PLC0415
     from .run import parse_args, select_cases  # noqa: PLC0415
 
     cases = select_cases(parse_args(argv))
-    failures = []
     for index, name in items:
         case = cases[index]
         provider = next(p for p in case.providers if p.name == name)
@@ -73,14 +72,11 @@ def compile_items(argv: list[str], items: list[Item], device: str,
                 torch.cuda.synchronize()
         except Exception as exc:  # noqa: BLE001 (the run itself reports what fails)
             failure = f"{case.label}: {name}: {type(exc).__name__}: {str(exc)[:200]}"
-            failures.append(failure)
         finally:
             inputs = None
             if device == "cuda":
                 torch.cuda.empty_cache()
-        if on_item is not None:
-            on_item(f"{case.label}: {name}", time.monotonic() - start, failure)
-    return failures
+        on_item(f"{case.label}: {name}", time.monotonic() - start, failure)
 
 
 def _worker(argv: list[str], items: list[Item], device: str, results) -> None:

@@ -18,13 +18,12 @@ import sys
 from pathlib import Path
 
 from . import targets
-from .rows import CEILING_OPS, case_key, read_rows, shape_label
+from .rows import CEILING_OPS, OURS, case_key, read_rows, shape_label
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 BEGIN = "<!-- benchmarks:begin (python -m benchmarks.readme) -->"
 END = "<!-- benchmarks:end -->"
-OURS = "qwen3x"
 # The reference is the spec, not an alternative people use; qwen3x_<variant> rows (qwen3x_mma_sync:
 # our other mainloop, qwen3x_no_pdl: plain launches, qwen3x_no_fence: no proxy fence) are A/B rows
 # of our own (benchmarks/providers.py), shown in the rows and plots, not peers.

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .rows import CEILING_OPS, case_key, shape_label
+from .rows import CEILING_OPS, OURS, case_key, shape_label
 
-OURS = "qwen3x"
 SDPA = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
 UNPATCHED = "hf_eager"  # the model benchmark's unpatched transformers (sdpa, default experts)
 DECODE_TOKENS = 64  # issue 4's and 6's decode sizes: 1 to 64 tokens

@@ -104,7 +104,6 @@ __device__ __noinline__ void combine_row(const Params& p, int64_t row, int lane)
     const float* o_row = p.partial_o + row * kHeadDim + lane * kCombineDimsPerLane;
 #pragma unroll
     for (int j = 0; j < kCombineSplitsPerLane; ++j) {  // splits 32 j .. 32 j + 31
-      if (j * kWarpSize >= p.num_splits) break;
 #pragma unroll
       for (int t0 = 0; t0 < kWarpSize; t0 += kCombineLoadsInFlight) {
         const int i0 = j * kWarpSize + t0;

@@ -20,8 +20,8 @@
 // better than it: splitting then buys nothing and costs the partials' traffic
 // and the merge, on one CTA per row tile (the third run, H200: Qwen3-0.6B
 // prefill of 1k tokens, 256 CTAs of 64 rows, took 3 splits for a tie and ran
-// in 72.8 us, where 2k tokens, unsplit, took 78.9). The second H100 run: batch 16, Hkv 4 (64 CTAs),
-// 32k keys took s_target = 9 splits, 2.18 waves, 89% of copy, where Hkv 8 (128
+// in 72.8 us, where 2k tokens, unsplit, took 78.9). The second H100 run:
+// batch 16, Hkv 4 (64 CTAs), 32k keys took s_target = 9 splits, 2.18 waves, 89% of copy, where Hkv 8 (128
 // CTAs, 5 splits, 2.42 waves) reached 97%; now 8 splits, 1.94 waves. A split must earn its partials: the K/V
 // bytes it reads are at least the traffic of the fp32 partials it writes and
 // the combine reads back (min_tiles_per_split, from the rows a CTA holds): 3
