@@ -969,7 +969,7 @@ def _rope_spec(x, w, pos, dt):
         part = (part + part[..., np.arange(lanes) ^ offset]).astype(np.float32)
         offset //= 2
     rstd = fp.rsqrtf((part[..., 0] * np.float32(1 / 128) + np.float32(EPS)).astype(np.float32))
-    n = (to_t((xf * rstd[..., None]).astype(np.float32)) * w.float().numpy()).astype(np.float32)
+    n = to_t((to_t((xf * rstd[..., None]).astype(np.float32)) * w.float().numpy()).astype(np.float32))
     angle = (pos.reshape(-1).numpy().astype(np.float32)[:, None] * INV_FREQ.numpy()[None, :]).astype(np.float32)
     s, c = fp.sincos_accurate(angle)
     c = (np.concatenate([c, c], -1) * np.float32(ATTN_SCALING)).astype(np.float32)[:, None]

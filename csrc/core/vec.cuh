@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "core/gpu_constants.h"
 
@@ -84,6 +85,95 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 template <typename T>
 __device__ __forceinline__ float round_to(float x) {
   return to_float(from_float<T>(x));
+}
+
+// ---- Element pairs ---------------------------------------------------------
+// Elements 2p and 2p + 1 of a 16-byte vector. For the 16-bit types a pair is
+// one 32-bit word, as the vector arrived in registers. Reading a word's halves
+// with a shift and a mask (bf16) or the half-word conversion (fp16) keeps a
+// held vector in 4 registers and costs one instruction per element; element by
+// element, the compiler gives each bf16 a register of its own (a PRMT at the
+// load, a shift at the use). Packing two floats is one instruction
+// (F2FP.PACK_AB), and a pair multiply (HMUL2) is one for two elements.
+template <typename T>
+struct PairOf {
+  using type = uint32_t;  // bf16 / fp16: element 2p in the low half
+};
+template <>
+struct PairOf<float> {
+  using type = float2;
+};
+template <typename T>
+using Pair = typename PairOf<T>::type;
+
+template <typename T>
+__device__ __forceinline__ Pair<T> get_pair(const Vec16<T>& v, int p) {
+  Pair<T> r;
+  memcpy(&r, &v.data[2 * p], sizeof(r));
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void set_pair(Vec16<T>& v, int p, Pair<T> r) {
+  memcpy(&v.data[2 * p], &r, sizeof(r));
+}
+
+template <typename T>
+__device__ __forceinline__ float2 pair_to_float2(Pair<T> p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return p;
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    // A bf16 is the top half of the fp32 of the same value.
+    return make_float2(__uint_as_float(p << 16), __uint_as_float(p & 0xffff0000u));
+  } else {
+    __half2 h;
+    memcpy(&h, &p, sizeof(h));
+    return __half22float2(h);
+  }
+}
+
+// (a, b) rounded to T (nearest even), as one pair.
+template <typename T>
+__device__ __forceinline__ Pair<T> float2_to_pair(float a, float b) {
+  if constexpr (std::is_same_v<T, float>) {
+    return make_float2(a, b);
+  } else {
+    uint32_t w;
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+      memcpy(&w, &h, sizeof(w));
+    } else {
+      const __half2 h = __floats2half2_rn(a, b);
+      memcpy(&w, &h, sizeof(w));
+    }
+    return w;
+  }
+}
+
+// x * w element-wise, each product rounded once to T: torch's T x T multiply
+// (which computes the product in fp32, exact for two 16-bit operands, and
+// rounds it to T).
+template <typename T>
+__device__ __forceinline__ Pair<T> mul_pair_rn(Pair<T> x, Pair<T> w) {
+  if constexpr (std::is_same_v<T, float>) {
+    return make_float2(x.x * w.x, x.y * w.y);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 a, b;
+    memcpy(&a, &x, sizeof(a));
+    memcpy(&b, &w, sizeof(b));
+    const __nv_bfloat162 r = __hmul2_rn(a, b);
+    uint32_t out;
+    memcpy(&out, &r, sizeof(out));
+    return out;
+  } else {
+    __half2 a, b;
+    memcpy(&a, &x, sizeof(a));
+    memcpy(&b, &w, sizeof(b));
+    const __half2 r = __hmul2_rn(a, b);
+    uint32_t out;
+    memcpy(&out, &r, sizeof(out));
+    return out;
+  }
 }
 
 }  // namespace qwen3x

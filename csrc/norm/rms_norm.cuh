@@ -63,6 +63,9 @@ rms_norm_vec_kernel(T* __restrict__ out,                // [num_rows, hidden], r
                     float eps) {
   using Vec = Vec16<T>;
   constexpr int kVec = Vec::kSize;
+  // Element pairs (core/vec.cuh): a held 16-bit vector stays in its 4 registers (element-wise,
+  // bf16 took a register per element: 86 registers at hidden 4096, 5 rows in flight per SM).
+  constexpr int kPairs = kVec / 2;
   __shared__ float warp_sums[kMaxThreadsPerRow / kWarpSize];
 
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -100,8 +103,10 @@ rms_norm_vec_kernel(T* __restrict__ out,                // [num_rows, hidden], r
       const int v = threadIdx.x + i * blockDim.x;
       if (v < num_vecs) {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          x[i].data[j] = from_float<T>(to_float(x[i].data[j]) + to_float(r[i].data[j]));
+        for (int p = 0; p < kPairs; ++p) {
+          const float2 a = pair_to_float2<T>(get_pair(x[i], p));
+          const float2 b = pair_to_float2<T>(get_pair(r[i], p));
+          set_pair(x[i], p, float2_to_pair<T>(a.x + b.x, a.y + b.y));
         }
         store_vec16(s_row + v * kVec, x[i]);
       }
@@ -114,9 +119,10 @@ rms_norm_vec_kernel(T* __restrict__ out,                // [num_rows, hidden], r
     const int v = threadIdx.x + i * blockDim.x;
     if (v < num_vecs) {
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const float f = to_float(x[i].data[j]);
-        sum_sq += f * f;
+      for (int p = 0; p < kPairs; ++p) {
+        const float2 f = pair_to_float2<T>(get_pair(x[i], p));
+        sum_sq += f.x * f.x;
+        sum_sq += f.y * f.y;
       }
     }
   }
@@ -130,9 +136,9 @@ rms_norm_vec_kernel(T* __restrict__ out,                // [num_rows, hidden], r
     if (v < num_vecs) {
       Vec y;
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const float n = round_to<T>(to_float(x[i].data[j]) * rstd);
-        y.data[j] = from_float<T>(to_float(w[i].data[j]) * n);
+      for (int p = 0; p < kPairs; ++p) {  // T(x * rstd), then the weight multiply in T
+        const float2 f = pair_to_float2<T>(get_pair(x[i], p));
+        set_pair(y, p, mul_pair_rn<T>(float2_to_pair<T>(f.x * rstd, f.y * rstd), get_pair(w[i], p)));
       }
       store_vec16(y_row + v * kVec, y);
     }

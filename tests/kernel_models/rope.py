@@ -87,14 +87,16 @@ def qk_norm_rope_kernel(dt, with_cache, grid, q_out, k_out, q_in, k_in, q_weight
     for it in range(iters):
         h = head_base[:, None] + it * heads_per_iter + head_slot[None, :]
         valid[it] = h < num_heads
-        is_q[it] = h < num_q_heads
-        is_v[it] = with_cache & (h >= num_qk_heads)
-        head_in_tensor[it] = np.where(is_q[it], h, np.where(is_v[it], h - num_qk_heads, h - num_q_heads))
-        sources = [(valid[it] & is_q[it], q_in, q_in_s), (valid[it] & ~is_q[it] & ~is_v[it], k_in, k_in_s)]
+        # a lane past the token's last head loads (and works on) the group's first head, stores nothing
+        head = np.where(valid[it], h, head_base[:, None])
+        is_q[it] = head < num_q_heads
+        is_v[it] = with_cache & (head >= num_qk_heads)
+        head_in_tensor[it] = np.where(is_q[it], head, np.where(is_v[it], head - num_qk_heads, head - num_q_heads))
+        sources = [(is_q[it], q_in, q_in_s), (~is_q[it] & ~is_v[it], k_in, k_in_s)]
         if with_cache:
-            sources.append((valid[it] & is_v[it], cache.v, cache.v_in))
+            sources.append((is_v[it], cache.v, cache.v_in))
         for sel, ptr, strides in sources:
-            if sel.any():  # lanes without a head keep 0 and still take part in the shuffles
+            if sel.any():
                 src = ptr.off + tok * strides[0] + head_in_tensor[it] * strides[1] + elem0[None, :]
                 lo[it] = np.where(sel[..., None], ptr.buf.load_vec(src, kvec, sel, "x load"), lo[it])
                 hi[it] = np.where(sel[..., None], ptr.buf.load_vec(src + ROTARY_HALF, kvec, sel, "x load"),
@@ -137,8 +139,9 @@ def qk_norm_rope_kernel(dt, with_cache, grid, q_out, k_out, q_in, k_in, q_weight
             idx = np.broadcast_to(weight.off + elem0, shape)
             w_lo = np.where(sel[..., None], weight.buf.load_vec(idx, kvec, sel, "weight load"), w_lo)
             w_hi = np.where(sel[..., None], weight.buf.load_vec(idx + ROTARY_HALF, kvec, sel, "weight load"), w_hi)
-        na = (to_t((a * rstd[..., None]).astype(np.float32)) * w_lo).astype(np.float32)
-        nb = (to_t((b * rstd[..., None]).astype(np.float32)) * w_hi).astype(np.float32)
+        # HF's norm: T(x * rstd), times the weight rounded to T (the pair multiply, mul_pair_rn)
+        na = to_t((to_t((a * rstd[..., None]).astype(np.float32)) * w_lo).astype(np.float32))
+        nb = to_t((to_t((b * rstd[..., None]).astype(np.float32)) * w_hi).astype(np.float32))
         y_lo = to_t(fp.fma32(na, cos_v, -(nb * sin_v).astype(np.float32)))
         y_hi = to_t(fp.fma32(nb, cos_v, (na * sin_v).astype(np.float32)))
         rest = valid[it]

@@ -148,6 +148,16 @@ inline float __half2float(__half x) { return emu::f16_bits_to_f32(x.__x); }
 inline __half __float2half_rn(float f) { return {emu::f32_to_f16_bits(f)}; }
 inline __half __float2half(float f) { return __float2half_rn(f); }
 inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
+// A product of two 16-bit floats is exact in fp32 (at most 22 significant bits), so rounding the
+// fp32 product once is the hardware's single rounding of the exact product.
+inline __nv_bfloat162 __hmul2_rn(__nv_bfloat162 a, __nv_bfloat162 b) {
+  return {__float2bfloat16_rn(__bfloat162float(a.x) * __bfloat162float(b.x)),
+          __float2bfloat16_rn(__bfloat162float(a.y) * __bfloat162float(b.y))};
+}
+inline __half2 __hmul2_rn(__half2 a, __half2 b) {
+  return {__float2half_rn(__half2float(a.x) * __half2float(b.x)),
+          __float2half_rn(__half2float(a.y) * __half2float(b.y))};
+}
 
 // ---- device math as host functions -------------------------------------------------------------
 using std::isinf;
@@ -204,6 +214,7 @@ struct alignas(16) int4 {
   int x, y, z, w;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
