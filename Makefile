@@ -114,7 +114,8 @@ NCU_S       ?= 150
 NCU_RUNS    ?= "1 attention_fwd attention_prefill model=Qwen3-4B,seqlen=4096" \
                "1 attention_fwd attention_decode model=Qwen3-4B,batch=1,context=1024" \
                "1 rms_norm rms_norm tokens=16384,hidden=4096" "3 moe_ moe_layer model=Qwen3-30B-A3B,tokens=1" \
-               "2 moe_expert_gemm moe_layer model=Qwen3-30B-A3B,tokens=16384"
+               "2 moe_expert_gemm moe_layer model=Qwen3-30B-A3B,tokens=16384" \
+               "1 qk_norm_rope qk_norm_rope model=Qwen3-4B,tokens=16384"
 NCU_SECTIONS ?= --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                 --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats
 GPU_TESTS   ?= tests --ignore=tests/test_kernel_models.py --ignore=tests/test_wgmma_smoke.py \
