@@ -40,10 +40,10 @@ def _emu():
     return emu_run
 
 
-def _run_all(op, params, inputs, outputs):
-    """Runs the job under each of RUNS; all must agree bitwise, and every run's shared-memory
-    accesses must be free of bank conflicts; returns the first's outputs."""
-    first, *others = (_emu().run(op, params, inputs, outputs, **r) for r in RUNS)
+def _run_all(op, params, inputs, outputs, **kw):
+    """Runs the job under each of RUNS (kw: more of run()'s options); all must agree bitwise, and
+    every run's shared-memory accesses must be free of bank conflicts; returns the first's outputs."""
+    first, *others = (_emu().run(op, params, inputs, outputs, **r, **kw) for r in RUNS)
     for other in others:
         for name in outputs:
             assert_identical(other[name], first[name], f"{name}: early/in-order vs late/reversed runs")
@@ -444,8 +444,13 @@ def test_silu_and_mul(dtype, rows, inter, stride):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tokens,experts,top_k,norm", [(5, 128, 8, True), (3, 512, 16, False), (9, 5, 5, True)])
-def test_moe_router(dtype, tokens, experts, top_k, norm):
+@pytest.mark.parametrize("tokens,experts,top_k,norm,sms", [
+    (5, 128, 8, True, None), (3, 512, 16, False, None), (9, 5, 5, True, None),
+    (40, 128, 8, False, None),  # one block: warps 0-7 route 3 tokens side by side, 8-15 two
+    # one SM: a grid of 2 blocks (32 warps) past the one-block limit, so a warp routes 4 tokens
+    # side by side and then a pass whose later tokens are dummies; the large footprint 1 by 1
+    (150, 128, 8, True, 1), (70, 512, 16, False, 1)])
+def test_moe_router(dtype, tokens, experts, top_k, norm, sms):
     """Distinct logits, exact in every dtype (as test_moe_gpu's): ids and counts exact."""
     from qwen3x import reference as R
     import test_moe_gpu
@@ -458,7 +463,7 @@ def test_moe_router(dtype, tokens, experts, top_k, norm):
                                 norm_topk_prob=norm, logits_stride=logits.stride(0)),
                  dict(logits=logits), {"weights": (dtype, (tokens, top_k)),
                                        "expert_ids": (torch.int32, (tokens, top_k)),
-                                       "counts": (torch.int32, (experts,))})
+                                       "counts": (torch.int32, (experts,))}, sms=sms)
     ref_w, ref_ids, ref_counts = R.moe_router(logits, top_k, norm)
     test_moe_gpu._assert_equal("expert_ids", r["expert_ids"], ref_ids)
     test_moe_gpu._assert_equal("tokens_per_expert", r["counts"], ref_counts)

@@ -7,10 +7,10 @@
 //   tokens_per_expert[e] = number of (t, j) with ids[t, j] == e
 //
 // Why it is shaped this way:
-// - One warp per token. Lane l holds experts e = l + 32 * i (i < kSlots) in
-//   registers: every load instruction of the warp reads 32 consecutive logits
-//   (coalesced; a warp with more tokens loads its next token's row before it
-//   routes this one), and it is the element-to-lane map of PyTorch's warp softmax
+// - A warp per token (up to 4 tokens side by side: RouterTokensPerPass). Lane l
+//   holds experts e = l + 32 * i (i < kSlots) in registers: every load
+//   instruction of the warp reads 32 consecutive logits (coalesced), and it is
+//   the element-to-lane map of PyTorch's warp softmax
 //   (PersistentSoftmax.cuh: per-lane sums in slot order from 0, then an xor
 //   butterfly 16, 8, 4, 2, 1; masked slots add exact zeros, so narrower torch
 //   warps for E < 32 sum the same way). With the same expf and an IEEE divide,
@@ -55,6 +55,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "core/gpu_constants.h"
 #include "core/pdl.cuh"
@@ -65,7 +66,7 @@
 
 namespace qwen3x::moe {
 
-// Warps per router block (one token at a time each).
+// Warps per router block.
 constexpr int kRouterWarps = 16;
 // Up to this many tokens one block routes them all (its warps loop over them): no memset, no
 // global atomics, a programmatic launch. Above, blocks of kRouterWarps tokens add their counts.
@@ -100,6 +101,17 @@ inline bool route_one_launch(int64_t num_tokens, int64_t top_k) {
 // Experts per lane: the small footprint (E <= 128) and the large (E <= 512).
 constexpr int kRouterSlotsSmall = 4;
 constexpr int kRouterSlotsLarge = kMaxExperts / kWarpSize;
+// Tokens a warp routes side by side: their loads, butterflies and k rounds of redux are
+// independent chains, so one warp's latencies overlap (one token at a time, a warp of the
+// one-block grid spent ~1 us per token waiting on them: 64 tokens took 14 us against 6.5 for
+// one). 4 with the small footprint (the one-block grid's 64 tokens in one pass of its 16
+// warps); 1 with the large, whose 16 slots a token already fill the registers.
+template <int kSlots>
+struct RouterTokensPerPass {
+  static constexpr int value = kSlots <= kRouterSlotsSmall ? 4 : 1;
+};
+static_assert(kRouterOneBlockMaxTokens == RouterTokensPerPass<kRouterSlotsSmall>::value * kRouterWarps,
+              "the one-block grid routes its tokens in one pass");
 static_assert(kRouterSlotsLarge * kWarpSize == kMaxExperts, "kMaxExperts must be whole warps");
 static_assert(kRouterSlotsLarge <= 32, "a lane's taken slots are the bits of one word");
 static_assert(kMaxTopK <= kWarpSize, "one lane holds each pick");
@@ -132,6 +144,115 @@ __device__ __forceinline__ unsigned warp_min_u32(unsigned v) { return __reduce_m
 
 }  // namespace router_detail
 
+// One pass of a warp: the kGroup tokens base + g * step (g < kGroup), routed side by side (their
+// loads, butterflies and k rounds of redux are independent chains, so their latencies overlap).
+// Writes their weights and ids, and adds their picks to the block's histogram (and, with kPermute,
+// to s_ids).
+template <typename T, int kSlots, int kGroup, bool kPermute>
+__device__ __forceinline__ void route_pass(T* __restrict__ weights, int* __restrict__ expert_ids,
+                                           const T* __restrict__ logits, int64_t base, int64_t step,
+                                           int64_t logits_stride, int num_experts, int top_k,
+                                           bool norm_topk_prob, int* histogram, int* s_ids) {
+  using namespace router_detail;
+  const int lane = threadIdx.x % kWarpSize;
+  // This lane's slots of each token; slots past E read as -inf (exp: an exact 0).
+  float x[kGroup][kSlots];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    const T* row = logits + (base + g * step) * logits_stride;
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      const int e = lane + i * kWarpSize;
+      x[g][i] = e < num_experts ? to_float(row[e]) : -INFINITY;
+    }
+  }
+
+  // Softmax in fp32, summed in torch's order (see the header); the tokens' butterflies are
+  // independent, so their shuffle latencies overlap.
+  unsigned key[kGroup][kSlots];
+  float row_max[kGroup];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    row_max[g] = x[g][0];
+#pragma unroll
+    for (int i = 1; i < kSlots; ++i) row_max[g] = fmaxf(row_max[g], x[g][i]);
+  }
+  warp_reduce_max_n(row_max);
+  float sum[kGroup];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    sum[g] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      x[g][i] = expf(x[g][i] - row_max[g]);
+      sum[g] += x[g][i];
+    }
+  }
+  warp_reduce_sum_n(sum);
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      const int e = lane + i * kWarpSize;
+      key[g][i] = e < num_experts ? prob_key(x[g][i] / sum[g]) : kTakenKey;
+    }
+  }
+
+  // k rounds of warp argmax per token; lane j keeps round j's pick. A lane's taken slots are
+  // bits of `taken`, not writes to key[]: a store to key[winner / 32] is a runtime index, which
+  // puts the array in local memory (ptxas did so for sm_80 and sm_89).
+  float my_prob[kGroup];
+  int my_expert[kGroup];
+  float picked_sum[kGroup];
+  unsigned taken[kGroup];  // bit i: slot i already picked
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    my_prob[g] = 0.0f;
+    my_expert[g] = 0;
+    picked_sum[g] = 0.0f;
+    taken[g] = 0;
+  }
+  for (int j = 0; j < top_k; ++j) {
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      // This lane's best slot: slots ascend in expert index, so a strict > keeps the lowest.
+      unsigned best = kTakenKey;  // every real candidate's key is above it
+      int best_slot = 0;
+#pragma unroll
+      for (int i = 0; i < kSlots; ++i) {
+        const unsigned k_i = ((taken[g] >> i) & 1u) ? kTakenKey : key[g][i];
+        if (k_i > best) {
+          best = k_i;
+          best_slot = i;
+        }
+      }
+      const unsigned top = warp_max_u32(best);  // >= 1: an untaken expert always remains (k <= E)
+      const unsigned candidate =
+          best == top ? static_cast<unsigned>(lane + best_slot * kWarpSize) : kNoCandidate;
+      const int winner = static_cast<int>(warp_min_u32(candidate));
+      const float prob = key_prob(top);
+      picked_sum[g] += prob;
+      if (lane == j) {
+        my_prob[g] = prob;
+        my_expert[g] = winner;
+      }
+      if (lane == winner % kWarpSize) taken[g] |= 1u << (winner / kWarpSize);
+    }
+  }
+
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    if (lane < top_k) {
+      const float w = norm_topk_prob ? my_prob[g] / picked_sum[g] : my_prob[g];
+      const int64_t out = (base + g * step) * top_k + lane;
+      weights[out] = from_float<T>(w);
+      expert_ids[out] = my_expert[g];
+      atomicAdd(&histogram[my_expert[g]], 1);
+      if constexpr (kPermute) s_ids[out] = my_expert[g];  // out < T * k <= kPermuteThreads
+    }
+  }
+}
+
 template <typename T, int kSlots, bool kPermute>
 __global__ void __launch_bounds__(kRouterThreads)
 moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
@@ -156,87 +277,32 @@ moe_router_kernel(T* __restrict__ weights,               // [num_tokens, top_k]
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) histogram[e] = 0;
   __syncthreads();
 
-  const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int64_t warps_in_grid = static_cast<int64_t>(gridDim.x) * kRouterWarps;
-  // A token's logits as this lane's slots; slots past E read as -inf, whose exp is an exact 0.
-  const auto load_logits = [&](int64_t token, float (&x)[kSlots]) {
-    const T* row = logits + token * logits_stride;
-#pragma unroll
-    for (int i = 0; i < kSlots; ++i) {
-      const int e = lane + i * kWarpSize;
-      x[i] = e < num_experts ? to_float(row[e]) : -INFINITY;
-    }
-  };
   const int64_t first_token = static_cast<int64_t>(blockIdx.x) * kRouterWarps + warp;
-  float next_x[kSlots];  // the warp's next token's logits, loaded a token ahead (a warp routes
-                         // up to 4 tokens in the one-block grid: their loads would be a chain)
-  if (first_token < num_tokens) load_logits(first_token, next_x);
-  for (int64_t token = first_token; token < num_tokens; token += warps_in_grid) {
-    float x[kSlots];
-#pragma unroll
-    for (int i = 0; i < kSlots; ++i) x[i] = next_x[i];
-    if (token + warps_in_grid < num_tokens) load_logits(token + warps_in_grid, next_x);
-
-    // Softmax in fp32, summed in torch's order (see the header).
-    float row_max = x[0];
-#pragma unroll
-    for (int i = 1; i < kSlots; ++i) row_max = fmaxf(row_max, x[i]);
-    row_max = warp_reduce_max(row_max);
-    float sum = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kSlots; ++i) {
-      x[i] = expf(x[i] - row_max);
-      sum += x[i];
-    }
-    sum = warp_reduce_sum(sum);
-
-    unsigned key[kSlots];
-#pragma unroll
-    for (int i = 0; i < kSlots; ++i) {
-      const int e = lane + i * kWarpSize;
-      key[i] = e < num_experts ? prob_key(x[i] / sum) : kTakenKey;
-    }
-
-    // k rounds of warp argmax; lane j keeps round j's pick. A lane's taken slots are bits of
-    // `taken`, not writes to key[]: a store to key[winner / 32] is a runtime index, which puts
-    // the array in local memory (ptxas did so for sm_80 and sm_89).
-    float my_prob = 0.0f;
-    int my_expert = 0;
-    float picked_sum = 0.0f;
-    unsigned taken = 0;  // bit i: slot i already picked
-    for (int j = 0; j < top_k; ++j) {
-      // This lane's best slot: slots ascend in expert index, so a strict > keeps the lowest.
-      unsigned best = kTakenKey;  // every real candidate's key is above it
-      int best_slot = 0;
-#pragma unroll
-      for (int i = 0; i < kSlots; ++i) {
-        const unsigned k_i = ((taken >> i) & 1u) ? kTakenKey : key[i];
-        if (k_i > best) {
-          best = k_i;
-          best_slot = i;
-        }
+  constexpr int kGroup = RouterTokensPerPass<kSlots>::value;
+  for (int64_t base = first_token; base < num_tokens; base += kGroup * warps_in_grid) {
+    // This warp's tokens from base on (the grid-stride order): a pass routes up to kGroup of them,
+    // every one real (a dummy token would cost a live one's instructions).
+    const int64_t left = ceil_div<int64_t>(num_tokens - base, warps_in_grid);
+    const auto pass = [&](auto group) {
+      route_pass<T, kSlots, decltype(group)::value, kPermute>(
+          weights, expert_ids, logits, base, warps_in_grid, logits_stride, num_experts, top_k,
+          norm_topk_prob, histogram, s_ids);
+    };
+    if constexpr (kGroup == 4) {
+      if (left >= 4) {
+        pass(std::integral_constant<int, 4>{});
+      } else if (left == 3) {
+        pass(std::integral_constant<int, 3>{});
+      } else if (left == 2) {
+        pass(std::integral_constant<int, 2>{});
+      } else {
+        pass(std::integral_constant<int, 1>{});
       }
-      const unsigned top = warp_max_u32(best);  // >= 1: an untaken expert always remains (k <= E)
-      const unsigned candidate =
-          best == top ? static_cast<unsigned>(lane + best_slot * kWarpSize) : kNoCandidate;
-      const int winner = static_cast<int>(warp_min_u32(candidate));
-      const float prob = key_prob(top);
-      picked_sum += prob;
-      if (lane == j) {
-        my_prob = prob;
-        my_expert = winner;
-      }
-      if (lane == winner % kWarpSize) taken |= 1u << (winner / kWarpSize);
-    }
-
-    if (lane < top_k) {
-      const float w = norm_topk_prob ? my_prob / picked_sum : my_prob;
-      const int64_t out = token * top_k + lane;
-      weights[out] = from_float<T>(w);
-      expert_ids[out] = my_expert;
-      atomicAdd(&histogram[my_expert], 1);
-      if constexpr (kPermute) s_ids[out] = my_expert;  // out < T * k <= kPermuteThreads
+    } else {
+      static_assert(kGroup == 1, "a pass of 4 tokens or of 1");
+      pass(std::integral_constant<int, 1>{});
     }
   }
 

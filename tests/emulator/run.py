@@ -71,7 +71,7 @@ def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
         outputs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
         async_mode: str = "early", order: str = "forward", device: str = "h100",
         dyn_smem_offset: int | None = None, exe: Path | None = None,
-        sanitizer: str = "address") -> dict[str, torch.Tensor]:
+        sanitizer: str = "address", sms: int | None = None) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory(prefix="qwen3x-emu-") as d:
         job = Path(d)
         lines = [f"op {op}"] + [f"{k} {int(v) if isinstance(v, bool) else v}" for k, v in params.items()]
@@ -85,6 +85,8 @@ def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
                    TSAN_OPTIONS="halt_on_error=1:exitcode=4:report_signal_unsafe=0")
         if dyn_smem_offset is not None:
             env["EMU_DYN_SMEM_OFFSET"] = str(dyn_smem_offset)
+        if sms is not None:  # fewer SMs than the device: grids that cap at a few blocks per SM
+            env["EMU_SMS"] = str(sms)  # reach their loops at small sizes
         r = subprocess.run([str(exe or runner(sanitizer)), str(job)], capture_output=True, text=True, env=env)
         if r.returncode != 0:
             err = r.stderr if len(r.stderr) <= 8000 else r.stderr[:6000] + "\n...\n" + r.stderr[-2000:]
