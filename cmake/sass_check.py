@@ -2,7 +2,7 @@
 """Static check of the machine code in a built qwen3x._C module (no GPU needed).
 
 For every kernel in the .so (per embedded architecture) prints:
-  LDG128 / STG128  16-byte global loads / stores (LDG.E.128, STG.E.128, ...)
+  LDG128 / STG128  16-byte global loads / stores (LDG.E.128, LDGSTS...128 = cp.async, STG.E.128, ...)
   LDG / STG        all global loads / stores
   LDL / STL        local-memory loads / stores (spills or stack arrays)
   REG / STACK      registers per thread and stack frame bytes (cuobjdump -res-usage)
@@ -80,9 +80,9 @@ HGMMA = re.compile(r"\bHGMMA\b")
 # tile for 4 to 12).
 WGMMA_WAIT = re.compile(r"\bWARPGROUP\.DEPBAR\b")
 
-LDG128 = re.compile(r"\bLDG(\.[A-Z0-9_]+)*\.128\b")
+LDG128 = re.compile(r"\bLDG(STS)?(\.[A-Z0-9_]+)*\.128\b")  # LDGSTS: cp.async into shared memory
 STG128 = re.compile(r"\bSTG(\.[A-Z0-9_]+)*\.128\b")
-LDG = re.compile(r"\bLDG\b")
+LDG = re.compile(r"\bLDG(STS)?\b")
 STG = re.compile(r"\bSTG\b")
 LDL = re.compile(r"\bLDL\b")
 BRA_TARGET = re.compile(r"\bBRA\b[^;]*?(0x[0-9a-f]+)\s*;")

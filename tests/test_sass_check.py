@@ -96,3 +96,18 @@ def test_a_pipelined_wgmma_loop_passes_and_a_serialized_one_is_reported():
                         for x in (ins + ", gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x0")])
     assert sass_check.problems_of(_kernel("sm_90a", serialized, WGMMA_KERNEL)) == [
         "wgmma serialized: 12 waits for 12 HGMMA in the main loop"]
+
+
+VECTOR_KERNEL = "qwen3x::rope::qk_norm_rope_kernel<__nv_bfloat16, false>"  # one of sass_check.VECTOR_KERNELS
+
+
+@pytest.mark.parametrize("load", ["LDG.E.128 R4, desc[UR4][R2.64]", "LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64]"])
+def test_a_vector_kernel_may_load_16_bytes_directly_or_by_cp_async(load):
+    body = ["ACQBULK", "PREEXIT", load, "STG.E.128 desc[UR4][R2.64], R4", "EXIT"]
+    assert [p for p in sass_check.problems_of(_kernel("sm_90a", body, VECTOR_KERNEL)) if "16-byte" in p] == []
+
+
+def test_a_vector_kernel_without_16_byte_loads_is_reported():
+    body = ["ACQBULK", "PREEXIT", "LDG.E.64 R4, desc[UR4][R2.64]", "LDGSTS.E.BYPASS [R3], desc[UR4][R4.64]",
+            "STG.E.128 desc[UR4][R2.64], R4", "EXIT"]
+    assert any("16-byte" in p for p in sass_check.problems_of(_kernel("sm_90a", body, VECTOR_KERNEL)))

@@ -70,6 +70,19 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Waits for group `group` of kGroups committed in order (0 first): at most kGroups - 1 - group
+// may stay in flight. `group` must fold to a constant (an unrolled loop's index).
+template <int kGroups>
+__device__ __forceinline__ void cp_async_wait_for_group(int group) {
+  static_assert(kGroups >= 1 && kGroups <= 4, "up to 4 groups");
+  switch (kGroups - 1 - group) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    default: cp_async_wait<3>(); break;
+  }
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr) {
 #if defined(QWEN3X_EMULATOR)
   emu::ldmatrix_x4(r, smem_addr, /*trans=*/false);

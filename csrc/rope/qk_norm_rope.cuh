@@ -25,13 +25,14 @@
 // - A warp handles kHeadsPerWarp heads of ONE token, and the lanes share the token's sin/cos:
 //   the heads of a step need the same kVec frequencies per lane, so each lane computes
 //   kVec / kHeadsPerIter of them (2 accurate sincos, not kVec) and takes the rest with
-//   __shfl_sync; all of the warp's loads are issued before any of this (in the source: ptxas
-//   may place a later step's loads after an earlier step's math, to save registers).
+//   __shfl_sync; all of the warp's loads are issued before any of this, as cp.async into
+//   shared memory (register loads let ptxas move the second step's loads below the first
+//   step's math to save registers, halving the bytes a warp has in flight).
 // - Element pairs (core/vec.cuh, third version): a 16-bit vector stays packed in its 4
 //   registers, the norm's rounding and weight multiply are one pack (F2FP) and one pair multiply
 //   (HMUL2) per two elements, a lane past the last head re-reads the group's first head instead
 //   of branching to zeros, and q / k addresses are selected, then computed once. bf16, sm_90a:
-//   639 SASS instructions in all (was 925), 60 registers (was 78).
+//   660 SASS instructions in all (was 925), 56 registers (was 78).
 // - q and k heads share the launch: head h < num_q_heads is q head h, the rest
 //   are k heads. Inputs and outputs take arbitrary token and head strides
 //   (e.g. slices of a fused qkv projection); in-place is out == in.
@@ -48,6 +49,7 @@
 #include <cstdint>
 
 #include "core/gpu_constants.h"
+#include "core/mma.cuh"
 #include "core/pdl.cuh"
 #include "core/qwen3.h"
 #include "core/reduce.cuh"
@@ -74,6 +76,11 @@ struct HeadLayout {
   static_assert(kHeadsPerWarp % kHeadsPerIter == 0, "kHeadsPerWarp must fill whole steps");
   static_assert(kVec % kHeadsPerIter == 0 && kFreqsPerLane == 2, "inv_freq is read as float2");
 };
+
+// Dynamic shared memory of a block: the cp.async staging of its warps' loads,
+// [warp][step][lo, hi][lane] 16-byte vectors (8 KB for 16-bit types, 16 KB for fp32).
+template <typename T>
+constexpr int StagingBytes = kWarpsPerBlock * HeadLayout<T>::kIters * 2 * kWarpSize * kVecBytes;
 
 // Where the heads of one tensor live: element (t, h, d) is at
 // ptr[t * token_stride + h * head_stride + d].
@@ -156,8 +163,13 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
   T* const k_out_token = k_out + token * k_out_strides.token;
 
   // ---- Issue every load of the warp before any math. ----------------------
-  Vec lo[L::kIters];  // elements elem0 .. elem0 + kVec - 1
-  Vec hi[L::kIters];  // elements elem0 + 64 .. (their rotate_half partners)
+  // cp.async into this lane's own staging slots, a commit group per step: no register holds the
+  // data while the sin/cos is computed, so nothing moves the loads later (register loads of the
+  // second step went below the first step's math: ptxas saving registers, 1 KB in flight per
+  // warp instead of 2). A lane reads back only what it copied itself: its own wait suffices.
+  extern __shared__ __align__(16) unsigned char stage_raw[];  // StagingBytes<T>: [warp][step][lo, hi][lane]
+  Vec(*const my_stage)[2][kWarpSize] = reinterpret_cast<Vec(*)[2][kWarpSize]>(stage_raw) +
+                                       (threadIdx.x / kWarpSize) * L::kIters;
   bool valid[L::kIters];
   bool is_q[L::kIters];
   bool is_v[L::kIters];  // kCache: a v head, copied without norm or rotation
@@ -179,8 +191,9 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
     if (kCache && is_v[it]) {
       src = cache.v + token * cache.v_in.token + head_in_tensor[it] * cache.v_in.head;
     }
-    lo[it] = load_vec16(src + elem0);
-    hi[it] = load_vec16(src + elem0 + kRotaryHalf);
+    cp_async_16(smem_u32(&my_stage[it][0][lane]), src + elem0, true);  // elem0 .. + kVec - 1
+    cp_async_16(smem_u32(&my_stage[it][1][lane]), src + elem0 + kRotaryHalf, true);  // partners
+    cp_async_commit();
   }
   const int64_t pos = positions_int64 ? static_cast<const int64_t*>(positions)[token]
                                       : static_cast<const int32_t*>(positions)[token];
@@ -223,13 +236,16 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
   constexpr int kPairs = kVec / 2;
 #pragma unroll
   for (int it = 0; it < L::kIters; ++it) {
+    cp_async_wait_for_group<L::kIters>(it);  // this step's copies (later steps' may be in flight)
+    const Vec lo = my_stage[it][0][lane];  // elements elem0 .. elem0 + kVec - 1
+    const Vec hi = my_stage[it][1][lane];  // elements elem0 + 64 .. (their rotate_half partners)
     float2 a[kPairs];  // elements elem0 + 2p, elem0 + 2p + 1
     float2 b[kPairs];  // their rotate_half partners, 64 on
     float sum_sq = 0.0f;
 #pragma unroll
     for (int p = 0; p < kPairs; ++p) {  // element order: a[j], b[j], a[j + 1], b[j + 1]
-      a[p] = pair_to_float2<T>(get_pair(lo[it], p));
-      b[p] = pair_to_float2<T>(get_pair(hi[it], p));
+      a[p] = pair_to_float2<T>(get_pair(lo, p));
+      b[p] = pair_to_float2<T>(get_pair(hi, p));
       sum_sq = fmaf(a[p].x, a[p].x, sum_sq);
       sum_sq = fmaf(b[p].x, b[p].x, sum_sq);
       sum_sq = fmaf(a[p].y, a[p].y, sum_sq);
@@ -272,8 +288,8 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
 #pragma unroll
           for (int p = 0; p < kPairs; ++p) {  // a v head as it came (per pair: no Vec& select)
             if (is_v[it]) {
-              set_pair(y_lo, p, get_pair(lo[it], p));
-              set_pair(y_hi, p, get_pair(hi[it], p));
+              set_pair(y_lo, p, get_pair(lo, p));
+              set_pair(y_hi, p, get_pair(hi, p));
             }
           }
           store_vec16(dst + elem0, y_lo);
@@ -311,10 +327,10 @@ void launch_qk_norm_rope(T* q_out, T* k_out, const T* q_in, const T* k_in, const
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(num_warps, kWarpsPerBlock)));
   auto kernel = with_cache ? qk_norm_rope_kernel<T, true> : qk_norm_rope_kernel<T, false>;
   // An error of the launch is also the thread's last error, which the caller checks.
-  (void)launch_kernel(pdl, kernel, grid, dim3(kThreadsPerBlock), 0, stream, q_out, k_out, q_in,
-                      k_in, q_weight, k_weight, positions, positions_int64, inv_freq, num_tokens,
-                      num_q_heads, num_kv_heads, q_out_strides, k_out_strides, q_in_strides,
-                      k_in_strides, attention_scaling, eps, cache);
+  (void)launch_kernel(pdl, kernel, grid, dim3(kThreadsPerBlock), StagingBytes<T>, stream, q_out,
+                      k_out, q_in, k_in, q_weight, k_weight, positions, positions_int64, inv_freq,
+                      num_tokens, num_q_heads, num_kv_heads, q_out_strides, k_out_strides,
+                      q_in_strides, k_in_strides, attention_scaling, eps, cache);
 }
 
 // Most tokens one launch can cover for a given head count.
