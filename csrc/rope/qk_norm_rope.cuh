@@ -197,14 +197,6 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
   }
   const int64_t pos = positions_int64 ? static_cast<const int64_t*>(positions)[token]
                                       : static_cast<const int32_t*>(positions)[token];
-  int64_t batch_row = 0, slot = -1;  // kCache: where this token's k and v go
-  if constexpr (kCache) {
-    batch_row = token / cache.seqlen;
-    const int64_t s = token - batch_row * cache.seqlen;
-    slot = cache.slots_int64 ? static_cast<const int64_t*>(cache.slots)[s]
-                             : static_cast<const int32_t*>(cache.slots)[s];
-  }
-
   // ---- cos/sin of this lane's kVec frequencies, once per token. ------------
   // Lane (i, g) (i = lane_in_head, g = head_slot) computes frequencies elem0 + g * 2 + {0, 1};
   // frequency elem0 + j is then in lane (i, j / 2), register j % 2.
@@ -228,6 +220,16 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
       cos_v[j] = __shfl_sync(kFullWarpMask, own_cos[j % L::kFreqsPerLane], src_lane);
       sin_v[j] = __shfl_sync(kFullWarpMask, own_sin[j % L::kFreqsPerLane], src_lane);
     }
+  }
+
+  // kCache: where this token's k and v go (after the sin/cos, not before: two fewer 64-bit values
+  // held across it; before, sm_80 spilled a register).
+  int64_t batch_row = 0, slot = -1;
+  if constexpr (kCache) {
+    batch_row = token / cache.seqlen;
+    const int64_t s = token - batch_row * cache.seqlen;
+    slot = cache.slots_int64 ? static_cast<const int64_t*>(cache.slots)[s]
+                             : static_cast<const int32_t*>(cache.slots)[s];
   }
 
   // ---- Norm + rotate + store, one step (4 or 2 heads per warp) at a time. --
