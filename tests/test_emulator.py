@@ -676,7 +676,7 @@ RACECHECK = {
     "experts mid, tiled permutation": lambda: test_moe_experts(EXPERT_CASES[2]),
     "experts prefill wgmma": lambda: test_moe_experts(_WGMMA_EXPERTS),
     "rms_norm": lambda: test_rms_norm(torch.float32, 5, 200, 203, True),
-    "router": lambda: test_moe_router(torch.bfloat16, 5, 128, 8, True),
+    "router": lambda: test_moe_router(torch.bfloat16, 40, 128, 8, True, None),  # tokens side by side
     "qk_norm_rope cache": lambda: test_qk_norm_rope_cache(),
     "silu_and_mul": lambda: test_silu_and_mul(torch.bfloat16, 3, 768, 1536),
     "experts, combine in GEMM2": lambda: test_moe_experts_fused_combine_is_the_combine_kernel(FUSED_COMBINE_CASES[1]),

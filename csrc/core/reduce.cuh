@@ -36,28 +36,26 @@ __device__ __forceinline__ float warp_reduce_max(float v) {
 // all N before it combines any, so their shuffle latencies overlap (one value after another,
 // each butterfly waits out its own 5 round trips). Each value sees the single-value form's
 // operations in its order: the results are bitwise the same.
-template <int N>
-__device__ __forceinline__ void warp_reduce_sum_n(float (&v)[N]) {
+template <int N, typename Combine>
+__device__ __forceinline__ void warp_butterfly_n(float (&v)[N], Combine combine) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     float other[N];
 #pragma unroll
     for (int n = 0; n < N; ++n) other[n] = __shfl_xor_sync(kFullWarpMask, v[n], offset);
 #pragma unroll
-    for (int n = 0; n < N; ++n) v[n] += other[n];
+    for (int n = 0; n < N; ++n) v[n] = combine(v[n], other[n]);
   }
 }
 
 template <int N>
+__device__ __forceinline__ void warp_reduce_sum_n(float (&v)[N]) {
+  warp_butterfly_n(v, [](float mine, float other) { return mine + other; });
+}
+
+template <int N>
 __device__ __forceinline__ void warp_reduce_max_n(float (&v)[N]) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    float other[N];
-#pragma unroll
-    for (int n = 0; n < N; ++n) other[n] = __shfl_xor_sync(kFullWarpMask, v[n], offset);
-#pragma unroll
-    for (int n = 0; n < N; ++n) v[n] = fmaxf(v[n], other[n]);
-  }
+  warp_butterfly_n(v, [](float mine, float other) { return fmaxf(mine, other); });
 }
 
 // Sum over the whole block (blockDim.x a multiple of 32, blockDim.y == 1);

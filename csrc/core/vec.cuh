@@ -157,19 +157,12 @@ template <typename T>
 __device__ __forceinline__ Pair<T> mul_pair_rn(Pair<T> x, Pair<T> w) {
   if constexpr (std::is_same_v<T, float>) {
     return make_float2(x.x * w.x, x.y * w.y);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    __nv_bfloat162 a, b;
-    memcpy(&a, &x, sizeof(a));
-    memcpy(&b, &w, sizeof(b));
-    const __nv_bfloat162 r = __hmul2_rn(a, b);
-    uint32_t out;
-    memcpy(&out, &r, sizeof(out));
-    return out;
   } else {
-    __half2 a, b;
+    using T2 = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, __nv_bfloat162, __half2>;
+    T2 a, b;
     memcpy(&a, &x, sizeof(a));
     memcpy(&b, &w, sizeof(b));
-    const __half2 r = __hmul2_rn(a, b);
+    const T2 r = __hmul2_rn(a, b);
     uint32_t out;
     memcpy(&out, &r, sizeof(out));
     return out;
