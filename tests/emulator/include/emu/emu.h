@@ -806,6 +806,17 @@ inline float ex2_approx_ftz(float x) {
   return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
 }
 
+// __expf: ex2.approx.ftz of x * log2(e) (the product rounded to fp32, as FMUL does)
+inline float fast_expf(float x) { return ex2_approx_ftz(x * 1.44269504088896341f); }
+
+// __fdividef: x times rcp.approx.ftz(y) (a reciprocal below the normal range flushes to 0:
+// CUDA's "returns 0 for 2^126 < |y| < 2^128")
+inline float fast_fdividef(float x, float y) {
+  float r = 1.0f / y;
+  if (std::fpclassify(r) == FP_SUBNORMAL) r = std::copysign(0.0f, r);
+  return x * r;
+}
+
 // st.global.v4.b32
 inline void store_global_16(void* p, const void* src) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("st.global.v4: address not 16-byte aligned");
@@ -1199,6 +1210,8 @@ inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
   emu::warp_meet("__syncwarp", nullptr, [](std::array<void*, 128>&) {}, /*orders_memory=*/true);
 }
 [[noreturn]] inline void __trap() { emu::fail("__trap() called"); }
+inline float __expf(float x) { return emu::fast_expf(x); }
+inline float __fdividef(float x, float y) { return emu::fast_fdividef(x, y); }
 inline unsigned __cvta_generic_to_shared(const void* p) { return emu::smem_address(p); }
 
 template <typename V>
