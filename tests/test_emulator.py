@@ -510,6 +510,25 @@ def test_qk_norm_rope(dtype, tokens, hq, hkv, pos_dtype):
     _kernels_judge()(r["k_out"], args, lambda *a: R.qk_norm_rope(*a)[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_qk_norm_rope_in_place(dtype):
+    """qk_norm_rope_: q and k rewritten in place, 8 + 2 heads (a warp's group of 8 heads half
+    empty: its spare lanes must not read a head another lane of the warp rewrites); bitwise the
+    out-of-place answer."""
+    from qwen3x import reference as R
+    q, k, _, wq, wk, pos, inv_freq, scaling = _rope(3, 8, 2, dtype, seed=5)
+    inputs = dict(q=q, k=k, q_weight=wq, k_weight=wk, positions=pos, inv_freq=inv_freq)
+    outputs = {"q_out": (dtype, (3, 8, D)), "k_out": (dtype, (3, 2, D))}
+    params = _rope_params(q, k, dtype, pos) | dict(attention_scaling=scaling)
+    r = _run_all("qk_norm_rope", params | dict(in_place=True), inputs, outputs)
+    out_of_place = _run_all("qk_norm_rope", params, inputs, outputs)
+    for name in outputs:
+        assert_identical(r[name], out_of_place[name], f"{name}: in place vs out of place")
+    args = (q, k, wq, wk, pos, inv_freq, scaling, 1e-6)
+    _kernels_judge()(r["q_out"], args, lambda *a: R.qk_norm_rope(*a)[0])
+    _kernels_judge()(r["k_out"], args, lambda *a: R.qk_norm_rope(*a)[1])
+
+
 def test_qk_norm_rope_cache():
     """Decode into a static cache: k normed and rotated, v as is, at the given slots of each
     sequence; a slot past the cache is not stored; everything else of the caches untouched."""
@@ -678,6 +697,7 @@ RACECHECK = {
     "rms_norm": lambda: test_rms_norm(torch.float32, 5, 200, 203, True),
     "router": lambda: test_moe_router(torch.bfloat16, 40, 128, 8, True, None),  # tokens side by side
     "qk_norm_rope cache": lambda: test_qk_norm_rope_cache(),
+    "qk_norm_rope in place": lambda: test_qk_norm_rope_in_place(torch.bfloat16),
     "silu_and_mul": lambda: test_silu_and_mul(torch.bfloat16, 3, 768, 1536),
     "experts, combine in GEMM2": lambda: test_moe_experts_fused_combine_is_the_combine_kernel(FUSED_COMBINE_CASES[1]),
 }

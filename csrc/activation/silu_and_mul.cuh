@@ -5,10 +5,13 @@
 // computes x / (1 + exp(-x)) in fp32 and rounds to T, then the multiply is a
 // separate T op (fp32 product rounded to T: for 16-bit T one rounding of the
 // exact product, a pair multiply here, HMUL2). For 16-bit T these kernels' silu
-// uses the fast exponential and division (MUFU.EX2, MUFU.RCP, ~2 ulp of fp32; the
-// expert GEMM's epilogue keeps the accurate one, silu_mul): 2^13 and
-// more times finer than T's rounding, which it moves by one ulp in rare
-// elements, within the tolerance rule (DESIGN.md); the accurate expf and IEEE
+// uses the fast exponential and division (MUFU.EX2, MUFU.RCP; the expert GEMM's
+// epilogue keeps the accurate one, silu_mul): __expf's error is 2 + |1.17 x| ulp
+// of fp32 (CUDA's table), at |x| <= 10 still 2^8 (fp16) to 2^11 (bf16) times
+// finer than T's rounding, which it moves by one ulp in rare elements; where
+// 1 + e^-x passes 2^126 (x in about (-88.7, -87.3]) the reciprocal flushes and
+// silu is -0 where it is ~-1e-36. Both within the tolerance rule (DESIGN.md:
+// absolute floor 1e-6). The accurate expf and IEEE
 // divide (~25 instructions an element) left the kernel near instruction bound
 // (the third run: 0.77-0.94x the faster of Liger and torch.compile at 16k
 // tokens). fp32 T keeps them (there its ulp is theirs).
@@ -45,7 +48,7 @@ constexpr int kScalarElemsPerThread = 4;
 // x / (1 + e^-x) in fp32 with expf and an IEEE divide: torch's F.silu.
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
-// The same with the fast exponential and division (MUFU.EX2, MUFU.RCP: ~2 ulp of fp32).
+// The same with the fast exponential and division (MUFU.EX2, MUFU.RCP; error in the header).
 __device__ __forceinline__ float silu_fast(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
 
 // The silu of silu_and_mul for outputs of type T: fast for 16-bit T (see the header).

@@ -34,8 +34,8 @@
 //   blocks per SM (warps loop over tokens) to bound those global atomics.
 //   tokens_per_expert is zeroed by a memset in the same stream first, except
 //   for a one-block grid (up to kRouterOneBlockMaxTokens = 64 tokens, each
-//   warp looping over up to 4), which stores every count itself: one launch
-//   instead of a memset and a launch.
+//   warp routing up to 4 side by side), which stores every count itself: one
+//   launch instead of a memset and a launch.
 //
 // - With kPermute (the moe op at decode: one block, and T * k picks at most
 //   kPermuteThreads: route_one_launch), the block also permutes its picks for

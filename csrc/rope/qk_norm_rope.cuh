@@ -30,8 +30,8 @@
 //   step's math to save registers, halving the bytes a warp has in flight).
 // - Element pairs (core/vec.cuh, third version): a 16-bit vector stays packed in its 4
 //   registers, the norm's rounding and weight multiply are one pack (F2FP) and one pair multiply
-//   (HMUL2) per two elements, a lane past the last head re-reads the group's first head instead
-//   of branching to zeros, and q / k addresses are selected, then computed once. bf16, sm_90a:
+//   (HMUL2) per two elements, a lane past the last head gets zeros from its cp.async instead of
+//   a branch, and q / k addresses are selected, then computed once. bf16, sm_90a:
 //   660 SASS instructions in all (was 925), 56 registers (was 78).
 // - q and k heads share the launch: head h < num_q_heads is q head h, the rest
 //   are k heads. Inputs and outputs take arbitrary token and head strides
@@ -178,10 +178,10 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
   for (int it = 0; it < L::kIters; ++it) {
     const int h = head_base + it * L::kHeadsPerIter + head_slot;
     valid[it] = h < num_heads;
-    // A lane past the token's last head works on the group's first head (its lines are this
-    // warp's loads anyway) and stores nothing: no branch, and its lanes' sums stay among
-    // themselves (the norm's butterfly spans one head's lanes).
-    const int head = valid[it] ? h : head_base;
+    // A lane past the token's last head copies nothing (cp.async zero-fills its slots: no
+    // branch, and no read of a head another lane rewrites in place), computes on zeros and
+    // stores nothing; its lanes' sums stay among themselves (the butterfly spans one head).
+    const int head = valid[it] ? h : head_base;  // an address in range, never read
     is_q[it] = head < num_q_heads;
     is_v[it] = kCache && head >= num_qk_heads;
     head_in_tensor[it] = is_q[it] ? head : (is_v[it] ? head - num_qk_heads : head - num_q_heads);
@@ -191,8 +191,8 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
     if (kCache && is_v[it]) {
       src = cache.v + token * cache.v_in.token + head_in_tensor[it] * cache.v_in.head;
     }
-    cp_async_16(smem_u32(&my_stage[it][0][lane]), src + elem0, true);  // elem0 .. + kVec - 1
-    cp_async_16(smem_u32(&my_stage[it][1][lane]), src + elem0 + kRotaryHalf, true);  // partners
+    cp_async_16(smem_u32(&my_stage[it][0][lane]), src + elem0, valid[it]);  // elem0 .. + kVec - 1
+    cp_async_16(smem_u32(&my_stage[it][1][lane]), src + elem0 + kRotaryHalf, valid[it]);  // partners
     cp_async_commit();
   }
   const int64_t pos = positions_int64 ? static_cast<const int64_t*>(positions)[token]

@@ -194,11 +194,29 @@ void run_qk_norm_rope(Job& job) {
       cw.seqlen = job.i64("seqlen");
       cw.max_slots = smax;
     }
-    launch_qk_norm_rope<T>(qo, ko, job.input("q").template as<T>(), job.input("k").template as<T>(),
-                           job.input("q_weight").template as<T>(), job.input("k_weight").template as<T>(),
-                           job.input("positions").ptr, job.i64("positions_int64") != 0,
-                           job.input("inv_freq").template as<float>(), tokens, hq, hkv, q_out, k_out,
-                           q_in, k_in, static_cast<float>(job.f64("attention_scaling")),
+    const T* qi = job.input("q").template as<T>();
+    const T* ki = job.input("k").template as<T>();
+    HeadStrides q_in_s = q_in, k_in_s = k_in;
+    if (job.has("in_place") && job.i64("in_place") != 0) {  // qk_norm_rope_: q and k read and written
+      if (with_cache) throw std::runtime_error("in_place: q and k outputs, no cache");
+      for (int64_t t = 0; t < tokens; ++t) {  // the inputs, dense, into the outputs
+        for (int h = 0; h < hq; ++h) {
+          std::memcpy(qo + (t * hq + h) * 128, qi + t * q_in.token + h * q_in.head, 128 * sizeof(T));
+        }
+        for (int h = 0; h < hkv; ++h) {
+          std::memcpy(ko + (t * hkv + h) * 128, ki + t * k_in.token + h * k_in.head, 128 * sizeof(T));
+        }
+      }
+      qi = qo;
+      ki = ko;
+      q_in_s = q_out;
+      k_in_s = k_out;
+    }
+    launch_qk_norm_rope<T>(qo, ko, qi, ki, job.input("q_weight").template as<T>(),
+                           job.input("k_weight").template as<T>(), job.input("positions").ptr,
+                           job.i64("positions_int64") != 0, job.input("inv_freq").template as<float>(),
+                           tokens, hq, hkv, q_out, k_out, q_in_s, k_in_s,
+                           static_cast<float>(job.f64("attention_scaling")),
                            static_cast<float>(job.f64("eps")), cw, nullptr);
     check(cudaSuccess, "launch_qk_norm_rope");
   });

@@ -87,16 +87,17 @@ def qk_norm_rope_kernel(dt, with_cache, grid, q_out, k_out, q_in, k_in, q_weight
     for it in range(iters):
         h = head_base[:, None] + it * heads_per_iter + head_slot[None, :]
         valid[it] = h < num_heads
-        # a lane past the token's last head loads (and works on) the group's first head, stores nothing
+        # a lane past the token's last head copies nothing (zero-filled), addresses the group's
+        # first head (never read), stores nothing
         head = np.where(valid[it], h, head_base[:, None])
         is_q[it] = head < num_q_heads
         is_v[it] = with_cache & (head >= num_qk_heads)
         head_in_tensor[it] = np.where(is_q[it], head, np.where(is_v[it], head - num_qk_heads, head - num_q_heads))
-        sources = [(is_q[it], q_in, q_in_s), (~is_q[it] & ~is_v[it], k_in, k_in_s)]
+        sources = [(valid[it] & is_q[it], q_in, q_in_s), (valid[it] & ~is_q[it] & ~is_v[it], k_in, k_in_s)]
         if with_cache:
-            sources.append((is_v[it], cache.v, cache.v_in))
+            sources.append((valid[it] & is_v[it], cache.v, cache.v_in))
         for sel, ptr, strides in sources:
-            if sel.any():
+            if sel.any():  # lanes without a head keep 0 and still take part in the shuffles
                 src = ptr.off + tok * strides[0] + head_in_tensor[it] * strides[1] + elem0[None, :]
                 lo[it] = np.where(sel[..., None], ptr.buf.load_vec(src, kvec, sel, "x load"), lo[it])
                 hi[it] = np.where(sel[..., None], ptr.buf.load_vec(src + ROTARY_HALF, kvec, sel, "x load"),

@@ -21,16 +21,15 @@ MAX_GRID_Y = 65535
 
 
 def silu(x, dt="fp32"):
-    """silu<T>: x / (1 + expf(-x)) in fp32 for fp32 outputs; for 16-bit ones
-    __fdividef(x, 1 + __expf(-x)): ex2.approx.ftz(x * log2 e), times rcp.approx.ftz (exact
-    exp2 and reciprocal here, flushed as the hardware flushes: the hardware's own 2 ulp are not
-    modeled)."""
+    """silu_for<T>: x / (1 + expf(-x)) in fp32 for fp32 outputs; for 16-bit ones
+    __fdividef(x, 1 + __expf(-x)): exp2(x * log2 e) (subnormal results kept, as the build's
+    SASS keeps them), times rcp.approx.ftz (exact exp2 and reciprocal here, the reciprocal
+    flushed as MUFU.RCP flushes: the hardware's own ulps are not modeled)."""
     x = np.asarray(x, np.float32)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         if dt == "fp32":
             return (x / (np.float32(1) + fp.expf(-x))).astype(np.float32)
         e = np.exp2((-x * np.float32(1.4426950408889634)).astype(np.float32).astype(np.float64)).astype(np.float32)
-        e = np.where(np.abs(e) < np.finfo(np.float32).tiny, np.float32(0), e)  # .ftz
         r = (np.float32(1) / (np.float32(1) + e)).astype(np.float32)
         r = np.where(np.abs(r) < np.finfo(np.float32).tiny, np.copysign(np.float32(0), r), r)
         return (x * r).astype(np.float32)
