@@ -32,7 +32,7 @@
 //   registers, the norm's rounding and weight multiply are one pack (F2FP) and one pair multiply
 //   (HMUL2) per two elements, a lane past the last head gets zeros from its cp.async instead of
 //   a branch, and q / k addresses are selected, then computed once. bf16, sm_90a:
-//   660 SASS instructions in all (was 925), 56 registers (was 78).
+//   663 SASS instructions in all (was 925), 64 registers (was 78; kMinBlocksPerSm).
 // - q and k heads share the launch: head h < num_q_heads is q head h, the rest
 //   are k heads. Inputs and outputs take arbitrary token and head strides
 //   (e.g. slices of a fused qkv projection); in-place is out == in.
@@ -62,6 +62,12 @@ namespace qwen3x::rope {
 constexpr int kHeadsPerWarp = 8;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kThreadsPerBlock = kWarpsPerBlock * kWarpSize;
+// Resident blocks per SM asked of ptxas (__launch_bounds__), i.e. a register budget: 8 (64
+// registers, 32 warps) for the prefill variant (9, 56 registers, spills on sm_80); 6 (80) for the
+// cache variant (decode: a few tokens, nothing to gain from occupancy), which ptxas, left to
+// itself, squeezed to 64 registers with a spill on sm_80.
+constexpr int kMinBlocksPerSm = 8;
+constexpr int kMinBlocksPerSmCache = 6;
 
 // How a 128-wide head maps onto lanes for element type T: lane l of a head holds the vectors at
 // elements (l * kVec) and (l * kVec + 64).
@@ -115,7 +121,7 @@ struct CacheWrite {
 };
 
 template <typename T, bool kCache>
-__global__ void __launch_bounds__(kThreadsPerBlock)
+__global__ void __launch_bounds__(kThreadsPerBlock, kCache ? kMinBlocksPerSmCache : kMinBlocksPerSm)
 qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_heads, 128], strides q_out_strides
                     T* k_out,                          // [num_tokens, num_kv_heads, 128], strides k_out_strides (unused with kCache)
                     const T* q_in,                     // [num_tokens, num_q_heads, 128], strides q_in_strides (may equal q_out)
@@ -160,7 +166,7 @@ qk_norm_rope_kernel(T* q_out,                          // [num_tokens, num_q_hea
   const T* const q_in_token = q_in + token * q_in_strides.token;
   const T* const k_in_token = k_in + token * k_in_strides.token;
   T* const q_out_token = q_out + token * q_out_strides.token;
-  T* const k_out_token = k_out + token * k_out_strides.token;
+  T* const k_out_token = kCache ? nullptr : k_out + token * k_out_strides.token;  // kCache: k_out unused
 
   // ---- Issue every load of the warp before any math. ----------------------
   // cp.async into this lane's own staging slots, a commit group per step: no register holds the
