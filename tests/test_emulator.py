@@ -585,7 +585,7 @@ PLANTED = {
         "experts"),
     # split-KV's fused combine: the marks never reset (a replay merges unwritten partials)
     "attention: split marks not reset": (
-        ("attention/combine.cuh", "atomicExch(flags + i, 0ULL);  // for the next replay", ";"),
+        ("attention/combine.cuh", "store_relaxed_gpu(flags + i, 0ULL);  // for the next replay", ";"),
         "attention_replays"),
     # split-KV's fused combine run by split 0, whether or not the others have arrived
     "attention: split 0 combines": (

@@ -8,7 +8,9 @@
 //
 // Who is last (combine_if_last): each split's CTA, after its partials, writes this launch's tag
 // into its slot of split_flags[tile][split] and, after a device-wide fence, reads the tile's
-// num_splits slots (one warp, each lane its own slots, all reads in flight together). Of CTAs
+// num_splits slots (one warp, each lane its own slots, all reads in flight together; strong
+// relaxed loads, core/vec.cuh, not atomic reads: num_splits^2 atomics on a tile's few lines queue
+// at L2, one of the suspects in the H200 run's batch-1 times growing with the split count). Of CTAs
 // that finish together at least one sees every mark (the fences are sequentially consistent: no
 // two can both miss the other's mark), and more than one may: each then writes the same bits.
 // The combiner sets the slots back to 0, so that a CUDA graph's replays (same tag) start clean; a
@@ -151,10 +153,12 @@ __device__ __forceinline__ void combine_if_last(const Params& p, const SeqSlice&
     }
     __syncwarp();
     bool mine = true;  // every slot this lane reads holds the tag (no early exit: reads overlap)
-    for (int i = lane; i < p.num_splits; i += kWarpSize) mine &= atomicAdd(flags + i, 0ULL) == p.split_tag;
+    // Strong loads, not atomic reads: every split's CTA reads all the tile's slots, num_splits^2
+    // operations on the same lines, which as atomics queue one after another at L2.
+    for (int i = lane; i < p.num_splits; i += kWarpSize) mine &= load_relaxed_gpu(flags + i) == p.split_tag;
     const bool all = __all_sync(kFullWarpMask, mine);
     if (all) {
-      for (int i = lane; i < p.num_splits; i += kWarpSize) atomicExch(flags + i, 0ULL);  // for the next replay
+      for (int i = lane; i < p.num_splits; i += kWarpSize) store_relaxed_gpu(flags + i, 0ULL);  // for the next replay
     }
     if (lane == 0) *s_flag = all;
   }

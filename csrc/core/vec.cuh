@@ -43,6 +43,28 @@ __device__ __forceinline__ Vec16<T> load_vec16_l2(const T* ptr) {
   return v;
 }
 
+// A gpu-scope relaxed (morally strong) 64-bit load and store, served by L2: for flags that
+// other CTAs write during the kernel. Strong, so a sequentially consistent fence orders them as
+// it orders atomics; unlike an atomic read (atomicAdd(p, 0)), a load does not queue at the L2's
+// atomic unit behind every other CTA's operations on the same line.
+__device__ __forceinline__ unsigned long long load_relaxed_gpu(const unsigned long long* p) {
+#if defined(QWEN3X_EMULATOR)
+  return __atomic_load_n(p, __ATOMIC_RELAXED);
+#else
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+#endif
+}
+
+__device__ __forceinline__ void store_relaxed_gpu(unsigned long long* p, unsigned long long v) {
+#if defined(QWEN3X_EMULATOR)
+  __atomic_store_n(p, v, __ATOMIC_RELAXED);
+#else
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+#endif
+}
+
 // Stores go through inline PTX: NVVM otherwise sometimes splits a 16-byte
 // store of separately computed elements into 2- or 4-byte stores (seen in
 // silu_and_mul). The "memory" clobber keeps it ordered with every other
