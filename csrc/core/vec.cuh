@@ -1,4 +1,5 @@
-// 16-byte vectors and element conversions shared by the memory-bound kernels.
+// 16-byte vectors, element pairs and conversions shared by the memory-bound
+// kernels, and the gpu-scope relaxed flag accesses of the cross-CTA protocols.
 //
 // A thread moves data in 16-byte packets (8 x bf16/fp16 or 4 x fp32), which
 // the compiler emits as a single LDG.E.128 / STG.E.128 when the address is
