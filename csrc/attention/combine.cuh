@@ -79,10 +79,7 @@ __device__ __noinline__ void combine_row(const Params& p, int64_t row, int lane)
   float max2 = -INFINITY;
 #pragma unroll
   for (int j = 0; j < kCombineSplitsPerLane; ++j) max2 = fmaxf(max2, lse_s[j]);
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    max2 = fmaxf(max2, __shfl_xor_sync(kFullWarpMask, max2, offset));
-  }
+  max2 = warp_reduce_max(max2);
   const float base = max2 == -INFINITY ? 0.0f : max2;
   float sum = 0.0f;
 #pragma unroll
