@@ -232,7 +232,7 @@ GPU_CHECK_TESTS ?= tests/test_attention_gpu.py tests/test_moe_gpu.py tests/test_
                    tests/test_kernels_gpu.py
 # (--no-precompile: few compiling providers there, and a 110 s step has no room for worker start-up)
 GPU_PERF_ARGS   ?= --targets --ops attention_prefill,attention_decode,moe_layer,moe_route,rms_norm,qk_norm_rope \
-                   --providers qwen3x,qwen3x_no_pdl,qwen3x_no_fence,sdpa_flash,sdpa_cudnn,hf_grouped_mm,liger \
+                   --providers qwen3x,qwen3x_no_pdl,qwen3x_no_fence,qwen3x_cluster,sdpa_flash,sdpa_cudnn,hf_grouped_mm,liger \
                    --no-precompile
 gpu-check:
 	$(MAKE) gpu STEPS="tests memcheck racecheck" GPU_SAMPLE=1 GPU_TESTS="$(GPU_CHECK_TESTS)" \

@@ -118,6 +118,20 @@ def no_pdl_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Prov
     return _env_variant("qwen3x_no_pdl", ("QWEN3X_PDL", "0"), call, skip=skip, **kw)
 
 
+def cluster_combine_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
+    """qwen3x with split-KV's splits merged inside a thread block cluster, through distributed shared
+    memory (QWEN3X_ATTENTION_COMBINE=cluster: at most 16 splits, no workspace, no device-wide marks)
+    instead of through L2 by the last split to arrive: the A/B that decides between the two
+    (benchmarks/NOTES.md), in the same run. Skipped off sm_90 + sm_90a, where the setting changes
+    nothing."""
+    skip = None
+    if not eligible:
+        skip = "not a decode-sized case"
+    elif not wgmma_available():
+        skip = "thread block clusters need an sm_90 GPU and a build with sm_90a"
+    return _env_variant("qwen3x_cluster", ("QWEN3X_ATTENTION_COMBINE", "cluster"), call, skip=skip, **kw)
+
+
 def reference_provider(fn: Callable[[Inputs], Any], **kw) -> Provider:
     """qwen3x.reference, called directly (no op registry, no validation)."""
     return Provider("reference", lambda x: lambda: fn(x), **kw)

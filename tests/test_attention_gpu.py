@@ -390,6 +390,70 @@ def test_programmatic_dependent_launch_changes_no_bit(monkeypatch, skv):
         assert_identical(a, b)
 
 
+# (B, Hq, Hkv, Sq, Skv, causal): split-KV plans of at most 16 splits (the same count on both
+# paths: the same bits), and one the cluster path caps (8193 keys: 64 splits through L2, 16 here)
+CLUSTER_COMBINE_CASES = [
+    (1, 8, 2, 1, 300, True),     # 5 splits of one tile
+    (1, 32, 8, 1, 1024, True),   # Qwen3-4B decode, batch 1, 1k keys: 16 splits of one tile
+    (2, 40, 8, 3, 1000, False),  # 15 rows a CTA, split keys
+    (1, 16, 8, 64, 4096, True),  # full row tiles (the Hopper mainloop), 16 CTAs
+    (1, 32, 8, 1, 8193, True),   # capped: 16 splits of 8 or 9 tiles
+]
+
+
+@pytest.mark.parametrize("case", CLUSTER_COMBINE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cluster_combine(monkeypatch, case):
+    """QWEN3X_ATTENTION_COMBINE=cluster (csrc/attention/combine.cuh, combine_in_cluster): a tile's
+    splits run as one thread block cluster and merge through distributed shared memory (sm_90;
+    elsewhere the setting leaves the L2 combine). Where both paths plan the same split count the
+    arithmetic and its order are the same: identical bits; every case is judged against the
+    truth."""
+    B, Hq, Hkv, Sq, Skv, causal = case
+    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, torch.bfloat16, q_layout="bshd")
+    l2_out, l2_lse = _run(q, k, v, None, causal)
+    monkeypatch.setenv("QWEN3X_ATTENTION_COMBINE", "cluster")
+    out, lse = _run(q, k, v, None, causal)
+    if Skv <= 4096:
+        assert_identical(out, l2_out)
+        assert_identical(lse, l2_lse)
+    _judge(out, lse, q, k, v, None, D**-0.5, causal)
+
+
+@pytest.mark.parametrize("skv", [1024, 8193])
+def test_cluster_combine_cuda_graph(monkeypatch, skv):
+    """The cluster launch captured in a CUDA graph, replayed with new inputs: each replay's answer
+    is an eager call's, bit for bit."""
+    B, Hq, Hkv, causal = 1, 32, 8, True
+    q, k, v = _inputs(B, Hq, Hkv, 1, skv, torch.bfloat16, q_layout="bshd")
+    monkeypatch.setenv("QWEN3X_ATTENTION_COMBINE", "cluster")
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.attention(q, k, v, None, D**-0.5, causal)  # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        g_out, g_lse = ops.attention(q, k, v, None, D**-0.5, causal)
+    for _ in range(2):
+        q2, k2, v2 = _inputs(B, Hq, Hkv, 1, skv, torch.bfloat16, q_layout="bshd")
+        q.copy_(q2)
+        k.copy_(k2)
+        v.copy_(v2)
+        graph.replay()
+        torch.cuda.synchronize()
+        want_out, want_lse = ops.attention(q, k, v, None, D**-0.5, causal)
+        assert_identical(g_out, want_out)
+        assert_identical(g_lse, want_lse)
+        _judge(g_out, g_lse, q, k, v, None, D**-0.5, causal)
+
+
+def test_combine_setting_is_checked(monkeypatch):
+    q, k, v = _inputs(1, 8, 8, 1, 64, torch.bfloat16)
+    monkeypatch.setenv("QWEN3X_ATTENTION_COMBINE", "dsmem")
+    with pytest.raises(RuntimeError, match="qwen3x.attention: QWEN3X_ATTENTION_COMBINE must be l2 or cluster"):
+        ops.attention(q, k, v, None, D**-0.5, True)
+
+
 def test_empty_and_zero_keys():
     q, k, v = _inputs(2, 8, 4, 0, 5, torch.bfloat16)
     out, lse = ops.attention(q, k, v, None, D**-0.5, False)

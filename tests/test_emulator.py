@@ -68,8 +68,10 @@ def _strides(prefix, t, dims):
     return {f"{prefix}_{name}_stride": t.stride(d) for name, d in dims.items()}
 
 
-def _attention(q, k, v, *, causal, mainloop, mask=None, key_lengths=None, force_splits=None, replays=1):
-    """q [B, Hq, Sq, D] (any strides), k/v [B, Hkv, Skv, D]: (out [B, Sq, Hq, D], lse)."""
+def _attention(q, k, v, *, causal, mainloop, mask=None, key_lengths=None, force_splits=None, replays=1,
+               cluster_combine=False):
+    """q [B, Hq, Sq, D] (any strides), k/v [B, Hkv, Skv, D]: (out [B, Sq, Hq, D], lse).
+    cluster_combine: QWEN3X_ATTENTION_COMBINE=cluster (the splits merged inside a cluster)."""
     B, Hq, Sq, _ = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     dtype = "bf16" if q.dtype == torch.bfloat16 else "fp16"
@@ -91,6 +93,8 @@ def _attention(q, k, v, *, causal, mainloop, mask=None, key_lengths=None, force_
         params["force_splits"] = force_splits
     if replays > 1:
         params["replays"] = replays
+    if cluster_combine:
+        params["cluster_combine"] = 1
     r = _run_all("attention", params, inputs,
                  {"out": (q.dtype, (B, Sq, Hq, D)), "lse": (torch.float32, (B, Hq, Sq))})
     return r["out"], r["lse"], r["stdout"]
@@ -248,6 +252,59 @@ def test_attention_varlen_decode_splits():
                  {"out": (torch.float16, (sum(lq), Hq, D)), "lse": (torch.float32, (Hq, sum(lq)))})
     assert "splits 3 " in r["stdout"], r["stdout"]
     _gpu_judge()._judge_varlen(r["out"], r["lse"], q, k, v, cu(lq), cu(lk), True)
+
+
+# (B, Hq, Hkv, Sq, Skv, causal, dtype, mainloop, forced splits or None, key_lengths or None)
+CLUSTER_CASES = [
+    (1, 32, 8, 1, 1024, False, torch.bfloat16, "mma_sync", None, None),  # Qwen3-4B decode, 1k keys: the
+    # plan's own 16 splits (a cluster of 16: the non-portable size)
+    (2, 8, 2, 1, 700, True, torch.float16, "mma_sync", 4, [389, 421]),  # split keys; an empty last split
+    (1, 4, 2, 200, 300, True, torch.bfloat16, "wgmma", 3, None),  # full row tiles: 64 rows a CTA
+    (1, 10, 2, 3, 200, True, torch.bfloat16, "mma_sync", 2, None),  # 15 rows, causal per row
+]
+
+
+@pytest.mark.parametrize("case", CLUSTER_CASES, ids=lambda c: "-".join(map(str, c[:9])).replace("torch.", ""))
+def test_attention_cluster_combine(case):
+    """QWEN3X_ATTENTION_COMBINE=cluster: a tile's splits are one thread block cluster and merge
+    through each other's shared memory (combine_in_cluster) with the L2 combine's arithmetic in
+    its order: bitwise the L2 path's answer, and judged like it. The emulator runs a cluster's CTAs
+    side by side (barrier.cluster, mapa, ld.shared::cluster), in both thread orders."""
+    B, Hq, Hkv, Sq, Skv, causal, dtype, mainloop, splits, lengths = case
+    torch.manual_seed(Skv + Hq)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv, dtype)
+    key_lengths = torch.tensor(lengths, dtype=torch.int32) if lengths else None
+    kw = dict(causal=causal, mainloop=mainloop, key_lengths=key_lengths)
+    out, lse, log = _attention(q, k, v, cluster_combine=True, force_splits=splits, **kw)
+    assert "cluster_combine 1" in log, log
+    want = splits or 16
+    assert f"splits {want} " in log, log
+    ref_out, ref_lse, ref_log = _attention(q, k, v, force_splits=want, **kw)
+    assert "cluster_combine 0" in ref_log, ref_log
+    assert_identical(out, ref_out, "out: cluster vs L2 combine")
+    assert_identical(lse, ref_lse, "lse: cluster vs L2 combine")
+    full = None
+    if lengths:
+        full = torch.zeros(B, Hq, Sq, Skv, dtype=torch.bool)
+        for b in range(B):
+            full[b, :, :, :lengths[b]] = True
+        causal = False
+    _gpu_judge()._judge(out, lse, q, k, v, full, D**-0.5, causal)
+
+
+def test_attention_cluster_combine_limits():
+    """The cluster path plans at most 16 splits (kMaxClusterSize): 8k keys at batch 1 would take
+    64 on the L2 path; 17 forced splits cannot be one cluster, and the glue falls back to the L2
+    combine (its marks then reset as always)."""
+    torch.manual_seed(3)
+    q, k, v = _qkv(1, 8, 1, 1, 8192)
+    out, lse, log = _attention(q, k, v, causal=False, mainloop="mma_sync", cluster_combine=True)
+    assert "splits 16 tiles_per_split 8" in log and "cluster_combine 1" in log, log
+    _gpu_judge()._judge(out, lse, q, k, v, None, D**-0.5, False)
+    q, k, v = _qkv(1, 8, 1, 1, 17 * 64)
+    out, lse, log = _attention(q, k, v, causal=False, mainloop="mma_sync", cluster_combine=True, force_splits=17)
+    assert "splits 17 " in log and "cluster_combine 0" in log and "split marks left set 0" in log, log
+    _gpu_judge()._judge(out, lse, q, k, v, None, D**-0.5, False)
 
 
 # ---- MoE experts ---------------------------------------------------------------------------------
@@ -596,6 +653,16 @@ PLANTED = {
     "attention: no barrier in the split-key merge": (
         ("attention/softmax.cuh", "    __syncthreads();\n    if (warp != 0) return;", "    if (warp != 0) return;"),
         "attention_decode"),
+    # the in-cluster combine reads the other splits' shared memory before the barrier that
+    # publishes it (poison, or the rows a split has not yet written)
+    "attention: cluster combine without its first barrier": (
+        ("attention/combine.cuh", "  cluster_sync();  // every split's rows, visible to the cluster", ""),
+        "attention_cluster"),
+    # ... or a split's CTA leaves while the others still read its shared memory
+    "attention: cluster combine without its last barrier": (
+        ("attention/combine.cuh", "  cluster_sync();  // nobody leaves while its shared memory may still be read",
+         ""),
+        "attention_cluster"),
     # GEMM2's fused combine summed by the first CTA to arrive, not the k-th
     "moe: the first arrival combines": (
         ("moe/gemm_epilogue.cuh", "col_tile, 1) == top_k - 1) {", "col_tile, 1) == 0) {"),
@@ -636,6 +703,8 @@ def test_planted_bug_is_caught(name, monkeypatch):
             test_attention((1, 4, 2, 210, 200, True, torch.bfloat16, "mma_sync", "bhsd", None))
         elif op == "attention_replays":
             test_attention_split_kv_replays()
+        elif op == "attention_cluster":
+            test_attention_cluster_combine(CLUSTER_CASES[0])
         elif op == "fused_combine":
             test_moe_experts_fused_combine_is_the_combine_kernel(FUSED_COMBINE_CASES[1])
         elif op == "dropped_picks":
@@ -700,6 +769,7 @@ RACECHECK = {
     "qk_norm_rope in place": lambda: test_qk_norm_rope_in_place(torch.bfloat16),
     "silu_and_mul": lambda: test_silu_and_mul(torch.bfloat16, 3, 768, 1536),
     "experts, combine in GEMM2": lambda: test_moe_experts_fused_combine_is_the_combine_kernel(FUSED_COMBINE_CASES[1]),
+    "attention, combine in a cluster": lambda: test_attention_cluster_combine(CLUSTER_CASES[1]),
 }
 
 
@@ -726,6 +796,11 @@ PLANTED_RACES = {
     "attention: no barrier after the marks": (
         ("attention/combine.cuh", "*s_flag = all;\n  }\n  __syncthreads();", "*s_flag = all;\n  }"),
         lambda: test_attention(ATTENTION_CASES[4])),
+    # the in-cluster combine: one CTA's stores of its rows and another's DSMEM loads of them,
+    # with no cluster barrier between
+    "attention: cluster combine without its first barrier": (
+        PLANTED["attention: cluster combine without its first barrier"][0],
+        lambda: test_attention_cluster_combine(CLUSTER_CASES[1])),
     # GEMM2's fused combine reads which tokens its CTA completes before the threads that counted
     # the arrivals are past a barrier
     "experts: no barrier after the arrivals": (

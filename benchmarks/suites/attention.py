@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from qwen3x import ops, reference
 
 from ..harness import Case, Provider, Skip
-from ..providers import compiled, mma_sync_provider, no_fence_provider, no_pdl_provider, over_budget, qwen3x_provider
+from ..providers import (
+    cluster_combine_provider,
+    compiled,
+    mma_sync_provider,
+    no_fence_provider,
+    no_pdl_provider,
+    over_budget,
+    qwen3x_provider,
+)
 from ..shapes import HEAD_DIM, MODELS, RMS_EPS
 from .common import DTYPE, ELEM, hf_module, randn
 
@@ -206,6 +214,7 @@ def _providers(batch: int, hq: int, hkv: int, sq: int, skv: int, causal: bool, d
         mma_sync_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
         no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
         no_pdl_provider(qwen3x_call, decode, canon=_first),
+        cluster_combine_provider(qwen3x_call, decode, canon=_first),
         Provider("reference", lambda x: lambda: ref(x), canon=_first, skip=over_budget(ref_bytes, "fp32 scores")),
         Provider("hf_eager", _hf_eager(causal), canon=_first, skip=over_budget(hf_bytes, "materialized scores")),
         *(Provider(name, _sdpa(name, causal), canon=_bhsd_to_bshd) for name in SDPA_BACKENDS),

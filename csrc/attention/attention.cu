@@ -21,11 +21,14 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string_view>
 
 #include "attention/attention_fwd.cuh"
 #include "core/checks.h"
+#include "core/cluster.cuh"
 #include "core/gpu_constants.h"
 #include "core/launch.h"
 #include "core/mainloop_choice.h"
@@ -194,6 +197,26 @@ unsigned long long next_split_tag() {
   return z != 0 ? z : 1;
 }
 
+// Where the splits of a split-KV call merge (QWEN3X_ATTENTION_COMBINE): "l2" (default) through
+// the workspace in global memory, by the split that arrives last (combine.cuh); "cluster" inside
+// a thread block cluster of the tile's splits, through distributed shared memory, wherever that
+// can run: an sm_90 device with this build's sm_90a code, at most kMaxClusterSize splits (the
+// plan then asks for no more) and a cluster that fits the device (else the L2 path). An A/B
+// switch until a GPU run decides between them (benchmarks/NOTES.md).
+bool cluster_combine_wanted(const char* op, int device) {
+  const char* env = std::getenv("QWEN3X_ATTENTION_COMBINE");
+  const std::string_view choice = env == nullptr || *env == '\0' ? "l2" : env;
+  QWEN3X_CHECK(choice == "l2" || choice == "cluster", "qwen3x.", op,
+               ": QWEN3X_ATTENTION_COMBINE must be l2 or cluster, got '", choice, "'");
+#if defined(QWEN3X_HAS_SM90A) || defined(QWEN3X_EMULATOR)
+  constexpr int kHopper = 90;
+  return choice == "cluster" && compute_capability(device) == kHopper;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
 // CTAs of the forward kernel resident per SM (the split plan's wave size).
 template <typename T, bool kWgmma>
 int fwd_ctas_per_sm() {
@@ -221,12 +244,20 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
   const int ctas_per_sm =
       bf16 ? (wgmma ? fwd_ctas_per_sm<__nv_bfloat16, true>() : fwd_ctas_per_sm<__nv_bfloat16, false>())
            : (wgmma ? fwd_ctas_per_sm<__half, true>() : fwd_ctas_per_sm<__half, false>());
-  const attn::SplitPlan plan = attn::plan_splits(
-      ctas, seqlen_k_hint, static_cast<int64_t>(p.seqlen_q) * p.group, num_sms, ctas_per_sm);
+  const bool cluster = cluster_combine_wanted(op, q.get_device());
+  const attn::SplitPlan plan =
+      attn::plan_splits(ctas, seqlen_k_hint, static_cast<int64_t>(p.seqlen_q) * p.group, num_sms,
+                        ctas_per_sm, cluster ? kMaxClusterSize : attn::kMaxSplits);
   p.num_splits = plan.num_splits;
   p.tiles_per_split = plan.tiles_per_split;
-  at::Tensor partial_o, partial_lse, split_flags;  // split-KV workspace
-  if (plan.num_splits > 1) {
+  p.cluster_combine =
+      cluster && plan.num_splits > 1 &&
+      (bf16 ? (wgmma ? attn::attention_cluster_fits<__nv_bfloat16, true>(plan.num_splits)
+                     : attn::attention_cluster_fits<__nv_bfloat16, false>(plan.num_splits))
+            : (wgmma ? attn::attention_cluster_fits<__half, true>(plan.num_splits)
+                     : attn::attention_cluster_fits<__half, false>(plan.num_splits)));
+  at::Tensor partial_o, partial_lse, split_flags;  // split-KV workspace (the L2 combine's)
+  if (plan.num_splits > 1 && !p.cluster_combine) {
     const int64_t partial_rows =
         static_cast<int64_t>(plan.num_splits) * p.num_kv_heads * p.total_q * p.group;
     partial_o = at::empty({partial_rows, kHeadDim}, q.options().dtype(at::kFloat));

@@ -59,6 +59,7 @@
 #include "attention/kernel_traits.cuh"
 #include "attention/mainloop.cuh"
 #include "attention/softmax.cuh"
+#include "core/cluster.cuh"
 #include "core/gpu_constants.h"
 #include "core/launch.h"
 #include "core/mma.cuh"
@@ -198,6 +199,12 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
   softmax.finalize(inv_l, lse2);
   if (p.num_splits == 1) {
     write_output<T>(p, seq, sQ, o, inv_l, lse2, kvh, row0, warp, lane, tid);
+  } else if (p.cluster_combine) {  // the V stages hold the rows' O, the Q tile their lse
+    static_assert(kBlockM * kHeadDim * sizeof(float) <= kStages * kTileKVElems * kElemBytes &&
+                      kBlockM * sizeof(float) <= kTileQElems * kElemBytes,
+                  "a split's fp32 rows fit the V stages, their lse the Q tile");
+    combine_in_cluster<T>(p, seq, o, inv_l, lse2, kvh, split, row0, warp, lane,
+                          reinterpret_cast<float*>(sV), reinterpret_cast<float*>(sQ));
   } else {
     write_partial(p, seq, o, inv_l, lse2, kvh, split, row0, warp, lane);
     combine_if_last<T>(p, seq, kvh, split, row0, warp, lane, tid, reinterpret_cast<int*>(sQ));
@@ -248,21 +255,37 @@ constexpr int smem_bytes() {
 }
 
 // Launches the forward kernel on grid (row_tiles(p), B * Hkv, p.num_splits). When
-// p.num_splits > 1, p.partial_o / p.partial_lse must hold num_splits * Hkv * total_q * group
-// rows and p.split_flags row_tiles(p) * B * Hkv * num_splits slots, none equal to p.split_tag.
-// 1 <= num_splits <= kMaxSplits (the combine's registers hold that many splits' lse; plan_splits
-// never asks for more): cudaErrorInvalidValue otherwise, nothing launched.
+// p.num_splits > 1 and not p.cluster_combine, p.partial_o / p.partial_lse must hold num_splits *
+// Hkv * total_q * group rows and p.split_flags row_tiles(p) * B * Hkv * num_splits slots, none
+// equal to p.split_tag. 1 <= num_splits <= kMaxSplits (the combine's registers hold that many
+// splits' lse; plan_splits never asks for more), and with p.cluster_combine 2 <= num_splits <=
+// kMaxClusterSize: cudaErrorInvalidValue otherwise, nothing launched. p.cluster_combine only on
+// sm_90 devices, where attention_cluster_fits(num_splits) said yes.
 // kWgmma only on sm_90 devices with sm_90a code in the build.
 template <typename T, bool kWgmma>
 cudaError_t launch_attention(const Params& p, cudaStream_t stream) {
   if (p.num_splits < 1 || p.num_splits > kMaxSplits) return cudaErrorInvalidValue;
+  if (p.cluster_combine && (p.num_splits < 2 || p.num_splits > kMaxClusterSize)) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.total_q == 0) return cudaSuccess;
   cudaError_t err = allow_dynamic_smem<attention_fwd_kernel<T, kWgmma>>(smem_bytes<kWgmma>());
   if (err != cudaSuccess) return err;
   const dim3 grid(row_tiles(p), p.batch * p.num_kv_heads, p.num_splits);
-  err = launch_kernel(p.pdl, attention_fwd_kernel<T, kWgmma>, grid, dim3(kThreads),
-                      smem_bytes<kWgmma>(), stream, p);
+  if (p.cluster_combine) {  // the splits of a (row tile, b, kv head): one cluster
+    err = launch_kernel_cluster(p.pdl, dim3(1, 1, p.num_splits), attention_fwd_kernel<T, kWgmma>, grid,
+                                dim3(kThreads), smem_bytes<kWgmma>(), stream, p);
+  } else {
+    err = launch_kernel(p.pdl, attention_fwd_kernel<T, kWgmma>, grid, dim3(kThreads),
+                        smem_bytes<kWgmma>(), stream, p);
+  }
   return err == cudaSuccess ? cudaGetLastError() : err;
+}
+
+// Whether the splits of a (row tile, b, kv head) can run as one cluster of `num_splits` CTAs of
+// the forward kernel on the current device (for p.cluster_combine; the caller knows it is sm_90).
+template <typename T, bool kWgmma>
+bool attention_cluster_fits(int num_splits) {
+  return allow_dynamic_smem<attention_fwd_kernel<T, kWgmma>>(smem_bytes<kWgmma>()) == cudaSuccess &&
+         cluster_fits<attention_fwd_kernel<T, kWgmma>>(num_splits, kThreads, smem_bytes<kWgmma>());
 }
 
 }  // namespace qwen3x::attn

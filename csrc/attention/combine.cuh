@@ -18,10 +18,17 @@
 // value drawn per launch, attention.cu). No memset, no second kernel: a decode step's attention
 // is one launch.
 //
+// The other way (p.cluster_combine, QWEN3X_ATTENTION_COMBINE=cluster, sm_90, at most
+// kMaxClusterSize splits): the tile's splits are one thread block cluster; each keeps its rows in
+// its own shared memory and, after a cluster barrier, the cluster's warps merge the rows reading
+// the other CTAs' shared memory (combine_in_cluster, below). Same arithmetic, same order, same
+// bits; what it drops is the workspace's round trips through L2, the device-wide fences and the
+// marks, and one CTA doing a tile's whole merge. An A/B until a GPU run decides.
+//
 // combine_row: one warp per workspace row (kv head, token, h); lane l owns head dims
-// 4 l .. 4 l + 3 (16-byte fp32 loads of each split's O_i, through L2: other SMs wrote them). The
-// split weights are reduced with a fixed butterfly over lanes (lane l sums splits l, l + 32, ...
-// in order). An empty split (lse2 = -inf, O = 0) gets weight 0; rows that see no key at all get
+// 4 l .. 4 l + 3 (16-byte fp32 loads of each split's O_i: through L2, or from the split CTA's
+// shared memory in a cluster). The split weights are reduced with a fixed butterfly over lanes
+// (lane l sums splits l, l + 32, ... in order). An empty split (lse2 = -inf, O = 0) gets weight 0; rows that see no key at all get
 // out = 0, lse = -inf; a NaN partial lse (NaN inputs) gives NaN out and lse.
 // Its cost is L2 round trips in a chain, on the one combining CTA of each tile: the first H200
 // run (2026-11-27, benchmarks/NOTES.md) timed batch-1 decode at 24-31 us for 1k keys (16 splits;
@@ -38,6 +45,8 @@
 
 #include "attention/heuristics.cuh"
 #include "attention/kernel_traits.cuh"
+#include "attention/softmax.cuh"
+#include "core/cluster.cuh"
 #include "core/gpu_constants.h"
 #include "core/mma.cuh"
 #include "core/reduce.cuh"
@@ -53,28 +62,48 @@ static_assert(kCombineSplitsPerLane * kWarpSize == kMaxSplits, "whole rounds of 
 // chain of L2 round trips (other SMs wrote the partials), so it waits once per this many splits.
 constexpr int kCombineLoadsInFlight = 16;
 
-// Workspace row `row` of [Hkv][total_q * group] (the same row of every split) into out and lse.
-// Two passes over L2: the row's num_splits lse values (lane l reads splits l, l + 32, ... once,
-// and keeps them), then the O rows, kCombineLoadsInFlight at a time, each split's weight taken
-// from the lane that holds its lse. The sums run in split order 0, 1, ... whatever the batching.
-template <typename T>
-__device__ __noinline__ void combine_row(const Params& p, int64_t row, int lane) {
+// Where combine_row reads a row's splits: split i's lse (log2 units) and this lane's 4 of its 128
+// normalized O values.
+// GlobalSplits: the workspace (partial_lse, partial_o), through L2 (other SMs wrote them).
+struct GlobalSplits {
+  const float* lse_row;    // split i at lse_row[i * rows_per_split]
+  const float* o_row;      // this lane's 4 floats of split 0's row
+  int64_t rows_per_split;  // Hkv * total_q * group
+  __device__ __forceinline__ float lse(int i) const { return __ldcg(lse_row + i * rows_per_split); }
+  __device__ __forceinline__ float4 o(int i) const {
+    return __ldcg(reinterpret_cast<const float4*>(o_row + i * rows_per_split * kHeadDim));
+  }
+};
+// ClusterSplits: the shared memory of split i's CTA, cluster rank i (combine_in_cluster): the
+// row's lse and this lane's 4 O values at the same shared offsets in every CTA of the cluster.
+struct ClusterSplits {
+  uint32_t lse_addr;  // shared::cta address of the row's lse in this CTA
+  uint32_t o_addr;    // ... of this lane's 4 floats of the row's O
+  __device__ __forceinline__ float lse(int i) const { return ld_shared_cluster(map_shared_rank(lse_addr, i)); }
+  __device__ __forceinline__ float4 o(int i) const { return ld_shared_cluster_v4(map_shared_rank(o_addr, i)); }
+};
+
+// Workspace row `row` of [Hkv][total_q * group] (its kv head, token and query head) into out and
+// lse, from the row's num_splits partial results in `splits`. Two passes: the lse values (lane l
+// reads splits l, l + 32, ... once, and keeps them), then the O rows, kCombineLoadsInFlight at a
+// time, each split's weight taken from the lane that holds its lse. The sums run in split order
+// 0, 1, ... whatever the batching, and both sources give the same bits.
+template <typename T, typename Splits>
+__device__ __noinline__ void combine_row(const Params& p, int64_t row, int lane, const Splits splits) {
   // Workspace rows: [splits][Hkv][token * group + h]; out row token * Hq + kvh * group + h.
   const int64_t rows_per_head = static_cast<int64_t>(p.total_q) * p.group;
-  const int64_t rows_per_split = p.num_kv_heads * rows_per_head;
   const int kvh = static_cast<int>(row / rows_per_head);
   const int64_t r = row - kvh * rows_per_head;
   const int token = static_cast<int>(r / p.group);
   const int hq = kvh * p.group + static_cast<int>(r - static_cast<int64_t>(token) * p.group);
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(token) * p.num_q_heads + hq) * kHeadDim +
            lane * kCombineDimsPerLane;
-  const float* lse_row = p.partial_lse + row;  // split i at lse_row[i * rows_per_split]
 
   float lse_s[kCombineSplitsPerLane];  // this lane's splits: lane + 32 j (-inf past num_splits)
 #pragma unroll
   for (int j = 0; j < kCombineSplitsPerLane; ++j) {
     const int i = lane + j * kWarpSize;
-    lse_s[j] = i < p.num_splits ? __ldcg(lse_row + i * rows_per_split) : -INFINITY;
+    lse_s[j] = i < p.num_splits ? splits.lse(i) : -INFINITY;
   }
   float max2 = -INFINITY;
 #pragma unroll
@@ -100,7 +129,6 @@ __device__ __noinline__ void combine_row(const Params& p, int64_t row, int lane)
     float w_s[kCombineSplitsPerLane];  // the weights of this lane's splits
 #pragma unroll
     for (int j = 0; j < kCombineSplitsPerLane; ++j) w_s[j] = exp2f(lse_s[j] - lse2);
-    const float* o_row = p.partial_o + row * kHeadDim + lane * kCombineDimsPerLane;
 #pragma unroll
     for (int j = 0; j < kCombineSplitsPerLane; ++j) {  // splits 32 j .. 32 j + 31
 #pragma unroll
@@ -110,9 +138,7 @@ __device__ __noinline__ void combine_row(const Params& p, int64_t row, int lane)
         float4 oi[kCombineLoadsInFlight];
 #pragma unroll
         for (int t = 0; t < kCombineLoadsInFlight; ++t) {
-          oi[t] = i0 + t < p.num_splits
-                      ? __ldcg(reinterpret_cast<const float4*>(o_row + (i0 + t) * rows_per_split * kHeadDim))
-                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          oi[t] = i0 + t < p.num_splits ? splits.o(i0 + t) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
 #pragma unroll
         for (int t = 0; t < kCombineLoadsInFlight; ++t) {
@@ -165,7 +191,51 @@ __device__ __forceinline__ void combine_if_last(const Params& p, const SeqSlice&
   const int64_t tile_row0 =
       static_cast<int64_t>(kvh) * p.total_q * p.group + static_cast<int64_t>(seq.token0) * p.group + row0;
   const int rows = min(kBlockM, seq.rows - row0);
-  for (int r = warp; r < rows; r += kNumWarps) combine_row<T>(p, tile_row0 + r, lane);
+  const int64_t rows_per_split = static_cast<int64_t>(p.num_kv_heads) * p.total_q * p.group;
+  for (int r = warp; r < rows; r += kNumWarps) {
+    const int64_t row = tile_row0 + r;
+    combine_row<T>(p, row, lane,
+                   GlobalSplits{p.partial_lse + row, p.partial_o + row * kHeadDim + lane * kCombineDimsPerLane,
+                                rows_per_split});
+  }
+}
+
+// The in-cluster combine (p.cluster_combine: the grid launched in clusters of (1, 1, num_splits),
+// so split z is cluster rank z): each split's CTA keeps its rows' O / l (fp32, the values
+// write_partial would store) and lse in its own shared memory, a cluster barrier makes them
+// visible, and the tile's rows are merged by the cluster's warps side by side (warp w of split z
+// takes rows z * kNumWarps + w, then every num_splits * kNumWarps-th), each reading the other CTAs'
+// shared memory (DSMEM) with combine_row's arithmetic and order: the same bits as the L2 path.
+// A second barrier keeps every CTA resident until the others have read it. No workspace, no
+// device-wide fences, no marks: the cost is two cluster barriers and the DSMEM reads.
+// sO: [kBlockM][128] fp32, sL: [kBlockM] fp32, shared memory no thread reads any more.
+template <typename T>
+__device__ __forceinline__ void combine_in_cluster(const Params& p, const SeqSlice& seq,
+                                                   const float (&o)[kHeadTilesN][4],
+                                                   const float (&inv_l)[kRowHalves],
+                                                   const float (&lse2)[kRowHalves], int kvh, int split,
+                                                   int row0, int warp, int lane, float* sO, float* sL) {
+#pragma unroll
+  for (int half = 0; half < kRowHalves; ++half) {
+    const int local_row = warp * kRowsPerWarp + lane / 4 + 8 * half;
+    if (row0 + local_row >= seq.rows) continue;
+    float* dst = sO + local_row * kHeadDim + 2 * (lane % 4);
+#pragma unroll
+    for (int j = 0; j < kHeadTilesN; ++j) {
+      *reinterpret_cast<float2*>(dst + j * kMmaN) =
+          make_float2(o[j][2 * half] * inv_l[half], o[j][2 * half + 1] * inv_l[half]);
+    }
+    if (lane % 4 == 0) sL[local_row] = lse2[half];
+  }
+  cluster_sync();  // every split's rows, visible to the cluster
+  const int64_t tile_row0 =
+      static_cast<int64_t>(kvh) * p.total_q * p.group + static_cast<int64_t>(seq.token0) * p.group + row0;
+  const int rows = min(kBlockM, seq.rows - row0);
+  for (int r = split * kNumWarps + warp; r < rows; r += p.num_splits * kNumWarps) {
+    combine_row<T>(p, tile_row0 + r, lane,
+                   ClusterSplits{smem_u32(sL + r), smem_u32(sO + r * kHeadDim + lane * kCombineDimsPerLane)});
+  }
+  cluster_sync();  // nobody leaves while its shared memory may still be read
 }
 
 }  // namespace qwen3x::attn

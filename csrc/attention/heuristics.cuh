@@ -10,7 +10,8 @@
 // (row tile, b, kv head) CTAs fill at least one wave, the key range is not
 // split. Otherwise (decode, small batch, long context) each CTA's key range is
 // cut into num_splits chunks of whole K/V tiles, about kTargetWaves waves of
-// CTAs, and at most kMaxSplits. Which count near that: waves run one after
+// CTAs, and at most kMaxSplits (kMaxClusterSize when the splits merge in a
+// cluster, attention.cu). Which count near that: waves run one after
 // another and a split's CTA reads 1/s of its keys, so the time goes as
 // waves(s) / s, waves(s) = ceil(ctas * s / wave); a last wave left mostly
 // empty costs nearly a full one (its few CTAs cannot draw the bandwidth). The
@@ -77,14 +78,17 @@ inline SplitPlan plan_splits(int64_t ctas,          // CTAs with work: row tiles
                              int64_t seqlen_k,      // Skv (varlen: the max_seqlen_k hint)
                              int64_t rows_per_cta,  // packed rows of a CTA: min(Sq * group, kBlockM)
                              int num_sms,
-                             int ctas_per_sm = kMinCtasPerSm) {  // resident CTAs per SM
+                             int ctas_per_sm = kMinCtasPerSm,  // resident CTAs per SM
+                             int max_splits = kMaxSplits) {    // the combine's limit (<= kMaxSplits)
   const int64_t tiles = ceil_div<int64_t>(seqlen_k, kBlockN);
   const int64_t wave = static_cast<int64_t>(std::max(num_sms, 1)) * std::max(ctas_per_sm, 1);
   int64_t splits = 1;
   if (ctas > 0 && ctas < wave) {
     const int64_t target = ceil_div<int64_t>(kTargetWaves * wave, ctas);
     const int64_t most = std::max<int64_t>(
-        std::min({2 * target, tiles / min_tiles_per_split(rows_per_cta), static_cast<int64_t>(kMaxSplits)}), 1);
+        std::min({2 * target, tiles / min_tiles_per_split(rows_per_cta),
+                  static_cast<int64_t>(std::min(max_splits, kMaxSplits))}),
+        1);
     const auto waves = [&](int64_t s) { return ceil_div<int64_t>(ctas * s, wave); };
     const auto distance = [&](int64_t s) { return s > target ? s - target : target - s; };
     for (int64_t s = 2; s <= most; ++s) {

@@ -177,6 +177,8 @@ struct Params {
 
   int num_splits;       // gridDim.z; 1 = write out/lse directly
   int tiles_per_split;  // K/V tiles per split; the last split takes every tile after the others
+  bool cluster_combine;  // splits > 1, launched in clusters of (1, 1, num_splits) (sm_90): the
+                         // splits merge through distributed shared memory, no partials, no marks
 };
 
 // One sequence's slice of the batch, as the kernels see it.

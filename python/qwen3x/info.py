@@ -7,6 +7,7 @@ PyTorch reference.
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -70,6 +71,10 @@ def main() -> None:
     if info["pdl"]:
         print("  programmatic dependent launch: router, expert GEMMs, qk_norm_rope, attention "
               "(QWEN3X_PDL=0 to compare)")
+    if info["wgmma"]:
+        where = ("in a thread block cluster" if os.environ.get("QWEN3X_ATTENTION_COMBINE") == "cluster"
+                 else "through global memory")
+        print(f"  split-KV attention's combine: {where} (QWEN3X_ATTENTION_COMBINE = l2 | cluster)")
     width = max(map(len, info["ops"]))
     for op, status in info["ops"].items():
         print(f"  {op:<{width}}  {status}")

@@ -283,8 +283,10 @@ void run_attention(Job& job) {
                     attn::kThreads, attn::smem_bytes<true>(), attn::kMinCtasPerSm)
               : resident_ctas_per_sm<attn::attention_fwd_kernel<T, false>>(
                     attn::kThreads, attn::smem_bytes<false>(), attn::kMinCtasPerSm);
-    attn::SplitPlan plan = attn::plan_splits(
-        ctas, p.seqlen_k, static_cast<int64_t>(p.seqlen_q) * p.group, num_sms, ctas_per_sm);
+    // cluster_combine: attention.cu's QWEN3X_ATTENTION_COMBINE=cluster (this emulated device is sm_90)
+    const bool cluster = job.i64("cluster_combine", 0) != 0;
+    attn::SplitPlan plan = attn::plan_splits(ctas, p.seqlen_k, static_cast<int64_t>(p.seqlen_q) * p.group,
+                                             num_sms, ctas_per_sm, cluster ? kMaxClusterSize : attn::kMaxSplits);
     if (job.has("force_splits")) {  // a plan the SM count would give, without that many CTAs
       const int tiles = static_cast<int>(ceil_div<int64_t>(p.seqlen_k, attn::kBlockN));
       const int want = static_cast<int>(job.i64("force_splits"));
@@ -293,7 +295,12 @@ void run_attention(Job& job) {
     }
     p.num_splits = plan.num_splits;
     p.tiles_per_split = plan.tiles_per_split;
-    if (plan.num_splits > 1) {
+    p.cluster_combine =
+        cluster && plan.num_splits > 1 &&
+        (wgmma ? attn::attention_cluster_fits<T, true>(plan.num_splits)
+               : attn::attention_cluster_fits<T, false>(plan.num_splits));
+    const bool workspace = plan.num_splits > 1 && !p.cluster_combine;
+    if (workspace) {
       const size_t rows =
           static_cast<size_t>(plan.num_splits) * p.num_kv_heads * p.total_q * p.group;
       p.partial_o = job.workspace("partial_o", rows * kHeadDim * 4).as<float>();
@@ -305,6 +312,7 @@ void run_attention(Job& job) {
       p.split_tag = static_cast<unsigned long long>(job.i64("split_tag", 0x5eed));
     }
     std::cout << "splits " << plan.num_splits << " tiles_per_split " << plan.tiles_per_split
+              << "\ncluster_combine " << p.cluster_combine
               << "\nplanned for sms " << num_sms << " ctas_per_sm " << ctas_per_sm << "\n";
     // replays > 1: the same launch again (a CUDA graph's replays: same workspace, same tag), out,
     // lse and the partials poisoned in between (the marks kept), so what is checked is the last
@@ -314,7 +322,7 @@ void run_attention(Job& job) {
       if (i > 0) {
         std::memset(p.out, 0xFF, out_elems * sizeof(T));
         std::memset(p.lse, 0xFF, static_cast<size_t>(p.total_q) * p.num_q_heads * 4);
-        if (plan.num_splits > 1) {
+        if (workspace) {
           const size_t rows = static_cast<size_t>(plan.num_splits) * p.num_kv_heads * p.total_q * p.group;
           std::memset(p.partial_o, 0xFF, rows * kHeadDim * 4);
           std::memset(p.partial_lse, 0xFF, rows * 4);
@@ -323,7 +331,7 @@ void run_attention(Job& job) {
       check(wgmma ? attn::launch_attention<T, true>(p, nullptr)
                   : attn::launch_attention<T, false>(p, nullptr),
             "launch_attention");
-      if (plan.num_splits > 1) {  // the combiners' reset: what a replay's correctness rests on
+      if (workspace) {  // the combiners' reset: what a replay's correctness rests on
         const size_t slots = static_cast<size_t>(attn::row_tiles(p)) * p.batch * p.num_kv_heads * plan.num_splits;
         size_t left = 0;
         for (size_t j = 0; j < slots; ++j) left += p.split_flags[j] != 0;

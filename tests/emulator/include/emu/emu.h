@@ -46,6 +46,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <set>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -225,7 +226,33 @@ enum cudaError_t {
   cudaErrorInvalidConfiguration = 9,
   cudaErrorLaunchFailure = 719,
 };
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributeNonPortableClusterSizeAllowed = 14,
+};
+// cudaLaunchKernelEx's configuration: the attributes the kernels use (a cluster shape; the
+// programmatic stream serialization of PDL, which launches in stream order here anyway).
+enum cudaLaunchAttributeID {
+  cudaLaunchAttributeClusterDimension = 4,
+  cudaLaunchAttributeProgrammaticStreamSerialization = 6,
+};
+union cudaLaunchAttributeValue {
+  struct {
+    unsigned x, y, z;
+  } clusterDim;
+  int programmaticStreamSerializationAllowed;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes = 0;
+  cudaStream_t stream = nullptr;
+  cudaLaunchAttribute* attrs = nullptr;
+  unsigned numAttrs = 0;
+};
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrComputeCapabilityMajor = 75,
@@ -301,6 +328,7 @@ struct Device {
   bool reverse = false;                     // EMU_ORDER=reverse
   cudaError_t last_error = cudaSuccess;
   std::map<const void*, int> smem_optin;    // kernel -> bytes allowed by cudaFuncSetAttribute
+  std::set<const void*> nonportable_cluster;  // kernels allowed clusters of 9 to 16 CTAs
   long long launches = 0;
   std::map<std::string, long long> executed;  // instruction -> warp (warpgroup) executions
   std::map<std::string, BankStats> banks;  // shared-memory instruction -> bank use
@@ -372,6 +400,9 @@ struct Thread {
   long long cp_issued = 0;  // this thread's cp.async count (pairs it with its warp's lanes)
   std::vector<uint32_t> unfenced;  // shared 16-byte chunks its copies wrote since its last
                                    // fence.proxy.async
+  Cta* cta = nullptr;              // its CTA (the scheduler switches cta() with the thread)
+  bool cluster_armed = false;      // barrier.cluster.arrive done, its wait not yet
+  unsigned cluster_phase = 0;      // the cluster barrier generation it arrived at
 };
 
 struct Collective {  // one warp's or warpgroup's meeting point
@@ -407,6 +438,7 @@ struct Cta {
   // for the async proxy since (fence.proxy.async), or -1
   std::vector<int> generic_writer;
   std::vector<char> wgmma_fenced;  // per warpgroup: a wgmma.fence since its last wait_group
+  int cluster_rank = 0;            // %cluster_ctarank
 };
 
 struct Sched {
@@ -420,6 +452,12 @@ struct Sched {
   std::string error;
   std::vector<unsigned char*> stack_pool;
   std::vector<void*> tsan_pool;
+  // the running cluster (one CTA without clusters), by rank, and its barrier (barrier.cluster)
+  std::vector<Cta*> cluster;
+  int cluster_threads = 0;
+  int cluster_arrived = 0;
+  unsigned cluster_generation = 0;
+  char cluster_sync[2] = {};  // happens-before objects, by generation parity
 #if defined(EMU_ASAN)
   const void* main_stack_bottom = nullptr;
   size_t main_stack_size = 0;
@@ -488,6 +526,81 @@ inline void syncthreads() {
     while (c.barrier_generation == gen) yield();
   }
   hb_acquire(&c.barrier_sync[gen & 1]);
+}
+
+// ---- thread block clusters (sm_90) ----------------------------------------------------------------
+inline int cluster_cta_rank() { return cta().cluster_rank; }
+
+// barrier.cluster.arrive.release: this thread's writes so far (shared memory included) happen
+// before what any thread of the cluster does after its matching wait.acquire. Every thread of
+// every CTA of the cluster must arrive (an exited thread never does: the others then deadlock).
+inline void cluster_arrive() {
+  Sched& s = sched();
+  Thread& t = self();
+  const Unchecked bookkeeping;
+  if (t.cluster_armed) fail("barrier.cluster.arrive twice without a wait between");
+  t.cluster_armed = true;
+  t.cluster_phase = s.cluster_generation;
+  hb_release(&s.cluster_sync[t.cluster_phase & 1]);
+  ++s.progress;
+  if (++s.cluster_arrived == s.cluster_threads) {
+    s.cluster_arrived = 0;
+    ++s.cluster_generation;
+  }
+}
+
+inline void cluster_wait() {
+  Sched& s = sched();
+  Thread& t = self();
+  const Unchecked bookkeeping;
+  if (!t.cluster_armed) fail("barrier.cluster.wait without an arrive");
+  while (s.cluster_generation == t.cluster_phase) yield();
+  t.cluster_armed = false;
+  hb_acquire(&s.cluster_sync[t.cluster_phase & 1]);
+}
+
+// mapa.shared::cluster: a shared::cluster address, here the CTA's rank above a shared::cta
+// offset (shared windows are under 1 MB).
+constexpr uint32_t kClusterAddrTag = 0x40000000u;
+constexpr int kClusterRankShift = 20;
+inline uint32_t map_shared_rank(uint32_t smem_addr, int rank) {
+  const Unchecked bookkeeping;
+  const Cta& c = cta();
+  const size_t lo = c.dyn_smem - c.smem_block;
+  if (smem_addr < lo || smem_addr >= lo + c.dyn_smem_bytes) {
+    fail("mapa: shared address outside the CTA's dynamic shared memory");
+  }
+  if (rank < 0 || rank >= static_cast<int>(sched().cluster.size())) {
+    fail("mapa: rank " + std::to_string(rank) + " outside the cluster of " +
+         std::to_string(sched().cluster.size()) + " CTAs");
+  }
+  return kClusterAddrTag | (static_cast<uint32_t>(rank) << kClusterRankShift) | smem_addr;
+}
+
+// ld.shared::cluster of a V at a mapa address: the shared memory of that rank's CTA, which must
+// still be running (a CTA that has exited has no shared memory to read).
+template <typename V>
+inline V ld_shared_cluster(uint32_t addr) {
+  std::vector<Cta*>& ranks = sched().cluster;
+  const Cta* c = nullptr;
+  uint32_t offset = 0;
+  {
+    const Unchecked bookkeeping;
+    if ((addr & 0xC0000000u) != kClusterAddrTag) fail("ld.shared::cluster: not a mapa address");
+    const uint32_t rank = (addr & ~kClusterAddrTag) >> kClusterRankShift;
+    offset = addr & ((1u << kClusterRankShift) - 1);
+    if (rank >= ranks.size()) fail("ld.shared::cluster: rank outside the cluster");
+    c = ranks[rank];
+    if (c->alive == 0) fail("ld.shared::cluster: rank " + std::to_string(rank) + " has exited");
+    const size_t lo = c->dyn_smem - c->smem_block;
+    if (offset % sizeof(V) != 0) fail("ld.shared::cluster: misaligned address");
+    if (offset < lo || offset + sizeof(V) > lo + c->dyn_smem_bytes) {
+      fail("ld.shared::cluster: bytes outside that CTA's dynamic shared memory");
+    }
+  }
+  V v;
+  std::memcpy(&v, c->smem_block + offset, sizeof(V));
+  return v;
 }
 
 // All `size` threads of a group meet; the last to arrive runs op(args) for all of them, args[i]
@@ -1029,116 +1142,156 @@ inline void fiber_main(Thread* t) {
   std::abort();  // never resumed
 }
 
-// Runs one CTA of `body` to completion.
-inline void run_cta(Cta& c) {
+// Runs one cluster of CTAs of `body` to completion (a launch without clusters: one CTA each):
+// their threads side by side, CTA after CTA in each round (reversed with EMU_ORDER=reverse).
+inline void run_cluster(std::vector<Cta*>& ctas) {
   Sched& s = sched();
   const Unchecked bookkeeping;  // the scheduler's side
-  s.cta = &c;
+  s.cluster = ctas;
 #if defined(EMU_TSAN)
   s.tsan_main = __tsan_get_current_fiber();
 #endif
-  const int n = c.num_threads;
-  while (static_cast<int>(s.stack_pool.size()) < n) {
+  const int per_cta = ctas.front()->num_threads;
+  const int total = per_cta * static_cast<int>(ctas.size());
+  while (static_cast<int>(s.stack_pool.size()) < total) {
     void* m = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) fail("emulator: out of memory for thread stacks");
     s.stack_pool.push_back(static_cast<unsigned char*>(m));
   }
-  c.threads.assign(n, Thread{});
-  for (int i = 0; i < n; ++i) {
-    Thread& t = c.threads[i];
-    t.linear = i;
-    t.tid = dim3(i % c.block_dim.x, (i / c.block_dim.x) % c.block_dim.y,
-                 i / (c.block_dim.x * c.block_dim.y));
-    t.stack = s.stack_pool[i];
+  s.cluster_threads = total;
+  s.cluster_arrived = 0;
+  for (size_t rank = 0; rank < ctas.size(); ++rank) {
+    Cta& c = *ctas[rank];
+    const int n = c.num_threads;
+    c.cluster_rank = static_cast<int>(rank);
+    c.threads.assign(n, Thread{});
+    for (int i = 0; i < n; ++i) {
+      Thread& t = c.threads[i];
+      const int g = static_cast<int>(rank) * per_cta + i;  // the thread's stack and fiber
+      t.linear = i;
+      t.cta = &c;
+      t.tid = dim3(i % c.block_dim.x, (i / c.block_dim.x) % c.block_dim.y,
+                   i / (c.block_dim.x * c.block_dim.y));
+      t.stack = s.stack_pool[g];
 #if defined(EMU_ASAN)
-    // a stack left by a thread that switched away for good keeps its frames' redzones
-    ASAN_UNPOISON_MEMORY_REGION(t.stack, kStackBytes);
+      // a stack left by a thread that switched away for good keeps its frames' redzones
+      ASAN_UNPOISON_MEMORY_REGION(t.stack, kStackBytes);
 #endif
-    // Initial frame for emu_switch: control words, r15..rbp, return into emu_fiber_start with
-    // r12 = the thread, r13 = the entry (16-byte aligned stack at the call).
-    auto* top = reinterpret_cast<uint64_t*>(t.stack + kStackBytes);
-    uint64_t* sp = top - 3;  // return address slot at top - 24
-    sp[0] = reinterpret_cast<uint64_t>(&emu_fiber_start);
-    uint64_t* frame = sp - 7;
-    frame[0] = 0x037F00001F80ull;  // mxcsr (low 32 bits), x87 control word (bits 32-47)
-    frame[1] = 0;                  // r15
-    frame[2] = 0;                  // r14
-    frame[3] = reinterpret_cast<uint64_t>(&emu_fiber_entry);  // r13
-    frame[4] = reinterpret_cast<uint64_t>(&t);                 // r12
-    frame[5] = 0;                                              // rbx
-    frame[6] = 0;                                              // rbp
-    t.sp = frame;
+      // Initial frame for emu_switch: control words, r15..rbp, return into emu_fiber_start with
+      // r12 = the thread, r13 = the entry (16-byte aligned stack at the call).
+      auto* top = reinterpret_cast<uint64_t*>(t.stack + kStackBytes);
+      uint64_t* sp = top - 3;  // return address slot at top - 24
+      sp[0] = reinterpret_cast<uint64_t>(&emu_fiber_start);
+      uint64_t* frame = sp - 7;
+      frame[0] = 0x037F00001F80ull;  // mxcsr (low 32 bits), x87 control word (bits 32-47)
+      frame[1] = 0;                  // r15
+      frame[2] = 0;                  // r14
+      frame[3] = reinterpret_cast<uint64_t>(&emu_fiber_entry);  // r13
+      frame[4] = reinterpret_cast<uint64_t>(&t);                 // r12
+      frame[5] = 0;                                              // rbx
+      frame[6] = 0;                                              // rbp
+      t.sp = frame;
 #if defined(EMU_TSAN)
-    // one TSan fiber per thread index, reused by every CTA (CTAs are ordered anyway): creating
-    // and destroying them per CTA costs more than the kernels
-    while (static_cast<int>(s.tsan_pool.size()) <= i) s.tsan_pool.push_back(__tsan_create_fiber(0));
-    t.tsan_fiber = s.tsan_pool[i];
+      // one TSan fiber per thread slot, reused by every cluster (clusters are ordered anyway):
+      // creating and destroying them per CTA costs more than the kernels
+      while (static_cast<int>(s.tsan_pool.size()) <= g) s.tsan_pool.push_back(__tsan_create_fiber(0));
+      t.tsan_fiber = s.tsan_pool[g];
 #endif
+    }
+    c.alive = n;
+    c.warps.assign((n + 31) / 32, Collective{});
+    c.warpgroups.assign((n + 127) / 128, Collective{});
+    c.wgmma_open.assign(c.warpgroups.size(), {});
+    c.wgmma_groups.assign(c.warpgroups.size(), {});
+    c.cp_lanes.assign(c.warps.size(), {});
+    c.wgmma_fenced.assign(c.warpgroups.size(), 0);
+    c.generic_writer.assign((c.dyn_smem - c.smem_block + c.dyn_smem_bytes) / 16 + 1, -1);
   }
-  c.alive = n;
-  c.warps.assign((n + 31) / 32, Collective{});
-  c.warpgroups.assign((n + 127) / 128, Collective{});
-  c.wgmma_open.assign(c.warpgroups.size(), {});
-  c.wgmma_groups.assign(c.warpgroups.size(), {});
-  c.cp_lanes.assign(c.warps.size(), {});
-  c.wgmma_fenced.assign(c.warpgroups.size(), 0);
-  c.generic_writer.assign((c.dyn_smem - c.smem_block + c.dyn_smem_bytes) / 16 + 1, -1);
+  const auto alive = [&] {
+    for (const Cta* c : ctas) {
+      if (c->alive > 0) return true;
+    }
+    return false;
+  };
   unsigned long long last_progress = ~0ull;
-  while (c.alive > 0 && !s.failed) {
+  while (alive() && !s.failed) {
     if (s.progress == last_progress) {
       s.failed = true;
       std::string at;
-      for (const Collective& w : c.warps) {
-        if (w.arrived) at += std::string(" ") + w.what + " (" + std::to_string(w.arrived) + "/32)";
+      for (const Cta* c : ctas) {
+        for (const Collective& w : c->warps) {
+          if (w.arrived) at += std::string(" ") + w.what + " (" + std::to_string(w.arrived) + "/32)";
+        }
+        for (const Collective& w : c->warpgroups) {
+          if (w.arrived) at += std::string(" ") + w.what + " (" + std::to_string(w.arrived) + "/128)";
+        }
+        if (c->barrier_arrived) at += " __syncthreads (" + std::to_string(c->barrier_arrived) + "/" +
+                                      std::to_string(c->alive) + " alive)";
       }
-      for (const Collective& w : c.warpgroups) {
-        if (w.arrived) at += std::string(" ") + w.what + " (" + std::to_string(w.arrived) + "/128)";
-      }
-      if (c.barrier_arrived) at += " __syncthreads (" + std::to_string(c.barrier_arrived) + "/" +
-                                   std::to_string(c.alive) + " alive)";
+      if (s.cluster_arrived) at += " barrier.cluster (" + std::to_string(s.cluster_arrived) + "/" +
+                                   std::to_string(s.cluster_threads) + ")";
+      const Cta& c0 = *ctas.front();
       char where[96];
-      std::snprintf(where, sizeof where, "deadlock in block (%u, %u, %u): waiting at",
-                    c.block_idx.x, c.block_idx.y, c.block_idx.z);
+      std::snprintf(where, sizeof where, "deadlock in block (%u, %u, %u)%s: waiting at",
+                    c0.block_idx.x, c0.block_idx.y, c0.block_idx.z,
+                    ctas.size() > 1 ? "'s cluster" : "");
       s.error = where + at;
       break;
     }
     last_progress = s.progress;
-    for (int k = 0; k < n && !s.failed; ++k) {
-      Thread& t = c.threads[device().reverse ? n - 1 - k : k];
-      if (t.done) continue;
-      // A barrier completes when the last *alive* thread arrives; threads that exit count.
-      if (c.barrier_arrived > 0 && c.barrier_arrived == c.alive) {
-        c.barrier_arrived = 0;
-        ++c.barrier_generation;
-        ++s.progress;
+    const int m = static_cast<int>(ctas.size());
+    for (int r = 0; r < m && !s.failed; ++r) {
+      Cta& c = *ctas[device().reverse ? m - 1 - r : r];
+      const int n = c.num_threads;
+      for (int k = 0; k < n && !s.failed; ++k) {
+        Thread& t = c.threads[device().reverse ? n - 1 - k : k];
+        if (t.done) continue;
+        // A barrier completes when the last *alive* thread arrives; threads that exit count.
+        if (c.barrier_arrived > 0 && c.barrier_arrived == c.alive) {
+          c.barrier_arrived = 0;
+          ++c.barrier_generation;
+          ++s.progress;
+        }
+        s.cta = &c;
+        s.cur = &t;
+        switch_to(&s.sp, t.sp, t.stack, kStackBytes, false, t.tsan_fiber, true);
+        s.cur = nullptr;
       }
-      s.cur = &t;
-      switch_to(&s.sp, t.sp, t.stack, kStackBytes, false, t.tsan_fiber, true);
-      s.cur = nullptr;
     }
   }
-  hb_acquire(&c.end_sync);  // the next CTA runs after this one (races between CTAs: not checked)
-  for (const auto* groups : {&c.warps, &c.warpgroups}) {
-    for (const Collective& g : *groups) {
-      for (const auto& [what, n] : g.executed) device().executed[what] += n;
+  for (Cta* cp : ctas) {
+    Cta& c = *cp;
+    hb_acquire(&c.end_sync);  // the next cluster runs after this one (races between clusters: not checked)
+    for (const auto* groups : {&c.warps, &c.warpgroups}) {
+      for (const Collective& g : *groups) {
+        for (const auto& [what, n] : g.executed) device().executed[what] += n;
+      }
     }
-  }
-  for (const auto& pending : c.cp_lanes) {
-    for (const auto& [n, lanes] : pending) device().banks["cp.async.16"].unpaired += lanes.first;
-  }
-  for (size_t wg = 0; wg < c.wgmma_open.size() && !s.failed; ++wg) {
-    if (!c.wgmma_open[wg].empty() || !c.wgmma_groups[wg].empty()) {
-      s.failed = true;
-      s.error = "a warpgroup exits with wgmma never committed or waited for";
+    for (const auto& pending : c.cp_lanes) {
+      for (const auto& [n, lanes] : pending) device().banks["cp.async.16"].unpaired += lanes.first;
+    }
+    for (size_t wg = 0; wg < c.wgmma_open.size() && !s.failed; ++wg) {
+      if (!c.wgmma_open[wg].empty() || !c.wgmma_groups[wg].empty()) {
+        s.failed = true;
+        s.error = "a warpgroup exits with wgmma never committed or waited for";
+      }
     }
   }
   s.cta = nullptr;
+  s.cluster.clear();
 }
 
 class Launch {
  public:
   Launch(dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr)
       : grid_(grid), block_(block), smem_(smem) {}
+
+  // Clusters of `shape` CTAs (cudaLaunchKernelEx's cluster attribute): the grid a multiple of it,
+  // at most 8 CTAs, or 16 for a kernel that opted in (cudaFuncAttributeNonPortableClusterSizeAllowed).
+  Launch& cluster(dim3 shape) {
+    cluster_ = shape;
+    return *this;
+  }
 
   template <typename... Params, typename... Args>
   void run(void (*kernel)(Params...), Args&&... args) {
@@ -1157,30 +1310,50 @@ class Launch {
       dev.last_error = cudaErrorInvalidValue;
       return;
     }
+    const unsigned cluster_size = cluster_.x * cluster_.y * cluster_.z;
+    if (cluster_size > 1) {
+      const unsigned most = dev.nonportable_cluster.count((const void*)kernel) ? 16 : 8;
+      if (dev.cc < 90 || cluster_size > most || grid_.x % cluster_.x != 0 ||
+          grid_.y % cluster_.y != 0 || grid_.z % cluster_.z != 0) {
+        dev.last_error = cudaErrorInvalidConfiguration;
+        return;
+      }
+    }
     std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
     Sched& s = sched();
     s.grid = grid_;
     current_body() = [&] { std::apply(kernel, params); };
     const size_t block_bytes = dev.dyn_smem_offset + smem_;
-    // CTAs one after another, in the scheduling order too (reverse: the last CTA first), so a
-    // result that depends on which CTA of a launch runs first or last differs between the orders.
+    // Clusters (single CTAs without them) one after another, in the scheduling order too
+    // (reverse: the last first), so a result that depends on which CTA of a launch runs first or
+    // last differs between the orders. A cluster's CTAs: rank = x + y cx + z cx cy in it.
     const auto pick = [&](unsigned i, unsigned n) { return dev.reverse ? n - 1 - i : i; };
-    for (unsigned zi = 0; zi < grid_.z; ++zi) {
-      for (unsigned yi = 0; yi < grid_.y; ++yi) {
-        for (unsigned xi = 0; xi < grid_.x; ++xi) {
-          Cta c;
-          c.block_idx = dim3(pick(xi, grid_.x), pick(yi, grid_.y), pick(zi, grid_.z));
-          c.block_dim = block_;
-          c.num_threads = threads;
-          std::vector<unsigned char> storage(block_bytes + 1024 + 16);
-          // shared address 0 on a 1024-byte boundary, as the hardware's window
-          auto* base = reinterpret_cast<unsigned char*>(
-              (reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t{1023});
-          c.smem_block = base;
-          c.dyn_smem = base + dev.dyn_smem_offset;
-          c.dyn_smem_bytes = smem_;
-          std::memset(c.dyn_smem, 0xFF, smem_);  // poison: NaN in every float format
-          run_cta(c);
+    const dim3 clusters(grid_.x / cluster_.x, grid_.y / cluster_.y, grid_.z / cluster_.z);
+    for (unsigned zi = 0; zi < clusters.z; ++zi) {
+      for (unsigned yi = 0; yi < clusters.y; ++yi) {
+        for (unsigned xi = 0; xi < clusters.x; ++xi) {
+          const dim3 first(pick(xi, clusters.x) * cluster_.x, pick(yi, clusters.y) * cluster_.y,
+                           pick(zi, clusters.z) * cluster_.z);
+          std::vector<Cta> members(cluster_size);
+          std::vector<std::vector<unsigned char>> storage(cluster_size);
+          std::vector<Cta*> ranks;
+          for (unsigned r = 0; r < cluster_size; ++r) {
+            Cta& c = members[r];
+            c.block_idx = dim3(first.x + r % cluster_.x, first.y + (r / cluster_.x) % cluster_.y,
+                               first.z + r / (cluster_.x * cluster_.y));
+            c.block_dim = block_;
+            c.num_threads = threads;
+            storage[r].resize(block_bytes + 1024 + 16);
+            // shared address 0 on a 1024-byte boundary, as the hardware's window
+            auto* base = reinterpret_cast<unsigned char*>(
+                (reinterpret_cast<uintptr_t>(storage[r].data()) + 1023) & ~uintptr_t{1023});
+            c.smem_block = base;
+            c.dyn_smem = base + dev.dyn_smem_offset;
+            c.dyn_smem_bytes = smem_;
+            std::memset(c.dyn_smem, 0xFF, smem_);  // poison: NaN in every float format
+            ranks.push_back(&c);
+          }
+          run_cluster(ranks);
           if (s.failed) {
             const std::string e = s.error;
             s.failed = false;
@@ -1195,6 +1368,7 @@ class Launch {
  private:
   dim3 grid_, block_;
   size_t smem_;
+  dim3 cluster_{1, 1, 1};
 };
 
 }  // namespace emu
@@ -1356,12 +1530,39 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) 
 template <typename K>
 inline cudaError_t cudaFuncSetAttribute(K* kernel, cudaFuncAttribute attr, int value) {
   emu::Device& dev = emu::device();
+  if (attr == cudaFuncAttributeNonPortableClusterSizeAllowed && dev.cc >= 90) {
+    if (value) dev.nonportable_cluster.insert(reinterpret_cast<const void*>(kernel));
+    return cudaSuccess;
+  }
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
       value > dev.max_smem_optin) {
     return dev.last_error = cudaErrorInvalidValue;
   }
   dev.smem_optin[reinterpret_cast<const void*>(kernel)] = value;
   return cudaSuccess;
+}
+#pragma push_macro("gridDim")
+#pragma push_macro("blockDim")
+#undef gridDim
+#undef blockDim
+// The launch attributes the kernels use: a cluster shape (run as Launch::cluster does) and
+// programmatic stream serialization (launches run to completion in order here anyway).
+template <typename... Params, typename... Args>
+inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Params...),
+                                      Args&&... args) {
+  dim3 cluster(1, 1, 1);
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    const cudaLaunchAttribute& a = config->attrs[i];
+    if (a.id == cudaLaunchAttributeClusterDimension) {
+      cluster = dim3(a.val.clusterDim.x, a.val.clusterDim.y, a.val.clusterDim.z);
+    } else if (a.id != cudaLaunchAttributeProgrammaticStreamSerialization) {
+      return emu::device().last_error = cudaErrorInvalidValue;
+    }
+  }
+  emu::Launch(config->gridDim, config->blockDim, config->dynamicSmemBytes, config->stream)
+      .cluster(cluster)
+      .run(kernel, std::forward<Args>(args)...);
+  return cudaPeekAtLastError();
 }
 // Resident CTAs from shared memory and threads only (registers are the compiler's: ptxas -v).
 template <typename K>
@@ -1372,3 +1573,34 @@ inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K*, int
   *n = std::max(0, std::min({by_smem, dev.threads_per_sm / std::max(threads, 1), dev.ctas_per_sm}));
   return cudaSuccess;
 }
+// Clusters of the config's shape that fit the device at once: a cluster's CTAs share one GPC of
+// kSmsPerGpc SMs here (H100: 7 or 8 GPCs of up to 18 SMs; the model only has to say whether one
+// fits), each SM holding as many as cudaOccupancyMaxActiveBlocksPerMultiprocessor allows.
+template <typename K>
+inline cudaError_t cudaOccupancyMaxActiveClusters(int* n, K* kernel, const cudaLaunchConfig_t* config) {
+  constexpr int kSmsPerGpc = 16;
+  const emu::Device& dev = emu::device();
+  dim3 cluster(1, 1, 1);
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    if (config->attrs[i].id == cudaLaunchAttributeClusterDimension) {
+      const auto& d = config->attrs[i].val.clusterDim;
+      cluster = dim3(d.x, d.y, d.z);
+    }
+  }
+  const int size = static_cast<int>(cluster.x * cluster.y * cluster.z);
+  const int most = dev.nonportable_cluster.count(reinterpret_cast<const void*>(kernel)) ? 16 : 8;
+  int per_sm = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
+                                                static_cast<int>(config->blockDim.x * config->blockDim.y *
+                                                                 config->blockDim.z),
+                                                config->dynamicSmemBytes);
+  if (dev.cc < 90 || size > most || per_sm < 1) {
+    *n = 0;
+    return cudaSuccess;
+  }
+  const int per_gpc = kSmsPerGpc * per_sm / size;  // clusters one GPC holds
+  *n = per_gpc * std::max(dev.sms / kSmsPerGpc, 1);
+  return cudaSuccess;
+}
+#pragma pop_macro("blockDim")
+#pragma pop_macro("gridDim")
