@@ -106,16 +106,20 @@ def no_fence_provider(env_name: str, call: Callable[[Inputs], Any], eligible: bo
                         skip=_wgmma_skip(env_name, eligible), graphable=False, **kw)
 
 
+def _decode_variant(name: str, setting: tuple[str, str], call: Callable[[Inputs], Any], eligible: bool,
+                    unavailable: str | None, **kw) -> Provider:
+    """An environment-setting variant of qwen3x for decode-sized cases (graph-capturable: the C++
+    side reads the setting while the launches are captured); `unavailable`: why the setting
+    changes nothing on this machine (the skip note), or None."""
+    skip = "not a decode-sized case" if not eligible else unavailable
+    return _env_variant(name, setting, call, skip=skip, **kw)
+
+
 def no_pdl_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
     """qwen3x with plain launches (QWEN3X_PDL=0) where its decode chains use programmatic
-    dependent launch (an sm_90 GPU, sm_90a build): what the launch overlap saves, in the same run.
-    Graph-capturable: the setting is read while the launches are captured."""
-    skip = None
-    if not eligible:
-        skip = "not a decode-sized case"
-    elif not pdl_available():
-        skip = "qwen3x launches plainly here already (no sm_90 + sm_90a, or QWEN3X_PDL=0)"
-    return _env_variant("qwen3x_no_pdl", ("QWEN3X_PDL", "0"), call, skip=skip, **kw)
+    dependent launch (an sm_90 GPU, sm_90a build): what the launch overlap saves, in the same run."""
+    unavailable = None if pdl_available() else "qwen3x launches plainly here already (no sm_90 + sm_90a, or QWEN3X_PDL=0)"
+    return _decode_variant("qwen3x_no_pdl", ("QWEN3X_PDL", "0"), call, eligible, unavailable, **kw)
 
 
 def cluster_combine_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
@@ -124,12 +128,9 @@ def cluster_combine_provider(call: Callable[[Inputs], Any], eligible: bool, **kw
     instead of through L2 by the last split to arrive: the A/B that decides between the two
     (benchmarks/NOTES.md), in the same run. Skipped off sm_90 + sm_90a, where the setting changes
     nothing."""
-    skip = None
-    if not eligible:
-        skip = "not a decode-sized case"
-    elif not wgmma_available():
-        skip = "thread block clusters need an sm_90 GPU and a build with sm_90a"
-    return _env_variant("qwen3x_cluster", ("QWEN3X_ATTENTION_COMBINE", "cluster"), call, skip=skip, **kw)
+    unavailable = None if wgmma_available() else "thread block clusters need an sm_90 GPU and a build with sm_90a"
+    return _decode_variant("qwen3x_cluster", ("QWEN3X_ATTENTION_COMBINE", "cluster"), call, eligible, unavailable,
+                           **kw)
 
 
 def reference_provider(fn: Callable[[Inputs], Any], **kw) -> Provider:

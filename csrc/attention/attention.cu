@@ -199,22 +199,27 @@ unsigned long long next_split_tag() {
 
 // Where the splits of a split-KV call merge (QWEN3X_ATTENTION_COMBINE): "l2" (default) through
 // the workspace in global memory, by the split that arrives last (combine.cuh); "cluster" inside
-// a thread block cluster of the tile's splits, through distributed shared memory, wherever that
-// can run: an sm_90 device with this build's sm_90a code, at most kMaxClusterSize splits (the
-// plan then asks for no more) and a cluster that fits the device (else the L2 path). An A/B
-// switch until a GPU run decides between them (benchmarks/NOTES.md).
+// a thread block cluster of the tile's splits, through distributed shared memory: an sm_90 device
+// with this build's sm_90a code, and at most kMaxClusterSize splits (the plan then asks for no
+// more). Asking for it where it cannot run is an error, never a silent fallback (so a test or a
+// benchmark row that asked for it ran it). An A/B switch until a GPU run decides between them
+// (benchmarks/NOTES.md).
 bool cluster_combine_wanted(const char* op, int device) {
   const char* env = std::getenv("QWEN3X_ATTENTION_COMBINE");
   const std::string_view choice = env == nullptr || *env == '\0' ? "l2" : env;
   QWEN3X_CHECK(choice == "l2" || choice == "cluster", "qwen3x.", op,
                ": QWEN3X_ATTENTION_COMBINE must be l2 or cluster, got '", choice, "'");
+  if (choice == "l2") return false;
 #if defined(QWEN3X_HAS_SM90A) || defined(QWEN3X_EMULATOR)
-  constexpr int kHopper = 90;
-  return choice == "cluster" && compute_capability(device) == kHopper;
+  constexpr bool kBuilt = true;
 #else
-  (void)device;
-  return false;
+  constexpr bool kBuilt = false;
 #endif
+  constexpr int kHopper = 90;
+  QWEN3X_CHECK(kBuilt && compute_capability(device) == kHopper, "qwen3x.", op,
+               ": QWEN3X_ATTENTION_COMBINE=cluster needs an sm_90 GPU and a build that includes sm_90a",
+               kBuilt ? "" : " (this build does not)");
+  return true;
 }
 
 // CTAs of the forward kernel resident per SM (the split plan's wave size).
@@ -250,12 +255,15 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
                         ctas_per_sm, cluster ? kMaxClusterSize : attn::kMaxSplits);
   p.num_splits = plan.num_splits;
   p.tiles_per_split = plan.tiles_per_split;
-  p.cluster_combine =
-      cluster && plan.num_splits > 1 &&
-      (bf16 ? (wgmma ? attn::attention_cluster_fits<__nv_bfloat16, true>(plan.num_splits)
-                     : attn::attention_cluster_fits<__nv_bfloat16, false>(plan.num_splits))
-            : (wgmma ? attn::attention_cluster_fits<__half, true>(plan.num_splits)
-                     : attn::attention_cluster_fits<__half, false>(plan.num_splits)));
+  p.cluster_combine = cluster && plan.num_splits > 1;
+  if (p.cluster_combine) {
+    const bool fits = bf16 ? (wgmma ? attn::attention_cluster_fits<__nv_bfloat16, true>(plan.num_splits)
+                                    : attn::attention_cluster_fits<__nv_bfloat16, false>(plan.num_splits))
+                           : (wgmma ? attn::attention_cluster_fits<__half, true>(plan.num_splits)
+                                    : attn::attention_cluster_fits<__half, false>(plan.num_splits));
+    QWEN3X_CHECK(fits, "qwen3x.", op, ": QWEN3X_ATTENTION_COMBINE=cluster: a cluster of ", plan.num_splits,
+                 " CTAs of the attention kernel cannot be resident on this device (occupancy API)");
+  }
   at::Tensor partial_o, partial_lse, split_flags;  // split-KV workspace (the L2 combine's)
   if (plan.num_splits > 1 && !p.cluster_combine) {
     const int64_t partial_rows =

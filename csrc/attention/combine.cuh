@@ -75,7 +75,8 @@ struct GlobalSplits {
   }
 };
 // ClusterSplits: the shared memory of split i's CTA, cluster rank i (combine_in_cluster): the
-// row's lse and this lane's 4 O values at the same shared offsets in every CTA of the cluster.
+// row's lse and this lane's 4 O values at the same shared offsets in every CTA of the cluster
+// (stash_offset).
 struct ClusterSplits {
   uint32_t lse_addr;  // shared::cta address of the row's lse in this CTA
   uint32_t o_addr;    // ... of this lane's 4 floats of the row's O
@@ -200,6 +201,15 @@ __device__ __forceinline__ void combine_if_last(const Params& p, const SeqSlice&
   }
 }
 
+// Float offset of (row, column) in a split's stash of its rows [kBlockM][128] fp32: the 16-byte
+// chunks of row r xor-swizzled by r % 8, so that the 8 rows one store of a warp writes (lanes / 4)
+// fall in 8 different bank groups (a 512-byte row stride alone puts them all in one).
+__device__ __forceinline__ int stash_offset(int row, int col) {
+  constexpr int kChunkFloats = 4;
+  constexpr int kSwizzle = 8;
+  return row * kHeadDim + ((col / kChunkFloats) ^ (row % kSwizzle)) * kChunkFloats + col % kChunkFloats;
+}
+
 // The in-cluster combine (p.cluster_combine: the grid launched in clusters of (1, 1, num_splits),
 // so split z is cluster rank z): each split's CTA keeps its rows' O / l (fp32, the values
 // write_partial would store) and lse in its own shared memory, a cluster barrier makes them
@@ -208,7 +218,9 @@ __device__ __forceinline__ void combine_if_last(const Params& p, const SeqSlice&
 // shared memory (DSMEM) with combine_row's arithmetic and order: the same bits as the L2 path.
 // A second barrier keeps every CTA resident until the others have read it. No workspace, no
 // device-wide fences, no marks: the cost is two cluster barriers and the DSMEM reads.
-// sO: [kBlockM][128] fp32, sL: [kBlockM] fp32, shared memory no thread reads any more.
+// sO: [kBlockM][128] fp32 (stash_offset), sL: [kBlockM] fp32, shared memory no thread reads any
+// more. The second barrier is relaxed: the DSMEM loads it waits for have returned (their values
+// are in the stores to out), and a release would first wait for those stores to be acknowledged.
 template <typename T>
 __device__ __forceinline__ void combine_in_cluster(const Params& p, const SeqSlice& seq,
                                                    const float (&o)[kHeadTilesN][4],
@@ -219,10 +231,9 @@ __device__ __forceinline__ void combine_in_cluster(const Params& p, const SeqSli
   for (int half = 0; half < kRowHalves; ++half) {
     const int local_row = warp * kRowsPerWarp + lane / 4 + 8 * half;
     if (row0 + local_row >= seq.rows) continue;
-    float* dst = sO + local_row * kHeadDim + 2 * (lane % 4);
 #pragma unroll
     for (int j = 0; j < kHeadTilesN; ++j) {
-      *reinterpret_cast<float2*>(dst + j * kMmaN) =
+      *reinterpret_cast<float2*>(sO + stash_offset(local_row, j * kMmaN + 2 * (lane % 4))) =
           make_float2(o[j][2 * half] * inv_l[half], o[j][2 * half + 1] * inv_l[half]);
     }
     if (lane % 4 == 0) sL[local_row] = lse2[half];
@@ -233,9 +244,9 @@ __device__ __forceinline__ void combine_in_cluster(const Params& p, const SeqSli
   const int rows = min(kBlockM, seq.rows - row0);
   for (int r = split * kNumWarps + warp; r < rows; r += p.num_splits * kNumWarps) {
     combine_row<T>(p, tile_row0 + r, lane,
-                   ClusterSplits{smem_u32(sL + r), smem_u32(sO + r * kHeadDim + lane * kCombineDimsPerLane)});
+                   ClusterSplits{smem_u32(sL + r), smem_u32(sO + stash_offset(r, lane * kCombineDimsPerLane))});
   }
-  cluster_sync();  // nobody leaves while its shared memory may still be read
+  cluster_sync_relaxed();  // nobody leaves while its shared memory may still be read
 }
 
 }  // namespace qwen3x::attn

@@ -44,16 +44,32 @@ __device__ __forceinline__ int cluster_cta_rank() {
 #endif
 }
 
-// Every thread of every CTA of the cluster; shared-memory writes before it are visible to the
-// cluster's DSMEM reads after it.
+// Every thread of every CTA of the cluster, in convergent code (.aligned); shared-memory writes
+// before it are visible to the cluster's DSMEM reads after it.
 __device__ __forceinline__ void cluster_sync() {
 #if defined(QWEN3X_EMULATOR)
-  emu::cluster_arrive();
+  emu::cluster_arrive(/*release=*/true);
   emu::cluster_wait();
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile(
       "barrier.cluster.arrive.release.aligned;\n\t"
       "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// The same meeting without ordering memory (arrive.relaxed: no MEMBAR before it, where release
+// waits for this thread's outstanding global stores): for keeping the cluster's CTAs resident
+// until the others are done reading them, once those reads have returned.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+#if defined(QWEN3X_EMULATOR)
+  emu::cluster_arrive(/*release=*/false);
+  emu::cluster_wait();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "barrier.cluster.arrive.relaxed.aligned;\n\t"
+      "barrier.cluster.wait.aligned;" ::: "memory");
 #else
   __trap();
 #endif
@@ -126,39 +142,41 @@ cudaError_t launch_kernel_cluster(bool pdl, dim3 cluster, void (*kernel)(KernelA
 
 // Whether clusters of `size` CTAs of Kernel (threads and dynamic shared memory per CTA; the
 // shared-memory opt-in already made) can be resident on the current device: sizes 2 to
-// kMaxClusterSize, the larger ones after the non-portable opt-in; asked once per (device, size).
+// kMaxClusterSize, the larger ones after the non-portable opt-in. A definite answer is cached per
+// (device, size); a failed query says no and is asked again next time. Clears only the errors of
+// its own calls (an error pending from before stays for its owner's check).
 template <auto Kernel>
 bool cluster_fits(int size, int threads, int smem_bytes) {
   if (size < 2 || size > kMaxClusterSize) return false;
   // per device and size: 0 unknown, 1 fits, 2 does not
   static std::atomic<int> cache[kMaxCachedDevices][kMaxClusterSize + 1] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
+  const bool clean = cudaPeekAtLastError() == cudaSuccess;
+  const auto failed = [&] {
+    if (clean) cudaGetLastError();
     return false;
-  }
+  };
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return failed();
   const bool cacheable = device >= 0 && device < kMaxCachedDevices;
   if (cacheable) {
     const int known = cache[device][size].load(std::memory_order_relaxed);
     if (known != 0) return known == 1;
   }
-  bool fits = true;
   if (size > kMaxPortableClusterSize &&
       cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-    fits = false;
+    return failed();
   }
-  if (fits) {
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = 1;
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = static_cast<unsigned>(size);
-    cudaLaunchConfig_t config = {dim3(1, 1, size), dim3(threads), static_cast<size_t>(smem_bytes), nullptr,
-                                 attribute, 1u};
-    int clusters = 0;
-    fits = cudaOccupancyMaxActiveClusters(&clusters, Kernel, &config) == cudaSuccess && clusters > 0;
-  }
-  if (!fits) cudaGetLastError();  // a refused size is an answer, not an error to report later
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = 1;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = static_cast<unsigned>(size);
+  // (positional, as in launch_kernel_cluster)
+  cudaLaunchConfig_t config = {dim3(1, 1, size), dim3(threads), static_cast<size_t>(smem_bytes), nullptr,
+                               attribute, 1u};
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, Kernel, &config) != cudaSuccess) return failed();
+  const bool fits = clusters > 0;
   if (cacheable) cache[device][size].store(fits ? 1 : 2, std::memory_order_relaxed);
   return fits;
 }

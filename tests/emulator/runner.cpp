@@ -295,10 +295,12 @@ void run_attention(Job& job) {
     }
     p.num_splits = plan.num_splits;
     p.tiles_per_split = plan.tiles_per_split;
-    p.cluster_combine =
-        cluster && plan.num_splits > 1 &&
-        (wgmma ? attn::attention_cluster_fits<T, true>(plan.num_splits)
-               : attn::attention_cluster_fits<T, false>(plan.num_splits));
+    p.cluster_combine = cluster && plan.num_splits > 1;  // (forced past 16: launch_attention refuses)
+    if (p.cluster_combine && plan.num_splits <= kMaxClusterSize &&
+        !(wgmma ? attn::attention_cluster_fits<T, true>(plan.num_splits)
+                : attn::attention_cluster_fits<T, false>(plan.num_splits))) {
+      throw emu::Error("a cluster of " + std::to_string(plan.num_splits) + " CTAs does not fit");
+    }
     const bool workspace = plan.num_splits > 1 && !p.cluster_combine;
     if (workspace) {
       const size_t rows =

@@ -528,81 +528,6 @@ inline void syncthreads() {
   hb_acquire(&c.barrier_sync[gen & 1]);
 }
 
-// ---- thread block clusters (sm_90) ----------------------------------------------------------------
-inline int cluster_cta_rank() { return cta().cluster_rank; }
-
-// barrier.cluster.arrive.release: this thread's writes so far (shared memory included) happen
-// before what any thread of the cluster does after its matching wait.acquire. Every thread of
-// every CTA of the cluster must arrive (an exited thread never does: the others then deadlock).
-inline void cluster_arrive() {
-  Sched& s = sched();
-  Thread& t = self();
-  const Unchecked bookkeeping;
-  if (t.cluster_armed) fail("barrier.cluster.arrive twice without a wait between");
-  t.cluster_armed = true;
-  t.cluster_phase = s.cluster_generation;
-  hb_release(&s.cluster_sync[t.cluster_phase & 1]);
-  ++s.progress;
-  if (++s.cluster_arrived == s.cluster_threads) {
-    s.cluster_arrived = 0;
-    ++s.cluster_generation;
-  }
-}
-
-inline void cluster_wait() {
-  Sched& s = sched();
-  Thread& t = self();
-  const Unchecked bookkeeping;
-  if (!t.cluster_armed) fail("barrier.cluster.wait without an arrive");
-  while (s.cluster_generation == t.cluster_phase) yield();
-  t.cluster_armed = false;
-  hb_acquire(&s.cluster_sync[t.cluster_phase & 1]);
-}
-
-// mapa.shared::cluster: a shared::cluster address, here the CTA's rank above a shared::cta
-// offset (shared windows are under 1 MB).
-constexpr uint32_t kClusterAddrTag = 0x40000000u;
-constexpr int kClusterRankShift = 20;
-inline uint32_t map_shared_rank(uint32_t smem_addr, int rank) {
-  const Unchecked bookkeeping;
-  const Cta& c = cta();
-  const size_t lo = c.dyn_smem - c.smem_block;
-  if (smem_addr < lo || smem_addr >= lo + c.dyn_smem_bytes) {
-    fail("mapa: shared address outside the CTA's dynamic shared memory");
-  }
-  if (rank < 0 || rank >= static_cast<int>(sched().cluster.size())) {
-    fail("mapa: rank " + std::to_string(rank) + " outside the cluster of " +
-         std::to_string(sched().cluster.size()) + " CTAs");
-  }
-  return kClusterAddrTag | (static_cast<uint32_t>(rank) << kClusterRankShift) | smem_addr;
-}
-
-// ld.shared::cluster of a V at a mapa address: the shared memory of that rank's CTA, which must
-// still be running (a CTA that has exited has no shared memory to read).
-template <typename V>
-inline V ld_shared_cluster(uint32_t addr) {
-  std::vector<Cta*>& ranks = sched().cluster;
-  const Cta* c = nullptr;
-  uint32_t offset = 0;
-  {
-    const Unchecked bookkeeping;
-    if ((addr & 0xC0000000u) != kClusterAddrTag) fail("ld.shared::cluster: not a mapa address");
-    const uint32_t rank = (addr & ~kClusterAddrTag) >> kClusterRankShift;
-    offset = addr & ((1u << kClusterRankShift) - 1);
-    if (rank >= ranks.size()) fail("ld.shared::cluster: rank outside the cluster");
-    c = ranks[rank];
-    if (c->alive == 0) fail("ld.shared::cluster: rank " + std::to_string(rank) + " has exited");
-    const size_t lo = c->dyn_smem - c->smem_block;
-    if (offset % sizeof(V) != 0) fail("ld.shared::cluster: misaligned address");
-    if (offset < lo || offset + sizeof(V) > lo + c->dyn_smem_bytes) {
-      fail("ld.shared::cluster: bytes outside that CTA's dynamic shared memory");
-    }
-  }
-  V v;
-  std::memcpy(&v, c->smem_block + offset, sizeof(V));
-  return v;
-}
-
 // All `size` threads of a group meet; the last to arrive runs op(args) for all of them, args[i]
 // being what member i passed. `what` names the instruction (members must agree).
 // `orders_memory`: a barrier (__syncwarp), whose members' memory accesses before it happen
@@ -668,6 +593,98 @@ inline void warpgroup_meet(const char* what, void* mine, Op op) {
   const int wg = self().linear / 128;
   if ((wg + 1) * 128 > c.num_threads) fail(std::string(what) + " in a partial warpgroup");
   meet(c.warpgroups[wg], self().linear % 128, 128, what, mine, op);
+}
+
+// ---- thread block clusters (sm_90) ----------------------------------------------------------------
+inline int cluster_cta_rank() { return cta().cluster_rank; }
+
+// barrier.cluster.arrive{.release | .relaxed}.aligned: a warp instruction (.aligned: the warp's
+// lanes arrive together, at the same instruction: a divergent arrive is an error here). Every
+// thread of every CTA of the cluster must arrive (an exited thread never does here, so the others
+// deadlock; the hardware would let them through, to read a CTA that has gone). With .release this
+// thread's writes so far (shared memory included) happen before what any thread of the cluster
+// does after its matching wait; .relaxed orders nothing (it only keeps CTAs resident).
+inline void cluster_arrive(bool release) {
+  Sched& s = sched();
+  Thread& t = self();
+  {
+    const Unchecked bookkeeping;
+    if (t.cluster_armed) fail("barrier.cluster.arrive twice without a wait between");
+    t.cluster_armed = true;
+    t.cluster_phase = s.cluster_generation;  // advances only once this warp has arrived
+    if (release) hb_release(&s.cluster_sync[t.cluster_phase & 1]);
+  }
+  check_full_warp(0xFFFFFFFFu, "barrier.cluster.arrive");
+  warp_meet(release ? "barrier.cluster.arrive.release" : "barrier.cluster.arrive.relaxed", nullptr,
+            [&](std::array<void*, 128>&) {
+              const Unchecked bookkeeping;
+              s.cluster_arrived += 32;
+              if (s.cluster_arrived == s.cluster_threads) {
+                s.cluster_arrived = 0;
+                ++s.cluster_generation;
+              }
+            });
+}
+
+// barrier.cluster.wait{.acquire}.aligned (acquire is its default): until every thread of the
+// cluster has arrived at this thread's phase.
+inline void cluster_wait() {
+  Sched& s = sched();
+  Thread& t = self();
+  {
+    const Unchecked bookkeeping;
+    if (!t.cluster_armed) fail("barrier.cluster.wait without an arrive");
+  }
+  check_full_warp(0xFFFFFFFFu, "barrier.cluster.wait");
+  warp_meet("barrier.cluster.wait", nullptr, [](std::array<void*, 128>&) {});
+  const Unchecked bookkeeping;
+  while (s.cluster_generation == t.cluster_phase) yield();
+  t.cluster_armed = false;
+  hb_acquire(&s.cluster_sync[t.cluster_phase & 1]);
+}
+
+// mapa.shared::cluster: a shared::cluster address, here the CTA's rank above a shared::cta
+// offset (shared windows are under 1 MB).
+constexpr uint32_t kClusterAddrTag = 0x40000000u;
+constexpr int kClusterRankShift = 20;
+inline uint32_t map_shared_rank(uint32_t smem_addr, int rank) {
+  const Unchecked bookkeeping;
+  const Cta& c = cta();
+  const size_t lo = c.dyn_smem - c.smem_block;
+  if (smem_addr < lo || smem_addr >= lo + c.dyn_smem_bytes) {
+    fail("mapa: shared address outside the CTA's dynamic shared memory");
+  }
+  if (rank < 0 || rank >= static_cast<int>(sched().cluster.size())) {
+    fail("mapa: rank " + std::to_string(rank) + " outside the cluster of " +
+         std::to_string(sched().cluster.size()) + " CTAs");
+  }
+  return kClusterAddrTag | (static_cast<uint32_t>(rank) << kClusterRankShift) | smem_addr;
+}
+
+// ld.shared::cluster of a V at a mapa address: the shared memory of that rank's CTA, which must
+// still be running (a CTA that has exited has no shared memory to read).
+template <typename V>
+inline V ld_shared_cluster(uint32_t addr) {
+  std::vector<Cta*>& ranks = sched().cluster;
+  const Cta* c = nullptr;
+  uint32_t offset = 0;
+  {
+    const Unchecked bookkeeping;
+    if ((addr & 0xC0000000u) != kClusterAddrTag) fail("ld.shared::cluster: not a mapa address");
+    const uint32_t rank = (addr & ~kClusterAddrTag) >> kClusterRankShift;
+    offset = addr & ((1u << kClusterRankShift) - 1);
+    if (rank >= ranks.size()) fail("ld.shared::cluster: rank outside the cluster");
+    c = ranks[rank];
+    if (c->alive == 0) fail("ld.shared::cluster: rank " + std::to_string(rank) + " has exited");
+    const size_t lo = c->dyn_smem - c->smem_block;
+    if (offset % sizeof(V) != 0) fail("ld.shared::cluster: misaligned address");
+    if (offset < lo || offset + sizeof(V) > lo + c->dyn_smem_bytes) {
+      fail("ld.shared::cluster: bytes outside that CTA's dynamic shared memory");
+    }
+  }
+  V v;
+  std::memcpy(&v, c->smem_block + offset, sizeof(V));
+  return v;
 }
 
 // ---- shared memory -------------------------------------------------------------------------------
