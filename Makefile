@@ -16,11 +16,11 @@
 #               after the tests, benchmarks.parity (the patched 30B-A3B model against the fp32 truth
 #               over PARITY_SEEDS seeds, routing flips counted; parity.log); after the benchmarks,
 #               kernel_times (KERNEL_TIMES_ARGS, per-kernel device times from torch's profiler;
-#               kernel_times.txt), ncu (first: what the next change needs most), the model, then
+#               kernel_times.txt), the model, ncu (first: what the next change needs most), then
 #               flushab (FLUSH_AB_ARGS cases timed again after the old write-only L2 flush, rows in
 #               OUT/dirty: what the harness's own write-back costs short calls); STEPS="tests bench"
 #               runs only the steps named (default, in this order: probe tests parity memcheck
-#               racecheck bench kernel_times ncu model flushab; on gVisor machines memcheck,
+#               racecheck bench kernel_times model ncu flushab; on gVisor machines memcheck,
 #               racecheck and ncu only say they cannot run there); model: the whole-model targets
 #               (MODEL_ARGS, rows in OUT/model); ncu: Nsight Compute sections of NCU_RUNS' kernels (ncu.txt); suite (not in
 #               the default STEPS): the whole suite, model included, rows in OUT/suite (make gpu-suite)
@@ -175,7 +175,7 @@ LOAD_MAINLOOP_ENV = set -a; [ -f $(OUT)/mainloop.env ] && . $(OUT)/mainloop.env;
 # The steps after the build, the info line and the wgmma smoke run: all by default; a GPU lease
 # too short for all of them names the ones it wants (e.g. STEPS="tests bench"). A step left out
 # is a no-op (its log is absent from OUT, and the summary skips it).
-STEPS       ?= probe tests parity memcheck racecheck bench kernel_times ncu model flushab
+STEPS       ?= probe tests parity memcheck racecheck bench kernel_times model ncu flushab
 step = $(if $(filter $(1),$(STEPS)),,exit 0;)  # a recipe line runs in a shell of its own
 # gVisor machines (kernel 4.4.0; the device notes' KINDS.md, 2026-11-04): compute-sanitizer refuses
 # the device and ncu reads no counters, so their steps (and the sanitizer filter probe) only say
@@ -211,12 +211,12 @@ gpu:
 	$(call step,kernel_times) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(KERNEL_TIMES_S) $(PYTHON) \
 	    -m benchmarks.kernel_times $(KERNEL_TIMES_ARGS) > $(OUT)/kernel_times.txt 2>&1; \
 	    echo "kernel_times exit $$?" >> $(OUT)/kernel_times.txt
+	$(call step,model) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(MODEL_S) $(PYTHON) -m benchmarks \
+	    --out $(OUT)/model $(MODEL_ARGS) 2>&1 | tee $(OUT)/model.log; echo "model exit $$?" >> $(OUT)/model.log
 	$(call profiler_step,ncu) $(LOAD_MAINLOOP_ENV) for run in $(NCU_RUNS); do set -- $$run; \
 	    timeout $(NCU_S) ncu --clock-control none --kernel-name "regex:.*$$2.*" --launch-skip $$((5 * $$1)) \
 	    --launch-count $$1 $(NCU_SECTIONS) $(PYTHON) -m benchmarks.kernel_times --plain --calls 1 --ops $$3 \
 	    --shapes $$4 --providers qwen3x 2>&1; echo "ncu $$3 $$4 exit $$?"; done > $(OUT)/ncu.txt
-	$(call step,model) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(MODEL_S) $(PYTHON) -m benchmarks \
-	    --out $(OUT)/model $(MODEL_ARGS) 2>&1 | tee $(OUT)/model.log; echo "model exit $$?" >> $(OUT)/model.log
 	$(call step,suite) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(SUITE_S) $(PYTHON) -m benchmarks --model \
 	    --out $(OUT)/suite $(SUITE_ARGS) 2>&1 | tee -a $(OUT)/suite.log; echo "suite exit $$?" >> $(OUT)/suite.log
 	$(call step,flushab) $(LOAD_MAINLOOP_ENV) set -o pipefail; (timeout $(FLUSHAB_S) $(PYTHON) -m benchmarks \
@@ -250,7 +250,7 @@ gpu-check:
 	$(MAKE) gpu STEPS="tests memcheck racecheck" GPU_SAMPLE=1 GPU_TESTS="$(GPU_CHECK_TESTS)" \
 	    GPU_TEST_S=100 MEMCHECK_S=150 RACECHECK_S=75 BUILD_S=200
 gpu-perf:
-	$(MAKE) gpu STEPS="bench kernel_times ncu model flushab" BENCH_ARGS="$(GPU_PERF_ARGS)" BENCH_S=110 \
+	$(MAKE) gpu STEPS="bench kernel_times model ncu flushab" BENCH_ARGS="$(GPU_PERF_ARGS)" BENCH_S=110 \
 	    KERNEL_TIMES_ARGS="$(GPU_PERF_KERNEL_TIMES_ARGS)" KERNEL_TIMES_S=40 \
 	    MODEL_ARGS="--targets --ops model_prefill,model_decode --shapes model=Qwen3-30B-A3B --providers qwen3x,hf_eager" \
 	    MODEL_S=90 FLUSHAB_S=25 NCU_S=30 BUILD_S=120
