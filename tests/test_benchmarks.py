@@ -1163,23 +1163,33 @@ def test_flex_decode_compiles_once_per_head_layout_and_batch(monkeypatch, dynamo
 
 
 def test_env_variant_providers_set_their_setting_only_during_the_call(monkeypatch):
-    """qwen3x_mma_sync / qwen3x_no_fence / qwen3x_no_pdl run qwen3x with one environment setting in
+    """qwen3x_mma_sync / qwen3x_no_fence / qwen3x_no_pdl / qwen3x_cluster run qwen3x with one environment setting in
     force during each call (the C++ side reads it per call) and restore it afterwards; each says
     the setting in its note and why it is skipped where it cannot differ from qwen3x."""
     monkeypatch.delenv("QWEN3X_WGMMA_PROXY_FENCE", raising=False)
     monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "auto")
+    monkeypatch.delenv("QWEN3X_ATTENTION_COMBINE", raising=False)
     seen = []
     call = lambda x: seen.append((os.environ.get("QWEN3X_WGMMA_PROXY_FENCE"),  # noqa: E731
-                                  os.environ.get("QWEN3X_ATTENTION_MAINLOOP"), os.environ.get("QWEN3X_PDL")))
+                                  os.environ.get("QWEN3X_ATTENTION_MAINLOOP"), os.environ.get("QWEN3X_PDL"),
+                                  os.environ.get("QWEN3X_ATTENTION_COMBINE")))
     monkeypatch.setattr(providers, "wgmma_available", lambda: True)
     monkeypatch.setattr(providers, "pdl_available", lambda: True)
     fence = providers.no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True)
     mma = providers.mma_sync_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True)
     pdl = providers.no_pdl_provider(call, eligible=True)
-    for p in (fence, mma, pdl):
+    cluster = providers.cluster_combine_provider(call, eligible=True)
+    for p in (fence, mma, pdl, cluster):
         assert p.skip is None, (p.name, p.skip)
         p.build({})()
-    assert seen == [("0", "auto", None), (None, "mma_sync", None), (None, "auto", "0")]
+    assert seen == [("0", "auto", None, None), (None, "mma_sync", None, None), (None, "auto", "0", None),
+                    (None, "auto", None, "cluster")]
+    assert "QWEN3X_ATTENTION_COMBINE" not in os.environ
+    assert (cluster.name, cluster.note) == ("qwen3x_cluster", "QWEN3X_ATTENTION_COMBINE=cluster")
+    assert "not a decode-sized case" in providers.cluster_combine_provider(call, eligible=False).skip
+    monkeypatch.setattr(providers, "wgmma_available", lambda: False)
+    assert "sm_90" in providers.cluster_combine_provider(call, eligible=True).skip
+    monkeypatch.setattr(providers, "wgmma_available", lambda: True)
     assert "QWEN3X_WGMMA_PROXY_FENCE" not in os.environ and os.environ["QWEN3X_ATTENTION_MAINLOOP"] == "auto"
     assert (fence.name, fence.note) == ("qwen3x_no_fence", "QWEN3X_WGMMA_PROXY_FENCE=0")
     assert mma.note == "QWEN3X_ATTENTION_MAINLOOP=mma_sync" and pdl.note == "QWEN3X_PDL=0"
