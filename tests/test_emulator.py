@@ -235,8 +235,10 @@ def test_attention_varlen():
         _gpu_judge()._judge_varlen(r["out"], r["lse"], q, k, v, cu_q, cu_k, True)
 
 
-def test_attention_varlen_decode_splits():
-    """Decode-shaped varlen (a query or two per sequence against packed caches), split-KV."""
+@pytest.mark.parametrize("cluster", [False, True], ids=["l2", "cluster"])
+def test_attention_varlen_decode_splits(cluster):
+    """Decode-shaped varlen (a query or two per sequence against packed caches), split-KV, the
+    splits merged through L2 or in a cluster (the same bits)."""
     lq, lk, Hq, Hkv = [1, 1, 2], [300, 5, 129], 8, 2
     torch.manual_seed(12)
     q = torch.randn(sum(lq), Hq, D, dtype=torch.float16)
@@ -248,10 +250,16 @@ def test_attention_varlen_decode_splits():
                   force_splits=3, q_head_stride=q.stride(1), q_seq_stride=q.stride(0),
                   k_head_stride=k.stride(1), k_seq_stride=k.stride(0),
                   v_head_stride=v.stride(1), v_seq_stride=v.stride(0))
-    r = _run_all("attention", params, dict(q=q, k=k, v=v, cu_seqlens_q=cu(lq), cu_seqlens_k=cu(lk)),
-                 {"out": (torch.float16, (sum(lq), Hq, D)), "lse": (torch.float32, (Hq, sum(lq)))})
-    assert "splits 3 " in r["stdout"], r["stdout"]
+    run = lambda **more: _run_all("attention", params | more,  # noqa: E731
+                                  dict(q=q, k=k, v=v, cu_seqlens_q=cu(lq), cu_seqlens_k=cu(lk)),
+                                  {"out": (torch.float16, (sum(lq), Hq, D)), "lse": (torch.float32, (Hq, sum(lq)))})
+    r = run(cluster_combine=int(cluster))
+    assert "splits 3 " in r["stdout"] and f"cluster_combine {int(cluster)}" in r["stdout"], r["stdout"]
     _gpu_judge()._judge_varlen(r["out"], r["lse"], q, k, v, cu(lq), cu(lk), True)
+    if cluster:
+        l2 = run()
+        assert_identical(r["out"], l2["out"], "out: cluster vs L2 combine")
+        assert_identical(r["lse"], l2["lse"], "lse: cluster vs L2 combine")
 
 
 # (B, Hq, Hkv, Sq, Skv, causal, dtype, mainloop, forced splits or None, key_lengths or None)
