@@ -69,6 +69,15 @@ def short_copies(rows: list[dict]) -> str:
     return f" Copies as short as the memory-bound ops' calls{how}: {', '.join(parts)}."
 
 
+def launch_floor(rows: list[dict]) -> str:
+    """' A CUDA-graph replay of a kernel that does nothing: 4.8 us ...' ('' when the run has none)."""
+    floor = next((r for r in rows if r["op"] == "launch_floor" and r.get("median_ms")), None)
+    if floor is None:
+        return ""
+    return (f" A CUDA-graph replay of a kernel that does nothing times {1e3 * floor['median_ms']:.1f} us under the"
+            f" same timer: part of every graph-timed (decode-sized) row, peers' as much as ours.")
+
+
 def table(rows: list[dict]) -> str:
     ok = [r for r in rows if r.get("status") == "ok" and r.get("median_ms")]
     ceilings = {r["op"]: r for r in rows if r["op"] in CEILING_OPS}
@@ -81,7 +90,7 @@ def table(rows: list[dict]) -> str:
         copy, mm = ceilings.get("peak_copy", {}), ceilings.get("peak_matmul", {})
         lines.append(
             f"Ceilings measured in the same run: device copy {copy.get('gbps') or 0:.0f} GB/s, "
-            f"bf16 matmul {mm.get('tflops') or 0:.0f} TFLOP/s." + short_copies(rows)
+            f"bf16 matmul {mm.get('tflops') or 0:.0f} TFLOP/s." + short_copies(rows) + launch_floor(rows)
         )
     lines += ["", "| op | shape | qwen3x | % of ceiling | fastest peer | peer | speedup |", "|---|---|---|---|---|---|---|"]
     cases: dict[tuple, list[dict]] = {}

@@ -188,7 +188,9 @@ def main(argv=None) -> int:
         for row in rows:
             writer.write(row)
         log(f"  copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s; "
-            + ", ".join(f"{r['bytes'] / 2**20:.0f} MiB moved {r['gbps']:.0f} GB/s" for r in rows if r["op"] == "copy"))
+            + ", ".join(f"{r['bytes'] / 2**20:.0f} MiB moved {r['gbps']:.0f} GB/s" for r in rows if r["op"] == "copy")
+            + "".join(f"; launch floor {1e3 * r['median_ms']:.1f} us" for r in rows
+                      if r["op"] == "launch_floor" and r.get("median_ms")))
     start = time.monotonic()
     for i, case in enumerate(cases):
         names = pending_providers(case, providers, done)

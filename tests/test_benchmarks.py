@@ -897,12 +897,15 @@ def test_readme_table_from_rows(tmp_path):
             row("rms_norm", "hf_eager", 0.08), row("rms_norm", "liger", 0.04),
             row("rms_norm", "qwen3x_mma_sync", 0.03),  # our other mainloop: no peer either
             row("rms_norm", "qwen3x_no_fence", 0.021),  # nor any other qwen3x_<variant> A/B row
-            row("copy", "torch", 0.0256, gbps=2621.0, bytes=64 * 2**20, fraction_of_peak=0.874, l2_flush="clean")]
+            row("copy", "torch", 0.0256, gbps=2621.0, bytes=64 * 2**20, fraction_of_peak=0.874, l2_flush="clean"),
+            row("launch_floor", "torch", 0.0048, cuda_graph=True)]
     body = readme.table(rows)
     assert "NVIDIA H100 80GB HBM3" in body and "3000 GB/s" in body and "790 TFLOP/s" in body
-    # the short copy is a measurement of the device, said beside the ceilings, not a case of the table
+    # the short copy and the launch floor are measurements of the device and the timer, said beside
+    # the ceilings, not cases of the table
     assert "64 MiB moved in 25.6 us (2621 GB/s, 87%)" in body and "'clean'" in body
-    assert not any(l.startswith("| copy") for l in body.splitlines())
+    assert "does nothing times 4.8 us" in body
+    assert not any(l.startswith(("| copy", "| launch_floor")) for l in body.splitlines())
     line = next(l for l in body.splitlines() if l.startswith("| rms_norm"))
     assert "20.0 us" in line and "91%" in line and "liger" in line and "2.00x" in line  # the reference is no peer
     # a case where qwen3x answered wrongly says so (not "no kernel"), beside its peers' times
