@@ -758,6 +758,58 @@ def test_planted_misuse_is_reported(name, monkeypatch):
         case()
 
 
+# ---- cross-CTA protocols, their CTAs side by side -------------------------------------------------
+# Split-KV's arrival marks (the last split to arrive merges the tile) and GEMM2's combine counters
+# (the k-th pick to arrive sums the token's rows) are protocols between CTAs, which the runs above
+# meet one CTA after another (forward or reverse: one order each). EMU_COSCHEDULE runs many CTAs of
+# a launch side by side, their threads interleaved at every meeting point and device-wide fence:
+# several splits marking and reading at once, more than one seeing itself last, a reset beside a
+# reader. The answers must be the one-after-another run's, bit for bit.
+COSCHEDULE = 64
+COSCHEDULED_RUNS = [RUNS[0], dict(RUNS[0], coschedule=COSCHEDULE), dict(RUNS[1], coschedule=COSCHEDULE)]
+CROSS_CTA = {
+    "attention split-KV, replays": lambda: test_attention_split_kv_replays(),
+    "attention decode, 47 splits": lambda: test_attention(ATTENTION_CASES[11]),
+    "attention varlen decode splits": lambda: test_attention_varlen_decode_splits(False),
+    "experts, combine in GEMM2": lambda: test_moe_experts_fused_combine_is_the_combine_kernel(FUSED_COMBINE_CASES[2]),
+    "experts, dropped picks": lambda: test_moe_experts_decode_drops_picks_in_the_fused_combine(),
+}
+
+
+@pytest.mark.parametrize("name", list(CROSS_CTA))
+def test_cross_cta_protocols_coscheduled(name, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "RUNS", COSCHEDULED_RUNS)
+    CROSS_CTA[name]()
+
+
+def _cluster_blind_runner():
+    """A runner whose launch_attention ignores p.cluster_combine (a plain launch): the kernel's
+    cluster instructions then run outside any cluster."""
+    from emulator import build as emu_build
+
+    return emu_build.build("none", patches=(("attention/attention_fwd.cuh",
+                                             "if (p.cluster_combine) {  // the splits of a (row tile, b, kv head): one cluster",
+                                             "if (false) {"),))
+
+
+@pytest.mark.parametrize("coschedule", [1, 4])
+def test_cluster_code_outside_a_cluster_is_an_error(coschedule):
+    """The in-cluster combine launched without a cluster (a bug in the launcher) fails: alone, its
+    mapa names a rank the one-CTA "cluster" lacks; co-scheduled, the CTAs beside it are no cluster."""
+    from emulator.run import EmulatorError
+
+    torch.manual_seed(5)
+    q, k, v = _qkv(1, 8, 2, 1, 300)
+    with pytest.raises(EmulatorError, match="in a launch without clusters" if coschedule > 1 else "outside the cluster"):
+        _emu().run("attention", dict(dtype="bf16", batch=1, hq=8, hkv=2, seqlen_q=1, seqlen_k=300, total_q=1,
+                                     causal=1, scale=D**-0.5, mainloop="mma_sync", cluster_combine=1,
+                                     q_head_stride=q.stride(1), q_seq_stride=q.stride(2), q_batch_stride=q.stride(0),
+                                     k_head_stride=k.stride(1), k_seq_stride=k.stride(2), k_batch_stride=k.stride(0),
+                                     v_head_stride=v.stride(1), v_seq_stride=v.stride(2), v_batch_stride=v.stride(0)),
+                   dict(q=q, k=k, v=v), {"out": (q.dtype, (1, 1, 8, D)), "lse": (torch.float32, (1, 8, 1))},
+                   coschedule=coschedule, exe=_cluster_blind_runner())
+
+
 # ---- racecheck: the same kernels under ThreadSanitizer -----------------------------------------
 # One run each (asynchronous copies and wgmma touching shared memory both at issue and at their
 # wait, reversed order): every pair of conflicting accesses by two

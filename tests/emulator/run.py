@@ -5,7 +5,8 @@
 `inputs` are torch CPU tensors, written as their bytes (contiguous) or, for a strided view, the
 bytes of the storage span the view covers (pass its strides in `params`, in elements).
 Each run picks the emulation: async ("early" | "late" | "both": when cp.async copies and wgmma
-touch shared memory), order ("forward" | "reverse": thread scheduling inside a CTA), where the
+touch shared memory), order ("forward" | "reverse": thread scheduling inside a CTA), how many CTAs
+of a launch without clusters run side by side (coschedule; 1: one after another), where the
 dynamic shared memory starts, the device's limits (DEVICES: an H100 by default, an A100, an
 RTX 4090) and the runner's sanitizer ("address" | "thread" | "none").
 """
@@ -71,7 +72,7 @@ def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
         outputs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
         async_mode: str = "early", order: str = "forward", device: str = "h100",
         dyn_smem_offset: int | None = None, exe: Path | None = None,
-        sanitizer: str = "address", sms: int | None = None) -> dict[str, torch.Tensor]:
+        sanitizer: str = "address", sms: int | None = None, coschedule: int = 1) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory(prefix="qwen3x-emu-") as d:
         job = Path(d)
         lines = [f"op {op}"] + [f"{k} {int(v) if isinstance(v, bool) else v}" for k, v in params.items()]
@@ -87,6 +88,8 @@ def run(op: str, params: dict, inputs: dict[str, torch.Tensor],
             env["EMU_DYN_SMEM_OFFSET"] = str(dyn_smem_offset)
         if sms is not None:  # fewer SMs than the device: grids that cap at a few blocks per SM
             env["EMU_SMS"] = str(sms)  # reach their loops at small sizes
+        if coschedule > 1:  # launches without clusters run this many CTAs side by side
+            env["EMU_COSCHEDULE"] = str(coschedule)
         r = subprocess.run([str(exe or runner(sanitizer)), str(job)], capture_output=True, text=True, env=env)
         if r.returncode != 0:
             err = r.stderr if len(r.stderr) <= 8000 else r.stderr[:6000] + "\n...\n" + r.stderr[-2000:]

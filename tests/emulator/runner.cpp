@@ -432,6 +432,7 @@ int main(int argc, char** argv) {
     dev.late = mode != "early";
   }
   if (const char* o = std::getenv("EMU_ORDER")) dev.reverse = std::string(o) == "reverse";
+  if (const char* c = std::getenv("EMU_COSCHEDULE")) dev.coschedule = std::atoi(c);
   if (const char* s = std::getenv("EMU_SMS")) dev.sms = std::atoi(s);
   if (const char* s = std::getenv("EMU_CC")) dev.cc = std::atoi(s);
   if (const char* s = std::getenv("EMU_SMEM_OPTIN")) dev.max_smem_optin = std::atoi(s);

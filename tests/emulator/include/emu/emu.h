@@ -326,6 +326,8 @@ struct Device {
   bool late = false;                        // EMU_ASYNC=late or both: complete at the wait
   bool early = true;                        // EMU_ASYNC=early or both: (also) at issue
   bool reverse = false;                     // EMU_ORDER=reverse
+  int coschedule = 1;                       // EMU_COSCHEDULE=n: a launch without clusters runs n
+                                            // CTAs side by side (cross-CTA protocols interleaved)
   cudaError_t last_error = cudaSuccess;
   std::map<const void*, int> smem_optin;    // kernel -> bytes allowed by cudaFuncSetAttribute
   std::set<const void*> nonportable_cluster;  // kernels allowed clusters of 9 to 16 CTAs
@@ -454,6 +456,7 @@ struct Sched {
   std::vector<void*> tsan_pool;
   // the running cluster (one CTA without clusters), by rank, and its barrier (barrier.cluster)
   std::vector<Cta*> cluster;
+  bool real_cluster = false;  // a cluster launch (else CTAs merely co-scheduled, or one alone)
   int cluster_threads = 0;
   int cluster_arrived = 0;
   unsigned cluster_generation = 0;
@@ -596,7 +599,16 @@ inline void warpgroup_meet(const char* what, void* mine, Op op) {
 }
 
 // ---- thread block clusters (sm_90) ----------------------------------------------------------------
-inline int cluster_cta_rank() { return cta().cluster_rank; }
+inline void require_cluster(const char* what) {
+  if (!sched().real_cluster && sched().cluster.size() > 1) {
+    fail(std::string(what) + " in a launch without clusters (its CTAs are only co-scheduled here)");
+  }
+}
+
+inline int cluster_cta_rank() {
+  require_cluster("%cluster_ctarank");
+  return cta().cluster_rank;
+}
 
 // barrier.cluster.arrive{.release | .relaxed}.aligned: a warp instruction (.aligned: the warp's
 // lanes arrive together, at the same instruction: a divergent arrive is an error here). Every
@@ -614,6 +626,7 @@ inline void cluster_arrive(bool release) {
     t.cluster_phase = s.cluster_generation;  // advances only once this warp has arrived
     if (release) hb_release(&s.cluster_sync[t.cluster_phase & 1]);
   }
+  require_cluster("barrier.cluster.arrive");
   check_full_warp(0xFFFFFFFFu, "barrier.cluster.arrive");
   warp_meet(release ? "barrier.cluster.arrive.release" : "barrier.cluster.arrive.relaxed", nullptr,
             [&](std::array<void*, 128>&) {
@@ -649,6 +662,7 @@ constexpr uint32_t kClusterAddrTag = 0x40000000u;
 constexpr int kClusterRankShift = 20;
 inline uint32_t map_shared_rank(uint32_t smem_addr, int rank) {
   const Unchecked bookkeeping;
+  require_cluster("mapa");
   const Cta& c = cta();
   const size_t lo = c.dyn_smem - c.smem_block;
   if (smem_addr < lo || smem_addr >= lo + c.dyn_smem_bytes) {
@@ -1159,12 +1173,14 @@ inline void fiber_main(Thread* t) {
   std::abort();  // never resumed
 }
 
-// Runs one cluster of CTAs of `body` to completion (a launch without clusters: one CTA each):
-// their threads side by side, CTA after CTA in each round (reversed with EMU_ORDER=reverse).
-inline void run_cluster(std::vector<Cta*>& ctas) {
+// Runs one cluster of CTAs of `body` to completion (a launch without clusters: one CTA each, or
+// EMU_COSCHEDULE of them, not a cluster): their threads side by side, CTA after CTA in each round
+// (reversed with EMU_ORDER=reverse).
+inline void run_cluster(std::vector<Cta*>& ctas, bool real_cluster) {
   Sched& s = sched();
   const Unchecked bookkeeping;  // the scheduler's side
   s.cluster = ctas;
+  s.real_cluster = real_cluster;
 #if defined(EMU_TSAN)
   s.tsan_main = __tsan_get_current_fiber();
 #endif
@@ -1343,41 +1359,52 @@ class Launch {
     const size_t block_bytes = dev.dyn_smem_offset + smem_;
     // Clusters (single CTAs without them) one after another, in the scheduling order too
     // (reverse: the last first), so a result that depends on which CTA of a launch runs first or
-    // last differs between the orders. A cluster's CTAs: rank = x + y cx + z cx cy in it.
+    // last differs between the orders. A cluster's CTAs: rank = x + y cx + z cx cy in it. Without
+    // clusters, EMU_COSCHEDULE consecutive CTAs of that order run side by side instead (a
+    // protocol between CTAs -- split-KV's arrival marks, GEMM2's combine counters -- then meets
+    // its interleavings: more than one CTA seeing itself last, a reset racing a reader).
     const auto pick = [&](unsigned i, unsigned n) { return dev.reverse ? n - 1 - i : i; };
     const dim3 clusters(grid_.x / cluster_.x, grid_.y / cluster_.y, grid_.z / cluster_.z);
+    const unsigned together = cluster_size > 1 ? cluster_size : static_cast<unsigned>(std::max(dev.coschedule, 1));
+    std::vector<dim3> order;  // the CTAs, each cluster's in rank order
     for (unsigned zi = 0; zi < clusters.z; ++zi) {
       for (unsigned yi = 0; yi < clusters.y; ++yi) {
         for (unsigned xi = 0; xi < clusters.x; ++xi) {
           const dim3 first(pick(xi, clusters.x) * cluster_.x, pick(yi, clusters.y) * cluster_.y,
                            pick(zi, clusters.z) * cluster_.z);
-          std::vector<Cta> members(cluster_size);
-          std::vector<std::vector<unsigned char>> storage(cluster_size);
-          std::vector<Cta*> ranks;
           for (unsigned r = 0; r < cluster_size; ++r) {
-            Cta& c = members[r];
-            c.block_idx = dim3(first.x + r % cluster_.x, first.y + (r / cluster_.x) % cluster_.y,
-                               first.z + r / (cluster_.x * cluster_.y));
-            c.block_dim = block_;
-            c.num_threads = threads;
-            storage[r].resize(block_bytes + 1024 + 16);
-            // shared address 0 on a 1024-byte boundary, as the hardware's window
-            auto* base = reinterpret_cast<unsigned char*>(
-                (reinterpret_cast<uintptr_t>(storage[r].data()) + 1023) & ~uintptr_t{1023});
-            c.smem_block = base;
-            c.dyn_smem = base + dev.dyn_smem_offset;
-            c.dyn_smem_bytes = smem_;
-            std::memset(c.dyn_smem, 0xFF, smem_);  // poison: NaN in every float format
-            ranks.push_back(&c);
-          }
-          run_cluster(ranks);
-          if (s.failed) {
-            const std::string e = s.error;
-            s.failed = false;
-            s.error.clear();
-            throw Error(e);
+            order.push_back(dim3(first.x + r % cluster_.x, first.y + (r / cluster_.x) % cluster_.y,
+                                 first.z + r / (cluster_.x * cluster_.y)));
           }
         }
+      }
+    }
+    for (size_t at = 0; at < order.size(); at += together) {
+      const unsigned n = static_cast<unsigned>(std::min<size_t>(together, order.size() - at));
+      std::vector<Cta> members(n);
+      std::vector<std::vector<unsigned char>> storage(n);
+      std::vector<Cta*> ranks;
+      for (unsigned r = 0; r < n; ++r) {
+        Cta& c = members[r];
+        c.block_idx = order[at + r];
+        c.block_dim = block_;
+        c.num_threads = threads;
+        storage[r].resize(block_bytes + 1024 + 16);
+        // shared address 0 on a 1024-byte boundary, as the hardware's window
+        auto* base = reinterpret_cast<unsigned char*>(
+            (reinterpret_cast<uintptr_t>(storage[r].data()) + 1023) & ~uintptr_t{1023});
+        c.smem_block = base;
+        c.dyn_smem = base + dev.dyn_smem_offset;
+        c.dyn_smem_bytes = smem_;
+        std::memset(c.dyn_smem, 0xFF, smem_);  // poison: NaN in every float format
+        ranks.push_back(&c);
+      }
+      run_cluster(ranks, /*real_cluster=*/cluster_size > 1);
+      if (s.failed) {
+        const std::string e = s.error;
+        s.failed = false;
+        s.error.clear();
+        throw Error(e);
       }
     }
   }
@@ -1507,9 +1534,20 @@ inline V atomicExch(V* p, V v) {
   return __atomic_exchange_n(p, v, __ATOMIC_RELAXED);
 }
 
-// A device-wide fence: CTAs run one after another here, so every earlier CTA's writes are
-// already visible; within a CTA only barriers order (ThreadSanitizer's view, as CUDA's).
-inline void __threadfence() {}
+// A device-wide fence: CTAs run one after another here (or co-scheduled ones interleave at their
+// threads' meeting points), and every write is visible at once; within a CTA only barriers order
+// (ThreadSanitizer's view, as CUDA's). With co-scheduled CTAs the fence is also a point where the
+// thread lets the others run: the cross-CTA protocols interleave between their fences.
+inline void __threadfence() {
+  emu::Sched& s = emu::sched();
+  if (s.cluster.size() > 1) {
+    {
+      const emu::Unchecked bookkeeping;
+      ++s.progress;
+    }
+    emu::yield();
+  }
+}
 
 // ---- runtime API ---------------------------------------------------------------------------------
 inline cudaError_t cudaGetLastError() {
