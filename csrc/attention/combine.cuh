@@ -28,8 +28,9 @@
 // combine_row: one warp per workspace row (kv head, token, h); lane l owns head dims
 // 4 l .. 4 l + 3 (16-byte fp32 loads of each split's O_i: through L2, or from the split CTA's
 // shared memory in a cluster). The split weights are reduced with a fixed butterfly over lanes
-// (lane l sums splits l, l + 32, ... in order). An empty split (lse2 = -inf, O = 0) gets weight 0; rows that see no key at all get
-// out = 0, lse = -inf; a NaN partial lse (NaN inputs) gives NaN out and lse.
+// (lane l sums splits l, l + 32, ... in order). An empty split (lse2 = -inf, O = 0) gets weight 0;
+// rows that see no key at all get out = 0, lse = -inf; a NaN partial lse (NaN inputs) gives NaN
+// out and lse.
 // Its cost is L2 round trips in a chain, on the one combining CTA of each tile: the first H200
 // run (2026-11-27, benchmarks/NOTES.md) timed batch-1 decode at 24-31 us for 1k keys (16 splits;
 // the separate combine kernel this replaced: 14 us on the H100) and 39-55 us for 8k (64 splits),
