@@ -65,6 +65,7 @@ PREFILL_4K_16K = _all(_model("Qwen3-4B", "Qwen3-30B-A3B"), lambda s: s.get("batc
 LONG_DECODE = lambda s: s.get("batch", 0) * s.get("context", 0) >= DECODE_KV_TOKENS  # noqa: E731
 SHORT_DECODE = lambda s: s.get("batch") == 1 and s.get("context") == 1024  # noqa: E731
 BATCH1_8K_DECODE = lambda s: s.get("batch") == 1 and s.get("context") == 8192  # noqa: E731
+BATCH1_32K_DECODE = lambda s: s.get("batch") == 1 and s.get("context") == 32768  # noqa: E731
 MOE_30B = _model("Qwen3-30B-A3B")
 
 TARGETS = (
@@ -99,6 +100,8 @@ TARGETS = (
            "attention_decode", SHORT_DECODE, "speedup", 1.0, ("qwen3x_cluster",), informational=True),
     Target(5, "decode at batch 1, context 8k (64 splits through L2, 16 in a cluster): the two combines (reported)",
            "attention_decode", BATCH1_8K_DECODE, "speedup", 1.0, ("qwen3x_cluster",), informational=True),
+    Target(5, "decode at batch 1, context 32k (the cluster's 16-split cap with 4 kv heads: 64 CTAs): the two combines (reported)",
+           "attention_decode", BATCH1_32K_DECODE, "speedup", 1.0, ("qwen3x_cluster",), informational=True),
     Target(5, "patched Qwen3-0.6B and Qwen3-4B prefill faster than unpatched",
            "model_prefill", _model("Qwen3-0.6B", "Qwen3-4B"), "speedup", 1.0, (UNPATCHED,), strict=True),
     # issue 6: MoE
