@@ -933,7 +933,7 @@ def test_targets_select_the_cases_they_judge():
     assert set(by_op) == targets.judged_ops()  # the whole-model ones included without --model
     assert all(s["tokens"] >= 16384 for s in by_op["rms_norm"])
     decode = {(s["batch"], s["context"]) for s in by_op["attention_decode"]}
-    assert (1, 1024) in decode and (16, 32768) in decode and (1, 32768) not in decode
+    assert (1, 1024) in decode and (16, 32768) in decode and (1, 131072) not in decode
     assert all(b == 1 and 4096 <= s <= 16384 for b, s in ((x["batch"], x["seqlen"]) for x in by_op["attention_prefill"]))
     assert any(s["model"] == "Qwen3-235B-A22B" for s in by_op["moe_layer"])
     assert {s["tokens"] for s in by_op["moe_permute"]} == {1, 16, 64}  # issue 6: decode is 1 to 64 tokens
