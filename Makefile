@@ -225,7 +225,8 @@ gpu:
 	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; cat $(OUT)/wgmma_smoke.log
 	@for f in error_probe tests parity memcheck racecheck bench model suite flushab; do [ -f $(OUT)/$$f.log ] && grep -E \
 	    "error path probe|passed|failed| exit " $(OUT)/$$f.log | tail -n 3; done; \
-	    [ -f $(OUT)/ncu.txt ] && grep "^ncu .* exit" $(OUT)/ncu.txt; true
+	    [ -f $(OUT)/ncu.txt ] && grep "^ncu .* exit" $(OUT)/ncu.txt; \
+	    [ -f $(OUT)/kernel_times.txt ] && tail -n 1 $(OUT)/kernel_times.txt; true
 
 # A 15-minute device lease (the machine's start, 1-2 minutes, included) as up to three calls on one
 # machine (the later ones find the first's build and only relink), in the order of what a lease cut
