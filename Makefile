@@ -224,7 +224,7 @@ gpu:
 	    $(FLUSH_AB_MOE_ARGS)) 2>&1 | tail -n 60 > $(OUT)/flushab.log; echo "flushab exit $$?" >> $(OUT)/flushab.log
 	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/build.log; cat $(OUT)/wgmma_smoke.log
 	@for f in error_probe tests parity memcheck racecheck bench model suite flushab; do [ -f $(OUT)/$$f.log ] && grep -E \
-	    "error path probe|passed|failed| exit " $(OUT)/$$f.log | tail -n 3; done; \
+	    "error path probe|passed|failed| exit |skipped: gVisor" $(OUT)/$$f.log | tail -n 3; done; \
 	    [ -f $(OUT)/ncu.txt ] && grep "^ncu .* exit" $(OUT)/ncu.txt; \
 	    [ -f $(OUT)/kernel_times.txt ] && tail -n 1 $(OUT)/kernel_times.txt; true
 
