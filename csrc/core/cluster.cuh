@@ -3,13 +3,12 @@
 // barrier orders the writes before the reads. Split-KV attention merges its splits this way
 // (attention/combine.cuh, combine_in_cluster) instead of through L2.
 //
-// Device: the CTA's rank in its cluster, the cluster barrier (arrive.release + wait.acquire:
-// every thread of every CTA of the cluster, like __syncthreads across CTAs, and it orders
-// shared-memory writes before the barrier with reads of them after it), and loads of another
-// CTA's shared memory (mapa turns this CTA's shared address into the same offset in the CTA of
-// a given rank). Only sm_90 code has them; sm_80 code traps (the host never launches a cluster
-// there). Under QWEN3X_EMULATOR each calls its emulation (tests/emulator: a cluster's CTAs run
-// side by side).
+// Device: the cluster barrier (arrive.release + wait.acquire: every thread of every CTA of the
+// cluster, like __syncthreads across CTAs, and it orders shared-memory writes before the barrier
+// with reads of them after it; or relaxed, ordering nothing), and loads of another CTA's shared
+// memory (mapa turns this CTA's shared address into the same offset in the CTA of a given rank).
+// Only sm_90 code has them; sm_80 code traps (the host never launches a cluster there). Under
+// QWEN3X_EMULATOR each calls its emulation (tests/emulator: a cluster's CTAs run side by side).
 //
 // Host: launch_kernel_cluster (cudaLaunchKernelEx with the cluster shape, and programmatic
 // dependent launch when asked, core/pdl.cuh) and cluster_fits, which asks the occupancy API
@@ -30,19 +29,6 @@ constexpr int kMaxPortableClusterSize = 8;  // any sm_90 part
 constexpr int kMaxClusterSize = 16;         // H100 / H200, with the non-portable opt-in
 
 // ---- device ------------------------------------------------------------------------------------
-
-__device__ __forceinline__ int cluster_cta_rank() {
-#if defined(QWEN3X_EMULATOR)
-  return emu::cluster_cta_rank();
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  return static_cast<int>(rank);
-#else
-  __trap();
-  return 0;
-#endif
-}
 
 // Every thread of every CTA of the cluster, in convergent code (.aligned); shared-memory writes
 // before it are visible to the cluster's DSMEM reads after it.

@@ -440,7 +440,6 @@ struct Cta {
   // for the async proxy since (fence.proxy.async), or -1
   std::vector<int> generic_writer;
   std::vector<char> wgmma_fenced;  // per warpgroup: a wgmma.fence since its last wait_group
-  int cluster_rank = 0;            // %cluster_ctarank
 };
 
 struct Sched {
@@ -603,11 +602,6 @@ inline void require_cluster(const char* what) {
   if (!sched().real_cluster && sched().cluster.size() > 1) {
     fail(std::string(what) + " in a launch without clusters (its CTAs are only co-scheduled here)");
   }
-}
-
-inline int cluster_cta_rank() {
-  require_cluster("%cluster_ctarank");
-  return cta().cluster_rank;
 }
 
 // barrier.cluster.arrive{.release | .relaxed}.aligned: a warp instruction (.aligned: the warp's
@@ -1196,7 +1190,6 @@ inline void run_cluster(std::vector<Cta*>& ctas, bool real_cluster) {
   for (size_t rank = 0; rank < ctas.size(); ++rank) {
     Cta& c = *ctas[rank];
     const int n = c.num_threads;
-    c.cluster_rank = static_cast<int>(rank);
     c.threads.assign(n, Thread{});
     for (int i = 0; i < n; ++i) {
       Thread& t = c.threads[i];
