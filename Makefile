@@ -248,7 +248,7 @@ GPU_CHECK_TESTS ?= tests/test_attention_gpu.py tests/test_moe_gpu.py tests/test_
 # decode layer's kernels one by one, its 45% of the weight bandwidth at 1 token to be placed)
 GPU_PERF_KERNEL_TIMES_ARGS ?= --ops moe_layer --shapes model=Qwen3-30B-A3B,tokens=1 --providers qwen3x
 GPU_PERF_ARGS   ?= --targets --ops attention_prefill,attention_decode,moe_layer,moe_route,rms_norm,qk_norm_rope \
-                   --providers qwen3x,qwen3x_no_pdl,qwen3x_no_fence,qwen3x_cluster,sdpa_flash,sdpa_cudnn,hf_grouped_mm,liger \
+                   --providers qwen3x,qwen3x_no_pdl,qwen3x_no_fence,qwen3x_cluster,qwen3x_overlap,sdpa_flash,sdpa_cudnn,hf_grouped_mm,liger \
                    --no-precompile
 gpu-check:
 	$(MAKE) gpu STEPS="tests" GPU_SAMPLE=1 GPU_TESTS="$(GPU_CHECK_TESTS)" GPU_TEST_S=100 BUILD_S=200

@@ -106,6 +106,14 @@ def no_fence_provider(env_name: str, call: Callable[[Inputs], Any], eligible: bo
                         skip=_wgmma_skip(env_name, eligible), graphable=False, **kw)
 
 
+def overlap_provider(env_name: str, call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
+    """qwen3x's Hopper attention loop with each tile's softmax beside the previous tile's P V
+    (QWEN3X_ATTENTION_OVERLAP=1, FA3's intra-warpgroup overlap) instead of after it: the A/B that
+    decides between the two loops (benchmarks/NOTES.md), in the same run. Same bits either way."""
+    return _env_variant("qwen3x_overlap", ("QWEN3X_ATTENTION_OVERLAP", "1"), call,
+                        skip=_wgmma_skip(env_name, eligible), graphable=False, **kw)
+
+
 def _decode_variant(name: str, setting: tuple[str, str], call: Callable[[Inputs], Any], eligible: bool,
                     unavailable: str | None, **kw) -> Provider:
     """An environment-setting variant of qwen3x for decode-sized cases (graph-capturable: the C++

@@ -57,9 +57,10 @@ MMA_KERNELS = ("moe_expert_gemm_kernel",)
 WGMMA_LOOP_KERNELS = {
     # csrc/moe/grouped_gemm.cuh kWgmma mainloop: per k tile, 4 k16 steps of m64n128k16.
     "(qwen3x::moe::GemmMainloop)1>": 4,
-    # csrc/attention kWgmma mainloop: per K/V tile, Q K^T 8 k16 steps + P V 4 k16 steps.
-    "attn::attention_fwd_kernel<__nv_bfloat16, true>": 12,
-    "attn::attention_fwd_kernel<__half, true>": 12,
+    # csrc/attention kWgmma mainloops (serial, and overlapped: the third template argument):
+    # per K/V tile, Q K^T 8 k16 steps + P V 4 k16 steps.
+    "attn::attention_fwd_kernel<__nv_bfloat16, true,": 12,
+    "attn::attention_fwd_kernel<__half, true,": 12,
 }
 # Kernels (demangled-name substrings) that core/pdl.cuh's launch_kernel may launch with
 # programmatic dependent launch on an sm_90 device: on sm_90a each must wait for the previous

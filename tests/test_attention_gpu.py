@@ -440,6 +440,48 @@ def test_combine_setting_is_checked(monkeypatch):
             ops.attention(q, k, v, None, D**-0.5, True)
 
 
+# (B, Hq, Hkv, Sq, Skv, causal, mask): calls the Hopper loop serves (full row tiles)
+# (first: the case a one-parametrization GPU pass keeps: causal, many tiles, a ragged last tile)
+OVERLAP_CASES = [
+    (1, 32, 8, 1000, 1000, True, False),  # Qwen3-4B layout, 16 key tiles, the last one partial
+    (2, 16, 8, 130, 300, False, True),    # a padding mask, keys past a tile edge
+    (1, 16, 8, 64, 64, True, False),      # one key tile: the first tile's Q K^T, the last P V
+    (1, 16, 8, 64, 4096, True, False),    # 16 CTAs: the keys split, merged by the L2 combine
+]
+
+
+@pytest.mark.parametrize("case", OVERLAP_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_overlap_loop(monkeypatch, case):
+    """QWEN3X_ATTENTION_OVERLAP=1 (attention_fwd.cuh, kOverlap): tile t's softmax runs beside tile
+    t - 1's P V. The same operations on o in the same order as the default Hopper loop: identical
+    bits; judged against the truth too."""
+    if not wgmma_available():
+        pytest.skip("the overlapped loop is a Hopper loop: an sm_90 GPU and a build with sm_90a")
+    B, Hq, Hkv, Sq, Skv, causal, with_mask = case
+    monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "wgmma")
+    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, torch.bfloat16, q_layout="bshd")
+    mask = _padding_mask(B, Sq, Skv) if with_mask else None
+    serial_out, serial_lse = _run(q, k, v, mask, causal)
+    monkeypatch.setenv("QWEN3X_ATTENTION_OVERLAP", "1")
+    out, lse = _run(q, k, v, mask, causal)
+    assert_identical(out, serial_out)
+    assert_identical(lse, serial_lse)
+    _judge(out, lse, q, k, v, mask, D**-0.5, causal)
+
+
+def test_overlap_setting_is_checked(monkeypatch):
+    q, k, v = _inputs(1, 16, 8, 64, 64, torch.bfloat16)
+    monkeypatch.setenv("QWEN3X_ATTENTION_OVERLAP", "yes")
+    with pytest.raises(RuntimeError, match="qwen3x.attention: QWEN3X_ATTENTION_OVERLAP must be 0 or 1"):
+        ops.attention(q, k, v, None, D**-0.5, True)
+    monkeypatch.setenv("QWEN3X_ATTENTION_OVERLAP", "1")
+    if wgmma_available():
+        ops.attention(q, k, v, None, D**-0.5, True)
+    else:  # no silent fallback
+        with pytest.raises(RuntimeError, match="QWEN3X_ATTENTION_OVERLAP=1 needs an sm_90 GPU"):
+            ops.attention(q, k, v, None, D**-0.5, True)
+
+
 def test_empty_and_zero_keys():
     q, k, v = _inputs(2, 8, 4, 0, 5, torch.bfloat16)
     out, lse = ops.attention(q, k, v, None, D**-0.5, False)
@@ -472,6 +514,19 @@ def test_bad_inputs():
     _bad(q, k, v, torch.ones(1, 1, 4, 6, dtype=torch.bool), s, True, match="mask")  # CPU mask
     _bad(q, k.half(), v.half(), None, s, True, match="dtype")
     _bad(q, k, v[:, :, :5], None, s, True, match="shape")
+
+
+def test_scale_is_checked():
+    """The kernel folds the softmax scale into its exponent (softmax.cuh): a scale that is not
+    positive and finite is refused, by both entry points, naming the op."""
+    q, k, v = _inputs(1, 8, 4, 4, 6, torch.bfloat16)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device="cuda")
+    qp, kp, vp = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # [tokens, heads, D]
+    for scale in (0.0, -D**-0.5, float("inf"), float("nan")):
+        _bad(q, k, v, None, scale, True, match="positive finite softmax scale")
+        with pytest.raises(RuntimeError, match="qwen3x.attention_varlen: expected a positive finite softmax scale"):
+            ops.attention_varlen(qp, kp, vp, cu, torch.tensor([0, 6], dtype=torch.int32, device="cuda"), 4, 6,
+                                 scale, True)
 
 
 def test_lse_is_natural_log():

@@ -1166,28 +1166,34 @@ def test_flex_decode_compiles_once_per_head_layout_and_batch(monkeypatch, dynamo
 
 
 def test_env_variant_providers_set_their_setting_only_during_the_call(monkeypatch):
-    """qwen3x_mma_sync / qwen3x_no_fence / qwen3x_no_pdl / qwen3x_cluster run qwen3x with one environment setting in
+    """qwen3x_mma_sync / qwen3x_no_fence / qwen3x_no_pdl / qwen3x_cluster / qwen3x_overlap run qwen3x with one
+    environment setting in
     force during each call (the C++ side reads it per call) and restore it afterwards; each says
     the setting in its note and why it is skipped where it cannot differ from qwen3x."""
     monkeypatch.delenv("QWEN3X_WGMMA_PROXY_FENCE", raising=False)
     monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "auto")
     monkeypatch.delenv("QWEN3X_ATTENTION_COMBINE", raising=False)
+    monkeypatch.delenv("QWEN3X_ATTENTION_OVERLAP", raising=False)
     seen = []
     call = lambda x: seen.append((os.environ.get("QWEN3X_WGMMA_PROXY_FENCE"),  # noqa: E731
                                   os.environ.get("QWEN3X_ATTENTION_MAINLOOP"), os.environ.get("QWEN3X_PDL"),
-                                  os.environ.get("QWEN3X_ATTENTION_COMBINE")))
+                                  os.environ.get("QWEN3X_ATTENTION_COMBINE"), os.environ.get("QWEN3X_ATTENTION_OVERLAP")))
     monkeypatch.setattr(providers, "wgmma_available", lambda: True)
     monkeypatch.setattr(providers, "pdl_available", lambda: True)
     fence = providers.no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True)
     mma = providers.mma_sync_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True)
     pdl = providers.no_pdl_provider(call, eligible=True)
     cluster = providers.cluster_combine_provider(call, eligible=True)
-    for p in (fence, mma, pdl, cluster):
+    overlap = providers.overlap_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True)
+    for p in (fence, mma, pdl, cluster, overlap):
         assert p.skip is None, (p.name, p.skip)
         p.build({})()
-    assert seen == [("0", "auto", None, None), (None, "mma_sync", None, None), (None, "auto", "0", None),
-                    (None, "auto", None, "cluster")]
-    assert "QWEN3X_ATTENTION_COMBINE" not in os.environ
+    assert seen == [("0", "auto", None, None, None), (None, "mma_sync", None, None, None),
+                    (None, "auto", "0", None, None), (None, "auto", None, "cluster", None),
+                    (None, "auto", None, None, "1")]
+    assert "QWEN3X_ATTENTION_COMBINE" not in os.environ and "QWEN3X_ATTENTION_OVERLAP" not in os.environ
+    assert (overlap.name, overlap.note) == ("qwen3x_overlap", "QWEN3X_ATTENTION_OVERLAP=1")
+    assert "does not serve" in providers.overlap_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=False).skip
     assert (cluster.name, cluster.note) == ("qwen3x_cluster", "QWEN3X_ATTENTION_COMBINE=cluster")
     assert "not a decode-sized case" in providers.cluster_combine_provider(call, eligible=False).skip
     monkeypatch.setattr(providers, "wgmma_available", lambda: False)

@@ -69,9 +69,10 @@ def _strides(prefix, t, dims):
 
 
 def _attention(q, k, v, *, causal, mainloop, mask=None, key_lengths=None, force_splits=None, replays=1,
-               cluster_combine=False):
+               cluster_combine=False, overlap=False):
     """q [B, Hq, Sq, D] (any strides), k/v [B, Hkv, Skv, D]: (out [B, Sq, Hq, D], lse).
-    cluster_combine: QWEN3X_ATTENTION_COMBINE=cluster (the splits merged inside a cluster)."""
+    cluster_combine: QWEN3X_ATTENTION_COMBINE=cluster (the splits merged inside a cluster);
+    overlap: QWEN3X_ATTENTION_OVERLAP=1 (the wgmma loop with each softmax beside a P V)."""
     B, Hq, Sq, _ = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     dtype = "bf16" if q.dtype == torch.bfloat16 else "fp16"
@@ -95,6 +96,8 @@ def _attention(q, k, v, *, causal, mainloop, mask=None, key_lengths=None, force_
         params["replays"] = replays
     if cluster_combine:
         params["cluster_combine"] = 1
+    if overlap:
+        params["overlap"] = 1
     r = _run_all("attention", params, inputs,
                  {"out": (q.dtype, (B, Sq, Hq, D)), "lse": (torch.float32, (B, Hq, Sq))})
     return r["out"], r["lse"], r["stdout"]
@@ -148,6 +151,54 @@ def test_attention(case):
         want, per_split = attention_model.plan_splits(ctas, Skv, Sq * group, sms, ctas_per_sm)
         assert f"splits {want} tiles_per_split {per_split}" in log, log
     _gpu_judge()._judge(out, lse, q, k, v, None, D**-0.5, causal)
+
+
+# (B, Hq, Hkv, Sq, Skv, causal, dtype, splits, cluster): full row tiles (the Hopper loops), key
+# counts of 1 to 7 tiles with ragged ends, key splits merged through L2 and inside a cluster
+OVERLAP_CASES = [
+    (1, 4, 2, 200, 200, True, torch.bfloat16, None, False),  # 4 key tiles, causal diagonal
+    (2, 2, 1, 70, 130, False, torch.float16, None, False),   # 3 tiles, the last with 2 keys
+    (1, 2, 2, 64, 64, True, torch.bfloat16, None, False),    # one tile: no overlapped iteration
+    (1, 2, 2, 90, 40, True, torch.bfloat16, None, False),    # more queries than keys
+    (1, 2, 1, 64, 0, False, torch.bfloat16, None, False),    # no keys: no tile at all
+    (1, 4, 2, 40, 450, True, torch.bfloat16, 3, False),      # split keys: 3 + 3 + 2 tiles (V stage
+    (1, 4, 2, 40, 450, True, torch.bfloat16, 3, True),       # indices past a split's start), L2 / cluster
+]
+
+
+@pytest.mark.parametrize("case", OVERLAP_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_attention_overlap_loop(case):
+    """The overlapped Hopper loop (QWEN3X_ATTENTION_OVERLAP=1, attention_fwd.cuh kOverlap): tile
+    t's softmax beside tile t - 1's P V, whose wait comes an iteration later. Bitwise the serial
+    wgmma loop's answer (the same operations on o in the same order), under every RUNS order
+    (wgmma and copies at issue or at their waits: a P V whose registers or V stage were reused
+    before its wait gives another answer), and judged."""
+    B, Hq, Hkv, Sq, Skv, causal, dtype, splits, cluster = case
+    torch.manual_seed(Sq * 1000 + Skv)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv, dtype, "bshd")
+    runs = [_attention(q, k, v, causal=causal, mainloop="wgmma", force_splits=splits,
+                       cluster_combine=cluster, overlap=overlap) for overlap in (False, True)]
+    (serial_out, serial_lse, _), (out, lse, log) = runs
+    if splits:
+        assert f"splits {splits} " in log, log
+    assert_identical(out, serial_out)
+    assert_identical(lse, serial_lse)
+    _gpu_judge()._judge(out, lse, q, k, v, None, D**-0.5, causal)
+
+
+def test_attention_overlap_loop_mask_and_key_lengths():
+    """The overlapped loop with a padding mask and per-sequence key lengths (masked tiles on
+    every iteration, a sequence whose first rows see no key): bitwise the serial loop."""
+    B, Hq, Hkv, Sq, Skv = 2, 4, 1, 40, 300
+    torch.manual_seed(9)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv)
+    mask = torch.rand(B, Hq, Sq, Skv) > 0.3
+    mask[1, :, :5] = False
+    lengths = torch.tensor([300, 197], dtype=torch.int64)
+    serial, overlapped = (_attention(q, k, v, causal=True, mainloop="wgmma", mask=mask, key_lengths=lengths,
+                                     overlap=overlap) for overlap in (False, True))
+    assert_identical(overlapped[0], serial[0])
+    assert_identical(overlapped[1], serial[1])
 
 
 def test_attention_more_splits_than_the_combine_holds_is_refused():
@@ -631,9 +682,17 @@ PLANTED = {
         "attention"),
     # the Hopper loop's wait lets this tile's group stay in flight: wgmma reads the tile before it lands
     "attention: wgmma loop waits for nothing": (
-        ("attention/attention_fwd.cuh", "      cp_async_wait<0>();\n      if (p.proxy_fence)",
-         "      cp_async_wait<1>();\n      if (p.proxy_fence)"),
+        ("attention/attention_fwd.cuh", "        cp_async_wait<0>();\n        if (p.proxy_fence)",
+         "        cp_async_wait<1>();\n        if (p.proxy_fence)"),
         "attention_wgmma"),
+    # the overlapped loop: o rescaled and P packed while the previous tile's P V still runs
+    "attention: overlapped loop does not wait for P V": (
+        ("attention/attention_fwd.cuh", "      warpgroup_wait_pv(o);\n", ""),
+        "attention_overlap"),
+    # ... or V in two stages: the next tile's V lands where the running P V reads
+    "attention: overlapped loop's V in two stages": (
+        ("attention/kernel_traits.cuh", "constexpr int kOverlapVStages = 3;", "constexpr int kOverlapVStages = 2;"),
+        "attention_overlap"),
     # the barrier before a stage is refilled: a warp's prefetch overwrites what another still reads
     # (in the numbers only where warps work unequally: a partial row tile's idle warps run ahead;
     # the race check sees it anywhere)
@@ -692,22 +751,38 @@ PLANTED = {
 }
 
 
+def _planted_runner(sanitizer, patches):
+    """A runner with the patches applied, built for the patched op alone (attention/ or moe/
+    sources: a fraction of a whole runner's compile time; its other ops are refused by name)."""
+    from emulator import build as emu_build
+
+    dirs = {file.split("/")[0] for file, _, _ in patches}
+    only = {"attention": "attention", "moe": "experts"}.get(dirs.pop()) if len(dirs) == 1 else None
+    return emu_build.build(sanitizer, patches=patches, only=only)
+
+
+def _not_a_missing_op(error):
+    """A planted-bug run must fail on the bug, not on an op its one-op runner lacks."""
+    assert "not built into this runner" not in str(error.value), error.value
+
+
 @pytest.mark.parametrize("name", list(PLANTED))
 def test_planted_bug_is_caught(name, monkeypatch):
-    from emulator import build as emu_build
     from emulator.run import EmulatorError
 
     patch, op = PLANTED[name]
-    exe = emu_build.build("none", patches=(patch,))
+    exe = _planted_runner("none", (patch,))
     real_run = _emu().run
     monkeypatch.setattr(_emu(), "run", lambda *a, **kw: real_run(*a, **kw, exe=exe))
-    with pytest.raises((AssertionError, EmulatorError)):
+    with pytest.raises((AssertionError, EmulatorError)) as error:
         if op == "attention":
             test_attention(ATTENTION_CASES[0])
         elif op == "attention_decode":
             test_attention(ATTENTION_CASES[4])
         elif op == "attention_wgmma":
             test_attention(ATTENTION_CASES[1])
+        elif op == "attention_overlap":
+            test_attention_overlap_loop(OVERLAP_CASES[0])
         elif op == "attention_idle_warps":  # 420 rows: the last row tile's 36 rows leave warp 3 idle
             test_attention((1, 4, 2, 210, 200, True, torch.bfloat16, "mma_sync", "bhsd", None))
         elif op == "attention_replays":
@@ -720,6 +795,7 @@ def test_planted_bug_is_caught(name, monkeypatch):
             test_moe_experts_decode_drops_picks_in_the_fused_combine()
         else:  # the prefill regime with the wgmma mainloop (every bug here is on its path)
             test_moe_experts(_WGMMA_EXPERTS)
+    _not_a_missing_op(error)
 
 
 # Mistakes that give the right answer here, and must be reported as what they are: (patches,
@@ -737,7 +813,7 @@ PLANTED_REPORTS = {
          ("moe/grouped_gemm.cuh", "const int swz = lane % kGemmSwizzleRows;", "const int swz = 0;")),
         lambda: test_moe_experts(EXPERT_CASES[4]), r"bank conflicts in ldmatrix\.x4"),
     "attention: no proxy fence": (
-        (("attention/attention_fwd.cuh", "if (p.proxy_fence) fence_proxy_async();", ""),),
+        (("attention/attention_fwd.cuh", "if (p.proxy_fence) fence_proxy_async();  // this thread's copies, to wgmma's proxy", ""),),
         lambda: test_attention(ATTENTION_CASES[1]), r"no fence\.proxy\.async"),
     "moe: no wgmma.fence": (
         (("moe/grouped_gemm.cuh", "    wgmma_fence();\n", ""),),
@@ -747,11 +823,10 @@ PLANTED_REPORTS = {
 
 @pytest.mark.parametrize("name", list(PLANTED_REPORTS))
 def test_planted_misuse_is_reported(name, monkeypatch):
-    from emulator import build as emu_build
     from emulator.run import EmulatorError
 
     patches, case, report = PLANTED_REPORTS[name]
-    exe = emu_build.build("none", patches=patches)
+    exe = _planted_runner("none", patches)
     real_run = _emu().run
     monkeypatch.setattr(_emu(), "run", lambda *a, **kw: real_run(*a, **kw, exe=exe))
     with pytest.raises((AssertionError, EmulatorError), match=report):
@@ -787,7 +862,7 @@ def _cluster_blind_runner():
     cluster instructions then run outside any cluster."""
     from emulator import build as emu_build
 
-    return emu_build.build("none", patches=(("attention/attention_fwd.cuh",
+    return emu_build.build("none", only="attention", patches=(("attention/attention_fwd.cuh",
                                              "if (p.cluster_combine) {  // the splits of a (row tile, b, kv head): one cluster",
                                              "if (false) {"),))
 
@@ -819,6 +894,7 @@ RACECHECK_RUN = [dict(async_mode="both", order="reverse", dyn_smem_offset=1024 +
 RACECHECK = {
     "attention mma_sync": lambda: test_attention(ATTENTION_CASES[0]),
     "attention wgmma": lambda: test_attention(ATTENTION_CASES[1]),
+    "attention wgmma overlapped": lambda: test_attention_overlap_loop(OVERLAP_CASES[0]),
     "attention decode split-KV": lambda: test_attention(ATTENTION_CASES[4]),
     "attention varlen": lambda: test_attention_varlen(),
     "experts decode": lambda: test_moe_experts(EXPERT_CASES[0]),
@@ -841,6 +917,12 @@ def test_racecheck(name, monkeypatch):
 
 
 PLANTED_RACES = {
+    # the overlapped Hopper loop's refill with no barrier first: a warp's copies of tile t + 1
+    # into stages other warps' wgmma of tiles t - 1 (Q K^T) and t - 2 (P V) may still read
+    "attention: overlapped loop without its barrier": (
+        ("attention/attention_fwd.cuh", "      finish_previous();\n      __syncthreads();\n",
+         "      finish_previous();\n"),
+        lambda: test_attention_overlap_loop(OVERLAP_CASES[0])),
     # the barrier before a K/V stage is refilled: the prefetch races with other warps' ldmatrix
     "attention: no barrier before the refill": (PLANTED["attention: no barrier before the refill"][0],
                                                 lambda: test_attention(ATTENTION_CASES[0])),
@@ -873,11 +955,10 @@ PLANTED_RACES = {
 
 @pytest.mark.parametrize("name", list(PLANTED_RACES))
 def test_planted_race_is_reported(name, monkeypatch):
-    from emulator import build as emu_build
     from emulator.run import EmulatorError
 
     patch, case = PLANTED_RACES[name]
-    exe = emu_build.build("thread", patches=(patch,))
+    exe = _planted_runner("thread", (patch,))
     monkeypatch.setattr(sys.modules[__name__], "RUNS", RACECHECK_RUN)
     real_run = _emu().run
     monkeypatch.setattr(_emu(), "run", lambda *a, **kw: real_run(*a, **kw, exe=exe))

@@ -79,7 +79,7 @@ def test_gemm2_may_read_before_its_wait_but_not_write():
     assert _pdl_problems("sm_90a", reads, gemm1) == ["PDL: a global memory access before griddepcontrol.wait"]
 
 
-WGMMA_KERNEL = "qwen3x::attn::attention_fwd_kernel<__half, true>"  # one of sass_check.WGMMA_LOOP_KERNELS
+WGMMA_KERNEL = "qwen3x::attn::attention_fwd_kernel<__half, true, true>"  # one of sass_check.WGMMA_LOOP_KERNELS
 
 
 def _loop(body: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from ..providers import (
     compiled,
     mma_sync_provider,
     no_fence_provider,
+    overlap_provider,
     no_pdl_provider,
     over_budget,
     qwen3x_provider,
@@ -214,6 +215,7 @@ def _providers(batch: int, hq: int, hkv: int, sq: int, skv: int, causal: bool, d
         qwen3x_provider("attention", qwen3x_call, canon=_first),
         mma_sync_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
         no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
+        overlap_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
         no_pdl_provider(qwen3x_call, decode, canon=_first),
         # (at batch 64 and up the CTAs fill a wave: no split, so no combine to compare)
         cluster_combine_provider(qwen3x_call, decode and batch <= CLUSTER_AB_MAX_BATCH, canon=_first),

@@ -94,6 +94,13 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
                ") divisible by key-value heads (", hkv, ")");
 }
 
+// The kernel folds the scale into its exponent (softmax.cuh), which keeps the max of the scaled
+// scores and the -inf of a masked one only for a positive finite scale.
+void check_scale(const char* op, double scale) {
+  QWEN3X_CHECK(std::isfinite(scale) && scale > 0.0, "qwen3x.", op,
+               ": expected a positive finite softmax scale, got ", scale);
+}
+
 void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const std::optional<at::Tensor>& mask,
                 const std::optional<at::Tensor>& key_lengths) {
@@ -210,23 +217,40 @@ bool cluster_combine_wanted(const char* op, int device) {
   QWEN3X_CHECK(choice == "l2" || choice == "cluster", "qwen3x.", op,
                ": QWEN3X_ATTENTION_COMBINE must be l2 or cluster, got '", choice, "'");
   if (choice == "l2") return false;
-#if defined(QWEN3X_HAS_SM90A) || defined(QWEN3X_EMULATOR)
-  constexpr bool kBuilt = true;
-#else
-  constexpr bool kBuilt = false;
-#endif
-  constexpr int kHopper = 90;
-  QWEN3X_CHECK(kBuilt && compute_capability(device) == kHopper, "qwen3x.", op,
-               ": QWEN3X_ATTENTION_COMBINE=cluster needs an sm_90 GPU and a build that includes sm_90a",
-               kBuilt ? "" : " (this build does not)");
+  check_hopper_setting(hopper_code_runs(device), op, "QWEN3X_ATTENTION_COMBINE=cluster");
   return true;
 }
 
+// Which Hopper loop a wgmma call runs (QWEN3X_ATTENTION_OVERLAP): 0 (default) the loop that
+// waits for each tile's P V before the next tile's Q K^T; 1 the one that runs each tile's
+// softmax beside the previous tile's P V (attention_fwd.cuh, kOverlap). Calls on the mma.sync
+// mainloop (decode tiles, other GPUs) are not affected, but asking for 1 where no wgmma code can
+// run is an error. An A/B switch until a GPU run decides between them (benchmarks/NOTES.md).
+bool overlap_wanted(const char* op, int device) {
+  const char* env = std::getenv("QWEN3X_ATTENTION_OVERLAP");
+  const std::string_view choice = env == nullptr || *env == '\0' ? "0" : env;
+  QWEN3X_CHECK(choice == "0" || choice == "1", "qwen3x.", op,
+               ": QWEN3X_ATTENTION_OVERLAP must be 0 or 1, got '", choice, "'");
+  if (choice == "0") return false;
+  check_hopper_setting(hopper_code_runs(device), op, "QWEN3X_ATTENTION_OVERLAP=1");
+  return true;
+}
+
+// Calls f.template operator()<T, kWgmma, kOverlap>() for the kernel a call runs.
+template <typename F>
+decltype(auto) with_kernel(bool bf16, bool wgmma, bool overlap, F&& f) {
+  const auto loops = [&]<typename T>() {
+    if (!wgmma) return f.template operator()<T, false, false>();
+    return overlap ? f.template operator()<T, true, true>() : f.template operator()<T, true, false>();
+  };
+  return bf16 ? loops.template operator()<__nv_bfloat16>() : loops.template operator()<__half>();
+}
+
 // CTAs of the forward kernel resident per SM (the split plan's wave size).
-template <typename T, bool kWgmma>
+template <typename T, bool kWgmma, bool kOverlap>
 int fwd_ctas_per_sm() {
-  return resident_ctas_per_sm<attn::attention_fwd_kernel<T, kWgmma>>(
-      attn::kThreads, attn::smem_bytes<kWgmma>(), attn::kMinCtasPerSm);
+  return resident_ctas_per_sm<attn::attention_fwd_kernel<T, kWgmma, kOverlap>>(
+      attn::kThreads, attn::smem_bytes<kWgmma, kOverlap>(), attn::kMinCtasPerSm);
 }
 
 // Plans split-KV for p (its sizes set), allocates the workspace when splitting and launches.
@@ -246,9 +270,10 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
   const int64_t ctas = std::max<int64_t>(
       static_cast<int64_t>(attn::row_tiles(p)) * p.batch * p.num_kv_heads,
       ceil_div<int64_t>(static_cast<int64_t>(p.total_q) * p.num_q_heads, attn::kBlockM));
-  const int ctas_per_sm =
-      bf16 ? (wgmma ? fwd_ctas_per_sm<__nv_bfloat16, true>() : fwd_ctas_per_sm<__nv_bfloat16, false>())
-           : (wgmma ? fwd_ctas_per_sm<__half, true>() : fwd_ctas_per_sm<__half, false>());
+  const bool overlap = overlap_wanted(op, q.get_device()) && wgmma;
+  const int ctas_per_sm = with_kernel(bf16, wgmma, overlap, [&]<typename T, bool kW, bool kO>() {
+    return fwd_ctas_per_sm<T, kW, kO>();
+  });
   const bool cluster = cluster_combine_wanted(op, q.get_device());
   const attn::SplitPlan plan =
       attn::plan_splits(ctas, seqlen_k_hint, static_cast<int64_t>(p.seqlen_q) * p.group, num_sms,
@@ -257,10 +282,9 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
   p.tiles_per_split = plan.tiles_per_split;
   p.cluster_combine = cluster && plan.num_splits > 1;
   if (p.cluster_combine) {
-    const bool fits = bf16 ? (wgmma ? attn::attention_cluster_fits<__nv_bfloat16, true>(plan.num_splits)
-                                    : attn::attention_cluster_fits<__nv_bfloat16, false>(plan.num_splits))
-                           : (wgmma ? attn::attention_cluster_fits<__half, true>(plan.num_splits)
-                                    : attn::attention_cluster_fits<__half, false>(plan.num_splits));
+    const bool fits = with_kernel(bf16, wgmma, overlap, [&]<typename T, bool kW, bool kO>() {
+      return attn::attention_cluster_fits<T, kW, kO>(plan.num_splits);
+    });
     QWEN3X_CHECK(fits, "qwen3x.", op, ": QWEN3X_ATTENTION_COMBINE=cluster: a cluster of ", plan.num_splits,
                  " CTAs of the attention kernel cannot be resident on this device (occupancy API)");
   }
@@ -279,14 +303,9 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
     p.split_tag = next_split_tag();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
-  cudaError_t err;
-  if (bf16) {
-    err = wgmma ? attn::launch_attention<__nv_bfloat16, true>(p, stream)
-                : attn::launch_attention<__nv_bfloat16, false>(p, stream);
-  } else {
-    err = wgmma ? attn::launch_attention<__half, true>(p, stream)
-                : attn::launch_attention<__half, false>(p, stream);
-  }
+  const cudaError_t err = with_kernel(bf16, wgmma, overlap, [&]<typename T, bool kW, bool kO>() {
+    return attn::launch_attention<T, kW, kO>(p, stream);
+  });
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -299,6 +318,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
                                              bool causal,
                                              const std::optional<at::Tensor>& key_lengths) {
   check_args(q, k, v, mask, key_lengths);
+  check_scale(kOp, scale);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const int64_t batch = q.size(0), hq = q.size(1), sq = q.size(2);
   const int64_t skv = k.size(2);
@@ -339,6 +359,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen(const at::Tensor& q, const a
                                                     int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                     double scale, bool causal) {
   check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k);
+  check_scale(kVarlenOp, scale);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const int64_t total_q = q.size(0), hq = q.size(1);
   const int64_t total_k = k.size(0);

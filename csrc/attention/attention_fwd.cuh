@@ -16,10 +16,12 @@
 // row packing r = s * group + h, tiles and shared memory:
 //   1. cp.async Q rows and the first K/V tile (one group), then for each K/V
 //      tile of the CTA's key range: prefetch the next tile into the other
-//      buffer, wait for the current one, S = Q K^T (mma), scale + mask,
-//      online softmax, O += P V (mma). Q fragments are read from shared memory
-//      once, before the first tile, and stay in registers. (kWgmma: the wait
-//      and the proxy fence come before the prefetch, one barrier per tile.)
+//      buffer, wait for the current one, S = Q K^T (mma), mask, online
+//      softmax (the scale folded into its exponent), O += P V (mma). Q fragments
+//      are read from shared memory once, before the first tile, and stay in
+//      registers. (kWgmma: the wait and the proxy fence come before the prefetch,
+//      one barrier per tile; kOverlap, the A/B variant of that loop: each tile's
+//      softmax runs beside the previous tile's P V, three V stages.)
 //   2. Key range: tiles [z * tiles_per_split, (z + 1) * tiles_per_split)
 //      (the last split: to the end), clipped at the last key any of the
 //      CTA's rows sees causally; tiles wholly above the diagonal are never
@@ -69,14 +71,16 @@
 namespace qwen3x::attn {
 
 // One row tile [row0, row0 + kBlockM) of sequence b, kv head kvh, key split `split`: steps
-// 1-4 above. kSplitKeys: the tile's rows fit warp 0 (step 3), mma.sync only.
-template <typename T, bool kWgmma, bool kSplitKeys>
+// 1-4 above. kSplitKeys: the tile's rows fit warp 0 (step 3), mma.sync only. kOverlap: the
+// Hopper loop with tile t's softmax beside tile t - 1's P V (below), kWgmma only.
+template <typename T, bool kWgmma, bool kSplitKeys, bool kOverlap>
 __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, int kvh, int split,
                                                int row0, int tid) {
   const SeqSlice seq = seq_slice(p, b);
   T* sK = sQ + kTileQElems;             // [kStages][kBlockN][128]
   T* sV = sK + kStages * kTileKVElems;  // [kStages][kBlockN][128]
   static_assert(!(kWgmma && kSplitKeys), "split keys is the mma.sync mainloop's decode path");
+  static_assert(kWgmma || !kOverlap, "the overlapped loop is a Hopper (wgmma) loop");
   const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
   const int row_warp = kSplitKeys ? 0 : warp;  // whose 16 rows this warp computes
@@ -128,64 +132,132 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
   uint32_t qf[kHeadStepsK][4];  // Q fragments, loaded at the first tile, kept in registers
 
   // ---- main loop ---------------------------------------------------------------------------
-  for (int tile = tile_begin; tile < tile_end; ++tile) {
-    const uint32_t stage_offset = ((tile - tile_begin) % kStages) * kTileKVBytes;
-    // The next tile's copies into the other buffer, as one commit group (empty after the last
-    // tile, so that the wait depths below hold throughout).
-    const auto prefetch_next = [&] {
+  if constexpr (kOverlap) {
+    // Hopper, FA3's intra-warpgroup overlap: tile t's Q K^T and then tile t - 1's P V go out as
+    // two wgmma groups; tile t's softmax runs once the first is done, beside the second, which
+    // is waited for only at the top of the next iteration (a basic block away: ptxas would
+    // otherwise hoist the wait above the softmax, as it did in a first version). Then o takes
+    // tile t's rescale and P is packed (its registers are the in-flight P V's A operand until
+    // then: a pack during it serializes every wgmma, ptxas note C7513). The same operations on o
+    // in the same order as the loop below ("rescale, then P V" per tile), so the same bits.
+    // Iteration t:
+    //   wait for tile t's copies, proxy fence;
+    //   wait for P V of t - 2; o *= alpha of t - 1; P of t - 1 packed;
+    //   barrier (every warp is past Q K^T of t - 1 and P V of t - 2), then t + 1's copies into
+    //   K stage (t + 1) % 2 and V stage (t + 1) % 3 (V of t - 1 is read until the next iteration);
+    //   issue Q K^T of t and P V of t - 1, wait for the first; softmax of t.
+    const auto wait_copies = [&] {  // this thread's copies landed, and visible to wgmma's proxy
+      cp_async_wait<0>();
+      if (p.proxy_fence) fence_proxy_async();
+    };
+    const auto prefetch_next = [&](int tile) {  // one commit group, empty after the last tile
+      const int t = tile - tile_begin;
       if (tile + 1 < tile_end) {
-        const uint32_t next_offset = kTileKVBytes - stage_offset;  // the other buffer
         k_loader.advance();
         v_loader.advance();
-        k_loader.load(sK_addr + next_offset, seq.seqlen_k);
-        v_loader.load(sV_addr + next_offset, seq.seqlen_k);
+        k_loader.load(sK_addr + ((t + 1) % kStages) * kTileKVBytes, seq.seqlen_k);
+        v_loader.load(sV_addr + ((t + 1) % kOverlapVStages) * kTileKVBytes, seq.seqlen_k);
       }
       cp_async_commit();
     };
-    if constexpr (kWgmma) {
-      // Compute bound: this tile's copies are the only group in flight when it waits, so the
-      // proxy fence (a MEMBAR in SASS) has no later copies it could wait for; the barrier makes
-      // every thread's copies visible and frees the other buffer (every warp is past the
-      // previous tile's wgmma), which the prefetch then refills while this tile computes.
-      cp_async_wait<0>();
-      if (p.proxy_fence) fence_proxy_async();  // this thread's copies, to wgmma's proxy
-      __syncthreads();
-      prefetch_next();
-    } else {
-      // Decode is bandwidth bound: the next tile's copies go out before this tile's wait (two
-      // tiles in flight); the previous iteration's closing barrier freed their buffer.
-      prefetch_next();
-      cp_async_wait<kStages - 1>();  // all but the newest group: this tile
-      __syncthreads();
-    }
-
-    if constexpr (kWgmma) {
-      if (tile == tile_begin) load_q_fragments<T, true>(qf, sQ_addr, warp, lane);
-      float s[kScoreTilesN][4];
-      warpgroup_qk<T>(s, qf, sK_addr + stage_offset);
+    const auto mask_and_exponentiate = [&](float (&s)[kScoreTilesN][4], int tile,
+                                           float (&alpha)[kRowHalves]) {
       const int key0 = tile * kBlockN;
-      const bool mask_tile = has_mask || key0 + kBlockN - 1 > visible_last;
-      scale_and_mask(s, p.scale_log2, mask_tile, limit, key0, lane);
-      uint32_t pf[kKeyStepsK][4];
-      softmax.update<T>(s, o, pf);
-      warpgroup_pv<T>(o, pf, sV_addr + stage_offset);
-    } else if (warp_active) {  // always with kSplitKeys (warp 0's rows, which hold row0)
-      // the whole tile, or with kSplitKeys the warp's quarter of its keys
-      constexpr int kTiles = kSplitKeys ? kWarpScoreTilesN : kScoreTilesN;
-      const int first_key = kSplitKeys ? warp * kKeysPerWarp : 0;  // in the tile
-      if (tile == tile_begin) load_q_fragments<T, false>(qf, sQ_addr, row_warp, lane);
-      const uint32_t keys_offset = stage_offset + first_key * kRowBytes;
-      float s[kTiles][4];
-      warp_qk<T>(s, qf, sK_addr + keys_offset, lane);
-      const int key0 = tile * kBlockN + first_key;
-      const bool mask_tile = has_mask || key0 + kTiles * kMmaN - 1 > visible_last;
-      scale_and_mask(s, p.scale_log2, mask_tile, limit, key0, lane);
-      uint32_t pf[kTiles / 2][4];
-      softmax.update<T>(s, o, pf);
-      warp_pv<T>(o, pf, sV_addr + keys_offset, lane);
+      mask_scores(s, has_mask || key0 + kBlockN - 1 > visible_last, limit, key0, lane);
+      softmax.exponentiate(s, p.scale_log2, alpha);
+    };
+    float s[kScoreTilesN][4];    // the newest tile's scores, then its p
+    float alpha[kRowHalves];     // the factor o owes for the newest tile's max
+    uint32_t pf[kKeyStepsK][4];  // P of the tile before it, which its (in-flight) P V reads
+    // o takes alpha once P V of the tile before is done; p (s) is packed into pf after that wait
+    const auto finish_previous = [&] {
+      warpgroup_wait_pv(o);
+      wgmma_fence_operands(reinterpret_cast<float(&)[kScoreTilesN * 4]>(s));
+      OnlineSoftmax::rescale(o, alpha);
+      OnlineSoftmax::pack_p<T>(s, pf);
+    };
+    if (tile_begin < tile_end) {  // the first tile: Q K^T alone
+      wait_copies();
+      __syncthreads();
+      prefetch_next(tile_begin);
+      load_q_fragments<T, true>(qf, sQ_addr, warp, lane);
+      warpgroup_qk<T>(s, qf, sK_addr);
+      mask_and_exponentiate(s, tile_begin, alpha);
     }
-    if constexpr (!kWgmma) {
-      __syncthreads();  // this stage is refilled by the next iteration's prefetch
+    for (int tile = tile_begin + 1; tile < tile_end; ++tile) {
+      const int t = tile - tile_begin;
+      wait_copies();
+      finish_previous();
+      __syncthreads();
+      prefetch_next(tile);
+      const uint32_t v_prev = sV_addr + ((t - 1) % kOverlapVStages) * kTileKVBytes;
+      warpgroup_qk_then_pv<T>(s, qf, sK_addr + (t % kStages) * kTileKVBytes, o, pf, v_prev);
+      mask_and_exponentiate(s, tile, alpha);
+    }
+    if (tile_begin < tile_end) {  // the last tile's P V
+      finish_previous();
+      warpgroup_pv<T>(o, pf, sV_addr + ((tile_end - 1 - tile_begin) % kOverlapVStages) * kTileKVBytes);
+    }
+  } else {
+    for (int tile = tile_begin; tile < tile_end; ++tile) {
+      const uint32_t stage_offset = ((tile - tile_begin) % kStages) * kTileKVBytes;
+      // The next tile's copies into the other buffer, as one commit group (empty after the last
+      // tile, so that the wait depths below hold throughout).
+      const auto prefetch_next = [&] {
+        if (tile + 1 < tile_end) {
+          const uint32_t next_offset = kTileKVBytes - stage_offset;  // the other buffer
+          k_loader.advance();
+          v_loader.advance();
+          k_loader.load(sK_addr + next_offset, seq.seqlen_k);
+          v_loader.load(sV_addr + next_offset, seq.seqlen_k);
+        }
+        cp_async_commit();
+      };
+      if constexpr (kWgmma) {
+        // Compute bound: this tile's copies are the only group in flight when it waits, so the
+        // proxy fence (a MEMBAR in SASS) has no later copies it could wait for; the barrier makes
+        // every thread's copies visible and frees the other buffer (every warp is past the
+        // previous tile's wgmma), which the prefetch then refills while this tile computes.
+        cp_async_wait<0>();
+        if (p.proxy_fence) fence_proxy_async();  // this thread's copies, to wgmma's proxy
+        __syncthreads();
+        prefetch_next();
+      } else {
+        // Decode is bandwidth bound: the next tile's copies go out before this tile's wait (two
+        // tiles in flight); the previous iteration's closing barrier freed their buffer.
+        prefetch_next();
+        cp_async_wait<kStages - 1>();  // all but the newest group: this tile
+        __syncthreads();
+      }
+
+      if constexpr (kWgmma) {
+        if (tile == tile_begin) load_q_fragments<T, true>(qf, sQ_addr, warp, lane);
+        float s[kScoreTilesN][4];
+        warpgroup_qk<T>(s, qf, sK_addr + stage_offset);
+        const int key0 = tile * kBlockN;
+        const bool mask_tile = has_mask || key0 + kBlockN - 1 > visible_last;
+        mask_scores(s, mask_tile, limit, key0, lane);
+        uint32_t pf[kKeyStepsK][4];
+        softmax.update<T>(s, p.scale_log2, o, pf);
+        warpgroup_pv<T>(o, pf, sV_addr + stage_offset);
+      } else if (warp_active) {  // always with kSplitKeys (warp 0's rows, which hold row0)
+        // the whole tile, or with kSplitKeys the warp's quarter of its keys
+        constexpr int kTiles = kSplitKeys ? kWarpScoreTilesN : kScoreTilesN;
+        const int first_key = kSplitKeys ? warp * kKeysPerWarp : 0;  // in the tile
+        if (tile == tile_begin) load_q_fragments<T, false>(qf, sQ_addr, row_warp, lane);
+        const uint32_t keys_offset = stage_offset + first_key * kRowBytes;
+        float s[kTiles][4];
+        warp_qk<T>(s, qf, sK_addr + keys_offset, lane);
+        const int key0 = tile * kBlockN + first_key;
+        const bool mask_tile = has_mask || key0 + kTiles * kMmaN - 1 > visible_last;
+        mask_scores(s, mask_tile, limit, key0, lane);
+        uint32_t pf[kTiles / 2][4];
+        softmax.update<T>(s, p.scale_log2, o, pf);
+        warp_pv<T>(o, pf, sV_addr + keys_offset, lane);
+      }
+      if constexpr (!kWgmma) {
+        __syncthreads();  // this stage is refilled by the next iteration's prefetch
+      }
     }
   }
   cp_async_wait<0>();  // nothing may land in sQ while it holds the output tile
@@ -215,7 +287,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
 // a padded batch; a varlen sequence longer than the caller's max_seqlen_q gets NaN in the rows
 // beyond the grid (never stale memory). (A CTA loop over row tiles would cover them, but costs
 // the main loop the registers it needs: ptxas then spills.)
-template <typename T, bool kWgmma>
+template <typename T, bool kWgmma, bool kOverlap = false>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
 attention_fwd_kernel(const __grid_constant__ Params p) {
   pdl_wait();  // first: the previous kernel's outputs (core/pdl.cuh)
@@ -240,18 +312,18 @@ attention_fwd_kernel(const __grid_constant__ Params p) {
   if (row0 < rows) {
     if constexpr (!kWgmma) {
       if (rows - row0 <= kSplitKeysMaxRows) {  // decode: one warp's rows, the keys split (step 3)
-        attention_tile<T, false, true>(p, sQ, b, kvh, blockIdx.z, row0, threadIdx.x);
+        attention_tile<T, false, true, false>(p, sQ, b, kvh, blockIdx.z, row0, threadIdx.x);
         return;
       }
     }
-    attention_tile<T, kWgmma, false>(p, sQ, b, kvh, blockIdx.z, row0, threadIdx.x);
+    attention_tile<T, kWgmma, false, kOverlap>(p, sQ, b, kvh, blockIdx.z, row0, threadIdx.x);
   }
 }
 
 // Dynamic shared memory of a mainloop's kernel.
-template <bool kWgmma>
+template <bool kWgmma, bool kOverlap = false>
 constexpr int smem_bytes() {
-  return kWgmma ? kSmemAllocWgmma : kSmemBytes;
+  return kOverlap ? kSmemAllocOverlap : kWgmma ? kSmemAllocWgmma : kSmemBytes;
 }
 
 // Launches the forward kernel on grid (row_tiles(p), B * Hkv, p.num_splits). When
@@ -261,31 +333,35 @@ constexpr int smem_bytes() {
 // splits' lse; plan_splits never asks for more), and with p.cluster_combine 2 <= num_splits <=
 // kMaxClusterSize: cudaErrorInvalidValue otherwise, nothing launched. p.cluster_combine only on
 // sm_90 devices, where attention_cluster_fits(num_splits) said yes.
-// kWgmma only on sm_90 devices with sm_90a code in the build.
-template <typename T, bool kWgmma>
+// kWgmma (and kOverlap) only on sm_90 devices with sm_90a code in the build.
+template <typename T, bool kWgmma, bool kOverlap = false>
 cudaError_t launch_attention(const Params& p, cudaStream_t stream) {
+  static_assert(kWgmma || !kOverlap, "the overlapped loop is a Hopper (wgmma) loop");
+  constexpr auto kernel = attention_fwd_kernel<T, kWgmma, kOverlap>;
+  constexpr int kSmem = smem_bytes<kWgmma, kOverlap>();
   if (p.num_splits < 1 || p.num_splits > kMaxSplits) return cudaErrorInvalidValue;
   if (p.cluster_combine && (p.num_splits < 2 || p.num_splits > kMaxClusterSize)) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.total_q == 0) return cudaSuccess;
-  cudaError_t err = allow_dynamic_smem<attention_fwd_kernel<T, kWgmma>>(smem_bytes<kWgmma>());
+  cudaError_t err = allow_dynamic_smem<kernel>(kSmem);
   if (err != cudaSuccess) return err;
   const dim3 grid(row_tiles(p), p.batch * p.num_kv_heads, p.num_splits);
   if (p.cluster_combine) {  // the splits of a (row tile, b, kv head): one cluster
-    err = launch_kernel_cluster(p.pdl, dim3(1, 1, p.num_splits), attention_fwd_kernel<T, kWgmma>, grid,
-                                dim3(kThreads), smem_bytes<kWgmma>(), stream, p);
+    err = launch_kernel_cluster(p.pdl, dim3(1, 1, p.num_splits), kernel, grid, dim3(kThreads),
+                                kSmem, stream, p);
   } else {
-    err = launch_kernel(p.pdl, attention_fwd_kernel<T, kWgmma>, grid, dim3(kThreads),
-                        smem_bytes<kWgmma>(), stream, p);
+    err = launch_kernel(p.pdl, kernel, grid, dim3(kThreads), kSmem, stream, p);
   }
   return err == cudaSuccess ? cudaGetLastError() : err;
 }
 
 // Whether the splits of a (row tile, b, kv head) can run as one cluster of `num_splits` CTAs of
 // the forward kernel on the current device (for p.cluster_combine; the caller knows it is sm_90).
-template <typename T, bool kWgmma>
+template <typename T, bool kWgmma, bool kOverlap = false>
 bool attention_cluster_fits(int num_splits) {
-  return allow_dynamic_smem<attention_fwd_kernel<T, kWgmma>>(smem_bytes<kWgmma>()) == cudaSuccess &&
-         cluster_fits<attention_fwd_kernel<T, kWgmma>>(num_splits, kThreads, smem_bytes<kWgmma>());
+  constexpr auto kernel = attention_fwd_kernel<T, kWgmma, kOverlap>;
+  constexpr int kSmem = smem_bytes<kWgmma, kOverlap>();
+  return allow_dynamic_smem<kernel>(kSmem) == cudaSuccess &&
+         cluster_fits<kernel>(num_splits, kThreads, kSmem);
 }
 
 }  // namespace qwen3x::attn

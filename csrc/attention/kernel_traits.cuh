@@ -22,6 +22,7 @@
 //   V    kStages x kBlockN x 128         = 32 KB
 //   total                                  80 KB  -> 2 CTAs per SM on sm_80
 //   (164 KB usable) and on sm_90 (227 KB usable), 8 warps per SM.
+//   The overlapped Hopper loop (kOverlap) keeps kOverlapVStages V stages: 96 KB, still 2 per SM.
 //
 // Swizzle. A tile row is 128 elements = 256 bytes = 16 chunks of 16 bytes.
 // Chunk c of row r is stored at chunk c ^ (r % 8) of that row: the 8 rows an
@@ -105,6 +106,14 @@ __host__ __device__ constexpr int swizzled_offset(int row, int chunk) {
 constexpr int kHalfDim = kHeadDim / 2;                       // 64 elements = one 128-byte row
 constexpr int kHalfChunks = kChunksPerRow / 2;               // 8
 constexpr int kSmemAllocWgmma = kSmemBytes + kWgmmaAtomBytes;  // room to align the base
+// The overlapped Hopper loop (attention_fwd.cuh, kOverlap) issues tile t's Q K^T beside tile
+// t - 1's P V, so V of tiles t - 1 and t are read while t + 1's loads: three V stages (K keeps
+// two: tile t - 1's Q K^T has been waited for when t + 1's K is loaded).
+constexpr int kOverlapVStages = 3;
+constexpr int kSmemAllocOverlap =
+    (kTileQElems + (kStages + kOverlapVStages) * kTileKVElems) * kElemBytes + kWgmmaAtomBytes;
+static_assert(2 * (kSmemAllocOverlap + 1024) <= 228 * 1024,
+              "two CTAs of the overlapped loop per sm_90 SM (228 KB, 1 KB reserved per CTA)");
 
 // Element offset of (row, chunk) inside a tile of `rows` rows in the Hopper layout.
 __host__ __device__ constexpr int wgmma_offset(int row, int chunk, int rows) {

@@ -37,7 +37,8 @@
 // Warp w's accumulators are the mma.sync C fragments of its 16 rows (s[8][4],
 // o[16][4]; core/wgmma.cuh), so softmax and epilogue are shared. Each waits
 // for its wgmma group before returning; issue_qk / issue_pv are their wgmma
-// instructions alone (no fence, commit or wait).
+// instructions alone (no fence, commit or wait). warpgroup_qk_then_pv issues both, Q K^T
+// first, and returns with P V still running (the overlapped loop, attention_fwd.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -89,12 +90,14 @@ struct KVLoader {
   int64_t tile_step;   // elements between tiles (kBlockN * seq_stride)
   uint32_t dst;        // shared byte offset of (row tid / 16, chunk tid % 16) in a tile
   int first_key;       // key of row tid / 16 of the current tile
+  int tile_key;        // key of the current tile's first row
 
   __device__ __forceinline__ void init(const T* head,  // [Skv, 128] rows seq_stride apart
                                        int64_t seq_stride, int tile, int tid) {
     const int row = tid / kChunksPerRow;
     const int chunk = tid % kChunksPerRow;
-    first_key = tile * kBlockN + row;
+    tile_key = tile * kBlockN;
+    first_key = tile_key + row;
     src = head + first_key * seq_stride + chunk * kChunkElems;
     fallback = head + chunk * kChunkElems;
     pass_step = kLoadRowsPerPass * seq_stride;
@@ -105,9 +108,19 @@ struct KVLoader {
   // Copies the current tile into the tile at shared address tile_base; rows at
   // keys >= seqlen_k are zero-filled (nothing is read; their source address is
   // key 0's, inside the tensor, so memory checkers see no stray address). A
-  // tile is loaded only when seqlen_k > 0.
+  // tile is loaded only when seqlen_k > 0. A tile wholly in range (every one but
+  // a sequence's last, unless it ends on a tile) skips the per-row test and
+  // select: a row costs its copy and one pointer step.
   __device__ __forceinline__ void load(uint32_t tile_base, int seqlen_k) const {
     const T* row_src = src;
+    if (tile_key + kBlockN <= seqlen_k) {
+#pragma unroll
+      for (int i = 0; i < kBlockN / kLoadRowsPerPass; ++i) {
+        cp_async_16(tile_base + dst + i * kPassBytes, row_src, true);
+        row_src += pass_step;
+      }
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < kBlockN / kLoadRowsPerPass; ++i) {
       const bool in_range = first_key + i * kLoadRowsPerPass < seqlen_k;
@@ -119,6 +132,7 @@ struct KVLoader {
   __device__ __forceinline__ void advance() {
     src += tile_step;
     first_key += kBlockN;
+    tile_key += kBlockN;
   }
 };
 
@@ -248,6 +262,42 @@ __device__ __forceinline__ void warpgroup_qk(float (&s)[kScoreTilesN][4],
   wgmma_fence();
   issue_qk<T>(s, qf, sK);
   wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_operands(d);
+}
+
+// The overlapped Hopper loop's pair (attention_fwd.cuh, kOverlap): S = Q K^T of this tile and
+// then O += P V of the previous one, two groups in that order; returns once the first is done
+// (s waited for), the second still running: o and pf stay untouched until wait_pv().
+template <typename T>
+__device__ __forceinline__ void warpgroup_qk_then_pv(float (&s)[kScoreTilesN][4],
+                                                     uint32_t (&qf)[kHeadStepsK][4],
+                                                     uint32_t sK,  // this tile's K, Hopper layout
+                                                     float (&o)[kHeadTilesN][4],
+                                                     uint32_t (&pf)[kKeyStepsK][4],
+                                                     uint32_t sV) {  // the previous tile's V
+  float(&ds)[kScoreTilesN * 4] = reinterpret_cast<float(&)[kScoreTilesN * 4]>(s);
+  float(&dout)[kHeadTilesN * 4] = reinterpret_cast<float(&)[kHeadTilesN * 4]>(o);
+  uint32_t(&aq)[kHeadStepsK * 4] = reinterpret_cast<uint32_t(&)[kHeadStepsK * 4]>(qf);
+  uint32_t(&ap)[kKeyStepsK * 4] = reinterpret_cast<uint32_t(&)[kKeyStepsK * 4]>(pf);
+#pragma unroll
+  for (int i = 0; i < kScoreTilesN * 4; ++i) ds[i] = 0.0f;
+  wgmma_fence_operands(ds);
+  wgmma_fence_operands(aq);
+  wgmma_fence_operands(dout);  // rescaled after the previous pair's wait
+  wgmma_fence_operands(ap);    // P packed before the fence
+  wgmma_fence();
+  issue_qk<T>(s, qf, sK);
+  wgmma_commit();
+  issue_pv<T>(o, pf, sV);
+  wgmma_commit();
+  wgmma_wait<1>();  // groups complete in order: Q K^T's is done
+  wgmma_fence_operands(ds);
+}
+
+// Waits for the P V group warpgroup_qk_then_pv left running.
+__device__ __forceinline__ void warpgroup_wait_pv(float (&o)[kHeadTilesN][4]) {
+  float(&d)[kHeadTilesN * 4] = reinterpret_cast<float(&)[kHeadTilesN * 4]>(o);
   wgmma_wait<0>();
   wgmma_fence_operands(d);
 }

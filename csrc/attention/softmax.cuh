@@ -1,16 +1,21 @@
 // Masking and online softmax over the score tiles of one warp (FlashAttention-2
-// numerics), in log2 units:
+// numerics), in log2 units, the softmax scale folded into the exponent:
 //
-//   x      = (q . k) * scale * log2(e)            fp32, -inf where not visible
-//   m      = running row max of x                 (-inf while nothing is visible)
-//   p      = 2^(x - m)                            fp32; cast to T only for P V
+//   s      = q . k                                fp32 (the mma's), -inf where not visible
+//   m      = running row max of x = s * scale * log2(e)   (-inf while nothing is visible;
+//            max(s) times the scale: rounding is monotone and the scale positive, so this is
+//            the max of the rounded x)
+//   p      = 2^(s * scale * log2(e) - m)          one FFMA and one ex2 per element; fp32, cast
+//                                                 to T only for P V
 //   l      = l * 2^(m_old - m) + sum(p)           fp32, from the fp32 p
-//   O      = O * 2^(m_old - m) + P V
+//   O      = O * 2^(m_old - m) + P V              (the multiply skipped when no row of the warp
+//                                                 has a new max: the factor is exactly 1)
 //   final: O / l, lse = (m + log2 l) * ln 2       (l == 0: O = 0, lse = -inf)
 //
 // A row with nothing visible yet has m = -inf; its exponent base is taken as
 // 0 instead, so p = 2^(-inf) = 0 and the rescale 2^(-inf - 0) = 0: never
-// (-inf) - (-inf) = NaN.
+// (-inf) - (-inf) = NaN. The scale must be positive and finite (attention.cu checks): a masked
+// -inf times it stays -inf.
 //
 // Fragment ownership: lane 4 g + t holds rows g ("half" 0) and g + 8 (half 1)
 // of the warp's 16 rows, columns 8 nt + 2 t + {0, 1} of n8 tile nt. A row's
@@ -37,17 +42,13 @@ struct RowLimit {
   const uint8_t* mask;  // the row's mask, mask[j] != 0 = attend (keys contiguous); or nullptr
 };
 
-// x = scores * scale_log2; then, when mask_tile, -inf where (row, key) is not visible. s holds
-// keys key0 .. key0 + 8 kTiles - 1 (the tile, or at decode the warp's quarter of it).
+// When mask_tile: s = -inf where (row, key) is not visible (raw scores: the scale is applied in
+// OnlineSoftmax's exponent). s holds keys key0 .. key0 + 8 kTiles - 1 (the tile, or at decode
+// the warp's quarter of it).
 template <int kTiles>
-__device__ __forceinline__ void scale_and_mask(float (&s)[kTiles][4], float scale_log2,
-                                               bool mask_tile, const RowLimit (&limit)[kRowHalves],
-                                               int key0, int lane) {
-#pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
-  }
+__device__ __forceinline__ void mask_scores(float (&s)[kTiles][4], bool mask_tile,
+                                            const RowLimit (&limit)[kRowHalves], int key0,
+                                            int lane) {
   if (!mask_tile) return;
 #pragma unroll
   for (int half = 0; half < kRowHalves; ++half) {
@@ -108,12 +109,25 @@ struct OnlineSoftmax {
     }
   }
 
-  // Folds one tile of x into the state: rescales o, turns s into p (fp32) and
-  // packs p into the A fragments of P V. (At decode, s is the warp's quarter of the tile.)
+  // Folds one tile of raw scores into the state: rescales o, turns s into p (fp32) and packs p
+  // into the A fragments of P V. (At decode, s is the warp's quarter of the tile.)
   template <typename T, int kTiles>
-  __device__ __forceinline__ void update(float (&s)[kTiles][4],
+  __device__ __forceinline__ void update(float (&s)[kTiles][4], float scale_log2,
                                          float (&o)[kHeadTilesN][4],
                                          uint32_t (&pf)[kTiles / 2][4]) {
+    float alpha[kRowHalves];
+    exponentiate(s, scale_log2, alpha);
+    rescale(o, alpha);
+    pack_p<T>(s, pf);
+  }
+
+  // update() without touching o or pf (the Hopper loop that overlaps this with the previous
+  // tile's P V, which reads pf and accumulates into o meanwhile): m and l take the tile, s
+  // becomes p (fp32); alpha = 2^(m_old - m) per row, the factor o still owes (rescale(), after
+  // that P V, then pack_p()).
+  template <int kTiles>
+  __device__ __forceinline__ void exponentiate(float (&s)[kTiles][4], float scale_log2,
+                                               float (&alpha)[kRowHalves]) {
 #pragma unroll
     for (int half = 0; half < kRowHalves; ++half) {
       float tile_max = -INFINITY;
@@ -123,34 +137,48 @@ struct OnlineSoftmax {
       }
       tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullWarpMask, tile_max, 1));
       tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullWarpMask, tile_max, 2));
-      const float m_new = fmaxf(m[half], tile_max);
+      const float m_new = fmaxf(m[half], tile_max * scale_log2);
       const float base = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = fast_exp2(m[half] - base);
+      alpha[half] = fast_exp2(m[half] - base);
       m[half] = m_new;
       float sum = 0.0f;
 #pragma unroll
       for (int nt = 0; nt < kTiles; ++nt) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const float pv = fast_exp2(s[nt][2 * half + c] - base);
+          const float pv = fast_exp2(fmaf(s[nt][2 * half + c], scale_log2, -base));
           s[nt][2 * half + c] = pv;
           sum += pv;
         }
       }
-      l[half] = l[half] * alpha + sum;
-#pragma unroll
-      for (int j = 0; j < kHeadTilesN; ++j) {
-        o[j][2 * half] *= alpha;
-        o[j][2 * half + 1] *= alpha;
-      }
+      l[half] = l[half] * alpha[half] + sum;
     }
-    // C fragments of n8 tiles 2 kc, 2 kc + 1 are the A fragment of k16 step kc.
+  }
+
+  // p (fp32, from exponentiate) -> the A fragments of P V: the C fragments of n8 tiles 2 kc,
+  // 2 kc + 1 are the A fragment of k16 step kc.
+  template <typename T, int kTiles>
+  __device__ __forceinline__ static void pack_p(const float (&s)[kTiles][4],
+                                                uint32_t (&pf)[kTiles / 2][4]) {
 #pragma unroll
     for (int kc = 0; kc < kTiles / 2; ++kc) {
       pf[kc][0] = pack_float2<T>(s[2 * kc][0], s[2 * kc][1]);
       pf[kc][1] = pack_float2<T>(s[2 * kc][2], s[2 * kc][3]);
       pf[kc][2] = pack_float2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
       pf[kc][3] = pack_float2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+    }
+  }
+
+  // o *= alpha, row by row. Skipped (a warp-uniform branch) when no row of the warp has a new
+  // max, every alpha exactly 1: the result is the same bits, and once a row's max has settled
+  // (after the first tiles, typically) a tile saves the 64 multiplies.
+  __device__ __forceinline__ static void rescale(float (&o)[kHeadTilesN][4],
+                                                 const float (&alpha)[kRowHalves]) {
+    if (__all_sync(kFullWarpMask, alpha[0] == 1.0f && alpha[1] == 1.0f)) return;
+#pragma unroll
+    for (int j = 0; j < kHeadTilesN; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e / 2];
     }
   }
 

@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <string>
 #include <string_view>
 
 #include "core/launch.h"
@@ -16,24 +17,37 @@
 
 namespace qwen3x {
 
+#if defined(QWEN3X_HAS_SM90A)
+constexpr bool kBuiltSm90a = true;
+#else
+constexpr bool kBuiltSm90a = false;
+#endif
+
+// Whether Hopper-only code (wgmma, thread block clusters) can run on `device`: an sm_90 GPU and a
+// build with sm_90a code.
+inline bool hopper_code_runs(int device) {
+  constexpr int kHopper = 90;
+  return kBuiltSm90a && compute_capability(device) == kHopper;
+}
+
+// The error for a setting that asks for Hopper-only code where it cannot run (never a silent
+// fallback: a test or a benchmark row that asked for it ran it).
+inline void check_hopper_setting(bool runs, const char* op, std::string_view setting) {
+  QWEN3X_CHECK(runs, "qwen3x.", op, ": ", setting,
+               " needs an sm_90 GPU and a build that includes sm_90a",
+               kBuiltSm90a ? "" : " (this build does not)");
+}
+
 // `eligible`: the call is one the wgmma mainloop serves (a shape regime); the
 // setting is checked either way, availability only when eligible.
 inline bool use_wgmma(const char* op, const char* env_name, bool eligible, int device) {
-#if defined(QWEN3X_HAS_SM90A)
-  constexpr bool kBuilt = true;
-#else
-  constexpr bool kBuilt = false;
-#endif
-  constexpr int kHopper = 90;
   const char* env = std::getenv(env_name);
   const std::string_view choice = env == nullptr || *env == '\0' ? "auto" : env;
   QWEN3X_CHECK(choice == "auto" || choice == "mma_sync" || choice == "wgmma", "qwen3x.", op, ": ",
                env_name, " must be auto, mma_sync or wgmma, got '", choice, "'");
   if (!eligible || choice == "mma_sync") return false;
-  const bool available = kBuilt && compute_capability(device) == kHopper;
-  QWEN3X_CHECK(choice != "wgmma" || available, "qwen3x.", op, ": ", env_name,
-               "=wgmma needs an sm_90 GPU and a build that includes sm_90a",
-               kBuilt ? "" : " (this build does not)");
+  const bool available = hopper_code_runs(device);
+  if (choice == "wgmma") check_hopper_setting(available, op, std::string(env_name) + "=wgmma");
   return available;
 }
 

@@ -18,6 +18,7 @@
 
 #include <concepts>
 #include <cstdint>
+#include <cstdio>
 #include <string>
 #include <string_view>
 
@@ -33,6 +34,15 @@ template <typename I>
   requires(std::integral<I> && !std::same_as<I, bool> && !std::same_as<I, char>)
 inline void append(std::string& s, I v) {
   s.append(std::to_string(v));
+}
+
+// Floating-point values as printf's %g prints them (inf, nan, 0.0883883).
+template <typename F>
+  requires std::floating_point<F>
+inline void append(std::string& s, F v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(v));
+  s.append(buf);
 }
 
 // Shapes and strides as torch prints them: [2, 3], [] for a 0-dim tensor.

@@ -7,6 +7,8 @@ The CUDA kernels repeat the checks that guard their memory accesses in C++ (csrc
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -115,6 +117,13 @@ def silu_and_mul(op: str, input: torch.Tensor) -> None:
         op,
         f"expected input [..., 2 * intermediate] with an even last dim, got {_shape(input)}",
     )
+
+
+def softmax_scale(op: str, scale: float) -> None:
+    """The CUDA kernel folds the scale into its exponent (csrc/attention/softmax.cuh), which keeps
+    the max of the scaled scores and a masked -inf only for a positive finite scale; every device
+    takes the same rule."""
+    expect(math.isfinite(scale) and scale > 0, op, f"expected a positive finite softmax scale, got {scale}")
 
 
 def attention(op, q, k, v, mask, key_lengths=None) -> None:

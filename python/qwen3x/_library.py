@@ -255,12 +255,14 @@ def _silu_and_mul(input):
 
 def _attention(q, k, v, mask, scale, causal, key_lengths=None):
     _checks.attention("attention", q, k, v, mask, key_lengths)
+    _checks.softmax_scale("attention", scale)
     return reference.attention(q, k, v, mask, scale, causal, key_lengths)
 
 
 def _qk_norm_rope_attention(q, k, v, q_weight, k_weight, positions, inv_freq, attention_scaling, eps, mask, scale,
                             causal):
     _checks.qk_norm_rope_attention("qk_norm_rope_attention", q, k, v, q_weight, k_weight, positions, inv_freq, mask)
+    _checks.softmax_scale("qk_norm_rope_attention", scale)
     return reference.qk_norm_rope_attention(
         q, k, v, q_weight, k_weight, positions, inv_freq, attention_scaling, eps, mask, scale, causal
     )
@@ -269,6 +271,7 @@ def _qk_norm_rope_attention(q, k, v, q_weight, k_weight, positions, inv_freq, at
 def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
     op = "attention_varlen"
     _checks.attention_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k)
+    _checks.softmax_scale(op, scale)
     _checks.cu_seqlens_values(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0])
     _checks.cu_seqlens_values(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0])
     _checks.max_seqlen(op, cu_seqlens_q, max_seqlen_q)
@@ -357,6 +360,7 @@ def _fake_silu_and_mul(input):
 
 def _fake_attention(q, k, v, mask, scale, causal, key_lengths=None):
     _checks.attention("attention", q, k, v, mask, key_lengths)
+    _checks.softmax_scale("attention", scale)
     B, Hq, Sq, D = q.shape
     return q.new_empty((B, Sq, Hq, D)), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
@@ -364,12 +368,14 @@ def _fake_attention(q, k, v, mask, scale, causal, key_lengths=None):
 def _fake_qk_norm_rope_attention(q, k, v, q_weight, k_weight, positions, inv_freq, attention_scaling, eps, mask,
                                  scale, causal):
     _checks.qk_norm_rope_attention("qk_norm_rope_attention", q, k, v, q_weight, k_weight, positions, inv_freq, mask)
+    _checks.softmax_scale("qk_norm_rope_attention", scale)
     B, S, Hq, D = q.shape
     return q.new_empty((B, S, Hq, D)), q.new_empty((B, Hq, S), dtype=torch.float32)
 
 
 def _fake_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
     _checks.attention_varlen("attention_varlen", q, k, v, cu_seqlens_q, cu_seqlens_k)
+    _checks.softmax_scale("attention_varlen", scale)
     Tq, Hq, D = q.shape
     return q.new_empty((Tq, Hq, D)), q.new_empty((Hq, Tq), dtype=torch.float32)
 

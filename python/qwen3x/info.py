@@ -75,6 +75,9 @@ def main() -> None:
         where = ("in a thread block cluster" if os.environ.get("QWEN3X_ATTENTION_COMBINE") == "cluster"
                  else "through global memory")
         print(f"  split-KV attention's combine: {where} (QWEN3X_ATTENTION_COMBINE = l2 | cluster)")
+        loop = ("each softmax beside the previous P V" if os.environ.get("QWEN3X_ATTENTION_OVERLAP") == "1"
+                else "softmax, then P V")
+        print(f"  Hopper attention loop: {loop} (QWEN3X_ATTENTION_OVERLAP = 0 | 1)")
     width = max(map(len, info["ops"]))
     for op, status in info["ops"].items():
         print(f"  {op:<{width}}  {status}")

@@ -99,21 +99,29 @@ def flags(sanitizer: str) -> list[str]:
     return f + ([f"-fsanitize={sanitizer}"] if sanitizer != "none" else [])
 
 
+ONLY = ("attention", "experts")  # ops a runner can be built for alone (runner.cpp's EMU_ONLY_*)
+
+
 def build(sanitizer: str = "address", verbose: bool = False,
-          patches: tuple[tuple[str, str, str], ...] = ()) -> Path:
+          patches: tuple[tuple[str, str, str], ...] = (), only: str | None = None) -> Path:
     """The runner executable, (re)built if any source or flag changed. `patches` (file relative
-    to csrc/, old text, new text) plant a bug in the copy: the tests that show a bug is caught."""
+    to csrc/, old text, new text) plant a bug in the copy: the tests that show a bug is caught.
+    `only`: one of ONLY, a runner with that op's kernels alone (a fraction of the compile time;
+    other ops are refused by name)."""
     if sanitizer not in SANITIZERS:
         raise ValueError(f"sanitizer must be one of {SANITIZERS}, got {sanitizer!r}")
+    if only is not None and only not in ONLY:
+        raise ValueError(f"only must be one of {ONLY}, got {only!r}")
     cxx = os.environ.get("CXX", "g++")
-    key = _digest(" ".join([cxx] + flags(sanitizer)), repr(patches))
-    name = f"emu_runner-{sanitizer}" if not patches else "emu_planted"
+    op_flags = [f"-DEMU_ONLY_{only.upper()}"] if only else []
+    key = _digest(" ".join([cxx] + flags(sanitizer) + op_flags), repr(patches))
+    name = (f"emu_runner-{sanitizer}" if not patches else "emu_planted") + (f"-{only}" if only else "")
     exe = OUT / f"{name}-{key}"
     if exe.exists():
         return exe
     src = OUT / f"src-{key}"
     _copy_csrc(src, HEADERS, patches)
-    cmd = [cxx, *flags(sanitizer), f"-I{HERE / 'include'}", f"-I{src}", str(HERE / "runner.cpp"),
+    cmd = [cxx, *flags(sanitizer), *op_flags, f"-I{HERE / 'include'}", f"-I{src}", str(HERE / "runner.cpp"),
            "-o", str(exe) + ".tmp"]
     if verbose:
         print(" ".join(cmd), file=sys.stderr)
@@ -121,7 +129,7 @@ def build(sanitizer: str = "address", verbose: bool = False,
     if r.returncode != 0:
         raise RuntimeError(f"emulator build failed:\n{r.stderr[-20000:]}")
     os.replace(str(exe) + ".tmp", exe)
-    if not patches:  # one build per sanitizer kept
+    if not patches and not only:  # one build per sanitizer kept
         for old in OUT.glob(f"{name}-*"):
             if old != exe and not old.name.endswith(".tmp"):
                 old.unlink(missing_ok=True)

@@ -15,14 +15,33 @@
 #include <sstream>
 #include <string>
 
-#include "activation/silu_and_mul.cuh"
-#include "attention/attention_fwd.cuh"
+// EMU_ONLY_ATTENTION / EMU_ONLY_EXPERTS (build.py's `only`): a runner with that op's kernels alone
+// (the planted-bug builds, each of which compiles its own copy of the sources); any other op is
+// then refused by name. Without either, every op.
+#if !defined(EMU_ONLY_ATTENTION) && !defined(EMU_ONLY_EXPERTS)
+#define EMU_WITH_ATTENTION 1
+#define EMU_WITH_EXPERTS 1
+#define EMU_WITH_OTHERS 1
+#elif defined(EMU_ONLY_ATTENTION)
+#define EMU_WITH_ATTENTION 1
+#else
+#define EMU_WITH_EXPERTS 1
+#endif
+
 #include "core/launch.h"
+#if defined(EMU_WITH_ATTENTION)
+#include "attention/attention_fwd.cuh"
+#endif
+#if defined(EMU_WITH_EXPERTS)
 #include "moe/experts.cuh"
 #include "moe/permute.cuh"
 #include "moe/router.cuh"
+#endif
+#if defined(EMU_WITH_OTHERS)
+#include "activation/silu_and_mul.cuh"
 #include "norm/rms_norm.cuh"
 #include "rope/qk_norm_rope.cuh"
+#endif
 
 namespace {
 
@@ -121,6 +140,7 @@ void with_dtype(const Job& job, F f) {
 }
 
 // ---- the memory-bound kernels (norm.cu, activation.cu, rope.cu, moe.cu's router) ---------------
+#if defined(EMU_WITH_OTHERS)
 void run_rms_norm(Job& job) {
   const int64_t rows = job.i64("rows"), hidden = job.i64("hidden");
   const bool residual = job.has("residual_stride");
@@ -136,7 +156,9 @@ void run_rms_norm(Job& job) {
     check(cudaSuccess, "launch_rms_norm");
   });
 }
+#endif
 
+#if defined(EMU_WITH_OTHERS)
 void run_silu_and_mul(Job& job) {
   const int64_t rows = job.i64("rows"), inter = job.i64("inter");
   with_dtype<true>(job, [&](auto tag) {
@@ -147,7 +169,9 @@ void run_silu_and_mul(Job& job) {
     check(cudaSuccess, "launch_silu_and_mul");
   });
 }
+#endif
 
+#if defined(EMU_WITH_OTHERS)
 void run_router(Job& job) {
   const int64_t T = job.i64("tokens"), E = job.i64("experts"), k = job.i64("top_k");
   with_dtype<true>(job, [&](auto tag) {
@@ -161,8 +185,10 @@ void run_router(Job& job) {
           "launch_moe_router");
   });
 }
+#endif
 
 // Out of place, or with `cache` in place on q plus k and v into a static cache (rope.cu).
+#if defined(EMU_WITH_OTHERS)
 void run_qk_norm_rope(Job& job) {
   using namespace qwen3x::rope;
   const int64_t tokens = job.i64("tokens");
@@ -221,8 +247,10 @@ void run_qk_norm_rope(Job& job) {
     check(cudaSuccess, "launch_qk_norm_rope");
   });
 }
+#endif
 
 // ---- attention (attention.cu: common_params, attention, attention_varlen, plan_and_launch) ----
+#if defined(EMU_WITH_ATTENTION)
 void run_attention(Job& job) {
   using namespace qwen3x;
   attn::Params p{};
@@ -267,10 +295,17 @@ void run_attention(Job& job) {
   const size_t out_elems = static_cast<size_t>(p.total_q) * p.num_q_heads * kHeadDim;
   p.lse = job.output("lse", static_cast<size_t>(p.total_q) * p.num_q_heads * 4).as<float>();
   const bool wgmma = job.str("mainloop") == "wgmma";
+  const bool overlap = job.i64("overlap", 0) != 0;  // attention.cu's QWEN3X_ATTENTION_OVERLAP=1
   p.proxy_fence = job.i64("proxy_fence", 1) != 0;
   if (wgmma && static_cast<int64_t>(p.seqlen_q) * p.group < attn::kBlockM) {
     throw emu::Error("the glue serves only full row tiles with the wgmma mainloop");
   }
+  if (overlap && !wgmma) throw emu::Error("the overlapped loop is a wgmma loop");
+  // f.template operator()<kWgmma, kOverlap>() for the kernel the job asks for
+  const auto with_loop = [&](auto&& f) {
+    if (!wgmma) return f.template operator()<false, false>();
+    return overlap ? f.template operator()<true, true>() : f.template operator()<true, false>();
+  };
   with_dtype(job, [&](auto tag) {
     using T = decltype(tag);
     p.out = job.output("out", out_elems * sizeof(T)).ptr;
@@ -278,11 +313,10 @@ void run_attention(Job& job) {
     const int64_t ctas = std::max<int64_t>(
         static_cast<int64_t>(attn::row_tiles(p)) * p.batch * p.num_kv_heads,
         ceil_div<int64_t>(static_cast<int64_t>(p.total_q) * p.num_q_heads, attn::kBlockM));
-    const int ctas_per_sm =
-        wgmma ? resident_ctas_per_sm<attn::attention_fwd_kernel<T, true>>(
-                    attn::kThreads, attn::smem_bytes<true>(), attn::kMinCtasPerSm)
-              : resident_ctas_per_sm<attn::attention_fwd_kernel<T, false>>(
-                    attn::kThreads, attn::smem_bytes<false>(), attn::kMinCtasPerSm);
+    const int ctas_per_sm = with_loop([&]<bool kW, bool kO>() {
+      return resident_ctas_per_sm<attn::attention_fwd_kernel<T, kW, kO>>(
+          attn::kThreads, attn::smem_bytes<kW, kO>(), attn::kMinCtasPerSm);
+    });
     // cluster_combine: attention.cu's QWEN3X_ATTENTION_COMBINE=cluster (this emulated device is sm_90)
     const bool cluster = job.i64("cluster_combine", 0) != 0;
     attn::SplitPlan plan = attn::plan_splits(ctas, p.seqlen_k, static_cast<int64_t>(p.seqlen_q) * p.group,
@@ -297,8 +331,7 @@ void run_attention(Job& job) {
     p.tiles_per_split = plan.tiles_per_split;
     p.cluster_combine = cluster && plan.num_splits > 1;  // (forced past 16: launch_attention refuses)
     if (p.cluster_combine && plan.num_splits <= kMaxClusterSize &&
-        !(wgmma ? attn::attention_cluster_fits<T, true>(plan.num_splits)
-                : attn::attention_cluster_fits<T, false>(plan.num_splits))) {
+        !with_loop([&]<bool kW, bool kO>() { return attn::attention_cluster_fits<T, kW, kO>(plan.num_splits); })) {
       throw emu::Error("a cluster of " + std::to_string(plan.num_splits) + " CTAs does not fit");
     }
     const bool workspace = plan.num_splits > 1 && !p.cluster_combine;
@@ -330,8 +363,7 @@ void run_attention(Job& job) {
           std::memset(p.partial_lse, 0xFF, rows * 4);
         }
       }
-      check(wgmma ? attn::launch_attention<T, true>(p, nullptr)
-                  : attn::launch_attention<T, false>(p, nullptr),
+      check(with_loop([&]<bool kW, bool kO>() { return attn::launch_attention<T, kW, kO>(p, nullptr); }),
             "launch_attention");
       if (workspace) {  // the combiners' reset: what a replay's correctness rests on
         const size_t slots = static_cast<size_t>(attn::row_tiles(p)) * p.batch * p.num_kv_heads * plan.num_splits;
@@ -342,8 +374,10 @@ void run_attention(Job& job) {
     }
   });
 }
+#endif
 
 // ---- MoE experts (moe.cu: moe_permute, run_experts) ----------------------------------------------
+#if defined(EMU_WITH_EXPERTS)
 void run_experts(Job& job) {
   using namespace qwen3x;
   const int64_t T = job.i64("tokens"), H = job.i64("hidden"), E = job.i64("experts");
@@ -413,6 +447,7 @@ void run_experts(Job& job) {
     check(moe::launch_moe_experts<Tt>(a, regime, wgmma, nullptr), "launch_moe_experts");
   });
 }
+#endif
 
 }  // namespace
 
@@ -443,21 +478,20 @@ int main(int argc, char** argv) {
   try {
     Job job(argv[1]);
     const std::string op = job.str("op");
-    if (op == "attention") {
-      run_attention(job);
-    } else if (op == "experts") {
-      run_experts(job);
-    } else if (op == "rms_norm") {
-      run_rms_norm(job);
-    } else if (op == "silu_and_mul") {
-      run_silu_and_mul(job);
-    } else if (op == "router") {
-      run_router(job);
-    } else if (op == "qk_norm_rope") {
-      run_qk_norm_rope(job);
-    } else {
-      throw emu::Error("unknown op " + op);
-    }
+    bool ran = false;
+#if defined(EMU_WITH_ATTENTION)
+    if (op == "attention") { run_attention(job); ran = true; }
+#endif
+#if defined(EMU_WITH_EXPERTS)
+    if (op == "experts") { run_experts(job); ran = true; }
+#endif
+#if defined(EMU_WITH_OTHERS)
+    if (op == "rms_norm") { run_rms_norm(job); ran = true; }
+    if (op == "silu_and_mul") { run_silu_and_mul(job); ran = true; }
+    if (op == "router") { run_router(job); ran = true; }
+    if (op == "qk_norm_rope") { run_qk_norm_rope(job); ran = true; }
+#endif
+    if (!ran) throw emu::Error("op " + op + " is unknown or not built into this runner");
     job.write_outputs();
     std::cout << "launches " << dev.launches << "\n";
     for (const auto& [what, n] : dev.executed) std::cout << "executed " << what << " " << n << "\n";

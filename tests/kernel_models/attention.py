@@ -12,7 +12,7 @@ numpy lane vectors, statement by statement:
                      fragments by ldmatrix, K K-major descriptors) and warpgroup_pv (P from
                      registers, V MN-major), proxy fences
                      and wgmma waits
-  softmax.cuh        scale_and_mask (per-lane key columns, byte mask reads), OnlineSoftmax.update
+  softmax.cuh        mask_scores (per-lane key columns, byte mask reads), OnlineSoftmax.update
                      (quad xor-shuffles, P packed to T), finalize and merge_split_keys (decode:
                      the warps' states through float4s in the K stages, merged into warp 0)
   attention_fwd.cuh  attention_tile (key range of the CTA and split, commit / wait groups and
@@ -333,11 +333,11 @@ def warpgroup_pv(num, sm, o, pf, sV, what):
 
 
 # ----------------------------------------------------------------------------- softmax.cuh
-def scale_and_mask(num, p, s, mask_tile, last_key, mask_off, key0, what):
-    """softmax.cuh scale_and_mask: x = s * scale_log2, then -inf where (row, key) is not visible.
-    last_key / mask_off [2 halves, 32 lanes]: the RowLimit of each lane's rows (mask_off -1 = none);
-    s: len(s) n8 tiles from key key0 (the tile, or at decode the warp's quarter)."""
-    s = num.f32(s * p.scale_log2)
+def mask_scores(p, s, mask_tile, last_key, mask_off, key0, what):
+    """softmax.cuh mask_scores: -inf where (row, key) is not visible (raw scores: the scale is
+    applied in OnlineSoftmax's exponent). last_key / mask_off [2 halves, 32 lanes]: the RowLimit
+    of each lane's rows (mask_off -1 = none); s: len(s) n8 tiles from key key0 (the tile, or at
+    decode the warp's quarter)."""
     if not mask_tile:
         return s
     lane_key0 = key0 + 2 * LANE_T
@@ -356,6 +356,17 @@ def scale_and_mask(num, p, s, mask_tile, last_key, mask_off, key0, what):
     return s
 
 
+def rescale(num, o, alpha):
+    """softmax.cuh OnlineSoftmax::rescale: o *= alpha per row, skipped when every alpha of the
+    warp is exactly 1."""
+    if np.all(alpha == 1.0):
+        return
+    for half in range(2):
+        for j in range(HEAD_TILES_N):
+            o[j][:, 2 * half] = num.f32(o[j][:, 2 * half] * alpha[half])
+            o[j][:, 2 * half + 1] = num.f32(o[j][:, 2 * half + 1] * alpha[half])
+
+
 class OnlineSoftmax:
     """softmax.cuh OnlineSoftmax of one warp: per lane, rows g (half 0) and g + 8 (half 1)."""
 
@@ -363,28 +374,34 @@ class OnlineSoftmax:
         self.m = np.full((2, WARP), -np.inf)
         self.l = np.zeros((2, WARP))
 
-    def update(self, num, s, o):
-        """Folds a tile of x into the state, rescales o, returns the A fragments of P [4, 4, 32, 2]."""
+    def update(self, num, s, scale_log2, o):
+        """Folds a tile of raw scores into the state, rescales o, returns the A fragments of P
+        [4, 4, 32, 2]."""
+        pf, alpha = self.exponentiate(num, s, scale_log2)
+        rescale(num, o, alpha)
+        return pf
+
+    def exponentiate(self, num, s, scale_log2):
+        """update() without o: returns (pf, alpha [2, 32])."""
+        alpha = np.empty((2, WARP))
         for half in range(2):
             tile_max = np.full(WARP, -np.inf)
             for nt in range(len(s)):
                 tile_max = np.fmax(tile_max, np.fmax(s[nt][:, 2 * half], s[nt][:, 2 * half + 1]))
             tile_max = np.fmax(tile_max, shfl_xor(tile_max, 1))
             tile_max = np.fmax(tile_max, shfl_xor(tile_max, 2))
-            m_new = np.fmax(self.m[half], tile_max)
+            m_new = np.fmax(self.m[half], num.f32(tile_max * scale_log2))
             base = np.where(m_new == -np.inf, 0.0, m_new)
-            alpha = num.exp2(num.f32(self.m[half] - base))
+            alpha[half] = num.exp2(num.f32(self.m[half] - base))
             self.m[half] = m_new
             row_sum = np.zeros(WARP)
             for nt in range(len(s)):
                 for c in range(2):
-                    pv = num.exp2(num.f32(s[nt][:, 2 * half + c] - base))
+                    # fmaf(s, scale_log2, -base): the product is exact in float64, one rounding
+                    pv = num.exp2(num.f32(s[nt][:, 2 * half + c] * scale_log2 - base))
                     s[nt][:, 2 * half + c] = pv
                     row_sum = num.f32(row_sum + pv)
-            self.l[half] = num.f32(num.f32(self.l[half] * alpha) + row_sum)
-            for j in range(HEAD_TILES_N):
-                o[j][:, 2 * half] = num.f32(o[j][:, 2 * half] * alpha)
-                o[j][:, 2 * half + 1] = num.f32(o[j][:, 2 * half + 1] * alpha)
+            self.l[half] = num.f32(num.f32(self.l[half] * alpha[half]) + row_sum)
         # C fragments of n8 tiles 2 kc, 2 kc + 1 are the A fragment of k16 step kc
         pf = np.empty((len(s) // 2, 4, WARP, 2))
         for kc in range(len(s) // 2):
@@ -392,7 +409,7 @@ class OnlineSoftmax:
             pf[kc][1] = num.rnd(s[2 * kc][:, 2:4])
             pf[kc][2] = num.rnd(s[2 * kc + 1][:, 0:2])
             pf[kc][3] = num.rnd(s[2 * kc + 1][:, 2:4])
-        return pf
+        return pf, alpha
 
     def finalize(self, num):
         """Row totals over the quad -> (inv_l, lse2) [2, 32]; l == 0: 0 and -inf; NaN stays NaN."""
@@ -557,8 +574,8 @@ def attention_tile(p, num, sm, b, kvh, split, row0, stats, what):
             pf = []
             for w in range(NUM_WARPS):
                 stats["masked_tiles" if mask_tile else "plain_tiles"] += 1
-                s_w = scale_and_mask(num, p, s_all[w], mask_tile, *limits[w], key0, what)
-                pf.append(softmax[w].update(num, s_w, o[w]))
+                s_w = mask_scores(p, s_all[w], mask_tile, *limits[w], key0, what)
+                pf.append(softmax[w].update(num, s_w, p.scale_log2, o[w]))
             warpgroup_pv(num, sm, o, pf, SV + stage_offset, what)
             continue  # (the next iteration's barrier comes before its prefetch)
         for w in range(NUM_WARPS):
@@ -574,8 +591,8 @@ def attention_tile(p, num, sm, b, kvh, split, row0, stats, what):
             key0 = tile * BLOCK_N + first_key
             mask_tile = has_mask or key0 + tiles * 8 - 1 > all_visible_last
             stats["masked_tiles" if mask_tile else "plain_tiles"] += 1
-            s = scale_and_mask(num, p, s, mask_tile, *limits[w], key0, what)
-            pf = softmax[w].update(num, s, o[w])
+            s = mask_scores(p, s, mask_tile, *limits[w], key0, what)
+            pf = softmax[w].update(num, s, p.scale_log2, o[w])
             warp_pv(num, sm, o[w], pf, SV + keys_offset, what)
         sm.barrier()  # this stage is refilled by the next iteration's prefetch
     sm.wait(0)  # nothing may land in sQ while it holds the output tile
