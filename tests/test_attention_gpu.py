@@ -218,6 +218,28 @@ def test_prefill_mainloops(monkeypatch, mainloop, case):
     assert_identical(lse, lse2)
 
 
+# the softmax's base moves only when a row's max rises more than 8 (log2 units) above it
+# (softmax.cuh kRescaleLog2): keys whose scores grow along the sequence move it again and again,
+# mid-row, in every loop (split keys too: 1 query x 8 heads against 3000 keys)
+@pytest.mark.parametrize("mainloop,overlap,sq", [("mma_sync", "0", 200), ("wgmma", "0", 200), ("wgmma", "1", 200),
+                                                 ("mma_sync", "0", 1)], ids=["mma_sync", "wgmma", "overlap", "decode"])
+def test_softmax_base_moves(monkeypatch, mainloop, overlap, sq):
+    """Scores that rise by about 40 (log2 units) across the keys, and a first row that sees only
+    low ones: the base moves in later tiles, and rows whose max stays within 8 of their base keep
+    it (p up to 2^8 before the cast): judged against the truth."""
+    if mainloop == "wgmma" and not wgmma_available():
+        pytest.skip("wgmma needs an sm_90 GPU and a build with sm_90a")
+    monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", mainloop)
+    monkeypatch.setenv("QWEN3X_ATTENTION_OVERLAP", overlap)
+    skv = 3000 if sq == 1 else 300
+    q, k, v = _inputs(1, 8, 2, sq, skv, torch.bfloat16, q_layout="bshd")
+    q = torch.ones_like(q) * 0.25 + 0.05 * q  # every query alike: scores follow the keys' growth
+    growth = torch.linspace(0.0, 10.0, skv, device="cuda").view(1, 1, skv, 1)
+    k = (torch.ones_like(k) + 0.1 * k) * growth.to(k.dtype)
+    out, lse = _run(q, k, v, None, True)
+    _judge(out, lse, q, k, v, None, D**-0.5, True)
+
+
 def test_mainloop_setting_is_checked(monkeypatch):
     q, k, v = _inputs(1, 32, 8, 100, 100, torch.bfloat16)
     monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "fast")

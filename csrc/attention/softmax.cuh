@@ -2,15 +2,17 @@
 // numerics), in log2 units, the softmax scale folded into the exponent:
 //
 //   s      = q . k                                fp32 (the mma's), -inf where not visible
-//   m      = running row max of x = s * scale * log2(e)   (-inf while nothing is visible;
-//            max(s) times the scale: rounding is monotone and the scale positive, so this is
-//            the max of the rounded x)
-//   p      = 2^(s * scale * log2(e) - m)          one FFMA and one ex2 per element; fp32, cast
-//                                                 to T only for P V
+//   m      = the row's softmax base: its running max of x = s * scale * log2(e) (max(s) times
+//            the scale: rounding is monotone and the scale positive, so this is the max of the
+//            rounded x), moved only when some row of the warp has risen more than
+//            kRescaleLog2 above its base (-inf while nothing is visible)
+//   p      = 2^(s * scale * log2(e) - m)          one FFMA and one ex2 per element, < 2^8;
+//                                                 fp32, cast to T only for P V
 //   l      = l * 2^(m_old - m) + sum(p)           fp32, from the fp32 p
-//   O      = O * 2^(m_old - m) + P V              (the multiply skipped when no row of the warp
-//                                                 has a new max: the factor is exactly 1)
-//   final: O / l, lse = (m + log2 l) * ln 2       (l == 0: O = 0, lse = -inf)
+//   O      = O * 2^(m_old - m) + P V              (the multiply skipped while no base moves:
+//                                                 the factor is exactly 1)
+//   final: O / l, lse = (m + log2 l) * ln 2       (l == 0: O = 0, lse = -inf; exact for any
+//                                                 base, so a base below the max is no error)
 //
 // A row with nothing visible yet has m = -inf; its exponent base is taken as
 // 0 instead, so p = 2^(-inf) = 0 and the rescale 2^(-inf - 0) = 0: never
@@ -35,6 +37,10 @@
 namespace qwen3x::attn {
 
 constexpr int kRowHalves = 2;  // rows g and g + 8 of each lane
+// How far (log2 units) a row's max may rise above its softmax base before the base moves and O
+// and l are rescaled (FlashAttention-4's conditional rescale): p stays below 2^8 = 256, well
+// inside T's range, and a settled max rescales nothing.
+constexpr float kRescaleLog2 = 8.0f;
 
 // What limits the keys one row sees.
 struct RowLimit {
@@ -98,7 +104,8 @@ __device__ __forceinline__ void row_limits(RowLimit (&limit)[kRowHalves], const 
 }
 
 struct OnlineSoftmax {
-  float m[kRowHalves];  // running max of x per row (log2 units), -inf = nothing visible yet
+  float m[kRowHalves];  // softmax base of x per row (log2 units; its max, or up to kRescaleLog2
+                        // below it), -inf = nothing visible yet
   float l[kRowHalves];  // this lane's share of the running sum of 2^(x - m)
 
   __device__ __forceinline__ void init() {
@@ -123,11 +130,12 @@ struct OnlineSoftmax {
 
   // update() without touching o or pf (the Hopper loop that overlaps this with the previous
   // tile's P V, which reads pf and accumulates into o meanwhile): m and l take the tile, s
-  // becomes p (fp32); alpha = 2^(m_old - m) per row, the factor o still owes (rescale(), after
-  // that P V, then pack_p()).
+  // becomes p (fp32); alpha = 2^(m_old - m) per row (exactly 1 where the base stays), the factor
+  // o still owes (rescale(), after that P V, then pack_p()).
   template <int kTiles>
   __device__ __forceinline__ void exponentiate(float (&s)[kTiles][4], float scale_log2,
                                                float (&alpha)[kRowHalves]) {
+    float m_tile[kRowHalves];  // max(m, the tile's scaled max) per row
 #pragma unroll
     for (int half = 0; half < kRowHalves; ++half) {
       float tile_max = -INFINITY;
@@ -137,10 +145,23 @@ struct OnlineSoftmax {
       }
       tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullWarpMask, tile_max, 1));
       tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullWarpMask, tile_max, 2));
-      const float m_new = fmaxf(m[half], tile_max * scale_log2);
-      const float base = m_new == -INFINITY ? 0.0f : m_new;
-      alpha[half] = fast_exp2(m[half] - base);
-      m[half] = m_new;
+      m_tile[half] = fmaxf(m[half], tile_max * scale_log2);
+    }
+    // The base moves only when some row of the warp gains more than kRescaleLog2 (and on a
+    // row's first visible key: -inf to finite is an infinite gain; -inf to -inf, NaN, counts
+    // too), warp-uniformly; otherwise the old maxima stay the bases, alpha is exactly 1 and
+    // rescale() skips O.
+    const bool move = !__all_sync(kFullWarpMask, m_tile[0] - m[0] <= kRescaleLog2 &&
+                                                     m_tile[1] - m[1] <= kRescaleLog2);
+#pragma unroll
+    for (int half = 0; half < kRowHalves; ++half) {
+      float base = m[half];  // finite when the base stays (a -inf max always moves)
+      alpha[half] = 1.0f;
+      if (move) {
+        base = m_tile[half] == -INFINITY ? 0.0f : m_tile[half];
+        alpha[half] = fast_exp2(m[half] - base);
+        m[half] = m_tile[half];
+      }
       float sum = 0.0f;
 #pragma unroll
       for (int nt = 0; nt < kTiles; ++nt) {
@@ -169,9 +190,9 @@ struct OnlineSoftmax {
     }
   }
 
-  // o *= alpha, row by row. Skipped (a warp-uniform branch) when no row of the warp has a new
-  // max, every alpha exactly 1: the result is the same bits, and once a row's max has settled
-  // (after the first tiles, typically) a tile saves the 64 multiplies.
+  // o *= alpha, row by row. Skipped (a warp-uniform branch) when every alpha of the warp is
+  // exactly 1 (no base moved: the same bits), which after a row tile's first key tiles is nearly
+  // every tile: 64 multiplies saved.
   __device__ __forceinline__ static void rescale(float (&o)[kHeadTilesN][4],
                                                  const float (&alpha)[kRowHalves]) {
     if (__all_sync(kFullWarpMask, alpha[0] == 1.0f && alpha[1] == 1.0f)) return;

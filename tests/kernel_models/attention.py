@@ -356,6 +356,9 @@ def mask_scores(p, s, mask_tile, last_key, mask_off, key0, what):
     return s
 
 
+RESCALE_LOG2 = 8.0  # softmax.cuh kRescaleLog2
+
+
 def rescale(num, o, alpha):
     """softmax.cuh OnlineSoftmax::rescale: o *= alpha per row, skipped when every alpha of the
     warp is exactly 1."""
@@ -383,17 +386,25 @@ class OnlineSoftmax:
 
     def exponentiate(self, num, s, scale_log2):
         """update() without o: returns (pf, alpha [2, 32])."""
-        alpha = np.empty((2, WARP))
+        alpha = np.ones((2, WARP))
+        m_tile = np.empty((2, WARP))
         for half in range(2):
             tile_max = np.full(WARP, -np.inf)
             for nt in range(len(s)):
                 tile_max = np.fmax(tile_max, np.fmax(s[nt][:, 2 * half], s[nt][:, 2 * half + 1]))
             tile_max = np.fmax(tile_max, shfl_xor(tile_max, 1))
             tile_max = np.fmax(tile_max, shfl_xor(tile_max, 2))
-            m_new = np.fmax(self.m[half], num.f32(tile_max * scale_log2))
-            base = np.where(m_new == -np.inf, 0.0, m_new)
-            alpha[half] = num.exp2(num.f32(self.m[half] - base))
-            self.m[half] = m_new
+            m_tile[half] = np.fmax(self.m[half], num.f32(tile_max * scale_log2))
+        # the bases move (warp-uniformly) only when some row rose more than RESCALE_LOG2 above its
+        # own; -inf -> finite (inf) and -inf -> -inf (NaN) count as moves
+        with np.errstate(invalid="ignore"):
+            move = not np.all(num.f32(m_tile - self.m) <= RESCALE_LOG2)
+        for half in range(2):
+            base = self.m[half].copy()
+            if move:
+                base = np.where(m_tile[half] == -np.inf, 0.0, m_tile[half])
+                alpha[half] = num.exp2(num.f32(self.m[half] - base))
+                self.m[half] = m_tile[half]
             row_sum = np.zeros(WARP)
             for nt in range(len(s)):
                 for c in range(2):
