@@ -449,19 +449,6 @@ def test_cluster_combine(monkeypatch, case):
     _judge(out, lse, q, k, v, None, D**-0.5, causal)
 
 
-def test_combine_setting_is_checked(monkeypatch):
-    q, k, v = _inputs(1, 8, 8, 1, 64, torch.bfloat16)
-    monkeypatch.setenv("QWEN3X_ATTENTION_COMBINE", "dsmem")
-    with pytest.raises(RuntimeError, match="qwen3x.attention: QWEN3X_ATTENTION_COMBINE must be l2 or cluster"):
-        ops.attention(q, k, v, None, D**-0.5, True)
-    monkeypatch.setenv("QWEN3X_ATTENTION_COMBINE", "cluster")
-    if wgmma_available():
-        ops.attention(q, k, v, None, D**-0.5, True)
-    else:  # no silent fallback: a row or test that asked for the cluster path ran it
-        with pytest.raises(RuntimeError, match="QWEN3X_ATTENTION_COMBINE=cluster needs an sm_90 GPU"):
-            ops.attention(q, k, v, None, D**-0.5, True)
-
-
 # (B, Hq, Hkv, Sq, Skv, causal, mask): calls the Hopper loop serves (full row tiles)
 # (first: the case a one-parametrization GPU pass keeps: causal, many tiles, a ragged last tile)
 OVERLAP_CASES = [
@@ -491,16 +478,26 @@ def test_overlap_loop(monkeypatch, case):
     _judge(out, lse, q, k, v, mask, D**-0.5, causal)
 
 
-def test_overlap_setting_is_checked(monkeypatch):
-    q, k, v = _inputs(1, 16, 8, 64, 64, torch.bfloat16)
-    monkeypatch.setenv("QWEN3X_ATTENTION_OVERLAP", "yes")
-    with pytest.raises(RuntimeError, match="qwen3x.attention: QWEN3X_ATTENTION_OVERLAP must be 0 or 1"):
+# (setting, its two values, a call it applies to: (B, Hq, Hkv, Sq, Skv))
+AB_SETTINGS = [("QWEN3X_ATTENTION_COMBINE", "l2", "cluster", (1, 8, 8, 1, 64)),  # a split decode
+               ("QWEN3X_ATTENTION_OVERLAP", "0", "1", (1, 16, 8, 64, 64))]   # a Hopper prefill tile
+
+
+@pytest.mark.parametrize("setting", AB_SETTINGS, ids=[s[0] for s in AB_SETTINGS])
+def test_ab_setting_is_checked(monkeypatch, setting):
+    """The Hopper A/B settings take their two values only, and the second runs or is refused
+    (off an sm_90 GPU with sm_90a code): no silent fallback, so a row or test that asked for it ran
+    it."""
+    name, off, on, shape = setting
+    q, k, v = _inputs(*shape, torch.bfloat16)
+    monkeypatch.setenv(name, "other")
+    with pytest.raises(RuntimeError, match=f"qwen3x.attention: {name} must be {off} or {on}, got 'other'"):
         ops.attention(q, k, v, None, D**-0.5, True)
-    monkeypatch.setenv("QWEN3X_ATTENTION_OVERLAP", "1")
+    monkeypatch.setenv(name, on)
     if wgmma_available():
         ops.attention(q, k, v, None, D**-0.5, True)
-    else:  # no silent fallback
-        with pytest.raises(RuntimeError, match="QWEN3X_ATTENTION_OVERLAP=1 needs an sm_90 GPU"):
+    else:
+        with pytest.raises(RuntimeError, match=f"{name}={on} needs an sm_90 GPU"):
             ops.attention(q, k, v, None, D**-0.5, True)
 
 
@@ -540,11 +537,12 @@ def test_bad_inputs():
 
 def test_scale_is_checked():
     """The kernel folds the softmax scale into its exponent (softmax.cuh): a scale that is not
-    positive and finite is refused, by both entry points, naming the op."""
+    positive and finite as the kernel holds it (scale * log2(e) in float32: 1e-46 is 0 there) is
+    refused, by both entry points, naming the op."""
     q, k, v = _inputs(1, 8, 4, 4, 6, torch.bfloat16)
     cu = torch.tensor([0, 4], dtype=torch.int32, device="cuda")
     qp, kp, vp = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # [tokens, heads, D]
-    for scale in (0.0, -D**-0.5, float("inf"), float("nan")):
+    for scale in (0.0, -D**-0.5, float("inf"), float("nan"), 1e-46):
         _bad(q, k, v, None, scale, True, match="positive finite softmax scale")
         with pytest.raises(RuntimeError, match="qwen3x.attention_varlen: expected a positive finite softmax scale"):
             ops.attention_varlen(qp, kp, vp, cu, torch.tensor([0, 6], dtype=torch.int32, device="cuda"), 4, 6,

@@ -337,7 +337,7 @@ BAD = [
                                         torch.ones(1, 1, 4, 4)), "bool mask"),
     *(("attention", lambda scale=scale: ops.attention(torch.randn(1, 2, 4, D), torch.randn(1, 2, 4, D),
                                                        torch.randn(1, 2, 4, D), None, scale),
-       "positive finite softmax scale") for scale in (0.0, -0.1, float("inf"), float("nan"))),
+       "positive finite softmax scale") for scale in (0.0, -0.1, float("inf"), float("nan"), 1e-46, 1e300)),
     ("attention_varlen", lambda: ops.attention_varlen(torch.randn(4, 2, D), torch.randn(4, 2, D), torch.randn(4, 2, D),
                                                       torch.tensor([0, 4], dtype=torch.int32),
                                                       torch.tensor([0, 4], dtype=torch.int32), scale=-1.0),

@@ -21,10 +21,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <optional>
-#include <string_view>
 
 #include "attention/attention_fwd.cuh"
 #include "core/checks.h"
@@ -95,10 +93,12 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 }
 
 // The kernel folds the scale into its exponent (softmax.cuh), which keeps the max of the scaled
-// scores and the -inf of a masked one only for a positive finite scale.
+// scores and the -inf of a masked one only for a positive finite scale: as the kernel holds it,
+// scale * log2(e) in fp32 (a double scale below ~1e-45 or above ~2e38 is 0 or inf there).
 void check_scale(const char* op, double scale) {
-  QWEN3X_CHECK(std::isfinite(scale) && scale > 0.0, "qwen3x.", op,
-               ": expected a positive finite softmax scale, got ", scale);
+  const float scale_log2 = static_cast<float>(scale * kLog2e);
+  QWEN3X_CHECK(std::isfinite(scale_log2) && scale_log2 > 0.0f, "qwen3x.", op,
+               ": expected a positive finite softmax scale (scale * log2(e) in float32), got ", scale);
 }
 
 void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -208,32 +208,17 @@ unsigned long long next_split_tag() {
 // the workspace in global memory, by the split that arrives last (combine.cuh); "cluster" inside
 // a thread block cluster of the tile's splits, through distributed shared memory: an sm_90 device
 // with this build's sm_90a code, and at most kMaxClusterSize splits (the plan then asks for no
-// more). Asking for it where it cannot run is an error, never a silent fallback (so a test or a
-// benchmark row that asked for it ran it). An A/B switch until a GPU run decides between them
-// (benchmarks/NOTES.md).
+// more). Which Hopper loop a wgmma call runs (QWEN3X_ATTENTION_OVERLAP): "0" (default) the loop
+// that waits for each tile's P V before the next tile's Q K^T; "1" the one that runs each tile's
+// softmax beside the previous tile's P V (attention_fwd.cuh, kOverlap); calls on the mma.sync
+// mainloop (decode tiles, other GPUs) are not affected. Asking for either where Hopper code
+// cannot run is an error, never a silent fallback (so a test or a benchmark row that asked for it
+// ran it). A/B switches until a GPU run decides (benchmarks/NOTES.md).
 bool cluster_combine_wanted(const char* op, int device) {
-  const char* env = std::getenv("QWEN3X_ATTENTION_COMBINE");
-  const std::string_view choice = env == nullptr || *env == '\0' ? "l2" : env;
-  QWEN3X_CHECK(choice == "l2" || choice == "cluster", "qwen3x.", op,
-               ": QWEN3X_ATTENTION_COMBINE must be l2 or cluster, got '", choice, "'");
-  if (choice == "l2") return false;
-  check_hopper_setting(hopper_code_runs(device), op, "QWEN3X_ATTENTION_COMBINE=cluster");
-  return true;
+  return hopper_ab_setting(op, device, "QWEN3X_ATTENTION_COMBINE", "l2", "cluster");
 }
-
-// Which Hopper loop a wgmma call runs (QWEN3X_ATTENTION_OVERLAP): 0 (default) the loop that
-// waits for each tile's P V before the next tile's Q K^T; 1 the one that runs each tile's
-// softmax beside the previous tile's P V (attention_fwd.cuh, kOverlap). Calls on the mma.sync
-// mainloop (decode tiles, other GPUs) are not affected, but asking for 1 where no wgmma code can
-// run is an error. An A/B switch until a GPU run decides between them (benchmarks/NOTES.md).
 bool overlap_wanted(const char* op, int device) {
-  const char* env = std::getenv("QWEN3X_ATTENTION_OVERLAP");
-  const std::string_view choice = env == nullptr || *env == '\0' ? "0" : env;
-  QWEN3X_CHECK(choice == "0" || choice == "1", "qwen3x.", op,
-               ": QWEN3X_ATTENTION_OVERLAP must be 0 or 1, got '", choice, "'");
-  if (choice == "0") return false;
-  check_hopper_setting(hopper_code_runs(device), op, "QWEN3X_ATTENTION_OVERLAP=1");
-  return true;
+  return hopper_ab_setting(op, device, "QWEN3X_ATTENTION_OVERLAP", "0", "1");
 }
 
 // Calls f.template operator()<T, kWgmma, kOverlap>() for the kernel a call runs.

@@ -78,7 +78,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
                                                int row0, int tid) {
   const SeqSlice seq = seq_slice(p, b);
   T* sK = sQ + kTileQElems;             // [kStages][kBlockN][128]
-  T* sV = sK + kStages * kTileKVElems;  // [kStages][kBlockN][128]
+  T* sV = sK + kStages * kTileKVElems;  // [kStages (kOverlap: kOverlapVStages)][kBlockN][128]
   static_assert(!(kWgmma && kSplitKeys), "split keys is the mma.sync mainloop's decode path");
   static_assert(kWgmma || !kOverlap, "the overlapped loop is a Hopper (wgmma) loop");
   const int warp = tid / kWarpSize;

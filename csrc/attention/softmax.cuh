@@ -147,15 +147,14 @@ struct OnlineSoftmax {
       tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullWarpMask, tile_max, 2));
       m_tile[half] = fmaxf(m[half], tile_max * scale_log2);
     }
-    // The base moves only when some row of the warp gains more than kRescaleLog2 (and on a
-    // row's first visible key: -inf to finite is an infinite gain; -inf to -inf, NaN, counts
-    // too), warp-uniformly; otherwise the old maxima stay the bases, alpha is exactly 1 and
-    // rescale() skips O.
-    const bool move = !__all_sync(kFullWarpMask, m_tile[0] - m[0] <= kRescaleLog2 &&
-                                                     m_tile[1] - m[1] <= kRescaleLog2);
+    // The bases move only when some row of the warp gains more than kRescaleLog2 (a row's first
+    // visible key is an infinite gain; a row that still sees nothing, -inf to -inf, is NaN: no
+    // gain), warp-uniformly; otherwise they stay, alpha is exactly 1 and rescale() skips O.
+    const bool move = !__all_sync(kFullWarpMask, !(m_tile[0] - m[0] > kRescaleLog2) &&
+                                                     !(m_tile[1] - m[1] > kRescaleLog2));
 #pragma unroll
     for (int half = 0; half < kRowHalves; ++half) {
-      float base = m[half];  // finite when the base stays (a -inf max always moves)
+      float base = m[half] == -INFINITY ? 0.0f : m[half];  // the base stays (-inf: nothing seen yet)
       alpha[half] = 1.0f;
       if (move) {
         base = m_tile[half] == -INFINITY ? 0.0f : m_tile[half];

@@ -8,9 +8,11 @@ The CUDA kernels repeat the checks that guard their memory accesses in C++ (csrc
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
+_LOG2E = 1.4426950408889634  # csrc/attention/attention.cu's kLog2e
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int32, torch.int64)
 
@@ -121,9 +123,17 @@ def silu_and_mul(op: str, input: torch.Tensor) -> None:
 
 def softmax_scale(op: str, scale: float) -> None:
     """The CUDA kernel folds the scale into its exponent (csrc/attention/softmax.cuh), which keeps
-    the max of the scaled scores and a masked -inf only for a positive finite scale; every device
-    takes the same rule."""
-    expect(math.isfinite(scale) and scale > 0, op, f"expected a positive finite softmax scale, got {scale}")
+    the max of the scaled scores and a masked -inf only for a positive finite scale, as the kernel
+    holds it: scale * log2(e) in float32. Every device takes the same rule."""
+    try:
+        held = struct.unpack("f", struct.pack("f", scale * _LOG2E))[0]
+    except OverflowError:
+        held = math.inf
+    expect(
+        math.isfinite(held) and held > 0,
+        op,
+        f"expected a positive finite softmax scale (scale * log2(e) in float32), got {scale}",
+    )
 
 
 def attention(op, q, k, v, mask, key_lengths=None) -> None:

@@ -396,11 +396,11 @@ class OnlineSoftmax:
             tile_max = np.fmax(tile_max, shfl_xor(tile_max, 2))
             m_tile[half] = np.fmax(self.m[half], num.f32(tile_max * scale_log2))
         # the bases move (warp-uniformly) only when some row rose more than RESCALE_LOG2 above its
-        # own; -inf -> finite (inf) and -inf -> -inf (NaN) count as moves
+        # own; -inf -> finite (inf) does, -inf -> -inf (NaN) does not
         with np.errstate(invalid="ignore"):
-            move = not np.all(num.f32(m_tile - self.m) <= RESCALE_LOG2)
+            move = bool(np.any(num.f32(m_tile - self.m) > RESCALE_LOG2))
         for half in range(2):
-            base = self.m[half].copy()
+            base = np.where(self.m[half] == -np.inf, 0.0, self.m[half])
             if move:
                 base = np.where(m_tile[half] == -np.inf, 0.0, m_tile[half])
                 alpha[half] = num.exp2(num.f32(self.m[half] - base))
