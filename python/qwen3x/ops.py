@@ -110,7 +110,8 @@ def attention(
     """GQA attention. q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], mask [B|1, 1|Hq, Sq, Skv] bool or None.
 
     ``causal``: the Sq queries are the last Sq key positions (bottom-right). ``scale`` defaults to
-    D ** -0.5. ``key_lengths`` ([B] or one value, int32/int64, read on the device): sequence b
+    D ** -0.5 and must be positive and finite (in float32, times log2 e: every attention op
+    checks). ``key_lengths`` ([B] or one value, int32/int64, read on the device): sequence b
     attends to its first min(Skv, key_lengths[b]) keys only and the kernel never reads the rest
     (the unfilled tail of a static cache). Returns out [B, Sq, Hq, D] and lse [B, Hq, Sq] fp32.
     """
