@@ -225,8 +225,8 @@ bool overlap_wanted(const char* op, int device) {
 template <typename F>
 decltype(auto) with_kernel(bool bf16, bool wgmma, bool overlap, F&& f) {
   const auto loops = [&]<typename T>() {
-    if (!wgmma) return f.template operator()<T, false, false>();
-    return overlap ? f.template operator()<T, true, true>() : f.template operator()<T, true, false>();
+    return attn::with_loop(wgmma, overlap,
+                           [&]<bool kW, bool kO>() { return f.template operator()<T, kW, kO>(); });
   };
   return bf16 ? loops.template operator()<__nv_bfloat16>() : loops.template operator()<__half>();
 }

@@ -354,6 +354,14 @@ cudaError_t launch_attention(const Params& p, cudaStream_t stream) {
   return err == cudaSuccess ? cudaGetLastError() : err;
 }
 
+// f.template operator()<kWgmma, kOverlap>() for the loop a call runs (kOverlap only with kWgmma):
+// the glue's and the emulator runner's one dispatch onto the kernel's instantiations.
+template <typename F>
+decltype(auto) with_loop(bool wgmma, bool overlap, F&& f) {
+  if (!wgmma) return f.template operator()<false, false>();
+  return overlap ? f.template operator()<true, true>() : f.template operator()<true, false>();
+}
+
 // Whether the splits of a (row tile, b, kv head) can run as one cluster of `num_splits` CTAs of
 // the forward kernel on the current device (for p.cluster_combine; the caller knows it is sm_90).
 template <typename T, bool kWgmma, bool kOverlap = false>

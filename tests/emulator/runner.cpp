@@ -301,11 +301,7 @@ void run_attention(Job& job) {
     throw emu::Error("the glue serves only full row tiles with the wgmma mainloop");
   }
   if (overlap && !wgmma) throw emu::Error("the overlapped loop is a wgmma loop");
-  // f.template operator()<kWgmma, kOverlap>() for the kernel the job asks for
-  const auto with_loop = [&](auto&& f) {
-    if (!wgmma) return f.template operator()<false, false>();
-    return overlap ? f.template operator()<true, true>() : f.template operator()<true, false>();
-  };
+  const auto with_loop = [&](auto&& f) { return attn::with_loop(wgmma, overlap, f); };
   with_dtype(job, [&](auto tag) {
     using T = decltype(tag);
     p.out = job.output("out", out_elems * sizeof(T)).ptr;
