@@ -13,7 +13,9 @@ loads or stores, or a tensor-core kernel (see MMA_KERNELS) has no HMMA, or has
 fewer HMMA inside its main loop (the address range of a backward branch) than
 MMA_LOOP_KERNELS asks, or a Hopper kernel (see WGMMA_LOOP_KERNELS) fewer
 warpgroup HGMMA in its main loop (on sm_90a; built for another architecture it
-is a stub that must hold no HGMMA), or a kernel the glue may launch with
+is a stub that must hold no HGMMA) or a main loop that waits after every
+wgmma, or an overlapped attention loop (see OVERLAP_KERNELS) without its
+softmax between a `wait_group 1` and the next wait, or a kernel the glue may launch with
 programmatic dependent launch (see PDL_KERNELS) lacks, on sm_90a, the grid
 dependency wait (ACQBULK) before its first global memory access or the trigger
 of its dependents (PREEXIT); 2 when the inputs cannot be found.
@@ -62,6 +64,17 @@ WGMMA_LOOP_KERNELS = {
     "attn::attention_fwd_kernel<__nv_bfloat16, true,": 12,
     "attn::attention_fwd_kernel<__half, true,": 12,
 }
+# The overlapped Hopper attention loops (csrc/attention/attention_fwd.cuh, kOverlap): the point
+# of the loop is a softmax that runs while P V is in flight, i.e. in SASS a `wait_group 1`
+# (WARPGROUP.DEPBAR.LE gsb0, 0x1: Q K^T done, P V not) followed by the tile's exponentials before
+# the next wgmma wait. ptxas may hoist a wait above the softmax and serialize it without a
+# warning (benchmarks/NOTES.md); this rule sees that. Exponentials of one 64 x 64 tile per thread:
+# 64 * 64 / 128 threads.
+OVERLAP_KERNELS = ("attn::attention_fwd_kernel<__nv_bfloat16, true, true>",
+                   "attn::attention_fwd_kernel<__half, true, true>")
+OVERLAP_MIN_EXPS = 64 * 64 // 128
+WGMMA_WAIT_ONE = re.compile(r"\bWARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x1\b")
+EX2 = re.compile(r"\bMUFU\.EX2\b")
 # Kernels (demangled-name substrings) that core/pdl.cuh's launch_kernel may launch with
 # programmatic dependent launch on an sm_90 device: on sm_90a each must wait for the previous
 # grid (griddepcontrol.wait = ACQBULK) before touching global memory, and trigger its dependents
@@ -116,6 +129,9 @@ class Kernel:
     loop_hgmma: int = 0
     loop_wgmma_waits: int = 0
     wait_addrs: list = None
+    wait_one_addrs: list = None  # WARPGROUP.DEPBAR.LE gsb0, 0x1
+    ex2_addrs: list = None
+    overlap_exps: int = 0  # most MUFU.EX2 in a main loop between a `wait_group 1` and the next wait
     hmma_addrs: list = None
     hgmma_addrs: list = None
     back_edges: list = None  # (target, branch) addresses of backward branches
@@ -162,6 +178,7 @@ def parse_sass(text: str) -> dict[tuple[str, str], Kernel]:
         elif m := re.match(r"\s*Function : (\S+)", line):
             cur = kernels.setdefault((arch, m.group(1)), Kernel(arch, m.group(1)))
             cur.hmma_addrs, cur.hgmma_addrs, cur.back_edges, cur.wait_addrs = [], [], [], []
+            cur.wait_one_addrs, cur.ex2_addrs = [], []
         elif cur is not None and "/*" in line:
             ins = line.split("*/", 1)[-1]  # drop the /*addr*/ prefix
             if a := ADDR.search(line):
@@ -172,6 +189,10 @@ def parse_sass(text: str) -> dict[tuple[str, str], Kernel]:
                     cur.hgmma_addrs.append(addr)
                 if WGMMA_WAIT.search(ins):
                     cur.wait_addrs.append(addr)
+                if WGMMA_WAIT_ONE.search(ins):
+                    cur.wait_one_addrs.append(addr)
+                if EX2.search(ins):
+                    cur.ex2_addrs.append(addr)
                 if (b := BRA_TARGET.search(ins)) and int(b.group(1), 16) < addr:
                     cur.back_edges.append((int(b.group(1), 16), addr))
                 if ACQBULK.search(ins) and cur.acqbulk_at < 0:
@@ -197,7 +218,20 @@ def parse_sass(text: str) -> dict[tuple[str, str], Kernel]:
         k.loop_hmma = in_loops(k, k.hmma_addrs)
         k.loop_hgmma = in_loops(k, k.hgmma_addrs)
         k.loop_wgmma_waits = in_loops(k, k.wait_addrs)
+        k.overlap_exps = overlap_exps(k)
     return kernels
+
+
+def overlap_exps(k: Kernel) -> int:
+    """The most MUFU.EX2 that follow a `wait_group 1` in a main loop before the loop's next wgmma
+    wait or its back edge: the softmax a loop runs beside its last wgmma group."""
+    best = 0
+    for lo, hi in k.back_edges or []:
+        waits = sorted(a for a in k.wait_addrs if lo <= a <= hi)
+        for w in (a for a in k.wait_one_addrs if lo <= a <= hi):
+            end = next((a for a in waits if a > w), hi)
+            best = max(best, sum(1 for a in k.ex2_addrs if w < a < end))
+    return best
 
 
 def parse_res_usage(text: str, kernels: dict[tuple[str, str], Kernel]) -> None:
@@ -262,6 +296,9 @@ def problems_of(k: Kernel) -> list[str]:
         if wgmma and 2 * k.loop_wgmma_waits >= k.loop_hgmma > 0:
             problems.append(f"wgmma serialized: {k.loop_wgmma_waits} waits for {k.loop_hgmma} HGMMA "
                             "in the main loop")
+        if any(sub in k.name for sub in OVERLAP_KERNELS) and k.overlap_exps < OVERLAP_MIN_EXPS:
+            problems.append(f"overlap lost: {k.overlap_exps} exponentials in the main loop between "
+                            f"wgmma `wait_group 1` and the next wait, expected >= {OVERLAP_MIN_EXPS}")
         for sub, need in MMA_LOOP_KERNELS.items():
             if sub in k.name and not wgmma and k.loop_hmma < need:
                 problems.append(f"{k.loop_hmma} HMMA in the main loop, expected >= {need}")

@@ -79,7 +79,7 @@ def test_gemm2_may_read_before_its_wait_but_not_write():
     assert _pdl_problems("sm_90a", reads, gemm1) == ["PDL: a global memory access before griddepcontrol.wait"]
 
 
-WGMMA_KERNEL = "qwen3x::attn::attention_fwd_kernel<__half, true, true>"  # one of sass_check.WGMMA_LOOP_KERNELS
+WGMMA_KERNEL = "qwen3x::attn::attention_fwd_kernel<__half, true, false>"  # one of sass_check.WGMMA_LOOP_KERNELS
 
 
 def _loop(body: list[str]) -> list[str]:
@@ -99,6 +99,31 @@ def test_a_pipelined_wgmma_loop_passes_and_a_serialized_one_is_reported():
 
 
 VECTOR_KERNEL = "qwen3x::rope::qk_norm_rope_kernel<__nv_bfloat16, false>"  # one of sass_check.VECTOR_KERNELS
+
+
+OVERLAP_KERNEL = "qwen3x::attn::attention_fwd_kernel<__nv_bfloat16, true, true>(qwen3x::attn::Params)"
+
+
+def _overlap_loop(softmax_after_the_wait: bool) -> list[str]:
+    """The overlapped loop's shape: Q K^T and P V issued, `wait_group 1`, the tile's softmax, then
+    (next tile) `wait_group 0`; or with the wait hoisted: the softmax behind `wait_group 0`."""
+    issue = [f"HGMMA.64x64x16.F32.BF16 R88, R{120 + 4 * i}, gdesc[UR20], R88" for i in range(11)]
+    issue.append("HGMMA.64x128x16.F32.BF16 R24, R152, gdesc[UR24], R24, gsb0")
+    exps = [f"MUFU.EX2 R{88 + i}, R{88 + i}" for i in range(sass_check.OVERLAP_MIN_EXPS)]
+    waits = ["WARPGROUP.DEPBAR.LE gsb0, 0x1", "WARPGROUP.DEPBAR.LE gsb0, 0x0"]
+    if softmax_after_the_wait:
+        return _loop(["WARPGROUP.DEPBAR.LE gsb0, 0x0", *issue, waits[0], *exps])
+    return _loop(["WARPGROUP.DEPBAR.LE gsb0, 0x0", *issue, *waits, *exps])
+
+
+def test_an_overlapped_loop_whose_softmax_waits_for_p_v_is_reported():
+    assert sass_check.problems_of(_kernel("sm_90a", _overlap_loop(True), OVERLAP_KERNEL)) == []
+    assert sass_check.problems_of(_kernel("sm_90a", _overlap_loop(False), OVERLAP_KERNEL)) == [
+        "overlap lost: 0 exponentials in the main loop between wgmma `wait_group 1` and the next "
+        f"wait, expected >= {sass_check.OVERLAP_MIN_EXPS}"]
+    # the serial loop (third template argument false) is not held to it
+    serial = OVERLAP_KERNEL.replace("true, true", "true, false")
+    assert sass_check.problems_of(_kernel("sm_90a", _overlap_loop(False), serial)) == []
 
 
 @pytest.mark.parametrize("load", ["LDG.E.128 R4, desc[UR4][R2.64]", "LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64]"])

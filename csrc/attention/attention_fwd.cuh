@@ -316,7 +316,11 @@ attention_fwd_kernel(const __grid_constant__ Params p) {
         return;
       }
     }
-    attention_tile<T, kWgmma, false, kOverlap>(p, sQ, b, kvh, blockIdx.z, row0, threadIdx.x);
+    if constexpr (kWgmma && !kWgmmaInThisPass) {
+      __trap();  // never launched: the host runs the wgmma kernels on sm_90 only (mainloop_choice.h)
+    } else {
+      attention_tile<T, kWgmma, false, kOverlap>(p, sQ, b, kvh, blockIdx.z, row0, threadIdx.x);
+    }
   }
 }
 

@@ -55,6 +55,15 @@
 
 namespace qwen3x {
 
+// Whether this compilation pass can run wgmma code: an sm_90a device pass, the emulator, or the
+// host pass (which only names kernels). A kernel whose wgmma path is dead in a pass (sm_80) traps
+// there instead of instantiating that path: build time, and no unreachable machine code.
+#if !defined(__CUDA_ARCH__) || defined(QWEN3X_WGMMA_ENABLED) || defined(QWEN3X_EMULATOR)
+constexpr bool kWgmmaInThisPass = true;
+#else
+constexpr bool kWgmmaInThisPass = false;
+#endif
+
 // Descriptor fields (PTX ISA, "Matrix Descriptor Format" of wgmma).
 constexpr int kWgmmaSwizzleBytes = 128;       // row length of a swizzle atom
 constexpr int kWgmmaAtomRows = 8;             // rows of a swizzle atom
