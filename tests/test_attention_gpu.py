@@ -393,6 +393,41 @@ def test_cuda_graph_decode(monkeypatch, combine):
         _judge(out, lse, q, k, v, mask, D**-0.5, True)
 
 
+@pytest.mark.parametrize("combine", ["cluster", "l2"])
+def test_cuda_graph_decode_many_splits_back_to_back(monkeypatch, combine):
+    """Batch 1, 4 kv heads, 8192 keys: 4 CTAs, so on an H100 the plan takes 64 splits of 2 tiles (16
+    in a cluster); 24 replays queued back to back, new inputs copied in between on the same stream
+    and no host sync until the end. Every replay's arrival marks must start clean (the combiners
+    reset them, combine.cuh), whichever CTAs of the 64 found themselves last."""
+    if combine == "cluster" and not wgmma_available():
+        pytest.skip("thread block clusters: an sm_90 GPU and a build with sm_90a")
+    monkeypatch.setenv("QWEN3X_ATTENTION_COMBINE", combine)
+    B, Hq, Hkv, Skv, replays = 1, 32, 4, 8192, 24
+    q, k, v = _inputs(B, Hq, Hkv, 1, Skv, torch.bfloat16, q_layout="bshd")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.attention(q, k, v, None, D**-0.5, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = ops.attention(q, k, v, None, D**-0.5, True)
+    inputs = [_inputs(B, Hq, Hkv, 1, Skv, torch.bfloat16, q_layout="bshd") for _ in range(replays)]
+    got = []
+    for q2, k2, v2 in inputs:
+        q.copy_(q2)
+        k.copy_(k2)
+        v.copy_(v2)
+        graph.replay()
+        got.append((out.clone(), lse.clone()))
+    torch.cuda.synchronize()
+    for (q2, k2, v2), (out_i, lse_i) in zip(inputs, got):
+        want_out, want_lse = ops.attention(q2, k2, v2, None, D**-0.5, True)
+        assert_identical(out_i, want_out)
+        assert_identical(lse_i, want_lse)
+    _judge(got[-1][0], got[-1][1], *inputs[-1], None, D**-0.5, True)
+
+
 @pytest.mark.skipif(not _library.pdl_available(), reason="programmatic dependent launch runs on sm_90 + sm_90a only")
 @pytest.mark.parametrize("skv", [1024, 8193])  # split-KV: the combine inside the forward kernel
 def test_programmatic_dependent_launch_changes_no_bit(monkeypatch, skv):
