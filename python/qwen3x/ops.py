@@ -85,7 +85,8 @@ def qk_norm_rope_cache_(
     normed, rotated k[b, s] and v_cache[b, :, cache_position[s]] = v[b, s]. positions [B, S] are
     the RoPE positions (they differ from the slots under left padding). One launch instead of
     qk_norm_rope_ plus two index_copy_. Slots must lie in [0, max_cache_len): the reference
-    raises on others, the CUDA kernel skips them. Not differentiable. Returns q.
+    raises on others, the CUDA kernel skips them. A slot named twice gets one of its tokens, which
+    one unspecified (as with index_copy_). Not differentiable. Returns q.
     """
     _ops.qk_norm_rope_cache_(
         q, k, v, k_cache, v_cache, cache_position, q_weight, k_weight, positions, inv_freq, attention_scaling, eps
