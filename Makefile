@@ -169,7 +169,9 @@ endif
 
 # The wgmma smoke step (tests/wgmma_smoke.py) leaves QWEN3X_*_MAINLOOP=mma_sync in mainloop.env for
 # a Hopper mainloop that failed (and QWEN3X_PDL=0 if the decode chains answer differently with
-# programmatic dependent launch), so that one broken kernel does not take every later test with it.
+# programmatic dependent launch, and QWEN3X_SMOKE_FAILED=<settings> for an A/B candidate such as
+# QWEN3X_ATTENTION_OVERLAP=1 that failed or hung: its tests and providers skip), so that one broken
+# kernel does not take every later test with it.
 LOAD_MAINLOOP_ENV = set -a; [ -f $(OUT)/mainloop.env ] && . $(OUT)/mainloop.env; set +a;
 
 # The steps after the build, the info line and the wgmma smoke run: all by default; a GPU lease

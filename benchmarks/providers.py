@@ -13,6 +13,7 @@ from typing import Any, Callable
 import qwen3x
 import torch
 from qwen3x._library import pdl_available, wgmma_available
+from qwen3x.testing import smoke_failed
 
 from .harness import Inputs, Provider
 
@@ -111,7 +112,8 @@ def overlap_provider(env_name: str, call: Callable[[Inputs], Any], eligible: boo
     (QWEN3X_ATTENTION_OVERLAP=1, FA3's intra-warpgroup overlap) instead of after it: the A/B that
     decides between the two loops (benchmarks/NOTES.md), in the same run. Same bits either way."""
     return _env_variant("qwen3x_overlap", ("QWEN3X_ATTENTION_OVERLAP", "1"), call,
-                        skip=_wgmma_skip(env_name, eligible), graphable=False, **kw)
+                        skip=_wgmma_skip(env_name, eligible) or smoke_failed("QWEN3X_ATTENTION_OVERLAP"),
+                        graphable=False, **kw)
 
 
 def _decode_variant(name: str, setting: tuple[str, str], call: Callable[[Inputs], Any], eligible: bool,
@@ -136,7 +138,8 @@ def cluster_combine_provider(call: Callable[[Inputs], Any], eligible: bool, **kw
     instead of through L2 by the last split to arrive: the A/B that decides between the two
     (benchmarks/NOTES.md), in the same run. Skipped off sm_90 + sm_90a, where the setting changes
     nothing."""
-    unavailable = None if wgmma_available() else "thread block clusters need an sm_90 GPU and a build with sm_90a"
+    unavailable = (smoke_failed("QWEN3X_ATTENTION_COMBINE") if wgmma_available()
+                   else "thread block clusters need an sm_90 GPU and a build with sm_90a")
     return _decode_variant("qwen3x_cluster", ("QWEN3X_ATTENTION_COMBINE", "cluster"), call, eligible, unavailable,
                            **kw)
 

@@ -1174,6 +1174,7 @@ def test_env_variant_providers_set_their_setting_only_during_the_call(monkeypatc
     monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "auto")
     monkeypatch.delenv("QWEN3X_ATTENTION_COMBINE", raising=False)
     monkeypatch.delenv("QWEN3X_ATTENTION_OVERLAP", raising=False)
+    monkeypatch.delenv("QWEN3X_SMOKE_FAILED", raising=False)
     seen = []
     call = lambda x: seen.append((os.environ.get("QWEN3X_WGMMA_PROXY_FENCE"),  # noqa: E731
                                   os.environ.get("QWEN3X_ATTENTION_MAINLOOP"), os.environ.get("QWEN3X_PDL"),
@@ -1199,6 +1200,13 @@ def test_env_variant_providers_set_their_setting_only_during_the_call(monkeypatc
     monkeypatch.setattr(providers, "wgmma_available", lambda: False)
     assert "sm_90" in providers.cluster_combine_provider(call, eligible=True).skip
     monkeypatch.setattr(providers, "wgmma_available", lambda: True)
+    # a candidate make gpu's smoke step found failing is skipped, saying so; the other still runs
+    monkeypatch.setenv("QWEN3X_SMOKE_FAILED", "QWEN3X_ATTENTION_COMBINE")
+    assert "FAILED in the smoke run" in providers.cluster_combine_provider(call, eligible=True).skip
+    assert providers.overlap_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True).skip is None
+    monkeypatch.setenv("QWEN3X_SMOKE_FAILED", "QWEN3X_ATTENTION_COMBINE,QWEN3X_ATTENTION_OVERLAP")
+    assert "FAILED in the smoke run" in providers.overlap_provider("QWEN3X_ATTENTION_MAINLOOP", call, True).skip
+    monkeypatch.delenv("QWEN3X_SMOKE_FAILED")
     assert "QWEN3X_WGMMA_PROXY_FENCE" not in os.environ and os.environ["QWEN3X_ATTENTION_MAINLOOP"] == "auto"
     assert (fence.name, fence.note) == ("qwen3x_no_fence", "QWEN3X_WGMMA_PROXY_FENCE=0")
     assert mma.note == "QWEN3X_ATTENTION_MAINLOOP=mma_sync" and pdl.note == "QWEN3X_PDL=0"

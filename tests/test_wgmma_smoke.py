@@ -18,9 +18,10 @@ import wgmma_smoke  # noqa: E402
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "python"), os.environ.get("PYTHONPATH", "")]))
 
 
-@pytest.mark.parametrize("var", [*sorted(wgmma_smoke.CASES), "PDL"])
+@pytest.mark.parametrize("var", [*sorted(wgmma_smoke.CASES), *sorted(wgmma_smoke.AB_CASES), "PDL"])
 def test_snippets_run(var):
-    code = wgmma_smoke.PDL_CASE.replace('"cuda"', '"cpu"') if var == "PDL" else wgmma_smoke.CASES[var]
+    code = (wgmma_smoke.PDL_CASE.replace('"cuda"', '"cpu"') if var == "PDL"
+            else wgmma_smoke.AB_CASES[var][1] if var in wgmma_smoke.AB_CASES else wgmma_smoke.CASES[var])
     code = code.replace('device="cuda"', 'device="cpu"').replace("torch.cuda.synchronize()", "")
     r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -52,6 +53,11 @@ def test_failures_are_switched_off_and_logged(monkeypatch, tmp_path, capsys):
         "C_MAINLOOP": "import time; time.sleep(60)",
         "D_MAINLOOP": "pass",
     })
+    monkeypatch.setattr(wgmma_smoke, "AB_CASES", {
+        "X_AB": ("1", "import time; time.sleep(60)"),
+        "Y_AB": ("on", "pass"),
+        "Z_AB": ("2", "raise SystemExit('the overlapped loop changed the answer')"),
+    })
     monkeypatch.setattr(wgmma_smoke, "PDL_CASE", "raise SystemExit('PDL changed the answer')")
     env_file = tmp_path / "mainloop.env"
     monkeypatch.setattr(sys, "argv", ["wgmma_smoke.py", str(env_file)])
@@ -63,8 +69,11 @@ def test_failures_are_switched_off_and_logged(monkeypatch, tmp_path, capsys):
     assert "D_MAINLOOP without the proxy fence (informational): ok" in printed
     assert "A_MAINLOOP without" not in printed  # a family already switched off is not rerun
     assert "PDL smoke (decode chains, eager and graphed, against QWEN3X_PDL=0): FAILED" in printed
+    assert "X_AB=1 (an A/B candidate): FAILED, timed out" in printed and "Y_AB=on (an A/B candidate): ok" in printed
+    assert "Z_AB=2 (an A/B candidate): FAILED, exit 1: the overlapped loop changed the answer" in printed
     assert env_file.read_text().split() == ["A_MAINLOOP=mma_sync", "B_MAINLOOP=mma_sync", "C_MAINLOOP=mma_sync",
-                                            "QWEN3X_PDL=0"]
+                                            "QWEN3X_SMOKE_FAILED=X_AB,Z_AB", "QWEN3X_PDL=0"]
+    assert "changed the answer" in (tmp_path / "wgmma_smoke_Z_AB.log").read_text()
     assert "illegal instruction" in (tmp_path / "wgmma_smoke_A_MAINLOOP.log").read_text()
 
 
@@ -83,3 +92,13 @@ def test_error_probe_cases_raise(monkeypatch, name):  # CUDA input: all on the C
 def test_error_probe_reports_a_crash(monkeypatch):
     monkeypatch.setattr(os, "environ", ENV)
     assert error_path_probe._run("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)").startswith("CRASHED (signal 11)")
+
+
+def test_smoke_failed_names_only_the_listed_settings(monkeypatch):
+    from qwen3x.testing import smoke_failed  # noqa: PLC0415
+
+    monkeypatch.delenv("QWEN3X_SMOKE_FAILED", raising=False)
+    assert smoke_failed("QWEN3X_ATTENTION_OVERLAP") is None
+    monkeypatch.setenv("QWEN3X_SMOKE_FAILED", "QWEN3X_ATTENTION_COMBINE")
+    assert smoke_failed("QWEN3X_ATTENTION_OVERLAP") is None
+    assert "QWEN3X_ATTENTION_COMBINE: FAILED in the smoke run" in smoke_failed("QWEN3X_ATTENTION_COMBINE")

@@ -10,6 +10,12 @@ remaining steps still test everything else, and a failing family's whole stderr 
 wgmma_smoke_<family>.log beside ENV_FILE; where wgmma cannot run at all (no extension, no sm_90
 GPU, no sm_90a build) it writes nothing and says which.
 
+The Hopper A/B candidates, off by default (QWEN3X_ATTENTION_OVERLAP=1: the overlapped attention
+loop; QWEN3X_ATTENTION_COMBINE=cluster: split-KV merged in a thread block cluster), get runs of their
+own when the attention family passed (AB_CASES); a failing one is named in ENV_FILE's
+QWEN3X_SMOKE_FAILED (comma-separated), which their GPU tests and benchmark providers read as "skip"
+(qwen3x.testing.smoke_failed): a hang or a fault there would otherwise take a whole step with it.
+
 It also runs the decode chains launched with programmatic dependent launch (PDL, csrc/core/pdl.cuh:
 the default where wgmma runs), eagerly and in a CUDA graph, against the same calls with
 QWEN3X_PDL=0, bitwise; if that fails, ENV_FILE gets QWEN3X_PDL=0 and the later steps run without it.
@@ -55,6 +61,39 @@ same = R.moe_experts(x, ids, w, gate_up, down)
 truth = R.moe_experts(x.double(), ids, w.double(), gate_up.double(), down.double())
 assert_close_to_truth(out, same, truth)
 """,
+}
+# The A/B candidates: setting -> (its value, a snippet run with it in force).
+AB_CASES = {
+    # the overlapped loop: the attention case above (208 CTAs of 64 rows, 4 key tiles each: one
+    # prefetch in flight, the first and last tiles' blocks), then the serial loop: the same bits
+    "QWEN3X_ATTENTION_OVERLAP": ("1", CASES["QWEN3X_ATTENTION_MAINLOOP"] + """
+import os
+os.environ["QWEN3X_ATTENTION_OVERLAP"] = "0"
+serial, serial_lse = ops.attention(q, k, v, None, 128 ** -0.5, True)
+assert torch.equal(out, serial) and torch.equal(lse, serial_lse), "the overlapped loop changed the answer"
+"""),
+    # the in-cluster combine: batch-1 decode, 8 kv heads x 4096 keys (8 CTAs: a cluster of 16 splits
+    # each), eagerly and replayed in a CUDA graph
+    "QWEN3X_ATTENTION_COMBINE": ("cluster", """
+import torch
+from qwen3x import ops, reference as R
+from qwen3x.testing import assert_close_to_truth
+torch.manual_seed(0)
+q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+k = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
+v = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
+out, lse = ops.attention(q, k, v, None, 128 ** -0.5, False)
+if torch.cuda.is_available():
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        g_out, g_lse = ops.attention(q, k, v, None, 128 ** -0.5, False)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, g_out) and torch.equal(lse, g_lse), "the graph replay changed the answer"
+same, _ = R.attention(q, k, v, None, 128 ** -0.5, False)
+truth, _ = R.attention(q.double(), k.double(), v.double(), None, 128 ** -0.5, False)
+assert_close_to_truth(out, same, truth)
+"""),
 }
 # The decode chains (router -> GEMM1 -> GEMM2; qk_norm_rope -> attention -> split-KV combine)
 # with PDL, then without (QWEN3X_PDL is read at each call): the same bits, eager and replayed.
@@ -131,7 +170,7 @@ def main() -> int:
     env_file = sys.argv[1]
     out_dir = os.path.dirname(os.path.abspath(env_file))
     from qwen3x import _library  # noqa: PLC0415
-    from qwen3x.testing import wgmma_available  # noqa: PLC0415
+    from qwen3x.testing import SMOKE_FAILED_ENV, wgmma_available  # noqa: PLC0415
 
     open(env_file, "w").close()
     if not wgmma_available():
@@ -154,6 +193,16 @@ def main() -> int:
             continue
         ok, detail, _ = _run(code, dict(os.environ, **{var: "wgmma", "QWEN3X_WGMMA_PROXY_FENCE": "0"}))
         print(f"wgmma smoke {var} without the proxy fence (informational): {'ok' if ok else 'FAILED, ' + detail}")
+    smoke_failed = []
+    for var, (value, code) in AB_CASES.items() if "QWEN3X_ATTENTION_MAINLOOP=mma_sync" not in fallbacks else ():
+        ok, detail, stderr = _run(code, dict(os.environ, QWEN3X_ATTENTION_MAINLOOP="wgmma", **{var: value}))
+        print(f"wgmma smoke {var}={value} (an A/B candidate): {'ok' if ok else 'FAILED, ' + detail}")
+        if not ok:
+            smoke_failed.append(var)
+            with open(os.path.join(out_dir, f"wgmma_smoke_{var}.log"), "w") as f:
+                f.write(stderr)
+    if smoke_failed:
+        fallbacks.append(f"{SMOKE_FAILED_ENV}={','.join(smoke_failed)}")
     ok, detail, stderr = _run(PDL_CASE)
     print(f"PDL smoke (decode chains, eager and graphed, against QWEN3X_PDL=0): {'ok' if ok else 'FAILED, ' + detail}")
     if not ok:

@@ -14,6 +14,7 @@ routes to other experts than the truth, and whether only at near ties of the rou
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,18 @@ from ._library import wgmma_available  # noqa: F401  (the GPU tests' skip condit
 
 RATIO = 2.0
 ABS_FLOOR = 1e-6
+
+
+SMOKE_FAILED_ENV = "QWEN3X_SMOKE_FAILED"  # tests/wgmma_smoke.py: A/B settings that failed there
+
+
+def smoke_failed(setting: str) -> str | None:
+    """Why a GPU test or benchmark provider of an A/B setting (an environment variable such as
+    QWEN3X_ATTENTION_OVERLAP) must not run here, or None: `make gpu`'s smoke step ran the setting
+    in a process of its own and it failed or hung (its log says how), so a test or a timed run in
+    a shared process would only hang or poison the CUDA context for everything after it."""
+    failed = [s for s in os.environ.get(SMOKE_FAILED_ENV, "").split(",") if s]
+    return f"{setting}: FAILED in the smoke run (tests/wgmma_smoke.py; its log)" if setting in failed else None
 
 
 def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
