@@ -38,7 +38,7 @@ PYTEST_ARGS ?= -q
 OUT         ?= gpu-run
 VPY          = $(VENV)/bin/python
 
-.PHONY: run test setup build test-tf5 test-tf457 test-emulated-gpu gpu gpu-check gpu-perf gpu-sanitize gpu-suite demo info clean
+.PHONY: run test setup build test-tf5 test-tf457 test-emulated-gpu gpu gpu-check gpu-perf gpu-sanitize gpu-suite gpu-ampere demo info clean
 
 run: setup
 	$(VPY) -m benchmarks
@@ -261,6 +261,33 @@ gpu-perf:
 	    KERNEL_TIMES_ARGS="$(GPU_PERF_KERNEL_TIMES_ARGS)" KERNEL_TIMES_S=40 \
 	    MODEL_ARGS="--targets --ops model_prefill,model_decode --shapes model=Qwen3-30B-A3B --providers qwen3x,hf_eager" \
 	    MODEL_S=90 FLUSHAB_S=25 NCU_S=30 BUILD_S=120
+
+# The Ampere build on a Hopper GPU (make gpu-ampere OUT=/tmp/r4 PYTHON=python3): a copy of the tree
+# built for "8.0+PTX" (sm_80 machine code and compute_80 PTX) into a directory of its own; the H100
+# cannot run sm_80 machine code, so its driver compiles the PTX, and the kernels run the code an A100
+# build runs (mma.sync mainloops, no programmatic dependent launch, no clusters: the host sees no
+# sm_90a code and chooses as it would on an A100). No A100 has run qwen3x; this runs that code on a
+# GPU at all. The tests find the copy first on PYTHONPATH (the step checks that they do: build
+# archs without sm_90a), a sample of GPU_CHECK_TESTS, in AMPERE_TEST_S. Nothing of the sm_90a build
+# in place is touched.
+AMPERE_DIR    ?= /tmp/qwen3x-ampere
+AMPERE_ARCHS  ?= 8.0+PTX
+AMPERE_BUILD_S ?= 200
+AMPERE_TEST_S ?= 200
+gpu-ampere:
+	mkdir -p $(OUT)
+	rm -rf $(AMPERE_DIR) && mkdir -p $(AMPERE_DIR)/src
+	tar --exclude=./build --exclude=./.git --exclude=./.venv --exclude=./.whl --exclude='./python/qwen3x/_C*.so' \
+	    -cf - . | tar -xf - -C $(AMPERE_DIR)/src
+	set -o pipefail; cd $(AMPERE_DIR)/src && QWEN3X_BUILD_CUDA=1 QWEN3X_CUDA_ARCHS="$(AMPERE_ARCHS)" \
+	    timeout $(AMPERE_BUILD_S) $(PYTHON) -m pip install --no-build-isolation --no-deps --no-compile \
+	    --target $(AMPERE_DIR)/site . 2>&1 | tail -n 20 | tee $(OUT)/ampere_build.log
+	cd $(AMPERE_DIR)/src && PYTHONPATH=$(AMPERE_DIR)/site:$(PYTHONPATH) $(PYTHON) tests/ampere_check.py \
+	    $(AMPERE_DIR)/site 2>&1 | tee $(OUT)/ampere_info.txt
+	set -o pipefail; cd $(AMPERE_DIR)/src && PYTHONPATH=$(AMPERE_DIR)/site:tests:$(PYTHONPATH) \
+	    timeout $(AMPERE_TEST_S) $(PYTHON) -m pytest -q -rs -p no:cacheprovider $(GPU_TEST_WORKERS) --gpu-sample 1 \
+	    $(GPU_CHECK_TESTS) 2>&1 | tee $(OUT)/ampere_tests.log; echo "ampere tests exit $$?" >> $(OUT)/ampere_tests.log
+	@echo "== summary ($(OUT)) =="; tail -n 1 $(OUT)/ampere_info.txt; grep -E "passed|failed|exit" $(OUT)/ampere_tests.log | tail -n 3
 
 # The whole suite in one call of its own (build, smoke runs, then `python -m benchmarks --model`,
 # rows in OUT/suite, its `wall time:` line in suite.log): make gpu-suite OUT=/tmp/full PYTHON=python3;

@@ -102,3 +102,18 @@ def test_smoke_failed_names_only_the_listed_settings(monkeypatch):
     monkeypatch.setenv("QWEN3X_SMOKE_FAILED", "QWEN3X_ATTENTION_COMBINE")
     assert smoke_failed("QWEN3X_ATTENTION_OVERLAP") is None
     assert "QWEN3X_ATTENTION_COMBINE: FAILED in the smoke run" in smoke_failed("QWEN3X_ATTENTION_COMBINE")
+
+
+# ---- tests/ampere_check.py (make gpu-ampere): it refuses to let its tests run another build ------
+import ampere_check  # noqa: E402
+
+
+def test_ampere_check_refuses_another_copy_or_a_hopper_build(tmp_path):
+    from qwen3x import _library  # noqa: PLC0415
+
+    problems = ampere_check.check(tmp_path)  # qwen3x imports from this tree, not from tmp_path
+    assert any("not from" in p for p in problems), problems
+    if _library._C is None:
+        assert any("did not load" in p for p in problems), problems
+    elif "sm_90a" in _library._C.build_info()["archs"]:  # this tree's build (CI's: sm_80 and sm_90a)
+        assert any("arch-specific" in p for p in problems), problems
