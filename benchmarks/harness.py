@@ -111,6 +111,30 @@ def upcast(inputs: Inputs) -> Inputs:
     }
 
 
+def _tensors(out: Any):
+    """The tensors of an output: a tensor, or nested in tuples, lists and dicts (model outputs)."""
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for o in out:
+            yield from _tensors(o)
+    elif isinstance(out, dict):
+        for o in out.values():
+            yield from _tensors(o)
+
+
+def poison(out: Any, inputs: Inputs) -> None:
+    """Fill the memory of every tensor in ``out`` with 0xFF bytes (NaN in bf16 / fp16 / fp32, -1 in
+    integers), except memory an input shares (an in-place op's output): the caching allocator hands
+    freed blocks of a size to the next request of that size, so a checked answer left in memory
+    could otherwise pass the next provider's check for it, one that wrote nothing."""
+    kept = {v.untyped_storage().data_ptr() for v in inputs.values() if isinstance(v, torch.Tensor)}
+    for t in _tensors(out):
+        storage = t.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in kept:
+            storage.fill_(0xFF)
+
+
 def check(got: Sequence, truth: Sequence, tolerances: Sequence) -> tuple[list, str | None]:
     """(max abs error per output, None) when ``got`` passes, else (errors, what went wrong)."""
     if len(got) != len(truth):
@@ -216,7 +240,10 @@ def _setup(case: Case, device: torch.device) -> tuple | str:
         inputs = case.make_inputs(device)
         truth = as_tuple(case.truth(inputs) if case.truth else case.reference(upcast(inputs)))
         baseline = as_tuple(case.baseline(inputs) if case.baseline else case.reference(inputs))
-        return inputs, truth, [tolerance(t, b) for t, b in zip(truth, baseline)]
+        tolerances = [tolerance(t, b) for t, b in zip(truth, baseline)]
+        if case.excuse is None:  # (op cases; a whole model's outputs may hold its cache)
+            poison(baseline, inputs)  # a correct answer of the providers' shape, about to be freed
+        return inputs, truth, tolerances
     except Exception as exc:  # noqa: BLE001 (reported in the rows)
         return first_line(exc)
 
@@ -233,6 +260,22 @@ def _excuse(case: Case, fn, inputs, got, truth, tolerances) -> Excuse | None:
         return Excuse(False, f"not excused: {first_line(exc)}")
 
 
+def _replay_check(case: Case, p: Provider, inputs: Inputs, truth, tolerances):
+    """The timer's check of a graph's replay (timing.ReplayCheck): its output poisoned, one replay,
+    then the eager call's check. Not for cases with an excuse (the whole models: a near-tie
+    routing flip is judged by the excuse, which runs the model eagerly)."""
+    if case.excuse is not None:
+        return None
+
+    def replay_check(out, replay) -> str | None:
+        poison(out, inputs)
+        replay()
+        torch.cuda.synchronize()
+        return check(as_tuple(p.canon(out) if p.canon else out), truth, tolerances)[1]
+
+    return replay_check
+
+
 def _run_provider(case, p, inputs, truth, tolerances, timer, ceilings, device, row) -> dict:
     """The provider's row. Releases nothing itself: the caller does, once this frame (which holds
     the provider's call and with it its model) and any exception's traceback are gone."""
@@ -245,6 +288,8 @@ def _run_provider(case, p, inputs, truth, tolerances, timer, ceilings, device, r
         out = fn()
         got = as_tuple(p.canon(out) if p.canon else out)
         errors, problem = check(got, truth, tolerances)
+        if not problem and case.excuse is None:  # as the baseline's (a failed answer is excused
+            poison(out, inputs)                   # or reported, below)
         del out
     except Skip as exc:
         return row(p, "skipped", str(exc))
@@ -261,7 +306,9 @@ def _run_provider(case, p, inputs, truth, tolerances, timer, ceilings, device, r
         return row(p, "failed", "; ".join(n for n in notes if n), **checked)
     build_note = getattr(fn, "note", "")
     try:
-        timing = timer(fn, cuda_graph=case.cuda_graph and p.graphable)
+        graphed = case.cuda_graph and p.graphable
+        timing = timer(fn, cuda_graph=True, replay_check=_replay_check(case, p, inputs, truth, tolerances)) \
+            if graphed else timer(fn)
     except Exception as exc:  # noqa: BLE001
         return row(p, "failed", f"timing failed: {first_line(exc)}", **checked)
     del fn

@@ -161,8 +161,10 @@ def _value(t: Target, by: dict[str, dict], groups: dict, shape: Shape) -> float 
         return None
     if t.rule == "fraction":
         return ours.get("fraction_of_peak")
-    if t.rule == "speedup":
-        peers = [by[p]["median_ms"] for p in t.peers if p in by]
+    if t.rule == "speedup":  # against peers timed as ours was: both CUDA-graph replays or both eager
+        # (a graph replay pays the graph's launch, an eager call's launch hides behind the flush)
+        peers = [by[p]["median_ms"] for p in t.peers
+                 if p in by and bool(by[p].get("cuda_graph")) == bool(ours.get("cuda_graph"))]
         return min(peers) / ours["median_ms"] if peers else None
     if t.rule == "sum_under":  # plus with_op's case whose shape agrees on every key of this one's
         if not t.with_op:

@@ -1,7 +1,9 @@
 """Timing: CUDA events around each call, cold L2, optional CUDA-graph replay.
 
-A timer is any callable ``timer(fn, cuda_graph=bool) -> Timing``; the harness takes one as an
-argument, so its correctness-then-time logic runs on the CPU with a fake timer in the tests.
+A timer is any callable ``timer(fn, cuda_graph=bool, replay_check=None) -> Timing``; the harness
+takes one as an argument, so its correctness-then-time logic runs on the CPU with a fake timer in
+the tests. ``replay_check(out, replay)`` (graph cases): called once after the capture with the
+graph's output and its replay; a non-None answer (what is wrong) fails the timing.
 """
 
 from __future__ import annotations
@@ -49,8 +51,16 @@ class Timing:
     note: str = ""  # e.g. why a requested CUDA graph could not be used
 
 
+ReplayCheck = Callable[[object, Callable[[], None]], "str | None"]
+
+
+class ReplayMismatch(RuntimeError):
+    """A CUDA graph's replay answered wrongly (the eager call had passed its check)."""
+
+
 class Timer(Protocol):
-    def __call__(self, fn: Callable[[], object], cuda_graph: bool = False) -> Timing: ...
+    def __call__(self, fn: Callable[[], object], cuda_graph: bool = False,
+                 replay_check: ReplayCheck | None = None) -> Timing: ...
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -79,8 +89,9 @@ def l2_bytes(device: torch.device | None = None) -> int:
     return int(getattr(props, "L2_cache_size", 0) or DEFAULT_L2_BYTES)
 
 
-def capture_graph(fn: Callable[[], object]) -> Callable[[], None]:
-    """Record ``fn`` into a CUDA graph (after warm-up on a side stream); returns its replay."""
+def capture_graph(fn: Callable[[], object], outputs: list | None = None) -> Callable[[], None]:
+    """Record ``fn`` into a CUDA graph (after warm-up on a side stream); returns its replay (and
+    appends the captured call's output, which every replay rewrites, to ``outputs``)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -92,13 +103,15 @@ def capture_graph(fn: Callable[[], object]) -> Callable[[], None]:
     previous = torch.cuda.current_stream()
     try:
         with torch.cuda.graph(graph, pool=pool):
-            fn()
+            out = fn()
     except BaseException:
         # torch.cuda.graph's exit leaves its capture stream current when capture_end raises
         torch.cuda.set_stream(previous)
         release_pool_of_failed_capture(graph, pool)
         raise
     torch.cuda.synchronize()
+    if outputs is not None:
+        outputs.append(out)
     return graph.replay
 
 
@@ -184,16 +197,22 @@ class CudaTimer:
                 break
         return elapsed / calls
 
-    def __call__(self, fn: Callable[[], object], cuda_graph: bool = False) -> Timing:
+    def __call__(self, fn: Callable[[], object], cuda_graph: bool = False,
+                 replay_check: ReplayCheck | None = None) -> Timing:
         note = ""
         if cuda_graph:
+            outputs = []
             try:
-                fn = capture_graph(fn)
+                fn = capture_graph(fn, outputs)
             except Exception as exc:  # noqa: BLE001 (any capture failure: time it eagerly)
                 torch.cuda.synchronize()
                 release_rng_from_failed_capture()
                 cuda_graph = False
                 note = f"CUDA graph capture failed, timed eagerly: {capture_error(exc)}"
+            else:  # what is timed is the replay: its answer is checked too
+                problem = replay_check(outputs[0], fn) if replay_check is not None else None
+                if problem:
+                    raise ReplayMismatch(f"CUDA graph replay: wrong answer: {problem}")
         per_call = max(self._estimate_ms(fn), 1e-3)
         reps = int(min(self.max_reps, max(MIN_REPS, self.target_ms / per_call)))
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]

@@ -43,7 +43,7 @@ class FakeTimer:
     def __init__(self):
         self.timed = []
 
-    def __call__(self, fn, cuda_graph=False):
+    def __call__(self, fn, cuda_graph=False, replay_check=None):
         self.timed.append(fn)
         return Timing(median_ms=1.0, p20_ms=0.9, p80_ms=1.1, reps=10, cuda_graph=cuda_graph)
 
@@ -150,6 +150,50 @@ def _raise(x):
 
 def _skip(x):
     raise Skip("not on this device")
+
+
+def test_a_provider_that_writes_nothing_fails_even_where_a_checked_answer_was_freed():
+    """The baseline and each passing provider's output are poisoned before they are freed: an
+    output from torch.empty that nothing writes cannot inherit a correct answer from the allocator
+    (before: such a provider passed at 64 x 1024 on the CPU)."""
+    def make_inputs(device):
+        return {"x": torch.randn(64, 1024, device=device).to(torch.bfloat16)}
+
+    writes_nothing = Provider("qwen3x", lambda x: lambda: torch.empty(64, 1024, dtype=torch.bfloat16))
+    good = Provider("reference", lambda x: lambda: x["x"] * 2)
+    case = Case("rms_norm", {"tokens": 64, "hidden": 1024}, make_inputs, lambda x: x["x"] * 2,
+                [good, writes_nothing], bytes=1)
+    by, _ = run_cpu(case)
+    assert by["reference"]["status"] == "ok"
+    assert by["qwen3x"]["status"] == "failed" and "wrong answer" in by["qwen3x"]["note"]
+
+
+def test_poison_spares_memory_an_input_shares():
+    x = torch.ones(4, 4)
+    out = (x[:2], torch.ones(3, dtype=torch.int32), {"logits": torch.ones(2)})
+    harness.poison(out, {"x": x})
+    assert (x == 1).all()  # an in-place op's output is its input: left alone
+    assert (out[1] == -1).all() and torch.isnan(out[2]["logits"]).all()
+
+
+def test_a_graph_replay_is_checked_after_its_output_is_poisoned(monkeypatch):
+    """harness._replay_check: the replay must rewrite the graph's output (poisoned first) with a
+    passing answer; the timer fails the timing on its answer (timing.ReplayMismatch)."""
+    good = Provider("qwen3x", lambda x: lambda: (x["x"] * 2, x["w"] + 1))
+    case = _toy_case([good], cuda_graph=True)
+    inputs, truth, tolerances = harness._setup(case, torch.device("cpu"))
+    check = harness._replay_check(case, good, inputs, truth, tolerances)
+    out = (inputs["x"] * 2, inputs["w"] + 1)
+
+    def rewrites():
+        out[0].copy_(inputs["x"] * 2)
+        out[1].copy_(inputs["w"] + 1)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)  # (the check waits for the GPU)
+    assert check(out, rewrites) is None
+    assert "integer values differ" in check(out, lambda: out[0].copy_(inputs["x"] * 2))  # w never rewritten
+    case.excuse = lambda *a: None  # whole models: their excuse judges, not this check
+    assert harness._replay_check(case, good, inputs, truth, tolerances) is None
 
 
 def test_failing_providers_are_reported_and_never_timed():
@@ -354,7 +398,7 @@ def test_providers_state_is_collected_before_the_next_provider_builds(each):
 
     case = _toy_case([Provider("a", build("a")), Provider("b", build("b", fail=True)), Provider("c", build("c"))])
     case.release_each_provider = each
-    timer = lambda fn, cuda_graph=False: Timing(1.0, 1.0, 1.0, 10)  # noqa: E731 (keeps no call alive)
+    timer = lambda fn, cuda_graph=False, replay_check=None: Timing(1.0, 1.0, 1.0, 10)  # noqa: E731 (keeps no call alive)
     gc.disable()  # only the harness's own collections count
     try:
         out = harness.run_case(case, timer=timer, env=rows.environment(), device="cpu", log=lambda m: None)
@@ -828,7 +872,7 @@ def test_precompile_leaves_the_runs_compiles_in_inductors_caches(tmp_path):
                     "from torch._dynamo.utils import counters\n"
                     f"cases = run.select_cases(run.parse_args({argv!r}))\n"
                     f"for i in {[i for i, _ in items[:2]]!r}:\n"
-                    "    out = harness.run_case(cases[i], timer=lambda fn, cuda_graph=False: Timing(1, 1, 1, 10),\n"
+                    "    out = harness.run_case(cases[i], timer=lambda fn, cuda_graph=False, replay_check=None: Timing(1, 1, 1, 10),\n"
                     "                           env=rows.environment(), device='cpu', providers=['torch_compile'],\n"
                     "                           log=lambda m: None)\n"
                     "    assert [r['status'] for r in out] == ['ok'], out\n"
@@ -1006,6 +1050,16 @@ def test_target_verdicts():
     assert v.status == "PASS"
     table = targets.format_verdicts(list(verdicts.values()))
     assert "| #4 | rms_norm moves" in table and "85%" in table and "7.0 us" in table
+    # a speedup compares like with like: a graph-replayed qwen3x against an eagerly timed peer (its
+    # capture failed) is not judged; the graphed peer that remains is
+    small = {"model": "Qwen3-4B", "tokens": 1, "hq": 32, "hkv": 8}
+    add("qk_norm_rope", small, "qwen3x", 0.004, cuda_graph=True)
+    add("qk_norm_rope", small, "hf_eager", 0.003, cuda_graph=False)
+    v = next(v for v in targets.evaluate(got) if v.target.text.startswith("qk_norm_rope no slower"))
+    assert (v.status, v.judged, v.missing) == ("NO DATA", 0, 1)
+    add("qk_norm_rope", small, "liger", 0.006, cuda_graph=True)
+    v = next(v for v in targets.evaluate(got) if v.target.text.startswith("qk_norm_rope no slower"))
+    assert v.status == "PASS" and abs(v.worst - 1.5) < 1e-9
 
 
 def test_readme_carries_the_target_verdicts(tmp_path):
