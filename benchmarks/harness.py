@@ -91,6 +91,9 @@ class Case:
     # that each build large state of their own, possibly in reference cycles (a model copy).
     release_each_provider: bool = False
     excuse: ExcuseFn | None = None  # a failed check that is no fault of the provider's (see Excuse)
+    # Row fields that depend on the inputs drawn (the MoE cases: the experts their routing actually
+    # touches, and the bytes of those); a "bytes" among them replaces the formula's expectation.
+    inputs_fields: Callable[[Inputs], dict] | None = None
 
     @property
     def label(self) -> str:
@@ -205,6 +208,9 @@ def run_case(
             return rows + [row(p, "failed", f"case setup failed: {setup}") for p in runnable]
         inputs, truth, tolerances = setup
         del setup
+        if case.inputs_fields is not None:
+            base.update(case.inputs_fields(inputs))
+            case.bytes = base["bytes"]
         for p in runnable:
             rows.append(_run_provider(case, p, inputs, truth, tolerances, timer, ceilings, device, row))
             r = rows[-1]

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import ceilings, harness, model, providers, rows, run  # noqa: E402
 from benchmarks.harness import Case, Provider, Skip  # noqa: E402
-from benchmarks.shapes import QWEN3_0_6B, ModelDims  # noqa: E402
+from benchmarks.shapes import QWEN3_0_6B, QWEN3_30B_A3B, ModelDims  # noqa: E402
 from benchmarks.suites import SUITES, activation, attention, moe, norm, rope  # noqa: E402
 from benchmarks.timing import Timing, percentile  # noqa: E402
 from qwen3x.testing import router_probs  # noqa: E402
@@ -91,6 +91,22 @@ def test_moe_formulas():
     # 8 experts * 3 * 2048 * 768 * 2 B + x and out (8192) + ids and weights (48)
     assert moe.moe_experts_bytes(1, 128, 8, 2048, 768) == pytest.approx(75_505_712)
     assert moe.moe_layer_flops(1, 128, 8, 2048, 768) == 75_497_472 + 2 * 2048 * 128
+    # the experts a case's routing actually touches: 16 tokens whose picks hit 80 of the 128 experts
+    ids = torch.arange(16 * 8).reshape(16, 8) % 80
+    fields = moe._touched_fields(QWEN3_30B_A3B, 16, ids, layer=True)
+    assert fields["experts_touched"] == 80
+    assert fields["bytes"] == pytest.approx(80 * 3 * 2048 * 768 * 2 + 2 * 16 * 2048 * 2 + 16 * 8 * 6 + 128 * 2048 * 2)
+
+
+def test_input_dependent_fields_replace_the_formula_in_the_rows():
+    """Case.inputs_fields (the MoE cases' experts touched): computed from the inputs drawn, written
+    into every row of the case, its "bytes" behind gbps."""
+    good = Provider("reference", lambda x: lambda: (x["x"] * 2, x["w"] + 1))
+    case = _toy_case([good])
+    case.inputs_fields = lambda x: {"bytes": 1024, "experts_touched": int(x["w"].numel())}
+    by, _ = run_cpu(case)
+    r = by["reference"]
+    assert (r["bytes"], r["experts_touched"]) == (1024, 4) and r["gbps"] == pytest.approx(1024 / 1.0 / 1e6)
 
 
 def test_model_and_ceiling_formulas():

@@ -54,10 +54,12 @@ def moe_experts_flops(tokens: int, topk: int, hidden: int, inter: int) -> int:
     return 6 * tokens * topk * hidden * inter
 
 
-def moe_experts_bytes(tokens: int, experts: int, topk: int, hidden: int, inter: int, elem: int = ELEM) -> float:
-    """Weights of the touched experts (3 * H * I each) once; read x and write out [T, H]; ids + weights."""
-    weights = experts_touched(tokens, experts, topk) * 3 * hidden * inter * elem
-    return weights + 2 * tokens * hidden * elem + tokens * topk * (4 + elem)
+def moe_experts_bytes(tokens: int, experts: int, topk: int, hidden: int, inter: int, elem: int = ELEM,
+                      touched: float | None = None) -> float:
+    """Weights of the touched experts (3 * H * I each) once; read x and write out [T, H]; ids + weights.
+    ``touched``: the distinct experts the inputs' routing hits (default: the uniform expectation)."""
+    touched = experts_touched(tokens, experts, topk) if touched is None else touched
+    return touched * 3 * hidden * inter * elem + 2 * tokens * hidden * elem + tokens * topk * (4 + elem)
 
 
 def moe_layer_flops(tokens: int, experts: int, topk: int, hidden: int, inter: int) -> int:
@@ -65,9 +67,19 @@ def moe_layer_flops(tokens: int, experts: int, topk: int, hidden: int, inter: in
     return moe_experts_flops(tokens, topk, hidden, inter) + 2 * tokens * hidden * experts
 
 
-def moe_layer_bytes(tokens: int, experts: int, topk: int, hidden: int, inter: int, elem: int = ELEM) -> float:
+def moe_layer_bytes(tokens: int, experts: int, topk: int, hidden: int, inter: int, elem: int = ELEM,
+                    touched: float | None = None) -> float:
     """The experts plus the router weight [E, H]."""
-    return moe_experts_bytes(tokens, experts, topk, hidden, inter, elem) + experts * hidden * elem
+    return moe_experts_bytes(tokens, experts, topk, hidden, inter, elem, touched) + experts * hidden * elem
+
+
+def _touched_fields(d: ModelDims, tokens: int, ids: torch.Tensor, layer: bool) -> dict:
+    """The row fields of a case whose routing picked ``ids``: the experts touched and their bytes
+    (at 16 tokens of Qwen3-30B-A3B the count varies by about +-4% around its expectation)."""
+    touched = int(ids.unique().numel())
+    nbytes = (moe_layer_bytes if layer else moe_experts_bytes)(tokens, d.experts, d.topk, d.hidden, d.moe_inter,
+                                                               touched=touched)
+    return {"experts_touched": touched, "bytes": nbytes}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +342,7 @@ def experts_case(d: ModelDims, tokens: int) -> Case:
         ],
         flops=moe_experts_flops(tokens, d.topk, d.hidden, d.moe_inter),
         bytes=moe_experts_bytes(tokens, d.experts, d.topk, d.hidden, d.moe_inter),
+        inputs_fields=lambda x: _touched_fields(d, tokens, x["expert_ids"], layer=False),
         cuda_graph=graph_worthy(tokens),
     )
 
@@ -350,6 +363,12 @@ def _layer_truth(x, topk):
 def _layer_qwen3x(x, topk):
     logits = F.linear(x["hidden_states"], x["router"])
     return ops.moe(x["hidden_states"], logits, x["gate_up_proj"], x["down_proj"], topk, NORM_TOPK_PROB)
+
+
+def _layer_ids(x, topk) -> torch.Tensor:
+    """The experts the layer's routing picks for these inputs (router GEMM in bf16, as every
+    provider computes it)."""
+    return reference.moe_router(F.linear(x["hidden_states"], x["router"]), topk, NORM_TOPK_PROB)[1]
 
 
 def layer_case(d: ModelDims, tokens: int) -> Case:
@@ -378,6 +397,7 @@ def layer_case(d: ModelDims, tokens: int) -> Case:
         ],
         flops=moe_layer_flops(tokens, d.experts, d.topk, d.hidden, d.moe_inter),
         bytes=moe_layer_bytes(tokens, d.experts, d.topk, d.hidden, d.moe_inter),
+        inputs_fields=lambda x: _touched_fields(d, tokens, _layer_ids(x, d.topk), layer=True),
         cuda_graph=graph_worthy(tokens),
     )
 
