@@ -205,18 +205,50 @@ def _use_truth_attention(model) -> None:
 POOL = ModelPool()
 
 
+_ABSENT = object()
+
+
 @contextlib.contextmanager
 def _restoring(module_names):
-    """Undo module-level monkeypatching (Liger also replaces transformers' classes globally)."""
+    """Undo module-level monkeypatching (Liger also replaces transformers' classes globally). Yields
+    a dict that, on exit, holds what the body changed: module -> {name: the body's value, or _ABSENT
+    for a name it deleted} (for _in_force)."""
     modules = [importlib.import_module(name) for name in module_names]
     saved = [dict(vars(m)) for m in modules]
+    changed: dict = {}
     try:
-        yield
+        yield changed
     finally:
         for m, attrs in zip(modules, saved):
-            for name in set(vars(m)) - set(attrs):
+            now = vars(m)
+            changed[m] = {n: now.get(n, _ABSENT) for n in set(now) | set(attrs)
+                          if now.get(n, _ABSENT) is not attrs.get(n, _ABSENT)}
+            for name in set(now) - set(attrs):
                 delattr(m, name)
-            vars(m).update(attrs)
+            now.update(attrs)
+
+
+@contextlib.contextmanager
+def _in_force(changed: dict):
+    """The module globals of a _restoring body in force again for a while (a model patched by Liger
+    looks some of them up at every call: transformers' attention calls the module's
+    apply_rotary_pos_emb, which Liger replaces with its own)."""
+    saved = {m: {n: vars(m).get(n, _ABSENT) for n in names} for m, names in changed.items()}
+    try:
+        for m, names in changed.items():
+            for n, v in names.items():
+                if v is _ABSENT:
+                    vars(m).pop(n, None)
+                else:
+                    setattr(m, n, v)
+        yield
+    finally:
+        for m, names in saved.items():
+            for n, v in names.items():
+                if v is _ABSENT:
+                    vars(m).pop(n, None)
+                else:
+                    setattr(m, n, v)
 
 
 def _hf_eager(model):
@@ -235,8 +267,16 @@ def _liger(model):
     model = copy.deepcopy(model)
     moe = type(model).__name__.startswith("Qwen3Moe")
     apply = liger.apply_liger_kernel_to_qwen3_moe if moe else liger.apply_liger_kernel_to_qwen3
-    with _restoring(["transformers.models.qwen3.modeling_qwen3", "transformers.models.qwen3_moe.modeling_qwen3_moe"]):
+    with _restoring(["transformers.models.qwen3.modeling_qwen3", "transformers.models.qwen3_moe.modeling_qwen3_moe"]) \
+            as changed:
         apply(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    forward = model.forward
+
+    def forward_with_liger_globals(*args, **kwargs):  # its RoPE, for this model's calls only
+        with _in_force(changed):
+            return forward(*args, **kwargs)
+
+    model.forward = forward_with_liger_globals
     return model
 
 
@@ -244,7 +284,7 @@ PREPARE = {"hf_eager": _hf_eager, "qwen3x": _qwen3x, "liger": _liger}
 NOTES = {
     "hf_eager": "unpatched transformers (sdpa attention, default experts implementation)",
     "qwen3x": "qwen3x.patch(model)",
-    "liger": "apply_liger_kernel_to_qwen3*",
+    "liger": "apply_liger_kernel_to_qwen3* (its module-level RoPE in force during this model's calls)",
 }
 
 

@@ -1,4 +1,4 @@
-"""Does a bad argument come back as a RuntimeError, or does it take the process down?
+"""Does a bad argument come back as an exception (ValueError), or does it take the process down?
 
 On the first H100 run (2026-11-26; torch 2.11, the extension built there) every argument check
 whose message streamed a number into c10::str's std::ostringstream (a size, a shape, top_k)

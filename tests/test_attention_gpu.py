@@ -256,11 +256,11 @@ def test_softmax_base_moves(monkeypatch, mainloop, overlap, sq):
 def test_mainloop_setting_is_checked(monkeypatch):
     q, k, v = _inputs(1, 32, 8, 100, 100, torch.bfloat16)
     monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "fast")
-    with pytest.raises(RuntimeError, match="qwen3x.attention: QWEN3X_ATTENTION_MAINLOOP must be auto"):
+    with pytest.raises(ValueError, match="qwen3x.attention: QWEN3X_ATTENTION_MAINLOOP must be auto"):
         ops.attention(q, k, v, None, D**-0.5, True)
     if not wgmma_available():
         monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "wgmma")
-        with pytest.raises(RuntimeError, match="QWEN3X_ATTENTION_MAINLOOP=wgmma needs an sm_90 GPU"):
+        with pytest.raises(ValueError, match="QWEN3X_ATTENTION_MAINLOOP=wgmma needs an sm_90 GPU"):
             ops.attention(q, k, v, None, D**-0.5, True)
 
 
@@ -539,14 +539,14 @@ def test_ab_setting_is_checked(monkeypatch, setting):
     name, off, on, shape = setting
     q, k, v = _inputs(*shape, torch.bfloat16)
     monkeypatch.setenv(name, "other")
-    with pytest.raises(RuntimeError, match=f"qwen3x.attention: {name} must be {off} or {on}, got 'other'"):
+    with pytest.raises(ValueError, match=f"qwen3x.attention: {name} must be {off} or {on}, got 'other'"):
         ops.attention(q, k, v, None, D**-0.5, True)
     if wgmma_available():
         _set_ab(monkeypatch, name, on)
         ops.attention(q, k, v, None, D**-0.5, True)
     else:
         monkeypatch.setenv(name, on)
-        with pytest.raises(RuntimeError, match=f"{name}={on} needs an sm_90 GPU"):
+        with pytest.raises(ValueError, match=f"{name}={on} needs an sm_90 GPU"):
             ops.attention(q, k, v, None, D**-0.5, True)
 
 
@@ -593,7 +593,7 @@ def test_scale_is_checked():
     qp, kp, vp = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # [tokens, heads, D]
     for scale in (0.0, -D**-0.5, float("inf"), float("nan"), 1e-46):
         _bad(q, k, v, None, scale, True, match="positive finite softmax scale")
-        with pytest.raises(RuntimeError, match="qwen3x.attention_varlen: expected a positive finite softmax scale"):
+        with pytest.raises(ValueError, match="qwen3x.attention_varlen: expected a positive finite softmax scale"):
             ops.attention_varlen(qp, kp, vp, cu, torch.tensor([0, 6], dtype=torch.int32, device="cuda"), 4, 6,
                                  scale, True)
 

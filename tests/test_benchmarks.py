@@ -1283,3 +1283,25 @@ def test_env_variant_providers_set_their_setting_only_during_the_call(monkeypatc
     assert "does not serve" in providers.no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=False).skip
     monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "mma_sync")
     assert "mma.sync here already" in providers.no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", call, True).skip
+
+
+def test_liger_module_globals_are_in_force_only_during_its_models_calls(monkeypatch):
+    """model._restoring undoes Liger's module-level patches at once (they would otherwise reach
+    every later model) and says what they were; model._in_force puts them back for the Liger
+    model's own calls (transformers' attention looks apply_rotary_pos_emb up at every call)."""
+    import sys
+    import types
+
+    mod = types.ModuleType("fake_modeling")
+    original = lambda: "hf"  # noqa: E731
+    mod.apply_rotary_pos_emb, mod.gone = original, 1
+    monkeypatch.setitem(sys.modules, "fake_modeling", mod)
+    liger_rope = lambda: "liger"  # noqa: E731
+    with model._restoring(["fake_modeling"]) as changed:
+        mod.apply_rotary_pos_emb, mod.added = liger_rope, 2
+        del mod.gone
+    assert mod.apply_rotary_pos_emb is original and mod.gone == 1 and not hasattr(mod, "added")
+    assert changed[mod] == {"apply_rotary_pos_emb": liger_rope, "added": 2, "gone": model._ABSENT}
+    with model._in_force(changed):
+        assert mod.apply_rotary_pos_emb() == "liger" and mod.added == 2 and not hasattr(mod, "gone")
+    assert mod.apply_rotary_pos_emb is original and mod.gone == 1 and not hasattr(mod, "added")

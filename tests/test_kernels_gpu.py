@@ -181,9 +181,9 @@ def test_in_place_rope_refuses_overlapping_memory():
     _needs_kernel("qk_norm_rope_")
     q, k, wq, wk, pos, inv, scale, eps = _rope_inputs(4, 4, 2, torch.bfloat16)
     broadcast = q[:1].expand(4, 4, D)  # every token the same memory
-    with pytest.raises(RuntimeError, match="qwen3x.qk_norm_rope_: expected q to give every element its own memory"):
+    with pytest.raises(ValueError, match="qwen3x.qk_norm_rope_: expected q to give every element its own memory"):
         ops.qk_norm_rope_(broadcast, k, wq, wk, pos, inv, scale, eps)
-    with pytest.raises(RuntimeError, match="qwen3x.qk_norm_rope_: expected q and k not to overlap"):
+    with pytest.raises(ValueError, match="qwen3x.qk_norm_rope_: expected q and k not to overlap"):
         ops.qk_norm_rope_(q[:, :2], q[:, :2], wq, wk, pos, inv, scale, eps)
 
 

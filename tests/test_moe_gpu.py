@@ -380,9 +380,9 @@ BAD_ROUTE = [
 
 
 def _clear_error(op, call, message):
-    """call() raises a RuntimeError naming qwen3x.<op> and matching message; no fault left behind."""
+    """call() raises a ValueError naming qwen3x.<op> and matching message; no fault left behind."""
     _needs_kernel(op)
-    with pytest.raises(RuntimeError, match=f"qwen3x\\.{op}: .*{message}"):
+    with pytest.raises(ValueError, match=f"qwen3x\\.{op}: .*{message}"):
         call()
     torch.cuda.synchronize()  # and no asynchronous fault left behind
 

@@ -2,8 +2,8 @@
 // was expected, e.g.
 //   qwen3x.rms_norm: expected input to be a CUDA tensor, got cpu
 //
-// All checks raise through QWEN3X_CHECK (core/message.h: TORCH_CHECK with a message built
-// without iostreams), i.e. RuntimeError in Python.
+// All checks raise through QWEN3X_CHECK (core/message.h: TORCH_CHECK_VALUE with a message built
+// without iostreams), i.e. ValueError in Python, as the Python side's checks do.
 #pragma once
 
 #include <ATen/MemoryOverlap.h>

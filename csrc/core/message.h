@@ -1,5 +1,7 @@
-// QWEN3X_CHECK(cond, parts...): TORCH_CHECK with the message built here, as one std::string,
-// from text, integers, shapes ([2, 3]) and devices, without iostreams.
+// QWEN3X_CHECK(cond, parts...): TORCH_CHECK_VALUE (ValueError in Python, as the Python side's
+// checks raise for the same inputs, python/qwen3x/_checks.py: one exception type for a bad input
+// on every device) with the message built here, as one std::string, from text, integers, shapes
+// ([2, 3]) and devices, without iostreams.
 //
 //   QWEN3X_CHECK(k <= kMaxTopK, "qwen3x.", op, ": expected top_k <= ", kMaxTopK, ", got ", k);
 //
@@ -70,5 +72,5 @@ template <typename... Parts>
 
 }  // namespace qwen3x::check
 
-// One std::string argument: TORCH_CHECK passes it through untouched (no ostringstream).
-#define QWEN3X_CHECK(cond, ...) TORCH_CHECK(cond, ::qwen3x::check::message(__VA_ARGS__))
+// One std::string argument: TORCH_CHECK_VALUE passes it through untouched (no ostringstream).
+#define QWEN3X_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, ::qwen3x::check::message(__VA_ARGS__))
