@@ -58,6 +58,9 @@ def _flips(routes, truth_routes) -> tuple[int, int]:
     return flips, last
 
 
+CPU_LAYERS, CPU_SEQLEN = 1, 128  # the defaults without a GPU
+
+
 def run(spec, batch: int, seqlen: int, seeds: int, parts=PARTS, device="cuda") -> list[dict]:
     out = []
     with torch.inference_mode():
@@ -85,12 +88,21 @@ def run(spec, batch: int, seqlen: int, seeds: int, parts=PARTS, device="cuda") -
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=M.MOE_LAYERS)
+    parser.add_argument("--layers", type=int, help=f"default {M.MOE_LAYERS} ({CPU_LAYERS} on the CPU)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--seqlen", type=int, help=f"default 2048 ({CPU_SEQLEN} on the CPU)")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    cpu = args.device == "cpu"
+    if cpu and (args.layers is None or args.seqlen is None):
+        # The GPU's case (4 layers of Qwen3-30B-A3B, an fp32 copy and patched copies, 2048 tokens)
+        # outgrows a 24 GB host: the process is killed without a word.
+        print(f"(on the CPU: {args.layers or CPU_LAYERS} layer(s) x {args.seqlen or CPU_SEQLEN} tokens unless "
+              f"--layers / --seqlen say otherwise; the GPU's default, {M.MOE_LAYERS} layers x 2048 tokens, needs "
+              "more host memory than most machines have)")
+    args.layers = args.layers or (CPU_LAYERS if cpu else M.MOE_LAYERS)
+    args.seqlen = args.seqlen or (CPU_SEQLEN if cpu else 2048)
     print("seed part       max_err  2x_bf16_err  routing_flips(token,layer)  at_last_token"
           "  bf16_flips  bf16_at_last_token")
     spec = dataclasses.replace(QWEN3_30B_A3B, layers=args.layers)
