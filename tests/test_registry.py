@@ -312,6 +312,10 @@ BAD = [
     ("qk_norm_rope", lambda: ops.qk_norm_rope(torch.randn(5, 4, D), torch.randn(5, 2, D), torch.randn(D),
                                               torch.randn(D), torch.arange(4), torch.rand(D // 2)),
      "expected positions of shape \\[5\\]"),
+    ("qk_norm_rope", lambda: ops.qk_norm_rope(torch.randn(2, 5, 4, D), torch.randn(2, 4, 2, D), torch.randn(D),
+                                              torch.randn(D), torch.zeros(2, 5, dtype=torch.long), torch.rand(D // 2)),
+     f"expected q and k to have the same leading \\(token\\) dimensions, got q \\[2, 5, 4, {D}\\] and k "
+     f"\\[2, 4, 2, {D}\\]"),
     ("qk_norm_rope", lambda: ops.qk_norm_rope(torch.randn(5, 4, D), torch.randn(5, 2, D), torch.randn(D),
                                               torch.randn(D), torch.arange(5).float(), torch.rand(D // 2)),
      "positions to be int32 or int64"),

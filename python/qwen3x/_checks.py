@@ -75,10 +75,14 @@ def qk_norm_rope(op, q, k, q_weight, k_weight, positions, inv_freq) -> None:
     d = q.shape[-1]
     expect(d % 2 == 0 and k.shape[-1] == d, op, f"expected q and k with one even head_dim, got {d} and {k.shape[-1]}")
     expect(
-        q.shape[:-2] == k.shape[:-2] == positions.shape,
+        q.shape[:-2] == k.shape[:-2],
         op,
-        f"expected positions of shape {_shape(q)[:-2]} (q's leading dims, one per token), got "
-        f"{_shape(positions)} (k's leading dims: {_shape(k)[:-2]})",
+        f"expected q and k to have the same leading (token) dimensions, got q {_shape(q)} and k {_shape(k)}",
+    )
+    expect(
+        positions.shape == q.shape[:-2],
+        op,
+        f"expected positions of shape {_shape(q)[:-2]} (q's leading dims, one per token), got {_shape(positions)}",
     )
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
         expect(w.shape == (d,), op, f"expected {name} of shape [{d}], got {_shape(w)}")
