@@ -332,6 +332,17 @@ BAD = [
                                                             torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16),
                                                             *_inputs("qk_norm_rope_cache_")[5:]),
      "expected k_cache of shape \\[2, 2, max_cache_len, 32\\]"),
+    # in place: the same checks as the CUDA glue's (csrc/core/checks.h), so the CPU refuses them too
+    ("qk_norm_rope_", lambda: ops.qk_norm_rope_(*(lambda x: (x, x))(torch.randn(5, 2, D)), torch.randn(D),
+                                                torch.randn(D), torch.arange(5), torch.rand(D // 2)),
+     "expected q and k not to overlap in memory"),
+    ("qk_norm_rope_", lambda: ops.qk_norm_rope_(torch.randn(1, 4, D).expand(5, 4, D), torch.randn(5, 2, D),
+                                                torch.randn(D), torch.randn(D), torch.arange(5), torch.rand(D // 2)),
+     "expected q to give every element its own memory"),
+    ("qk_norm_rope_cache_", lambda: ops.qk_norm_rope_cache_(*_inputs("qk_norm_rope_cache_")[:3],
+                                                            *(lambda c: (c, c))(_inputs("qk_norm_rope_cache_")[3]),
+                                                            *_inputs("qk_norm_rope_cache_")[5:]),
+     "expected k_cache and v_cache not to overlap in memory"),
     ("silu_and_mul", lambda: ops.silu_and_mul(torch.randn(3, 7)), "even last dim"),
     ("attention", lambda: ops.attention(torch.randn(1, 3, 4, D), torch.randn(1, 2, 4, D), torch.randn(1, 2, 4, D)),
      "divisible by key-value heads"),
@@ -520,3 +531,15 @@ def test_layers_send_what_no_kernel_serves_to_the_reference(monkeypatch):
     assert not dispatch.moe_shapes_served(64, 32)
     with pytest.warns(UserWarning, match="qwen3x.moe_experts: no CUDA kernel for torch.bfloat16, hidden 64"):
         assert dispatch.reference_instead("moe_experts", cuda(torch.bfloat16), False, "hidden 64, intermediate 32")
+
+
+def test_in_place_rope_takes_views_of_a_fused_projection():
+    """q and k as slices of one fused projection output interleave without sharing an element:
+    the CPU's overlap check (as the CUDA glue's) lets them through, and the op updates both."""
+    fused = torch.randn(5, 8 * D)
+    q, k = fused[:, :4 * D].view(5, 4, D), fused[:, 4 * D:6 * D].view(5, 2, D)
+    args = (torch.ones(D), torch.ones(D), torch.arange(5))
+    inv_freq = torch.linspace(1.0, 1e-3, D // 2)
+    want_q, want_k = ops.qk_norm_rope(q.clone(), k.clone(), *args, inv_freq)
+    ops.qk_norm_rope_(q, k, *args, inv_freq)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)

@@ -90,6 +90,73 @@ def qk_norm_rope(op, q, k, q_weight, k_weight, positions, inv_freq) -> None:
     same_device(op, q=q, k=k, q_weight=q_weight, k_weight=k_weight, positions=positions, inv_freq=inv_freq)
 
 
+# ---- memory written in place (the CUDA glue's check::writable / check::disjoint, csrc/core/checks.h) ----
+def _collapsed_stride(t: torch.Tensor, end_dim: int, fallback: int) -> int | None:
+    """The stride between rows when dims [0, end_dim) are flattened into one; None when they cannot be."""
+    inner_stride, inner_extent = None, 0
+    for d in range(end_dim - 1, -1, -1):
+        if t.size(d) == 1:
+            continue
+        if inner_stride is None:
+            inner_stride, inner_extent = t.stride(d), t.stride(d) * t.size(d)
+        elif t.stride(d) != inner_extent:
+            return None
+        else:
+            inner_extent *= t.size(d)
+    return fallback if inner_stride is None else inner_stride
+
+
+def _rows(t: torch.Tensor) -> tuple[int, int] | None:
+    """(row stride, dense block) in elements: the trailing dims one dense block per row, the
+    leading ones collapsed into one stride; None when they do not collapse."""
+    block, d = 1, t.dim()
+    while d > 0 and (t.size(d - 1) == 1 or t.stride(d - 1) == block):
+        block *= t.size(d - 1)
+        d -= 1
+    stride = _collapsed_stride(t, d, block)
+    return None if stride is None else (stride, block)
+
+
+def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may share an element's memory, by the addresses they cover: rows of one
+    stride meet only if their spans meet modulo that stride (q, k, v of a fused projection do not)."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        lo = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
+        hi = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st >= 0)
+        return t.data_ptr() + lo * t.element_size(), t.data_ptr() + (hi + 1) * t.element_size()
+
+    (a_lo, a_hi), (b_lo, b_hi) = span(a), span(b)
+    if a_hi <= b_lo or b_hi <= a_lo:
+        return False
+    ra, rb = _rows(a), _rows(b)
+    if ra and rb and ra[0] * a.element_size() == rb[0] * b.element_size():
+        row, a_span, b_span = ra[0] * a.element_size(), ra[1] * a.element_size(), rb[1] * b.element_size()
+        if row > 0 and a_span <= row and b_span <= row:
+            delta = (b.data_ptr() - a.data_ptr()) % row
+            return delta < a_span or delta + b_span > row
+    return True
+
+
+def written_in_place(op: str, written: dict, read: dict | None = None) -> None:
+    """Tensors an op writes in place: each gives every element its own memory, and none shares
+    memory with another written one or with one the op reads (real tensors; not for fake ones)."""
+    for name, t in written.items():
+        rows = _rows(t)
+        broadcast = any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride()))
+        shared = t.numel() > 1 and (broadcast or (rows is not None and t.numel() > rows[1] and rows[0] < rows[1]))
+        expect(not shared, op, f"expected {name} to give every element its own memory (it is written in place; "
+                               f"an expanded view is not), got strides {list(t.stride())}")
+    names = list(written)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    pairs += [(a, b) for a in names for b in (read or {})]
+    for a, b in pairs:
+        ta, tb = written[a], written[b] if b in written else read[b]
+        expect(not _may_overlap(ta, tb), op, f"expected {a} and {b} not to overlap in memory (the op writes one of them)")
+
+
 def qk_norm_rope_cache(op, q, k, v, k_cache, v_cache, cache_position, q_weight, k_weight, positions, inv_freq):
     qk_norm_rope(op, q, k, q_weight, k_weight, positions, inv_freq)
     expect(q.dim() == 4, op, f"expected q of shape [batch, seqlen, Hq, head_dim], got {_shape(q)}")

@@ -232,6 +232,7 @@ def _qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_scali
 
 def _qk_norm_rope_(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps):
     _checks.qk_norm_rope("qk_norm_rope_", q, k, q_weight, k_weight, positions, inv_freq)
+    _checks.written_in_place("qk_norm_rope_", {"q": q, "k": k})
     q_out, k_out = reference.qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps)
     q.copy_(q_out)
     k.copy_(k_out)
@@ -242,6 +243,7 @@ def _qk_norm_rope_cache_(q, k, v, k_cache, v_cache, cache_position, q_weight, k_
     op = "qk_norm_rope_cache_"
     _checks.qk_norm_rope_cache(op, q, k, v, k_cache, v_cache, cache_position, q_weight, k_weight, positions, inv_freq)
     _checks.cache_position_values(op, cache_position, k_cache.shape[2])
+    _checks.written_in_place(op, {"q": q, "k_cache": k_cache, "v_cache": v_cache}, {"k": k, "v": v})
     q_out, k_out = reference.qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, attention_scaling, eps)
     q.copy_(q_out)
     k_cache.index_copy_(2, cache_position.long(), k_out.transpose(1, 2))
