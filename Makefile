@@ -67,7 +67,7 @@ test-tf457:
 	PYTHONPATH=$(TF457_DIR) $(VPY) -m pytest $(PYTEST_ARGS) tests --ignore=tests/test_emulator.py
 
 # The GPU test files themselves on the CPU: the glue and kernels through tests/emulator
-# (tests/emulator/gpu_tests.py), every parametrization with sizes up to 300 (~3 minutes on two
+# (tests/emulator/gpu_tests.py), every parametrization with sizes up to 300 (~6 minutes on two
 # cores); EMULATE_ARGS="--emulate-max-size 1100" for a wider sweep.
 EMULATE_ARGS ?= --emulate-max-size 300
 EMULATED_GPU_TESTS = tests/test_attention_gpu.py tests/test_kernels_gpu.py tests/test_moe_gpu.py tests/test_model_gpu.py \

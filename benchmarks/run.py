@@ -1,4 +1,5 @@
-"""``python -m benchmarks``: run the default suite (or a filtered part of it) on the current GPU.
+"""``python -m benchmarks``: run the default suite (or a filtered part of it) on the current GPU
+(without one: the CPU parity demo).
 
 Without a GPU nothing is timed: it says so and runs the CPU parity demo (qwen3x.demo) instead.
 
