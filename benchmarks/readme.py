@@ -69,6 +69,17 @@ def short_copies(rows: list[dict]) -> str:
     return f" Copies as short as the memory-bound ops' calls{how}: {', '.join(parts)}."
 
 
+def read_rate(rows: list[dict]) -> str:
+    """' Reading alone (2 GiB reduced to one value): 4500 GB/s, 1.05x the copy rate ...' ('' when
+    the run has no such row)."""
+    read = next((r for r in rows if r["op"] == "read" and r.get("gbps")), None)
+    if read is None:
+        return ""
+    return (f" Reading alone ({read['bytes'] / 2**30:.0f} GiB reduced to one value): {read['gbps']:.0f} GB/s, "
+            f"{read['fraction_of_peak']:.2f}x the copy rate (the ops that mostly read, decode attention and the "
+            "MoE decode layer, are judged against the copy).")
+
+
 def launch_floor(rows: list[dict]) -> str:
     """' A CUDA-graph replay of a kernel that does nothing: 4.8 us ...' ('' when the run has none)."""
     floor = next((r for r in rows if r["op"] == "launch_floor" and r.get("median_ms")), None)
@@ -90,7 +101,8 @@ def table(rows: list[dict]) -> str:
         copy, mm = ceilings.get("peak_copy", {}), ceilings.get("peak_matmul", {})
         lines.append(
             f"Ceilings measured in the same run: device copy {copy.get('gbps') or 0:.0f} GB/s, "
-            f"bf16 matmul {mm.get('tflops') or 0:.0f} TFLOP/s." + short_copies(rows) + launch_floor(rows)
+            f"bf16 matmul {mm.get('tflops') or 0:.0f} TFLOP/s." + short_copies(rows) + read_rate(rows)
+            + launch_floor(rows)
         )
     lines += ["", "| op | shape | qwen3x | % of ceiling | fastest peer | peer | speedup |", "|---|---|---|---|---|---|---|"]
     cases: dict[tuple, list[dict]] = {}

@@ -36,7 +36,7 @@ REQUIRED_KEYS = (
 STATUSES = ("ok", "failed", "skipped")
 # The rows benchmarks.ceilings writes at the start of a run (the device's two ceilings, and copies as
 # short as the memory-bound ops' calls): measurements of the device, not cases of an op.
-CEILING_OPS = ("peak_copy", "peak_matmul", "copy", "launch_floor")
+CEILING_OPS = ("peak_copy", "peak_matmul", "copy", "read", "launch_floor")
 OURS = "qwen3x"  # our provider; qwen3x_<variant> are A/B rows of our own (benchmarks/providers.py)
 SHAPE_KEYS = ("model", "tokens", "batch", "seqlen", "context", "hidden", "hq", "hkv", "experts", "topk", "inter")
 

@@ -190,6 +190,7 @@ def main(argv=None) -> int:
             writer.write(row)
         log(f"  copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s; "
             + ", ".join(f"{r['bytes'] / 2**20:.0f} MiB moved {r['gbps']:.0f} GB/s" for r in rows if r["op"] == "copy")
+            + "".join(f"; read {r['gbps']:.0f} GB/s" for r in rows if r["op"] == "read")
             + "".join(f"; launch floor {1e3 * r['median_ms']:.1f} us" for r in rows
                       if r["op"] == "launch_floor" and r.get("median_ms")))
     start = time.monotonic()

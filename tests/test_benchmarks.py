@@ -958,6 +958,7 @@ def test_readme_table_from_rows(tmp_path):
             row("rms_norm", "qwen3x_mma_sync", 0.03),  # our other mainloop: no peer either
             row("rms_norm", "qwen3x_no_fence", 0.021),  # nor any other qwen3x_<variant> A/B row
             row("copy", "torch", 0.0256, gbps=2621.0, bytes=64 * 2**20, fraction_of_peak=0.874, l2_flush="clean"),
+            row("read", "torch", 0.5, gbps=4295.0, bytes=2**31, fraction_of_peak=1.43),
             row("launch_floor", "torch", 0.0048, cuda_graph=True)]
     body = readme.table(rows)
     assert "NVIDIA H100 80GB HBM3" in body and "3000 GB/s" in body and "790 TFLOP/s" in body
@@ -965,7 +966,8 @@ def test_readme_table_from_rows(tmp_path):
     # the ceilings, not cases of the table
     assert "64 MiB moved in 25.6 us (2621 GB/s, 87%)" in body and "'clean'" in body
     assert "does nothing times 4.8 us" in body
-    assert not any(l.startswith(("| copy", "| launch_floor")) for l in body.splitlines())
+    assert "Reading alone (2 GiB reduced to one value): 4295 GB/s, 1.43x the copy rate" in body
+    assert not any(l.startswith(("| copy", "| read", "| launch_floor")) for l in body.splitlines())
     line = next(l for l in body.splitlines() if l.startswith("| rms_norm"))
     assert "20.0 us" in line and "91%" in line and "liger" in line and "2.00x" in line  # the reference is no peer
     # a case where qwen3x answered wrongly says so (not "no kernel"), beside its peers' times
