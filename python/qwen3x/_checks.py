@@ -180,7 +180,8 @@ def cache_position_values(op, cache_position, max_cache_len) -> None:
     if cache_position.numel():
         lo, hi = int(cache_position.min()), int(cache_position.max())
         expect(lo >= 0 and hi < max_cache_len, op,
-               f"expected cache_position in [0, {max_cache_len}) (the cache's slots), got values in [{lo}, {hi}]")
+               f"expected cache_position in [0, {max_cache_len}) (the cache's {max_cache_len} slots), got values from "
+               f"{lo} to {hi}")
 
 
 def silu_and_mul(op: str, input: torch.Tensor) -> None:
