@@ -47,14 +47,28 @@ def first_calls() -> None:
           f"wgmma: {_library.wgmma_available()}, programmatic dependent launch: {_library.pdl_available()}")
     dev, bf = "cuda", torch.bfloat16
     x = torch.randn(8, 1024, device=dev, dtype=bf)
+    w = torch.ones(1024, device=dev, dtype=bf)
     q = torch.randn(1, 32, 200, 128, device=dev, dtype=bf)
     kv = torch.randn(1, 8, 200, 128, device=dev, dtype=bf)
+    q1, kv_long = q[:, :, :1], torch.randn(1, 8, 4096, 128, device=dev, dtype=bf)
+    hw = torch.ones(128, device=dev, dtype=bf)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, 128, 2, device=dev).float() / 128))
     logits = torch.randn(4, 128, device=dev, dtype=bf)
+    gate_up = torch.randn(128, 2 * 256, 1024, device=dev, dtype=bf) * 0.03
+    down = torch.randn(128, 1024, 256, device=dev, dtype=bf) * 0.06
+    # one call of each kernel family (its first launch compiles its PTX: later ones, the tests'
+    # among them, find the driver's compute cache warm)
     calls = {
-        "rms_norm": lambda: ops.rms_norm(x, torch.ones(1024, device=dev, dtype=bf), 1e-6),
+        "rms_norm": lambda: ops.rms_norm(x, w, 1e-6),
+        "add_rms_norm": lambda: ops.add_rms_norm(x, x, w, 1e-6),
         "silu_and_mul": lambda: ops.silu_and_mul(x),
-        "attention": lambda: ops.attention(q, kv, kv, None, 128 ** -0.5, True),
+        "qk_norm_rope": lambda: ops.qk_norm_rope(q[0].transpose(0, 1), kv[0].transpose(0, 1), hw, hw,
+                                                 torch.arange(200, device=dev), inv_freq),
+        "attention (prefill)": lambda: ops.attention(q, kv, kv, None, 128 ** -0.5, True),
+        "attention (split-KV decode)": lambda: ops.attention(q1, kv_long, kv_long, None, 128 ** -0.5, False),
         "moe_route": lambda: ops.moe_route(logits, 8, True, 16),
+        "moe (4 tokens)": lambda: ops.moe(x[:4], logits, gate_up, down, 8, True),
+        "moe (2048 tokens)": lambda: ops.moe(x.repeat(256, 1), logits.repeat(512, 1), gate_up, down, 8, True),
     }
     for name, call in calls.items():
         start = time.perf_counter()
