@@ -128,6 +128,10 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def is_patched(model: nn.Module) -> bool:
+    """Whether ``patch`` (or ``patch_transformers``) replaced any of the model's modules. A model
+    that only names qwen3x as its attention / experts implementation is not patched: its layers
+    stay HF's and call qwen3x's attention or experts (``python -m qwen3x.info`` and
+    ``qwen3x.ops.kernel_status()`` say what runs where)."""
     return any(type(m).__dict__.get(_ORIGINAL) is not None for m in model.modules())
 
 
