@@ -233,22 +233,20 @@ def _in_force(changed: dict):
     """The module globals of a _restoring body in force again for a while (a model patched by Liger
     looks some of them up at every call: transformers' attention calls the module's
     apply_rotary_pos_emb, which Liger replaces with its own)."""
+    def assign(values: dict) -> None:
+        for m, names in values.items():
+            for n, v in names.items():
+                if v is _ABSENT:
+                    vars(m).pop(n, None)
+                else:
+                    setattr(m, n, v)
+
     saved = {m: {n: vars(m).get(n, _ABSENT) for n in names} for m, names in changed.items()}
     try:
-        for m, names in changed.items():
-            for n, v in names.items():
-                if v is _ABSENT:
-                    vars(m).pop(n, None)
-                else:
-                    setattr(m, n, v)
+        assign(changed)
         yield
     finally:
-        for m, names in saved.items():
-            for n, v in names.items():
-                if v is _ABSENT:
-                    vars(m).pop(n, None)
-                else:
-                    setattr(m, n, v)
+        assign(saved)
 
 
 def _hf_eager(model):
