@@ -247,8 +247,10 @@ GPU_CHECK_TESTS ?= tests/test_attention_gpu.py tests/test_moe_gpu.py tests/test_
                    tests/test_kernels_gpu.py
 # (--no-precompile: few compiling providers there, and a 110 s step has no room for worker start-up)
 # (kernel_times: the profiler works where ncu cannot read counters, as on gVisor machines: the MoE
-# decode layer's kernels one by one, its 45% of the weight bandwidth at 1 token to be placed)
-GPU_PERF_KERNEL_TIMES_ARGS ?= --ops moe_layer --shapes model=Qwen3-30B-A3B,tokens=1 --providers qwen3x
+# decode layer's kernels one by one, its 45% of the weight bandwidth at 1 token to be placed; with
+# --timeline also one graph replay's kernels on a time line: the gaps between them, and the
+# graph launch's share, which is the suite row minus the span)
+GPU_PERF_KERNEL_TIMES_ARGS ?= --ops moe_layer --shapes model=Qwen3-30B-A3B,tokens=1 --providers qwen3x --timeline
 GPU_PERF_ARGS   ?= --targets --ops attention_prefill,attention_decode,moe_layer,moe_route,rms_norm,qk_norm_rope \
                    --providers qwen3x,qwen3x_no_pdl,qwen3x_no_fence,qwen3x_cluster,qwen3x_overlap,sdpa_flash,sdpa_cudnn,hf_grouped_mm,liger \
                    --no-precompile

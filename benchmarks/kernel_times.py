@@ -10,6 +10,11 @@ path's), and by default the L2 is emptied before each call as the suite does (``
 keep it; the flush's own kernels are left out of the list): a breakdown, not a benchmark.
 ``--plain`` only makes the calls (warm-up included, flushes as above), for a profiler outside the
 process: Nsight Compute's counters say why a kernel takes the time it does (make gpu's ncu step).
+``--timeline`` also captures the call into a CUDA graph, as the suite times decode-sized cases, and
+profiles single replays (each after the flush): every kernel's start and end from the first
+kernel's start, and the gap before it (negative: it overlapped the one before, as programmatic
+dependent launch allows), medians over the replays. What a layer's graph-timed row spends beyond
+its kernels' own times is there: the gaps, and the graph's launch (the row minus the span).
 
     python -m benchmarks.kernel_times --ops moe_layer --shapes tokens=1 --providers qwen3x
     ncu --kernel-name regex:rms_norm --launch-skip 5 --launch-count 1 \
@@ -28,6 +33,7 @@ import torch
 from .run import ALL_SUITES, _csv, shape_matches
 
 CALLS = 20  # profiled calls per provider
+TIMELINE_REPLAYS = 9  # --timeline: single replays profiled (each its own profiler session)
 WARMUP_CALLS = 5
 NAME_WIDTH = 90  # kernel names are cut to this many characters
 
@@ -70,6 +76,59 @@ def kernel_times(fn, calls: int = CALLS, flush=None) -> tuple[list[tuple[str, fl
     return rows, (None if flush is not None else wall_ms * 1e3 / calls)
 
 
+def timeline(replays: list[list[tuple[str, float, float]]]) -> tuple[list[tuple], float] | None:
+    """Per kernel position of a replay: (name, median start, median duration, median gap before
+    it), in us from the replay's first kernel start, and the median span (first start to last
+    end). ``replays``: each replay's kernels as (name, start us, end us), any order. None when the
+    replays saw no kernels or disagree on the kernels' sequence."""
+    def median(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+    ordered = [sorted(r, key=lambda k: k[1]) for r in replays if r]
+    if not ordered or len({tuple(k[0] for k in r) for r in ordered}) != 1:
+        return None
+    rows = []
+    for i, (name, _, _) in enumerate(ordered[0]):
+        starts = [r[i][1] - r[0][1] for r in ordered]
+        durations = [r[i][2] - r[i][1] for r in ordered]
+        gaps = [r[i][1] - r[i - 1][2] for r in ordered] if i else [0.0]
+        rows.append((name, median(starts), median(durations), median(gaps)))
+    return rows, median([max(k[2] for k in r) - r[0][1] for r in ordered])
+
+
+def replay_timeline(fn, calls: int, flush=None):
+    """timeline() of ``calls`` single replays of fn captured into a CUDA graph (each after
+    ``flush()`` when given, outside the profiled region); None as timeline() says."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .timing import capture_graph
+
+    replay = capture_graph(fn)
+    replays = []
+    for _ in range(calls):
+        if flush is not None:
+            flush()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            replay()
+            torch.cuda.synchronize()
+        replays.append([(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                        if e.device_type == torch.autograd.DeviceType.CUDA])
+    return timeline(replays)
+
+
+def format_timeline(label: str, result) -> str:
+    if result is None:
+        return f"{label}: no timeline (the profiler saw no kernels in the replays, or not the same ones)"
+    rows, span = result
+    lines = [f"{label} (one CUDA-graph replay, medians; us from the first kernel's start)",
+             f"  {'start':>8} {'us':>8} {'gap':>7}  kernel"]
+    lines += [f"  {start:8.2f} {us:8.2f} {gap:7.2f}  {name[:NAME_WIDTH]}" for name, start, us, gap in rows]
+    lines.append(f"  {span:8.2f} {'':8} {'':7}  span: first kernel start to last kernel end")
+    return "\n".join(lines)
+
+
 def plain_calls(fn, calls: int, flush=None) -> None:
     """WARMUP_CALLS calls of fn, then ``calls`` more, each after ``flush()`` when given: kernel
     launch i of the profiled calls is launch WARMUP_CALLS * (launches per call) + i."""
@@ -99,6 +158,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plain", action="store_true",
                         help=f"no profiling and no report: {WARMUP_CALLS} warm-up calls, then --calls calls "
                         "(each after the flush), for a profiler outside the process (ncu)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also profile single CUDA-graph replays: each kernel's start, time and the gap before it")
     parser.add_argument("--warm-l2", action="store_true",
                         help="no L2 flush before each call (kernel times with the last call's data cached; "
                         "the wall time of an eager call is reported only then)")
@@ -136,6 +197,9 @@ def main(argv=None) -> int:
                         continue
                     rows, wall = kernel_times(p.build(inputs), args.calls, flush)
                     print(format_times(f"{case.label} {p.name}", rows, wall), flush=True)
+                    if args.timeline:
+                        line = replay_timeline(p.build(inputs), min(args.calls, TIMELINE_REPLAYS), flush)
+                        print(format_timeline(f"{case.label} {p.name}", line), flush=True)
                 del inputs
             torch.cuda.empty_cache()
     return 0

@@ -1148,6 +1148,29 @@ def test_kernel_times_lists_each_kernel_and_their_sum(capsys):
         assert "No CUDA GPU" in capsys.readouterr().out
 
 
+def test_kernel_times_timeline_places_each_kernel_of_a_replay():
+    """--timeline: per kernel position, medians of start, duration and the gap before it (negative:
+    overlap, as programmatic dependent launch allows), from each replay's first kernel start."""
+    from benchmarks import kernel_times
+
+    def replay(t0, gemm1_start):  # router GEMM, route, GEMM1 (starts before route ends), GEMM2
+        return [("gemm2", t0 + 30.0, t0 + 40.0), ("router_gemm", t0, t0 + 3.0), ("route", t0 + 4.0, t0 + 6.0),
+                ("gemm1", t0 + gemm1_start, t0 + 29.0)]
+
+    rows, span = kernel_times.timeline([replay(100.0, 5.5), replay(500.0, 5.0), replay(900.0, 6.5)])
+    assert [r[0] for r in rows] == ["router_gemm", "route", "gemm1", "gemm2"]
+    assert rows[0] == ("router_gemm", 0.0, 3.0, 0.0)
+    assert rows[1] == ("route", 4.0, 2.0, 1.0)
+    assert rows[2] == ("gemm1", 5.5, 23.5, -0.5)  # medians: starts 5.5 / 5.0 / 6.5, ends at 29
+    assert rows[3][1:] == (30.0, 10.0, 1.0) and span == 40.0
+    text = kernel_times.format_timeline("moe_layer tokens=1 qwen3x", (rows, span))
+    assert "-0.50  gemm1" in text and "40.00" in text and "span" in text
+    # kernels the profiler did not see, or a replay that ran other kernels: no timeline, said so
+    assert kernel_times.timeline([[], []]) is None
+    assert kernel_times.timeline([replay(0.0, 5.0), replay(0.0, 5.0)[:3]]) is None
+    assert "no timeline" in kernel_times.format_timeline("x", None)
+
+
 def test_kernel_times_plain_makes_the_calls_ncu_counts_on(monkeypatch):
     """--plain (for ncu's --launch-skip): the warm-up calls unflushed, then each profiled call right
     after a flush, in that order, and a sync at the end."""
