@@ -15,7 +15,7 @@
 #               then tests/error_path_probe.py (do bad arguments raise or crash; error_probe.log);
 #               after the tests, benchmarks.parity (the patched 30B-A3B model against the fp32 truth
 #               over PARITY_SEEDS seeds, routing flips counted; parity.log); after the benchmarks,
-#               kernel_times (KERNEL_TIMES_ARGS, per-kernel device times from torch's profiler;
+#               kernel_times (KERNEL_TIMES_RUNS, per-kernel device times from torch's profiler;
 #               kernel_times.txt), the model, ncu (first: what the next change needs most), then
 #               flushab (FLUSH_AB_ARGS cases timed again after the old write-only L2 flush, rows in
 #               OUT/dirty: what the harness's own write-back costs short calls); STEPS="tests bench"
@@ -102,6 +102,8 @@ KERNEL_TIMES_S ?= 60
 FLUSH_AB_ARGS ?= --l2-flush dirty --ops rms_norm,qk_norm_rope --shapes tokens=16384 --providers qwen3x
 FLUSH_AB_MOE_ARGS ?= --l2-flush dirty --ops moe_layer --shapes model=Qwen3-30B-A3B,tokens=1 --providers qwen3x
 KERNEL_TIMES_ARGS ?= --ops moe_layer --shapes tokens=1
+# Each quoted entry one invocation of benchmarks.kernel_times (KERNEL_TIMES_S each), into one file.
+KERNEL_TIMES_RUNS ?= "$(KERNEL_TIMES_ARGS)"
 # ncu: Nsight Compute's counters for the kernels whose time the notes cannot explain from outside
 # (benchmarks/NOTES.md): prefill attention at 350-420 of the tensor cores' ~990 TFLOP/s (the third
 # run ruled out L2 traffic, shared-memory bandwidth and the proxy fence), batch-1 decode attention
@@ -210,9 +212,9 @@ gpu:
 	    | tail -n 30 | tee $(OUT)/racecheck.log; echo "racecheck exit $$? (filter: '$$(cat $(OUT)/sanitizer_filter.txt)')" >> $(OUT)/racecheck.log
 	$(call step,bench) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(BENCH_S) $(PYTHON) -m benchmarks --out $(OUT) \
 	    $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log; echo "benchmarks exit $$?" >> $(OUT)/bench.log
-	$(call step,kernel_times) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(KERNEL_TIMES_S) $(PYTHON) \
-	    -m benchmarks.kernel_times $(KERNEL_TIMES_ARGS) > $(OUT)/kernel_times.txt 2>&1; \
-	    echo "kernel_times exit $$?" >> $(OUT)/kernel_times.txt
+	$(call step,kernel_times) $(LOAD_MAINLOOP_ENV) for args in $(KERNEL_TIMES_RUNS); do \
+	    timeout $(KERNEL_TIMES_S) $(PYTHON) -m benchmarks.kernel_times $$args 2>&1; \
+	    echo "kernel_times $$args: exit $$?"; done > $(OUT)/kernel_times.txt
 	$(call step,model) $(LOAD_MAINLOOP_ENV) set -o pipefail; timeout $(MODEL_S) $(PYTHON) -m benchmarks \
 	    --out $(OUT)/model $(MODEL_ARGS) 2>&1 | tee $(OUT)/model.log; echo "model exit $$?" >> $(OUT)/model.log
 	$(call profiler_step,ncu) $(LOAD_MAINLOOP_ENV) for run in $(NCU_RUNS); do set -- $$run; \
@@ -249,8 +251,10 @@ GPU_CHECK_TESTS ?= tests/test_attention_gpu.py tests/test_moe_gpu.py tests/test_
 # (kernel_times: the profiler works where ncu cannot read counters, as on gVisor machines: the MoE
 # decode layer's kernels one by one, its 45% of the weight bandwidth at 1 token to be placed; with
 # --timeline also one graph replay's kernels on a time line: the gaps between them, and the
-# graph launch's share, which is the suite row minus the span)
-GPU_PERF_KERNEL_TIMES_ARGS ?= --ops moe_layer --shapes model=Qwen3-30B-A3B,tokens=1 --providers qwen3x --timeline
+# graph launch's share, which is the suite row minus the span; and batch-1 decode attention beside
+# cuDNN's and flash's on the same time line: whose kernel is slower, and by how much of the 0.34x)
+GPU_PERF_KERNEL_TIMES_RUNS ?= "--ops moe_layer --shapes model=Qwen3-30B-A3B,tokens=1 --providers qwen3x --timeline" \
+    "--ops attention_decode --shapes model=Qwen3-4B,batch=1,context=1024 --providers qwen3x,qwen3x_cluster,sdpa_cudnn,sdpa_flash --timeline"
 GPU_PERF_ARGS   ?= --targets --ops attention_prefill,attention_decode,moe_layer,moe_route,rms_norm,qk_norm_rope \
                    --providers qwen3x,qwen3x_no_pdl,qwen3x_no_fence,qwen3x_cluster,qwen3x_overlap,sdpa_flash,sdpa_cudnn,hf_grouped_mm,liger \
                    --no-precompile
@@ -260,7 +264,7 @@ gpu-sanitize:
 	$(MAKE) gpu STEPS="memcheck racecheck" MEMCHECK_S=150 RACECHECK_S=75 BUILD_S=120
 gpu-perf:
 	$(MAKE) gpu STEPS="bench kernel_times model ncu flushab" BENCH_ARGS="$(GPU_PERF_ARGS)" BENCH_S=110 \
-	    KERNEL_TIMES_ARGS="$(GPU_PERF_KERNEL_TIMES_ARGS)" KERNEL_TIMES_S=40 \
+	    KERNEL_TIMES_RUNS='$(GPU_PERF_KERNEL_TIMES_RUNS)' KERNEL_TIMES_S=40 \
 	    MODEL_ARGS="--targets --ops model_prefill,model_decode --shapes model=Qwen3-30B-A3B --providers qwen3x,hf_eager" \
 	    MODEL_S=90 FLUSHAB_S=25 NCU_S=30 BUILD_S=120
 
