@@ -126,16 +126,21 @@ def _tensors(out: Any):
             yield from _tensors(o)
 
 
+POISON_FLOAT_BYTE = 0xFF  # NaN in bf16 / fp16 / fp32 / fp64
+POISON_INT_BYTE = 0x7F  # 0x7F7F7F7F in int32: no id, count, offset or slot (-1 is the permutation's padding)
+
+
 def poison(out: Any, inputs: Inputs) -> None:
-    """Fill the memory of every tensor in ``out`` with 0xFF bytes (NaN in bf16 / fp16 / fp32, -1 in
-    integers), except memory an input shares (an in-place op's output): the caching allocator hands
-    freed blocks of a size to the next request of that size, so a checked answer left in memory
-    could otherwise pass the next provider's check for it, one that wrote nothing."""
+    """Fill the memory of every tensor in ``out`` with a value no answer holds (NaN in floats, 0x7F..
+    in integers), except memory an input shares (an in-place op's output): the caching allocator
+    hands freed blocks of a size to the next request of that size, so a checked answer left in
+    memory could otherwise pass the next provider's check for it, one that wrote nothing. (The
+    contract with providers: an output is the provider's own memory or one of its inputs.)"""
     kept = {v.untyped_storage().data_ptr() for v in inputs.values() if isinstance(v, torch.Tensor)}
     for t in _tensors(out):
         storage = t.untyped_storage()
         if storage.nbytes() and storage.data_ptr() not in kept:
-            storage.fill_(0xFF)
+            storage.fill_(POISON_FLOAT_BYTE if t.is_floating_point() or t.is_complex() else POISON_INT_BYTE)
 
 
 def check(got: Sequence, truth: Sequence, tolerances: Sequence) -> tuple[list, str | None]:
@@ -206,10 +211,10 @@ def run_case(
         if isinstance(setup, str):
             _release(device)
             return rows + [row(p, "failed", f"case setup failed: {setup}") for p in runnable]
-        inputs, truth, tolerances = setup
+        inputs, truth, tolerances, fields = setup
         del setup
-        if case.inputs_fields is not None:
-            base.update(case.inputs_fields(inputs))
+        if fields:
+            base.update(fields)
             case.bytes = base["bytes"]
         for p in runnable:
             rows.append(_run_provider(case, p, inputs, truth, tolerances, timer, ceilings, device, row))
@@ -240,7 +245,7 @@ def _release(device: torch.device, collect: bool = True) -> None:
 
 
 def _setup(case: Case, device: torch.device) -> tuple | str:
-    """(inputs, truth, tolerances), or the first line of what went wrong."""
+    """(inputs, truth, tolerances, the inputs' row fields), or the first line of what went wrong."""
     try:
         torch.manual_seed(SEED)
         inputs = case.make_inputs(device)
@@ -249,7 +254,8 @@ def _setup(case: Case, device: torch.device) -> tuple | str:
         tolerances = [tolerance(t, b) for t, b in zip(truth, baseline)]
         if case.excuse is None:  # (op cases; a whole model's outputs may hold its cache)
             poison(baseline, inputs)  # a correct answer of the providers' shape, about to be freed
-        return inputs, truth, tolerances
+        fields = case.inputs_fields(inputs) if case.inputs_fields is not None else {}
+        return inputs, truth, tolerances, fields
     except Exception as exc:  # noqa: BLE001 (reported in the rows)
         return first_line(exc)
 

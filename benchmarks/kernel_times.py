@@ -31,6 +31,7 @@ from functools import partial
 import torch
 
 from .run import ALL_SUITES, _csv, shape_matches
+from .timing import first_line
 
 CALLS = 20  # profiled calls per provider
 TIMELINE_REPLAYS = 9  # --timeline: single replays profiled (each its own profiler session)
@@ -97,25 +98,51 @@ def timeline(replays: list[list[tuple[str, float, float]]]) -> tuple[list[tuple]
     return rows, median([max(k[2] for k in r) - r[0][1] for r in ordered])
 
 
+MARKER_KERNEL = "spin_kernel"  # torch.cuda._sleep's kernel: brackets each profiled replay
+MARKER_CYCLES = 100
+
+
+def split_replays(kernels: list[tuple[str, float, float]], marker: str = MARKER_KERNEL) -> list[list]:
+    """One profiler session's kernels (name, start, end), any order, into the replays: what runs
+    between a marker kernel and the next one, every other span (the flushes run in the others)."""
+    replays, current, inside = [], [], False
+    for k in sorted(kernels, key=lambda k: k[1]):
+        if marker in k[0]:
+            if inside:
+                replays.append(current)
+            current, inside = [], not inside
+        elif inside:
+            current.append(k)
+    return replays
+
+
 def replay_timeline(fn, calls: int, flush=None):
     """timeline() of ``calls`` single replays of fn captured into a CUDA graph (each after
-    ``flush()`` when given, outside the profiled region); None as timeline() says."""
+    ``flush()`` when given), in one profiler session, each replay between two marker kernels; None
+    as timeline() says. Raises what the capture raised."""
     from torch.profiler import ProfilerActivity, profile
 
-    from .timing import capture_graph
+    from .timing import capture_graph, release_rng_from_failed_capture
 
-    replay = capture_graph(fn)
-    replays = []
-    for _ in range(calls):
-        if flush is not None:
-            flush()
+    def device_kernels(prof):
+        return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    try:
+        replay = capture_graph(fn)
+    except Exception:
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        release_rng_from_failed_capture()
+        raise
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            if flush is not None:
+                flush()
+            torch.cuda._sleep(MARKER_CYCLES)
             replay()
-            torch.cuda.synchronize()
-        replays.append([(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                        if e.device_type == torch.autograd.DeviceType.CUDA])
-    return timeline(replays)
+            torch.cuda._sleep(MARKER_CYCLES)
+        torch.cuda.synchronize()
+    return timeline(split_replays(device_kernels(prof)))
 
 
 def format_timeline(label: str, result) -> str:
@@ -197,9 +224,15 @@ def main(argv=None) -> int:
                         continue
                     rows, wall = kernel_times(p.build(inputs), args.calls, flush)
                     print(format_times(f"{case.label} {p.name}", rows, wall), flush=True)
-                    if args.timeline:
-                        line = replay_timeline(p.build(inputs), min(args.calls, TIMELINE_REPLAYS), flush)
-                        print(format_timeline(f"{case.label} {p.name}", line), flush=True)
+                    if args.timeline and not p.graphable:
+                        print(f"{case.label} {p.name}: no timeline (not graph-capturable: host syncs)")
+                    elif args.timeline:
+                        try:
+                            line = replay_timeline(p.build(inputs), min(args.calls, TIMELINE_REPLAYS), flush)
+                        except Exception as exc:  # noqa: BLE001 (said, and the next provider goes on)
+                            print(f"{case.label} {p.name}: no timeline (capture failed: {first_line(exc)})")
+                        else:
+                            print(format_timeline(f"{case.label} {p.name}", line), flush=True)
                 del inputs
             torch.cuda.empty_cache()
     return 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import importlib
 
@@ -270,6 +271,7 @@ def _liger(model):
         apply(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
     forward = model.forward
 
+    @functools.wraps(forward)
     def forward_with_liger_globals(*args, **kwargs):  # its RoPE, for this model's calls only
         with _in_force(changed):
             return forward(*args, **kwargs)

@@ -94,6 +94,28 @@ def test_error_probe_reports_a_crash(monkeypatch):
     assert error_path_probe._run("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)").startswith("CRASHED (signal 11)")
 
 
+def test_a_failed_attention_family_fails_its_overlapped_loop_but_not_the_cluster_combine(monkeypatch, tmp_path,
+                                                                                         capsys):
+    """The overlapped loop lives inside the attention wgmma mainloop: when that family failed it is
+    not run and counts as failed with it; the cluster combine (a decode path) still gets its run."""
+    import qwen3x.testing
+
+    monkeypatch.setattr(qwen3x.testing, "wgmma_available", lambda: True)
+    monkeypatch.setattr(wgmma_smoke, "CASES", {"QWEN3X_ATTENTION_MAINLOOP": "raise SystemExit('wrong')",
+                                               "QWEN3X_MOE_MAINLOOP": "pass"})
+    monkeypatch.setattr(wgmma_smoke, "AB_CASES", {"QWEN3X_ATTENTION_OVERLAP": ("1", "pass"),
+                                                  "QWEN3X_ATTENTION_COMBINE": ("cluster", "pass")})
+    monkeypatch.setattr(wgmma_smoke, "PDL_CASE", "pass")
+    env_file = tmp_path / "mainloop.env"
+    monkeypatch.setattr(sys, "argv", ["wgmma_smoke.py", str(env_file)])
+    assert wgmma_smoke.main() == 0
+    printed = capsys.readouterr().out
+    assert "QWEN3X_ATTENTION_OVERLAP=1 (an A/B candidate): not run" in printed
+    assert "QWEN3X_ATTENTION_COMBINE=cluster (an A/B candidate): ok" in printed
+    assert env_file.read_text().split() == ["QWEN3X_ATTENTION_MAINLOOP=mma_sync",
+                                            "QWEN3X_SMOKE_FAILED=QWEN3X_ATTENTION_OVERLAP"]
+
+
 def test_smoke_failed_names_only_the_listed_settings(monkeypatch):
     from qwen3x.testing import smoke_failed  # noqa: PLC0415
 

@@ -149,9 +149,8 @@ def written_in_place(op: str, written: dict, read: dict | None = None) -> None:
         shared = t.numel() > 1 and (broadcast or (rows is not None and t.numel() > rows[1] and rows[0] < rows[1]))
         expect(not shared, op, f"expected {name} to give every element its own memory (it is written in place; "
                                f"an expanded view is not), got strides {list(t.stride())}")
-    names = list(written)
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-    pairs += [(a, b) for a in names for b in (read or {})]
+    names = list(written)  # pairs in the CUDA glue's order: each written one against the read, then the later written
+    pairs = [(a, b) for i, a in enumerate(names) for b in [*(read or {}), *names[i + 1:]]]
     for a, b in pairs:
         ta, tb = written[a], written[b] if b in written else read[b]
         expect(not _may_overlap(ta, tb), op, f"expected {a} and {b} not to overlap in memory (the op writes one of them)")
