@@ -39,30 +39,35 @@ def test_without_gpu_writes_an_empty_env_file(tmp_path):
     assert env_file.read_text() == ""
 
 
-def test_failures_are_switched_off_and_logged(monkeypatch, tmp_path, capsys):
-    """A failing family (an error message, a crash with no output, a hang) lands in the env file
-    as mma_sync with its stderr logged; a passing one does not."""
+def _smoke(monkeypatch, tmp_path, capsys, cases, ab_cases, pdl_case) -> tuple[str, str]:
+    """wgmma_smoke.main() as on a Hopper GPU, with these snippets: (what it printed, the env file)."""
     import qwen3x.testing
 
     monkeypatch.setattr(qwen3x.testing, "wgmma_available", lambda: True)
     monkeypatch.setattr(wgmma_smoke, "TIMEOUT_S", 5)
-    monkeypatch.setattr(wgmma_smoke, "CASES", {
+    monkeypatch.setattr(wgmma_smoke, "CASES", cases)
+    monkeypatch.setattr(wgmma_smoke, "AB_CASES", ab_cases)
+    monkeypatch.setattr(wgmma_smoke, "PDL_CASE", pdl_case)
+    env_file = tmp_path / "mainloop.env"
+    monkeypatch.setattr(sys, "argv", ["wgmma_smoke.py", str(env_file)])
+    assert wgmma_smoke.main() == 0
+    return capsys.readouterr().out, env_file.read_text()
+
+
+def test_failures_are_switched_off_and_logged(monkeypatch, tmp_path, capsys):
+    """A failing family (an error message, a crash with no output, a hang) lands in the env file
+    as mma_sync with its stderr logged; a passing one does not."""
+    printed, env = _smoke(monkeypatch, tmp_path, capsys, cases={
         "A_MAINLOOP": "import sys; sys.stderr.write('x\\nRuntimeError: CUDA error: an illegal instruction\\n"
                       "CUDA kernel errors might be reported asynchronously\\n'); sys.exit(1)",
         "B_MAINLOOP": "import os, signal; os.kill(os.getpid(), signal.SIGILL)",
         "C_MAINLOOP": "import time; time.sleep(60)",
         "D_MAINLOOP": "pass",
-    })
-    monkeypatch.setattr(wgmma_smoke, "AB_CASES", {
+    }, ab_cases={
         "X_AB": ("1", "import time; time.sleep(60)"),
         "Y_AB": ("on", "pass"),
         "Z_AB": ("2", "raise SystemExit('the overlapped loop changed the answer')"),
-    })
-    monkeypatch.setattr(wgmma_smoke, "PDL_CASE", "raise SystemExit('PDL changed the answer')")
-    env_file = tmp_path / "mainloop.env"
-    monkeypatch.setattr(sys, "argv", ["wgmma_smoke.py", str(env_file)])
-    assert wgmma_smoke.main() == 0
-    printed = capsys.readouterr().out
+    }, pdl_case="raise SystemExit('PDL changed the answer')")
     assert "A_MAINLOOP: FAILED, exit 1: RuntimeError: CUDA error: an illegal instruction" in printed
     assert "B_MAINLOOP: FAILED, exit -4" in printed and "C_MAINLOOP: FAILED, timed out" in printed
     assert "D_MAINLOOP: ok" in printed
@@ -71,8 +76,8 @@ def test_failures_are_switched_off_and_logged(monkeypatch, tmp_path, capsys):
     assert "PDL smoke (decode chains, eager and graphed, against QWEN3X_PDL=0): FAILED" in printed
     assert "X_AB=1 (an A/B candidate): FAILED, timed out" in printed and "Y_AB=on (an A/B candidate): ok" in printed
     assert "Z_AB=2 (an A/B candidate): FAILED, exit 1: the overlapped loop changed the answer" in printed
-    assert env_file.read_text().split() == ["A_MAINLOOP=mma_sync", "B_MAINLOOP=mma_sync", "C_MAINLOOP=mma_sync",
-                                            "QWEN3X_SMOKE_FAILED=X_AB,Z_AB", "QWEN3X_PDL=0"]
+    assert env.split() == ["A_MAINLOOP=mma_sync", "B_MAINLOOP=mma_sync", "C_MAINLOOP=mma_sync",
+                           "QWEN3X_SMOKE_FAILED=X_AB,Z_AB", "QWEN3X_PDL=0"]
     assert "changed the answer" in (tmp_path / "wgmma_smoke_Z_AB.log").read_text()
     assert "illegal instruction" in (tmp_path / "wgmma_smoke_A_MAINLOOP.log").read_text()
 
@@ -98,22 +103,14 @@ def test_a_failed_attention_family_fails_its_overlapped_loop_but_not_the_cluster
                                                                                          capsys):
     """The overlapped loop lives inside the attention wgmma mainloop: when that family failed it is
     not run and counts as failed with it; the cluster combine (a decode path) still gets its run."""
-    import qwen3x.testing
-
-    monkeypatch.setattr(qwen3x.testing, "wgmma_available", lambda: True)
-    monkeypatch.setattr(wgmma_smoke, "CASES", {"QWEN3X_ATTENTION_MAINLOOP": "raise SystemExit('wrong')",
-                                               "QWEN3X_MOE_MAINLOOP": "pass"})
-    monkeypatch.setattr(wgmma_smoke, "AB_CASES", {"QWEN3X_ATTENTION_OVERLAP": ("1", "pass"),
-                                                  "QWEN3X_ATTENTION_COMBINE": ("cluster", "pass")})
-    monkeypatch.setattr(wgmma_smoke, "PDL_CASE", "pass")
-    env_file = tmp_path / "mainloop.env"
-    monkeypatch.setattr(sys, "argv", ["wgmma_smoke.py", str(env_file)])
-    assert wgmma_smoke.main() == 0
-    printed = capsys.readouterr().out
+    printed, env = _smoke(monkeypatch, tmp_path, capsys,
+                          cases={"QWEN3X_ATTENTION_MAINLOOP": "raise SystemExit('wrong')", "QWEN3X_MOE_MAINLOOP": "pass"},
+                          ab_cases={"QWEN3X_ATTENTION_OVERLAP": ("1", "pass"),
+                                    "QWEN3X_ATTENTION_COMBINE": ("cluster", "pass")},
+                          pdl_case="pass")
     assert "QWEN3X_ATTENTION_OVERLAP=1 (an A/B candidate): not run" in printed
     assert "QWEN3X_ATTENTION_COMBINE=cluster (an A/B candidate): ok" in printed
-    assert env_file.read_text().split() == ["QWEN3X_ATTENTION_MAINLOOP=mma_sync",
-                                            "QWEN3X_SMOKE_FAILED=QWEN3X_ATTENTION_OVERLAP"]
+    assert env.split() == ["QWEN3X_ATTENTION_MAINLOOP=mma_sync", "QWEN3X_SMOKE_FAILED=QWEN3X_ATTENTION_OVERLAP"]
 
 
 def test_smoke_failed_names_only_the_listed_settings(monkeypatch):
