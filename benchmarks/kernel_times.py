@@ -31,10 +31,10 @@ from functools import partial
 import torch
 
 from .run import ALL_SUITES, _csv, shape_matches
-from .timing import first_line
+from .timing import first_line, percentile
 
 CALLS = 20  # profiled calls per provider
-TIMELINE_REPLAYS = 9  # --timeline: single replays profiled (each its own profiler session)
+TIMELINE_REPLAYS = 9  # --timeline: single replays profiled (in one profiler session)
 WARMUP_CALLS = 5
 NAME_WIDTH = 90  # kernel names are cut to this many characters
 
@@ -82,10 +82,6 @@ def timeline(replays: list[list[tuple[str, float, float]]]) -> tuple[list[tuple]
     it), in us from the replay's first kernel start, and the median span (first start to last
     end). ``replays``: each replay's kernels as (name, start us, end us), any order. None when the
     replays saw no kernels or disagree on the kernels' sequence."""
-    def median(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
     ordered = [sorted(r, key=lambda k: k[1]) for r in replays if r]
     if not ordered or len({tuple(k[0] for k in r) for r in ordered}) != 1:
         return None
@@ -94,8 +90,8 @@ def timeline(replays: list[list[tuple[str, float, float]]]) -> tuple[list[tuple]
         starts = [r[i][1] - r[0][1] for r in ordered]
         durations = [r[i][2] - r[i][1] for r in ordered]
         gaps = [r[i][1] - r[i - 1][2] for r in ordered] if i else [0.0]
-        rows.append((name, median(starts), median(durations), median(gaps)))
-    return rows, median([max(k[2] for k in r) - r[0][1] for r in ordered])
+        rows.append((name, percentile(starts, 50), percentile(durations, 50), percentile(gaps, 50)))
+    return rows, percentile([max(k[2] for k in r) - r[0][1] for r in ordered], 50)
 
 
 MARKER_KERNEL = "spin_kernel"  # torch.cuda._sleep's kernel: brackets each profiled replay

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from . import targets
-from .rows import CEILING_OPS, OURS, case_key, read_rows, shape_label
+from .rows import CEILING_OPS, OURS, case_key, read_rows, shape_label, timed_alike
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -116,7 +116,7 @@ def table(rows: list[dict]) -> str:
         peers = [r for r in group if is_peer(r["provider"])]
         # like with like, as the targets compare: peers timed as qwen3x was (CUDA-graph replays or
         # eager calls); where none was, the fastest other one, marked, with its speedup in brackets
-        alike = [r for r in peers if ours is None or bool(r.get("cuda_graph")) == bool(ours.get("cuda_graph"))]
+        alike = [r for r in peers if ours is None or timed_alike(r, ours)]
         best = min(alike or peers, key=lambda r: r["median_ms"]) if peers else None
         frac = ours.get("fraction_of_peak") if ours else None
         speedup = f"{best['median_ms'] / ours['median_ms']:.2f}x" if ours and best else ""

@@ -154,6 +154,13 @@ def speedup_baseline(op: str) -> str:
     return SPEEDUP_BASELINE.get(op, "reference")
 
 
+def timed_alike(a: dict, b: dict) -> bool:
+    """Whether two rows were timed the same way (both CUDA-graph replays, or both eager calls): a
+    graph replay pays the graph's launch, an eager call's launch hides behind the flush, so only
+    such rows compare."""
+    return bool(a.get("cuda_graph")) == bool(b.get("cuda_graph"))
+
+
 def case_key(row: dict) -> tuple:
     return row["op"], json.dumps(row["shape"], sort_keys=True)
 

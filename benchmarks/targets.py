@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .rows import CEILING_OPS, OURS, case_key, shape_label
+from .rows import CEILING_OPS, OURS, case_key, shape_label, timed_alike
 
 SDPA = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
 UNPATCHED = "hf_eager"  # the model benchmark's unpatched transformers (sdpa, default experts)
@@ -161,10 +161,8 @@ def _value(t: Target, by: dict[str, dict], groups: dict, shape: Shape) -> float 
         return None
     if t.rule == "fraction":
         return ours.get("fraction_of_peak")
-    if t.rule == "speedup":  # against peers timed as ours was: both CUDA-graph replays or both eager
-        # (a graph replay pays the graph's launch, an eager call's launch hides behind the flush)
-        peers = [by[p]["median_ms"] for p in t.peers
-                 if p in by and bool(by[p].get("cuda_graph")) == bool(ours.get("cuda_graph"))]
+    if t.rule == "speedup":  # against peers timed as ours was (rows.timed_alike)
+        peers = [by[p]["median_ms"] for p in t.peers if p in by and timed_alike(by[p], ours)]
         return min(peers) / ours["median_ms"] if peers else None
     if t.rule == "sum_under":  # plus with_op's case whose shape agrees on every key of this one's
         if not t.with_op:
