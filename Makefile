@@ -2,7 +2,9 @@
 #
 #   make run    set up .venv (torch, transformers, qwen3x built with its CUDA extension where nvcc is
 #               found) and run the main job: the benchmark suite on a GPU, the parity demo without one
-#   make test   the test suite on transformers 5.18.0 and on 4.57.6 (GPU tests skip without a GPU)
+#   make test   the test suite on transformers 5.24.0 and on 4.57.6, its transformers-facing files also
+#               on 5.18.0 (the last release before 5.24 renamed the models' cache argument, and the
+#               GPU machine's 5.17's API); GPU tests skip without a GPU
 #   make gpu OUT=dir   on a GPU machine with torch installed (no network needed): build in place,
 #               run the tests (GPU ones included), compute-sanitizer memcheck on the kernel tests,
 #               and the benchmark suite (BENCH_ARGS=--quick for a smoke run); logs and result
@@ -29,8 +31,12 @@ SHELL       := /bin/bash
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH       ?= torch==2.14.1
-TF5         ?= transformers==5.18.0
+TF5         ?= transformers==5.24.0
 TF457       ?= transformers==4.57.6
+# transformers 5.18 beside the 5.24 install (same dependencies): the cache argument's old name
+TF518       ?= transformers==5.18.0
+TF518_DIR   ?= $(VENV)/tf518
+TF518_TESTS ?= tests/test_patch.py tests/test_benchmarks.py tests/test_emulator_ops.py tests/test_reference.py
 # transformers 4.57 with the hub / tokenizers releases it needs, beside the 5.x install
 TF457_DIR   ?= $(VENV)/tf457
 TF457_PKGS  ?= $(TF457) 'huggingface_hub>=0.34,<1.0' 'tokenizers>=0.22,<=0.23.0' requests urllib3 idna certifi charset-normalizer
@@ -38,12 +44,12 @@ PYTEST_ARGS ?= -q
 OUT         ?= gpu-run
 VPY          = $(VENV)/bin/python
 
-.PHONY: run test setup build test-tf5 test-tf457 test-emulated-gpu gpu gpu-check gpu-perf gpu-sanitize gpu-suite gpu-ampere demo info clean
+.PHONY: run test setup build test-tf5 test-tf518 test-tf457 test-emulated-gpu gpu gpu-check gpu-perf gpu-sanitize gpu-suite gpu-ampere demo info clean
 
 run: setup
 	$(VPY) -m benchmarks
 
-test: setup test-tf5 test-tf457 test-emulated-gpu
+test: setup test-tf5 test-tf518 test-tf457 test-emulated-gpu
 
 setup: $(VENV)/.stamp
 
@@ -52,6 +58,7 @@ $(VENV)/.stamp: pyproject.toml setup.py CMakeLists.txt
 	$(VPY) -m pip install -q $(TORCH) numpy pytest safetensors pybind11 ninja cmake setuptools wheel $(TF5)
 	$(VPY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0  # CUTLASS/CuTe headers only (tests/cutlass_check)
 	$(VPY) -m pip install -q --no-deps --target $(TF457_DIR) $(TF457_PKGS)
+	$(VPY) -m pip install -q --no-deps --target $(TF518_DIR) $(TF518)
 	$(MAKE) build
 	touch $@
 
@@ -61,6 +68,9 @@ build:
 
 test-tf5:
 	$(VPY) -m pytest $(PYTEST_ARGS) tests
+
+test-tf518:
+	PYTHONPATH=$(TF518_DIR) $(VPY) -m pytest $(PYTEST_ARGS) $(TF518_TESTS)
 
 # (test_emulator.py runs the kernels alone, with no transformers: once is enough)
 test-tf457:

@@ -55,6 +55,14 @@ MAX_POSITIONS = 40960
 PREFILL_CHUNK_TOKENS = 8192
 
 
+@functools.cache
+def _cache_keyword() -> str:
+    """The models' cache argument: ``cache`` from transformers 5.24 (``past_key_values`` deprecated)."""
+    import transformers
+
+    return "cache" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24) else "past_key_values"
+
+
 # ---------------------------------------------------------------------------------------------
 # FLOP and byte formulas
 # ---------------------------------------------------------------------------------------------
@@ -349,8 +357,8 @@ def _fill(model, ids, cache) -> None:
         end = min(start + step, length)
         positions = torch.arange(start, end, device=ids.device)
         extra = {} if counted else {"cache_position": positions}
-        model(input_ids=ids[:, start:end], position_ids=positions[None], past_key_values=cache, use_cache=True,
-              logits_to_keep=1, **extra)  # fmt: skip
+        model(input_ids=ids[:, start:end], position_ids=positions[None], use_cache=True, logits_to_keep=1,
+              **{_cache_keyword(): cache}, **extra)  # fmt: skip
 
 
 def _decode_build(name):
@@ -372,7 +380,7 @@ def _decode_build(name):
 
         def step():
             logits = model(
-                input_ids=new_token, position_ids=position_ids, past_key_values=cache, use_cache=True, **extra
+                input_ids=new_token, position_ids=position_ids, use_cache=True, **{_cache_keyword(): cache}, **extra
             ).logits  # fmt: skip
             if lengths:
                 torch._foreach_sub_(lengths, 1)

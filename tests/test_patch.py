@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from models import TF5, VOCAB, tiny_model
+from models import CACHE, TF5, VOCAB, tiny_model
 from qwen3x.testing import assert_rel_close
 
 import qwen3x
@@ -78,8 +78,8 @@ def test_decode_against_a_prefilled_cache_matches(pair):
     with torch.no_grad():
         ob = base(ids[:, :8], use_cache=True)
         op = patched(ids[:, :8], use_cache=True)
-        nb = base(ids[:, 8:], past_key_values=ob.past_key_values).logits
-        np_ = patched(ids[:, 8:], past_key_values=op.past_key_values).logits
+        nb = base(ids[:, 8:], **{CACHE: getattr(ob, CACHE)}).logits
+        np_ = patched(ids[:, 8:], **{CACHE: getattr(op, CACHE)}).logits
     assert_rel_close(np_, nb, REL)
 
 
@@ -502,11 +502,11 @@ def test_static_cache_decode_compiles_fullgraph():
             cache = StaticCache(config=model.config, max_batch_size=2, max_cache_len=32)
         step = torch.compile(model.forward, fullgraph=True, backend=backend) if backend else model.forward
         with torch.no_grad():
-            tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(ids, **{CACHE: cache}, use_cache=True).logits[:, -1:].argmax(-1)
             logits = []
             for i in range(3):
                 pos = torch.tensor([ids.shape[1] + i])
-                out = step(tok, past_key_values=cache, use_cache=True, cache_position=pos,
+                out = step(tok, **{CACHE: cache}, use_cache=True, cache_position=pos,
                            position_ids=pos[None].expand(2, 1))
                 tok = out.logits[:, -1:].argmax(-1)
                 logits.append(out.logits)
@@ -543,10 +543,10 @@ def _decode_step_ops(model, cache: str):
 
     ids = _ids(batch=1, seq=8)
     with torch.no_grad():
-        kw = {"past_key_values": StaticCache(config=model.config, max_cache_len=32)} if cache == "static" else {}
+        kw = {CACHE: StaticCache(config=model.config, max_cache_len=32)} if cache == "static" else {}
         out = model(ids, use_cache=True, **kw)
         with Count() as counted:
-            model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+            model(out.logits[:, -1:].argmax(-1), **{CACHE: getattr(out, CACHE)}, use_cache=True)
     return counted.ops
 
 
@@ -561,3 +561,48 @@ def test_a_decode_step_launches_a_third_of_hfs_kernels(cache):
     hf, ours = _decode_step_ops(base, cache), _decode_step_ops(patched, cache)
     assert ours["aten::mm"] + ours["aten::addmm"] == 4 * layers + 1, ours  # + lm_head
     assert 3 * sum(ours.values()) <= sum(hf.values()), (sum(ours.values()), sum(hf.values()), ours)
+
+
+def test_attention_takes_the_cache_under_either_name_and_refuses_both():
+    """transformers 5.24 renamed the layers' cache argument past_key_values -> cache; an attention
+    forward that missed the new name would run every decode step without its past (wrong tokens)."""
+    from transformers import DynamicCache
+
+    model = qwen3x.patch(tiny_model())
+    attn = model.model.layers[0].self_attn
+    ids = _ids(batch=1, seq=5)
+    with torch.no_grad():
+        x = model.model.embed_tokens(ids)
+        pos = torch.arange(5)[None]
+        emb = model.model.rotary_emb(x, pos)
+        lengths = []
+        names = ("cache", "past_key_values") if TF5 else ("past_key_values",)  # 4.57's Cache.update takes no kwargs
+        for name in names:
+            cache = DynamicCache(config=model.config)
+            attn(x[:, :3], position_embeddings=tuple(t[:, :3] for t in emb), attention_mask=None, **{name: cache})
+            attn(x[:, 3:], position_embeddings=tuple(t[:, 3:] for t in emb), attention_mask=None, **{name: cache})
+            lengths.append(cache.get_seq_length())
+        assert lengths == [5] * len(names)
+        with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
+            attn(x, position_embeddings=emb, attention_mask=None, cache=DynamicCache(config=model.config),
+                 past_key_values=DynamicCache(config=model.config))  # fmt: skip
+
+
+@pytest.mark.skipif(CACHE != "cache", reason="continuous batching on the CPU: transformers 5.24 and later")
+def test_continuous_batching_generates_what_unpatched_generates():
+    """generate_batch's paged cache fills the attention's keyword arguments in place when the
+    layer hands them to cache.update (transformers >= 5.24): the patched layer must hand them too."""
+    from transformers import GenerationConfig
+
+    base = tiny_model()
+    patched = qwen3x.patch(copy.deepcopy(base))
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+    def tokens(model):
+        out = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+        return sorted((k, list(v.generated_tokens)) for k, v in out.items())
+
+    want = tokens(base)
+    assert [len(t) for _, t in want] == [6, 6]
+    assert tokens(patched) == want

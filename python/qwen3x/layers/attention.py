@@ -46,8 +46,9 @@ def attention_forward(
     bool_or_none = attention_mask is None or (
         isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
     )
-    if dropout > 0.0 or not bool_or_none:
-        # dropout, additive float masks and BlockMasks are HF SDPA's business, exactly as before
+    one_dtype = query.dtype == key.dtype == value.dtype  # not so under autocast (v straight from v_proj)
+    if dropout > 0.0 or not bool_or_none or not one_dtype:
+        # dropout, additive float masks, BlockMasks and mixed dtypes are HF SDPA's business, exactly as before
         return _hf_function(module, "sdpa")(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -235,10 +236,17 @@ class Attention:
         hidden_states: torch.Tensor,  # [B, S, H]
         position_embeddings=None,  # (cos, sin) [B, S, D]; RopeEmbeddings when the rotary is patched
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        past_key_values=None,  # the cache, as transformers up to 5.23 names it
         cache_position: torch.Tensor | None = None,  # transformers 4.57 passes it to the cache
+        cache=None,  # the cache, as transformers 5.24 and later name it
         **kwargs,
     ):
+        if cache is not None and past_key_values is not None:
+            raise ValueError("qwen3x attention: got both `cache` and `past_key_values`; pass the cache once")
+        # transformers >= 5.24 hands its cache the attention's keyword arguments (a paged cache
+        # fills them in place for the attention call); earlier versions hand it none.
+        new_cache_api = cache is not None
+        past_key_values = cache if new_cache_api else past_key_values
         input_shape = hidden_states.shape[:-1]
         q, k, v = _project_qkv(self, hidden_states)  # [B, S, Hq, D], [B, S, Hkv, D] x 2
 
@@ -259,7 +267,9 @@ class Attention:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
 
         if past_key_values is not None:
-            if cache_position is not None:  # transformers 4.57 cache API
+            if new_cache_api:
+                k, v = past_key_values.update(k, v, self.layer_idx, kwargs=kwargs)
+            elif cache_position is not None:  # transformers 4.57 cache API
                 cos, sin = position_embeddings
                 cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
                 k, v = past_key_values.update(k, v, self.layer_idx, cache_kwargs)
