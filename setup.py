@@ -186,6 +186,10 @@ class BuildPlan:
 PLAN = BuildPlan()
 
 
+# Beside the built module: the torch it was compiled against (qwen3x/_library.py reads it).
+TORCH_VERSION_FILE = "_C_torch_version.txt"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -225,8 +229,20 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"qwen3x: CMake finished but {built} is missing")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(built, target)
+        # the torch it was built against, read before loading it (qwen3x/_library.py)
+        self.torch_stamp = target.with_name(TORCH_VERSION_FILE)
+        self.torch_stamp.write_text(PLAN.torch_version + "\n")
         log(f"built qwen3x._C for {', '.join(arch_names(PLAN.archs))} ({PLAN.archs_from}) with nvcc "
             f"{PLAN.cuda_version} (torch {PLAN.torch_version}) in {seconds:.1f} s")
+
+
+    def copy_extensions_to_source(self) -> None:
+        """Editable installs: the module and its torch stamp, both into python/qwen3x/."""
+        super().copy_extensions_to_source()
+        stamp = getattr(self, "torch_stamp", None)
+        if stamp is not None:
+            source_dir = Path(self.get_finalized_command("build_py").get_package_dir("qwen3x"))
+            self.copy_file(str(stamp), str(source_dir / TORCH_VERSION_FILE))
 
 
 class BuildPy(build_py):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -543,3 +545,42 @@ def test_in_place_rope_takes_views_of_a_fused_projection():
     want_q, want_k = ops.qk_norm_rope(q.clone(), k.clone(), *args, inv_freq)
     ops.qk_norm_rope_(q, k, *args, inv_freq)
     assert torch.equal(q, want_q) and torch.equal(k, want_k)
+
+
+def test_torch_release_mismatch_rule():
+    assert _library.torch_release_mismatch("2.14.1+cu130", "2.14.0") is None  # same release, other patch
+    assert _library.torch_release_mismatch("2.11.0+cu130", "2.11.0+cu130") is None
+    why = _library.torch_release_mismatch("2.14.1+cu130", "2.15.0+cu132")
+    assert why and "2.14.1+cu130" in why and "2.15.0+cu132" in why and "rebuild" in why
+    assert _library.torch_release_mismatch("2.14.1", "3.14.1")
+
+
+@pytest.mark.skipif(_library._C is None, reason="needs the built extension")
+def test_the_build_stamps_the_torch_it_was_built_against():
+    stamp = Path(_library.__file__).with_name(_library.TORCH_VERSION_FILE)
+    assert stamp.is_file(), f"{stamp} missing: setup.py writes it beside _C (rebuild)"
+    assert stamp.read_text().strip() == _library._C.build_info()["torch_version"]
+
+
+@pytest.mark.skipif(_library._C is None, reason="needs the built extension")
+def test_an_extension_built_for_another_torch_is_not_loaded(tmp_path):
+    """Loaded into another torch release, a built module may resolve its symbols and still misread
+    tensors; qwen3x leaves it unloaded, says why, and runs the references."""
+    package = tmp_path / "qwen3x"
+    shutil.copytree(Path(qwen3x.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / _library.TORCH_VERSION_FILE).write_text("1.13.1+cu117\n")
+    script = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import qwen3x, qwen3x._library as L\n"
+        "assert L._C is None and 'qwen3x._C' not in __import__('sys').modules, 'loaded'\n"
+        "assert any('built against torch 1.13.1+cu117' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "x, g = torch.randn(3, 8), torch.randn(8)\n"
+        "torch.testing.assert_close(qwen3x.ops.rms_norm(x, g, 1e-6), qwen3x.reference.rms_norm(x, g, 1e-6))\n"
+        "print('reason:', L.C_LOAD_ERROR)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "reason: built against torch 1.13.1+cu117" in out.stdout

@@ -77,10 +77,38 @@ SCHEMAS: dict[str, str] = {
 # --------------------------------------------------------------------------------------------
 # Loading the extension
 # --------------------------------------------------------------------------------------------
+# Written by setup.py beside the built module: the torch it was compiled against. PyTorch's C++ ABI
+# is not stable from one release to the next, and an extension built for another torch may still
+# load (its symbols resolve) and then misread a tensor; so a build for another torch release is
+# not loaded at all.
+TORCH_VERSION_FILE = "_C_torch_version.txt"
+
+
+def torch_release_mismatch(built: str, running: str) -> str | None:
+    """Why an extension built against torch ``built`` must not be loaded into torch ``running``
+    (their major.minor releases differ), or None."""
+
+    def release(version: str) -> tuple[str, ...]:
+        return tuple(version.split("+")[0].split(".")[:2])
+
+    if release(built) == release(running):
+        return None
+    return (f"built against torch {built}, this is torch {running}; PyTorch's C++ ABI changes between "
+            "releases, so rebuild it for this torch (pip install --no-build-isolation -e .)")
+
+
 def _load_extension():
     # Not built (a pure-Python install) is normal; a built module that fails to load is not.
-    if importlib.util.find_spec(f"{__package__}._C") is None:
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    if spec is None:
         return None, "not built"
+    stamp = os.path.join(os.path.dirname(spec.origin), TORCH_VERSION_FILE)
+    if os.path.isfile(stamp):
+        with open(stamp) as f:
+            mismatch = torch_release_mismatch(f.read().strip(), torch.__version__)
+        if mismatch:
+            warnings.warn(f"qwen3x: the CUDA extension is not loaded: {mismatch}; using the PyTorch references")
+            return None, mismatch
     try:
         from . import _C  # registers the schemas and the CUDA kernels
     except (ImportError, OSError) as exc:
