@@ -294,7 +294,7 @@ AMPERE_CHECK_S ?= 150  # (its first calls are where the driver compiles each ker
 gpu-ampere:
 	mkdir -p $(OUT)
 	rm -rf $(AMPERE_DIR) && mkdir -p $(AMPERE_DIR)/src
-	tar --exclude=./build --exclude=./.git --exclude=./.venv --exclude=./.whl --exclude='./python/qwen3x/_C*.so' \
+	tar --exclude=./build --exclude=./.git --exclude=./.venv --exclude=./.whl --exclude='./python/qwen3x/_C*.so' --exclude=./python/qwen3x/_C_torch_version.txt \
 	    -cf - . | tar -xf - -C $(AMPERE_DIR)/src
 	set -o pipefail; cd $(AMPERE_DIR)/src && QWEN3X_BUILD_CUDA=1 QWEN3X_CUDA_ARCHS="$(AMPERE_ARCHS)" \
 	    timeout $(AMPERE_BUILD_S) $(PYTHON) -m pip install --no-build-isolation --no-deps --no-compile \
@@ -314,4 +314,4 @@ gpu-suite:
 	$(MAKE) gpu STEPS="suite" BUILD_S=200
 
 clean:
-	rm -rf build python/qwen3x/_C*.so *.egg-info python/*.egg-info
+	rm -rf build python/qwen3x/_C*.so python/qwen3x/_C_torch_version.txt *.egg-info python/*.egg-info

@@ -235,7 +235,6 @@ class CMakeBuild(build_ext):
         log(f"built qwen3x._C for {', '.join(arch_names(PLAN.archs))} ({PLAN.archs_from}) with nvcc "
             f"{PLAN.cuda_version} (torch {PLAN.torch_version}) in {seconds:.1f} s")
 
-
     def copy_extensions_to_source(self) -> None:
         """Editable installs: the module and its torch stamp, both into python/qwen3x/."""
         super().copy_extensions_to_source()
