@@ -276,6 +276,54 @@ def test_experts_implementation_qwen3x_routes_to_the_op(monkeypatch):
     assert calls, "experts_implementation='qwen3x' did not call qwen3x.ops.moe_experts"
 
 
+@pytest.mark.skipif(not TF5, reason="ExpertsInterface is transformers 5.x")
+def test_experts_implementation_qwen3x_leaves_other_expert_layouts_to_their_own_forward(monkeypatch):
+    """experts_implementation="qwen3x" is registered for every model: GPT-OSS's experts (transposed,
+    interleaved gate/up with biases, a clamped gate) must run their own code, not Qwen3's SwiGLU."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from qwen3x import ops
+    from qwen3x.layers import moe as qmoe
+
+    monkeypatch.setattr(ops, "moe_experts", lambda *a: pytest.fail("qwen3x's experts op ran on GPT-OSS experts"))
+    config = GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                          vocab_size=VOCAB)  # fmt: skip
+    torch.manual_seed(0)
+    experts = GptOssExperts(config)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, weights = torch.randn(5, 32), torch.rand(5, 2)
+    ids = torch.stack([torch.randperm(4)[:2] for _ in range(5)])
+    config._experts_implementation = "eager"
+    want = experts(x, ids, weights)
+    config._experts_implementation = "qwen3x"
+    with pytest.warns(UserWarning, match="GptOssExperts is not a Qwen3-MoE expert layout"):
+        got = experts(x, ids.int(), weights)
+    assert torch.equal(got, want)
+    # transformers 5.24's flag for a norm after each expert: not Qwen3-MoE's layout either
+    qwen_experts = tiny_model(moe=True).model.layers[0].mlp.experts
+    assert qmoe._swiglu_experts(qwen_experts)
+    qwen_experts.has_post_expert_norm = True
+    assert not qmoe._swiglu_experts(qwen_experts)
+
+
+def test_a_paged_prefix_on_a_plain_implementation_runs_like_unpatched():
+    """transformers 5.24 no longer registers paged|sdpa and strips the prefix itself (a config may still
+    carry the old name); the patched layers must resolve it the same way, not index the registry."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if not TF5 or "paged|sdpa" in ALL_ATTENTION_FUNCTIONS:
+        pytest.skip("paged|sdpa is unknown to 4.57 and a paged cache's own attention up to 5.23")
+    base = tiny_model()
+    patched = qwen3x.patch(copy.deepcopy(base))
+    for model in (base, patched):
+        model.config._attn_implementation = "paged|sdpa"
+    ids = _ids()
+    assert_rel_close(_logits(patched, ids, use_cache=False), _logits(base, ids, use_cache=False), REL)
+
+
 def test_attention_with_eager_implementation_keeps_attention_weights():
     base = tiny_model()
     base.set_attn_implementation("eager") if hasattr(base, "set_attn_implementation") else None

@@ -31,6 +31,17 @@ def _hf_function(module, name: str):
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
+def _implementation_name(name: str | None) -> str | None:
+    """The attention implementation HF runs for ``config._attn_implementation``: transformers 5.24
+    dropped the ``paged|`` variants other than ``paged|eager`` and strips that prefix."""
+    if name is not None and name.startswith("paged|") and name != "paged|eager":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if name not in ALL_ATTENTION_FUNCTIONS:
+            return name.removeprefix("paged|")
+    return name
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,  # [B, Hq, Sq, D]
@@ -279,7 +290,7 @@ class Attention:
             if layer is not None and layer.keys is k:  # HF wrote a static cache: skip its empty tail
                 key_lengths = _filled_slots(layer, cache_position)
 
-        implementation = self.config._attn_implementation
+        implementation = _implementation_name(self.config._attn_implementation)
         extra = {}
         if implementation in ("sdpa", "qwen3x", None):
             attention_fn = attention_forward

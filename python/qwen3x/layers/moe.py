@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, reference
+from .._library import warn_once
 from . import packing
 from .dispatch import moe_reference_instead, reference_instead
 from .mlp import is_silu
@@ -31,19 +32,46 @@ class TopKRouter:
         return router_logits, weights, ids
 
 
+_HF_EXPERTS_MODULE = "transformers.integrations.moe"  # where HF's default _apply_gate lives
+
+
 def _swiglu_experts(module: nn.Module) -> bool:
-    """True for the expert layout the qwen3x ops implement (Qwen3-MoE's)."""
+    """True for the expert layout the qwen3x ops implement (Qwen3-MoE's: concatenated [gate; up]
+    projections without biases, silu(gate) * up, no norm after each expert)."""
+    apply_gate = getattr(type(module), "_apply_gate", None)  # a model's own gate (e.g. GPT-OSS's clamped one)
     return (
         getattr(module, "has_gate", True)
         and not getattr(module, "has_bias", False)
         and not getattr(module, "is_transposed", False)
         and getattr(module, "is_concatenated", True)
+        and not getattr(module, "has_post_expert_norm", False)  # transformers >= 5.24
+        and (apply_gate is None or getattr(apply_gate, "__module__", None) == _HF_EXPERTS_MODULE)
         and is_silu(module.config)
     )
 
 
+def _own_forward(module: nn.Module):
+    """The experts class's own (eager) forward, which HF's use_experts_implementation wraps."""
+    for cls in type(module).__mro__:
+        wrapped = getattr(cls.__dict__.get("forward"), "__wrapped__", None)
+        if wrapped is not None:
+            return wrapped
+    return None
+
+
 def experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """ExpertsInterface signature: hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H]."""
+    """ExpertsInterface signature: hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H].
+    Registered as experts_implementation="qwen3x" for every model; experts of another layout (biases,
+    transposed or interleaved weights, another gate, a post-expert norm) run their own forward."""
+    if not _swiglu_experts(self):
+        own = _own_forward(self)
+        if own is None:
+            raise ValueError(f"qwen3x experts: {type(self).__name__} is not a Qwen3-MoE expert layout "
+                             "(gate_up_proj [E, 2I, H], down_proj [E, H, I], silu) and has no forward of its "
+                             "own to fall back to; use another experts_implementation")
+        warn_once(f"experts:{type(self).__name__}", f"qwen3x experts: {type(self).__name__} is not a Qwen3-MoE "
+                  "expert layout, so experts_implementation='qwen3x' runs its own forward")
+        return own(self, hidden_states, top_k_index.long(), top_k_weights)
     hidden, inter = self.down_proj.shape[1], self.down_proj.shape[2]
     if moe_reference_instead("moe_experts", hidden_states, hidden, inter):
         return reference.moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
