@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from models import TF5, VOCAB, tiny_model
+from models import CACHE, TF5, VOCAB, tiny_model
 from qwen3x.testing import MAX_EXCUSED, assert_close_to_truth, routing_agreement
 
 import qwen3x
@@ -120,6 +120,42 @@ def test_static_cache_generate_auto_compiled():
     seq = out.sequences
     positions = slice(ids.shape[1] - 1, seq.shape[1] - 1)
     assert_close_to_truth(steps, _logits(baseline, seq)[:, positions], _logits(truth, seq)[:, positions].double())
+
+
+@pytest.mark.skipif(CACHE != "cache", reason="assisted generation with a static cache: transformers 5.24 and later")
+@pytest.mark.parametrize("case", ["dense", "moe"])
+def test_assisted_generation_through_a_static_cache(case, monkeypatch):
+    """Assisted (speculative) generation: each step verifies several drafted tokens in one forward
+    into a non-empty static cache (qk_norm_rope_cache_ writes them, attention reads the filled
+    slots), then crops the rejected ones (StaticLayer.crop steps the slot counter back). The logits
+    of every generated token against the unpatched models teacher-forced over the same tokens."""
+    base = tiny_model(**CASES[case])
+    truth = copy.deepcopy(base).cuda()
+    baseline = copy.deepcopy(base).to("cuda", torch.bfloat16)
+    patched = qwen3x.patch(copy.deepcopy(base).to("cuda", torch.bfloat16))
+    assistant = tiny_model(seed=5, **CASES[case]).to("cuda", torch.bfloat16)  # disagrees often: crops
+    from transformers.cache_utils import StaticLayer
+
+    from qwen3x import ops
+
+    crops, writes = [], []
+    crop, write = StaticLayer.crop, ops.qk_norm_rope_cache_
+    monkeypatch.setattr(StaticLayer, "crop", lambda layer, n: crops.append(n) or crop(layer, n))
+    monkeypatch.setattr(ops, "qk_norm_rope_cache_", lambda q, *a: writes.append(q.shape[1]) or write(q, *a))
+    ids = _ids(1, 40)
+    new = 16
+    out = patched.generate(ids, assistant_model=assistant, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           cache_implementation="static", pad_token_id=0, output_logits=True,
+                           return_dict_in_generate=True, disable_compile=True)  # fmt: skip
+    steps = torch.stack(out.logits, dim=1).float()
+    seq = out.sequences
+    assert steps.shape[1] == seq.shape[1] - ids.shape[1] == new
+    assert crops, "no drafted token was rejected: the crop path did not run"
+    assert any(n > 1 for n in writes), f"no multi-token verification pass wrote the cache directly: {writes}"
+    positions = slice(ids.shape[1] - 1, seq.shape[1] - 1)
+    agrees = _routing_agrees(truth, baseline, patched, seq)[:, positions]
+    assert_close_to_truth(steps[agrees], _logits(baseline, seq)[:, positions][agrees],
+                          _logits(truth, seq)[:, positions][agrees].double())
 
 
 def test_packed_sequences_varlen(models):
