@@ -200,13 +200,16 @@ def _static_layer(cache, layer_idx: int):
     return layer
 
 
-def _writable_static_layer(cache, layer_idx: int, k: torch.Tensor):
-    """The StaticLayer this call may write directly: on k's device, dtype and batch, else None."""
+def _writable_static_layer(cache, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+    """The StaticLayer this call may write directly: on k's device, dtype and batch, and its values
+    of v's dtype (transformers 5.24 gives them v's own at initialization), else None."""
     layer = _static_layer(cache, layer_idx)
     if layer is None:
         return None
     keys = layer.keys
     if keys.device != k.device or keys.dtype != k.dtype or keys.shape[0] != k.shape[0] or keys.shape[1] != k.shape[2]:
+        return None
+    if layer.values.dtype != v.dtype:
         return None
     return layer
 
@@ -263,7 +266,7 @@ class Attention:
 
         # A static cache, past its first (initializing) write: normed, rotated k and v go straight
         # into their slots, one launch (qk_norm_rope_cache_) instead of three.
-        static = _writable_static_layer(past_key_values, self.layer_idx, k) if past_key_values is not None else None
+        static = _writable_static_layer(past_key_values, self.layer_idx, k, v) if past_key_values is not None else None
         args = _fused_norm_args(self, q, k, position_embeddings) if static is not None and _owns_q(self) else None
         key_lengths = None
         if args is not None:
