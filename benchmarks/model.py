@@ -31,7 +31,7 @@ import importlib
 
 import torch
 
-from qwen3x.testing import RoutingAgreement, compare_routing, recording_router_probs, router_probs
+from qwen3x.testing import RoutingAgreement, cache_keyword, compare_routing, recording_router_probs, router_probs
 
 from .harness import Case, Excuse, Provider
 from .providers import LIGER_MISSING
@@ -53,14 +53,6 @@ MAX_POSITIONS = 40960
 # Half the largest prefill the suite times: 152 MiB per Qwen3-4B MLP intermediate, and batch 64
 # fills in sixteen forwards instead of one (the same FLOPs).
 PREFILL_CHUNK_TOKENS = 8192
-
-
-@functools.cache
-def _cache_keyword() -> str:
-    """The models' cache argument: ``cache`` from transformers 5.24 (``past_key_values`` deprecated)."""
-    import transformers
-
-    return "cache" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24) else "past_key_values"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +350,7 @@ def _fill(model, ids, cache) -> None:
         positions = torch.arange(start, end, device=ids.device)
         extra = {} if counted else {"cache_position": positions}
         model(input_ids=ids[:, start:end], position_ids=positions[None], use_cache=True, logits_to_keep=1,
-              **{_cache_keyword(): cache}, **extra)  # fmt: skip
+              **{cache_keyword(): cache}, **extra)  # fmt: skip
 
 
 def _decode_build(name):
@@ -380,7 +372,7 @@ def _decode_build(name):
 
         def step():
             logits = model(
-                input_ids=new_token, position_ids=position_ids, use_cache=True, **{_cache_keyword(): cache}, **extra
+                input_ids=new_token, position_ids=position_ids, use_cache=True, **{cache_keyword(): cache}, **extra
             ).logits  # fmt: skip
             if lengths:
                 torch._foreach_sub_(lengths, 1)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 import transformers
+from qwen3x.testing import cache_keyword
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
-# transformers 5.24 renamed the models' cache argument and output field past_key_values -> cache
-# (the old name is deprecated until 5.40)
-CACHE = "cache" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24) else "past_key_values"
+CACHE = cache_keyword()  # the models' cache argument and output field: cache (5.24+) or past_key_values
 VOCAB = 97
 
 

@@ -37,6 +37,15 @@ def smoke_failed(setting: str) -> str | None:
     return f"{setting}: FAILED in the smoke run (tests/wgmma_smoke.py; its log)" if setting in failed else None
 
 
+def cache_keyword() -> str:
+    """The name under which the installed transformers' models take their cache (and return it):
+    ``cache`` from 5.24 on, ``past_key_values`` before (deprecated in 5.24, removed in 5.40)."""
+    import transformers
+
+    release = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    return "cache" if release >= (5, 24) else "past_key_values"
+
+
 def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
