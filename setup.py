@@ -16,10 +16,10 @@ Environment:
   CUDA_HOME, CUDA_PATH, CUDACXX: where to find nvcc (else PATH).
 
 Typical use on a GPU machine:
-  pip install --no-build-isolation -e .        # editable, _C*.so in python/qwen3x/
+  pip install --no-build-isolation -e .        # editable, _C.abi3.so in python/qwen3x/
   pip install --no-build-isolation .
 pip shows this script's output only with -v (or when the build fails).
-CMake's build tree is build/cmake-<python tag>/ and is reused between builds.
+CMake's build tree is build/cmake-torch-<torch version>/ and is reused between builds.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -190,9 +189,14 @@ PLAN = BuildPlan()
 TORCH_VERSION_FILE = "_C_torch_version.txt"
 
 
+# The module keeps to Python's stable ABI from this version on (CMakeLists.txt USE_SABI): one
+# _C.abi3.so for every CPython >= 3.10, and wheels tagged cp310-abi3.
+LIMITED_API_TAG = "cp310"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
-        super().__init__(name, sources=[])
+        super().__init__(name, sources=[], py_limited_api=True)
 
 
 class CMakeBuild(build_ext):
@@ -202,7 +206,9 @@ class CMakeBuild(build_ext):
 
     def build_extension(self, ext: Extension) -> None:
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+        # One tree per torch release: `make prebuilt` builds against another torch than the
+        # checkout's own build, and neither should reconfigure (and recompile) the other.
+        build_dir = ROOT / "build" / f"cmake-torch-{PLAN.torch_version}"
         verbose_ptxas = os.environ.get("QWEN3X_PTXAS_VERBOSE", "0") not in ("", "0")
         configure = [
             PLAN.cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
@@ -224,11 +230,12 @@ class CMakeBuild(build_ext):
         subprocess.run(build, check=True, cwd=ROOT)
         seconds = time.monotonic() - start
 
-        built = build_dir / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+        built = build_dir / "_C.abi3.so"
         if not built.is_file():
             raise RuntimeError(f"qwen3x: CMake finished but {built} is missing")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(built, target)
+        remove_other_builds(target)
         # the torch it was built against, read before loading it (qwen3x/_library.py)
         self.torch_stamp = target.with_name(TORCH_VERSION_FILE)
         self.torch_stamp.write_text(PLAN.torch_version + "\n")
@@ -242,6 +249,16 @@ class CMakeBuild(build_ext):
         if stamp is not None:
             source_dir = Path(self.get_finalized_command("build_py").get_package_dir("qwen3x"))
             self.copy_file(str(stamp), str(source_dir / TORCH_VERSION_FILE))
+            remove_other_builds(source_dir / "_C.abi3.so")
+
+
+def remove_other_builds(module: Path) -> None:
+    """Deletes the other builds of _C beside `module`: one named for a Python version
+    (_C.cpython-311-*.so, from before the module was abi3) would be imported before it."""
+    for other in module.parent.glob("_C.*.so"):
+        if other.name != module.name:
+            other.unlink()
+            log(f"removed {other}, an older build of qwen3x._C that would shadow {module.name}")
 
 
 class BuildPy(build_py):
@@ -259,5 +276,6 @@ setup(
     packages=find_packages("python"),
     ext_modules=[CMakeExtension("qwen3x._C")] if PLAN.build else [],
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
+    options={"bdist_wheel": {"py_limited_api": LIMITED_API_TAG}} if PLAN.build else {},
     zip_safe=False,
 )

@@ -149,7 +149,7 @@ def _bindings(program: str) -> str:
         subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"timed out after {TIMEOUT_S} s"
-    return _shell("cat /tmp/qwen3x_probe_ld* | grep -E 'binding file [^ ]*(qwen3x_probe_stream|/_C\\.cpython)' "
+    return _shell("cat /tmp/qwen3x_probe_ld* | grep -E 'binding file [^ ]*(qwen3x_probe_stream|/_C\\.(abi3|cpython))' "
                   "| grep -E 'ostringstream|_M_insert|locale|num_put|numpunct|ios_base|basic_ios|_ZNSol' "
                   "| sed -E 's/^[[:space:]]*[0-9]+:[[:space:]]*//; s/^[[:space:]]+//' | sort -u | head -n 60")
 

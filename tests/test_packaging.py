@@ -5,6 +5,7 @@ quietly install the pure-Python package), and the tests and benchmarks."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -79,3 +80,90 @@ def test_default_archs_follow_the_visible_gpus():
         raise RuntimeError("no CUDA driver")
 
     assert visible_gpu_archs(SimpleNamespace(cuda=SimpleNamespace(device_count=no_driver))) is None
+
+
+def _prebuilt():
+    """cmake/prebuilt.py (a script beside the CMake files, not a package module)."""
+    spec = importlib.util.spec_from_file_location("qwen3x_prebuilt", ROOT / "cmake" / "prebuilt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _copy_build_inputs(dest: Path) -> Path:
+    """The files a build reads and the Python package, without any build of _C."""
+    for name in ("csrc", "cmake", "python"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns(
+            "_C.*.so", "_C_torch_version.txt", "__pycache__", "*.egg-info"))
+    for name in ("CMakeLists.txt", "setup.py", "pyproject.toml"):
+        shutil.copy(ROOT / name, dest / name)
+    return dest
+
+
+def test_prebuilt_hash_covers_what_the_build_reads(tmp_path):
+    """A module built elsewhere (make prebuilt) is used only for the sources it was built from:
+    any change to a kernel, a CMake file or the build script is a different hash; the scripts
+    beside the CMake files, which the build does not read, are not."""
+    prebuilt = _prebuilt()
+    tree = _copy_build_inputs(tmp_path)
+    before = prebuilt.sources_hash(tree)
+    assert before == prebuilt.sources_hash(_copy_build_inputs(tmp_path / "again"))
+    edits = [
+        lambda: (tree / "csrc/attention/softmax.cuh").write_text(
+            (tree / "csrc/attention/softmax.cuh").read_text() + "\n"),
+        lambda: (tree / "csrc/moe/new_kernel.cuh").write_text("// new\n"),
+        lambda: (tree / "cmake/torch.cmake").write_text((tree / "cmake/torch.cmake").read_text() + "#\n"),
+        lambda: (tree / "pyproject.toml").write_text(
+            (tree / "pyproject.toml").read_text().replace('version = "', 'version = "9')),
+    ]
+    seen = {before}
+    for edit in edits:
+        edit()
+        now = prebuilt.sources_hash(tree)
+        assert now not in seen
+        seen.add(now)
+    (tree / "cmake/sass_check.py").write_text("# not a build input\n")
+    assert prebuilt.sources_hash(tree) in seen
+
+
+@pytest.mark.skipif(not (ROOT / "python/qwen3x/_C.abi3.so").is_file(),
+                    reason="needs the built extension (python/qwen3x/_C.abi3.so)")
+def test_prebuilt_module_is_used_only_where_it_fits(tmp_path):
+    """The GPU machine uses a carried module only if it was built from that tree's sources,
+    against that torch exactly, and loads there; otherwise it leaves no file behind (the caller
+    builds). Here the module is this checkout's own build (abi3: any CPython >= 3.10 loads it)."""
+    import torch
+
+    prebuilt = _prebuilt()
+    tree = _copy_build_inputs(tmp_path / "tree")
+    package = tree / "python" / "qwen3x"
+    carried = tmp_path / "carried"
+    (carried / "qwen3x").mkdir(parents=True)
+    shutil.copy(ROOT / "python/qwen3x/_C.abi3.so", carried / "qwen3x")
+    built_for = (ROOT / "python/qwen3x/_C_torch_version.txt").read_text().strip()
+    if built_for != torch.__version__:
+        pytest.skip(f"the checkout's build is for torch {built_for}, this is {torch.__version__}")
+
+    def carry(torch_version: str, sources: str) -> None:
+        (carried / "qwen3x" / "_C_torch_version.txt").write_text(torch_version + "\n")
+        (carried / "sources.sha256").write_text(sources + "\n")
+
+    def installed() -> set[str]:
+        return {p.name for p in package.glob("_C*")}
+
+    # an older build named for one Python would be imported before _C.abi3.so
+    stale = package / "_C.cpython-311-x86_64-linux-gnu.so"
+    stale.write_bytes(b"not a module")
+    carry(torch.__version__, "0" * 64)
+    assert not prebuilt.use(carried, tree, gpu=False)  # other sources
+    carry("2.0.0+cu118", prebuilt.sources_hash(tree))
+    assert not prebuilt.use(carried, tree, gpu=False)  # another torch
+    assert installed() == {stale.name}
+    carry(torch.__version__, prebuilt.sources_hash(tree))
+    if not torch.cuda.is_available():
+        assert not prebuilt.use(carried, tree)  # its load check wants a GPU: nothing left behind
+        assert installed() == set()
+        stale.write_bytes(b"not a module")
+    assert prebuilt.use(carried, tree, gpu=False)
+    assert installed() == {"_C.abi3.so", "_C_torch_version.txt"}
+    assert (package / "_C.abi3.so").read_bytes() == (ROOT / "python/qwen3x/_C.abi3.so").read_bytes()
