@@ -33,6 +33,8 @@ VENV        ?= .venv
 TORCH       ?= torch==2.14.1
 TF5         ?= transformers==5.24.0
 TF457       ?= transformers==4.57.6
+# (tests only: what a device_map or offloading puts on every layer of a model, tests/test_patch.py)
+ACCELERATE  ?= accelerate==1.15.0
 # transformers 5.18 beside the 5.24 install (same dependencies): the cache argument's old name
 TF518       ?= transformers==5.18.0
 TF518_DIR   ?= $(VENV)/tf518
@@ -55,7 +57,7 @@ setup: $(VENV)/.stamp
 
 $(VENV)/.stamp: pyproject.toml setup.py CMakeLists.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q $(TORCH) numpy pytest safetensors pybind11 ninja cmake setuptools wheel $(TF5)
+	$(VPY) -m pip install -q $(TORCH) numpy pytest safetensors pybind11 ninja cmake setuptools wheel $(TF5) $(ACCELERATE)
 	$(VPY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0  # CUTLASS/CuTe headers only (tests/cutlass_check)
 	$(VPY) -m pip install -q --no-deps --target $(TF457_DIR) $(TF457_PKGS)
 	$(VPY) -m pip install -q --no-deps --target $(TF518_DIR) $(TF518)

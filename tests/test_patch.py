@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import copy
+import functools
+import importlib.util
+import pickle
 
 import pytest
 import torch
@@ -417,6 +421,177 @@ def test_hooks_see_what_they_see_unpatched():
     assert set(seen_patched) == set(seen_base)  # every hooked module still runs
     for name in seen_base:
         assert_rel_close(seen_patched[name], seen_base[name], REL)  # and hands out HF's tensors
+
+
+def _wrap_like_accelerate(module, calls):
+    """accelerate's add_hook_to_module (a multi-GPU device_map hooks every decoder layer): the class
+    forward kept as `_old_forward`, the instance's forward a partial that calls it."""
+    module._old_forward = module.forward
+
+    def new_forward(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return module._old_forward(*args, **kwargs)
+
+    module.forward = functools.update_wrapper(functools.partial(new_forward, module), module._old_forward)
+
+
+def _remove_like_accelerate(module):
+    """accelerate's remove_hook_from_module: the kept forward becomes the instance's forward."""
+    module.forward = module._old_forward
+    del module._old_forward
+
+
+def _wrap_like_tensor_parallel(module, calls):
+    """transformers' tensor-parallel install_forward: the class forward kept in a closure."""
+    original_forward = module.forward
+
+    def tp_forward(*args, **kwargs):
+        calls.append(type(module).__name__)
+        return original_forward(*args, **kwargs)
+
+    module.forward = tp_forward
+
+
+def _spy_on_layer_ops(monkeypatch) -> collections.Counter:
+    """Counts the calls of the ops that only the patched decoder layer (add_rms_norm) and the patched
+    experts (moe_experts; 4.57's block: moe) make."""
+    from qwen3x import ops
+
+    ran = collections.Counter()
+    for name in ("add_rms_norm", "moe_experts", "moe"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name, **k: ran.update([_n]) or _f(*a, **k))
+    return ran
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_patch_reaches_forwards_wrapped_on_the_instance(moe, monkeypatch):
+    """Wrappers that replace a module's forward on the instance call the forward of the class they
+    wrapped. patch re-points them, so patched layers run qwen3x inside accelerate's hooks and
+    transformers' tensor-parallel forward (which wraps the experts); unpatch points them back, also
+    where accelerate's hook was removed in between (its forward is left on the instance)."""
+    ran = _spy_on_layer_ops(monkeypatch)
+    base = tiny_model(moe=moe)
+    model = copy.deepcopy(base)
+    calls = []
+    layers = model.model.layers
+    for layer in layers:
+        _wrap_like_accelerate(layer, calls)
+        if moe:
+            _wrap_like_tensor_parallel(layer.mlp.experts if TF5 else layer.mlp, calls)
+    ids = _ids()
+    want = _logits(base, ids)
+    assert not ran
+
+    qwen3x.patch(model)
+    assert_rel_close(_logits(model, ids), want, REL)
+    assert len(calls) == len(layers) * (2 if moe else 1)  # the wrappers still run
+    assert ran["add_rms_norm"] == len(layers)  # the patched decoder layer, inside accelerate's hook
+    if moe:
+        assert ran["moe_experts"] + ran["moe"] == len(layers)  # the patched experts, inside the TP forward
+
+    for layer in layers[: len(layers) // 2]:
+        _remove_like_accelerate(layer)
+    ran.clear()
+    assert_rel_close(_logits(model, ids), want, REL)
+    assert ran["add_rms_norm"] == len(layers)
+    qwen3x.unpatch(model)
+    ran.clear()
+    assert torch.equal(_logits(model, ids), want)
+    assert not ran, f"qwen3x ops ran after unpatch: {dict(ran)}"
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_projections_with_a_forward_of_their_own_are_called(moe):
+    """A projection whose forward is replaced on the instance (a user's wrapper; transformers' tensor
+    parallelism) is called, not fused past by reading its weight (attention's packed q/k/v GEMM,
+    the MLP's packed gate/up, 4.57's packed experts)."""
+    def double(module):
+        forward = module.forward
+        module.forward = lambda x: 2 * forward(x)
+
+    base = tiny_model(moe=moe, mlp_only_layers=[0] if moe else [])
+    for layer in base.model.layers:
+        double(layer.self_attn.k_proj)
+        mlp = layer.mlp
+        if hasattr(mlp, "up_proj"):  # dense
+            double(mlp.up_proj)
+        elif not TF5:  # 4.57's experts: a list of MLPs (5.x's hold their weights as parameters)
+            double(mlp.experts[0].up_proj)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids()
+    assert_rel_close(_logits(patched, ids), _logits(base, ids), REL)
+
+
+HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
+
+
+@pytest.mark.skipif(not HAS_ACCELERATE, reason="needs accelerate (make test installs it)")
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("placement", ["device_map", "cpu_offload"])
+def test_patch_runs_under_accelerate_hooks(placement, moe, monkeypatch, tmp_path):
+    """A model placed by accelerate (from_pretrained's device_map across devices or with offloading
+    calls dispatch_model, which hooks every module holding weights; cpu_offload likewise): patched
+    after that, its layers run qwen3x inside the hooks and answer as HF does; accelerate rebuilds
+    each layer's inputs as it moves them, the rotary's (cos, sin) included (once a TypeError)."""
+    from accelerate import cpu_offload, dispatch_model
+
+    from qwen3x import ops
+
+    ran = collections.Counter()
+    for name in ("attention", "rms_norm", "moe_experts"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name, **k: ran.update([_n]) or _f(*a, **k))
+    base = tiny_model(moe=moe)
+    model = copy.deepcopy(base)
+    if placement == "device_map":  # a layer on "disk" makes dispatch_model hook the model on a CPU
+        device_map = {name: "cpu" for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
+        device_map |= {f"model.layers.{i}": "disk" if i == 0 else "cpu" for i in range(len(model.model.layers))}
+        dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path))
+    else:
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    assert all(hasattr(layer.self_attn.q_norm, "_hf_hook") for layer in model.model.layers)
+    ids = _ids()
+    want = _logits(base, ids)
+    qwen3x.patch(model)
+    assert_rel_close(_logits(model, ids), want, REL)
+    layers = len(model.model.layers)
+    assert ran["attention"] == layers
+    assert ran["rms_norm"] >= 2 * layers + 1  # at least the layers' two norms and the final one
+    assert ran["moe_experts"] == (layers if moe and TF5 else 0)  # (4.57's hooked expert MLPs: HF's loop)
+    qwen3x.unpatch(model)
+    ran.clear()
+    assert torch.equal(_logits(model, ids), want)
+    assert not ran, f"qwen3x ops ran after unpatch: {dict(ran)}"
+
+
+def test_rope_embeddings_rebuilt_from_items_are_a_plain_pair():
+    """type(t)(items), as tuple copies go (accelerate's send_to_device), gives (cos, sin) alone: the
+    attributes would be on the old device; copies and pickles keep them."""
+    from qwen3x.layers.rotary import RopeEmbeddings
+
+    cos, sin, inv_freq, positions = torch.randn(1, 3, 8), torch.randn(1, 3, 8), torch.rand(4), torch.arange(3)[None]
+    emb = RopeEmbeddings(cos, sin, inv_freq, 1.5, positions)
+    rebuilt = type(emb)(t.clone() for t in emb)
+    assert type(rebuilt) is tuple and len(rebuilt) == 2 and torch.equal(rebuilt[1], sin)
+    for copied in (copy.deepcopy(emb), pickle.loads(pickle.dumps(emb)), copy.copy(emb)):
+        assert type(copied) is RopeEmbeddings and torch.equal(copied[0], cos)
+        assert torch.equal(copied.inv_freq, inv_freq) and copied.attention_scaling == 1.5
+        assert torch.equal(copied.positions, positions)
+
+
+def test_patch_warns_about_a_wrapper_it_cannot_reach():
+    """A wrapper that keeps the wrapped forward where patch cannot find it (here in a list) leaves
+    that module running HF's forward: patch says so instead of claiming it."""
+    base = tiny_model()
+    model = copy.deepcopy(base)
+    layer = model.model.layers[0]
+    kept = [layer.forward]
+    layer.forward = lambda *args, **kwargs: kept[0](*args, **kwargs)
+    with pytest.warns(UserWarning, match="Qwen3DecoderLayer's original forward"):
+        qwen3x.patch(model)
+    ids = _ids()
+    assert_rel_close(_logits(model, ids), _logits(base, ids), REL)
 
 
 def test_first_forward_under_inference_mode_keeps_parameters_trainable():

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import types
 import warnings
 
 from torch import nn
@@ -97,6 +99,63 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
+# How deep _forward_refs follows wrappers of wrappers (a hook around a tensor-parallel forward...).
+_MAX_WRAPPER_DEPTH = 8
+
+
+def _forward_refs(module: nn.Module, forward: types.FunctionType) -> list[tuple[object, str]]:
+    """Where `module` keeps its class's `forward` bound to itself outside the class: as an
+    instance attribute (accelerate's hooks keep the forward they wrap as `_old_forward`, and
+    leave it as `forward` when removed), as a wrapper's `__wrapped__`, or in the closure of an
+    instance-level `forward` wrapper (transformers' tensor-parallel forward keeps it in a local).
+    Each place as (holder, name): an object and attribute, or a closure cell and "cell_contents"."""
+
+    def bound_here(value) -> bool:
+        return isinstance(value, types.MethodType) and value.__self__ is module and value.__func__ is forward
+
+    refs = [(module, name) for name, value in vars(module).items() if bound_here(value)]
+    pending, seen = [module.__dict__.get("forward")], set()
+    while pending and len(seen) < _MAX_WRAPPER_DEPTH:
+        wrapper = pending.pop()
+        if wrapper is None or id(wrapper) in seen or bound_here(wrapper):
+            continue
+        seen.add(id(wrapper))
+        if bound_here(getattr(wrapper, "__wrapped__", None)):
+            refs.append((wrapper, "__wrapped__"))
+        func = wrapper.func if isinstance(wrapper, functools.partial) else wrapper
+        for cell in getattr(func, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # a cell not yet filled
+                continue
+            if bound_here(value):
+                refs.append((cell, "cell_contents"))
+            elif isinstance(value, (types.FunctionType, functools.partial)):
+                pending.append(value)
+    return refs
+
+
+def _swap_class(module: nn.Module, cls: type) -> None:
+    """module.__class__ = cls, and the forward that instance-level wrappers of module.forward
+    call (accelerate's hooks, e.g. from a multi-GPU device_map; transformers' tensor-parallel
+    forward) is cls's too: they keep the forward of the class they wrapped, which a class swap
+    alone would leave running. A wrapper that keeps it where qwen3x cannot find it gets a warning."""
+    old = type(module)
+    refs = _forward_refs(module, old.forward)
+    module.__class__ = cls
+    for holder, name in refs:
+        setattr(holder, name, types.MethodType(cls.forward, module))
+    if "forward" in module.__dict__ and not refs and cls.forward is not old.forward:
+        wrapper = module.__dict__["forward"]
+        warnings.warn(
+            f"qwen3x: the {old.__name__} module's forward is replaced on the instance by "
+            f"{getattr(wrapper, '__qualname__', type(wrapper).__name__)}, which keeps the forward it "
+            f"wraps where qwen3x cannot see it: that module runs {getattr(old, _ORIGINAL, old).__name__}'s "
+            "original forward (calling qwen3x.patch_transformers() before building the model avoids this)",
+            stacklevel=3,
+        )
+
+
 def patch(model: nn.Module) -> nn.Module:
     """Route an existing Qwen3 / Qwen3-MoE model (Qwen3ForCausalLM, Qwen3Model, Qwen3MoeForCausalLM,
     Qwen3MoeModel, or any model holding their layers) through qwen3x. Returns the model."""
@@ -106,7 +165,7 @@ def patch(model: nn.Module) -> nn.Module:
         if getattr(cls, _ORIGINAL, None) is not None:
             found += 1  # already patched (patch is idempotent)
         elif _is_hf_qwen3_class(cls) and _applies(module):
-            module.__class__ = _patched_class(cls)
+            _swap_class(module, _patched_class(cls))
             found += 1
     if not found:
         raise TypeError(
@@ -122,7 +181,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for module in model.modules():
         original = type(module).__dict__.get(_ORIGINAL)
         if original is not None:
-            module.__class__ = original
+            _swap_class(module, original)
             layers.packing.unhook(module)  # each parameter gets its own storage back
     return model
 

@@ -130,6 +130,7 @@ def _fused_norm_args(module, q, k, position_embeddings):
     inv_freq = getattr(position_embeddings, "inv_freq", None)
     fused = (
         inv_freq is not None
+        and inv_freq.device == position_embeddings.positions.device == q.device
         and k_norm.variance_epsilon == eps
         and q_norm.weight.dtype == k_norm.weight.dtype == q.dtype == k.dtype  # not under autocast
         and not (packing.has_hooks(q_norm) or packing.has_hooks(k_norm))  # hooked modules are called

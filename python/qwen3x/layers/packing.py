@@ -113,10 +113,12 @@ def weights(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` does more than its forward (user, PEFT or accelerate hooks):
-    such a module is called, never bypassed by a fused path."""
+    """Whether calling ``module`` does more than its class's forward (user, PEFT or accelerate
+    hooks, or a forward replaced on the instance, as transformers' tensor parallelism does): such a
+    module is called, never bypassed by a fused path."""
     return bool(
-        module._forward_hooks
+        "forward" in module.__dict__
+        or module._forward_hooks
         or module._forward_pre_hooks
         or module._backward_hooks
         or getattr(module, "_backward_pre_hooks", None)

@@ -13,18 +13,29 @@ import torch
 
 
 class RopeEmbeddings(tuple):
-    """(cos, sin), plus the inputs of the fused op as attributes."""
+    """(cos, sin), plus the inputs of the fused op as attributes.
+
+    Code that rebuilds a tuple from its items, ``type(t)(items)`` (accelerate's hooks do, moving
+    every layer's inputs to its device under a multi-GPU device_map or offloading), gets a plain
+    (cos, sin) pair: attributes left on the old device would be wrong there, and attention runs
+    its unfused path on a plain pair. Copies and pickles keep everything (``__reduce__``).
+    """
 
     inv_freq: torch.Tensor  # [D/2] fp32
     attention_scaling: float
     positions: torch.Tensor  # [B, S], contiguous: one position per token, shared by every layer
 
-    def __new__(cls, cos, sin, inv_freq, attention_scaling, positions):
+    def __new__(cls, cos, sin=None, inv_freq=None, attention_scaling=1.0, positions=None):
+        if sin is None:  # rebuilt from its items: (cos, sin) alone
+            return tuple(cos)
         self = super().__new__(cls, (cos, sin))
         self.inv_freq = inv_freq
         self.attention_scaling = float(attention_scaling)
         self.positions = positions
         return self
+
+    def __reduce__(self):
+        return type(self), (*self, self.inv_freq, self.attention_scaling, self.positions)
 
 
 class RotaryEmbedding:
