@@ -46,7 +46,7 @@ PYTEST_ARGS ?= -q
 OUT         ?= gpu-run
 VPY          = $(VENV)/bin/python
 
-.PHONY: run test setup build prebuilt test-tf5 test-tf518 test-tf457 test-emulated-gpu gpu gpu-check gpu-perf gpu-sanitize gpu-suite gpu-ampere demo info clean
+.PHONY: run test setup build prebuilt gpu-prep test-tf5 test-tf518 test-tf457 test-emulated-gpu gpu gpu-check gpu-perf gpu-sanitize gpu-suite gpu-ampere demo info clean
 
 run: setup
 	$(VPY) -m benchmarks
@@ -197,6 +197,15 @@ prebuilt:
 	PYTHONPATH=$(PREBUILT_TORCH_DIR) QWEN3X_BUILD_CUDA=1 QWEN3X_CUDA_ARCHS="$(PREBUILT_ARCHS)" \
 	    MAX_JOBS=$${MAX_JOBS:-2} $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w build/prebuilt-wheel .
 	$(VPY) cmake/prebuilt.py pack build/prebuilt-wheel/qwen3x-*.whl $(PREBUILT)
+
+# Everything a GPU lease carries, made here before the first call: the prebuilt module and the
+# wheels the GPU machine lacks (Liger-Kernel, a peer in the benchmarks) under .whl/, which this
+# checkout's git then ignores. The calls: carry [".whl", ".prebuilt"].
+GPU_WHEELS ?= liger-kernel==0.8.5
+gpu-prep: prebuilt
+	mkdir -p .git/info && (grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude)
+	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 # The wgmma smoke step (tests/wgmma_smoke.py) leaves QWEN3X_*_MAINLOOP=mma_sync in mainloop.env for
 # a Hopper mainloop that failed (and QWEN3X_PDL=0 if the decode chains answer differently with
