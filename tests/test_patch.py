@@ -532,14 +532,18 @@ HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
 def test_patch_runs_under_accelerate_hooks(placement, moe, monkeypatch, tmp_path):
     """A model placed by accelerate (from_pretrained's device_map across devices or with offloading
     calls dispatch_model, which hooks every module holding weights; cpu_offload likewise): patched
-    after that, its layers run qwen3x inside the hooks and answer as HF does; accelerate rebuilds
-    each layer's inputs as it moves them, the rotary's (cos, sin) included (once a TypeError)."""
+    after that, its layers run qwen3x inside the hooks and answer as HF does. accelerate moves each
+    layer's inputs, the rotary's (cos, sin) and what the fused op needs with it (rebuilding the
+    tuple was once a TypeError). Where a hook only aligns devices and has nothing to do (the layers
+    on "cpu" here, as every layer of a device_map over several GPUs), the fused paths bypass it;
+    offloaded weights (the layer on "disk", everything under cpu_offload) are loaded by calling
+    each module."""
     from accelerate import cpu_offload, dispatch_model
 
     from qwen3x import ops
 
     ran = collections.Counter()
-    for name in ("attention", "rms_norm", "moe_experts"):
+    for name in ("attention", "rms_norm", "moe_experts", "qk_norm_rope", "qk_norm_rope_", "add_rms_norm"):
         original = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name, **k: ran.update([_n]) or _f(*a, **k))
     base = tiny_model(moe=moe)
@@ -559,6 +563,9 @@ def test_patch_runs_under_accelerate_hooks(placement, moe, monkeypatch, tmp_path
     assert ran["attention"] == layers
     assert ran["rms_norm"] >= 2 * layers + 1  # at least the layers' two norms and the final one
     assert ran["moe_experts"] == (layers if moe and TF5 else 0)  # (4.57's hooked expert MLPs: HF's loop)
+    fused = layers - 1 if placement == "device_map" else 0  # all but the offloaded layers
+    assert ran["qk_norm_rope"] + ran["qk_norm_rope_"] == fused
+    assert ran["add_rms_norm"] == fused
     qwen3x.unpatch(model)
     ran.clear()
     assert torch.equal(_logits(model, ids), want)
@@ -566,15 +573,15 @@ def test_patch_runs_under_accelerate_hooks(placement, moe, monkeypatch, tmp_path
 
 
 def test_rope_embeddings_rebuilt_from_items_are_a_plain_pair():
-    """type(t)(items), as tuple copies go (accelerate's send_to_device), gives (cos, sin) alone: the
-    attributes would be on the old device; copies and pickles keep them."""
+    """type(t)(items), as tuple copies go, gives (cos, sin) alone: the attributes would be on the
+    old device; copies, pickles and .to (accelerate's send_to_device calls it) keep them."""
     from qwen3x.layers.rotary import RopeEmbeddings
 
     cos, sin, inv_freq, positions = torch.randn(1, 3, 8), torch.randn(1, 3, 8), torch.rand(4), torch.arange(3)[None]
     emb = RopeEmbeddings(cos, sin, inv_freq, 1.5, positions)
     rebuilt = type(emb)(t.clone() for t in emb)
     assert type(rebuilt) is tuple and len(rebuilt) == 2 and torch.equal(rebuilt[1], sin)
-    for copied in (copy.deepcopy(emb), pickle.loads(pickle.dumps(emb)), copy.copy(emb)):
+    for copied in (copy.deepcopy(emb), pickle.loads(pickle.dumps(emb)), copy.copy(emb), emb.to("cpu")):
         assert type(copied) is RopeEmbeddings and torch.equal(copied[0], cos)
         assert torch.equal(copied.inv_freq, inv_freq) and copied.attention_scaling == 1.5
         assert torch.equal(copied.positions, positions)

@@ -112,18 +112,44 @@ def weights(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple
     return stacked(params, shape) if needs_grad(params) else packed(owner, key, params, shape)
 
 
+def _aligns_devices_only(module: nn.Module) -> bool:
+    """Whether the only thing beyond the forward of ``module`` is accelerate's device alignment
+    (an AlignDevicesHook, as a device_map over several GPUs puts on every module holding weights)
+    that cannot do anything here: no offloading (its weights stay where they are), no moving the
+    output back, and the weights already on the device it moves the inputs to. Bypassing such a
+    module with its weights, on that device, does what calling it does."""
+    hook = getattr(module, "_hf_hook", None)
+    forward = module.__dict__.get("forward")
+    if (type(hook).__name__, type(hook).__module__) != ("AlignDevicesHook", "accelerate.hooks"):
+        return False
+    if getattr(getattr(forward, "func", None), "__qualname__", None) != "add_hook_to_module.<locals>.new_forward":
+        return False  # the instance's forward is not (only) accelerate's wrapper
+    if getattr(hook, "offload", True) or getattr(hook, "io_same_device", True):
+        return False
+    device = getattr(hook, "execution_device", None)
+    tensors = [*module.parameters(), *module.buffers()]
+    try:
+        device = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError):
+        return False
+    return device is not None and bool(tensors) and all(t.device == device for t in tensors)
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` does more than its class's forward (user, PEFT or accelerate
     hooks, or a forward replaced on the instance, as transformers' tensor parallelism does): such a
-    module is called, never bypassed by a fused path."""
-    return bool(
-        "forward" in module.__dict__
-        or module._forward_hooks
+    module is called, never bypassed by a fused path. accelerate's device alignment where it has
+    nothing to do (``_aligns_devices_only``) does not count."""
+    if (
+        module._forward_hooks
         or module._forward_pre_hooks
         or module._backward_hooks
         or getattr(module, "_backward_pre_hooks", None)
-        or hasattr(module, "_hf_hook")
-    )
+    ):
+        return True
+    if "forward" in module.__dict__ or hasattr(module, "_hf_hook"):
+        return not _aligns_devices_only(module)
+    return False
 
 
 def plain_linear(module: nn.Module) -> bool:

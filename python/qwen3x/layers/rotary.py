@@ -15,10 +15,11 @@ import torch
 class RopeEmbeddings(tuple):
     """(cos, sin), plus the inputs of the fused op as attributes.
 
-    Code that rebuilds a tuple from its items, ``type(t)(items)`` (accelerate's hooks do, moving
-    every layer's inputs to its device under a multi-GPU device_map or offloading), gets a plain
-    (cos, sin) pair: attributes left on the old device would be wrong there, and attention runs
-    its unfused path on a plain pair. Copies and pickles keep everything (``__reduce__``).
+    ``to(device)`` moves all of it (accelerate's hooks call it as they move a layer's inputs to
+    its device under a multi-GPU device_map or offloading). Code that rebuilds a tuple from its
+    items, ``type(t)(items)``, gets a plain (cos, sin) pair: attributes left on the old device
+    would be wrong there, and attention runs its unfused path on a plain pair. Copies and pickles
+    keep everything (``__reduce__``).
     """
 
     inv_freq: torch.Tensor  # [D/2] fp32
@@ -36,6 +37,15 @@ class RopeEmbeddings(tuple):
 
     def __reduce__(self):
         return type(self), (*self, self.inv_freq, self.attention_scaling, self.positions)
+
+    def to(self, device, non_blocking: bool = False) -> RopeEmbeddings:
+        """Every tensor on ``device``, dtypes kept: accelerate's hooks move a layer's inputs with
+        ``.to`` where an object has one, so the attributes travel with (cos, sin)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, non_blocking=non_blocking)
+
+        return RopeEmbeddings(move(self[0]), move(self[1]), move(self.inv_freq), self.attention_scaling,
+                              move(self.positions))
 
 
 class RotaryEmbedding:
