@@ -191,12 +191,13 @@ PREBUILT       ?= .prebuilt
 PREBUILT_TORCH ?= torch==2.11.0
 PREBUILT_ARCHS ?= 9.0a
 PREBUILT_TORCH_DIR ?= build/prebuilt-torch
+PREBUILT_S     ?= 60
 prebuilt:
 	$(VPY) -m pip install -q --no-deps --upgrade --target $(PREBUILT_TORCH_DIR) $(PREBUILT_TORCH)
 	rm -rf build/prebuilt-wheel $(PREBUILT)
 	PYTHONPATH=$(PREBUILT_TORCH_DIR) QWEN3X_BUILD_CUDA=1 QWEN3X_CUDA_ARCHS="$(PREBUILT_ARCHS)" \
 	    MAX_JOBS=$${MAX_JOBS:-2} $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w build/prebuilt-wheel .
-	$(VPY) cmake/prebuilt.py pack build/prebuilt-wheel/qwen3x-*.whl $(PREBUILT)
+	QWEN3X_CUDA_ARCHS="$(PREBUILT_ARCHS)" $(VPY) cmake/prebuilt.py pack build/prebuilt-wheel/qwen3x-*.whl $(PREBUILT)
 
 # Everything a GPU lease carries, made here before the first call: the prebuilt module and the
 # wheels the GPU machine lacks (Liger-Kernel, a peer in the benchmarks) under .whl/, which this
@@ -230,8 +231,8 @@ profiler_step = $(call step,$(1)) $(if $(GVISOR),echo "$(1) skipped: gVisor (ker
 gpu:
 	mkdir -p $(OUT)
 	$(if $(WHEELS),$(PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(WHEEL_SITE) $(WHEELS))
-	set -o pipefail; { if [ -d $(PREBUILT) ] && $(PYTHON) cmake/prebuilt.py use $(PREBUILT); then \
-	    QWEN3X_BUILD_CUDA=0 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e . \
+	set -o pipefail; { if [ -d $(PREBUILT) ] && timeout $(PREBUILT_S) $(PYTHON) cmake/prebuilt.py use $(PREBUILT); then \
+	    QWEN3X_BUILD_CUDA=0 timeout $(PREBUILT_S) $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e . \
 	    && echo "qwen3x: the prebuilt module, no build"; else timeout $(BUILD_S) $(PYTHON) -m pip install \
 	    --no-build-isolation --no-deps -e .; fi; } 2>&1 | tee $(OUT)/build.log
 	$(PYTHON) -m qwen3x.info | tee $(OUT)/info.txt

@@ -128,10 +128,11 @@ def test_prebuilt_hash_covers_what_the_build_reads(tmp_path):
 
 @pytest.mark.skipif(not (ROOT / "python/qwen3x/_C.abi3.so").is_file(),
                     reason="needs the built extension (python/qwen3x/_C.abi3.so)")
-def test_prebuilt_module_is_used_only_where_it_fits(tmp_path):
+def test_prebuilt_module_is_used_only_where_it_fits(tmp_path, monkeypatch):
     """The GPU machine uses a carried module only if it was built from that tree's sources,
-    against that torch exactly, and loads there; otherwise it leaves no file behind (the caller
-    builds). Here the module is this checkout's own build (abi3: any CPython >= 3.10 loads it)."""
+    against that torch exactly, for the architectures asked for, and loads there; otherwise the
+    package is left as it was (the caller builds). Here the module is this checkout's own build
+    (abi3: any CPython >= 3.10 loads it)."""
     import torch
 
     prebuilt = _prebuilt()
@@ -147,6 +148,7 @@ def test_prebuilt_module_is_used_only_where_it_fits(tmp_path):
     def carry(torch_version: str, sources: str) -> None:
         (carried / "qwen3x" / "_C_torch_version.txt").write_text(torch_version + "\n")
         (carried / "sources.sha256").write_text(sources + "\n")
+        (carried / "archs.txt").write_text("9.0a\n")
 
     def installed() -> set[str]:
         return {p.name for p in package.glob("_C*")}
@@ -160,10 +162,16 @@ def test_prebuilt_module_is_used_only_where_it_fits(tmp_path):
     assert not prebuilt.use(carried, tree, gpu=False)  # another torch
     assert installed() == {stale.name}
     carry(torch.__version__, prebuilt.sources_hash(tree))
+    monkeypatch.setenv("QWEN3X_CUDA_ARCHS", "8.0;9.0a")
+    assert not prebuilt.use(carried, tree, gpu=False)  # other architectures asked for
+    monkeypatch.setenv("QWEN3X_CUDA_ARCHS", " 9.0a")
+    monkeypatch.setenv("QWEN3X_PTXAS_VERBOSE", "1")
+    assert not prebuilt.use(carried, tree, gpu=False)  # the compiler's report asked for
+    monkeypatch.delenv("QWEN3X_PTXAS_VERBOSE")
+    assert installed() == {stale.name}
     if not torch.cuda.is_available():
-        assert not prebuilt.use(carried, tree)  # its load check wants a GPU: nothing left behind
-        assert installed() == set()
-        stale.write_bytes(b"not a module")
+        assert not prebuilt.use(carried, tree)  # its load check wants a GPU: the package as it was
+        assert installed() == {stale.name} and stale.read_bytes() == b"not a module"
     assert prebuilt.use(carried, tree, gpu=False)
     assert installed() == {"_C.abi3.so", "_C_torch_version.txt"}
     assert (package / "_C.abi3.so").read_bytes() == (ROOT / "python/qwen3x/_C.abi3.so").read_bytes()

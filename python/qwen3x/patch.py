@@ -99,39 +99,34 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
-# How deep _forward_refs follows wrappers of wrappers (a hook around a tensor-parallel forward...).
-_MAX_WRAPPER_DEPTH = 8
+def _bound_to(module: nn.Module, forward, value) -> bool:
+    """Whether value is `forward` bound to `module` (what `module.forward` gave when it was read)."""
+    return isinstance(value, types.MethodType) and value.__self__ is module and value.__func__ is forward
 
 
-def _forward_refs(module: nn.Module, forward: types.FunctionType) -> list[tuple[object, str]]:
-    """Where `module` keeps its class's `forward` bound to itself outside the class: as an
-    instance attribute (accelerate's hooks keep the forward they wrap as `_old_forward`, and
-    leave it as `forward` when removed), as a wrapper's `__wrapped__`, or in the closure of an
-    instance-level `forward` wrapper (transformers' tensor-parallel forward keeps it in a local).
-    Each place as (holder, name): an object and attribute, or a closure cell and "cell_contents"."""
-
-    def bound_here(value) -> bool:
-        return isinstance(value, types.MethodType) and value.__self__ is module and value.__func__ is forward
-
-    refs = [(module, name) for name, value in vars(module).items() if bound_here(value)]
-    pending, seen = [module.__dict__.get("forward")], set()
-    while pending and len(seen) < _MAX_WRAPPER_DEPTH:
-        wrapper = pending.pop()
-        if wrapper is None or id(wrapper) in seen or bound_here(wrapper):
+def _forward_refs(module: nn.Module, forward) -> list[tuple[object, str]]:
+    """Where `module` keeps `forward` (its class's) bound to itself outside the class: as an
+    instance attribute (accelerate's hooks keep the forward they wrap as `_old_forward`, and leave
+    it as `forward` when removed), as the `__wrapped__` that functools.update_wrapper gives an
+    instance-level `forward` wrapper, or in that wrapper's closure (transformers' tensor-parallel
+    forward keeps it in a local). Each place as (holder, attribute name), a closure cell's being
+    "cell_contents". One wrapper deep: a wrapper of a wrapper is not looked into."""
+    refs = [(module, name) for name, value in vars(module).items() if _bound_to(module, forward, value)]
+    wrapper = module.__dict__.get("forward")
+    if wrapper is None or _bound_to(module, forward, wrapper):
+        return refs
+    if isinstance(wrapper, types.MethodType):  # a function bound on the instance: its attributes and cells
+        wrapper = wrapper.__func__
+    if _bound_to(module, forward, getattr(wrapper, "__wrapped__", None)):
+        refs.append((wrapper, "__wrapped__"))
+    func = wrapper.func if isinstance(wrapper, functools.partial) else wrapper
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a cell not yet filled
             continue
-        seen.add(id(wrapper))
-        if bound_here(getattr(wrapper, "__wrapped__", None)):
-            refs.append((wrapper, "__wrapped__"))
-        func = wrapper.func if isinstance(wrapper, functools.partial) else wrapper
-        for cell in getattr(func, "__closure__", None) or ():
-            try:
-                value = cell.cell_contents
-            except ValueError:  # a cell not yet filled
-                continue
-            if bound_here(value):
-                refs.append((cell, "cell_contents"))
-            elif isinstance(value, (types.FunctionType, functools.partial)):
-                pending.append(value)
+        if _bound_to(module, forward, value):
+            refs.append((cell, "cell_contents"))
     return refs
 
 
@@ -139,19 +134,30 @@ def _swap_class(module: nn.Module, cls: type) -> None:
     """module.__class__ = cls, and the forward that instance-level wrappers of module.forward
     call (accelerate's hooks, e.g. from a multi-GPU device_map; transformers' tensor-parallel
     forward) is cls's too: they keep the forward of the class they wrapped, which a class swap
-    alone would leave running. A wrapper that keeps it where qwen3x cannot find it gets a warning."""
+    alone would leave running. A wrapper that keeps it where qwen3x cannot find or change it gets
+    a warning (and keeps what it had)."""
     old = type(module)
     refs = _forward_refs(module, old.forward)
+    changed = []
+    try:
+        for holder, name in refs:
+            value = getattr(holder, name)
+            setattr(holder, name, types.MethodType(cls.forward, module))
+            changed.append((holder, name, value))
+    except (AttributeError, TypeError):  # a read-only place: leave every one as it was
+        for holder, name, value in reversed(changed):
+            setattr(holder, name, value)
+        refs = []
     module.__class__ = cls
-    for holder, name in refs:
-        setattr(holder, name, types.MethodType(cls.forward, module))
     if "forward" in module.__dict__ and not refs and cls.forward is not old.forward:
         wrapper = module.__dict__["forward"]
+        patching = cls.__dict__.get(_ORIGINAL) is not None
         warnings.warn(
             f"qwen3x: the {old.__name__} module's forward is replaced on the instance by "
-            f"{getattr(wrapper, '__qualname__', type(wrapper).__name__)}, which keeps the forward it "
-            f"wraps where qwen3x cannot see it: that module runs {getattr(old, _ORIGINAL, old).__name__}'s "
-            "original forward (calling qwen3x.patch_transformers() before building the model avoids this)",
+            f"{getattr(wrapper, '__qualname__', type(wrapper).__name__)}, which does not call its "
+            "class's forward where qwen3x can re-point it: "
+            + ("qwen3x's forward does not run there (qwen3x.patch_transformers() before building the "
+               "model avoids this)" if patching else "it may still run qwen3x's forward"),
             stacklevel=3,
         )
 

@@ -22,6 +22,8 @@ the whole shared buffer.
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
@@ -147,7 +149,9 @@ def has_hooks(module: nn.Module) -> bool:
         or getattr(module, "_backward_pre_hooks", None)
     ):
         return True
-    if "forward" in module.__dict__ or hasattr(module, "_hf_hook"):
+    forward = module.__dict__.get("forward")
+    own = isinstance(forward, types.MethodType) and forward.__self__ is module and forward.__func__ is type(module).forward
+    if (forward is not None and not own) or hasattr(module, "_hf_hook"):  # (own: a removed hook leaves it)
         return not _aligns_devices_only(module)
     return False
 
