@@ -46,7 +46,7 @@ PYTEST_ARGS ?= -q
 OUT         ?= gpu-run
 VPY          = $(VENV)/bin/python
 
-.PHONY: run test setup build prebuilt gpu-prep test-tf5 test-tf518 test-tf457 test-emulated-gpu gpu gpu-check gpu-perf gpu-sanitize gpu-suite gpu-ampere demo info clean
+.PHONY: run test setup build prebuilt prebuilt-ampere gpu-prep test-tf5 test-tf518 test-tf457 test-emulated-gpu gpu gpu-check gpu-perf gpu-sanitize gpu-suite gpu-ampere demo info clean
 
 run: setup
 	$(VPY) -m benchmarks
@@ -199,11 +199,16 @@ prebuilt:
 	    MAX_JOBS=$${MAX_JOBS:-2} $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w build/prebuilt-wheel .
 	QWEN3X_CUDA_ARCHS="$(PREBUILT_ARCHS)" $(VPY) cmake/prebuilt.py pack build/prebuilt-wheel/qwen3x-*.whl $(PREBUILT)
 
-# Everything a GPU lease carries, made here before the first call: the prebuilt module and the
+# make gpu-ampere's build (AMPERE_ARCHS, below) made here the same way, into PREBUILT_AMPERE.
+PREBUILT_AMPERE ?= .prebuilt-ampere
+prebuilt-ampere:
+	$(MAKE) prebuilt PREBUILT=$(PREBUILT_AMPERE) PREBUILT_ARCHS="$(AMPERE_ARCHS)"
+
+# Everything a GPU lease carries, made here before the first call: both prebuilt modules and the
 # wheels the GPU machine lacks (Liger-Kernel, a peer in the benchmarks) under .whl/, which this
-# checkout's git then ignores. The calls: carry [".whl", ".prebuilt"].
+# checkout's git then ignores. The calls: carry [".whl", ".prebuilt", ".prebuilt-ampere"].
 GPU_WHEELS ?= liger-kernel==0.8.5
-gpu-prep: prebuilt
+gpu-prep: prebuilt prebuilt-ampere
 	mkdir -p .git/info && (grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude)
 	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
@@ -326,11 +331,15 @@ AMPERE_CHECK_S ?= 150  # (its first calls are where the driver compiles each ker
 gpu-ampere:
 	mkdir -p $(OUT)
 	rm -rf $(AMPERE_DIR) && mkdir -p $(AMPERE_DIR)/src
-	tar --exclude=./build --exclude=./.git --exclude=./.venv --exclude=./.whl --exclude=./$(PREBUILT) --exclude='./python/qwen3x/_C*.so' --exclude=./python/qwen3x/_C_torch_version.txt \
+	tar --exclude=./build --exclude=./.git --exclude=./.venv --exclude=./.whl --exclude=./$(PREBUILT) --exclude=./$(PREBUILT_AMPERE) --exclude='./python/qwen3x/_C*.so' --exclude=./python/qwen3x/_C_torch_version.txt \
 	    -cf - . | tar -xf - -C $(AMPERE_DIR)/src
-	set -o pipefail; cd $(AMPERE_DIR)/src && QWEN3X_BUILD_CUDA=1 QWEN3X_CUDA_ARCHS="$(AMPERE_ARCHS)" \
-	    timeout $(AMPERE_BUILD_S) $(PYTHON) -m pip install --no-build-isolation --no-deps --no-compile \
-	    --target $(AMPERE_DIR)/site . 2>&1 | tail -n 20 | tee $(OUT)/ampere_build.log
+	set -o pipefail; cd $(AMPERE_DIR)/src && export QWEN3X_CUDA_ARCHS="$(AMPERE_ARCHS)" && { if [ -d $(CURDIR)/$(PREBUILT_AMPERE) ] \
+	    && timeout $(PREBUILT_S) $(PYTHON) cmake/prebuilt.py use $(CURDIR)/$(PREBUILT_AMPERE); then QWEN3X_BUILD_CUDA=0 \
+	    timeout $(PREBUILT_S) $(PYTHON) -m pip install -q --no-build-isolation --no-deps --no-compile --target $(AMPERE_DIR)/site . \
+	    && cp python/qwen3x/_C.abi3.so python/qwen3x/_C_torch_version.txt $(AMPERE_DIR)/site/qwen3x/ \
+	    && echo "qwen3x: the prebuilt module, no build"; else QWEN3X_BUILD_CUDA=1 timeout $(AMPERE_BUILD_S) $(PYTHON) -m pip \
+	    install --no-build-isolation --no-deps --no-compile --target $(AMPERE_DIR)/site .; fi; } 2>&1 | tail -n 20 \
+	    | tee $(OUT)/ampere_build.log
 	set -o pipefail; cd $(AMPERE_DIR)/src && PYTHONPATH=$(AMPERE_DIR)/site:$(PYTHONPATH) timeout $(AMPERE_CHECK_S) \
 	    $(PYTHON) tests/ampere_check.py \
 	    $(AMPERE_DIR)/site 2>&1 | tee $(OUT)/ampere_info.txt
@@ -346,4 +355,4 @@ gpu-suite:
 	$(MAKE) gpu STEPS="suite" BUILD_S=200
 
 clean:
-	rm -rf build $(PREBUILT) python/qwen3x/_C*.so python/qwen3x/_C_torch_version.txt *.egg-info python/*.egg-info
+	rm -rf build $(PREBUILT) $(PREBUILT_AMPERE) python/qwen3x/_C*.so python/qwen3x/_C_torch_version.txt *.egg-info python/*.egg-info
