@@ -575,6 +575,50 @@ def test_patch_runs_under_accelerate_hooks(placement, moe, monkeypatch, tmp_path
     assert not ran, f"qwen3x ops ran after unpatch: {dict(ran)}"
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_fsdp2_training_sees_its_updates_after_a_no_grad_forward(moe, tmp_path):
+    """FSDP2 (fully_shard, as Trainer and accelerate use it) puts its own unsharded parameters back
+    on the modules for each forward, refilled. A no_grad forward (an evaluation) must not pack
+    them: packing re-pointed them at a copy, and every later forward, training included, computed
+    with the values they had then while the optimizer updated FSDP's (silently: the loss still
+    fell). One process, a one-rank gloo group on the CPU: the same unsharded parameters."""
+    import gc
+
+    import torch.distributed as dist
+    from torch.distributed._composable_state import _module_state_mapping
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    models, optimizers = [], []
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+
+        def sharded(model):
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            return fully_shard(model, mesh=mesh)
+
+        base = tiny_model(moe=moe, **({"mlp_only_layers": [1]} if moe else {}))
+        models.extend([sharded(copy.deepcopy(base)), sharded(qwen3x.patch(copy.deepcopy(base)))])
+        optimizers.extend([torch.optim.SGD(m.parameters(), lr=0.1) for m in models])
+        ids = _ids()
+        for _ in range(3):
+            for i in range(2):
+                models[i](ids, labels=ids).loss.backward()
+                optimizers[i].step()
+                optimizers[i].zero_grad()
+            want, got = (_logits(m, ids) for m in models)
+            assert_rel_close(got, want, REL)
+    finally:
+        models.clear()
+        optimizers.clear()
+        gc.collect()
+        dist.destroy_process_group()
+    assert not _module_state_mapping  # later tests see no distributed state
+
+
 def test_rope_embeddings_rebuilt_from_items_are_a_plain_pair():
     """type(t)(items), as tuple copies go, gives (cos, sin) alone: the attributes would be on the
     old device; copies, pickles and .to (accelerate's send_to_device calls it) keep them."""

@@ -155,9 +155,10 @@ def _project_qkv(module, x: torch.Tensor):
     every step)."""
     projections = (module.q_proj, module.k_proj, module.v_proj)
     heads = (*x.shape[:-1], -1, module.head_dim)
-    if not all(map(packing.plain_linear, projections)) or packing.needs_grad([p.weight for p in projections]):
+    plain = all(map(packing.plain_linear, projections))
+    params = [p.weight for p in projections] if plain else []
+    if not plain or packing.needs_grad(params) or not packing.may_pack(params):
         return tuple(p(x).view(heads) for p in projections)
-    params = [p.weight for p in projections]
     sizes = [p.out_features for p in projections]
     w = packing.packed(module, "qkv", params, (sum(sizes), module.q_proj.in_features))
     return tuple(t.view(heads) for t in F.linear(x, w).split(sizes, dim=-1))

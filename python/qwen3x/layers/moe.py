@@ -103,6 +103,7 @@ class SparseMoeBlock:
             not isinstance(experts, nn.ModuleList)
             or not all(_plain_expert(e) for e in experts)
             or packing.needs_grad([p for e in experts for p in e.parameters()])
+            or not packing.may_pack([p for e in experts for p in e.parameters()])  # (a copy of every expert a call)
         ):
             return super().forward(hidden_states)
         B, S, H = hidden_states.shape

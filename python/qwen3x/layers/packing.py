@@ -52,6 +52,30 @@ def _is_view_of(buffer: torch.Tensor, params: list[torch.Tensor]) -> bool:
     return all(p.data_ptr() == base + at * size and p.is_contiguous() for p, at in zip(params, _offsets(params)))
 
 
+def _distributed_state_in_use() -> bool:
+    """Whether this process holds any module under torch.distributed's composable APIs (FSDP2's
+    fully_shard above all): they keep parameters of their own and put them back on the modules
+    for each forward, refilled, so a parameter packing re-pointed would keep the values it had when
+    packed (2026-11-28: frozen q/k/v and gate/up weights in FSDP2 training after one no_grad eval)."""
+    if not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:  # no registry to ask: assume the worst
+        return True
+    return len(_module_state_mapping) > 0
+
+
+def may_pack(params: list[torch.Tensor]) -> bool:
+    """Whether ``packed`` may re-point these parameters' ``.data``: they are the model's own, not
+    views of a larger tensor someone else manages (FSDP1's flat parameter, during its forward),
+    and no composable distributed API (FSDP2) manages parameters in this process. Where not, the
+    callers run the projections one by one, or ``packed`` hands out a copy (``stacked``)."""
+    if any(p._base is not None for p in params):
+        return False
+    return torch.compiler.is_compiling() or not _distributed_state_in_use()
+
+
 def stacked(params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     """The packed layout, built with autograd (a copy per call)."""
     return torch.cat([p.reshape(-1) for p in params]).view(shape)
@@ -65,6 +89,9 @@ def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[
         return buffer if buffer is not None else stacked([p.detach() for p in params], shape)
     if buffer is not None and _is_view_of(buffer, params):
         return buffer
+    if not may_pack(params):  # a copy per call, the parameters untouched
+        owner.__dict__.get(ATTR, {}).pop(key, None)
+        return stacked([p.detach() for p in params], shape)
     # Never under inference mode: the parameters would become inference tensors for good.
     with torch.inference_mode(False), torch.no_grad():
         buffer = stacked([p.detach() for p in params], shape)
