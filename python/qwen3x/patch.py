@@ -20,6 +20,7 @@ import warnings
 from torch import nn
 
 from . import layers
+from .layers.packing import bound_to
 
 # HF class name -> the qwen3x mixin that supplies its forward
 _MIXINS: dict[str, type] = {
@@ -99,11 +100,6 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
-def _bound_to(module: nn.Module, forward, value) -> bool:
-    """Whether value is `forward` bound to `module` (what `module.forward` gave when it was read)."""
-    return isinstance(value, types.MethodType) and value.__self__ is module and value.__func__ is forward
-
-
 def _forward_refs(module: nn.Module, forward) -> list[tuple[object, str]]:
     """Where `module` keeps `forward` (its class's) bound to itself outside the class: as an
     instance attribute (accelerate's hooks keep the forward they wrap as `_old_forward`, and leave
@@ -111,13 +107,13 @@ def _forward_refs(module: nn.Module, forward) -> list[tuple[object, str]]:
     instance-level `forward` wrapper, or in that wrapper's closure (transformers' tensor-parallel
     forward keeps it in a local). Each place as (holder, attribute name), a closure cell's being
     "cell_contents". One wrapper deep: a wrapper of a wrapper is not looked into."""
-    refs = [(module, name) for name, value in vars(module).items() if _bound_to(module, forward, value)]
+    refs = [(module, name) for name, value in vars(module).items() if bound_to(module, forward, value)]
     wrapper = module.__dict__.get("forward")
-    if wrapper is None or _bound_to(module, forward, wrapper):
+    if wrapper is None or bound_to(module, forward, wrapper):
         return refs
     if isinstance(wrapper, types.MethodType):  # a function bound on the instance: its attributes and cells
         wrapper = wrapper.__func__
-    if _bound_to(module, forward, getattr(wrapper, "__wrapped__", None)):
+    if bound_to(module, forward, getattr(wrapper, "__wrapped__", None)):
         refs.append((wrapper, "__wrapped__"))
     func = wrapper.func if isinstance(wrapper, functools.partial) else wrapper
     for cell in getattr(func, "__closure__", None) or ():
@@ -125,7 +121,7 @@ def _forward_refs(module: nn.Module, forward) -> list[tuple[object, str]]:
             value = cell.cell_contents
         except ValueError:  # a cell not yet filled
             continue
-        if _bound_to(module, forward, value):
+        if bound_to(module, forward, value):
             refs.append((cell, "cell_contents"))
     return refs
 

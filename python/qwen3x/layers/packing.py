@@ -177,10 +177,15 @@ def has_hooks(module: nn.Module) -> bool:
     ):
         return True
     forward = module.__dict__.get("forward")
-    own = isinstance(forward, types.MethodType) and forward.__self__ is module and forward.__func__ is type(module).forward
-    if (forward is not None and not own) or hasattr(module, "_hf_hook"):  # (own: a removed hook leaves it)
+    own = bound_to(module, type(module).forward, forward)  # (what a removed accelerate hook leaves)
+    if (forward is not None and not own) or hasattr(module, "_hf_hook"):
         return not _aligns_devices_only(module)
     return False
+
+
+def bound_to(module: nn.Module, forward, value) -> bool:
+    """Whether value is ``forward`` bound to ``module`` (what ``module.forward`` gave when read)."""
+    return isinstance(value, types.MethodType) and value.__self__ is module and value.__func__ is forward
 
 
 def plain_linear(module: nn.Module) -> bool:
