@@ -193,7 +193,8 @@ PREBUILT_ARCHS ?= 9.0a
 PREBUILT_TORCH_DIR ?= build/prebuilt-torch
 PREBUILT_S     ?= 60
 prebuilt:
-	$(VPY) -m pip install -q --no-deps --upgrade --target $(PREBUILT_TORCH_DIR) $(PREBUILT_TORCH)
+	[ -d $(PREBUILT_TORCH_DIR)/torch-$(word 2,$(subst ==, ,$(PREBUILT_TORCH))).dist-info ] \
+	    || $(VPY) -m pip install -q --no-deps --upgrade --target $(PREBUILT_TORCH_DIR) $(PREBUILT_TORCH)
 	rm -rf build/prebuilt-wheel $(PREBUILT)
 	PYTHONPATH=$(PREBUILT_TORCH_DIR) QWEN3X_BUILD_CUDA=1 QWEN3X_CUDA_ARCHS="$(PREBUILT_ARCHS)" \
 	    MAX_JOBS=$${MAX_JOBS:-2} $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w build/prebuilt-wheel .
