@@ -601,7 +601,10 @@ def test_fsdp2_training_sees_its_updates_after_a_no_grad_forward(moe, tmp_path):
             return fully_shard(model, mesh=mesh)
 
         base = tiny_model(moe=moe, **({"mlp_only_layers": [1]} if moe else {}))
-        models.extend([sharded(copy.deepcopy(base)), sharded(qwen3x.patch(copy.deepcopy(base)))])
+        patched = qwen3x.patch(copy.deepcopy(base))
+        _logits(patched, _ids())  # packs, before sharding: that buffer must not outlive it
+        models.extend([sharded(copy.deepcopy(base)), sharded(patched)])
+        del patched
         optimizers.extend([torch.optim.SGD(m.parameters(), lr=0.1) for m in models])
         ids = _ids()
         for _ in range(3):
@@ -611,6 +614,9 @@ def test_fsdp2_training_sees_its_updates_after_a_no_grad_forward(moe, tmp_path):
                 optimizers[i].zero_grad()
             want, got = (_logits(m, ids) for m in models)
             assert_rel_close(got, want, REL)
+        from qwen3x.layers import packing
+
+        assert not any(packing.ATTR in layer.self_attn.__dict__ for layer in models[1].model.layers)
     finally:
         models.clear()
         optimizers.clear()

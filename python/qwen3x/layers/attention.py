@@ -133,6 +133,7 @@ def _fused_norm_args(module, q, k, position_embeddings):
         and inv_freq.device == position_embeddings.positions.device == q.device
         and k_norm.variance_epsilon == eps
         and q_norm.weight.dtype == k_norm.weight.dtype == q.dtype == k.dtype  # not under autocast
+        and q_norm.weight.device == k_norm.weight.device == q.device  # (a hook would move them)
         and not (packing.has_hooks(q_norm) or packing.has_hooks(k_norm))  # hooked modules are called
         and not reference_instead("qk_norm_rope", q)
     )
@@ -157,7 +158,10 @@ def _project_qkv(module, x: torch.Tensor):
     heads = (*x.shape[:-1], -1, module.head_dim)
     plain = all(map(packing.plain_linear, projections))
     params = [p.weight for p in projections] if plain else []
-    if not plain or packing.needs_grad(params) or not packing.may_pack(params):
+    if not plain or any(p.device != x.device for p in params) or packing.needs_grad(params):
+        return tuple(p(x).view(heads) for p in projections)
+    if not packing.may_pack(params):  # (FSDP's parameters) and no buffer of before left in use
+        packing.forget(module)
         return tuple(p(x).view(heads) for p in projections)
     sizes = [p.out_features for p in projections]
     w = packing.packed(module, "qkv", params, (sum(sizes), module.q_proj.in_features))

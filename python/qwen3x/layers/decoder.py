@@ -17,7 +17,9 @@ class DecoderLayer:
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
         norm = self.post_attention_layernorm
-        fused = norm.weight.dtype == hidden_states.dtype == residual.dtype and not packing.has_hooks(norm)
+        fused = (norm.weight.dtype == hidden_states.dtype == residual.dtype
+                 and norm.weight.device == hidden_states.device == residual.device  # (a hook would move them)
+                 and not packing.has_hooks(norm))
         if fused and not reference_instead("add_rms_norm", hidden_states):
             hidden_states, residual = ops.add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
         else:  # mixed dtypes (autocast), a hooked norm, no kernel for the dtype: HF's two steps

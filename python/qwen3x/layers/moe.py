@@ -99,11 +99,13 @@ class SparseMoeBlock:
 
     def forward(self, hidden_states: torch.Tensor):
         experts = self.experts
+        # (the weights by name: FSDP1 takes them out of the modules' parameters during its forward)
+        weights = [w for e in experts for w in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)] \
+            if isinstance(experts, nn.ModuleList) and all(_plain_expert(e) for e in experts) else None
         if (
-            not isinstance(experts, nn.ModuleList)
-            or not all(_plain_expert(e) for e in experts)
-            or packing.needs_grad([p for e in experts for p in e.parameters()])
-            or not packing.may_pack([p for e in experts for p in e.parameters()])  # (a copy of every expert a call)
+            weights is None
+            or packing.needs_grad(weights)
+            or not packing.may_pack(weights)  # (else a copy of every expert a call)
         ):
             return super().forward(hidden_states)
         B, S, H = hidden_states.shape

@@ -84,9 +84,11 @@ def stacked(params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
 def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor of ``shape`` holding the parameters one after another (``params[i]`` is elements
     ``[offset_i, offset_i + params[i].numel())`` of its flat view), which they then are views of."""
-    buffer = owner.__dict__.get(ATTR, {}).get(key, (None,))[0]
-    if torch.compiler.is_compiling():
-        return buffer if buffer is not None else stacked([p.detach() for p in params], shape)
+    buffer, packed_params = owner.__dict__.get(ATTR, {}).get(key, (None, ()))
+    if torch.compiler.is_compiling():  # (the last eager call's buffer, if it packed these very parameters)
+        same = buffer is not None and len(packed_params) == len(params) and all(
+            a is b for a, b in zip(packed_params, params))
+        return buffer if same else stacked([p.detach() for p in params], shape)
     if buffer is not None and _is_view_of(buffer, params):
         return buffer
     if not may_pack(params):  # a copy per call, the parameters untouched
@@ -153,8 +155,10 @@ def _aligns_devices_only(module: nn.Module) -> bool:
         return False
     if getattr(getattr(forward, "func", None), "__qualname__", None) != "add_hook_to_module.<locals>.new_forward":
         return False  # the instance's forward is not (only) accelerate's wrapper
-    if getattr(hook, "offload", True) or getattr(hook, "io_same_device", True):
+    if getattr(hook, "offload", True) or getattr(hook, "io_same_device", True) or getattr(hook, "no_grad", True):
         return False
+    if not bound_to(module, type(module).forward, module.__dict__.get("_old_forward")):
+        return False  # accelerate wraps something else than the module's own forward
     device = getattr(hook, "execution_device", None)
     tensors = [*module.parameters(), *module.buffers()]
     try:
