@@ -4,7 +4,8 @@
 #               found) and run the main job: the benchmark suite on a GPU, the parity demo without one
 #   make test   the test suite on transformers 5.24.0 and on 4.57.6, its transformers-facing files also
 #               on 5.18.0 (the last release before 5.24 renamed the models' cache argument, and the
-#               GPU machine's 5.17's API); GPU tests skip without a GPU
+#               GPU machine's 5.17's API), and the GPU tests on the CPU emulator; GPU tests skip
+#               without a GPU; two steps at a time (TEST_JOBS)
 #   make gpu OUT=dir   on a GPU machine with torch installed (no network needed): build in place,
 #               run the tests (GPU ones included), compute-sanitizer memcheck on the kernel tests,
 #               and the benchmark suite (BENCH_ARGS=--quick for a smoke run); logs and result
@@ -51,7 +52,16 @@ VPY          = $(VENV)/bin/python
 run: setup
 	$(VPY) -m benchmarks
 
-test: setup test-tf5 test-tf518 test-tf457 test-emulated-gpu
+# The four steps, TEST_JOBS at a time (each is one pytest process that keeps about one core busy:
+# the emulator's runs and builds are single-threaded), torch on one thread each (two steps that
+# each run two threads on two cores wait on each other's spinning threads); each step's output is
+# printed when it ends, and every step runs even when another fails (-k). TEST_JOBS=1 runs them
+# one after another with torch's default threads.
+TEST_JOBS   ?= 2
+TEST_STEPS   = test-tf5 test-tf518 test-tf457 test-emulated-gpu
+test: setup
+	$(if $(filter 1,$(TEST_JOBS)),,OMP_NUM_THREADS=1) $(MAKE) --no-print-directory -k -j$(TEST_JOBS) \
+	    --output-sync=target $(TEST_STEPS)
 
 setup: $(VENV)/.stamp
 
