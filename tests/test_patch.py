@@ -582,13 +582,18 @@ def test_fsdp2_training_sees_its_updates_after_a_no_grad_forward(moe, tmp_path):
     on the modules for each forward, refilled. A no_grad forward (an evaluation) must not pack
     them: packing re-pointed them at a copy, and every later forward, training included, computed
     with the values they had then while the optimizer updated FSDP's (silently: the loss still
-    fell). One process, a one-rank gloo group on the CPU: the same unsharded parameters."""
+    fell). One process, a one-rank gloo group on the CPU: the same unsharded parameters.
+    Patched before sharding and after it (fully_shard gives each sharded layer a class of its own,
+    FSDP<HF name>, which patch must see through), and unpatched after training from either."""
     import gc
 
     import torch.distributed as dist
     from torch.distributed._composable_state import _module_state_mapping
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from qwen3x.layers import DecoderLayer
+    calls = importlib.import_module("qwen3x.patch")._calls
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     models, optimizers = [], []
@@ -605,18 +610,40 @@ def test_fsdp2_training_sees_its_updates_after_a_no_grad_forward(moe, tmp_path):
         _logits(patched, _ids())  # packs, before sharding: that buffer must not outlive it
         models.extend([sharded(copy.deepcopy(base)), sharded(patched)])
         del patched
+        fsdp_classes = [type(layer) for layer in models[0].model.layers]
+        models.append(qwen3x.patch(sharded(copy.deepcopy(base))))  # patched after sharding
+
+        def check_classes(model, patched):  # (a function: no local keeps a module past the test)
+            for layer, fsdp_class in zip(model.model.layers, fsdp_classes, strict=True):
+                assert isinstance(layer, FSDPModule) and type(layer).__name__ == fsdp_class.__name__
+                assert calls(type(layer).forward, DecoderLayer.forward) == patched  # the residual-fused norm
+
+        check_classes(models[2], patched=True)
         optimizers.extend([torch.optim.SGD(m.parameters(), lr=0.1) for m in models])
         ids = _ids()
-        for _ in range(3):
-            for i in range(2):
-                models[i](ids, labels=ids).loss.backward()
-                optimizers[i].step()
-                optimizers[i].zero_grad()
-            want, got = (_logits(m, ids) for m in models)
-            assert_rel_close(got, want, REL)
+
+        def train_and_compare(rounds):
+            for _ in range(rounds):
+                for model, optimizer in zip(models, optimizers):
+                    model(ids, labels=ids).loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                want, *got = (_logits(m, ids) for m in models)
+                for g in got:
+                    assert_rel_close(g, want, REL)
+
+        train_and_compare(3)
         from qwen3x.layers import packing
 
-        assert not any(packing.ATTR in layer.self_attn.__dict__ for layer in models[1].model.layers)
+        assert not any(packing.ATTR in layer.self_attn.__dict__ for m in models[1:] for layer in m.model.layers)
+        # unpatched: sharded after patch (a class of FSDP's over qwen3x's) and before (FSDP's own back)
+        check_classes(models[1], patched=True)
+        for i in (1, 2):
+            qwen3x.unpatch(models[i])
+            assert not qwen3x.is_patched(models[i])
+            check_classes(models[i], patched=False)
+        assert [type(layer) for layer in models[2].model.layers] == fsdp_classes
+        train_and_compare(1)
     finally:
         models.clear()
         optimizers.clear()

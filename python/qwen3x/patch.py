@@ -44,6 +44,7 @@ _MODELING_MODULES = (
 )
 _ORIGINAL = "_qwen3x_original_class"
 _patched_classes: dict[type, type] = {}
+_unwrapped_classes: dict[type, type] = {}
 
 
 def _is_hf_qwen3_class(cls: type) -> bool:
@@ -53,19 +54,62 @@ def _is_hf_qwen3_class(cls: type) -> bool:
 _PREFIX = "Qwen3x"
 
 
-def _patched_class(cls: type) -> type:
-    """The (cached) subclass of HF class ``cls`` with qwen3x's forward.
+def _hf_class(cls: type) -> type | None:
+    """The HF Qwen3 class that ``cls`` is, or that it wraps: a subclass made at run time that keeps
+    the HF class's forward (FSDP2's ``fully_shard`` gives each module it shards a class
+    ``FSDP<HF name>`` of its own, which only adds methods). None for anything else, and for a class
+    that is qwen3x's already."""
+    if getattr(cls, _ORIGINAL, None) is not None:
+        return None
+    if _is_hf_qwen3_class(cls):
+        return cls
+    for base in cls.__mro__[1:]:
+        if _is_hf_qwen3_class(base):
+            return base if _calls(cls.forward, base.forward) else None
+    return None
 
-    Its ``__name__`` stays HF's (Trainer/FSDP, accelerate and ``_no_split_modules`` find layers by
-    class name); its ``__qualname__`` names it in this module, so pickling a patched model works
-    (``__getattr__`` below rebuilds the class in a fresh process).
+
+def _calls(forward, target) -> bool:
+    """Whether ``forward`` is ``target`` or wraps it (functools.wraps' ``__wrapped__``, followed all
+    the way: transformers 5.x's layers wrap the forward of every subclass, FSDP's ones included)."""
+    while forward is not None:
+        if forward is target:
+            return True
+        forward = getattr(forward, "__wrapped__", None)
+    return False
+
+
+def _patched_class(cls: type) -> type:
+    """The (cached) subclass of ``cls`` (an HF class, or a wrapper's class of one: _hf_class) with
+    qwen3x's forward.
+
+    Its ``__name__`` stays ``cls``'s (Trainer/FSDP, accelerate and ``_no_split_modules`` find layers
+    by class name); for an HF class its ``__qualname__`` names it in this module, so pickling a
+    patched model works (``__getattr__`` below rebuilds the class in a fresh process).
     """
     if cls not in _patched_classes:
-        mixin = _MIXINS[cls.__name__]
+        mixin = _MIXINS[_hf_class(cls).__name__]
         patched = type(cls.__name__, (mixin, cls), {_ORIGINAL: cls, "__module__": __name__})
-        patched.__qualname__ = _PREFIX + cls.__name__
+        patched.__qualname__ = _PREFIX + cls.__name__ if _is_hf_qwen3_class(cls) else cls.__qualname__
         _patched_classes[cls] = patched
     return _patched_classes[cls]
+
+
+def _unpatched_class(cls: type) -> type | None:
+    """The class that gives a module of class ``cls`` its transformers forward back: the class
+    patch replaced, or for a wrapper's class made over a patched one (``fully_shard`` after
+    ``patch``) the same wrapper over the original (cached). None when cls is not patched."""
+    original = cls.__dict__.get(_ORIGINAL)
+    if original is not None or getattr(cls, _ORIGINAL, None) is None:
+        return original
+    if cls not in _unwrapped_classes:
+        patched = [b for b in cls.__bases__ if getattr(b, _ORIGINAL, None) is not None]
+        bases = tuple(_unpatched_class(b) if b in patched else b for b in cls.__bases__)
+        body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        if any(_calls(body.get("forward"), b.forward) for b in patched):
+            del body["forward"]  # transformers' wrapper of qwen3x's forward: the new class wraps HF's
+        _unwrapped_classes[cls] = type(cls.__name__, bases, body)
+    return _unwrapped_classes[cls]
 
 
 def __getattr__(name: str):
@@ -80,8 +124,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _applies(module: nn.Module) -> bool:
-    if type(module).__name__ == "Qwen3MoeSparseMoeBlock":  # 5.x blocks stay HF's (router+experts patched)
+def _applies(module: nn.Module, hf_cls: type) -> bool:
+    if hf_cls.__name__ == "Qwen3MoeSparseMoeBlock":  # 5.x blocks stay HF's (router+experts patched)
         return isinstance(getattr(module, "experts", None), nn.ModuleList)
     return True
 
@@ -164,9 +208,10 @@ def patch(model: nn.Module) -> nn.Module:
     found = 0
     for module in model.modules():
         cls = type(module)
+        hf_cls = _hf_class(cls)
         if getattr(cls, _ORIGINAL, None) is not None:
             found += 1  # already patched (patch is idempotent)
-        elif _is_hf_qwen3_class(cls) and _applies(module):
+        elif hf_cls is not None and _applies(module, hf_cls):
             _swap_class(module, _patched_class(cls))
             found += 1
     if not found:
@@ -181,7 +226,7 @@ def patch(model: nn.Module) -> nn.Module:
 def unpatch(model: nn.Module) -> nn.Module:
     """Give every module of ``model`` its original transformers class back. Returns the model."""
     for module in model.modules():
-        original = type(module).__dict__.get(_ORIGINAL)
+        original = _unpatched_class(type(module))
         if original is not None:
             _swap_class(module, original)
             layers.packing.unhook(module)  # each parameter gets its own storage back
@@ -193,7 +238,7 @@ def is_patched(model: nn.Module) -> bool:
     that only names qwen3x as its attention / experts implementation is not patched: its layers
     stay HF's and call qwen3x's attention or experts (``python -m qwen3x.info`` and
     ``qwen3x.ops.kernel_status()`` say what runs where)."""
-    return any(type(m).__dict__.get(_ORIGINAL) is not None for m in model.modules())
+    return any(getattr(type(m), _ORIGINAL, None) is not None for m in model.modules())
 
 
 def _modeling_modules():
