@@ -2,10 +2,10 @@
 #
 #   make run    set up .venv (torch, transformers, qwen3x built with its CUDA extension where nvcc is
 #               found) and run the main job: the benchmark suite on a GPU, the parity demo without one
-#   make test   the test suite on transformers 5.24.0 and on 4.57.6, its transformers-facing files also
-#               on 5.18.0 (the last release before 5.24 renamed the models' cache argument, and the
-#               GPU machine's 5.17's API), and the GPU tests on the CPU emulator; GPU tests skip
-#               without a GPU; two steps at a time (TEST_JOBS)
+#   make test   the test suite on transformers 5.24.0, its transformers-facing files also on 5.18.0
+#               (the last release before 5.24 renamed the models' cache argument, and the GPU
+#               machine's 5.17's API) and on 4.57.6, and the GPU tests on the CPU emulator; GPU tests
+#               skip without a GPU; two steps at a time (TEST_JOBS)
 #   make gpu OUT=dir   on a GPU machine with torch installed (no network needed): build in place,
 #               run the tests (GPU ones included), compute-sanitizer memcheck on the kernel tests,
 #               and the benchmark suite (BENCH_ARGS=--quick for a smoke run); logs and result
@@ -39,7 +39,11 @@ ACCELERATE  ?= accelerate==1.15.0
 # transformers 5.18 beside the 5.24 install (same dependencies): the cache argument's old name
 TF518       ?= transformers==5.18.0
 TF518_DIR   ?= $(VENV)/tf518
-TF518_TESTS ?= tests/test_patch.py tests/test_benchmarks.py tests/test_emulator_ops.py tests/test_reference.py
+# the files that meet transformers (patching, references, benchmarks, the patched model on the emulated
+# kernels and on a GPU), run again on 5.18 and on 4.57; the others (kernel models, the emulator,
+# packaging, the registry, SASS) do not import it
+TF_TESTS    ?= tests/test_patch.py tests/test_benchmarks.py tests/test_emulator_ops.py tests/test_reference.py \
+               tests/test_testing.py $(sort $(wildcard tests/test_*_gpu.py))
 # transformers 4.57 with the hub / tokenizers releases it needs, beside the 5.x install
 TF457_DIR   ?= $(VENV)/tf457
 TF457_PKGS  ?= $(TF457) 'huggingface_hub>=0.34,<1.0' 'tokenizers>=0.22,<=0.23.0' requests urllib3 idna certifi charset-normalizer
@@ -47,7 +51,7 @@ PYTEST_ARGS ?= -q
 OUT         ?= gpu-run
 VPY          = $(VENV)/bin/python
 
-.PHONY: run test setup build prebuilt prebuilt-ampere gpu-prep test-tf5 test-tf518 test-tf457 test-emulated-gpu gpu gpu-check gpu-perf gpu-sanitize gpu-suite gpu-ampere demo info clean
+.PHONY: run test setup build prebuilt prebuilt-ampere gpu-prep test-emulator test-tf5 test-tf518 test-tf457 test-emulated-gpu gpu gpu-check gpu-perf gpu-sanitize gpu-suite gpu-ampere demo info clean
 
 run: setup
 	$(VPY) -m benchmarks
@@ -58,7 +62,7 @@ run: setup
 # printed when it ends, and every step runs even when another fails (-k). TEST_JOBS=1 runs them
 # one after another with torch's default threads.
 TEST_JOBS   ?= 2
-TEST_STEPS   = test-tf5 test-tf518 test-tf457 test-emulated-gpu
+TEST_STEPS   = test-emulator test-emulated-gpu test-tf5 test-tf518 test-tf457  # (the longest first)
 test: setup
 	$(if $(filter 1,$(TEST_JOBS)),,OMP_NUM_THREADS=1) $(MAKE) --no-print-directory -k -j$(TEST_JOBS) \
 	    --output-sync=target $(TEST_STEPS)
@@ -78,15 +82,18 @@ build:
 	MAX_JOBS=$${MAX_JOBS:-2} $(VPY) -m pip install --no-build-isolation --no-deps -e .
 	$(VPY) -m qwen3x.info
 
+# the kernels' own source on the CPU (tests/emulator; its ~30 runners' builds are most of its time)
+test-emulator:
+	$(VPY) -m pytest $(PYTEST_ARGS) tests/test_emulator.py
+
 test-tf5:
-	$(VPY) -m pytest $(PYTEST_ARGS) tests
+	$(VPY) -m pytest $(PYTEST_ARGS) tests --ignore=tests/test_emulator.py
 
 test-tf518:
-	PYTHONPATH=$(TF518_DIR) $(VPY) -m pytest $(PYTEST_ARGS) $(TF518_TESTS)
+	PYTHONPATH=$(TF518_DIR) $(VPY) -m pytest $(PYTEST_ARGS) $(TF_TESTS)
 
-# (test_emulator.py runs the kernels alone, with no transformers: once is enough)
 test-tf457:
-	PYTHONPATH=$(TF457_DIR) $(VPY) -m pytest $(PYTEST_ARGS) tests --ignore=tests/test_emulator.py
+	PYTHONPATH=$(TF457_DIR) $(VPY) -m pytest $(PYTEST_ARGS) $(TF_TESTS)
 
 # The GPU test files themselves on the CPU: the glue and kernels through tests/emulator
 # (tests/emulator/gpu_tests.py), every parametrization with sizes up to 300 (~6 minutes on two
