@@ -619,6 +619,8 @@ def test_fsdp2_training_sees_its_updates_after_a_no_grad_forward(moe, tmp_path):
                 assert calls(type(layer).forward, DecoderLayer.forward) == patched  # the residual-fused norm
 
         check_classes(models[2], patched=True)
+        # the very class fully_shard made for the model patched first: FSDP's own, over qwen3x's
+        assert [type(layer) for layer in models[2].model.layers] == [type(layer) for layer in models[1].model.layers]
         optimizers.extend([torch.optim.SGD(m.parameters(), lr=0.1) for m in models])
         ids = _ids()
 
@@ -642,7 +644,7 @@ def test_fsdp2_training_sees_its_updates_after_a_no_grad_forward(moe, tmp_path):
             qwen3x.unpatch(models[i])
             assert not qwen3x.is_patched(models[i])
             check_classes(models[i], patched=False)
-        assert [type(layer) for layer in models[2].model.layers] == fsdp_classes
+            assert [type(layer) for layer in models[i].model.layers] == fsdp_classes  # FSDP's own, over HF's
         train_and_compare(1)
     finally:
         models.clear()

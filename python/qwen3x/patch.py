@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 import types
 import warnings
 
@@ -44,7 +45,6 @@ _MODELING_MODULES = (
 )
 _ORIGINAL = "_qwen3x_original_class"
 _patched_classes: dict[type, type] = {}
-_unwrapped_classes: dict[type, type] = {}
 
 
 def _is_hf_qwen3_class(cls: type) -> bool:
@@ -54,19 +54,35 @@ def _is_hf_qwen3_class(cls: type) -> bool:
 _PREFIX = "Qwen3x"
 
 
-def _hf_class(cls: type) -> type | None:
-    """The HF Qwen3 class that ``cls`` is, or that it wraps: a subclass made at run time that keeps
-    the HF class's forward (FSDP2's ``fully_shard`` gives each module it shards a class
-    ``FSDP<HF name>`` of its own, which only adds methods). None for anything else, and for a class
-    that is qwen3x's already."""
-    if getattr(cls, _ORIGINAL, None) is not None:
+def _patched_class(cls: type) -> type:
+    """The (cached) subclass of HF class ``cls`` with qwen3x's forward.
+
+    Its ``__name__`` stays HF's (Trainer/FSDP, accelerate and ``_no_split_modules`` find layers by
+    class name); its ``__qualname__`` names it in this module, so pickling a patched model works
+    (``__getattr__`` below rebuilds the class in a fresh process).
+    """
+    if cls not in _patched_classes:
+        mixin = _MIXINS[cls.__name__]
+        patched = type(cls.__name__, (mixin, cls), {_ORIGINAL: cls, "__module__": __name__})
+        patched.__qualname__ = _PREFIX + cls.__name__
+        _patched_classes[cls] = patched
+    return _patched_classes[cls]
+
+
+# FSDP2's fully_shard (and replicate, its subclass) gives each module it wraps a class of its own:
+# FSDP<Name>(FSDPModule, the module's class), made once per class and kept in torch's map. patch and
+# unpatch swap the class inside: FSDP's class over qwen3x's, or back over HF's.
+_wrapper_classes: dict[type, dict[type, type]] = {}  # wrapper base (not FSDPModule) -> inner -> class
+
+
+def _fsdp_split(cls: type) -> tuple[type, type] | None:
+    """(FSDP's base, the wrapped class) for a class fully_shard made, else None."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # (no FSDP class exists before it is imported)
+    module_cls = getattr(fsdp, "FSDPModule", None)
+    bases = cls.__bases__
+    if module_cls is None or len(bases) != 2 or not issubclass(bases[0], module_cls):
         return None
-    if _is_hf_qwen3_class(cls):
-        return cls
-    for base in cls.__mro__[1:]:
-        if _is_hf_qwen3_class(base):
-            return base if _calls(cls.forward, base.forward) else None
-    return None
+    return bases
 
 
 def _calls(forward, target) -> bool:
@@ -79,37 +95,34 @@ def _calls(forward, target) -> bool:
     return False
 
 
-def _patched_class(cls: type) -> type:
-    """The (cached) subclass of ``cls`` (an HF class, or a wrapper's class of one: _hf_class) with
-    qwen3x's forward.
-
-    Its ``__name__`` stays ``cls``'s (Trainer/FSDP, accelerate and ``_no_split_modules`` find layers
-    by class name); for an HF class its ``__qualname__`` names it in this module, so pickling a
-    patched model works (``__getattr__`` below rebuilds the class in a fresh process).
-    """
-    if cls not in _patched_classes:
-        mixin = _MIXINS[_hf_class(cls).__name__]
-        patched = type(cls.__name__, (mixin, cls), {_ORIGINAL: cls, "__module__": __name__})
-        patched.__qualname__ = _PREFIX + cls.__name__ if _is_hf_qwen3_class(cls) else cls.__qualname__
-        _patched_classes[cls] = patched
-    return _patched_classes[cls]
-
-
-def _unpatched_class(cls: type) -> type | None:
-    """The class that gives a module of class ``cls`` its transformers forward back: the class
-    patch replaced, or for a wrapper's class made over a patched one (``fully_shard`` after
-    ``patch``) the same wrapper over the original (cached). None when cls is not patched."""
-    original = cls.__dict__.get(_ORIGINAL)
-    if original is not None or getattr(cls, _ORIGINAL, None) is None:
-        return original
-    if cls not in _unwrapped_classes:
-        patched = [b for b in cls.__bases__ if getattr(b, _ORIGINAL, None) is not None]
-        bases = tuple(_unpatched_class(b) if b in patched else b for b in cls.__bases__)
+def _rewrapped(cls: type, inner: type) -> type:
+    """The class FSDP would have made for ``inner``: cls's wrapper base over ``inner``, from torch's
+    own map where it has one (so FSDP, and dynamo's guards that look its classes up, know it), else
+    made as FSDP makes it: cls's name and attributes, less the forward transformers 5.x wrapped for
+    that subclass (the new class gets its own wrapper of inner's)."""
+    base, wrapped = cls.__bases__
+    fsdp = sys.modules["torch.distributed.fsdp"]
+    get_map = getattr(sys.modules.get("torch.distributed.fsdp._fully_shard._fully_shard"), "get_cls_to_fsdp_cls", None)
+    known = get_map() if base is fsdp.FSDPModule and get_map is not None else _wrapper_classes.setdefault(base, {})
+    if inner not in known:
         body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-        if any(_calls(body.get("forward"), b.forward) for b in patched):
-            del body["forward"]  # transformers' wrapper of qwen3x's forward: the new class wraps HF's
-        _unwrapped_classes[cls] = type(cls.__name__, bases, body)
-    return _unwrapped_classes[cls]
+        if _calls(body.get("forward"), wrapped.forward):
+            del body["forward"]
+        known[inner] = type(cls.__name__, (base, inner), body)
+    return known[inner]
+
+
+def _target(cls: type, patching: bool) -> type | None:
+    """The class a module of class ``cls`` gets from patch (``patching``) or unpatch, or None when it
+    keeps its own: HF's classes and qwen3x's, and FSDP's classes over either."""
+    split = _fsdp_split(cls)
+    if split is not None:
+        inner = _target(split[1], patching)
+        forward_kept = _calls(cls.forward, split[1].forward)  # FSDP adds methods, not a forward
+        return _rewrapped(cls, inner) if inner is not None and forward_kept else None
+    if patching:
+        return _patched_class(cls) if _is_hf_qwen3_class(cls) else None
+    return cls.__dict__.get(_ORIGINAL)
 
 
 def __getattr__(name: str):
@@ -124,8 +137,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _applies(module: nn.Module, hf_cls: type) -> bool:
-    if hf_cls.__name__ == "Qwen3MoeSparseMoeBlock":  # 5.x blocks stay HF's (router+experts patched)
+def _applies(module: nn.Module) -> bool:
+    if type(module).__name__.endswith("Qwen3MoeSparseMoeBlock"):  # 5.x blocks stay HF's (router+experts patched)
         return isinstance(getattr(module, "experts", None), nn.ModuleList)
     return True
 
@@ -191,7 +204,7 @@ def _swap_class(module: nn.Module, cls: type) -> None:
     module.__class__ = cls
     if "forward" in module.__dict__ and not refs and cls.forward is not old.forward:
         wrapper = module.__dict__["forward"]
-        patching = cls.__dict__.get(_ORIGINAL) is not None
+        patching = getattr(cls, _ORIGINAL, None) is not None
         warnings.warn(
             f"qwen3x: the {old.__name__} module's forward is replaced on the instance by "
             f"{getattr(wrapper, '__qualname__', type(wrapper).__name__)}, which does not call its "
@@ -208,11 +221,12 @@ def patch(model: nn.Module) -> nn.Module:
     found = 0
     for module in model.modules():
         cls = type(module)
-        hf_cls = _hf_class(cls)
         if getattr(cls, _ORIGINAL, None) is not None:
             found += 1  # already patched (patch is idempotent)
-        elif hf_cls is not None and _applies(module, hf_cls):
-            _swap_class(module, _patched_class(cls))
+            continue
+        target = _target(cls, patching=True) if _applies(module) else None
+        if target is not None:
+            _swap_class(module, target)
             found += 1
     if not found:
         raise TypeError(
@@ -226,7 +240,7 @@ def patch(model: nn.Module) -> nn.Module:
 def unpatch(model: nn.Module) -> nn.Module:
     """Give every module of ``model`` its original transformers class back. Returns the model."""
     for module in model.modules():
-        original = _unpatched_class(type(module))
+        original = _target(type(module), patching=False)
         if original is not None:
             _swap_class(module, original)
             layers.packing.unhook(module)  # each parameter gets its own storage back
