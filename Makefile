@@ -56,7 +56,7 @@ VPY          = $(VENV)/bin/python
 run: setup
 	$(VPY) -m benchmarks
 
-# The four steps, TEST_JOBS at a time (each is one pytest process that keeps about one core busy:
+# The five steps, TEST_JOBS at a time (each is one pytest process that keeps about one core busy:
 # the emulator's runs and builds are single-threaded), torch on one thread each (two steps that
 # each run two threads on two cores wait on each other's spinning threads); each step's output is
 # printed when it ends, and every step runs even when another fails (-k). TEST_JOBS=1 runs them
