@@ -659,6 +659,81 @@ def test_fsdp2_training_sees_its_updates_after_a_no_grad_forward(moe, tmp_path):
     assert not _module_state_mapping  # later tests see no distributed state
 
 
+def test_backward_hooks_block_fusion_only_where_autograd_records(monkeypatch):
+    """A module with only backward hooks (as transformers <= 5.23's tensor parallelism leaves on
+    q_norm and k_norm) may be fused past where autograd records nothing (its call would not install
+    them); where it records, the module is called and its hooks run in the backward."""
+    from qwen3x import ops
+
+    ran = collections.Counter()
+    for name in ("qk_norm_rope", "qk_norm_rope_"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name, **k: ran.update([_n]) or _f(*a, **k))
+    base = tiny_model()
+    model = qwen3x.patch(copy.deepcopy(base))
+    fired = []
+    for layer in model.model.layers:
+        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+            norm.register_full_backward_hook(lambda *_: fired.append(1))
+    ids = _ids()
+    assert_rel_close(_logits(model, ids), _logits(base, ids), REL)
+    layers = len(model.model.layers)
+    assert sum(ran.values()) == layers  # fused past the hooked norms
+
+    ran.clear()
+    model(ids).logits.sum().backward()
+    assert not ran and len(fired) == 2 * layers  # called, and their hooks ran
+
+
+TP_WORLD = 2
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_tensor_parallel_two_ranks(tmp_path):
+    """transformers' tensor parallelism (tp_plan="auto", two gloo processes on the CPU): q/k/v and
+    the MLP's projections are sharded DTensors, so the patched attention and MLP call them as HF
+    does; what the patch fuses must still give the unsharded model's answer. Per rank and model:
+    the patched logits equal the unpatched TP model's, greedy tokens equal, unpatch restores it, and
+    QK-norm + RoPE runs fused (TP's only hook on q_norm / k_norm, a gradient all-reduce, cannot run
+    without autograd), with attention, the add + norm and (MoE, transformers 5.x) the experts on
+    qwen3x's ops."""
+    import json
+    import subprocess
+    import sys
+
+    for name, moe in (("dense", False), ("moe", True)):  # vocabulary and heads divisible by the ranks
+        tiny_model(moe=moe, vocab_size=96, num_attention_heads=4, num_key_value_heads=2).save_pretrained(
+            tmp_path / name)
+    worker = os.path.join(os.path.dirname(__file__), "tensor_parallel_worker.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, worker, str(rank), str(TP_WORLD), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(TP_WORLD)]
+    try:
+        outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank, (proc, out) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{out[-4000:]}"
+    for rank in range(TP_WORLD):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for name, r in report.items():
+            what = f"rank {rank}, {name}"
+            kind, local, full = r["sharded"]
+            assert kind == "DTensor" and local[0] * TP_WORLD == full[0], f"{what}: q_proj not sharded: {r['sharded']}"
+            tol = REL * r["scale"]
+            assert r["tp_vs_full"] <= tol, f"{what}: the unpatched TP model is off: {r}"
+            assert r["patched_vs_tp"] <= tol, f"{what}: patched logits off by {r['patched_vs_tp']} (tolerance {tol})"
+            assert r["unpatched_again_vs_tp"] == 0.0, f"{what}: unpatch left {r['unpatched_again_vs_tp']}"
+            assert r["tokens"]["patched"] == r["tokens"]["tp"] == r["tokens"]["full"], f"{what}: {r['tokens']}"
+            ran, layers = r["forward_ops"], r["layers"]
+            assert ran.get("qk_norm_rope", 0) + ran.get("qk_norm_rope_", 0) == layers, f"{what}: {ran}"
+            assert ran.get("attention") == layers and ran.get("add_rms_norm") == layers, f"{what}: {ran}"
+            if name == "moe" and TF5:  # (4.57's experts, a list of MLPs of sharded projections: HF's loop)
+                assert ran.get("moe_experts", 0) + ran.get("moe", 0) == layers, f"{what}: {ran}"
+
+
 def test_rope_embeddings_rebuilt_from_items_are_a_plain_pair():
     """type(t)(items), as tuple copies go, gives (cos, sin) alone: the attributes would be on the
     old device; copies, pickles and .to (accelerate's send_to_device calls it) keep them."""

@@ -168,22 +168,46 @@ def _aligns_devices_only(module: nn.Module) -> bool:
     return device is not None and bool(tensors) and all(t.device == device for t in tensors)
 
 
+TP_REPLICATED_FORWARD = "ReplicatedWithGradAllReduce.install_forward.<locals>.tp_forward"
+
+
+def _replicated_norm_without_autograd(module: nn.Module) -> bool:
+    """Whether the only thing beyond the forward of ``module`` is the forward that transformers'
+    tensor parallelism (5.24 and later) puts on a replicated module whose weights' gradients need an
+    all-reduce (Qwen3's q_norm and k_norm, "replicated_with_grad_allreduce"), where autograd records
+    nothing: it then only hooks those weights when autograd records, and calls the forward it wrapped
+    (the module's own). Bypassing such a module then does what calling it does."""
+    forward = module.__dict__.get("forward")
+    if torch.is_grad_enabled() or hasattr(module, "_hf_hook"):
+        return False
+    if getattr(forward, "__qualname__", None) != TP_REPLICATED_FORWARD or \
+            not getattr(forward, "__module__", "").startswith("transformers."):
+        return False
+    for cell in forward.__closure__ or ():
+        try:
+            if bound_to(module, type(module).forward, cell.cell_contents):
+                return True
+        except ValueError:  # a cell not yet filled
+            continue
+    return False
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` does more than its class's forward (user, PEFT or accelerate
     hooks, or a forward replaced on the instance, as transformers' tensor parallelism does): such a
     module is called, never bypassed by a fused path. accelerate's device alignment where it has
-    nothing to do (``_aligns_devices_only``) does not count."""
-    if (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or getattr(module, "_backward_pre_hooks", None)
-    ):
+    nothing to do (``_aligns_devices_only``) does not count, nor, where autograd records nothing
+    (``torch.is_grad_enabled()`` False), do backward hooks (calling the module would not install
+    them, so they could never run) and the forward by which transformers >= 5.24 hooks the gradient
+    all-reduce of a replicated norm's weights (``_replicated_norm_without_autograd``): transformers'
+    tensor parallelism puts one or the other on q_norm and k_norm."""
+    backward = module._backward_hooks or getattr(module, "_backward_pre_hooks", None)
+    if module._forward_hooks or module._forward_pre_hooks or (backward and torch.is_grad_enabled()):
         return True
     forward = module.__dict__.get("forward")
     own = bound_to(module, type(module).forward, forward)  # (what a removed accelerate hook leaves)
     if (forward is not None and not own) or hasattr(module, "_hf_hook"):
-        return not _aligns_devices_only(module)
+        return not (_aligns_devices_only(module) or _replicated_norm_without_autograd(module))
     return False
 
 
