@@ -305,7 +305,7 @@ def test_experts_implementation_qwen3x_leaves_other_expert_layouts_to_their_own_
     config._experts_implementation = "eager"
     want = experts(x, ids, weights)
     config._experts_implementation = "qwen3x"
-    with pytest.warns(UserWarning, match="GptOssExperts is not a Qwen3-MoE expert layout"):
+    with pytest.warns(UserWarning, match="GptOssExperts is not an expert layout qwen3x"):
         got = experts(x, ids.int(), weights)
     assert torch.equal(got, want)
     # transformers 5.24's flag for a norm after each expert: not Qwen3-MoE's layout either
@@ -313,6 +313,62 @@ def test_experts_implementation_qwen3x_leaves_other_expert_layouts_to_their_own_
     assert qmoe._swiglu_experts(qwen_experts)
     qwen_experts.has_post_expert_norm = True
     assert not qmoe._swiglu_experts(qwen_experts)
+
+
+def _fp8_shaped(model):
+    """``model`` with transformers' fine-grained FP8 modules in place of its linears and (5.x) its
+    experts, as a quantized checkpoint such as Qwen3-30B-A3B-FP8 loads (replace_with_fp8_linear),
+    holding the original weights unquantized: FP8Linear and FP8Experts then compute in their dtype,
+    on the CPU too (their FP8 kernels are CUDA's). Scales are ones."""
+    import inspect
+
+    fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    from transformers import FineGrainedFP8Config
+
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    kwargs = {"pre_quantized": False} if "pre_quantized" in inspect.signature(fp8.replace_with_fp8_linear).parameters else {}
+    model = fp8.replace_with_fp8_linear(model, quantization_config=FineGrainedFP8Config(weight_block_size=(32, 32)),
+                                        **kwargs)  # fmt: skip
+    for module_name, module in model.named_modules():
+        if not type(module).__name__.startswith("FP8"):
+            continue
+        for name, p in list(module.named_parameters(recurse=False)):
+            value = weights.get(f"{module_name}.{name}")
+            value = torch.ones(p.shape) if value is None else value  # (a scale)
+            setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
+    if TF5:
+        model.config._experts_implementation = "eager"  # (FP8Experts' grouped_mm kernels are CUDA's)
+    return model
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_fp8_checkpoint_modules_run_their_own_forward(moe, monkeypatch):
+    """A quantized checkpoint's FP8Linear projections and (5.x) FP8Experts stay HF's code: the patched
+    layers call them, and the patched router hands the experts int64 ids, as HF's does (FP8Experts'
+    eager forward one-hot encodes them: with qwen3x's int32 ids it raised). With
+    experts_implementation="qwen3x" the FP8 experts run their own forward (a KeyError before: the
+    FP8 experts' interface did not know the name)."""
+    from qwen3x import ops
+
+    ran = collections.Counter()
+    for name in ("moe_router", "qk_norm_rope"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name, **k: ran.update([_n]) or _f(*a, **k))
+    base = tiny_model(moe=moe)
+    model = _fp8_shaped(copy.deepcopy(base))
+    ids = _ids()
+    want = _logits(base, ids)
+    assert_rel_close(_logits(model, ids), want, REL)  # (the unpatched FP8-shaped model: the setup is right)
+    qwen3x.patch(model)
+    assert_rel_close(_logits(model, ids), want, REL)
+    assert ran["qk_norm_rope"] == len(model.model.layers)  # (FP8Linear q/k projections: out of place)
+    if moe and TF5:
+        experts = model.model.layers[0].mlp.experts
+        assert type(experts).__name__ == "FP8Experts" and ran["moe_router"] == len(model.model.layers)
+        model.config._experts_implementation = "qwen3x"
+        with pytest.warns(UserWarning, match="FP8Experts is not an expert layout qwen3x"):
+            got = _logits(qwen3x.unpatch(model), ids)
+        assert_rel_close(got, want, REL)
 
 
 def test_a_paged_prefix_on_a_plain_implementation_runs_like_unpatched():

@@ -309,5 +309,11 @@ def register() -> bool:
         pass
     else:
         ExpertsInterface.register("qwen3x", layers.experts_forward)
+        try:  # a quantized checkpoint's FP8 experts look their implementation up in an interface of their own
+            from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
+        except ImportError:
+            pass
+        else:  # (qwen3x has no FP8 kernels: experts_forward runs theirs, with a warning)
+            FP8ExpertsInterface.register("qwen3x", layers.experts_forward)
     _registered = True
     return True

@@ -12,6 +12,8 @@ packed buffers, so memory is not doubled) and runs the whole-layer ``moe`` op.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +31,9 @@ class TopKRouter:
         router_logits = F.linear(hidden_states, self.weight)
         router = reference.moe_router if reference_instead("moe_router", router_logits) else ops.moe_router
         weights, ids, _ = router(router_logits, self.top_k, self.norm_topk_prob)
-        return router_logits, weights, ids
+        # int64 as HF's router gives them: the block may hold experts other than qwen3x's (FP8Experts
+        # of a quantized checkpoint, whose eager forward one-hot encodes them) and hooks may read them
+        return router_logits, weights, ids.long()
 
 
 _HF_EXPERTS_MODULE = "transformers.integrations.moe"  # where HF's default _apply_gate lives
@@ -37,10 +41,13 @@ _HF_EXPERTS_MODULE = "transformers.integrations.moe"  # where HF's default _appl
 
 def _swiglu_experts(module: nn.Module) -> bool:
     """True for the expert layout the qwen3x ops implement (Qwen3-MoE's: concatenated [gate; up]
-    projections without biases, silu(gate) * up, no norm after each expert)."""
+    projections without biases, silu(gate) * up, no norm after each expert) in 16 or 32-bit floats
+    (not a quantized checkpoint's FP8 experts)."""
     apply_gate = getattr(type(module), "_apply_gate", None)  # a model's own gate (e.g. GPT-OSS's clamped one)
+    weights = [getattr(module, name, None) for name in ("gate_up_proj", "down_proj")]
     return (
-        getattr(module, "has_gate", True)
+        all(isinstance(w, torch.Tensor) and w.is_floating_point() and w.element_size() >= 2 for w in weights)
+        and getattr(module, "has_gate", True)
         and not getattr(module, "has_bias", False)
         and not getattr(module, "is_transposed", False)
         and getattr(module, "is_concatenated", True)
@@ -51,26 +58,30 @@ def _swiglu_experts(module: nn.Module) -> bool:
 
 
 def _own_forward(module: nn.Module):
-    """The experts class's own (eager) forward, which HF's use_experts_implementation wraps."""
+    """The experts class's own (eager) forward, which HF's use_experts_implementation wraps: as many
+    times as it was applied to the class (transformers' FP8 quantizer applies it to FP8Experts once
+    per layer it replaces), so the innermost."""
     for cls in type(module).__mro__:
-        wrapped = getattr(cls.__dict__.get("forward"), "__wrapped__", None)
-        if wrapped is not None:
-            return wrapped
+        forward = cls.__dict__.get("forward")
+        if getattr(forward, "__wrapped__", None) is not None:
+            return inspect.unwrap(forward)
     return None
 
 
 def experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """ExpertsInterface signature: hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H].
-    Registered as experts_implementation="qwen3x" for every model; experts of another layout (biases,
-    transposed or interleaved weights, another gate, a post-expert norm) run their own forward."""
+    Registered as experts_implementation="qwen3x" for every model (and for transformers' FP8 experts);
+    experts of another layout (quantized weights, biases, transposed or interleaved weights, another
+    gate, a post-expert norm) run their own forward."""
     if not _swiglu_experts(self):
         own = _own_forward(self)
         if own is None:
             raise ValueError(f"qwen3x experts: {type(self).__name__} is not a Qwen3-MoE expert layout "
-                             "(gate_up_proj [E, 2I, H], down_proj [E, H, I], silu) and has no forward of its "
-                             "own to fall back to; use another experts_implementation")
-        warn_once(f"experts:{type(self).__name__}", f"qwen3x experts: {type(self).__name__} is not a Qwen3-MoE "
-                  "expert layout, so experts_implementation='qwen3x' runs its own forward")
+                             "(gate_up_proj [E, 2I, H], down_proj [E, H, I] in bf16/fp16/fp32, silu) and has no "
+                             "forward of its own to fall back to; use another experts_implementation")
+        warn_once(f"experts:{type(self).__name__}", f"qwen3x experts: {type(self).__name__} is not an expert layout "
+                  "qwen3x's kernels serve (Qwen3-MoE's, in bf16/fp16/fp32; not quantized weights), so "
+                  "experts_implementation='qwen3x' runs its own forward")
         return own(self, hidden_states, top_k_index.long(), top_k_weights)
     hidden, inter = self.down_proj.shape[1], self.down_proj.shape[2]
     if moe_reference_instead("moe_experts", hidden_states, hidden, inter):
