@@ -313,6 +313,14 @@ def test_experts_implementation_qwen3x_leaves_other_expert_layouts_to_their_own_
     assert qmoe._swiglu_experts(qwen_experts)
     qwen_experts.has_post_expert_norm = True
     assert not qmoe._swiglu_experts(qwen_experts)
+    # weights of a tensor subclass (torchao's quantized ones, say): not storage the kernels can read
+    qwen_experts = tiny_model(moe=True).model.layers[0].mlp.experts
+
+    class Wrapped(torch.Tensor):
+        pass
+
+    qwen_experts.down_proj = torch.nn.Parameter(qwen_experts.down_proj.detach().as_subclass(Wrapped))
+    assert not qmoe._swiglu_experts(qwen_experts)
 
 
 def _fp8_shaped(model):
