@@ -379,6 +379,23 @@ def test_fp8_checkpoint_modules_run_their_own_forward(moe, monkeypatch):
         assert_rel_close(got, want, REL)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_sliding_window_layers_match_unpatched(cache):
+    """Qwen3 configs may use sliding-window attention (use_sliding_window, max_window_layers): the
+    window reaches qwen3x's attention through HF's mask (5.x: a sliding static cache layer of its
+    own class, which the fused cache write leaves to HF). A window shorter than the prompt."""
+    base = tiny_model(use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids()
+    want = _logits(base, ids)
+    assert (want - _logits(tiny_model(), ids)).abs().max() > 0.1  # (the window changes the answer)
+    assert_rel_close(_logits(patched, ids), want, REL)
+    static = {"cache_implementation": "static"} if cache == "static" else {}
+    with torch.no_grad():
+        tokens = [m.generate(ids, max_new_tokens=6, do_sample=False, **static) for m in (base, patched)]
+    assert torch.equal(tokens[1], tokens[0])
+
+
 def test_a_paged_prefix_on_a_plain_implementation_runs_like_unpatched():
     """transformers 5.24 no longer registers paged|sdpa and strips the prefix itself (a config may still
     carry the old name); the patched layers must resolve it the same way, not index the registry."""
