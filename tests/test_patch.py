@@ -468,14 +468,30 @@ def test_lora_wrapped_projections_train_like_unpatched(moe):
     assert n > 0
 
 
-def test_autocast_keeps_hf_numerics():
-    base = tiny_model(moe=True)
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_autocast_keeps_hf_numerics(moe, monkeypatch):
+    """Under autocast (fp32 weights, bf16 matmuls) the norms keep HF's promotions; attention runs
+    qwen3x's op on q, k and v in the autocast dtype, as SDPA's autocast casts them (on a GPU the
+    bf16 kernel: with q/k fp32 from the norms and, through a transformers <= 5.23 cache, v fp32 too,
+    it ran the fp32 reference, scores materialized); 4.57's MoE block rounds its routing weights to
+    the residual stream's dtype, as HF's does (to the bf16 logits' before: 2e-3 off)."""
+    from qwen3x import ops
+
+    seen = []
+    original = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda q, *a, **k: seen.append(q.dtype) or original(q, *a, **k))
+    base = tiny_model(moe=moe)
     patched = qwen3x.patch(copy.deepcopy(base))
     ids = _ids()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ref, out = base(ids).logits, patched(ids).logits
+        if moe and not TF5:
+            h = torch.randn(2, 7, base.config.hidden_size)
+            blocks = (base.model.layers[0].mlp, patched.model.layers[0].mlp)
+            assert torch.equal(blocks[1](h)[0], blocks[0](h)[0])
     assert out.dtype == ref.dtype
     assert_rel_close(out.float(), ref.float(), 2e-2)
+    assert seen == [torch.bfloat16] * base.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("moe", [False, True])
@@ -764,6 +780,35 @@ def test_backward_hooks_block_fusion_only_where_autograd_records(monkeypatch):
     ran.clear()
     model(ids).logits.sum().backward()
     assert not ran and len(fired) == 2 * layers  # called, and their hooks ran
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_torch_func_transforms_run_like_unpatched(moe):
+    """torch.func over a patched model (per-sample gradients, model ensembling): the ops have no
+    functorch rules and packing reads .data, which vmap forbids; both raised. Under a transform the
+    layers use the references and call the projections: gradients and (dense) vmapped logits equal
+    the unpatched model's."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    base = tiny_model(moe=moe)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids()
+    params = {name: p.detach() for name, p in base.named_parameters()}
+
+    def loss(model):
+        return lambda p: functional_call(model, p, (), {"input_ids": ids, "labels": ids}).loss
+
+    want, got = grad(loss(base))(params), grad(loss(patched))(params)
+    for name in params:
+        assert_rel_close(got[name], want[name], REL)
+    if not moe:  # (an MoE's expert dispatch is data-dependent: vmap cannot batch it, patched or not)
+        stacked, buffers = stack_module_state([tiny_model(seed=s) for s in (0, 1)])
+
+        def ensemble(model):
+            return vmap(lambda p, b: functional_call(model, (p, b), (), {"input_ids": ids}).logits)(stacked, buffers)
+
+        with torch.no_grad():
+            assert_rel_close(ensemble(patched), ensemble(base), REL)
 
 
 TP_WORLD = 2

@@ -57,7 +57,14 @@ def attention_forward(
     bool_or_none = attention_mask is None or (
         isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
     )
-    one_dtype = query.dtype == key.dtype == value.dtype  # not so under autocast (v straight from v_proj)
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # What SDPA's autocast does with them: all three in the autocast dtype (q and k leave HF's norms
+        # in fp32, v leaves v_proj in bf16; a cache may have made v fp32 too), so attention runs on
+        # the half-precision kernel instead of the fp32 reference
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    one_dtype = query.dtype == key.dtype == value.dtype
     if dropout > 0.0 or not bool_or_none or not one_dtype:
         # dropout, additive float masks, BlockMasks and mixed dtypes are HF SDPA's business, exactly as before
         return _hf_function(module, "sdpa")(

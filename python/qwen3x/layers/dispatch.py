@@ -26,9 +26,19 @@ def moe_shapes_served(hidden: int, inter: int) -> bool:
     return hidden % MOE_HIDDEN_MULTIPLE == 0 and inter % MOE_INTER_MULTIPLE == 0
 
 
+def transforming() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) runs this call: the qwen3x ops have no
+    functorch rules (their autograd is torch.library's) and packing reads ``.data``, which vmap
+    forbids, so the patched layers use the PyTorch references and call the projections."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def reference_instead(op: str, x: torch.Tensor, shapes_ok: bool = True, shapes: str = "") -> bool:
     """True for a CUDA tensor that ``op``'s kernel does not serve (dtype, head_dim, or shapes the
-    caller checked: ``shapes_ok`` False, described by ``shapes``)."""
+    caller checked: ``shapes_ok`` False, described by ``shapes``), and for any tensor under a
+    torch.func transform (``transforming``)."""
+    if transforming():
+        return True
     if not (x.is_cuda and has_cuda_kernel(op)):
         return False
     if not kernels_run_on(x.device):

@@ -129,5 +129,7 @@ class SparseMoeBlock:
         gate_up = packing.packed(self, "gate_up_proj", gate_up_params, (E, 2 * I, H))
         down = packing.packed(self, "down_proj", [e.down_proj.weight for e in experts], (E, H, I))
         moe = reference.moe if moe_reference_instead("moe", x, H, I) else ops.moe
-        out = moe(x, router_logits, gate_up, down, self.top_k, self.norm_topk_prob)
+        # (HF 4.57 rounds the routing weights to the hidden states' dtype, the op to the logits': they
+        # differ under autocast, where the gate's logits are bf16 and the residual stream fp32)
+        out = moe(x, router_logits.to(x.dtype), gate_up, down, self.top_k, self.norm_topk_prob)
         return out.reshape(B, S, H), router_logits

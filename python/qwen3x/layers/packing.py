@@ -27,6 +27,8 @@ import types
 import torch
 from torch import nn
 
+from .dispatch import transforming
+
 ATTR = "_qwen3x_packed"  # owner.__dict__[ATTR]: key -> (buffer, the parameters packed into it)
 HOOKS = "_qwen3x_packing_hooks"
 
@@ -220,4 +222,4 @@ def plain_linear(module: nn.Module) -> bool:
     """An nn.Linear without bias or hooks, its weight a plain tensor (not a quantized subclass): its
     weight may be used directly."""
     return (type(module) is nn.Linear and module.bias is None and not has_hooks(module)
-            and type(module.weight.data) is torch.Tensor)
+            and not transforming() and type(module.weight.data) is torch.Tensor)
