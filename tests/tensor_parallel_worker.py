@@ -3,8 +3,9 @@
 DIR holds the tiny models the test saved (``dense/``, ``moe/``) and the gloo group's file store.
 For each model the rank loads it with transformers' tensor parallelism (``tp_plan="auto"``), runs
 it unpatched, patched and unpatched again (logits of one batch and a few greedy tokens each, the
-qwen3x ops the patched forward called counted), loads the unsharded model for the full answer,
-and writes what it saw to DIR/rank{RANK}.json for the test to judge.
+qwen3x ops the patched forward called counted, and the gradients of the first layer's q_norm and
+k_norm weights, which TP all-reduces), loads the unsharded model for the full answer, and writes
+what it saw to DIR/rank{RANK}.json for the test to judge.
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ def _run(model, ids):
     return logits, tokens[:, ids.shape[1]:]
 
 
+def _norm_grads(model, ids) -> torch.Tensor:
+    """The first layer's q_norm and k_norm weight gradients of a training step (TP all-reduces them:
+    each rank holds only its heads' part before)."""
+    model.zero_grad(set_to_none=True)
+    model(ids, labels=ids).loss.backward()
+    attn = model.model.layers[0].self_attn
+    return torch.cat([attn.q_norm.weight.grad, attn.k_norm.weight.grad])
+
+
 def main() -> None:
     rank, world, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -70,9 +80,13 @@ def main() -> None:
             got = model(ids).logits
         forward_ops = dict(ran)
         _, got_tokens = _run(model, ids)
+        patched_grads = _norm_grads(model, ids)  # (under autograd the norms are called: their hooks run)
         qwen3x.unpatch(model)
         back, _ = _run(model, ids)
-        full, full_tokens = _run(_load(path, tensor_parallel=False), ids)
+        tp_grads = _norm_grads(model, ids)
+        full_model = _load(path, tensor_parallel=False)
+        full, full_tokens = _run(full_model, ids)
+        full_grads = _norm_grads(full_model, ids)
         report[name] = {
             "sharded": [type(q_proj.weight).__name__, list(local.shape), list(q_proj.weight.shape)],
             "layers": len(model.model.layers),
@@ -80,6 +94,10 @@ def main() -> None:
             "unpatched_again_vs_tp": (back - want).abs().max().item(),
             "tp_vs_full": (want - full).abs().max().item(),
             "scale": full.abs().max().item(),
+            "norm_grads": {"patched_vs_tp": (patched_grads - tp_grads).abs().max().item(),
+                           "patched_vs_full": (patched_grads - full_grads).abs().max().item(),
+                           "tp_vs_full": (tp_grads - full_grads).abs().max().item(),
+                           "scale": full_grads.abs().max().item()},
             "tokens": {"tp": want_tokens.tolist(), "patched": got_tokens.tolist(), "full": full_tokens.tolist()},
             "forward_ops": forward_ops,
         }

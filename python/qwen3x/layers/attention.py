@@ -58,12 +58,13 @@ def attention_forward(
         isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
     )
     device_type = query.device.type
-    if torch.is_autocast_enabled(device_type):
-        # What SDPA's autocast does with them: all three in the autocast dtype (q and k leave HF's norms
-        # in fp32, v leaves v_proj in bf16; a cache may have made v fp32 too), so attention runs on
-        # the half-precision kernel instead of the fp32 reference
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        # What SDPA's autocast does with them: each floating tensor but fp64 in the autocast dtype (q
+        # and k leave HF's norms in fp32, v leaves v_proj in bf16; a cache may have made v fp32 too),
+        # so attention runs on the half-precision kernel instead of the fp32 reference
         dtype = torch.get_autocast_dtype(device_type)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        query, key, value = (t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+                             for t in (query, key, value))
     one_dtype = query.dtype == key.dtype == value.dtype
     if dropout > 0.0 or not bool_or_none or not one_dtype:
         # dropout, additive float masks, BlockMasks and mixed dtypes are HF SDPA's business, exactly as before
@@ -75,6 +76,9 @@ def attention_forward(
         scaling = query.shape[-1] ** -0.5
     packed = _packed_sequences(kwargs, q_len, kv_len)
     if packed is not None:
+        window = kwargs.get("sliding_window")
+        if window is not None and window < max(packed[2], packed[3]):  # (attention_varlen has no window)
+            return _packed_window_forward(query, key, value, scaling, packed[0], window), None
         return _varlen_forward(query, key, value, scaling, *packed), None
     if attention_mask is not None and attention_mask.shape[-1] > kv_len:  # as HF's SDPA path: keep kv_len
         attention_mask = attention_mask[..., :kv_len]
@@ -120,6 +124,25 @@ def _varlen_forward(query, key, value, scaling, cu_q, cu_k, max_q, max_k):
         out, _ = reference.attention_varlen(*args)
     else:
         out, _ = ops.attention_varlen(*args)
+    return out.view(B, S, Hq, D)
+
+
+def _packed_window_forward(query, key, value, scaling, cu_seqlens, window: int):
+    """Packed sequences under a sliding window shorter than one of them, as HF's flash path attends:
+    each token to the last ``window`` tokens of its own sequence, itself included. One boolean mask
+    over the flattened batch (attention_varlen has no window). query [B, Hq, S, D], key/value
+    [B, Hkv, S, D] -> out [B, S, Hq, D]."""
+    B, Hq, S, D = query.shape
+
+    def flat(t):  # [B, H, S, D] -> [1, H, B * S, D]
+        return t.transpose(0, 1).reshape(1, t.shape[1], B * S, D)
+
+    token = torch.arange(B * S, device=query.device)
+    seq = torch.bucketize(token, cu_seqlens.to(query.device)[1:], right=True)  # each token's sequence
+    i, j = token[:, None], token[None, :]
+    mask = ((seq[:, None] == seq[None, :]) & (j <= i) & (i - j < window))[None, None]
+    args = (flat(query), flat(key), flat(value), mask, scaling, False)
+    out, _ = reference.attention(*args) if reference_instead("attention", query) else ops.attention(*args)
     return out.view(B, S, Hq, D)
 
 

@@ -41,8 +41,8 @@ _HF_EXPERTS_MODULE = "transformers.integrations.moe"  # where HF's default _appl
 
 def _swiglu_experts(module: nn.Module) -> bool:
     """True for the expert layout the qwen3x ops implement (Qwen3-MoE's: concatenated [gate; up]
-    projections without biases, silu(gate) * up, no norm after each expert) in 16 or 32-bit floats,
-    plain tensors (not a quantized checkpoint's FP8 experts, nor a tensor subclass such as torchao's
+    projections without biases, silu(gate) * up, no norm after each expert) in floats of 16 bits or
+    more, plain tensors (not a quantized checkpoint's FP8 experts, nor a tensor subclass such as torchao's
     quantized weights: the kernels read storage)."""
     apply_gate = getattr(type(module), "_apply_gate", None)  # a model's own gate (e.g. GPT-OSS's clamped one)
     weights = [getattr(module, name, None) for name in ("gate_up_proj", "down_proj")]
