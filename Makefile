@@ -51,18 +51,18 @@ PYTEST_ARGS ?= -q
 OUT         ?= gpu-run
 VPY          = $(VENV)/bin/python
 
-.PHONY: run test setup build prebuilt prebuilt-ampere gpu-prep test-emulator test-tf5 test-tf518 test-tf457 test-emulated-gpu gpu gpu-check gpu-perf gpu-sanitize gpu-suite gpu-ampere demo info clean
+.PHONY: run test setup build prebuilt prebuilt-ampere gpu-prep test-emulator test-tf5 test-rest test-tf518 test-tf457 test-emulated-gpu gpu gpu-check gpu-perf gpu-sanitize gpu-suite gpu-ampere demo info clean
 
 run: setup
 	$(VPY) -m benchmarks
 
-# The five steps, TEST_JOBS at a time (each is one pytest process that keeps about one core busy:
+# The six steps, TEST_JOBS at a time (each is one pytest process that keeps about one core busy:
 # the emulator's runs and builds are single-threaded), torch on one thread each (two steps that
 # each run two threads on two cores wait on each other's spinning threads); each step's output is
 # printed when it ends, and every step runs even when another fails (-k). TEST_JOBS=1 runs them
 # one after another with torch's default threads.
 TEST_JOBS   ?= 2
-TEST_STEPS   = test-emulator test-emulated-gpu test-tf5 test-tf518 test-tf457  # (the longest first)
+TEST_STEPS   = test-emulator test-emulated-gpu test-rest test-tf5 test-tf457 test-tf518  # (the longest first)
 test: setup
 	$(if $(filter 1,$(TEST_JOBS)),,OMP_NUM_THREADS=1) $(MAKE) --no-print-directory -k -j$(TEST_JOBS) \
 	    --output-sync=target $(TEST_STEPS)
@@ -86,8 +86,12 @@ build:
 test-emulator:
 	$(VPY) -m pytest $(PYTEST_ARGS) tests/test_emulator.py
 
+# transformers 5.24: the files that meet transformers, and (test-rest) every other file but the emulator's
 test-tf5:
-	$(VPY) -m pytest $(PYTEST_ARGS) tests --ignore=tests/test_emulator.py
+	$(VPY) -m pytest $(PYTEST_ARGS) $(TF_TESTS)
+
+test-rest:
+	$(VPY) -m pytest $(PYTEST_ARGS) tests --ignore=tests/test_emulator.py $(addprefix --ignore=,$(TF_TESTS))
 
 test-tf518:
 	PYTHONPATH=$(TF518_DIR) $(VPY) -m pytest $(PYTEST_ARGS) $(TF_TESTS)
