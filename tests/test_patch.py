@@ -362,12 +362,7 @@ def test_fp8_checkpoint_modules_run_their_own_forward(moe, monkeypatch):
     eager forward one-hot encodes them: with qwen3x's int32 ids it raised). With
     experts_implementation="qwen3x" the FP8 experts run their own forward (a KeyError before: the
     FP8 experts' interface did not know the name)."""
-    from qwen3x import ops
-
-    ran = collections.Counter()
-    for name in ("moe_router", "qk_norm_rope"):
-        original = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name, **k: ran.update([_n]) or _f(*a, **k))
+    ran = _spy_on_ops(monkeypatch, ("moe_router", "qk_norm_rope"))
     base = tiny_model(moe=moe)
     model = _fp8_shaped(copy.deepcopy(base))
     ids = _ids()
@@ -566,13 +561,13 @@ def _wrap_like_tensor_parallel(module, calls):
     module.forward = tp_forward
 
 
-def _spy_on_layer_ops(monkeypatch) -> collections.Counter:
-    """Counts the calls of the ops that only the patched decoder layer (add_rms_norm) and the patched
-    experts (moe_experts; 4.57's block: moe) make."""
+def _spy_on_ops(monkeypatch, names=("add_rms_norm", "moe_experts", "moe")) -> collections.Counter:
+    """Counts the calls of the qwen3x ops ``names`` (by default those that only the patched decoder
+    layer, add_rms_norm, and the patched experts, moe_experts or 4.57's block's moe, make)."""
     from qwen3x import ops
 
     ran = collections.Counter()
-    for name in ("add_rms_norm", "moe_experts", "moe"):
+    for name in names:
         original = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name, **k: ran.update([_n]) or _f(*a, **k))
     return ran
@@ -584,7 +579,7 @@ def test_patch_reaches_forwards_wrapped_on_the_instance(moe, monkeypatch):
     wrapped. patch re-points them, so patched layers run qwen3x inside accelerate's hooks and
     transformers' tensor-parallel forward (which wraps the experts); unpatch points them back, also
     where accelerate's hook was removed in between (its forward is left on the instance)."""
-    ran = _spy_on_layer_ops(monkeypatch)
+    ran = _spy_on_ops(monkeypatch)
     base = tiny_model(moe=moe)
     model = copy.deepcopy(base)
     calls = []
@@ -655,12 +650,8 @@ def test_patch_runs_under_accelerate_hooks(placement, moe, monkeypatch, tmp_path
     each module."""
     from accelerate import cpu_offload, dispatch_model
 
-    from qwen3x import ops
-
-    ran = collections.Counter()
-    for name in ("attention", "rms_norm", "moe_experts", "qk_norm_rope", "qk_norm_rope_", "add_rms_norm"):
-        original = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name, **k: ran.update([_n]) or _f(*a, **k))
+    ran = _spy_on_ops(monkeypatch, ("attention", "rms_norm", "moe_experts", "qk_norm_rope", "qk_norm_rope_",
+                                    "add_rms_norm"))
     base = tiny_model(moe=moe)
     model = copy.deepcopy(base)
     if placement == "device_map":  # a layer on "disk" makes dispatch_model hook the model on a CPU
@@ -775,12 +766,7 @@ def test_backward_hooks_block_fusion_only_where_autograd_records(monkeypatch):
     """A module with only backward hooks (as transformers <= 5.23's tensor parallelism leaves on
     q_norm and k_norm) may be fused past where autograd records nothing (its call would not install
     them); where it records, the module is called and its hooks run in the backward."""
-    from qwen3x import ops
-
-    ran = collections.Counter()
-    for name in ("qk_norm_rope", "qk_norm_rope_"):
-        original = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name, **k: ran.update([_n]) or _f(*a, **k))
+    ran = _spy_on_ops(monkeypatch, ("qk_norm_rope", "qk_norm_rope_"))
     base = tiny_model()
     model = qwen3x.patch(copy.deepcopy(base))
     fired = []
