@@ -1166,22 +1166,28 @@ def test_attention_takes_the_cache_under_either_name_and_refuses_both():
         pos = torch.arange(5)[None]
         emb = model.model.rotary_emb(x, pos)
         lengths = []
-        names = ("cache", "past_key_values") if TF5 else ("past_key_values",)  # 4.57's Cache.update takes no kwargs
+        # (5.24's layers hand Cache.update kwargs, which 4.57's takes none of; before 5.24, a `cache`
+        # keyword is continuous batching's, for the attention function)
+        names = ("cache", "past_key_values") if CACHE == "cache" else ("past_key_values",)
         for name in names:
             cache = DynamicCache(config=model.config)
             attn(x[:, :3], position_embeddings=tuple(t[:, :3] for t in emb), attention_mask=None, **{name: cache})
             attn(x[:, 3:], position_embeddings=tuple(t[:, 3:] for t in emb), attention_mask=None, **{name: cache})
             lengths.append(cache.get_seq_length())
         assert lengths == [5] * len(names)
+        if CACHE != "cache":
+            return
         with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
             attn(x, position_embeddings=emb, attention_mask=None, cache=DynamicCache(config=model.config),
                  past_key_values=DynamicCache(config=model.config))  # fmt: skip
 
 
-@pytest.mark.skipif(CACHE != "cache", reason="continuous batching on the CPU: transformers 5.24 and later")
+@pytest.mark.skipif(not TF5, reason="continuous batching on the CPU: transformers 5.x")
 def test_continuous_batching_generates_what_unpatched_generates():
     """generate_batch's paged cache fills the attention's keyword arguments in place when the
-    layer hands them to cache.update (transformers >= 5.24): the patched layer must hand them too."""
+    layer hands them to cache.update (transformers >= 5.24): the patched layer must hand them too.
+    Before 5.24 the paged cache travels as a `cache` keyword to the paged attention function, which
+    updates it: the patched layer took it for its own cache (and generated nothing)."""
     from transformers import GenerationConfig
 
     base = tiny_model()

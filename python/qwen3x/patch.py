@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import sys
 import types
 import warnings
@@ -63,7 +64,11 @@ def _patched_class(cls: type) -> type:
     """
     if cls not in _patched_classes:
         mixin = _MIXINS[cls.__name__]
-        patched = type(cls.__name__, (mixin, cls), {_ORIGINAL: cls, "__module__": __name__})
+        # (whether HF's forward names its cache `cache`, transformers >= 5.24, or past_key_values:
+        # read by the attention layer, a constant to torch.compile)
+        takes_cache = "cache" in inspect.signature(cls.forward).parameters
+        patched = type(cls.__name__, (mixin, cls), {_ORIGINAL: cls, "__module__": __name__,
+                                                    "_qwen3x_takes_cache": takes_cache})
         patched.__qualname__ = _PREFIX + cls.__name__
         _patched_classes[cls] = patched
     return _patched_classes[cls]

@@ -102,7 +102,10 @@ _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_
 def _packed_sequences(kwargs, q_len: int, kv_len: int):
     """(cu_q, cu_k, max_q, max_k) when the caller packed sequences the way HF's flash-attention path
     reads them (``cu_seq_lens_q/k``, ``max_length_q/k``, e.g. from DataCollatorWithFlattening with
-    return_flash_attn_kwargs=True) and there is no cache; else None."""
+    return_flash_attn_kwargs=True) and the keys are the queries' own (no past; an empty cache, as a
+    forward with use_cache=True makes, included: HF's flash path attends per sequence there too,
+    where its SDPA mask builder, which looks for packing only without a cache, lets them attend
+    across); else None."""
     values = [kwargs.get(name) for name in _VARLEN_KWARGS]
     if any(v is None for v in values) or q_len != kv_len:
         return None
@@ -291,6 +294,11 @@ class Attention:
         cache=None,  # the cache, as transformers 5.24 and later name it
         **kwargs,
     ):
+        if cache is not None and not self._qwen3x_takes_cache:
+            # Before transformers 5.24 the layers' cache is past_key_values, and a `cache` keyword is
+            # continuous batching's paged cache on its way to the paged attention function (which
+            # updates it): pass it on.
+            kwargs["cache"], cache = cache, None
         if cache is not None and past_key_values is not None:
             raise ValueError("qwen3x attention: got both `cache` and `past_key_values`; pass the cache once")
         # transformers >= 5.24 hands its cache the attention's keyword arguments (a paged cache
