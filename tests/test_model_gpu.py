@@ -9,12 +9,13 @@ rounding and a floor (qwen3x.testing).
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
 import torch
 from models import CACHE, TF5, VOCAB, tiny_model
-from qwen3x.testing import MAX_EXCUSED, assert_close_to_truth, routing_agreement
+from qwen3x.testing import MAX_EXCUSED, assert_close_to_truth, compare_routing, router_probs, routing_agreement
 
 import qwen3x
 from qwen3x import _library
@@ -58,6 +59,14 @@ def _logits(model, ids, **kw):
         return model(ids, **kw).logits.float()
 
 
+def _checked_agreement(routing):
+    decisive = routing.decisive_flips
+    assert not decisive, f"other experts than the truth's at decided gaps, (batch, position): {decisive}"
+    agrees = routing.agrees
+    assert (~agrees).float().mean() <= MAX_EXCUSED, f"{int((~agrees).sum())} of {agrees.numel()} tokens routed otherwise"
+    return agrees
+
+
 def _routing_agrees(truth, baseline, patched, ids, **kw):
     """[B, S] False where the patched model routes a token to other experts than the truth in
     some MoE layer at a near tie (qwen3x.testing.routing_agreement): any bf16 implementation may
@@ -65,12 +74,7 @@ def _routing_agrees(truth, baseline, patched, ids, **kw):
     pick at a decided gap fails here, as do more than MAX_EXCUSED of the tokens routed otherwise.
     (Found by running these tests on the CPU emulator: one token in 48 took another expert at a
     10% gap.) All True for dense models."""
-    routing = routing_agreement(truth, baseline, patched, ids, **kw)
-    decisive = routing.decisive_flips
-    assert not decisive, f"other experts than the truth's at decided gaps, (batch, position): {decisive}"
-    agrees = routing.agrees
-    assert (~agrees).float().mean() <= MAX_EXCUSED, f"{int((~agrees).sum())} of {agrees.numel()} tokens routed otherwise"
-    return agrees
+    return _checked_agreement(routing_agreement(truth, baseline, patched, ids, **kw))
 
 
 def test_prefill_logits_with_left_padding(models):
@@ -196,3 +200,29 @@ def test_training_step_gradients(models):
             assert got is None and base is None
             continue
         assert_close_to_truth(got.float(), base.float(), want.double())
+
+
+def test_autocast_with_fp32_weights(models, monkeypatch):
+    """Mixed-precision use (fp32 weights under torch.autocast, bf16 matmuls): QK-norm + RoPE runs
+    its fp32 kernel (HF's norms promote bf16 q and k to their weights' fp32), attention the bf16
+    kernel, 5.x's experts the bf16 kernel over the weights cast once (many picks); the logits
+    against the truth, with the unpatched model under autocast as the baseline."""
+    from qwen3x import ops
+
+    truth = models[0]
+    baseline, patched = copy.deepcopy(truth), qwen3x.patch(copy.deepcopy(truth))
+    seen = collections.defaultdict(set)  # op -> the dtypes of its first argument
+    for name in ("qk_norm_rope_", "attention", "moe_experts"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda x, *a, _f=original, _n=name, **k: seen[_n].add(x.dtype) or _f(x, *a, **k))
+    ids = _ids(2, 24)
+    want = _logits(truth, ids).double()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, base = _logits(patched, ids), _logits(baseline, ids)
+        probs = [router_probs(m, ids) for m in (baseline, patched)]
+    moe5 = TF5 and hasattr(truth.config, "num_experts")
+    assert seen == {"qk_norm_rope_": {torch.float32}, "attention": {torch.bfloat16},
+                    **({"moe_experts": {torch.bfloat16}} if moe5 else {})}
+    k = getattr(truth.config, "num_experts_per_tok", 0)
+    agrees = _checked_agreement(compare_routing(router_probs(truth, ids), *probs, k, shape=ids.shape))
+    assert_close_to_truth(got[agrees], base[agrees], want[agrees])

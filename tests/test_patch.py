@@ -471,19 +471,23 @@ def test_lora_wrapped_projections_train_like_unpatched(moe):
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_autocast_keeps_hf_numerics(moe, monkeypatch):
-    """Under autocast (fp32 weights, bf16 matmuls) the norms keep HF's promotions; attention runs
-    qwen3x's op on q, k and v in the autocast dtype, as SDPA's autocast casts them (on a GPU the
-    bf16 kernel: with q/k fp32 from the norms and, through a transformers <= 5.23 cache, v fp32 too,
-    it ran the fp32 reference, scores materialized); 4.57's MoE block rounds its routing weights to
-    the residual stream's dtype, as HF's does (to the bf16 logits' before: 2e-3 off)."""
+    """Under autocast (fp32 weights, bf16 matmuls) the ops run in the dtypes HF's code computes in:
+    QK-norm + RoPE in fp32 (HF's norms promote bf16 q and k to their fp32 weights'; the op, not the
+    eager chain), attention on q, k and v in the autocast dtype, as SDPA's autocast casts them (on a
+    GPU the bf16 kernel: with q/k fp32 from the norms and, through a transformers <= 5.23 cache, v
+    fp32 too, it ran the fp32 reference, scores materialized), 5.x's experts in bf16 as autocast's
+    F.linear would (the kernel; was the per-expert reference loop); 4.57's MoE block rounds its
+    routing weights to the residual stream's dtype, as HF's does (to the bf16 logits' before: 2e-3 off)."""
     from qwen3x import ops
 
-    seen = []
-    original = ops.attention
-    monkeypatch.setattr(ops, "attention", lambda q, *a, **k: seen.append(q.dtype) or original(q, *a, **k))
+    seen = collections.defaultdict(list)
+    for name in ("attention", "qk_norm_rope", "qk_norm_rope_", "moe_experts"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda x, *a, _f=original, _n=name, **k: seen[_n].append(x.dtype) or _f(x, *a, **k))
     base = tiny_model(moe=moe)
     patched = qwen3x.patch(copy.deepcopy(base))
     ids = _ids()
+    layers = base.config.num_hidden_layers
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ref, out = base(ids).logits, patched(ids).logits
         if moe and not TF5:
@@ -492,16 +496,79 @@ def test_autocast_keeps_hf_numerics(moe, monkeypatch):
             assert torch.equal(blocks[1](h)[0], blocks[0](h)[0])
     assert out.dtype == ref.dtype
     assert_rel_close(out.float(), ref.float(), 2e-2)
-    assert seen == [torch.bfloat16] * base.config.num_hidden_layers
+    assert seen["attention"] == [torch.bfloat16] * layers
+    assert seen["qk_norm_rope_"] == [torch.float32] * layers and not seen["qk_norm_rope"]
+    assert seen["moe_experts"] == ([torch.bfloat16] * layers if moe and TF5 else [])
+    if moe and TF5:  # fewer picks than experts: autocast's per-expert loop, which casts only those touched
+        seen.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            few = ids[:1, :3]  # 3 tokens x top-2 < 8 experts
+            assert_rel_close(patched(few).logits.float(), base(few).logits.float(), 2e-2)
+        assert not seen["moe_experts"]
+    # training: the same ops (QK-norm + RoPE out of place); fp32 gradients, each as far from the
+    # fp32 model's (no autocast) as at most twice HF's under autocast, plus 1%
+    seen.clear()
+    truth = copy.deepcopy(base)
+    for m in (base, patched, truth):
+        m.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=m is not truth):
+            m(ids, labels=ids).loss.backward()
+    assert seen["qk_norm_rope"] == [torch.float32] * layers and not seen["qk_norm_rope_"]
+    assert seen["moe_experts"] == ([torch.bfloat16] * layers if moe and TF5 else [])
+    hf, exact = dict(base.named_parameters()), dict(truth.named_parameters())
+    for name, p in patched.named_parameters():
+        if hf[name].grad is None:  # (4.57: an expert no token picked)
+            assert p.grad is None, name
+            continue
+        assert p.grad.dtype == torch.float32, name
+        if ".experts." in name and not TF5:
+            continue  # (HF's own loop, patched or not; a token near a bf16 routing tie changes them wholesale)
+        g = exact[name].grad
+        err, err_hf = (p.grad - g).norm(), (hf[name].grad - g).norm()
+        assert err <= 2 * err_hf + 1e-2 * g.norm(), (name, err, err_hf, g.norm())
     # autocast leaves fp64 alone (q, k and v cast to bf16 met an fp64 o_proj), and a device autocast
     # knows nothing of (meta: shape inference) must not be asked about it
     if not (moe and TF5):  # (5.x's default grouped_mm experts refuse fp64, unpatched too)
-        base64, patched64 = base.double(), patched.double()
+        base64, patched64 = base.double().eval(), patched.double().eval()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             assert_rel_close(patched64(ids).logits, base64(ids).logits, REL)
     if TF5:  # (4.57's own rotary cannot run on meta)
         with torch.no_grad():
-            assert patched.to("meta")(ids.to("meta")).logits.shape == (*ids.shape, VOCAB)
+            assert patched.eval().to("meta")(ids.to("meta")).logits.shape == (*ids.shape, VOCAB)
+
+
+def test_autocast_qk_norm_rope_is_fp32_accurate():
+    """Under autocast the fused QK-norm + RoPE computes in fp32 from the bf16 projections (HF's
+    chain rounds the normalized q to bf16 before its fp32 weight): against fp64, its q and k carry
+    fp32's rounding, HF's bf16's."""
+    from qwen3x import reference
+    from qwen3x.layers import attention as patched_attention
+
+    model = qwen3x.patch(tiny_model())
+    with torch.no_grad():
+        for norm in (model.model.layers[0].self_attn.q_norm, model.model.layers[0].self_attn.k_norm):
+            norm.weight.normal_(1.0, 0.5)  # (ones would be exact in bf16)
+    attn = model.model.layers[0].self_attn
+    B, S, D = 2, 9, attn.head_dim
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, S, 4, D, generator=g).bfloat16() * 3
+    k = torch.randn(B, S, 2, D, generator=g).bfloat16() * 3
+    positions = torch.arange(S).expand(B, S)
+    x = torch.zeros(B, S, model.config.hidden_size)
+    with torch.no_grad():
+        pe = model.model.rotary_emb(x, positions)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = patched_attention._norm_rope(attn, q, k, pe)
+            cos, sin = (t.unsqueeze(2) for t in pe)  # HF's chain: its norms, then its rotation
+            hf = [reference.apply_rope(norm(t), cos, sin) for norm, t in ((attn.q_norm, q), (attn.k_norm, k))]
+        cos64, sin64 = (t.double() for t in reference.rope_cos_sin(positions, pe.inv_freq, pe.attention_scaling,
+                                                                      torch.float64))
+        for t_ours, t_hf, t, norm in zip(ours, hf, (q, k), (attn.q_norm, attn.k_norm)):
+            assert t_ours.dtype == t_hf.dtype == torch.float32
+            exact = reference.apply_rope(reference.rms_norm(t.double(), norm.weight.double(), norm.variance_epsilon),
+                                         cos64.unsqueeze(2), sin64.unsqueeze(2))
+            err_ours, err_hf = ((t_ours.double() - exact).abs().max(), (t_hf.double() - exact).abs().max())
+            assert err_ours <= err_hf / 100, (err_ours, err_hf)
 
 
 @pytest.mark.parametrize("moe", [False, True])

@@ -58,6 +58,8 @@ class CpuTorch(types.ModuleType):
         attr = getattr(torch, name)
         if name == "cuda":
             return types.SimpleNamespace(synchronize=lambda *a, **k: None, is_available=lambda: True)
+        if name == "autocast":  # autocast("cuda", ...): the CPU's
+            return lambda device_type, *a, **k: attr(_on_cpu(device_type).type, *a, **k)
         if callable(attr) and not isinstance(attr, type):
             def call(*args, **kwargs):
                 if "device" in kwargs:

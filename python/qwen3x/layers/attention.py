@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import ops, reference
 from . import packing
-from .dispatch import reference_instead
+from .dispatch import autocast_dtype, reference_instead
 
 
 def _hf_function(module, name: str):
@@ -57,12 +57,11 @@ def attention_forward(
     bool_or_none = attention_mask is None or (
         isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
     )
-    device_type = query.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    dtype = autocast_dtype(query)
+    if dtype is not None:
         # What SDPA's autocast does with them: each floating tensor but fp64 in the autocast dtype (q
         # and k leave HF's norms in fp32, v leaves v_proj in bf16; a cache may have made v fp32 too),
         # so attention runs on the half-precision kernel instead of the fp32 reference
-        dtype = torch.get_autocast_dtype(device_type)
         query, key, value = (t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
                              for t in (query, key, value))
     one_dtype = query.dtype == key.dtype == value.dtype
@@ -157,23 +156,30 @@ def mask_function(*args, **kwargs):
 
 
 def _fused_norm_args(module, q, k, position_embeddings):
-    """The arguments after (q, k) of the qk_norm_rope ops when the kernel can serve this call, else None."""
+    """The arguments after (q, k) of the qk_norm_rope ops when the kernel can serve this call, else
+    None. The op runs in the dtype HF's norms return, the promotion of the activations' and the
+    weights' (fp32 under autocast, whose projections give bf16 and whose norm weights stay fp32):
+    the weights come cast to it (exact, or no cast), and q and k are cast by the caller when theirs
+    differs (_norm_rope)."""
     q_norm, k_norm = module.q_norm, module.k_norm
     eps = q_norm.variance_epsilon
     inv_freq = getattr(position_embeddings, "inv_freq", None)
+    w_dtype = q_norm.weight.dtype  # (promote_types is a dispatcher call: none in the common case)
+    dtype = q.dtype if w_dtype == q.dtype else torch.promote_types(q.dtype, w_dtype)
     fused = (
         inv_freq is not None
         and inv_freq.device == position_embeddings.positions.device == q.device
         and k_norm.variance_epsilon == eps
-        and q_norm.weight.dtype == k_norm.weight.dtype == q.dtype == k.dtype  # not under autocast
+        and q.dtype == k.dtype and q_norm.weight.dtype == k_norm.weight.dtype
         and q_norm.weight.device == k_norm.weight.device == q.device  # (a hook would move them)
         and not (packing.has_hooks(q_norm) or packing.has_hooks(k_norm))  # hooked modules are called
-        and not reference_instead("qk_norm_rope", q)
+        and not reference_instead("qk_norm_rope", q, dtype=dtype)
     )
     if not fused:
         return None
     positions = position_embeddings.positions  # [B, S]
-    return (q_norm.weight, k_norm.weight, positions, inv_freq, position_embeddings.attention_scaling, eps)
+    weights = q_norm.weight.to(dtype), k_norm.weight.to(dtype)
+    return (*weights, positions, inv_freq, position_embeddings.attention_scaling, eps)
 
 
 def _owns_q(module) -> bool:
@@ -205,6 +211,11 @@ def _norm_rope(module, q, k, position_embeddings):
     """Per-head RMSNorm of q [B, S, Hq, D] and k [B, S, Hkv, D], then RoPE. Returns (q, k)."""
     args = _fused_norm_args(module, q, k, position_embeddings)
     if args is not None:
+        dtype = args[0].dtype
+        if q.dtype != dtype:  # autocast: bf16 q and k, fp32 weights; fp32 out, as HF's norms give
+            # (one rounding fewer than HF's, which rounds the normalized q to bf16 before the weight)
+            q, k = q.to(dtype), k.to(dtype)
+            return (ops.qk_norm_rope if torch.is_grad_enabled() else ops.qk_norm_rope_)(q, k, *args)
         # In place only on outputs nobody else can hold: plain projections, no hooks, no autograd.
         if _owns_q(module) and packing.plain_linear(module.k_proj):
             return ops.qk_norm_rope_(q, k, *args)
@@ -312,6 +323,8 @@ class Attention:
         # into their slots, one launch (qk_norm_rope_cache_) instead of three.
         static = _writable_static_layer(past_key_values, self.layer_idx, k, v) if past_key_values is not None else None
         args = _fused_norm_args(self, q, k, position_embeddings) if static is not None and _owns_q(self) else None
+        if args is not None and args[0].dtype != q.dtype:  # (autocast: q and k need a cast first; HF writes)
+            args = None
         key_lengths = None
         if args is not None:
             slots = _cache_slots(static, q.shape[1], cache_position, q.device)

@@ -33,10 +33,21 @@ def transforming() -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def reference_instead(op: str, x: torch.Tensor, shapes_ok: bool = True, shapes: str = "") -> bool:
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on x's device, or None where autocast is off (or
+    unknown to the device type: meta)."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def reference_instead(op: str, x: torch.Tensor, shapes_ok: bool = True, shapes: str = "",
+                      dtype: torch.dtype | None = None) -> bool:
     """True for a CUDA tensor that ``op``'s kernel does not serve (dtype, head_dim, or shapes the
     caller checked: ``shapes_ok`` False, described by ``shapes``), and for any tensor under a
-    torch.func transform (``transforming``)."""
+    torch.func transform (``transforming``). ``dtype``: the dtype the caller would cast x to
+    first (default x's own)."""
     if transforming():
         return True
     if not (x.is_cuda and has_cuda_kernel(op)):
@@ -47,16 +58,17 @@ def reference_instead(op: str, x: torch.Tensor, shapes_ok: bool = True, shapes: 
                   f"(sm_{major}{minor}): the patched layers run the PyTorch references there; "
                   f"{rebuild_hint(major, minor)}")
         return True
+    dtype = x.dtype if dtype is None else dtype
     dtypes = KERNEL_DTYPES.get(op, DEFAULT_DTYPES)
     head_dim_ok = op not in HEAD_DIM_OPS or x.shape[-1] == KERNEL_HEAD_DIM
-    if x.dtype in dtypes and head_dim_ok and shapes_ok:
+    if dtype in dtypes and head_dim_ok and shapes_ok:
         return False
     served = ", ".join(map(str, dtypes)) + (f", head_dim {KERNEL_HEAD_DIM}" if op in HEAD_DIM_OPS else "")
-    what = f"{x.dtype}" + ("" if head_dim_ok else f", head_dim {x.shape[-1]}") + ("" if shapes_ok else f", {shapes}")
+    what = f"{dtype}" + ("" if head_dim_ok else f", head_dim {x.shape[-1]}") + ("" if shapes_ok else f", {shapes}")
     warn_once(op, f"qwen3x.{op}: no CUDA kernel for {what} (it serves {served}); running the PyTorch reference")
     return True
 
 
-def moe_reference_instead(op: str, x: torch.Tensor, hidden: int, inter: int) -> bool:
+def moe_reference_instead(op: str, x: torch.Tensor, hidden: int, inter: int, dtype: torch.dtype | None = None) -> bool:
     """reference_instead for the expert GEMM ops, which also need tileable hidden/intermediate sizes."""
-    return reference_instead(op, x, moe_shapes_served(hidden, inter), f"hidden {hidden}, intermediate {inter}")
+    return reference_instead(op, x, moe_shapes_served(hidden, inter), f"hidden {hidden}, intermediate {inter}", dtype)
