@@ -537,6 +537,33 @@ def test_autocast_keeps_hf_numerics(moe, monkeypatch):
             assert patched.eval().to("meta")(ids.to("meta")).logits.shape == (*ids.shape, VOCAB)
 
 
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_autocast_into_the_other_half_dtype(moe):
+    """bf16 weights (norms kept fp32) under fp16 autocast, training and inference: autocast casts
+    every matmul's operands to fp16, and the patched model ran into two refusals HF's code does not
+    meet: packing's cat (autocast raises for bf16 tensors among its promoting ops under fp16) and
+    the experts' op (fp32 hidden states, bf16 weights; now cast like autocast's F.linear, or HF's
+    loop on 4.57)."""
+    base = tiny_model(moe=moe).to(torch.bfloat16)
+    for module in base.modules():
+        if "RMSNorm" in type(module).__name__:
+            module.float()
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids()
+    for grad in (False, True):
+        out = []
+        for m in (base, patched):
+            m.train(grad)
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.float16):
+                result = m(ids, labels=ids)
+            if grad:
+                result.loss.backward()
+            out.append(result.logits.float())
+        assert_rel_close(out[1], out[0], 2e-2)
+    for (name, p), q in zip(patched.named_parameters(), base.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or p.grad.dtype == p.dtype), name
+
+
 def test_autocast_qk_norm_rope_is_fp32_accurate():
     """Under autocast the fused QK-norm + RoPE computes in fp32 from the bf16 projections (HF's
     chain rounds the normalized q to bf16 before its fp32 weight): against fp64, its q and k carry

@@ -108,11 +108,11 @@ def experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 def _autocast_half(*tensors: torch.Tensor) -> torch.dtype | None:
-    """Autocast's half dtype where it is on and would cast some of ``tensors`` (fp32) to it (the
-    others already in it), else None."""
+    """Autocast's half dtype where it is on and would cast some of ``tensors`` to it (fp32, or the
+    other half dtype: bf16 weights under fp16 autocast), else None. (fp64 it leaves alone.)"""
     dtype = autocast_dtype(tensors[0])
     dtypes = {t.dtype for t in tensors}
-    return dtype if dtype in HALF_DTYPES and dtypes <= {dtype, torch.float32} and dtypes != {dtype} else None
+    return dtype if dtype in HALF_DTYPES and dtypes <= {*HALF_DTYPES, torch.float32} and dtypes != {dtype} else None
 
 
 class Experts:
@@ -131,7 +131,8 @@ class SparseMoeBlock:
     """transformers 4.57's block (ModuleList of experts); returns (out, router_logits) like HF.
 
     Training runs HF's own loop: stacking all experts for autograd would give the experts no token
-    picked zero gradients instead of none, and optimizers treat the two differently.
+    picked zero gradients instead of none, and optimizers treat the two differently. So does
+    autocast where it would cast the experts (its F.linear per expert; the op takes one dtype).
     """
 
     def forward(self, hidden_states: torch.Tensor):
@@ -143,6 +144,7 @@ class SparseMoeBlock:
             weights is None
             or packing.needs_grad(weights)
             or not packing.may_pack(weights)  # (else a copy of every expert a call)
+            or _autocast_half(hidden_states, *weights) is not None  # (HF's loop, F.linear casting each expert)
         ):
             return super().forward(hidden_states)
         B, S, H = hidden_states.shape
@@ -153,7 +155,6 @@ class SparseMoeBlock:
         gate_up = packing.packed(self, "gate_up_proj", gate_up_params, (E, 2 * I, H))
         down = packing.packed(self, "down_proj", [e.down_proj.weight for e in experts], (E, H, I))
         moe = reference.moe if moe_reference_instead("moe", x, H, I) else ops.moe
-        # (HF 4.57 rounds the routing weights to the hidden states' dtype, the op to the logits': they
-        # differ under autocast, where the gate's logits are bf16 and the residual stream fp32)
+        # (HF 4.57 rounds the routing weights to the hidden states' dtype, the op to the logits')
         out = moe(x, router_logits.to(x.dtype), gate_up, down, self.top_k, self.norm_topk_prob)
         return out.reshape(B, S, H), router_logits

@@ -27,7 +27,7 @@ import types
 import torch
 from torch import nn
 
-from .dispatch import transforming
+from .dispatch import autocast_dtype, transforming
 
 ATTR = "_qwen3x_packed"  # owner.__dict__[ATTR]: key -> (buffer, the parameters packed into it)
 HOOKS = "_qwen3x_packing_hooks"
@@ -79,8 +79,14 @@ def may_pack(params: list[torch.Tensor]) -> bool:
 
 
 def stacked(params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    """The packed layout, built with autograd (a copy per call)."""
-    return torch.cat([p.reshape(-1) for p in params]).view(shape)
+    """The packed layout, built with autograd (a copy per call). Outside autocast, which counts cat
+    among its promoting ops and raises for half-precision tensors of the other half dtype (bf16
+    weights under fp16 autocast); the GEMM that reads the layout casts as HF's projections would."""
+    flat = [p.reshape(-1) for p in params]
+    if autocast_dtype(flat[0]) is None:
+        return torch.cat(flat).view(shape)
+    with torch.autocast(flat[0].device.type, enabled=False):
+        return torch.cat(flat).view(shape)
 
 
 def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
