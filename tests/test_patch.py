@@ -476,14 +476,10 @@ def test_autocast_keeps_hf_numerics(moe, monkeypatch):
     eager chain), attention on q, k and v in the autocast dtype, as SDPA's autocast casts them (on a
     GPU the bf16 kernel: with q/k fp32 from the norms and, through a transformers <= 5.23 cache, v
     fp32 too, it ran the fp32 reference, scores materialized), 5.x's experts in bf16 as autocast's
-    F.linear would (the kernel; was the per-expert reference loop); 4.57's MoE block rounds its
-    routing weights to the residual stream's dtype, as HF's does (to the bf16 logits' before: 2e-3 off)."""
-    from qwen3x import ops
-
-    seen = collections.defaultdict(list)
-    for name in ("attention", "qk_norm_rope", "qk_norm_rope_", "moe_experts"):
-        original = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda x, *a, _f=original, _n=name, **k: seen[_n].append(x.dtype) or _f(x, *a, **k))
+    F.linear would (the kernel; was the per-expert reference loop); 4.57's MoE block runs HF's own
+    loop wherever autocast would cast its experts (bitwise HF's)."""
+    seen = collections.defaultdict(list)  # op -> its calls' first arguments' dtypes
+    _spy_on_ops(monkeypatch, ("attention", "qk_norm_rope", "qk_norm_rope_", "moe_experts"), seen)
     base = tiny_model(moe=moe)
     patched = qwen3x.patch(copy.deepcopy(base))
     ids = _ids()
@@ -655,15 +651,22 @@ def _wrap_like_tensor_parallel(module, calls):
     module.forward = tp_forward
 
 
-def _spy_on_ops(monkeypatch, names=("add_rms_norm", "moe_experts", "moe")) -> collections.Counter:
+def _spy_on_ops(monkeypatch, names=("add_rms_norm", "moe_experts", "moe"), dtypes=None) -> collections.Counter:
     """Counts the calls of the qwen3x ops ``names`` (by default those that only the patched decoder
-    layer, add_rms_norm, and the patched experts, moe_experts or 4.57's block's moe, make)."""
+    layer, add_rms_norm, and the patched experts, moe_experts or 4.57's block's moe, make); with
+    ``dtypes`` (a defaultdict(list)), also records each call's first argument's dtype there."""
     from qwen3x import ops
 
     ran = collections.Counter()
+
+    def spy(*a, _f, _n, **k):
+        ran.update([_n])
+        if dtypes is not None:
+            dtypes[_n].append(a[0].dtype)
+        return _f(*a, **k)
+
     for name in names:
-        original = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name, **k: ran.update([_n]) or _f(*a, **k))
+        monkeypatch.setattr(ops, name, functools.partial(spy, _f=getattr(ops, name), _n=name))
     return ran
 
 
