@@ -268,6 +268,97 @@ def test_a_patched_model_that_ran_pickles_and_unpatch_gives_back_separate_storag
     assert torch.equal(_logits(patched, ids), _logits(base, ids))
 
 
+@pytest.mark.parametrize("moe", [False, True])
+def test_checkpoint_writers_after_load_state_dict_into_a_packed_model(tmp_path, moe):
+    """load_state_dict into packed parameters copies into the buffer, which stays theirs: the
+    checkpoint writers and unpatch must still find them (until 2026-11-28 the load dropped the
+    buffers' record, so accelerate's save_model left q/k/v and gate/up out of the checkpoint and
+    safetensors' refused, also after unpatch)."""
+    from safetensors.torch import load_model, save_model
+
+    base = tiny_model(moe=moe)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids(seq=5)
+    _logits(patched, ids)
+    other = tiny_model(moe=moe, seed=3)
+    patched.load_state_dict(other.state_dict())
+    assert_rel_close(_logits(patched, ids), _logits(other, ids), REL)
+    save_model(patched, str(tmp_path / "m.safetensors"))
+    fresh = tiny_model(moe=moe, seed=5)
+    load_model(fresh, str(tmp_path / "m.safetensors"))
+    for (name, p), (_, q) in zip(other.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), name
+    _logits(patched, ids)  # packs again
+    patched.load_state_dict(base.state_dict())
+    qwen3x.unpatch(patched)
+    assert not _storages_shared(patched)
+    assert torch.equal(_logits(patched, ids), _logits(base, ids))
+
+
+def _bytes_held(model) -> int:
+    """Bytes of the distinct storages the model's parameters and qwen3x's packed buffers hold."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    for m in model.modules():
+        for buffer, _ in m.__dict__.get(qwen3x.layers.packing.ATTR, {}).values():
+            storages[buffer.untyped_storage().data_ptr()] = buffer.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_pickle_and_deepcopy_of_a_packed_model_are_the_models_size(moe):
+    """pickle writes a parameter's whole storage, once per parameter (4.57's experts: the packed
+    buffer of all experts, once per expert weight), and deepcopy copied the buffers beside the
+    parameters' own copies: both see each parameter with its own storage now."""
+    import pickle
+
+    base = tiny_model(moe=moe)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids(seq=5)
+    _logits(patched, ids)
+    assert _storages_shared(patched)
+    size = len(pickle.dumps(base))
+    assert len(pickle.dumps(patched)) < 1.05 * size
+    _logits(patched, ids)
+    clone = copy.deepcopy(patched)
+    assert _bytes_held(clone) == _bytes_held(base)
+    assert_rel_close(_logits(clone, ids), _logits(base, ids), REL)
+    assert_rel_close(_logits(patched, ids), _logits(base, ids), REL)
+
+
+def test_compiled_model_after_a_dtype_round_trip_uses_the_new_weights():
+    """A move gives the parameters new storage, as the same objects: the compiled forward (which
+    cannot read storage addresses) used the buffer packed before it."""
+    base = tiny_model(moe=True)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids()
+    _logits(patched, ids)  # eager first: weights packed
+    for model in (base, patched):
+        model.to(torch.bfloat16).float()  # the weights rounded to bf16, back in fp32
+    compiled = torch.compile(patched, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(ids).logits
+    assert_rel_close(out, _logits(base, ids), REL)
+
+
+@pytest.mark.parametrize("where", ["k_proj", "up_proj"])
+def test_projections_of_two_dtypes_are_not_packed(where):
+    """One GEMM over weights of two dtypes would promote them, and packing would re-point the
+    parameter at the promoted buffer: its dtype changed for good. HF calls each as it is (and F.linear
+    raises for the mismatch); so does the patched model."""
+    base = tiny_model()
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids(seq=5)
+    for model in (base, patched):
+        layer = model.model.layers[0]
+        getattr(layer.self_attn if where == "k_proj" else layer.mlp, where).to(torch.bfloat16)
+    with pytest.raises(RuntimeError) as hf_error:
+        _logits(base, ids)
+    with pytest.raises(RuntimeError) as error:
+        _logits(patched, ids)
+    assert str(error.value) == str(hf_error.value)
+    assert {n: p.dtype for n, p in patched.named_parameters()} == {n: p.dtype for n, p in base.named_parameters()}
+
+
 @pytest.mark.skipif(not TF5, reason="ExpertsInterface is transformers 5.x")
 def test_experts_implementation_qwen3x_routes_to_the_op(monkeypatch):
     calls = []

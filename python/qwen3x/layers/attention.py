@@ -199,8 +199,8 @@ def _project_qkv(module, x: torch.Tensor):
     params = [p.weight for p in projections] if plain else []
     if not plain or any(p.device != x.device for p in params) or packing.needs_grad(params):
         return tuple(p(x).view(heads) for p in projections)
-    if not packing.may_pack(params):  # (FSDP's parameters) and no buffer of before left in use
-        packing.forget(module)
+    if not packing.may_pack(params):  # (FSDP's parameters, mixed dtypes) and no buffer of before left in use
+        packing.release(module)
         return tuple(p(x).view(heads) for p in projections)
     sizes = [p.out_features for p in projections]
     w = packing.packed(module, "qkv", params, (sum(sizes), module.q_proj.in_features))
@@ -294,7 +294,7 @@ def _advance(layer, seqlen: int) -> None:
         counter.add_(seqlen)
 
 
-class Attention:
+class Attention(packing.Owner):
     def forward(
         self,
         hidden_states: torch.Tensor,  # [B, S, H]

@@ -16,12 +16,13 @@ def is_silu(config) -> bool:
     return getattr(config, "hidden_act", "silu") in SWIGLU_ACTS
 
 
-class MLP:
+class MLP(packing.Owner):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
         gate, up = self.gate_proj, self.up_proj
-        if not (is_silu(self.config) and packing.plain_linear(gate) and packing.plain_linear(up)):
-            # another activation, or wrapped / hooked projections (PEFT LoRA, offloading,
-            # quantized linears): HF's own forward calls them as they are
+        if not (is_silu(self.config) and packing.plain_linear(gate) and packing.plain_linear(up)
+                and packing.uniform([gate.weight, up.weight])):
+            # another activation, wrapped / hooked projections (PEFT LoRA, offloading, quantized
+            # linears) or weights of two dtypes: HF's own forward calls them as they are
             return super().forward(x)
         params = [gate.weight, up.weight]
         w = packing.weights(self, "gate_up", params, (2 * gate.out_features, gate.in_features))

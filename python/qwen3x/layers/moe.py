@@ -127,7 +127,7 @@ def _plain_expert(expert: nn.Module) -> bool:
     return is_silu(expert.config) and not packing.has_hooks(expert) and all(map(packing.plain_linear, linears))
 
 
-class SparseMoeBlock:
+class SparseMoeBlock(packing.Owner):
     """transformers 4.57's block (ModuleList of experts); returns (out, router_logits) like HF.
 
     Training runs HF's own loop: stacking all experts for autograd would give the experts no token

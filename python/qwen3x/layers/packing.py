@@ -12,12 +12,15 @@ used as is, or the weights are stacked when there is none. Gradients reach the p
 through ``stacked`` (a copy per call): callers use ``needs_grad`` to choose.
 
 Checkpoint writers (accelerate's save_model, safetensors' save_model) take parameters that share a
-storage for tied copies and keep one of them, so the owner's ``state_dict()`` first gives every
-packed parameter its own storage again (``release``; one module at a time, so the extra memory is
-one module's weights) and the next eager forward packs again; ``load_state_dict`` forgets the
-buffers (with assign=True the parameters are new tensors). Until the next eager forward after a
-``model.to(...)``, the old buffer stays alive. ``torch.save`` of one packed parameter alone saves
-the whole shared buffer.
+storage for tied copies and keep one of them, and pickle writes a parameter's whole storage, so
+the owner's ``state_dict()``, pickling and ``copy.deepcopy`` first give every packed parameter its
+own storage again (``release``; one module at a time, so the extra memory is one module's weights)
+and the next eager forward packs again. ``load_state_dict`` (in place: the buffer stays valid) and
+``model.to(...)`` drop the buffers whose parameters are no longer theirs (``assign=True``, new
+storage), giving any parameter still on such a buffer its own storage. So a ``state_dict()`` taken
+before a forward that packs no longer aliases the parameters after it (unpatched it would).
+Rebinding a packed parameter's ``.data`` yourself is seen by the next eager call, not by a
+compiled one before it. ``torch.save`` of one packed parameter alone saves the whole shared buffer.
 """
 
 from __future__ import annotations
@@ -68,12 +71,20 @@ def _distributed_state_in_use() -> bool:
     return len(_module_state_mapping) > 0
 
 
+def uniform(params: list[torch.Tensor]) -> bool:
+    """One dtype and one device: what one GEMM over them needs (a cat would promote the dtypes, and
+    a parameter re-pointed at the promoted buffer would change dtype; HF calls each as it is)."""
+    first = params[0]
+    return all(p.dtype == first.dtype and p.device == first.device for p in params)
+
+
 def may_pack(params: list[torch.Tensor]) -> bool:
-    """Whether ``packed`` may re-point these parameters' ``.data``: they are the model's own, not
-    views of a larger tensor someone else manages (FSDP1's flat parameter, during its forward),
-    and no composable distributed API (FSDP2) manages parameters in this process. Where not, the
-    callers run the projections one by one, or ``packed`` hands out a copy (``stacked``)."""
-    if any(p._base is not None for p in params):
+    """Whether ``packed`` may re-point these parameters' ``.data``: one dtype and device, the
+    model's own, not views of a larger tensor someone else manages (FSDP1's flat parameter, during
+    its forward), and no composable distributed API (FSDP2) manages parameters in this process.
+    Where not, the callers run the projections one by one, or ``packed`` hands out a copy
+    (``stacked``)."""
+    if not uniform(params) or any(p._base is not None for p in params):
         return False
     return torch.compiler.is_compiling() or not _distributed_state_in_use()
 
@@ -95,12 +106,12 @@ def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[
     buffer, packed_params = owner.__dict__.get(ATTR, {}).get(key, (None, ()))
     if torch.compiler.is_compiling():  # (the last eager call's buffer, if it packed these very parameters)
         same = buffer is not None and len(packed_params) == len(params) and all(
-            a is b for a, b in zip(packed_params, params))
+            a is b and a.dtype == buffer.dtype and a.device == buffer.device for a, b in zip(packed_params, params))
         return buffer if same else stacked([p.detach() for p in params], shape)
     if buffer is not None and _is_view_of(buffer, params):
         return buffer
     if not may_pack(params):  # a copy per call, the parameters untouched
-        owner.__dict__.get(ATTR, {}).pop(key, None)
+        release(owner, keys=(key,))
         return stacked([p.detach() for p in params], shape)
     # Never under inference mode: the parameters would become inference tensors for good.
     with torch.inference_mode(False), torch.no_grad():
@@ -111,33 +122,55 @@ def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[
     owner.__dict__.setdefault(ATTR, {})[key] = (buffer, list(params))
     if HOOKS not in owner.__dict__:
         owner.__dict__[HOOKS] = (owner.register_state_dict_pre_hook(_release_hook),
-                                 owner.register_load_state_dict_post_hook(_forget_hook))
+                                 owner.register_load_state_dict_post_hook(_release_stale_hook))
     return buffer
 
 
-def forget(owner: nn.Module) -> None:
-    """Drop the owner's buffers (the parameters stay views of them until the next eager forward
-    packs again)."""
-    owner.__dict__.pop(ATTR, None)
-
-
-def release(owner: nn.Module) -> None:
-    """Give each parameter packed by ``owner`` a storage of its own again, and drop the buffers."""
-    packs = owner.__dict__.pop(ATTR, {})
+def release(owner: nn.Module, keys=None, keep_valid: bool = False) -> None:
+    """Drop the owner's buffers (those of ``keys``; with ``keep_valid``, not those whose parameters
+    still are the owner's and views of them), first giving each of the owner's parameters still
+    on a dropped buffer a storage of its own (parameters no longer the owner's, replaced by
+    ``load_state_dict(assign=True)``, are left as they are: copying them would only cost memory)."""
+    packs = owner.__dict__.get(ATTR)
+    if not packs:
+        return
+    current = {id(p) for p in owner.parameters()}
     with torch.inference_mode(False), torch.no_grad():
-        for buffer, params in packs.values():
+        for key in list(packs) if keys is None else [k for k in keys if k in packs]:
+            buffer, params = packs[key]
+            if keep_valid and all(id(p) in current for p in params) and _is_view_of(buffer, params):
+                continue
             storage = buffer.untyped_storage().data_ptr()
             for p in params:
-                if p.untyped_storage().data_ptr() == storage:
+                if id(p) in current and p.untyped_storage().data_ptr() == storage:
                     p.data = p.data.clone()
+            del packs[key]
+    if not packs:
+        del owner.__dict__[ATTR]
 
 
 def _release_hook(owner: nn.Module, prefix: str, keep_vars: bool) -> None:  # module-level: picklable
     release(owner)
 
 
-def _forget_hook(owner: nn.Module, incompatible_keys) -> None:
-    forget(owner)
+def _release_stale_hook(owner: nn.Module, incompatible_keys) -> None:
+    release(owner, keep_valid=True)
+
+
+class Owner:
+    """Base of the patched classes that pack their weights (attention, the dense MLP, 4.57's MoE
+    block): pickling and deepcopy see each parameter with its own storage (pickle would write the
+    whole shared buffer once per parameter, deepcopy copy it beside the parameters' copies), and a
+    move (``.to``, ``.half``, ...) drops the buffers it left behind."""
+
+    def __getstate__(self):
+        release(self)
+        return super().__getstate__()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        release(self, keep_valid=True)
+        return out
 
 
 def unhook(owner: nn.Module) -> None:
