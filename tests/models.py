@@ -7,7 +7,11 @@ import transformers
 from qwen3x.testing import cache_keyword
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-TF5 = int(transformers.__version__.split(".")[0]) >= 5
+TF_VERSION = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+TF5 = TF_VERSION >= (5, 0)
+# transformers 5.7 and later accept an experts implementation registered by name ("qwen3x");
+# 5.0 to 5.6 only their own ("eager", "grouped_mm", ...): there qwen3x.patch is the way in
+EXPERTS_BY_NAME = TF_VERSION >= (5, 7)
 CACHE = cache_keyword()  # the models' cache argument and output field: cache (5.24+) or past_key_values
 VOCAB = 97
 

@@ -11,6 +11,7 @@ what it saw to DIR/rank{RANK}.json for the test to judge.
 from __future__ import annotations
 
 import collections
+import inspect
 import json
 import os
 import sys
@@ -23,16 +24,20 @@ COUNTED_OPS = ("qk_norm_rope", "qk_norm_rope_", "attention", "rms_norm", "add_rm
                "moe_experts", "moe")
 
 
-def _load(path, tensor_parallel: bool):
+def _load(path, tensor_parallel: bool, world: int = 1):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch.float32}
     if tensor_parallel:
-        try:  # transformers >= 5.18 (tp_plan= directly is deprecated there)
+        # transformers 5.15 and later take the plan in a DistributedConfig (5.18 deprecates tp_plan=;
+        # 5.15 to 5.17 need tp_size too); 4.57 to 5.14 have one without tp_plan
+        try:
             from transformers.distributed import DistributedConfig
-
-            kwargs["distributed_config"] = DistributedConfig(tp_plan="auto")
-        except (ImportError, TypeError):  # (4.57 has a DistributedConfig without tp_plan)
+        except ImportError:
+            DistributedConfig = None
+        if DistributedConfig is not None and "tp_plan" in inspect.signature(DistributedConfig).parameters:
+            kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=world)
+        else:
             kwargs["tp_plan"] = "auto"
     return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
@@ -70,7 +75,7 @@ def main() -> None:
     ids = torch.tensor([[3, 17, 42, 8, 77, 5, 60, 23, 91, 14, 36], [9, 1, 55, 70, 12, 33, 88, 4, 46, 61, 2]])
     for name in ("dense", "moe"):
         path = os.path.join(root, name)
-        model = _load(path, tensor_parallel=True)
+        model = _load(path, tensor_parallel=True, world=world)
         q_proj = model.model.layers[0].self_attn.q_proj
         local = getattr(q_proj.weight, "to_local", lambda: q_proj.weight)()
         want, want_tokens = _run(model, ids)
@@ -88,7 +93,8 @@ def main() -> None:
         full, full_tokens = _run(full_model, ids)
         full_grads = _norm_grads(full_model, ids)
         report[name] = {
-            "sharded": [type(q_proj.weight).__name__, list(local.shape), list(q_proj.weight.shape)],
+            # (transformers 5.9 to 5.12 shard into plain parameters, later ones into DTensors)
+            "sharded": [list(local.shape), model.config.num_attention_heads * model.config.head_dim],
             "layers": len(model.model.layers),
             "patched_vs_tp": (got - want).abs().max().item(),
             "unpatched_again_vs_tp": (back - want).abs().max().item(),

@@ -12,7 +12,7 @@ import types
 
 import pytest
 import torch
-from models import CACHE, TF5, VOCAB, tiny_model
+from models import CACHE, EXPERTS_BY_NAME, TF5, VOCAB, tiny_model
 from qwen3x.testing import assert_rel_close
 
 import qwen3x
@@ -178,7 +178,7 @@ def test_save_pretrained_roundtrip_with_attn_implementation(tmp_path):
     for moe in (False, True):
         base = tiny_model(moe=moe)
         base.save_pretrained(tmp_path / str(moe))
-        kw = {"experts_implementation": "qwen3x"} if (moe and TF5) else {}
+        kw = {"experts_implementation": "qwen3x"} if (moe and EXPERTS_BY_NAME) else {}
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / str(moe), attn_implementation="qwen3x", **kw).eval()
         assert loaded.config._attn_implementation == "qwen3x"
         ids = _ids(seq=5)
@@ -368,6 +368,10 @@ def test_experts_implementation_qwen3x_routes_to_the_op(monkeypatch):
     monkeypatch.setattr(ops, "moe_experts", lambda *a: calls.append(1) or original(*a))
     model = tiny_model(moe=True)
     ref = _logits(model, _ids())
+    if not EXPERTS_BY_NAME:  # transformers 5.0 to 5.6 take only their own names (README says so)
+        with pytest.raises(ValueError, match="qwen3x"):
+            model.set_experts_implementation("qwen3x")
+        return
     model.set_experts_implementation("qwen3x")
     assert_rel_close(_logits(model, _ids()), ref, REL)
     assert calls, "experts_implementation='qwen3x' did not call qwen3x.ops.moe_experts"
@@ -1044,8 +1048,8 @@ def test_tensor_parallel_two_ranks(tmp_path):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for name, r in report.items():
             what = f"rank {rank}, {name}"
-            kind, local, full = r["sharded"]
-            assert kind == "DTensor" and local[0] * TP_WORLD == full[0], f"{what}: q_proj not sharded: {r['sharded']}"
+            local, rows = r["sharded"]
+            assert local[0] * TP_WORLD == rows, f"{what}: q_proj not sharded: {r['sharded']}"
             tol = REL * r["scale"]
             assert r["tp_vs_full"] <= tol, f"{what}: the unpatched TP model is off: {r}"
             assert r["patched_vs_tp"] <= tol, f"{what}: patched logits off by {r['patched_vs_tp']} (tolerance {tol})"

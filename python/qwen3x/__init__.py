@@ -4,7 +4,7 @@
     model = qwen3x.patch(model)             # an already-built Qwen3 / Qwen3-MoE model
     qwen3x.patch_transformers()             # or: every Qwen3 model built from now on
     AutoModelForCausalLM.from_pretrained(path, attn_implementation="qwen3x",
-                                         experts_implementation="qwen3x")   # transformers 5.x
+                                         experts_implementation="qwen3x")   # transformers >= 5.7
     qwen3x.ops.rms_norm(x, w)               # or the ops themselves (torch.ops.qwen3x.*)
 """
 

@@ -7,7 +7,9 @@
   transformers' Qwen3 modeling modules, so models built afterwards (from_pretrained included)
   come up patched.
 - ``register()``: makes ``attn_implementation="qwen3x"`` (with its mask builder) and, on
-  transformers 5.x, ``experts_implementation="qwen3x"`` available; ``import qwen3x`` calls it.
+  transformers 5.x, ``experts_implementation="qwen3x"`` available (5.0 to 5.6 check the experts
+  name against a fixed list of their own, so there only ``patch`` runs qwen3x's experts);
+  ``import qwen3x`` calls it.
 """
 
 from __future__ import annotations
