@@ -340,6 +340,56 @@ def test_compiled_model_after_a_dtype_round_trip_uses_the_new_weights():
     assert_rel_close(out, _logits(base, ids), REL)
 
 
+def test_compiled_forward_over_projections_it_may_not_pack():
+    """Projections that are views of a tensor someone else manages (FSDP1's flat parameter, during
+    its forward) are not packed; under torch.compile the buffer of an earlier eager forward is left
+    for the next eager call to let go (storage addresses cannot be traced: fullgraph failed)."""
+    base = tiny_model()
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids()
+    _logits(patched, ids)  # eager first: weights packed
+    for layer in patched.model.layers:
+        projections = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+        flat = torch.cat([p.weight.detach().reshape(-1) for p in projections])
+        at = 0
+        for p in projections:
+            shape, n = p.weight.shape, p.weight.numel()
+            del p.weight
+            p.weight = flat[at : at + n].view(shape)  # a plain view, as FSDP1 sets it
+            at += n
+    compiled = torch.compile(patched, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(ids).logits
+    assert_rel_close(out, _logits(base, ids), REL)
+
+
+@pytest.mark.skipif(TF5, reason="4.57's MoE block packs the weights of its expert MLPs")
+def test_compiled_moe_block_after_its_experts_ran_on_their_own():
+    """4.57's block packs all experts' weights; where it falls back to HF's loop (autocast here) its
+    expert MLPs ran qwen3x's MLP, which packed their own pair again, leaving the block's buffer behind
+    while the compiled path (same parameter objects) still used it: the experts now leave their
+    weights to the block."""
+    base = tiny_model(moe=True)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids()
+    _logits(patched, ids)  # the block packs its experts
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        patched(ids)  # HF's expert loop
+    with torch.no_grad():  # an optimizer-like update, in place
+        for model in (base, patched):
+            for name, p in model.named_parameters():
+                if "experts" in name:
+                    p.mul_(1.5)
+    compiled = torch.compile(patched, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(ids).logits
+    assert_rel_close(out, _logits(base, ids), REL)
+    assert_rel_close(_logits(patched, ids), _logits(base, ids), REL)
+    qwen3x.unpatch(patched)
+    assert not _storages_shared(patched)
+    assert not any(k.startswith("_qwen3x") for m in patched.modules() for k in m.__dict__)
+
+
 @pytest.mark.parametrize("where", ["k_proj", "up_proj"])
 def test_projections_of_two_dtypes_are_not_packed(where):
     """One GEMM over weights of two dtypes would promote them, and packing would re-point the
@@ -924,19 +974,21 @@ def test_fsdp2_training_sees_its_updates_after_a_no_grad_forward(moe, tmp_path):
         optimizers.extend([torch.optim.SGD(m.parameters(), lr=0.1) for m in models])
         ids = _ids()
 
-        def train_and_compare(rounds):
+        from qwen3x.layers import packing
+
+        def train_and_compare(rounds, released=False):
             for _ in range(rounds):
                 for model, optimizer in zip(models, optimizers):
                     model(ids, labels=ids).loss.backward()
                     optimizer.step()
                     optimizer.zero_grad()
+                if released:  # training alone lets go of the (unsharded) buffers packed before sharding
+                    assert not any(packing.ATTR in m.__dict__ for m in models[1].modules())
                 want, *got = (_logits(m, ids) for m in models)
                 for g in got:
                     assert_rel_close(g, want, REL)
 
-        train_and_compare(3)
-        from qwen3x.layers import packing
-
+        train_and_compare(3, released=True)
         assert not any(packing.ATTR in layer.self_attn.__dict__ for m in models[1:] for layer in m.model.layers)
         # unpatched: sharded after patch (a class of FSDP's over qwen3x's) and before (FSDP's own back)
         check_classes(models[1], patched=True)

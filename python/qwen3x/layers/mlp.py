@@ -20,9 +20,10 @@ class MLP(packing.Owner):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
         gate, up = self.gate_proj, self.up_proj
         if not (is_silu(self.config) and packing.plain_linear(gate) and packing.plain_linear(up)
-                and packing.uniform([gate.weight, up.weight])):
+                and packing.uniform([gate.weight, up.weight])) or packing.is_member(self):
             # another activation, wrapped / hooked projections (PEFT LoRA, offloading, quantized
-            # linears) or weights of two dtypes: HF's own forward calls them as they are
+            # linears), weights of two dtypes, or an expert of 4.57's MoE block, which packs its
+            # weights (HF's expert loop, where the block falls back to it): HF's own forward
             return super().forward(x)
         params = [gate.weight, up.weight]
         w = packing.weights(self, "gate_up", params, (2 * gate.out_features, gate.in_features))

@@ -138,22 +138,26 @@ class SparseMoeBlock(packing.Owner):
     def forward(self, hidden_states: torch.Tensor):
         experts = self.experts
         # (the weights by name: FSDP1 takes them out of the modules' parameters during its forward)
-        weights = [w for e in experts for w in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)] \
-            if isinstance(experts, nn.ModuleList) and all(_plain_expert(e) for e in experts) else None
+        plain = isinstance(experts, nn.ModuleList) and all(_plain_expert(e) for e in experts)
+        gate_up_params = [w for e in experts for w in (e.gate_proj.weight, e.up_proj.weight)] if plain else []
+        down_params = [e.down_proj.weight for e in experts] if plain else []
+        weights = gate_up_params + down_params
         if (
-            weights is None
+            not plain
             or packing.needs_grad(weights)
             or not packing.may_pack(weights)  # (else a copy of every expert a call)
             or _autocast_half(hidden_states, *weights) is not None  # (HF's loop, F.linear casting each expert)
         ):
+            if plain:  # (a buffer of parameters FSDP2 has since replaced: let it go)
+                packing.release_stale(self, "gate_up_proj", gate_up_params)
+                packing.release_stale(self, "down_proj", down_params)
             return super().forward(hidden_states)
         B, S, H = hidden_states.shape
         x = hidden_states.reshape(-1, H)
         router_logits = self.gate(x)  # [T, E]
         E, I = len(experts), experts[0].gate_proj.out_features
-        gate_up_params = [w for e in experts for w in (e.gate_proj.weight, e.up_proj.weight)]
-        gate_up = packing.packed(self, "gate_up_proj", gate_up_params, (E, 2 * I, H))
-        down = packing.packed(self, "down_proj", [e.down_proj.weight for e in experts], (E, H, I))
+        gate_up = packing.packed(self, "gate_up_proj", gate_up_params, (E, 2 * I, H), members=tuple(experts))
+        down = packing.packed(self, "down_proj", down_params, (E, H, I))
         moe = reference.moe if moe_reference_instead("moe", x, H, I) else ops.moe
         # (HF 4.57 rounds the routing weights to the hidden states' dtype, the op to the logits')
         out = moe(x, router_logits.to(x.dtype), gate_up, down, self.top_k, self.norm_topk_prob)

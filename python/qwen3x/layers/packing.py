@@ -15,12 +15,15 @@ Checkpoint writers (accelerate's save_model, safetensors' save_model) take param
 storage for tied copies and keep one of them, and pickle writes a parameter's whole storage, so
 the owner's ``state_dict()``, pickling and ``copy.deepcopy`` first give every packed parameter its
 own storage again (``release``; one module at a time, so the extra memory is one module's weights)
-and the next eager forward packs again. ``load_state_dict`` (in place: the buffer stays valid) and
-``model.to(...)`` drop the buffers whose parameters are no longer theirs (``assign=True``, new
-storage), giving any parameter still on such a buffer its own storage. So a ``state_dict()`` taken
-before a forward that packs no longer aliases the parameters after it (unpatched it would).
-Rebinding a packed parameter's ``.data`` yourself is seen by the next eager call, not by a
-compiled one before it. ``torch.save`` of one packed parameter alone saves the whole shared buffer.
+and the next eager forward packs again. ``load_state_dict`` (in place: the buffer stays valid),
+``model.to(...)`` and the paths that do not pack (autograd, FSDP: ``release_stale``) drop the
+buffers whose parameters are no longer theirs (``assign=True``, new storage, FSDP2's sharded
+parameters), giving any parameter still on such a buffer its own storage. One owner per
+parameter: 4.57's MoE block packs its expert MLPs' weights, and they then leave them to it. So a
+``state_dict()`` taken before a forward that packs no longer aliases the parameters after it
+(unpatched it would). Rebinding a packed parameter's ``.data`` yourself is seen by the next eager
+call, not by a compiled one before it. ``torch.save`` of one packed parameter alone saves the
+whole shared buffer.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .dispatch import autocast_dtype, transforming
 
 ATTR = "_qwen3x_packed"  # owner.__dict__[ATTR]: key -> (buffer, the parameters packed into it)
 HOOKS = "_qwen3x_packing_hooks"
+MEMBER = "_qwen3x_packed_by_parent"  # module.__dict__[MEMBER]: its weights are packed by another owner
 
 
 def needs_grad(params: list[torch.Tensor]) -> bool:
@@ -100,9 +104,13 @@ def stacked(params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         return torch.cat(flat).view(shape)
 
 
-def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[int, ...],
+           members: tuple[nn.Module, ...] = ()) -> torch.Tensor:
     """A tensor of ``shape`` holding the parameters one after another (``params[i]`` is elements
-    ``[offset_i, offset_i + params[i].numel())`` of its flat view), which they then are views of."""
+    ``[offset_i, offset_i + params[i].numel())`` of its flat view), which they then are views of.
+    ``members``: owners of some of these parameters in their own right (4.57's expert MLPs inside
+    the MoE block that packs them all): they give theirs up and stop packing (``is_member``), so
+    that no two buffers claim one parameter."""
     buffer, packed_params = owner.__dict__.get(ATTR, {}).get(key, (None, ()))
     if torch.compiler.is_compiling():  # (the last eager call's buffer, if it packed these very parameters)
         same = buffer is not None and len(packed_params) == len(params) and all(
@@ -113,40 +121,63 @@ def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[
     if not may_pack(params):  # a copy per call, the parameters untouched
         release(owner, keys=(key,))
         return stacked([p.detach() for p in params], shape)
+    for member in members:
+        release(member)
+        member.__dict__[MEMBER] = True
     # Never under inference mode: the parameters would become inference tensors for good.
     with torch.inference_mode(False), torch.no_grad():
         buffer = stacked([p.detach() for p in params], shape)
         flat = buffer.view(-1)
         for p, at in zip(params, _offsets(params)):
             p.data = flat[at : at + p.numel()].view(p.shape)
-    owner.__dict__.setdefault(ATTR, {})[key] = (buffer, list(params))
+    # (a new dict, never the old one changed: DataParallel's replicas share their module's)
+    owner.__dict__[ATTR] = {**owner.__dict__.get(ATTR, {}), key: (buffer, list(params))}
     if HOOKS not in owner.__dict__:
         owner.__dict__[HOOKS] = (owner.register_state_dict_pre_hook(_release_hook),
                                  owner.register_load_state_dict_post_hook(_release_stale_hook))
     return buffer
 
 
+def is_member(module: nn.Module) -> bool:
+    """Whether another owner packs this module's weights (``packed``'s ``members``)."""
+    return MEMBER in module.__dict__
+
+
 def release(owner: nn.Module, keys=None, keep_valid: bool = False) -> None:
     """Drop the owner's buffers (those of ``keys``; with ``keep_valid``, not those whose parameters
     still are the owner's and views of them), first giving each of the owner's parameters still
     on a dropped buffer a storage of its own (parameters no longer the owner's, replaced by
-    ``load_state_dict(assign=True)``, are left as they are: copying them would only cost memory)."""
+    ``load_state_dict(assign=True)`` or by FSDP2's sharding, are left as they are: copying them
+    would only cost memory). Not inside a torch.compile trace (storage addresses are not
+    traceable): the next eager call does it."""
     packs = owner.__dict__.get(ATTR)
-    if not packs:
+    if not packs or torch.compiler.is_compiling():
         return
     current = {id(p) for p in owner.parameters()}
+    kept = {}
     with torch.inference_mode(False), torch.no_grad():
-        for key in list(packs) if keys is None else [k for k in keys if k in packs]:
-            buffer, params = packs[key]
-            if keep_valid and all(id(p) in current for p in params) and _is_view_of(buffer, params):
+        for key, (buffer, params) in packs.items():
+            if (keys is not None and key not in keys) or (
+                    keep_valid and all(id(p) in current for p in params) and _is_view_of(buffer, params)):
+                kept[key] = (buffer, params)
                 continue
             storage = buffer.untyped_storage().data_ptr()
             for p in params:
                 if id(p) in current and p.untyped_storage().data_ptr() == storage:
                     p.data = p.data.clone()
-            del packs[key]
-    if not packs:
+    if kept:  # (a new dict, as in packed)
+        owner.__dict__[ATTR] = kept
+    else:
         del owner.__dict__[ATTR]
+
+
+def release_stale(owner: nn.Module, key: str, params: list[torch.Tensor]) -> None:
+    """For the paths that do not pack (autograd, FSDP): drop a buffer packed for other parameter
+    objects than ``params`` (FSDP2's sharding replaces them without a move), which would otherwise
+    hold the old, unsharded weights for the rest of the run."""
+    record = owner.__dict__.get(ATTR, {}).get(key)
+    if record is not None and not (len(record[1]) == len(params) and all(a is b for a, b in zip(record[1], params))):
+        release(owner, keys=(key,))
 
 
 def _release_hook(owner: nn.Module, prefix: str, keep_vars: bool) -> None:  # module-level: picklable
@@ -176,12 +207,16 @@ class Owner:
 def unhook(owner: nn.Module) -> None:
     """``release``, and remove the hooks ``packed`` registered (unpatch)."""
     release(owner)
+    owner.__dict__.pop(MEMBER, None)
     for handle in owner.__dict__.pop(HOOKS, ()):
         handle.remove()
 
 
 def weights(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    return stacked(params, shape) if needs_grad(params) else packed(owner, key, params, shape)
+    if needs_grad(params):
+        release_stale(owner, key, params)
+        return stacked(params, shape)
+    return packed(owner, key, params, shape)
 
 
 def _aligns_devices_only(module: nn.Module) -> bool:
