@@ -390,6 +390,32 @@ def test_compiled_moe_block_after_its_experts_ran_on_their_own():
     assert not any(k.startswith("_qwen3x") for m in patched.modules() for k in m.__dict__)
 
 
+def test_data_parallel_replicas_leave_the_module_as_it_was():
+    """nn.DataParallel makes a replica of each module every step, from a shallow copy of its
+    __dict__ (its records and hook dicts the module's own), the one on device 0 with the module's own
+    parameters: a replica that packed re-pointed them at a buffer only it recorded (so checkpoint
+    writers could not find it) and added hooks to the module's dicts each step. Simulated on the
+    CPU, as replicate() builds the device-0 replica."""
+    def replica_of(root):
+        made = {}
+        for m in root.modules():
+            replica = m._replicate_for_data_parallel()
+            replica._parameters = dict(m._parameters)  # (device 0: the module's own parameters)
+            made[m] = replica
+        for m, replica in made.items():
+            replica._modules = {k: made[c] if c is not None else None for k, c in m._modules.items()}
+        return made[root]
+
+    base = tiny_model(moe=True)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids()
+    hooks = [len(m._state_dict_pre_hooks) for m in patched.modules()]
+    for _ in range(2):
+        assert_rel_close(_logits(replica_of(patched), ids), _logits(base, ids), REL)
+    assert [len(m._state_dict_pre_hooks) for m in patched.modules()] == hooks
+    assert not _storages_shared(patched)
+
+
 @pytest.mark.parametrize("where", ["k_proj", "up_proj"])
 def test_projections_of_two_dtypes_are_not_packed(where):
     """One GEMM over weights of two dtypes would promote them, and packing would re-point the
@@ -921,8 +947,9 @@ def test_patch_runs_under_accelerate_hooks(placement, moe, monkeypatch, tmp_path
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+@pytest.mark.parametrize("units", ["layers", "projections"])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_fsdp2_training_sees_its_updates_after_a_no_grad_forward(moe, tmp_path):
+def test_fsdp2_training_sees_its_updates_after_a_no_grad_forward(moe, units, tmp_path):
     """FSDP2 (fully_shard, as Trainer and accelerate use it) puts its own unsharded parameters back
     on the modules for each forward, refilled. A no_grad forward (an evaluation) must not pack
     them: packing re-pointed them at a copy, and every later forward, training included, computed
@@ -947,6 +974,13 @@ def test_fsdp2_training_sees_its_updates_after_a_no_grad_forward(moe, tmp_path):
 
         def sharded(model):
             for layer in model.model.layers:
+                if units == "projections":  # (units of their own: FSDP's hooks on them, no plain Linear)
+                    attn, mlp = layer.self_attn, layer.mlp
+                    for linear in (attn.q_proj, attn.k_proj, attn.v_proj):
+                        fully_shard(linear, mesh=mesh)
+                    for expert in (mlp.experts if isinstance(getattr(mlp, "experts", None), torch.nn.ModuleList)
+                                   else [mlp] if hasattr(mlp, "up_proj") else []):
+                        fully_shard(expert.up_proj, mesh=mesh)
                 if hasattr(layer.mlp, "gate"):  # a sparse MoE block: a unit of its own (an FSDP class too)
                     fully_shard(layer.mlp, mesh=mesh)
                 fully_shard(layer, mesh=mesh)

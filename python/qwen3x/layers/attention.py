@@ -198,8 +198,7 @@ def _project_qkv(module, x: torch.Tensor):
     plain = all(map(packing.plain_linear, projections))
     params = [p.weight for p in projections] if plain else []
     if not plain or any(p.device != x.device for p in params) or packing.needs_grad(params):
-        if plain:  # (a buffer of parameters FSDP2 has since replaced: let it go)
-            packing.release_stale(module, "qkv", params)
+        packing.release_stale(module, "qkv", params if plain else None)  # (of parameters FSDP2 replaced)
         return tuple(p(x).view(heads) for p in projections)
     if not packing.may_pack(params):  # (FSDP's parameters, mixed dtypes) and no buffer of before left in use
         packing.release(module)

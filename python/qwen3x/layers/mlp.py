@@ -24,6 +24,7 @@ class MLP(packing.Owner):
             # another activation, wrapped / hooked projections (PEFT LoRA, offloading, quantized
             # linears), weights of two dtypes, or an expert of 4.57's MoE block, which packs its
             # weights (HF's expert loop, where the block falls back to it): HF's own forward
+            packing.release_stale(self, "gate_up")  # (a buffer of parameters FSDP2 has since replaced)
             return super().forward(x)
         params = [gate.weight, up.weight]
         w = packing.weights(self, "gate_up", params, (2 * gate.out_features, gate.in_features))

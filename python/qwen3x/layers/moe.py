@@ -148,9 +148,9 @@ class SparseMoeBlock(packing.Owner):
             or not packing.may_pack(weights)  # (else a copy of every expert a call)
             or _autocast_half(hidden_states, *weights) is not None  # (HF's loop, F.linear casting each expert)
         ):
-            if plain:  # (a buffer of parameters FSDP2 has since replaced: let it go)
-                packing.release_stale(self, "gate_up_proj", gate_up_params)
-                packing.release_stale(self, "down_proj", down_params)
+            # (a buffer of parameters FSDP2 has since replaced: let it go)
+            packing.release_stale(self, "gate_up_proj", gate_up_params if plain else None)
+            packing.release_stale(self, "down_proj", down_params if plain else None)
             return super().forward(hidden_states)
         B, S, H = hidden_states.shape
         x = hidden_states.reshape(-1, H)

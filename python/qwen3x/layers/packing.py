@@ -118,6 +118,8 @@ def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[
         return buffer if same else stacked([p.detach() for p in params], shape)
     if buffer is not None and _is_view_of(buffer, params):
         return buffer
+    if _is_replica(owner):  # a copy per call: what it packed would be recorded in a throwaway copy
+        return stacked([p.detach() for p in params], shape)
     if not may_pack(params):  # a copy per call, the parameters untouched
         release(owner, keys=(key,))
         return stacked([p.detach() for p in params], shape)
@@ -151,7 +153,7 @@ def release(owner: nn.Module, keys=None, keep_valid: bool = False) -> None:
     would only cost memory). Not inside a torch.compile trace (storage addresses are not
     traceable): the next eager call does it."""
     packs = owner.__dict__.get(ATTR)
-    if not packs or torch.compiler.is_compiling():
+    if not packs or torch.compiler.is_compiling() or _is_replica(owner):
         return
     current = {id(p) for p in owner.parameters()}
     kept = {}
@@ -171,12 +173,24 @@ def release(owner: nn.Module, keys=None, keep_valid: bool = False) -> None:
         del owner.__dict__[ATTR]
 
 
-def release_stale(owner: nn.Module, key: str, params: list[torch.Tensor]) -> None:
-    """For the paths that do not pack (autograd, FSDP): drop a buffer packed for other parameter
-    objects than ``params`` (FSDP2's sharding replaces them without a move), which would otherwise
-    hold the old, unsharded weights for the rest of the run."""
+def _is_replica(owner: nn.Module) -> bool:
+    """A DataParallel replica: made for one step from a shallow copy of the module's __dict__ (its
+    records and hook dicts the module's own), on device 0 with the module's own parameters."""
+    return getattr(owner, "_is_replica", False)
+
+
+def release_stale(owner: nn.Module, key: str, params: list[torch.Tensor] | None = None) -> None:
+    """For the paths that do not pack (autograd, hooks, FSDP): drop a buffer packed for other
+    parameter objects than ``params`` (FSDP2's sharding replaces them without a move), which would
+    otherwise hold the old, unsharded weights for the rest of the run. Without ``params`` (modules
+    whose weights the caller does not read: wrapped, hooked), any that are not the owner's current
+    parameters and views of the buffer."""
     record = owner.__dict__.get(ATTR, {}).get(key)
-    if record is not None and not (len(record[1]) == len(params) and all(a is b for a, b in zip(record[1], params))):
+    if record is None:
+        return
+    if params is None:
+        release(owner, keys=(key,), keep_valid=True)
+    elif not (len(record[1]) == len(params) and all(a is b for a, b in zip(record[1], params))):
         release(owner, keys=(key,))
 
 
