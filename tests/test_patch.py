@@ -160,6 +160,32 @@ def test_patch_transformers_patches_models_built_afterwards():
     assert_rel_close(_logits(built, ids), _logits(base, ids), REL)
 
 
+def test_reinitialization_under_patch_transformers_reaches_every_module():
+    # HF's _init_weights tests modules by the modeling module's class names (5.x: isinstance(module,
+    # Qwen3MoeExperts)), which patch_transformers gives to qwen3x's classes: modules of a model built
+    # before, or unpatched, must still be initialized (they were skipped: experts and router kept
+    # their old weights)
+    def reinitialized(model):
+        torch.manual_seed(1)
+        model.apply(model._init_weights)
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    expected = reinitialized(tiny_model(moe=True))
+    before = tiny_model(moe=True)
+    qwen3x.patch_transformers()
+    try:
+        after = tiny_model(moe=True)
+        unpatched = qwen3x.unpatch(tiny_model(moe=True))
+        assert qwen3x.is_patched(after) and not qwen3x.is_patched(before) and not qwen3x.is_patched(unpatched)
+        for model in (before, after, unpatched):
+            got = reinitialized(model)
+            assert got.keys() == expected.keys()
+            for name, value in expected.items():
+                assert torch.equal(got[name], value), name
+    finally:
+        qwen3x.unpatch_transformers()
+
+
 def test_weights_moved_after_patch_are_repacked():
     base = tiny_model(moe=True)
     patched = qwen3x.patch(copy.deepcopy(base))

@@ -57,6 +57,18 @@ def _is_hf_qwen3_class(cls: type) -> bool:
 _PREFIX = "Qwen3x"
 
 
+class _PatchedClass(type):
+    """The metaclass of qwen3x's patched classes: a module of the HF class one patches is an instance
+    of it too. patch_transformers installs them under HF's names, which HF's own code tests modules
+    against by name (5.x's Qwen3MoePreTrainedModel._init_weights: isinstance(module,
+    Qwen3MoeExperts)); modules of a model built before the call, or given HF's class back by
+    ``unpatch``, must still pass, or (re-)initialization would skip their experts and router."""
+
+    def __instancecheck__(cls, obj) -> bool:
+        original = cls.__dict__.get(_ORIGINAL)  # (not FSDP's classes over ours: they test as usual)
+        return type.__instancecheck__(cls, obj) or (original is not None and isinstance(obj, original))
+
+
 def _patched_class(cls: type) -> type:
     """The (cached) subclass of HF class ``cls`` with qwen3x's forward.
 
@@ -69,8 +81,8 @@ def _patched_class(cls: type) -> type:
         # (whether HF's forward names its cache `cache`, transformers >= 5.24, or past_key_values:
         # read by the attention layer, a constant to torch.compile)
         takes_cache = "cache" in inspect.signature(cls.forward).parameters
-        patched = type(cls.__name__, (mixin, cls), {_ORIGINAL: cls, "__module__": __name__,
-                                                    "_qwen3x_takes_cache": takes_cache})
+        patched = _PatchedClass(cls.__name__, (mixin, cls), {_ORIGINAL: cls, "__module__": __name__,
+                                                             "_qwen3x_takes_cache": takes_cache})
         patched.__qualname__ = _PREFIX + cls.__name__
         _patched_classes[cls] = patched
     return _patched_classes[cls]
