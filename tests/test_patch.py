@@ -124,6 +124,41 @@ def test_gradients_match_with_left_padding(pair):
     _assert_same_grads(base, patched)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_reference_fallback_trains_without_holding_the_score_matrix(padded, monkeypatch):
+    # Where no kernel serves attention (on a GPU: fp32, fp64, other head_dims) the layers run the
+    # reference; under autograd with the op's gradient formula, which keeps the inputs, not the
+    # reference's own autograd, which kept the fp32 scores and softmax [B, Hq, S, S] of every layer
+    # (fp32 fine-tuning ran out of memory where HF's SDPA trains)
+    import qwen3x.layers.attention as attention_layer
+
+    monkeypatch.setattr(attention_layer, "reference_instead", lambda *args, **kwargs: True)
+    base = tiny_model(num_attention_heads=8, num_key_value_heads=2, head_dim=8).train()
+    patched = qwen3x.patch(copy.deepcopy(base))
+    B, S = 2, 48
+    ids = _ids(batch=B, seq=S)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :5] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    largest = {}
+
+    def loss_of(model):  # and the most elements of a floating tensor autograd keeps for the backward
+        def pack(t):
+            if t.is_floating_point():
+                largest[model] = max(largest.get(model, 0), t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return model(ids, attention_mask=mask, labels=labels).loss
+
+    loss_of(patched).backward()
+    loss_of(base).backward()
+    _assert_same_grads(base, patched)
+    scores = B * base.config.num_attention_heads * S * S
+    assert largest[patched] < scores and largest[base] < scores  # HF's SDPA keeps no [B, Hq, S, S] tensor either
+
+
 def test_state_dict_unchanged_and_unpatch_exact(pair):
     base, patched = pair
     ids = _ids()

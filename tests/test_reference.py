@@ -306,3 +306,43 @@ def test_attention_key_lengths_equal_sliced_keys(causal):
         torch.testing.assert_close(lse[b : b + 1], el)
     one, _ = R.attention(q, k, v, None, D**-0.5, causal, torch.tensor(5))  # one value for the batch
     torch.testing.assert_close(one, R.attention(q, k[:, :, :5], v[:, :, :5], None, D**-0.5, causal)[0])
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most elements of any floating tensor an op produced inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("case", ["causal", "decode_rows", "mask", "query_broadcast_mask", "key_lengths", "empty"])
+def test_attention_takes_queries_in_blocks_of_bounded_scores(case, monkeypatch):
+    # The reference holds at most SCORE_BLOCK_ELEMENTS scores at once (query rows a block at a
+    # time), so a fallback to it runs in memory linear in the sequence length; the blocks give the
+    # whole matrix's answer (fp64: each row's softmax is its own)
+    B, Hq, Hkv, D = 2, 4, 2, 8
+    Sq, Skv = {"decode_rows": (37, 101), "empty": (0, 50)}.get(case, (97, 97))
+    q, k, v = (torch.randn(B, h, s, D, dtype=torch.float64) for h, s in ((Hq, Sq), (Hkv, Skv), (Hkv, Skv)))
+    mask, lengths, causal = None, None, case in ("causal", "decode_rows", "key_lengths")
+    if case == "mask":
+        mask = torch.rand(B, Hq, Sq, Skv) > 0.3
+    if case == "query_broadcast_mask":
+        mask = torch.rand(B, 1, 1, Skv) > 0.3
+    if case == "key_lengths":
+        lengths = torch.tensor([40, 97])
+    whole_out, whole_lse = R.attention(q, k, v, mask, D**-0.5, causal, lengths)
+    monkeypatch.setattr(R, "SCORE_BLOCK_ELEMENTS", 3 * B * Hq * Skv)  # 3 rows a block: a short last block
+    with _LargestTensor() as seen:
+        out, lse = R.attention(q, k, v, mask, D**-0.5, causal, lengths)
+    assert seen.largest <= max(3 * B * Hq * Skv, B * Hq * Skv * D, B * Hq * Sq * D)  # scores; k, v repeated; out
+    torch.testing.assert_close(out, whole_out, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lse, whole_lse, rtol=1e-12, atol=1e-14)
+    assert out.shape == (B, Sq, Hq, D) and lse.shape == (B, Hq, Sq)

@@ -525,6 +525,27 @@ def _make_autograd(op: str):
     return setup_context, backward
 
 
+_REFERENCES_WITH_GRADIENT: dict[str, Callable] = {}
+
+
+def reference_with_gradient(op: str) -> Callable:
+    """``qwen3x.reference.<op>`` as an autograd function with the op's own gradient formula (above):
+    what the patched layers run where no kernel serves a call on a GPU (fp32 attention, other
+    head_dims). Autograd through the attention reference itself would keep the fp32 score matrix and
+    its softmax for the backward, quadratic in the sequence length (fp32 fine-tuning of Qwen3-0.6B
+    at 8 x 2048 tokens: 2 GB each, per layer); the formula keeps the inputs and differentiates
+    through SDPA, as HF's default attention trains."""
+    if op not in _REFERENCES_WITH_GRADIENT:
+        setup_context, backward = _make_autograd(op)
+        function = type(f"{op}_reference", (torch.autograd.Function,), {
+            "forward": staticmethod(getattr(reference, op)),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        })
+        _REFERENCES_WITH_GRADIENT[op] = function.apply
+    return _REFERENCES_WITH_GRADIENT[op]
+
+
 # --------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------

@@ -134,20 +134,33 @@ def visible_keys(
     mask: torch.Tensor | None,
     key_lengths: torch.Tensor | None,
     device: torch.device,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Which keys each query of ``attention`` sees: bool [B, 1 or Hq, Sq, Skv] (True = attend)."""
+    """Which keys each query of ``attention`` sees: bool [B, 1 or Hq, Sq, Skv] (True = attend); with
+    ``rows`` = (first, end), those of queries first .. end-1 only ([B, 1 or Hq, end - first, Skv])."""
+    first, end = rows if rows is not None else (0, Sq)
     lengths = torch.full((B,), Skv, device=device)
     if key_lengths is not None:
         lengths = key_lengths.to(device).reshape(-1).expand(B).clamp(0, Skv)
     n = lengths.view(B, 1, 1, 1)  # Skv_b
-    i = torch.arange(Sq, device=device).view(1, 1, Sq, 1)
+    i = torch.arange(first, end, device=device).view(1, 1, end - first, 1)
     j = torch.arange(Skv, device=device).view(1, 1, 1, Skv)
     allowed = j < n
     if causal:
         allowed = allowed & (j <= i + (n - Sq))
     if mask is not None:
+        if mask.shape[-2] != 1:  # (a mask broadcast over the queries is every block's)
+            mask = mask[..., first:end, :]
         allowed = allowed & mask.to(device=device, dtype=torch.bool)
     return allowed
+
+
+# The most fp32 scores ``attention`` holds at once ([B, Hq, rows, Skv]; 256 MB): it takes the queries
+# a block of rows at a time (each row's softmax is its own), so a fallback to the reference (the
+# CPU, fp32 or fp64 attention on a GPU, other head_dims) runs in memory linear in the sequence
+# length, as HF's SDPA path does, where the whole matrix would be 34 GB for one 16k-token sequence
+# of Qwen3-4B's 32 heads.
+SCORE_BLOCK_ELEMENTS = 1 << 26
 
 
 def attention(
@@ -176,16 +189,23 @@ def attention(
     Hkv, Skv = k.shape[1], k.shape[2]
     groups = Hq // Hkv
     cdt = _compute_dtype(q.dtype)
-    qf = q.to(cdt)
     kf = k.to(cdt).repeat_interleave(groups, dim=1)
     vf = v.to(cdt).repeat_interleave(groups, dim=1)
-    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hq, Sq, Skv]
-    allowed = visible_keys(B, Sq, Skv, causal, mask, key_lengths, q.device).expand(B, Hq, Sq, Skv)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees nothing
-    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(scores - safe_lse[..., None])  # exp(-inf) = 0 on masked entries
-    out = torch.matmul(probs, vf)  # [B, Hq, Sq, D]
+    rows = max(1, SCORE_BLOCK_ELEMENTS // max(1, B * Hq * Skv))
+    if torch.compiler.is_compiling():  # (one block: a trace would specialize on the sequence length)
+        rows = Sq
+    outs, lses = [], []
+    for first in range(0, Sq, rows) if Sq > 0 else [0]:
+        end = min(Sq, first + rows)
+        scores = torch.matmul(q[:, :, first:end].to(cdt), kf.transpose(-1, -2)) * scale  # [B, Hq, rows, Skv]
+        allowed = visible_keys(B, Sq, Skv, causal, mask, key_lengths, q.device, (first, end))
+        scores = scores.masked_fill(~allowed.expand(scores.shape), float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees nothing
+        safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        probs = torch.exp(scores - safe_lse[..., None])  # exp(-inf) = 0 on masked entries
+        outs.append(torch.matmul(probs, vf))  # [B, Hq, rows, D]
+        lses.append(lse)
+    out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, dim=2), torch.cat(lses, dim=2))
     return out.transpose(1, 2).contiguous().to(q.dtype), lse.float()
 
 

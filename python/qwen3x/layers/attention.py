@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import ops, reference
 from . import packing
-from .dispatch import autocast_dtype, reference_instead
+from .dispatch import autocast_dtype, reference_instead, run_reference
 
 
 def _hf_function(module, name: str):
@@ -88,11 +88,13 @@ def attention_forward(
     is_causal = q_len > 1 and attention_mask is None and is_causal
     if is_causal and kv_len > q_len:
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-    if reference_instead("attention", query):
-        out, _ = reference.attention(query, key, value, attention_mask, scaling, is_causal, key_lengths)
-    else:
-        out, _ = ops.attention(query, key, value, attention_mask, scaling, is_causal, key_lengths)
+    out, _ = _attention_op("attention", query, key, value, attention_mask, scaling, is_causal, key_lengths)
     return out, None
+
+
+def _attention_op(op: str, query: torch.Tensor, *args):
+    """ops.<op>(query, *args), or its reference where no kernel serves query's dtype / head_dim."""
+    return run_reference(op, query, *args) if reference_instead("attention", query) else getattr(ops, op)(query, *args)
 
 
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -122,10 +124,7 @@ def _varlen_forward(query, key, value, scaling, cu_q, cu_k, max_q, max_k):
 
     args = (tokens(query), tokens(key), tokens(value), cu_q.to(query.device), cu_k.to(query.device), max_q, max_k,
             scaling, True)
-    if reference_instead("attention", query):
-        out, _ = reference.attention_varlen(*args)
-    else:
-        out, _ = ops.attention_varlen(*args)
+    out, _ = _attention_op("attention_varlen", *args)
     return out.view(B, S, Hq, D)
 
 
@@ -144,7 +143,7 @@ def _packed_window_forward(query, key, value, scaling, cu_seqlens, window: int):
     i, j = token[:, None], token[None, :]
     mask = ((seq[:, None] == seq[None, :]) & (j <= i) & (i - j < window))[None, None]
     args = (flat(query), flat(key), flat(value), mask, scaling, False)
-    out, _ = reference.attention(*args) if reference_instead("attention", query) else ops.attention(*args)
+    out, _ = _attention_op("attention", *args)
     return out.view(B, S, Hq, D)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .._library import has_cuda_kernel, kernels_run_on, rebuild_hint, warn_once
+from .. import reference
+from .._library import has_cuda_kernel, kernels_run_on, rebuild_hint, reference_with_gradient, warn_once
 
 KERNEL_HEAD_DIM = 128  # the only head_dim the CUDA kernels are built for (Qwen3's)
 DEFAULT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -72,3 +73,14 @@ def reference_instead(op: str, x: torch.Tensor, shapes_ok: bool = True, shapes: 
 def moe_reference_instead(op: str, x: torch.Tensor, hidden: int, inter: int, dtype: torch.dtype | None = None) -> bool:
     """reference_instead for the expert GEMM ops, which also need tileable hidden/intermediate sizes."""
     return reference_instead(op, x, moe_shapes_served(hidden, inter), f"hidden {hidden}, intermediate {inter}", dtype)
+
+
+def run_reference(op: str, *args):
+    """``op``'s reference, for a call ``reference_instead`` kept from the kernel. Where autograd
+    records the call, with the op's own gradient formula (memory linear in the sequence length for
+    attention: ``_library.reference_with_gradient``), except under torch.compile and torch.func
+    transforms, which differentiate the reference as it is."""
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not transforming()
+            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+        return reference_with_gradient(op)(*args)
+    return getattr(reference, op)(*args)
