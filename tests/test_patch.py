@@ -197,9 +197,9 @@ def test_patch_transformers_patches_models_built_afterwards():
 
 def test_reinitialization_under_patch_transformers_reaches_every_module():
     # HF's _init_weights tests modules by the modeling module's class names (5.x: isinstance(module,
-    # Qwen3MoeExperts)), which patch_transformers gives to qwen3x's classes: modules of a model built
-    # before, or unpatched, must still be initialized (they were skipped: experts and router kept
-    # their old weights)
+    # Qwen3MoeExperts)), which patch_transformers once rebound to qwen3x's classes: modules of a model
+    # built before, or unpatched, must still be initialized (they were skipped: experts and router
+    # kept their old weights)
     def reinitialized(model):
         torch.manual_seed(1)
         model.apply(model._init_weights)
@@ -219,6 +219,33 @@ def test_reinitialization_under_patch_transformers_reaches_every_module():
                 assert torch.equal(got[name], value), name
     finally:
         qwen3x.unpatch_transformers()
+
+
+def test_patch_transformers_leaves_hf_names_to_hf_classes(tmp_path):
+    # The names stay HF's: a model built before the call (or unpatched) still pickles (pickle looks
+    # a class up by name: "not the same object" when the name held qwen3x's class), and re-creating
+    # a module without constructor arguments (unpickling, copy, DataParallel's replicas) keeps its
+    # class, patched or not
+    import transformers.models.qwen3_moe.modeling_qwen3_moe as modeling
+
+    hf_classes = {name: getattr(modeling, name) for name in dir(modeling) if name.startswith("Qwen3Moe")}
+    before = tiny_model(moe=True)
+    qwen3x.patch_transformers()
+    try:
+        assert {name: getattr(modeling, name) for name in hf_classes} == hf_classes
+        after = tiny_model(moe=True)
+        for model, patched in ((before, False), (after, True), (qwen3x.unpatch(tiny_model(moe=True)), False)):
+            for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+                assert qwen3x.is_patched(clone) == patched
+                assert [type(m) for m in clone.modules()] == [type(m) for m in model.modules()]
+            torch.save(model, tmp_path / "model.pt")
+            assert qwen3x.is_patched(torch.load(tmp_path / "model.pt", weights_only=False)) == patched
+        attention = type(before.model.layers[0].self_attn)
+        assert type(attention.__new__(attention)) is attention  # (what a replica starts from)
+        assert qwen3x.is_patched(attention(before.config, 0))  # (a layer built by hand)
+    finally:
+        qwen3x.unpatch_transformers()
+    assert not qwen3x.is_patched(tiny_model(moe=True))
 
 
 def test_weights_moved_after_patch_are_repacked():

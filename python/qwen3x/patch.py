@@ -3,9 +3,9 @@
 - ``patch(model)`` / ``unpatch(model)``: an existing model instance (loaded or built). Each Qwen3
   module's class is swapped for a subclass whose ``forward`` comes from qwen3x.layers; parameters,
   buffers, names and state_dict are untouched, and unpatch swaps the original classes back.
-- ``patch_transformers()`` / ``unpatch_transformers()``: the same subclasses are installed in
-  transformers' Qwen3 modeling modules, so models built afterwards (from_pretrained included)
-  come up patched.
+- ``patch_transformers()`` / ``unpatch_transformers()``: transformers' Qwen3 layer classes build
+  those subclasses when called, so models built afterwards (from_pretrained included) come up
+  patched; the classes and their names stay HF's.
 - ``register()``: makes ``attn_implementation="qwen3x"`` (with its mask builder) and, on
   transformers 5.x, ``experts_implementation="qwen3x"`` available (5.0 to 5.6 check the experts
   name against a fixed list of their own, so there only ``patch`` runs qwen3x's experts);
@@ -57,18 +57,6 @@ def _is_hf_qwen3_class(cls: type) -> bool:
 _PREFIX = "Qwen3x"
 
 
-class _PatchedClass(type):
-    """The metaclass of qwen3x's patched classes: a module of the HF class one patches is an instance
-    of it too. patch_transformers installs them under HF's names, which HF's own code tests modules
-    against by name (5.x's Qwen3MoePreTrainedModel._init_weights: isinstance(module,
-    Qwen3MoeExperts)); modules of a model built before the call, or given HF's class back by
-    ``unpatch``, must still pass, or (re-)initialization would skip their experts and router."""
-
-    def __instancecheck__(cls, obj) -> bool:
-        original = cls.__dict__.get(_ORIGINAL)  # (not FSDP's classes over ours: they test as usual)
-        return type.__instancecheck__(cls, obj) or (original is not None and isinstance(obj, original))
-
-
 def _patched_class(cls: type) -> type:
     """The (cached) subclass of HF class ``cls`` with qwen3x's forward.
 
@@ -81,8 +69,8 @@ def _patched_class(cls: type) -> type:
         # (whether HF's forward names its cache `cache`, transformers >= 5.24, or past_key_values:
         # read by the attention layer, a constant to torch.compile)
         takes_cache = "cache" in inspect.signature(cls.forward).parameters
-        patched = _PatchedClass(cls.__name__, (mixin, cls), {_ORIGINAL: cls, "__module__": __name__,
-                                                             "_qwen3x_takes_cache": takes_cache})
+        patched = type(cls.__name__, (mixin, cls), {_ORIGINAL: cls, "__module__": __name__,
+                                                    "_qwen3x_takes_cache": takes_cache})
         patched.__qualname__ = _PREFIX + cls.__name__
         _patched_classes[cls] = patched
     return _patched_classes[cls]
@@ -151,7 +139,6 @@ def __getattr__(name: str):
         for mod in _modeling_modules():
             cls = getattr(mod, hf_name, None)
             if isinstance(cls, type):
-                cls = cls.__dict__.get(_ORIGINAL, cls)  # patch_transformers may have installed ours
                 return _patched_class(cls)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -279,6 +266,27 @@ def _modeling_modules():
         yield importlib.import_module(name)
 
 
+_building: set[type] = set()  # the HF classes that build qwen3x's subclasses (patch_transformers)
+
+
+def _building_patched(hf_cls: type):
+    """A ``__new__`` for HF class ``hf_cls`` that, while patch_transformers is in effect, builds
+    qwen3x's subclass of it when the class is called with its constructor's arguments (a model being
+    built). Without arguments (pickle, copy and DataParallel's replicas re-create a module so, then
+    fill its __dict__) the class stays the one asked for: an unpatched module stays unpatched. HF's
+    names keep naming HF's classes, which its own code tests modules against (5.x's _init_weights:
+    isinstance(module, Qwen3MoeExperts)) and pickle finds classes by. It stays on the class once
+    set, passing through after unpatch_transformers (CPython cannot take an assigned __new__ back:
+    object.__new__ would then refuse the constructor's arguments)."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is hf_cls and hf_cls in _building and (args or kwargs):
+            cls = _patched_class(hf_cls)
+        return super(hf_cls, cls).__new__(cls)
+
+    return staticmethod(__new__)
+
+
 def patch_transformers() -> None:
     """Models of Qwen3 / Qwen3-MoE built after this call come up patched."""
     for mod in _modeling_modules():
@@ -287,16 +295,14 @@ def patch_transformers() -> None:
             if isinstance(cls, type) and _is_hf_qwen3_class(cls):
                 if name == "Qwen3MoeSparseMoeBlock" and not _block_has_module_list(mod):
                     continue
-                setattr(mod, name, _patched_class(cls))
+                if "__new__" not in cls.__dict__:
+                    cls.__new__ = _building_patched(cls)
+                _building.add(cls)
 
 
 def unpatch_transformers() -> None:
     """Undo patch_transformers (models already built keep their classes; unpatch them one by one)."""
-    for mod in _modeling_modules():
-        for name in _MIXINS:
-            original = getattr(getattr(mod, name, None), "__dict__", {}).get(_ORIGINAL)
-            if original is not None:
-                setattr(mod, name, original)
+    _building.clear()
 
 
 def _block_has_module_list(mod) -> bool:
