@@ -346,3 +346,20 @@ def test_attention_takes_queries_in_blocks_of_bounded_scores(case, monkeypatch):
     torch.testing.assert_close(out, whole_out, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(lse, whole_lse, rtol=1e-12, atol=1e-14)
     assert out.shape == (B, Sq, Hq, D) and lse.shape == (B, Hq, Sq)
+
+
+def test_attention_compiles_once_for_every_length():
+    # Under torch.compile the reference is one block (a loop over the traced query length would
+    # specialize on it: a recompile per length, then eager past the recompile limit)
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(R.attention, backend=counter, dynamic=True)
+    for S in (17, 33, 70):
+        q, k, v = torch.randn(1, 4, S, 8), torch.randn(1, 2, S, 8), torch.randn(1, 2, S, 8)
+        out, lse = compiled(q, k, v, None, 0.3, True)
+        expected_out, expected_lse = R.attention(q, k, v, None, 0.3, True)
+        torch.testing.assert_close(out, expected_out)
+        torch.testing.assert_close(lse, expected_lse)
+    assert counter.frame_count == 1

@@ -260,6 +260,26 @@ def test_attention_backward_with_an_lse_gradient_is_the_reference_vjp(monkeypatc
     _assert_same_grads(got, _grads(R.attention, args, **kw))
 
 
+@pytest.mark.parametrize("fn", ["op", "reference_with_gradient"])
+def test_attention_double_backward_is_the_reference_s(fn):
+    # A gradient of the gradient (gradient penalties, Hessian-vector products): SDPA's backward has
+    # no derivative, so a backward that autograd records differentiates the reference's vjp instead
+    from qwen3x._library import reference_with_gradient
+
+    attention = torch.ops.qwen3x.attention if fn == "op" else reference_with_gradient("attention")
+    args = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in _inputs("attention")]
+
+    def second_order(f):
+        q = args[0].clone().requires_grad_()
+        (g,) = torch.autograd.grad(f(q, *args[1:])[0].pow(2).sum(), q, create_graph=True)
+        (gg,) = torch.autograd.grad(g.pow(2).sum(), q)
+        return g, gg
+
+    got, expected = second_order(attention), second_order(R.attention)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 # The experts' backward: the vjp of a grouped-GEMM restatement (qwen3x._backward.moe_experts), not
 # of the reference's loop over experts. fp32 on the CPU (grouped_mm serves it; fp64 keeps the loop).
 def _moe_case(layout):

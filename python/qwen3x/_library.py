@@ -516,7 +516,9 @@ def _make_autograd(op: str):
         if not wanted:
             return tuple(None for _ in args)
         float_grads = tuple(g for g, is_float in zip(grads, ctx.float_outputs) if is_float)
-        if has_out_only and all(g is None for g in float_grads[1:]):
+        # (SDPA's backward has no derivative of its own: a backward that autograd records, for a
+        # double backward, differentiates the reference's vjp)
+        if has_out_only and not torch.is_grad_enabled() and all(g is None for g in float_grads[1:]):
             if float_grads[0] is None:
                 return tuple(None for _ in args)
             return _vjp(_backward.OUT_ONLY[op], args, wanted, float_grads[:1])

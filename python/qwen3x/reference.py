@@ -191,12 +191,13 @@ def attention(
     cdt = _compute_dtype(q.dtype)
     kf = k.to(cdt).repeat_interleave(groups, dim=1)
     vf = v.to(cdt).repeat_interleave(groups, dim=1)
-    rows = max(1, SCORE_BLOCK_ELEMENTS // max(1, B * Hq * Skv))
-    if torch.compiler.is_compiling():  # (one block: a trace would specialize on the sequence length)
-        rows = Sq
+    if torch.compiler.is_compiling():  # one block: a loop over a traced length would specialize on it
+        blocks = [(0, Sq)]
+    else:
+        rows = max(1, SCORE_BLOCK_ELEMENTS // max(1, B * Hq * Skv))
+        blocks = [(first, min(Sq, first + rows)) for first in range(0, Sq, rows)] or [(0, 0)]
     outs, lses = [], []
-    for first in range(0, Sq, rows) if Sq > 0 else [0]:
-        end = min(Sq, first + rows)
+    for first, end in blocks:
         scores = torch.matmul(q[:, :, first:end].to(cdt), kf.transpose(-1, -2)) * scale  # [B, Hq, rows, Skv]
         allowed = visible_keys(B, Sq, Skv, causal, mask, key_lengths, q.device, (first, end))
         scores = scores.masked_fill(~allowed.expand(scores.shape), float("-inf"))
