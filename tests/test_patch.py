@@ -5,7 +5,9 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import concurrent.futures
 import importlib.util
+import inspect
 import os
 import pickle
 import types
@@ -243,6 +245,19 @@ def test_patch_transformers_leaves_hf_names_to_hf_classes(tmp_path):
         attention = type(before.model.layers[0].self_attn)
         assert type(attention.__new__(attention)) is attention  # (what a replica starts from)
         assert qwen3x.is_patched(attention(before.config, 0))  # (a layer built by hand)
+        assert list(inspect.signature(attention).parameters) == ["config", "layer_idx"]
+        # models built in several threads at once: one qwen3x class per HF class (pickle finds it)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            built = list(pool.map(lambda seed: tiny_model(moe=True, seed=seed), range(4)))
+        assert len({type(m.model.layers[0].self_attn) for m in built}) == 1
+        pickle.dumps(built)
+        # a patched model still pickles after another library rebinds an HF name (as Liger-Kernel does)
+        norm = modeling.Qwen3MoeRMSNorm
+        modeling.Qwen3MoeRMSNorm = type("OtherRMSNorm", (torch.nn.Module,), {})
+        try:
+            assert qwen3x.is_patched(pickle.loads(pickle.dumps(after)))
+        finally:
+            modeling.Qwen3MoeRMSNorm = norm
     finally:
         qwen3x.unpatch_transformers()
     assert not qwen3x.is_patched(tiny_model(moe=True))

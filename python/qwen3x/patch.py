@@ -18,6 +18,7 @@ import functools
 import importlib
 import inspect
 import sys
+import threading
 import types
 import warnings
 
@@ -48,6 +49,7 @@ _MODELING_MODULES = (
 )
 _ORIGINAL = "_qwen3x_original_class"
 _patched_classes: dict[type, type] = {}
+_patched_classes_lock = threading.Lock()  # one class per HF class, also when threads build models
 
 
 def _is_hf_qwen3_class(cls: type) -> bool:
@@ -64,16 +66,21 @@ def _patched_class(cls: type) -> type:
     class name); its ``__qualname__`` names it in this module, so pickling a patched model works
     (``__getattr__`` below rebuilds the class in a fresh process).
     """
-    if cls not in _patched_classes:
-        mixin = _MIXINS[cls.__name__]
-        # (whether HF's forward names its cache `cache`, transformers >= 5.24, or past_key_values:
-        # read by the attention layer, a constant to torch.compile)
-        takes_cache = "cache" in inspect.signature(cls.forward).parameters
-        patched = type(cls.__name__, (mixin, cls), {_ORIGINAL: cls, "__module__": __name__,
-                                                    "_qwen3x_takes_cache": takes_cache})
-        patched.__qualname__ = _PREFIX + cls.__name__
-        _patched_classes[cls] = patched
-    return _patched_classes[cls]
+    with _patched_classes_lock:
+        if cls not in _patched_classes:
+            _patched_classes[cls] = _make_patched_class(cls)
+        return _patched_classes[cls]
+
+
+def _make_patched_class(cls: type) -> type:
+    mixin = _MIXINS[cls.__name__]
+    # (whether HF's forward names its cache `cache`, transformers >= 5.24, or past_key_values: read
+    # by the attention layer, a constant to torch.compile)
+    takes_cache = "cache" in inspect.signature(cls.forward).parameters
+    patched = type(cls.__name__, (mixin, cls), {_ORIGINAL: cls, "__module__": __name__,
+                                                "_qwen3x_takes_cache": takes_cache})
+    patched.__qualname__ = _PREFIX + cls.__name__
+    return patched
 
 
 # FSDP2's fully_shard (and replicate, its subclass) gives each module it wraps a class of its own:
@@ -136,9 +143,12 @@ def __getattr__(name: str):
     """``qwen3x.patch.Qwen3x<HFClass>``: the patched class, for unpickling."""
     hf_name = name[len(_PREFIX):]
     if name.startswith(_PREFIX) and hf_name in _MIXINS:
+        for patched in list(_patched_classes.values()):  # this process's (the HF name may be rebound since)
+            if patched.__qualname__ == name:
+                return patched
         for mod in _modeling_modules():
             cls = getattr(mod, hf_name, None)
-            if isinstance(cls, type):
+            if isinstance(cls, type) and _is_hf_qwen3_class(cls):  # (not another library's class under the name)
                 return _patched_class(cls)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -284,17 +294,21 @@ def _building_patched(hf_cls: type):
             cls = _patched_class(hf_cls)
         return super(hf_cls, cls).__new__(cls)
 
+    __new__.__signature__ = inspect.signature(hf_cls.__init__)  # (what inspect.signature(hf_cls) gave)
     return staticmethod(__new__)
 
 
 def patch_transformers() -> None:
-    """Models of Qwen3 / Qwen3-MoE built after this call come up patched."""
+    """Models of Qwen3 / Qwen3-MoE built after this call come up patched: modules of transformers'
+    own Qwen3 layer classes (subclasses of them, a user's or another library's, build as they are;
+    ``patch`` leaves them alone too)."""
     for mod in _modeling_modules():
         for name in _MIXINS:
             cls = getattr(mod, name, None)
             if isinstance(cls, type) and _is_hf_qwen3_class(cls):
                 if name == "Qwen3MoeSparseMoeBlock" and not _block_has_module_list(mod):
                     continue
+                _patched_class(cls)  # (made here, not by whichever thread builds a model first)
                 if "__new__" not in cls.__dict__:
                     cls.__new__ = _building_patched(cls)
                 _building.add(cls)
