@@ -161,6 +161,20 @@ def test_reference_fallback_trains_without_holding_the_score_matrix(padded, monk
     assert largest[patched] < scores and largest[base] < scores  # HF's SDPA keeps no [B, Hq, S, S] tensor either
 
 
+def test_backward_inside_activation_offloading(pair):
+    # TRL's activation_offloading (and torch.autograd.graph.save_on_cpu around a whole step) runs the
+    # backward with saved-tensor hooks active, where torch.func refuses to run: the ops' backward
+    # formulas recompute under plain autograd
+    base, patched = pair
+    base.train()
+    patched.train()
+    ids = _ids()
+    for model in (base, patched):
+        with torch.autograd.graph.save_on_cpu():
+            model(ids, labels=ids).loss.backward()
+    _assert_same_grads(base, patched)
+
+
 def test_state_dict_unchanged_and_unpatch_exact(pair):
     base, patched = pair
     ids = _ids()

@@ -9,7 +9,7 @@ module completes the registration from Python, once, at import:
 - CUDA implementation for ops without a kernel = the same reference, with a one-time warning
   naming the op;
 - a fake (meta) implementation for torch.compile, and an autograd formula for every functional
-  op (the backward is reference math, via torch.func.vjp, until CUDA backward kernels exist; the
+  op (the backward is reference math, recomputed under autograd, until CUDA backward kernels exist; the
   gradient of an attention op's ``out`` alone goes through SDPA instead, and the experts' through
   grouped GEMMs: _backward.py).
 """
@@ -473,21 +473,27 @@ NO_AUTOGRAD = frozenset({"moe_permute", "qk_norm_rope_", "qk_norm_rope_cache_"})
 
 def _vjp(fn: Callable, args: list, wanted: list[int], grads: tuple) -> tuple:
     """Gradients of fn's floating outputs, weighted by ``grads`` (None = zero), w.r.t. args[i] for
-    i in ``wanted`` (None for every other argument)."""
-
-    def differentiable_outputs(*primals):
+    i in ``wanted`` (None for every other argument): fn run again under autograd, then
+    torch.autograd.grad. (Not torch.func.vjp: it refuses to run while saved-tensor hooks are
+    active, and a backward runs inside them under activation offloading such as
+    torch.autograd.graph.save_on_cpu or TRL's activation_offloading, which wrap the whole training
+    step.) In a backward that autograd records (a double backward), through the saved inputs
+    themselves, so the gradients are differentiable in turn."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        primals = [args[i] if create_graph else args[i].detach().requires_grad_() for i in wanted]
         call = list(args)
         for i, p in zip(wanted, primals):
             call[i] = p
         out = fn(*call)
         out = out if isinstance(out, tuple) else (out,)
-        return tuple(o for o in out if o.is_floating_point())
-
-    outs, vjp_fn = torch.func.vjp(differentiable_outputs, *[args[i] for i in wanted])
-    cotangents = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads))
+        floats = [o for o in out if o.is_floating_point()]
+        weighted = [(o, g) for o, g in zip(floats, grads) if g is not None and o.requires_grad]
+        found = torch.autograd.grad([o for o, _ in weighted], primals, [g for _, g in weighted],
+                                    allow_unused=True, create_graph=create_graph) if weighted else [None] * len(primals)
     result = [None] * len(args)
-    for i, g in zip(wanted, vjp_fn(cotangents)):
-        result[i] = g
+    for i, p, g in zip(wanted, primals, found):
+        result[i] = torch.zeros_like(p) if g is None else g
     return tuple(result)
 
 
