@@ -161,6 +161,34 @@ def test_reference_fallback_trains_without_holding_the_score_matrix(padded, monk
     assert largest[patched] < scores and largest[base] < scores  # HF's SDPA keeps no [B, Hq, S, S] tensor either
 
 
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_training_keeps_no_more_for_the_backward_than_hf(moe):
+    # What autograd keeps from a training forward (tensors other than the parameters, by storage):
+    # no more than HF's. The dense MLP copied gate and up into one weight every step and kept the
+    # copy for the backward (2/3 of the MLP's weights beyond HF's through full fine-tuning)
+    base = tiny_model(moe=moe, hidden_size=128, intermediate_size=512, mlp_only_layers=[0] if moe else None).train()
+    patched = qwen3x.patch(copy.deepcopy(base))
+    ids = _ids(batch=1, seq=8)
+
+    def saved_bytes(model):
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids).loss.backward()
+        return sum(saved.values())
+
+    mlp_weights = 2 * 512 * 128 * 4  # gate and up of one dense MLP, fp32
+    assert saved_bytes(patched) < saved_bytes(base) + mlp_weights // 4
+    _assert_same_grads(base, patched)
+
+
 def test_backward_inside_activation_offloading(pair):
     # TRL's activation_offloading (and torch.autograd.graph.save_on_cpu around a whole step) runs the
     # backward with saved-tensor hooks active, where torch.func refuses to run: the ops' backward

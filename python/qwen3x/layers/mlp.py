@@ -1,4 +1,5 @@
-"""Dense SwiGLU MLP (Qwen3MLP, and the dense layers of Qwen3-MoE): one gate+up GEMM, silu_and_mul."""
+"""Dense SwiGLU MLP (Qwen3MLP, and the dense layers of Qwen3-MoE): one gate+up GEMM over the packed
+weights, silu_and_mul (training: HF's forward)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,18 @@ def is_silu(config) -> bool:
 class MLP(packing.Owner):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
         gate, up = self.gate_proj, self.up_proj
-        if not (is_silu(self.config) and packing.plain_linear(gate) and packing.plain_linear(up)
-                and packing.uniform([gate.weight, up.weight])) or packing.is_member(self):
+        plain = (is_silu(self.config) and packing.plain_linear(gate) and packing.plain_linear(up)
+                 and packing.uniform([gate.weight, up.weight]) and not packing.is_member(self))
+        params = [gate.weight, up.weight] if plain else []
+        if not plain or packing.needs_grad(params):
             # another activation, wrapped / hooked projections (PEFT LoRA, offloading, quantized
-            # linears), weights of two dtypes, or an expert of 4.57's MoE block, which packs its
-            # weights (HF's expert loop, where the block falls back to it): HF's own forward
-            packing.release_stale(self, "gate_up")  # (a buffer of parameters FSDP2 has since replaced)
+            # linears), weights of two dtypes, an expert of 4.57's MoE block, which packs its weights
+            # (HF's expert loop, where the block falls back to it), or training, where one GEMM over
+            # both weights would copy them every step and keep the copy for the backward (2/3 of the
+            # MLP's weights more memory than HF through full fine-tuning): HF's own forward
+            packing.release_stale(self, "gate_up", params if plain else None)  # (of parameters FSDP2 replaced)
             return super().forward(x)
-        params = [gate.weight, up.weight]
-        w = packing.weights(self, "gate_up", params, (2 * gate.out_features, gate.in_features))
+        w = packing.packed(self, "gate_up", params, (2 * gate.out_features, gate.in_features))
         gate_up = F.linear(x, w)  # [..., 2I]
         act = reference.silu_and_mul if reference_instead("silu_and_mul", gate_up) else ops.silu_and_mul
         return self.down_proj(act(gate_up))

@@ -8,8 +8,10 @@ at its slice, so memory is not doubled and the parameters (names, shapes, values
 as they were. Every eager call checks that the parameters still are those slices; if anything
 moved them (``model.to``, ``load_state_dict(assign=True)``) the buffer is rebuilt. Inside a
 torch.compile trace (where storage addresses cannot be read) the buffer of the last eager call is
-used as is, or the weights are stacked when there is none. Gradients reach the parameters only
-through ``stacked`` (a copy per call): callers use ``needs_grad`` to choose.
+used as is, or the weights are stacked when there is none. The buffer is read without
+autograd: where gradients must reach the parameters (``needs_grad``), callers call the projections
+as HF does (one GEMM over a copy of the weights would copy them every step and keep the copy for
+the backward).
 
 Checkpoint writers (accelerate's save_model, safetensors' save_model) take parameters that share a
 storage for tied copies and keep one of them, and pickle writes a parameter's whole storage, so
@@ -224,13 +226,6 @@ def unhook(owner: nn.Module) -> None:
     owner.__dict__.pop(MEMBER, None)
     for handle in owner.__dict__.pop(HOOKS, ()):
         handle.remove()
-
-
-def weights(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    if needs_grad(params):
-        release_stale(owner, key, params)
-        return stacked(params, shape)
-    return packed(owner, key, params, shape)
 
 
 def _aligns_devices_only(module: nn.Module) -> bool:
