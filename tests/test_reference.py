@@ -363,3 +363,31 @@ def test_attention_compiles_once_for_every_length():
         torch.testing.assert_close(out, expected_out)
         torch.testing.assert_close(lse, expected_lse)
     assert counter.frame_count == 1
+
+
+def test_moe_experts_writes_the_picks_once():
+    # The picks are scattered into the output once, not copied whole once per expert (an
+    # out-of-place index_put per expert: 87% of a 128-expert prefill's time on the CPU)
+    T, E, k, H, I = 33, 16, 4, 8, 4
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    x, w = torch.randn(T, H), torch.rand(T, k)
+    gate_up, down = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    written = []
+
+    class Writes(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.index_put, torch.ops.aten.index_put_):
+                written.append(out.numel())
+            return out
+
+    with Writes():
+        out = R.moe_experts(x, ids, w, gate_up, down)
+    assert sum(written) <= T * k * H
+    expected = torch.zeros(T, H)
+    for t in range(T):
+        for j in range(k):
+            e = int(ids[t, j])
+            g, u = (gate_up[e] @ x[t]).chunk(2)
+            expected[t] += w[t, j] * (down[e] @ (F.silu(g) * u))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -155,12 +155,12 @@ def visible_keys(
     return allowed
 
 
-# The most fp32 scores ``attention`` holds at once ([B, Hq, rows, Skv]; 256 MB): it takes the queries
+# The most fp32 scores ``attention`` holds at once ([B, Hq, rows, keys]; 32 MB): it takes the queries
 # a block of rows at a time (each row's softmax is its own), so a fallback to the reference (the
 # CPU, fp32 or fp64 attention on a GPU, other head_dims) runs in memory linear in the sequence
 # length, as HF's SDPA path does, where the whole matrix would be 34 GB for one 16k-token sequence
 # of Qwen3-4B's 32 heads.
-SCORE_BLOCK_ELEMENTS = 1 << 26
+SCORE_BLOCK_ELEMENTS = 1 << 23
 
 
 def attention(
@@ -189,23 +189,42 @@ def attention(
     Hkv, Skv = k.shape[1], k.shape[2]
     groups = Hq // Hkv
     cdt = _compute_dtype(q.dtype)
-    kf = k.to(cdt).repeat_interleave(groups, dim=1)
-    vf = v.to(cdt).repeat_interleave(groups, dim=1)
-    if torch.compiler.is_compiling():  # one block: a loop over a traced length would specialize on it
+    compiling = torch.compiler.is_compiling()
+    # Keys no row can see are left out: past the longest key length (the empty rest of a static
+    # cache; a host sync) and, block by block, past the last row's causal limit (the upper triangle)
+    limit = Skv
+    if key_lengths is not None and not compiling and key_lengths.numel() > 0:
+        limit = max(0, min(Skv, int(key_lengths.max())))
+    kf, vf = k[:, :, :limit].to(cdt), v[:, :, :limit].to(cdt)  # [B, Hkv, keys, D]
+    qg = q.view(B, Hkv, groups, Sq, D)  # query heads by the kv head they read (no repeated k, v)
+    if compiling:  # one block: a loop over a traced length would specialize on it
         blocks = [(0, Sq)]
     else:
-        rows = max(1, SCORE_BLOCK_ELEMENTS // max(1, B * Hq * Skv))
+        rows = max(1, SCORE_BLOCK_ELEMENTS // max(1, B * Hq * limit))
         blocks = [(first, min(Sq, first + rows)) for first in range(0, Sq, rows)] or [(0, 0)]
     outs, lses = [], []
     for first, end in blocks:
-        scores = torch.matmul(q[:, :, first:end].to(cdt), kf.transpose(-1, -2)) * scale  # [B, Hq, rows, Skv]
-        allowed = visible_keys(B, Sq, Skv, causal, mask, key_lengths, q.device, (first, end))
-        scores = scores.masked_fill(~allowed.expand(scores.shape), float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees nothing
-        safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-        probs = torch.exp(scores - safe_lse[..., None])  # exp(-inf) = 0 on masked entries
-        outs.append(torch.matmul(probs, vf))  # [B, Hq, rows, D]
-        lses.append(lse)
+        n, keys = end - first, limit
+        if causal and not compiling:
+            keys = max(0, min(limit, end + Skv - Sq))  # row end-1 sees keys j <= end-1 + Skv - Sq at most
+        qb = qg[:, :, :, first:end].to(cdt).reshape(B, Hkv, groups * n, D)
+        scores = torch.matmul(qb, kf[:, :, :keys].transpose(-1, -2)).view(B, Hkv, groups, n, keys).mul_(scale)
+        allowed = visible_keys(B, Sq, Skv, causal, mask, key_lengths, q.device, (first, end))[..., :keys]
+        heads = (Hkv, groups) if allowed.shape[1] == Hq else (1, 1)
+        scores.masked_fill_(~allowed.reshape(B, *heads, allowed.shape[2], keys), float("-inf"))
+        # softmax in place, normalized after P V: m, the row's largest score (0 where it sees
+        # nothing), is a constant to autograd (the lse and the output do not depend on it)
+        if keys > 0:
+            m = scores.detach().amax(dim=-1, keepdim=True)
+            m = m.masked_fill(torch.isinf(m), 0.0)
+        else:  # (no key for any row of the block: no maximum to take)
+            m = scores.new_zeros((*scores.shape[:-1], 1))
+        probs = scores.sub_(m).exp_()  # exp(-inf) = 0 on masked entries
+        total = probs.sum(dim=-1, keepdim=True)  # >= 1 where the row sees a key (its largest gives 1), else 0
+        out = torch.matmul(probs.view(B, Hkv, groups * n, keys), vf[:, :, :keys])  # [B, Hkv, groups n, D]
+        total_or_1 = torch.where(total > 0, total, torch.ones_like(total))  # (rows that see nothing: 0 / 1)
+        outs.append((out / total_or_1.view(B, Hkv, groups * n, 1)).view(B, Hq, n, D))
+        lses.append((m + total.log()).view(B, Hq, n))  # -inf where a row sees nothing
     out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, dim=2), torch.cat(lses, dim=2))
     return out.transpose(1, 2).contiguous().to(q.dtype), lse.float()
 
@@ -363,8 +382,8 @@ def moe_experts(
     dtype = hidden_states.dtype
     flat = expert_ids.reshape(-1).to(torch.int64)
     weights = expert_weights.reshape(-1).to(dtype)
-    picks = hidden_states.new_zeros(T * k, H)
     counts = torch.bincount(flat, minlength=E).tolist()  # a host sync: fine for the reference
+    rows_of, ys = [], []
     for e, count in enumerate(counts):
         if count == 0:
             continue
@@ -372,7 +391,13 @@ def moe_experts(
         x = hidden_states[rows // k]
         gate, up = F.linear(x, gate_up_proj[e]).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, down_proj[e])
-        picks = picks.index_put((rows,), y * weights[rows, None])
+        rows_of.append(rows)
+        ys.append(y * weights[rows, None])
+    # every pick's row once (each pick has one expert): one scatter, out of place (torch.func's
+    # transforms, which run the references, refuse in-place writes of batched values into a plain tensor)
+    picks = hidden_states.new_zeros(T * k, H)
+    if ys:
+        picks = picks.index_put((torch.cat(rows_of),), torch.cat(ys))
     return picks.view(T, k, H).to(_compute_dtype(dtype)).sum(dim=1).to(dtype)
 
 
