@@ -508,6 +508,57 @@ def test_compiled_forward_over_projections_it_may_not_pack():
     assert_rel_close(out, _logits(base, ids), REL)
 
 
+@pytest.mark.skipif(TF5, reason="4.57's MoE block (a list of expert MLPs)")
+@pytest.mark.parametrize("change", ["none", "hook", "pre_hook", "instance_forward", "new_linear", "bias",
+                                    "new_data", "new_weight", "new_expert", "inference_then_grad"])
+def test_moe_block_rechecks_its_experts_cheaply_and_sees_every_change(change, monkeypatch):
+    # After its first packed call, 4.57's block rechecks its 3E expert linears in C-level passes
+    # (the full check's module lookups took milliseconds a layer at decode); whatever the full
+    # check would have seen since must still send the call to HF's loop or repack
+    from qwen3x.layers import moe as moe_layer
+
+    base = tiny_model(moe=True)
+    patched = qwen3x.patch(copy.deepcopy(base))
+    x = torch.randn(2, 5, base.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    blocks = (base.model.layers[0].mlp, patched.model.layers[0].mlp)
+    with torch.no_grad():
+        blocks[1](x)
+    full_checks = []
+    check = moe_layer._plain_expert
+    monkeypatch.setattr(moe_layer, "_plain_expert", lambda e: full_checks.append(e) or check(e))
+    calls = collections.Counter()  # side -> calls of the hook or forward put on expert 3
+    for side, block in enumerate(blocks):  # the same change on both sides
+        expert = block.experts[3]
+        if change == "hook":
+            expert.up_proj.register_forward_hook(lambda m, i, o, side=side: calls.update([side]) or o * 2)
+        elif change == "pre_hook":
+            expert.register_forward_pre_hook(lambda m, i, side=side: calls.update([side]) or (i[0] * 3,))
+        elif change == "instance_forward":
+            expert.down_proj.forward = lambda t, m=expert.down_proj, side=side: (
+                calls.update([side]) or torch.nn.Linear.forward(m, t) + 1)
+        elif change == "new_linear":
+            torch.manual_seed(5)
+            expert.gate_proj = torch.nn.Linear(expert.gate_proj.in_features, expert.gate_proj.out_features, bias=False)
+        elif change == "bias":
+            torch.manual_seed(5)
+            expert.up_proj.bias = torch.nn.Parameter(torch.randn(expert.up_proj.out_features))
+        elif change == "new_data":
+            with torch.no_grad():
+                expert.down_proj.weight.data = expert.down_proj.weight.data * 2
+        elif change == "new_weight":
+            expert.gate_proj.weight = torch.nn.Parameter(expert.gate_proj.weight.detach() * -1)
+        elif change == "new_expert":
+            torch.manual_seed(5)
+            block.experts[1] = type(expert)(base.config, intermediate_size=base.config.moe_intermediate_size)
+    context = torch.enable_grad() if change == "inference_then_grad" else torch.no_grad()
+    with context:
+        out, ref = blocks[1](x)[0], blocks[0](x)[0]
+    assert_rel_close(out, ref, REL)
+    if change in ("hook", "pre_hook", "instance_forward"):
+        assert calls[0] == calls[1] == 1  # (expert 3 gets tokens: HF calls it once)
+    assert bool(full_checks) == (change != "none")  # the recheck alone where nothing changed
+
+
 @pytest.mark.skipif(TF5, reason="4.57's MoE block packs the weights of its expert MLPs")
 def test_compiled_moe_block_after_its_experts_ran_on_their_own():
     """4.57's block packs all experts' weights; where it falls back to HF's loop (autocast here) its

@@ -13,6 +13,8 @@ packed buffers, so memory is not doubled) and runs the whole-layer ``moe`` op.
 from __future__ import annotations
 
 import inspect
+import operator
+from itertools import repeat
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from torch import nn
 from .. import ops, reference
 from .._library import warn_once
 from . import packing
-from .dispatch import HALF_DTYPES, autocast_dtype, moe_reference_instead, reference_instead
+from .dispatch import HALF_DTYPES, autocast_dtype, moe_reference_instead, reference_instead, transforming
 from .mlp import is_silu
 
 
@@ -127,6 +129,52 @@ def _plain_expert(expert: nn.Module) -> bool:
     return is_silu(expert.config) and not packing.has_hooks(expert) and all(map(packing.plain_linear, linears))
 
 
+_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+class _ExpertsWatch:
+    """What the full check of 4.57's experts passed (plain, hook-free modules whose weights the block
+    packed), kept for a recheck in C-level passes over lists: the same expert and linear modules,
+    still without forward hooks or a forward on the instance (accelerate's), the same weights and no
+    biases, still views of the same buffers. For 128 experts a fraction of the full check's time,
+    which (hundreds of module attribute lookups) took milliseconds a layer: longer than a decode
+    step's GPU work for the layer. Autograd, autocast, torch.compile and torch.func take the full
+    check."""
+
+    def __init__(self, experts: nn.ModuleList, buffers: tuple[torch.Tensor, torch.Tensor]):
+        self.container = experts._modules
+        self.experts = list(self.container.values())
+        self.children = [e._modules for e in self.experts for _ in _LINEARS]
+        self.names = list(_LINEARS) * len(self.experts)
+        self.linears = list(map(operator.getitem, self.children, self.names))
+        modules = self.experts + self.linears
+        self.dicts = [m.__dict__ for m in modules]
+        self.hooks = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self.parameters = [m._parameters for m in self.linears]
+        self.weights = list(map(operator.itemgetter("weight"), self.parameters))
+        self.pointers = list(map(torch.Tensor.data_ptr, self.weights))
+        self.buffers = buffers
+
+    @staticmethod
+    def _same(a: list, b: list) -> bool:
+        return len(a) == len(b) and all(map(operator.is_, a, b))
+
+    def unchanged(self, block: nn.Module) -> bool:
+        records = block.__dict__.get(packing.ATTR, {})
+        buffers = (records.get("gate_up_proj", (None,))[0], records.get("down_proj", (None,))[0])
+        return (
+            self._same(buffers, self.buffers)
+            and self._same(list(self.container.values()), self.experts)
+            and self._same(list(map(operator.getitem, self.children, self.names)), self.linears)
+            and not any(self.hooks)
+            and not any(map(operator.contains, self.dicts, repeat("forward")))
+            and not any(map(operator.contains, self.dicts, repeat("_hf_hook")))
+            and self._same(list(map(operator.itemgetter("weight"), self.parameters)), self.weights)
+            and all(map(operator.is_, map(operator.itemgetter("bias"), self.parameters), repeat(None)))
+            and list(map(torch.Tensor.data_ptr, self.weights)) == self.pointers
+        )
+
+
 class SparseMoeBlock(packing.Owner):
     """transformers 4.57's block (ModuleList of experts); returns (out, router_logits) like HF.
 
@@ -136,6 +184,9 @@ class SparseMoeBlock(packing.Owner):
     """
 
     def forward(self, hidden_states: torch.Tensor):
+        buffers = self._packed_as_before(hidden_states)
+        if buffers is not None:
+            return self._moe(hidden_states, *buffers)
         experts = self.experts
         # (the weights by name: FSDP1 takes them out of the modules' parameters during its forward)
         plain = isinstance(experts, nn.ModuleList) and all(_plain_expert(e) for e in experts)
@@ -151,14 +202,36 @@ class SparseMoeBlock(packing.Owner):
             # (a buffer of parameters FSDP2 has since replaced: let it go)
             packing.release_stale(self, "gate_up_proj", gate_up_params if plain else None)
             packing.release_stale(self, "down_proj", down_params if plain else None)
+            self.__dict__.pop(packing.WATCH, None)
             return super().forward(hidden_states)
-        B, S, H = hidden_states.shape
-        x = hidden_states.reshape(-1, H)
-        router_logits = self.gate(x)  # [T, E]
+        H = hidden_states.shape[-1]
         E, I = len(experts), experts[0].gate_proj.out_features
         gate_up = packing.packed(self, "gate_up_proj", gate_up_params, (E, 2 * I, H), members=tuple(experts))
         down = packing.packed(self, "down_proj", down_params, (E, H, I))
-        moe = reference.moe if moe_reference_instead("moe", x, H, I) else ops.moe
+        if not (torch.compiler.is_compiling() or packing.is_replica(self)):
+            self.__dict__[packing.WATCH] = _ExpertsWatch(experts, (gate_up, down))
+        return self._moe(hidden_states, gate_up, down)
+
+    def _packed_as_before(self, hidden_states: torch.Tensor):
+        """The packed (gate_up, down) buffers when the full check would pass again and reuse them
+        (_ExpertsWatch), else None."""
+        watch = self.__dict__.get(packing.WATCH)
+        if (watch is None or torch.is_grad_enabled() or torch.compiler.is_compiling() or transforming()
+                or autocast_dtype(hidden_states) is not None or packing.is_replica(self)
+                or packing.distributed_state_in_use() or not is_silu(watch.experts[0].config)):
+            return None
+        return watch.buffers if watch.unchanged(self) else None
+
+    def _moe(self, hidden_states: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor):
+        B, S, H = hidden_states.shape
+        x = hidden_states.reshape(-1, H)
+        router_logits = self.gate(x)  # [T, E]
+        moe = reference.moe if moe_reference_instead("moe", x, H, down.shape[2]) else ops.moe
         # (HF 4.57 rounds the routing weights to the hidden states' dtype, the op to the logits')
         out = moe(x, router_logits.to(x.dtype), gate_up, down, self.top_k, self.norm_topk_prob)
         return out.reshape(B, S, H), router_logits
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop(packing.WATCH, None)  # (lists of this process's modules and storage addresses)
+        return state

@@ -40,6 +40,7 @@ from .dispatch import autocast_dtype, transforming
 ATTR = "_qwen3x_packed"  # owner.__dict__[ATTR]: key -> (buffer, the parameters packed into it)
 HOOKS = "_qwen3x_packing_hooks"
 MEMBER = "_qwen3x_packed_by_parent"  # module.__dict__[MEMBER]: its weights are packed by another owner
+WATCH = "_qwen3x_packed_watch"  # owner.__dict__[WATCH]: a cheap recheck of what its last full check passed (moe.py)
 
 
 def needs_grad(params: list[torch.Tensor]) -> bool:
@@ -63,7 +64,7 @@ def _is_view_of(buffer: torch.Tensor, params: list[torch.Tensor]) -> bool:
     return all(p.data_ptr() == base + at * size and p.is_contiguous() for p, at in zip(params, _offsets(params)))
 
 
-def _distributed_state_in_use() -> bool:
+def distributed_state_in_use() -> bool:
     """Whether this process holds any module under torch.distributed's composable APIs (FSDP2's
     fully_shard above all): they keep parameters of their own and put them back on the modules
     for each forward, refilled, so a parameter packing re-pointed would keep the values it had when
@@ -92,7 +93,7 @@ def may_pack(params: list[torch.Tensor]) -> bool:
     (``stacked``)."""
     if not uniform(params) or any(p._base is not None for p in params):
         return False
-    return torch.compiler.is_compiling() or not _distributed_state_in_use()
+    return torch.compiler.is_compiling() or not distributed_state_in_use()
 
 
 def stacked(params: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
@@ -120,7 +121,7 @@ def packed(owner: nn.Module, key: str, params: list[torch.Tensor], shape: tuple[
         return buffer if same else stacked([p.detach() for p in params], shape)
     if buffer is not None and _is_view_of(buffer, params):
         return buffer
-    if _is_replica(owner):  # a copy per call: what it packed would be recorded in a throwaway copy
+    if is_replica(owner):  # a copy per call: what it packed would be recorded in a throwaway copy
         return stacked([p.detach() for p in params], shape)
     if not may_pack(params):  # a copy per call, the parameters untouched
         release(owner, keys=(key,))
@@ -155,7 +156,7 @@ def release(owner: nn.Module, keys=None, keep_valid: bool = False) -> None:
     would only cost memory). Not inside a torch.compile trace (storage addresses are not
     traceable): the next eager call does it."""
     packs = owner.__dict__.get(ATTR)
-    if not packs or torch.compiler.is_compiling() or _is_replica(owner):
+    if not packs or torch.compiler.is_compiling() or is_replica(owner):
         return
     current = {id(p) for p in owner.parameters()}
     kept = {}
@@ -175,7 +176,7 @@ def release(owner: nn.Module, keys=None, keep_valid: bool = False) -> None:
         del owner.__dict__[ATTR]
 
 
-def _is_replica(owner: nn.Module) -> bool:
+def is_replica(owner: nn.Module) -> bool:
     """A DataParallel replica: made for one step from a shallow copy of the module's __dict__ (its
     records and hook dicts the module's own), on device 0 with the module's own parameters."""
     return getattr(owner, "_is_replica", False)
@@ -224,6 +225,7 @@ def unhook(owner: nn.Module) -> None:
     """``release``, and remove the hooks ``packed`` registered (unpatch)."""
     release(owner)
     owner.__dict__.pop(MEMBER, None)
+    owner.__dict__.pop(WATCH, None)
     for handle in owner.__dict__.pop(HOOKS, ()):
         handle.remove()
 
