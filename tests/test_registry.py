@@ -280,6 +280,26 @@ def test_attention_double_backward_is_the_reference_s(fn):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("inputs", ["same", "derived"])
+def test_recorded_backward_of_inputs_that_share_a_graph(inputs):
+    # A recorded backward (create_graph) differentiates each argument through its own slot: an
+    # input given twice, or computed from another (a decoder's add_rms_norm(attention_out,
+    # hidden)), was credited with every path (twice the gradient for add_rms_norm(x, x))
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(16, dtype=torch.float64) + 0.5
+
+    def grads(add_rms_norm):
+        first = x if inputs == "same" else 2 * x
+        out, summed = add_rms_norm(first, x, w, 1e-6)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum() + summed.pow(2).sum()
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.pow(2).sum(), x)
+        return g, gg
+
+    for got, want in zip(grads(torch.ops.qwen3x.add_rms_norm), grads(R.add_rms_norm)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 # The experts' backward: the vjp of a grouped-GEMM restatement (qwen3x._backward.moe_experts), not
 # of the reference's loop over experts. fp32 on the CPU (grouped_mm serves it; fp64 keeps the loop).
 def _moe_case(layout):

@@ -477,11 +477,13 @@ def _vjp(fn: Callable, args: list, wanted: list[int], grads: tuple) -> tuple:
     torch.autograd.grad. (Not torch.func.vjp: it refuses to run while saved-tensor hooks are
     active, and a backward runs inside them under activation offloading such as
     torch.autograd.graph.save_on_cpu or TRL's activation_offloading, which wrap the whole training
-    step.) In a backward that autograd records (a double backward), through the saved inputs
-    themselves, so the gradients are differentiable in turn."""
+    step.) In a backward that autograd records (a double backward), through fresh views of the
+    saved inputs, so the gradients are differentiable in turn; a view for each argument, so that an
+    input given twice, or computed from another input (add_rms_norm's input from its residual in a
+    decoder layer), gets only the paths through its own slot."""
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        primals = [args[i] if create_graph else args[i].detach().requires_grad_() for i in wanted]
+        primals = [args[i].view_as(args[i]) if create_graph else args[i].detach().requires_grad_() for i in wanted]
         call = list(args)
         for i, p in zip(wanted, primals):
             call[i] = p
