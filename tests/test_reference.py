@@ -391,3 +391,14 @@ def test_moe_experts_writes_the_picks_once():
             g, u = (gate_up[e] @ x[t]).chunk(2)
             expected[t] += w[t, j] * (down[e] @ (F.silu(g) * u))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_under_vmap_over_masks_and_key_lengths():
+    # torch.func runs the references: a batched mask over unbatched scores (no in-place write) and
+    # batched key lengths (no host sync to trim the keys)
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    masks = torch.rand(3, 2, 1, 3, 5) > 0.3
+    lengths = torch.tensor([[2, 3], [5, 1], [0, 4]])
+    for fn, xs in ((lambda m: R.attention(q, k, v, m, 0.5, False)[0], masks),
+                   (lambda n: R.attention(q, k, v, None, 0.5, True, n)[0], lengths)):
+        torch.testing.assert_close(torch.func.vmap(fn)(xs), torch.stack([fn(x) for x in xs]))

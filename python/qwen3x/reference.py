@@ -190,10 +190,13 @@ def attention(
     groups = Hq // Hkv
     cdt = _compute_dtype(q.dtype)
     compiling = torch.compiler.is_compiling()
+    # (torch.func transforms: no host sync on the key lengths, no in-place write into a tensor a
+    # batched mask would have to widen)
+    transformed = not compiling and torch._C._functorch.peek_interpreter_stack() is not None
     # Keys no row can see are left out: past the longest key length (the empty rest of a static
     # cache; a host sync) and, block by block, past the last row's causal limit (the upper triangle)
     limit = Skv
-    if key_lengths is not None and not compiling and key_lengths.numel() > 0:
+    if key_lengths is not None and not (compiling or transformed) and key_lengths.numel() > 0:
         limit = max(0, min(Skv, int(key_lengths.max())))
     kf, vf = k[:, :, :limit].to(cdt), v[:, :, :limit].to(cdt)  # [B, Hkv, keys, D]
     qg = q.view(B, Hkv, groups, Sq, D)  # query heads by the kv head they read (no repeated k, v)
@@ -211,7 +214,8 @@ def attention(
         scores = torch.matmul(qb, kf[:, :, :keys].transpose(-1, -2)).view(B, Hkv, groups, n, keys).mul_(scale)
         allowed = visible_keys(B, Sq, Skv, causal, mask, key_lengths, q.device, (first, end))[..., :keys]
         heads = (Hkv, groups) if allowed.shape[1] == Hq else (1, 1)
-        scores.masked_fill_(~allowed.reshape(B, *heads, allowed.shape[2], keys), float("-inf"))
+        hidden = ~allowed.reshape(B, *heads, allowed.shape[2], keys)
+        scores = scores.masked_fill(hidden, float("-inf")) if transformed else scores.masked_fill_(hidden, float("-inf"))
         # softmax in place, normalized after P V: m, the row's largest score (0 where it sees
         # nothing), is a constant to autograd (the lse and the output do not depend on it)
         if keys > 0:
