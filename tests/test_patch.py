@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import copy
 import functools
-import concurrent.futures
 import importlib.util
 import inspect
 import os
@@ -508,9 +508,15 @@ def test_compiled_forward_over_projections_it_may_not_pack():
     assert_rel_close(out, _logits(base, ids), REL)
 
 
+class _Negated(torch.nn.Module):
+    def forward(self, w):
+        return -w
+
+
 @pytest.mark.skipif(TF5, reason="4.57's MoE block (a list of expert MLPs)")
 @pytest.mark.parametrize("change", ["none", "hook", "pre_hook", "instance_forward", "new_linear", "bias",
-                                    "new_data", "new_weight", "new_expert", "inference_then_grad"])
+                                    "new_data", "new_weight", "new_expert", "inference_then_grad", "new_list",
+                                    "hook_dict_replaced", "class_swapped", "parametrized"])
 def test_moe_block_rechecks_its_experts_cheaply_and_sees_every_change(change, monkeypatch):
     # After its first packed call, 4.57's block rechecks its 3E expert linears in C-level passes
     # (the full check's module lookups took milliseconds a layer at decode); whatever the full
@@ -550,6 +556,17 @@ def test_moe_block_rechecks_its_experts_cheaply_and_sees_every_change(change, mo
         elif change == "new_expert":
             torch.manual_seed(5)
             block.experts[1] = type(expert)(base.config, intermediate_size=base.config.moe_intermediate_size)
+        elif change == "new_list":
+            with torch.no_grad():
+                block.experts = torch.nn.ModuleList(copy.deepcopy(e) for e in block.experts)
+                block.experts[2].up_proj.weight.mul_(-1)
+        elif change == "hook_dict_replaced":
+            expert.up_proj._forward_hooks = collections.OrderedDict()
+            expert.up_proj.register_forward_hook(lambda m, i, o: o * 2)
+        elif change == "class_swapped":
+            expert.down_proj.__class__ = type("Doubled", (torch.nn.Linear,), {"forward": lambda m, t: 2 * t @ m.weight.T})
+        elif change == "parametrized":
+            torch.nn.utils.parametrize.register_parametrization(expert.gate_proj, "weight", _Negated())
     context = torch.enable_grad() if change == "inference_then_grad" else torch.no_grad()
     with context:
         out, ref = blocks[1](x)[0], blocks[0](x)[0]

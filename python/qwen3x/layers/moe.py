@@ -142,16 +142,15 @@ class _ExpertsWatch:
     check."""
 
     def __init__(self, experts: nn.ModuleList, buffers: tuple[torch.Tensor, torch.Tensor]):
+        self.module_list = experts
         self.container = experts._modules
         self.experts = list(self.container.values())
         self.children = [e._modules for e in self.experts for _ in _LINEARS]
         self.names = list(_LINEARS) * len(self.experts)
         self.linears = list(map(operator.getitem, self.children, self.names))
-        modules = self.experts + self.linears
-        self.dicts = [m.__dict__ for m in modules]
-        self.hooks = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self.dicts = [m.__dict__ for m in self.experts + self.linears]
         self.parameters = [m._parameters for m in self.linears]
-        self.weights = list(map(operator.itemgetter("weight"), self.parameters))
+        self.weights = list(map(operator.methodcaller("get", "weight"), self.parameters))
         self.pointers = list(map(torch.Tensor.data_ptr, self.weights))
         self.buffers = buffers
 
@@ -164,13 +163,17 @@ class _ExpertsWatch:
         buffers = (records.get("gate_up_proj", (None,))[0], records.get("down_proj", (None,))[0])
         return (
             self._same(buffers, self.buffers)
+            and block._modules.get("experts") is self.module_list
             and self._same(list(self.container.values()), self.experts)
             and self._same(list(map(operator.getitem, self.children, self.names)), self.linears)
-            and not any(self.hooks)
+            and all(map(operator.is_, map(type, self.linears), repeat(nn.Linear)))
+            # (the hook dicts read afresh: a module's may have been replaced)
+            and not any(map(operator.itemgetter("_forward_hooks"), self.dicts))
+            and not any(map(operator.itemgetter("_forward_pre_hooks"), self.dicts))
             and not any(map(operator.contains, self.dicts, repeat("forward")))
             and not any(map(operator.contains, self.dicts, repeat("_hf_hook")))
-            and self._same(list(map(operator.itemgetter("weight"), self.parameters)), self.weights)
-            and all(map(operator.is_, map(operator.itemgetter("bias"), self.parameters), repeat(None)))
+            and self._same(list(map(operator.methodcaller("get", "weight"), self.parameters)), self.weights)
+            and all(map(operator.is_, map(operator.methodcaller("get", "bias"), self.parameters), repeat(None)))
             and list(map(torch.Tensor.data_ptr, self.weights)) == self.pointers
         )
 
