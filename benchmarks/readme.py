@@ -59,7 +59,9 @@ def _missing(row: dict | None) -> str:
 def short_copies(rows: list[dict]) -> str:
     """' Copies as short as ...: 64 MiB moved in 24 us (2800 GB/s, 93%), ...' ('' when the run
     measured none)."""
-    short = sorted((r for r in rows if r["op"] == "copy" and r.get("gbps")), key=lambda r: r["bytes"])
+    # (one per size: a run's rows files each time the ceilings)
+    short = sorted({r["bytes"]: r for r in rows if r["op"] == "copy" and r.get("gbps")}.values(),
+                   key=lambda r: r["bytes"])
     if not short:
         return ""
     parts = [f"{r['bytes'] / 2**20:.0f} MiB moved in {1e3 * r['median_ms']:.1f} us ({r['gbps']:.0f} GB/s, "
