@@ -321,11 +321,14 @@ GPU_CHECK_TESTS ?= tests/test_attention_gpu.py tests/test_moe_gpu.py tests/test_
 # decode layer's kernels one by one, its 45% of the weight bandwidth at 1 token to be placed; with
 # --timeline also one graph replay's kernels on a time line: the gaps between them, and the
 # graph launch's share, which is the suite row minus the span; and batch-1 decode attention beside
-# cuDNN's and flash's on the same time line: whose kernel is slower, and by how much of the 0.34x)
+# cuDNN's and flash's on the same time line, then again with the L2 left warm (code and K/V in L2:
+# if ours gains far more than cuDNN's, the decode path's instruction fetch is the suspect,
+# benchmarks/NOTES.md "What batch-1 decode spends"))
 GPU_PERF_KERNEL_TIMES_RUNS ?= "--ops moe_layer --shapes model=Qwen3-30B-A3B,tokens=1 --providers qwen3x --timeline" \
-    "--ops attention_decode --shapes model=Qwen3-4B,batch=1,context=1024 --providers qwen3x,qwen3x_cluster,sdpa_cudnn,sdpa_flash --timeline"
+    "--ops attention_decode --shapes model=Qwen3-4B,batch=1,context=1024 --providers qwen3x,qwen3x_l2,sdpa_cudnn,sdpa_flash --timeline" \
+    "--ops attention_decode --shapes model=Qwen3-4B,batch=1,context=1024 --providers qwen3x,sdpa_cudnn --timeline --warm-l2"
 GPU_PERF_ARGS   ?= --targets --ops attention_prefill,attention_decode,moe_layer,moe_route,rms_norm,qk_norm_rope \
-                   --providers qwen3x,qwen3x_no_pdl,qwen3x_no_fence,qwen3x_cluster,qwen3x_overlap,sdpa_flash,sdpa_cudnn,hf_grouped_mm,liger \
+                   --providers qwen3x,qwen3x_no_pdl,qwen3x_no_fence,qwen3x_cluster,qwen3x_l2,qwen3x_serial,sdpa_flash,sdpa_cudnn,hf_grouped_mm,liger \
                    --no-precompile
 gpu-check:
 	$(MAKE) gpu STEPS="tests" GPU_SAMPLE=1 GPU_TESTS="$(GPU_CHECK_TESTS)" GPU_TEST_S=100 BUILD_S=200

@@ -107,11 +107,12 @@ def no_fence_provider(env_name: str, call: Callable[[Inputs], Any], eligible: bo
                         skip=_wgmma_skip(env_name, eligible), graphable=False, **kw)
 
 
-def overlap_provider(env_name: str, call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
-    """qwen3x's Hopper attention loop with each tile's softmax beside the previous tile's P V
-    (QWEN3X_ATTENTION_OVERLAP=1, FA3's intra-warpgroup overlap) instead of after it: the A/B that
-    decides between the two loops (benchmarks/NOTES.md), in the same run. Same bits either way."""
-    return _env_variant("qwen3x_overlap", ("QWEN3X_ATTENTION_OVERLAP", "1"), call,
+def serial_provider(env_name: str, call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
+    """qwen3x's Hopper attention loop with each tile's softmax after its P V wait
+    (QWEN3X_ATTENTION_OVERLAP=0) instead of beside the previous tile's P V (the default, FA3's
+    intra-warpgroup overlap): the A/B kept for one more run (benchmarks/NOTES.md), in the same run.
+    Same bits either way."""
+    return _env_variant("qwen3x_serial", ("QWEN3X_ATTENTION_OVERLAP", "0"), call,
                         skip=_wgmma_skip(env_name, eligible) or smoke_failed("QWEN3X_ATTENTION_OVERLAP"),
                         graphable=False, **kw)
 
@@ -132,16 +133,28 @@ def no_pdl_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Prov
     return _decode_variant("qwen3x_no_pdl", ("QWEN3X_PDL", "0"), call, eligible, unavailable, **kw)
 
 
+def _combine_unavailable() -> str | None:
+    return (smoke_failed("QWEN3X_ATTENTION_COMBINE") if wgmma_available()
+            else "thread block clusters need an sm_90 GPU and a build with sm_90a")
+
+
 def cluster_combine_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
-    """qwen3x with split-KV's splits merged inside a thread block cluster, through distributed shared
-    memory (QWEN3X_ATTENTION_COMBINE=cluster: at most 16 splits, no workspace, no device-wide marks)
-    instead of through L2 by the last split to arrive: the A/B that decides between the two
-    (benchmarks/NOTES.md), in the same run. Skipped off sm_90 + sm_90a, where the setting changes
-    nothing."""
-    unavailable = (smoke_failed("QWEN3X_ATTENTION_COMBINE") if wgmma_available()
-                   else "thread block clusters need an sm_90 GPU and a build with sm_90a")
-    return _decode_variant("qwen3x_cluster", ("QWEN3X_ATTENTION_COMBINE", "cluster"), call, eligible, unavailable,
-                           **kw)
+    """qwen3x with split-KV's splits always merged inside a thread block cluster, through distributed
+    shared memory (QWEN3X_ATTENTION_COMBINE=cluster: at most 16 splits, no workspace, no device-wide
+    marks), also where qwen3x's default (auto) merges through L2 (grids of more than one wave):
+    where the boundary lies, in the same run. Skipped off sm_90 + sm_90a, where the setting
+    changes nothing."""
+    return _decode_variant("qwen3x_cluster", ("QWEN3X_ATTENTION_COMBINE", "cluster"), call, eligible,
+                           _combine_unavailable(), **kw)
+
+
+def l2_combine_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
+    """qwen3x with split-KV's splits always merged through L2 by the last split to arrive
+    (QWEN3X_ATTENTION_COMBINE=l2), also where qwen3x's default (auto) merges them in a cluster
+    (batch-1 decode on sm_90): what the cluster merge saves, in the same run. Skipped off
+    sm_90 + sm_90a, where qwen3x merges through L2 anyway."""
+    return _decode_variant("qwen3x_l2", ("QWEN3X_ATTENTION_COMBINE", "l2"), call, eligible,
+                           _combine_unavailable(), **kw)
 
 
 def reference_provider(fn: Callable[[Inputs], Any], **kw) -> Provider:

@@ -25,8 +25,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BEGIN = "<!-- benchmarks:begin (python -m benchmarks.readme) -->"
 END = "<!-- benchmarks:end -->"
 # The reference is the spec, not an alternative people use; qwen3x_<variant> rows (qwen3x_mma_sync:
-# our other mainloop, qwen3x_no_pdl: plain launches, qwen3x_no_fence: no proxy fence, qwen3x_cluster:
-# split-KV merged in a cluster, qwen3x_overlap: the overlapped Hopper attention loop) are A/B rows
+# our other mainloop, qwen3x_no_pdl: plain launches, qwen3x_no_fence: no proxy fence, qwen3x_cluster /
+# qwen3x_l2: split-KV always merged in a cluster / through L2, qwen3x_serial: the Hopper attention loop without the overlap) are A/B rows
 # of our own (benchmarks/providers.py), shown in the rows and plots, not peers.
 NOT_PEERS = {OURS, "reference"}
 

@@ -110,14 +110,15 @@ def _chunked(fn, q, k, v, mask, scale, causal):
     return torch.cat(outs, dim=2), torch.cat(lses, dim=1)
 
 
-# The Hopper A/B settings and their default values (csrc/core/mainloop_choice.h, hopper_ab_setting).
-AB_DEFAULTS = {"QWEN3X_ATTENTION_COMBINE": "l2", "QWEN3X_ATTENTION_OVERLAP": "0"}
+# The Hopper A/B settings and the value of each that make gpu's smoke step tries on its own
+# (csrc/attention/attention.cu, tests/wgmma_smoke.py AB_CASES).
+AB_CANDIDATES = {"QWEN3X_ATTENTION_COMBINE": "cluster", "QWEN3X_ATTENTION_OVERLAP": "1"}
 
 
 def _set_ab(monkeypatch, name, value):
     """Sets an A/B setting for this test; skips a candidate value that make gpu's smoke step found
     failing or hanging (qwen3x.testing.smoke_failed: its log has the failure)."""
-    if value != AB_DEFAULTS[name] and (why := smoke_failed(name)):
+    if value == AB_CANDIDATES[name] and (why := smoke_failed(name)):
         pytest.skip(why)
     monkeypatch.setenv(name, value)
 
@@ -488,6 +489,7 @@ def test_cluster_combine(monkeypatch, case):
         pytest.skip("thread block clusters: an sm_90 GPU and a build with sm_90a")
     B, Hq, Hkv, Sq, Skv, causal = case
     q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, torch.bfloat16, q_layout="bshd")
+    _set_ab(monkeypatch, "QWEN3X_ATTENTION_COMBINE", "l2")
     l2_out, l2_lse = _run(q, k, v, None, causal)
     _set_ab(monkeypatch, "QWEN3X_ATTENTION_COMBINE", "cluster")
     out, lse = _run(q, k, v, None, causal)
@@ -495,6 +497,39 @@ def test_cluster_combine(monkeypatch, case):
         assert_identical(out, l2_out)
         assert_identical(lse, l2_lse)
     _judge(out, lse, q, k, v, None, D**-0.5, causal)
+
+
+# (B, Hq, Hkv, Sq, Skv): the default's choice on an sm_90 GPU with sm_90a code, and the other one
+COMBINE_DEFAULT_CASES = [
+    ((1, 32, 8, 1, 8193), "cluster", "l2"),   # 8 CTAs x 15 splits (one wave); through L2: 65 splits
+    ((4, 32, 8, 1, 32768), "l2", "cluster"),  # 32 CTAs x 16 splits: 512 (two waves of 264); L2: 32 splits
+]
+
+
+@pytest.mark.parametrize("case", COMBINE_DEFAULT_CASES, ids=["batch1-8193", "batch4-32768"])
+def test_combine_default(monkeypatch, case):
+    """QWEN3X_ATTENTION_COMBINE=auto (the default; attention.cu, heuristics.cuh cluster_combine_pays):
+    on an sm_90 GPU with sm_90a code (132 SMs, 2 CTAs each) a split decode merges in a thread block
+    cluster where the cluster plan's grid fits one wave and through L2 where it does not; off
+    sm_90 always through L2. The cases plan different split counts either way, so the forced
+    settings' answers differ in bits and the default's is bitwise one of them."""
+    (B, Hq, Hkv, Sq, Skv), hopper_choice, other = case
+    sms = (torch.cuda.get_device_properties(0).multi_processor_count
+           if hasattr(torch.cuda, "get_device_properties") else 132)  # (the emulated device: an H100's)
+    if wgmma_available() and sms != 132:
+        pytest.skip("the cases are sized for a 132-SM part (H100 / H200 SXM)")
+    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, torch.bfloat16, q_layout="bshd")
+    monkeypatch.delenv("QWEN3X_ATTENTION_COMBINE", raising=False)
+    out, lse = _run(q, k, v, None, True)
+    _set_ab(monkeypatch, "QWEN3X_ATTENTION_COMBINE", hopper_choice if wgmma_available() else "l2")
+    want_out, want_lse = _run(q, k, v, None, True)
+    assert_identical(out, want_out)
+    assert_identical(lse, want_lse)
+    if wgmma_available():
+        _set_ab(monkeypatch, "QWEN3X_ATTENTION_COMBINE", other)
+        _, other_lse = _run(q, k, v, None, True)
+        assert not torch.equal(other_lse, lse), "the two settings planned alike: the case tells nothing"
+    _judge(out, lse, q, k, v, None, D**-0.5, True)
 
 
 # (B, Hq, Hkv, Sq, Skv, causal, mask): calls the Hopper loop serves (full row tiles)
@@ -509,15 +544,16 @@ OVERLAP_CASES = [
 
 @pytest.mark.parametrize("case", OVERLAP_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_overlap_loop(monkeypatch, case):
-    """QWEN3X_ATTENTION_OVERLAP=1 (attention_fwd.cuh, kOverlap): tile t's softmax runs beside tile
-    t - 1's P V. The same operations on o in the same order as the default Hopper loop: identical
-    bits; judged against the truth too."""
+    """QWEN3X_ATTENTION_OVERLAP=1 (the default; attention_fwd.cuh, kOverlap): tile t's softmax runs
+    beside tile t - 1's P V. The same operations on o in the same order as the serial Hopper loop
+    (QWEN3X_ATTENTION_OVERLAP=0): identical bits; judged against the truth too."""
     if not wgmma_available():
         pytest.skip("the overlapped loop is a Hopper loop: an sm_90 GPU and a build with sm_90a")
     B, Hq, Hkv, Sq, Skv, causal, with_mask = case
     monkeypatch.setenv("QWEN3X_ATTENTION_MAINLOOP", "wgmma")
     q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, torch.bfloat16, q_layout="bshd")
     mask = _padding_mask(B, Sq, Skv) if with_mask else None
+    monkeypatch.setenv("QWEN3X_ATTENTION_OVERLAP", "0")
     serial_out, serial_lse = _run(q, k, v, mask, causal)
     _set_ab(monkeypatch, "QWEN3X_ATTENTION_OVERLAP", "1")
     out, lse = _run(q, k, v, mask, causal)
@@ -526,27 +562,31 @@ def test_overlap_loop(monkeypatch, case):
     _judge(out, lse, q, k, v, mask, D**-0.5, causal)
 
 
-# (setting, its two values, a call it applies to: (B, Hq, Hkv, Sq, Skv))
-AB_SETTINGS = [("QWEN3X_ATTENTION_COMBINE", "l2", "cluster", (1, 8, 8, 1, 64)),  # a split decode
-               ("QWEN3X_ATTENTION_OVERLAP", "0", "1", (1, 16, 8, 64, 64))]   # a Hopper prefill tile
+# (setting, its values as the error lists them, its Hopper-only value (None: none), a call it
+# applies to: (B, Hq, Hkv, Sq, Skv))
+AB_SETTINGS = [("QWEN3X_ATTENTION_COMBINE", "auto, l2 or cluster", "cluster", (1, 8, 8, 1, 64)),  # a split decode
+               ("QWEN3X_ATTENTION_OVERLAP", "0 or 1", None, (1, 16, 8, 64, 64))]  # a Hopper prefill tile
 
 
 @pytest.mark.parametrize("setting", AB_SETTINGS, ids=[s[0] for s in AB_SETTINGS])
 def test_ab_setting_is_checked(monkeypatch, setting):
-    """The Hopper A/B settings take their two values only, and the second runs or is refused
-    (off an sm_90 GPU with sm_90a code): no silent fallback, so a row or test that asked for it ran
-    it."""
-    name, off, on, shape = setting
+    """The Hopper A/B settings take their listed values only, and a Hopper-only one runs or is
+    refused (off an sm_90 GPU with sm_90a code): no silent fallback, so a row or test that asked
+    for it ran it. (QWEN3X_ATTENTION_OVERLAP applies to the calls the Hopper mainloop serves, and
+    either of its values runs anywhere.)"""
+    name, values, hopper_only, shape = setting
     q, k, v = _inputs(*shape, torch.bfloat16)
     monkeypatch.setenv(name, "other")
-    with pytest.raises(ValueError, match=f"qwen3x.attention: {name} must be {off} or {on}, got 'other'"):
+    with pytest.raises(ValueError, match=f"qwen3x.attention: {name} must be {values}, got 'other'"):
         ops.attention(q, k, v, None, D**-0.5, True)
+    if hopper_only is None:
+        return
     if wgmma_available():
-        _set_ab(monkeypatch, name, on)
+        _set_ab(monkeypatch, name, hopper_only)
         ops.attention(q, k, v, None, D**-0.5, True)
     else:
-        monkeypatch.setenv(name, on)
-        with pytest.raises(ValueError, match=f"{name}={on} needs an sm_90 GPU"):
+        monkeypatch.setenv(name, hopper_only)
+        with pytest.raises(ValueError, match=f"{name}={hopper_only} needs an sm_90 GPU"):
             ops.attention(q, k, v, None, D**-0.5, True)
 
 

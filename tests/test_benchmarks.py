@@ -1284,7 +1284,8 @@ def test_flex_decode_compiles_once_per_head_layout_and_batch(monkeypatch, dynamo
 
 
 def test_env_variant_providers_set_their_setting_only_during_the_call(monkeypatch):
-    """qwen3x_mma_sync / qwen3x_no_fence / qwen3x_no_pdl / qwen3x_cluster / qwen3x_overlap run qwen3x with one
+    """qwen3x_mma_sync / qwen3x_no_fence / qwen3x_no_pdl / qwen3x_cluster / qwen3x_l2 / qwen3x_serial run qwen3x
+    with one
     environment setting in
     force during each call (the C++ side reads it per call) and restore it afterwards; each says
     the setting in its note and why it is skipped where it cannot differ from qwen3x."""
@@ -1303,27 +1304,31 @@ def test_env_variant_providers_set_their_setting_only_during_the_call(monkeypatc
     mma = providers.mma_sync_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True)
     pdl = providers.no_pdl_provider(call, eligible=True)
     cluster = providers.cluster_combine_provider(call, eligible=True)
-    overlap = providers.overlap_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True)
-    for p in (fence, mma, pdl, cluster, overlap):
+    l2 = providers.l2_combine_provider(call, eligible=True)
+    serial = providers.serial_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True)
+    for p in (fence, mma, pdl, cluster, l2, serial):
         assert p.skip is None, (p.name, p.skip)
         p.build({})()
     assert seen == [("0", "auto", None, None, None), (None, "mma_sync", None, None, None),
                     (None, "auto", "0", None, None), (None, "auto", None, "cluster", None),
-                    (None, "auto", None, None, "1")]
+                    (None, "auto", None, "l2", None), (None, "auto", None, None, "0")]
+    assert (l2.name, l2.note) == ("qwen3x_l2", "QWEN3X_ATTENTION_COMBINE=l2")
+    assert "not a decode-sized case" in providers.l2_combine_provider(call, eligible=False).skip
     assert "QWEN3X_ATTENTION_COMBINE" not in os.environ and "QWEN3X_ATTENTION_OVERLAP" not in os.environ
-    assert (overlap.name, overlap.note) == ("qwen3x_overlap", "QWEN3X_ATTENTION_OVERLAP=1")
-    assert "does not serve" in providers.overlap_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=False).skip
+    assert (serial.name, serial.note) == ("qwen3x_serial", "QWEN3X_ATTENTION_OVERLAP=0")
+    assert "does not serve" in providers.serial_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=False).skip
     assert (cluster.name, cluster.note) == ("qwen3x_cluster", "QWEN3X_ATTENTION_COMBINE=cluster")
     assert "not a decode-sized case" in providers.cluster_combine_provider(call, eligible=False).skip
     monkeypatch.setattr(providers, "wgmma_available", lambda: False)
     assert "sm_90" in providers.cluster_combine_provider(call, eligible=True).skip
+    assert "sm_90" in providers.l2_combine_provider(call, eligible=True).skip
     monkeypatch.setattr(providers, "wgmma_available", lambda: True)
     # a candidate make gpu's smoke step found failing is skipped, saying so; the other still runs
     monkeypatch.setenv("QWEN3X_SMOKE_FAILED", "QWEN3X_ATTENTION_COMBINE")
     assert "FAILED in the smoke run" in providers.cluster_combine_provider(call, eligible=True).skip
-    assert providers.overlap_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True).skip is None
+    assert providers.serial_provider("QWEN3X_ATTENTION_MAINLOOP", call, eligible=True).skip is None
     monkeypatch.setenv("QWEN3X_SMOKE_FAILED", "QWEN3X_ATTENTION_COMBINE,QWEN3X_ATTENTION_OVERLAP")
-    assert "FAILED in the smoke run" in providers.overlap_provider("QWEN3X_ATTENTION_MAINLOOP", call, True).skip
+    assert "FAILED in the smoke run" in providers.serial_provider("QWEN3X_ATTENTION_MAINLOOP", call, True).skip
     monkeypatch.delenv("QWEN3X_SMOKE_FAILED")
     assert "QWEN3X_WGMMA_PROXY_FENCE" not in os.environ and os.environ["QWEN3X_ATTENTION_MAINLOOP"] == "auto"
     assert (fence.name, fence.note) == ("qwen3x_no_fence", "QWEN3X_WGMMA_PROXY_FENCE=0")

@@ -99,18 +99,39 @@ def test_error_probe_reports_a_crash(monkeypatch):
     assert error_path_probe._run("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)").startswith("CRASHED (signal 11)")
 
 
+def _attention_smoke(monkeypatch, tmp_path, capsys, family="pass", overlap="pass", cluster="pass"):
+    """_smoke with the attention family, the overlapped loop and the cluster combine given (a MoE
+    family and PDL that pass)."""
+    return _smoke(monkeypatch, tmp_path, capsys,
+                  cases={"QWEN3X_ATTENTION_MAINLOOP": family, "QWEN3X_MOE_MAINLOOP": "pass"},
+                  ab_cases={"QWEN3X_ATTENTION_OVERLAP": ("1", overlap), "QWEN3X_ATTENTION_COMBINE": ("cluster", cluster)},
+                  pdl_case="pass")
+
+
 def test_a_failed_attention_family_fails_its_overlapped_loop_but_not_the_cluster_combine(monkeypatch, tmp_path,
                                                                                          capsys):
     """The overlapped loop lives inside the attention wgmma mainloop: when that family failed it is
-    not run and counts as failed with it; the cluster combine (a decode path) still gets its run."""
-    printed, env = _smoke(monkeypatch, tmp_path, capsys,
-                          cases={"QWEN3X_ATTENTION_MAINLOOP": "raise SystemExit('wrong')", "QWEN3X_MOE_MAINLOOP": "pass"},
-                          ab_cases={"QWEN3X_ATTENTION_OVERLAP": ("1", "pass"),
-                                    "QWEN3X_ATTENTION_COMBINE": ("cluster", "pass")},
-                          pdl_case="pass")
+    not run and counts as failed with it (and the serial loop is pinned, as for any failed
+    candidate the default runs); the cluster combine (a decode path) still gets its run."""
+    printed, env = _attention_smoke(monkeypatch, tmp_path, capsys, family="raise SystemExit('wrong')")
     assert "QWEN3X_ATTENTION_OVERLAP=1 (an A/B candidate): not run" in printed
     assert "QWEN3X_ATTENTION_COMBINE=cluster (an A/B candidate): ok" in printed
-    assert env.split() == ["QWEN3X_ATTENTION_MAINLOOP=mma_sync", "QWEN3X_SMOKE_FAILED=QWEN3X_ATTENTION_OVERLAP"]
+    assert env.split() == ["QWEN3X_ATTENTION_MAINLOOP=mma_sync", "QWEN3X_SMOKE_FAILED=QWEN3X_ATTENTION_OVERLAP",
+                           "QWEN3X_ATTENTION_OVERLAP=0"]
+
+
+@pytest.mark.parametrize("failing,pinned", [("overlap", "QWEN3X_ATTENTION_OVERLAP=0"),
+                                            ("cluster", "QWEN3X_ATTENTION_COMBINE=l2")])
+def test_a_failed_candidate_the_default_runs_is_pinned_off(monkeypatch, tmp_path, capsys, failing, pinned):
+    """The defaults run both candidates (the overlapped Hopper loop; the cluster merge at batch-1
+    decode): when one fails, the later steps must not run it by default either."""
+    printed, env = _attention_smoke(monkeypatch, tmp_path, capsys, **{failing: "raise SystemExit('wrong')"})
+    var = pinned.split("=")[0]
+    assert f"{var}={AB_VALUES[var]} (an A/B candidate): FAILED" in printed
+    assert env.split() == [f"QWEN3X_SMOKE_FAILED={var}", pinned]
+
+
+AB_VALUES = {"QWEN3X_ATTENTION_OVERLAP": "1", "QWEN3X_ATTENTION_COMBINE": "cluster"}
 
 
 def test_smoke_failed_names_only_the_listed_settings(monkeypatch):

@@ -10,12 +10,14 @@ remaining steps still test everything else, and a failing family's whole stderr 
 wgmma_smoke_<family>.log beside ENV_FILE; where wgmma cannot run at all (no extension, no sm_90
 GPU, no sm_90a build) it writes nothing and says which.
 
-The Hopper A/B candidates, off by default (QWEN3X_ATTENTION_OVERLAP=1: the overlapped attention
-loop; QWEN3X_ATTENTION_COMBINE=cluster: split-KV merged in a thread block cluster), get runs of their
-own (AB_CASES; the overlapped loop only when the attention family passed, else it counts as
-failed with it); a failing one is named in ENV_FILE's
+The Hopper A/B candidates (QWEN3X_ATTENTION_OVERLAP=1: the overlapped attention loop, the
+default; QWEN3X_ATTENTION_COMBINE=cluster: split-KV merged in a thread block cluster, which the
+default runs at batch-1 decode) get runs of their own (AB_CASES; the overlapped loop only when the
+attention family passed, else it counts as failed with it); a failing one is named in ENV_FILE's
 QWEN3X_SMOKE_FAILED (comma-separated), which their GPU tests and benchmark providers read as "skip"
-(qwen3x.testing.smoke_failed): a hang or a fault there would otherwise take a whole step with it.
+(qwen3x.testing.smoke_failed): a hang or a fault there would otherwise take a whole step with it;
+a failed one also pins the setting's other value there (AB_PIN_ON_FAILURE: the serial loop, the L2
+combine).
 
 It also runs the decode chains launched with programmatic dependent launch (PDL, csrc/core/pdl.cuh:
 the default where wgmma runs), eagerly and in a CUDA graph, against the same calls with
@@ -97,6 +99,11 @@ assert_close_to_truth(out, same, truth)
 """),
 }
 AB_NEEDS_WGMMA = {"QWEN3X_ATTENTION_OVERLAP"}  # candidates inside the attention wgmma mainloop
+# Candidates that the defaults run (QWEN3X_ATTENTION_COMBINE=auto merges batch-1 decode in a
+# cluster; QWEN3X_ATTENTION_OVERLAP=1 is the Hopper loop): a failed one also pins the setting to
+# its other value in ENV_FILE, so the later steps' defaults do not run it.
+SERIAL_LOOP = {"QWEN3X_ATTENTION_OVERLAP": "0"}
+AB_PIN_ON_FAILURE = {"QWEN3X_ATTENTION_COMBINE": "l2", "QWEN3X_ATTENTION_OVERLAP": "0"}
 # The decode chains (router -> GEMM1 -> GEMM2; qk_norm_rope -> attention -> split-KV combine)
 # with PDL, then without (QWEN3X_PDL is read at each call): the same bits, eager and replayed.
 PDL_CASE = """
@@ -181,8 +188,8 @@ def main() -> int:
         print(f"wgmma smoke: {why}; the mma.sync mainloops are the defaults")
         return 0
     fallbacks = []
-    for var, code in CASES.items():
-        ok, detail, stderr = _run(code, dict(os.environ, **{var: "wgmma"}))
+    for var, code in CASES.items():  # (the attention family with its serial loop: the overlap is a candidate below)
+        ok, detail, stderr = _run(code, dict(os.environ, **{var: "wgmma"}, **SERIAL_LOOP))
         print(f"wgmma smoke {var}: {'ok' if ok else 'FAILED, ' + detail}")
         if not ok:
             fallbacks.append(f"{var}=mma_sync")
@@ -193,7 +200,7 @@ def main() -> int:
     for var, code in CASES.items():
         if f"{var}=mma_sync" in fallbacks:
             continue
-        ok, detail, _ = _run(code, dict(os.environ, **{var: "wgmma", "QWEN3X_WGMMA_PROXY_FENCE": "0"}))
+        ok, detail, _ = _run(code, dict(os.environ, **{var: "wgmma", "QWEN3X_WGMMA_PROXY_FENCE": "0"}, **SERIAL_LOOP))
         print(f"wgmma smoke {var} without the proxy fence (informational): {'ok' if ok else 'FAILED, ' + detail}")
     smoke_failed = []
     attention_failed = "QWEN3X_ATTENTION_MAINLOOP=mma_sync" in fallbacks
@@ -211,6 +218,7 @@ def main() -> int:
                 f.write(stderr)
     if smoke_failed:
         fallbacks.append(f"{SMOKE_FAILED_ENV}={','.join(smoke_failed)}")
+        fallbacks += [f"{var}={AB_PIN_ON_FAILURE[var]}" for var in smoke_failed if var in AB_PIN_ON_FAILURE]
     ok, detail, stderr = _run(PDL_CASE)
     print(f"PDL smoke (decode chains, eager and graphed, against QWEN3X_PDL=0): {'ok' if ok else 'FAILED, ' + detail}")
     if not ok:

@@ -21,10 +21,11 @@ from qwen3x import ops, reference
 from ..harness import Case, Provider, Skip
 from ..providers import (
     cluster_combine_provider,
+    l2_combine_provider,
     compiled,
     mma_sync_provider,
     no_fence_provider,
-    overlap_provider,
+    serial_provider,
     no_pdl_provider,
     over_budget,
     qwen3x_provider,
@@ -38,7 +39,7 @@ LAYOUTS = tuple((m.name, m.hq, m.hkv) for m in MODELS)
 PREFILL = ((1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (1, 32768), (8, 2048))  # (batch, seqlen)
 DECODE_BATCH = (1, 16, 64, 256)
 DECODE_CONTEXT = (1024, 8192, 32768, 131072)
-CLUSTER_AB_MAX_BATCH = 16  # decode batches whose plans split the keys: qwen3x_cluster's A/B
+CLUSTER_AB_MAX_BATCH = 16  # decode batches whose plans split the keys: qwen3x_cluster's and qwen3x_l2's A/B
 VARLEN = {  # packed batches of 16384 tokens: documents of mixed lengths; many short ones
     "mixed": (3000, 500, 7000, 1200, 4000, 684),
     "short": (256,) * 64,
@@ -215,10 +216,11 @@ def _providers(batch: int, hq: int, hkv: int, sq: int, skv: int, causal: bool, d
         qwen3x_provider("attention", qwen3x_call, canon=_first),
         mma_sync_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
         no_fence_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
-        overlap_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
+        serial_provider("QWEN3X_ATTENTION_MAINLOOP", qwen3x_call, wgmma_served, canon=_first),
         no_pdl_provider(qwen3x_call, decode, canon=_first),
         # (at batch 64 and up the CTAs fill a wave: no split, so no combine to compare)
         cluster_combine_provider(qwen3x_call, decode and batch <= CLUSTER_AB_MAX_BATCH, canon=_first),
+        l2_combine_provider(qwen3x_call, decode and batch <= CLUSTER_AB_MAX_BATCH, canon=_first),
         Provider("reference", lambda x: lambda: ref(x), canon=_first, skip=over_budget(ref_bytes, "fp32 scores")),
         Provider("hf_eager", _hf_eager(causal), canon=_first, skip=over_budget(hf_bytes, "materialized scores")),
         *(Provider(name, _sdpa(name, causal), canon=_bhsd_to_bshd) for name in SDPA_BACKENDS),

@@ -204,21 +204,37 @@ unsigned long long next_split_tag() {
   return z != 0 ? z : 1;
 }
 
-// Where the splits of a split-KV call merge (QWEN3X_ATTENTION_COMBINE): "l2" (default) through
-// the workspace in global memory, by the split that arrives last (combine.cuh); "cluster" inside
-// a thread block cluster of the tile's splits, through distributed shared memory: an sm_90 device
-// with this build's sm_90a code, and at most kMaxClusterSize splits (the plan then asks for no
-// more). Which Hopper loop a wgmma call runs (QWEN3X_ATTENTION_OVERLAP): "0" (default) the loop
-// that waits for each tile's P V before the next tile's Q K^T; "1" the one that runs each tile's
-// softmax beside the previous tile's P V (attention_fwd.cuh, kOverlap); calls on the mma.sync
-// mainloop (decode tiles, other GPUs) are not affected. Asking for either where Hopper code
-// cannot run is an error, never a silent fallback (so a test or a benchmark row that asked for it
-// ran it). A/B switches until a GPU run decides (benchmarks/NOTES.md).
-bool cluster_combine_wanted(const char* op, int device) {
-  return hopper_ab_setting(op, device, "QWEN3X_ATTENTION_COMBINE", "l2", "cluster");
+// Where the splits of a split-KV call merge (QWEN3X_ATTENTION_COMBINE): "auto" (default) inside
+// a thread block cluster for decode tiles (seqlen_q * group <= kSplitKeysMaxRows) where clusters
+// can run and the cluster plan fits in one wave (heuristics.cuh, cluster_combine_pays; measured
+// on decode only, so split prefill tiles keep L2), else through L2; "l2" always through the
+// workspace in global memory, by the split that arrives last (combine.cuh); "cluster" always
+// inside a thread block cluster of the tile's splits, through distributed shared memory: an sm_90
+// device with this build's sm_90a code, and at most kMaxClusterSize splits (the plan then asks for
+// no more). Asking for "cluster" where Hopper code cannot run is an error, never a silent fallback
+// (so a test or a benchmark row that asked for it ran it).
+enum class Combine { kAuto, kL2, kCluster };
+Combine combine_setting(const char* op, int device) {
+  const char* env = std::getenv("QWEN3X_ATTENTION_COMBINE");
+  const std::string_view choice = env == nullptr || *env == '\0' ? "auto" : env;
+  QWEN3X_CHECK(choice == "auto" || choice == "l2" || choice == "cluster", "qwen3x.", op,
+               ": QWEN3X_ATTENTION_COMBINE must be auto, l2 or cluster, got '", choice, "'");
+  if (choice == "auto") return Combine::kAuto;
+  if (choice == "l2") return Combine::kL2;
+  check_hopper_setting(hopper_code_runs(device), op, "QWEN3X_ATTENTION_COMBINE=cluster");
+  return Combine::kCluster;
 }
-bool overlap_wanted(const char* op, int device) {
-  return hopper_ab_setting(op, device, "QWEN3X_ATTENTION_OVERLAP", "0", "1");
+// Which Hopper loop a wgmma call runs (QWEN3X_ATTENTION_OVERLAP): "1" (default) the one that runs
+// each tile's softmax beside the previous tile's P V (attention_fwd.cuh, kOverlap; 1.01-1.08x the
+// other's speed at 4k-16k tokens on an H200, benchmarks/NOTES.md); "0" the loop that waits for each
+// tile's P V before the next tile's Q K^T, kept as the A/B for one more GPU run. Calls on the
+// mma.sync mainloop (decode tiles, other GPUs) run neither.
+bool overlap_wanted(const char* op) {
+  const char* env = std::getenv("QWEN3X_ATTENTION_OVERLAP");
+  const std::string_view choice = env == nullptr || *env == '\0' ? "1" : env;
+  QWEN3X_CHECK(choice == "0" || choice == "1", "qwen3x.", op,
+               ": QWEN3X_ATTENTION_OVERLAP must be 0 or 1, got '", choice, "'");
+  return choice == "1";
 }
 
 // Calls f.template operator()<T, kWgmma, kOverlap>() for the kernel a call runs.
@@ -255,23 +271,36 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
   const int64_t ctas = std::max<int64_t>(
       static_cast<int64_t>(attn::row_tiles(p)) * p.batch * p.num_kv_heads,
       ceil_div<int64_t>(static_cast<int64_t>(p.total_q) * p.num_q_heads, attn::kBlockM));
-  const bool overlap = overlap_wanted(op, q.get_device()) && wgmma;
+  const bool overlap = overlap_wanted(op) && wgmma;
   const int ctas_per_sm = with_kernel(bf16, wgmma, overlap, [&]<typename T, bool kW, bool kO>() {
     return fwd_ctas_per_sm<T, kW, kO>();
   });
-  const bool cluster = cluster_combine_wanted(op, q.get_device());
-  const attn::SplitPlan plan =
-      attn::plan_splits(ctas, seqlen_k_hint, static_cast<int64_t>(p.seqlen_q) * p.group, num_sms,
-                        ctas_per_sm, cluster ? kMaxClusterSize : attn::kMaxSplits);
+  const Combine combine = combine_setting(op, q.get_device());
+  const int64_t rows_per_cta = static_cast<int64_t>(p.seqlen_q) * p.group;
+  const auto cluster_fits = [&](int splits) {
+    return with_kernel(bf16, wgmma, overlap, [&]<typename T, bool kW, bool kO>() {
+      return attn::attention_cluster_fits<T, kW, kO>(splits);
+    });
+  };
+  attn::SplitPlan plan{1, 1};
+  bool cluster = false;
+  const bool decode_tiles = rows_per_cta <= attn::kSplitKeysMaxRows;
+  if (combine == Combine::kCluster ||
+      (combine == Combine::kAuto && decode_tiles && hopper_code_runs(q.get_device()))) {
+    plan = attn::plan_splits(ctas, seqlen_k_hint, rows_per_cta, num_sms, ctas_per_sm, kMaxClusterSize);
+    cluster = combine == Combine::kCluster ||
+              (attn::cluster_combine_pays(ctas, plan.num_splits, num_sms, ctas_per_sm) &&
+               cluster_fits(plan.num_splits));
+  }
+  if (!cluster) {
+    plan = attn::plan_splits(ctas, seqlen_k_hint, rows_per_cta, num_sms, ctas_per_sm, attn::kMaxSplits);
+  }
   p.num_splits = plan.num_splits;
   p.tiles_per_split = plan.tiles_per_split;
   p.cluster_combine = cluster && plan.num_splits > 1;
-  if (p.cluster_combine) {
-    const bool fits = with_kernel(bf16, wgmma, overlap, [&]<typename T, bool kW, bool kO>() {
-      return attn::attention_cluster_fits<T, kW, kO>(plan.num_splits);
-    });
-    QWEN3X_CHECK(fits, "qwen3x.", op, ": QWEN3X_ATTENTION_COMBINE=cluster: a cluster of ", plan.num_splits,
-                 " CTAs of the attention kernel cannot be resident on this device (occupancy API)");
+  if (p.cluster_combine && combine == Combine::kCluster) {
+    QWEN3X_CHECK(cluster_fits(plan.num_splits), "qwen3x.", op, ": QWEN3X_ATTENTION_COMBINE=cluster: a cluster of ",
+                 plan.num_splits, " CTAs of the attention kernel cannot be resident on this device (occupancy API)");
   }
   at::Tensor partial_o, partial_lse, split_flags;  // split-KV workspace (the L2 combine's)
   if (plan.num_splits > 1 && !p.cluster_combine) {

@@ -38,19 +38,6 @@ inline void check_hopper_setting(bool runs, const char* op, std::string_view set
                kBuiltSm90a ? "" : " (this build does not)");
 }
 
-// An A/B setting of Hopper-only code: env_name = `off` (the default, also when unset or empty) or
-// `on`; `on` where the code cannot run (hopper_code_runs) is an error. True for `on`.
-inline bool hopper_ab_setting(const char* op, int device, const char* env_name, std::string_view off,
-                              std::string_view on) {
-  const char* env = std::getenv(env_name);
-  const std::string_view choice = env == nullptr || *env == '\0' ? off : env;
-  QWEN3X_CHECK(choice == off || choice == on, "qwen3x.", op, ": ", env_name, " must be ", off, " or ",
-               on, ", got '", choice, "'");
-  if (choice == off) return false;
-  check_hopper_setting(hopper_code_runs(device), op, std::string(env_name) + "=" + std::string(on));
-  return true;
-}
-
 // `eligible`: the call is one the wgmma mainloop serves (a shape regime); the
 // setting is checked either way, availability only when eligible.
 inline bool use_wgmma(const char* op, const char* env_name, bool eligible, int device) {

@@ -61,8 +61,8 @@ def main() -> None:
         print(f"qwen3x._C: built for {', '.join(build['archs'])} with CUDA {build['cuda_version']} "
               f"against torch {build['torch_version']}")
         if info["arch_mismatch"]:
-            print(f"  WARNING: this GPU is not among the built architectures; the CUDA kernels cannot run "
-                  f"here. Rebuild with QWEN3X_CUDA_ARCHS set to it (e.g. QWEN3X_CUDA_ARCHS=8.0)")
+            print("  WARNING: this GPU is not among the built architectures; the CUDA kernels cannot run "
+                  "here. Rebuild with QWEN3X_CUDA_ARCHS set to it (e.g. QWEN3X_CUDA_ARCHS=8.0)")
     else:
         print(f"qwen3x._C: not loaded ({info['extension_error']}); every op runs its PyTorch reference")
     if info["wgmma"]:
@@ -72,11 +72,12 @@ def main() -> None:
         print("  programmatic dependent launch: router, expert GEMMs, qk_norm_rope, attention "
               "(QWEN3X_PDL=0 to compare)")
     if info["wgmma"]:
-        where = ("in a thread block cluster" if os.environ.get("QWEN3X_ATTENTION_COMBINE") == "cluster"
-                 else "through global memory")
-        print(f"  split-KV attention's combine: {where} (QWEN3X_ATTENTION_COMBINE = l2 | cluster)")
-        loop = ("each softmax beside the previous P V" if os.environ.get("QWEN3X_ATTENTION_OVERLAP") == "1"
-                else "softmax, then P V")
+        where = {"cluster": "in a thread block cluster", "l2": "through global memory"}.get(
+            os.environ.get("QWEN3X_ATTENTION_COMBINE") or "auto",
+            "in a thread block cluster where the grid fits one wave (batch-1 decode), else through global memory")
+        print(f"  split-KV attention's combine: {where} (QWEN3X_ATTENTION_COMBINE = auto | l2 | cluster)")
+        loop = ("softmax, then P V" if os.environ.get("QWEN3X_ATTENTION_OVERLAP") == "0"
+                else "each softmax beside the previous P V")
         print(f"  Hopper attention loop: {loop} (QWEN3X_ATTENTION_OVERLAP = 0 | 1)")
     width = max(map(len, info["ops"]))
     for op, status in info["ops"].items():
