@@ -191,9 +191,11 @@ SANITIZER_PROBE  = compute-sanitizer $(SANITIZER_KNS) true >$(OUT)/sanitizer_pro
                    $(PYTHON) tests/sanitizer_filter_probe.py >>$(OUT)/sanitizer_probe.log 2>&1; rc=$$?; \
                    echo "initcheck probe exit $$rc" >>$(OUT)/sanitizer_probe.log; [ $$rc = 9 ]; } && echo "$(SANITIZER_KNS)"
 # racecheck (shared-memory hazards): the attention kernel on a prefill pass and a split-KV decode
-# (on H100 the prefill case runs the wgmma mainloop; mma_sync-2 keeps the sm_80 prefill loop checked)
+# (on H100 the prefill case runs the wgmma mainloop; mma_sync-2 keeps the sm_80 prefill loop checked;
+# a batch-1 decode merges in a cluster by default there, so test_cluster_combine's 1k case, which
+# runs the L2 merge and then the cluster one, keeps both merges checked)
 RACECHECK_K ?= test_prefill and 128-16-8-1-True or test_decode and 1-1024-32-8-1-True \
-               or test_prefill_mainloops and mma_sync-2
+               or test_prefill_mainloops and mma_sync-2 or test_cluster_combine and 1-32-8-1-1024-True
 # Wheels carried to a machine without internet (e.g. Liger-Kernel, see the device notes): installed
 # into WHEEL_SITE, which every step then finds on PYTHONPATH.
 WHEELS      := $(wildcard .whl/*.whl)

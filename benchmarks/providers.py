@@ -133,19 +133,15 @@ def no_pdl_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Prov
     return _decode_variant("qwen3x_no_pdl", ("QWEN3X_PDL", "0"), call, eligible, unavailable, **kw)
 
 
-def _combine_unavailable() -> str | None:
-    return (smoke_failed("QWEN3X_ATTENTION_COMBINE") if wgmma_available()
-            else "thread block clusters need an sm_90 GPU and a build with sm_90a")
-
-
 def cluster_combine_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
     """qwen3x with split-KV's splits always merged inside a thread block cluster, through distributed
     shared memory (QWEN3X_ATTENTION_COMBINE=cluster: at most 16 splits, no workspace, no device-wide
     marks), also where qwen3x's default (auto) merges through L2 (grids of more than one wave):
     where the boundary lies, in the same run. Skipped off sm_90 + sm_90a, where the setting
     changes nothing."""
-    return _decode_variant("qwen3x_cluster", ("QWEN3X_ATTENTION_COMBINE", "cluster"), call, eligible,
-                           _combine_unavailable(), **kw)
+    unavailable = (smoke_failed("QWEN3X_ATTENTION_COMBINE") if wgmma_available()
+                   else "thread block clusters need an sm_90 GPU and a build with sm_90a")
+    return _decode_variant("qwen3x_cluster", ("QWEN3X_ATTENTION_COMBINE", "cluster"), call, eligible, unavailable, **kw)
 
 
 def l2_combine_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> Provider:
@@ -153,8 +149,8 @@ def l2_combine_provider(call: Callable[[Inputs], Any], eligible: bool, **kw) -> 
     (QWEN3X_ATTENTION_COMBINE=l2), also where qwen3x's default (auto) merges them in a cluster
     (batch-1 decode on sm_90): what the cluster merge saves, in the same run. Skipped off
     sm_90 + sm_90a, where qwen3x merges through L2 anyway."""
-    return _decode_variant("qwen3x_l2", ("QWEN3X_ATTENTION_COMBINE", "l2"), call, eligible,
-                           _combine_unavailable(), **kw)
+    unavailable = None if wgmma_available() else "qwen3x merges through L2 here already (no sm_90 + sm_90a)"
+    return _decode_variant("qwen3x_l2", ("QWEN3X_ATTENTION_COMBINE", "l2"), call, eligible, unavailable, **kw)
 
 
 def reference_provider(fn: Callable[[Inputs], Any], **kw) -> Provider:

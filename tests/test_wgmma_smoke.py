@@ -99,13 +99,13 @@ def test_error_probe_reports_a_crash(monkeypatch):
     assert error_path_probe._run("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)").startswith("CRASHED (signal 11)")
 
 
-def _attention_smoke(monkeypatch, tmp_path, capsys, family="pass", overlap="pass", cluster="pass"):
-    """_smoke with the attention family, the overlapped loop and the cluster combine given (a MoE
-    family and PDL that pass)."""
+def _attention_smoke(monkeypatch, tmp_path, capsys, family="pass", overlap="pass", cluster="pass", pdl="pass"):
+    """_smoke with the attention family, the overlapped loop, the cluster combine and the PDL case
+    given (a MoE family that passes)."""
     return _smoke(monkeypatch, tmp_path, capsys,
                   cases={"QWEN3X_ATTENTION_MAINLOOP": family, "QWEN3X_MOE_MAINLOOP": "pass"},
                   ab_cases={"QWEN3X_ATTENTION_OVERLAP": ("1", overlap), "QWEN3X_ATTENTION_COMBINE": ("cluster", cluster)},
-                  pdl_case="pass")
+                  pdl_case=pdl)
 
 
 def test_a_failed_attention_family_fails_its_overlapped_loop_but_not_the_cluster_combine(monkeypatch, tmp_path,
@@ -124,10 +124,13 @@ def test_a_failed_attention_family_fails_its_overlapped_loop_but_not_the_cluster
                                             ("cluster", "QWEN3X_ATTENTION_COMBINE=l2")])
 def test_a_failed_candidate_the_default_runs_is_pinned_off(monkeypatch, tmp_path, capsys, failing, pinned):
     """The defaults run both candidates (the overlapped Hopper loop; the cluster merge at batch-1
-    decode): when one fails, the later steps must not run it by default either."""
-    printed, env = _attention_smoke(monkeypatch, tmp_path, capsys, **{failing: "raise SystemExit('wrong')"})
-    var = pinned.split("=")[0]
+    decode): when one fails, the later steps must not run it by default either, nor the PDL smoke
+    run right after it (its decode attention would run the failed merge)."""
+    var, value = pinned.split("=")
+    printed, env = _attention_smoke(monkeypatch, tmp_path, capsys, **{failing: "raise SystemExit('wrong')"},
+                                    pdl=f"import os; assert os.environ.get('{var}') == '{value}'")
     assert f"{var}={AB_VALUES[var]} (an A/B candidate): FAILED" in printed
+    assert "PDL smoke (decode chains, eager and graphed, against QWEN3X_PDL=0): ok" in printed
     assert env.split() == [f"QWEN3X_SMOKE_FAILED={var}", pinned]
 
 

@@ -219,7 +219,9 @@ def main() -> int:
     if smoke_failed:
         fallbacks.append(f"{SMOKE_FAILED_ENV}={','.join(smoke_failed)}")
         fallbacks += [f"{var}={AB_PIN_ON_FAILURE[var]}" for var in smoke_failed if var in AB_PIN_ON_FAILURE]
-    ok, detail, stderr = _run(PDL_CASE)
+    # (under the settings pinned so far: its decode attention merges in a cluster by default)
+    pinned = dict(line.split("=", 1) for line in fallbacks)
+    ok, detail, stderr = _run(PDL_CASE, dict(os.environ, **pinned))
     print(f"PDL smoke (decode chains, eager and graphed, against QWEN3X_PDL=0): {'ok' if ok else 'FAILED, ' + detail}")
     if not ok:
         fallbacks.append("QWEN3X_PDL=0")

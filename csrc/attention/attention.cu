@@ -206,13 +206,14 @@ unsigned long long next_split_tag() {
 
 // Where the splits of a split-KV call merge (QWEN3X_ATTENTION_COMBINE): "auto" (default) inside
 // a thread block cluster for decode tiles (seqlen_q * group <= kSplitKeysMaxRows) where clusters
-// can run and the cluster plan fits in one wave (heuristics.cuh, cluster_combine_pays; measured
-// on decode only, so split prefill tiles keep L2), else through L2; "l2" always through the
-// workspace in global memory, by the split that arrives last (combine.cuh); "cluster" always
-// inside a thread block cluster of the tile's splits, through distributed shared memory: an sm_90
-// device with this build's sm_90a code, and at most kMaxClusterSize splits (the plan then asks for
-// no more). Asking for "cluster" where Hopper code cannot run is an error, never a silent fallback
-// (so a test or a benchmark row that asked for it ran it).
+// can run and the cluster plan's clusters are all resident at once (heuristics.cuh,
+// cluster_combine_pays; measured on decode only, so split prefill tiles keep L2), else through
+// L2; "l2" always through the workspace in global memory, by the split that arrives last
+// (combine.cuh); "cluster" always inside a thread block cluster of the tile's splits, through
+// distributed shared memory: an sm_90 device with this build's sm_90a code, and at most
+// kMaxClusterSize splits (the plan then asks for no more). Asking for "cluster" where Hopper code
+// cannot run is an error, never a silent fallback (so a test or a benchmark row that asked for it
+// ran it).
 enum class Combine { kAuto, kL2, kCluster };
 Combine combine_setting(const char* op, int device) {
   const char* env = std::getenv("QWEN3X_ATTENTION_COMBINE");
@@ -277,9 +278,9 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
   });
   const Combine combine = combine_setting(op, q.get_device());
   const int64_t rows_per_cta = static_cast<int64_t>(p.seqlen_q) * p.group;
-  const auto cluster_fits = [&](int splits) {
+  const auto resident_clusters = [&](int splits) {
     return with_kernel(bf16, wgmma, overlap, [&]<typename T, bool kW, bool kO>() {
-      return attn::attention_cluster_fits<T, kW, kO>(splits);
+      return attn::attention_resident_clusters<T, kW, kO>(splits);
     });
   };
   attn::SplitPlan plan{1, 1};
@@ -289,8 +290,8 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
       (combine == Combine::kAuto && decode_tiles && hopper_code_runs(q.get_device()))) {
     plan = attn::plan_splits(ctas, seqlen_k_hint, rows_per_cta, num_sms, ctas_per_sm, kMaxClusterSize);
     cluster = combine == Combine::kCluster ||
-              (attn::cluster_combine_pays(ctas, plan.num_splits, num_sms, ctas_per_sm) &&
-               cluster_fits(plan.num_splits));
+              (plan.num_splits > 1 &&
+               attn::cluster_combine_pays(ctas, plan.num_splits, resident_clusters(plan.num_splits)));
   }
   if (!cluster) {
     plan = attn::plan_splits(ctas, seqlen_k_hint, rows_per_cta, num_sms, ctas_per_sm, attn::kMaxSplits);
@@ -299,8 +300,9 @@ void plan_and_launch(const char* op, attn::Params& p, const at::Tensor& q, int64
   p.tiles_per_split = plan.tiles_per_split;
   p.cluster_combine = cluster && plan.num_splits > 1;
   if (p.cluster_combine && combine == Combine::kCluster) {
-    QWEN3X_CHECK(cluster_fits(plan.num_splits), "qwen3x.", op, ": QWEN3X_ATTENTION_COMBINE=cluster: a cluster of ",
-                 plan.num_splits, " CTAs of the attention kernel cannot be resident on this device (occupancy API)");
+    QWEN3X_CHECK(resident_clusters(plan.num_splits) > 0, "qwen3x.", op,
+                 ": QWEN3X_ATTENTION_COMBINE=cluster: a cluster of ", plan.num_splits,
+                 " CTAs of the attention kernel cannot be resident on this device (occupancy API)");
   }
   at::Tensor partial_o, partial_lse, split_flags;  // split-KV workspace (the L2 combine's)
   if (plan.num_splits > 1 && !p.cluster_combine) {

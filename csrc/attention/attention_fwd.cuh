@@ -20,8 +20,8 @@
 //      softmax (the scale folded into its exponent), O += P V (mma). Q fragments
 //      are read from shared memory once, before the first tile, and stay in
 //      registers. (kWgmma: the wait and the proxy fence come before the prefetch,
-//      one barrier per tile; kOverlap, the A/B variant of that loop: each tile's
-//      softmax runs beside the previous tile's P V, three V stages.)
+//      one barrier per tile; kOverlap, the default variant of that loop (the serial one is the
+//      A/B): each tile's softmax runs beside the previous tile's P V, three V stages.)
 //   2. Key range: tiles [z * tiles_per_split, (z + 1) * tiles_per_split)
 //      (the last split: to the end), clipped at the last key any of the
 //      CTA's rows sees causally; tiles wholly above the diagonal are never
@@ -336,7 +336,7 @@ constexpr int smem_bytes() {
 // equal to p.split_tag. 1 <= num_splits <= kMaxSplits (the combine's registers hold that many
 // splits' lse; plan_splits never asks for more), and with p.cluster_combine 2 <= num_splits <=
 // kMaxClusterSize: cudaErrorInvalidValue otherwise, nothing launched. p.cluster_combine only on
-// sm_90 devices, where attention_cluster_fits(num_splits) said yes.
+// sm_90 devices, where attention_resident_clusters(num_splits) is not 0.
 // kWgmma (and kOverlap) only on sm_90 devices with sm_90a code in the build.
 template <typename T, bool kWgmma, bool kOverlap = false>
 cudaError_t launch_attention(const Params& p, cudaStream_t stream) {
@@ -366,14 +366,15 @@ decltype(auto) with_loop(bool wgmma, bool overlap, F&& f) {
   return overlap ? f.template operator()<true, true>() : f.template operator()<true, false>();
 }
 
-// Whether the splits of a (row tile, b, kv head) can run as one cluster of `num_splits` CTAs of
-// the forward kernel on the current device (for p.cluster_combine; the caller knows it is sm_90).
+// How many clusters of `num_splits` CTAs of the forward kernel (the splits of one (row tile, b, kv
+// head)) can be resident at once on the current device, 0 if none (for p.cluster_combine; the
+// caller knows it is sm_90).
 template <typename T, bool kWgmma, bool kOverlap = false>
-bool attention_cluster_fits(int num_splits) {
+int attention_resident_clusters(int num_splits) {
   constexpr auto kernel = attention_fwd_kernel<T, kWgmma, kOverlap>;
   constexpr int kSmem = smem_bytes<kWgmma, kOverlap>();
-  return allow_dynamic_smem<kernel>(kSmem) == cudaSuccess &&
-         cluster_fits<kernel>(num_splits, kThreads, kSmem);
+  return allow_dynamic_smem<kernel>(kSmem) == cudaSuccess ? resident_clusters<kernel>(num_splits, kThreads, kSmem)
+                                                         : 0;
 }
 
 }  // namespace qwen3x::attn

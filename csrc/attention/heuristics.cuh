@@ -105,16 +105,18 @@ inline SplitPlan plan_splits(int64_t ctas,          // CTAs with work: row tiles
 
 // Whether the splits of a decode plan should merge inside thread block clusters (attention.cu's
 // default, QWEN3X_ATTENTION_COMBINE=auto, where clusters can run at all) rather than through L2:
-// where the cluster plan's grid (ctas x its splits, at most kMaxClusterSize) fits in one wave. The fourth
-// GPU run (H200, 2026-11-28, benchmarks/NOTES.md): at batch 1 (4 or 8 (b, kv head) CTAs: 64-128
-// CTAs of clusters, one wave) the cluster merge took 0.59-0.91x the L2 one's time at 1k-32k keys,
-// every layout; at batch 16 (64-128 CTAs of 4-8 splits: 2-4 waves, same split counts either way)
-// 1.07-1.12x, so a grid of several waves keeps the L2 merge (its CTAs need not be co-resident).
-inline bool cluster_combine_pays(int64_t ctas,     // CTAs with work: row tiles * B * Hkv
-                                 int num_splits,   // the cluster plan's (<= kMaxClusterSize)
-                                 int num_sms, int ctas_per_sm) {
-  const int64_t wave = static_cast<int64_t>(std::max(num_sms, 1)) * std::max(ctas_per_sm, 1);
-  return num_splits > 1 && ctas * num_splits <= wave;
+// where the cluster plan's clusters (one per CTA with work, each of its splits) are all resident at
+// once, one wave (a cluster's CTAs share a GPC, so the occupancy API's count of resident clusters,
+// not SMs x CTAs per SM / splits, says how many). The fourth GPU run (H200, 2026-11-28,
+// benchmarks/NOTES.md): at batch 1 (4 or 8 clusters of 15-16 CTAs) the cluster merge took
+// 0.59-0.91x the L2 one's time at 1k-32k keys, every layout; at batch 16 (64-128 clusters of 4-8
+// splits: several waves, same split counts either way) 1.07-1.12x, so grids of several waves keep
+// the L2 merge (its CTAs need not be co-resident).
+inline bool cluster_combine_pays(int64_t ctas,           // CTAs with work: row tiles * B * Hkv
+                                 int num_splits,         // the cluster plan's (<= kMaxClusterSize)
+                                 int resident_clusters)  // of num_splits CTAs, at once (0: none)
+{
+  return num_splits > 1 && ctas <= resident_clusters;
 }
 
 }  // namespace qwen3x::attn

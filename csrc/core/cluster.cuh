@@ -11,12 +11,13 @@
 // QWEN3X_EMULATOR each calls its emulation (tests/emulator: a cluster's CTAs run side by side).
 //
 // Host: launch_kernel_cluster (cudaLaunchKernelEx with the cluster shape, and programmatic
-// dependent launch when asked, core/pdl.cuh) and cluster_fits, which asks the occupancy API
-// once per (kernel, device, cluster size) whether such a cluster can be resident at all.
+// dependent launch when asked, core/pdl.cuh) and resident_clusters, which asks the occupancy API
+// once per (kernel, device, cluster size) how many such clusters can be resident at once.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <utility>
@@ -126,27 +127,28 @@ cudaError_t launch_kernel_cluster(bool pdl, dim3 cluster, void (*kernel)(KernelA
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
-// Whether clusters of `size` CTAs of Kernel (threads and dynamic shared memory per CTA; the
-// shared-memory opt-in already made) can be resident on the current device: sizes 2 to
-// kMaxClusterSize, the larger ones after the non-portable opt-in. A definite answer is cached per
-// (device, size); a failed query says no and is asked again next time. Clears only the errors of
-// its own calls (an error pending from before stays for its owner's check).
+// How many clusters of `size` CTAs of Kernel (threads and dynamic shared memory per CTA; the
+// shared-memory opt-in already made) can be resident at once on the current device, 0 if none (a
+// cluster's CTAs share one GPC, so this is at most, and can be well under, SMs x CTAs per SM /
+// size): sizes 2 to kMaxClusterSize, the larger ones after the non-portable opt-in. A definite
+// answer is cached per (device, size); a failed query says 0 and is asked again next time. Clears
+// only the errors of its own calls (an error pending from before stays for its owner's check).
 template <auto Kernel>
-bool cluster_fits(int size, int threads, int smem_bytes) {
-  if (size < 2 || size > kMaxClusterSize) return false;
-  // per device and size: 0 unknown, 1 fits, 2 does not
+int resident_clusters(int size, int threads, int smem_bytes) {
+  if (size < 2 || size > kMaxClusterSize) return 0;
+  // per device and size: 0 unknown, else the count + 1
   static std::atomic<int> cache[kMaxCachedDevices][kMaxClusterSize + 1] = {};
   const bool clean = cudaPeekAtLastError() == cudaSuccess;
   const auto failed = [&] {
     if (clean) cudaGetLastError();
-    return false;
+    return 0;
   };
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return failed();
   const bool cacheable = device >= 0 && device < kMaxCachedDevices;
   if (cacheable) {
     const int known = cache[device][size].load(std::memory_order_relaxed);
-    if (known != 0) return known == 1;
+    if (known != 0) return known - 1;
   }
   if (size > kMaxPortableClusterSize &&
       cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
@@ -162,9 +164,9 @@ bool cluster_fits(int size, int threads, int smem_bytes) {
                                attribute, 1u};
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, Kernel, &config) != cudaSuccess) return failed();
-  const bool fits = clusters > 0;
-  if (cacheable) cache[device][size].store(fits ? 1 : 2, std::memory_order_relaxed);
-  return fits;
+  clusters = std::max(clusters, 0);
+  if (cacheable) cache[device][size].store(clusters + 1, std::memory_order_relaxed);
+  return clusters;
 }
 
 }  // namespace qwen3x

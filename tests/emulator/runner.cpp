@@ -327,7 +327,7 @@ void run_attention(Job& job) {
     p.tiles_per_split = plan.tiles_per_split;
     p.cluster_combine = cluster && plan.num_splits > 1;  // (forced past 16: launch_attention refuses)
     if (p.cluster_combine && plan.num_splits <= kMaxClusterSize &&
-        !with_loop([&]<bool kW, bool kO>() { return attn::attention_cluster_fits<T, kW, kO>(plan.num_splits); })) {
+        !with_loop([&]<bool kW, bool kO>() { return attn::attention_resident_clusters<T, kW, kO>(plan.num_splits) > 0; })) {
       throw emu::Error("a cluster of " + std::to_string(plan.num_splits) + " CTAs does not fit");
     }
     const bool workspace = plan.num_splits > 1 && !p.cluster_combine;

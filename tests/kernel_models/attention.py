@@ -830,8 +830,9 @@ def launch_attention(p, num, stats):
 
 
 def plan_and_launch(p, num, seqlen_k_hint, num_sms, ctas_per_sm, force_splits, stats, wgmma=False):
-    """attention.cu plan_and_launch; num_sms / ctas_per_sm stand for the device's sm_count and
-    resident_ctas_per_sm; force_splits = (num_splits, tiles_per_split) overrides the plan; wgmma:
+    """attention.cu plan_and_launch, with the split-KV merge through L2 (the model has no clusters:
+    QWEN3X_ATTENTION_COMBINE=l2, or a device where they cannot run); num_sms / ctas_per_sm stand
+    for the device's sm_count and resident_ctas_per_sm; force_splits = (num_splits, tiles_per_split) overrides the plan; wgmma:
     the device runs the Hopper mainloop (an sm_90 GPU), which serves full row tiles only."""
     p.wgmma = wgmma and p.seqlen_q * p.group >= BLOCK_M
     stats["wgmma"] = p.wgmma
