@@ -19,12 +19,13 @@
 // is one launch.
 //
 // The other way (p.cluster_combine, sm_90, at most kMaxClusterSize splits; attention.cu's default
-// where the cluster plan's grid fits in one wave, QWEN3X_ATTENTION_COMBINE=cluster forces it): the
-// tile's splits are one thread block cluster; each keeps its rows in its own shared memory and,
-// after a cluster barrier, the cluster's warps merge the rows reading the other CTAs' shared
-// memory (combine_in_cluster, below). Same arithmetic, same order, same bits; what it drops is the
-// workspace's round trips through L2, the device-wide fences and the marks, and one CTA doing a
-// tile's whole merge (batch-1 decode 0.59-0.91x the L2 merge's time on an H200, NOTES.md).
+// for decode where all the plan's clusters can be resident at once, QWEN3X_ATTENTION_COMBINE=cluster
+// forces it): the tile's splits are one thread block cluster; each keeps its rows in its own
+// shared memory and, after a cluster barrier, the cluster's warps merge the rows reading the other
+// CTAs' shared memory (combine_in_cluster, below). Same arithmetic, same order, same bits; what it
+// drops is the workspace's round trips through L2, the device-wide fences and the marks, and one
+// CTA doing a tile's whole merge (batch-1 decode 0.59-0.91x the L2 merge's time on an H200,
+// NOTES.md).
 //
 // combine_row: one warp per workspace row (kv head, token, h); lane l owns head dims
 // 4 l .. 4 l + 3 (16-byte fp32 loads of each split's O_i: through L2, or from the split CTA's
