@@ -316,8 +316,10 @@ gpu:
 #                                              transformers, ncu, the flush A/B
 #   make gpu-sanitize OUT=/tmp/r3 PYTHON=python3 compute-sanitizer memcheck and racecheck on a reduced
 #                                              sweep (skipped on gVisor machines, which cannot run it)
+# (test_model_gpu.py: the patched models on the GPU, autocast, the fallbacks, assisted generation:
+# sessions 18-24's layer changes, which no GPU has run; the fourth run's gpu-check left it out)
 GPU_CHECK_TESTS ?= tests/test_attention_gpu.py tests/test_moe_gpu.py tests/test_moe_experts_gpu.py \
-                   tests/test_kernels_gpu.py
+                   tests/test_kernels_gpu.py tests/test_model_gpu.py
 # (--no-precompile: few compiling providers there, and a 110 s step has no room for worker start-up)
 # (kernel_times: the profiler works where ncu cannot read counters, as on gVisor machines: the MoE
 # decode layer's kernels one by one, its 45% of the weight bandwidth at 1 token to be placed; with
@@ -333,7 +335,7 @@ GPU_PERF_ARGS   ?= --targets --ops attention_prefill,attention_decode,moe_layer,
                    --providers qwen3x,qwen3x_no_pdl,qwen3x_no_fence,qwen3x_cluster,qwen3x_l2,qwen3x_serial,sdpa_flash,sdpa_cudnn,hf_grouped_mm,liger \
                    --no-precompile
 gpu-check:
-	$(MAKE) gpu STEPS="tests" GPU_SAMPLE=1 GPU_TESTS="$(GPU_CHECK_TESTS)" GPU_TEST_S=100 BUILD_S=200
+	$(MAKE) gpu STEPS="tests" GPU_SAMPLE=1 GPU_TESTS="$(GPU_CHECK_TESTS)" GPU_TEST_S=160 BUILD_S=200
 gpu-sanitize:
 	$(MAKE) gpu STEPS="memcheck racecheck" MEMCHECK_S=150 RACECHECK_S=75 BUILD_S=120
 gpu-perf:
