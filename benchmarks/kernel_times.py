@@ -15,6 +15,12 @@ profiles single replays (each after the flush): every kernel's start and end fro
 kernel's start, and the gap before it (negative: it overlapped the one before, as programmatic
 dependent launch allows), medians over the replays. What a layer's graph-timed row spends beyond
 its kernels' own times is there: the gaps, and the graph's launch (the row minus the span).
+``--warm-code`` (with ``--timeline``) makes one eager call of the same provider on other inputs of
+the same shape between each flush and its replay: the replay's kernels then find their code in the
+L2 (and the SMs' instruction caches) but not their data. Against the flushed time line it says
+what fetching a kernel's instructions from memory costs it (the suspect of batch-1 decode
+attention's fixed cost, benchmarks/NOTES.md "What batch-1 decode spends"); ``--warm-l2`` leaves
+both code and data cached, so it cannot tell the two apart.
 
     python -m benchmarks.kernel_times --ops moe_layer --shapes tokens=1 --providers qwen3x
     ncu --kernel-name regex:rms_norm --launch-skip 5 --launch-count 1 \
@@ -112,10 +118,11 @@ def split_replays(kernels: list[tuple[str, float, float]], marker: str = MARKER_
     return replays
 
 
-def replay_timeline(fn, calls: int, flush=None):
+def replay_timeline(fn, calls: int, flush=None, warm=None):
     """timeline() of ``calls`` single replays of fn captured into a CUDA graph (each after
-    ``flush()`` when given), in one profiler session, each replay between two marker kernels; None
-    as timeline() says. Raises what the capture raised."""
+    ``flush()`` and then ``warm()`` when given: outside the markers, so their kernels are not the
+    replay's), in one profiler session, each replay between two marker kernels; None as timeline()
+    says. Raises what the capture raised."""
     from torch.profiler import ProfilerActivity, profile
 
     from .timing import capture_graph, release_rng_from_failed_capture
@@ -134,6 +141,8 @@ def replay_timeline(fn, calls: int, flush=None):
         for _ in range(calls):
             if flush is not None:
                 flush()
+            if warm is not None:
+                warm()
             torch.cuda._sleep(MARKER_CYCLES)
             replay()
             torch.cuda._sleep(MARKER_CYCLES)
@@ -186,7 +195,14 @@ def main(argv=None) -> int:
     parser.add_argument("--warm-l2", action="store_true",
                         help="no L2 flush before each call (kernel times with the last call's data cached; "
                         "the wall time of an eager call is reported only then)")
+    parser.add_argument("--warm-code", action="store_true",
+                        help="with --timeline: before each replay, after the flush, one eager call on other "
+                        "inputs of the same shape (the kernels' code cached, their data not)")
     args = parser.parse_args(argv)
+    if args.warm_code and not args.timeline:
+        parser.error("--warm-code applies to the replays of --timeline")
+    if args.warm_code and args.warm_l2:
+        parser.error("--warm-code needs the flush that --warm-l2 leaves out")
     ops, terms, providers = _csv(args.ops), _csv(args.shapes), _csv(args.providers)
     unknown = [op for op in ops if op not in ALL_SUITES]
     if unknown:
@@ -208,6 +224,9 @@ def main(argv=None) -> int:
             with torch.inference_mode():
                 torch.manual_seed(0)
                 inputs = case.make_inputs(device)
+                if args.warm_code:  # the same shapes, other tensors (other data, the same code)
+                    torch.manual_seed(1)
+                    other_inputs = case.make_inputs(device)
                 for p in case.providers:
                     if p.name not in providers:
                         continue
@@ -224,12 +243,16 @@ def main(argv=None) -> int:
                         print(f"{case.label} {p.name}: no timeline (not graph-capturable: host syncs)")
                     elif args.timeline:
                         try:
-                            line = replay_timeline(p.build(inputs), min(args.calls, TIMELINE_REPLAYS), flush)
+                            warm = p.build(other_inputs) if args.warm_code else None
+                            line = replay_timeline(p.build(inputs), min(args.calls, TIMELINE_REPLAYS), flush, warm)
                         except Exception as exc:  # noqa: BLE001 (said, and the next provider goes on)
                             print(f"{case.label} {p.name}: no timeline (capture failed: {first_line(exc)})")
                         else:
-                            print(format_timeline(f"{case.label} {p.name}", line), flush=True)
+                            label = f"{case.label} {p.name}" + (" (code warmed, data flushed)" if args.warm_code else "")
+                            print(format_timeline(label, line), flush=True)
                 del inputs
+                if args.warm_code:
+                    del other_inputs
             torch.cuda.empty_cache()
     return 0
 

@@ -1158,6 +1158,19 @@ def test_kernel_times_lists_each_kernel_and_their_sum(capsys):
         assert "No CUDA GPU" in capsys.readouterr().out
 
 
+def test_kernel_times_warm_code_needs_the_flushed_timeline(capsys):
+    """--warm-code warms the code between a flush and a replay: without --timeline there is no
+    replay, and with --warm-l2 no flush, so either is refused rather than silently ignored."""
+    from benchmarks import kernel_times
+
+    for extra in (["--warm-code"], ["--warm-code", "--timeline", "--warm-l2"]):
+        with pytest.raises(SystemExit):
+            kernel_times.main(["--ops", "attention_decode", *extra])
+        assert "--warm-code" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert kernel_times.main(["--ops", "attention_decode", "--timeline", "--warm-code"]) == 0
+
+
 def test_kernel_times_timeline_places_each_kernel_of_a_replay():
     """--timeline: per kernel position, medians of start, duration and the gap before it (negative:
     overlap, as programmatic dependent launch allows), from each replay's first kernel start."""

@@ -17,14 +17,17 @@
 //   decode   <= 16 rows/expert: weight-bandwidth bound, most tiles hold a few
 //            real rows. BLOCK_M 16 (least padding work), BLOCK_N 64 (more CTAs
 //            streaming weights: GEMM1 I / 32 and GEMM2 H / 64 column tiles per
-//            expert), 4 warps side by side along N, 6 stages (60 KB, 3 CTAs
-//            per SM). The weight bytes in flight bound it where the grid is
-//            one wave: at batch 1 (30B-A3B, 8 experts: 192 GEMM1 CTAs) each
-//            CTA keeps 5 stages = 40 KB of weights in flight, 7.7 MB over the
-//            GPU, about 2.5 us of H100 bandwidth, against a loaded DRAM latency
-//            of 1-2 us (Little's law); 4 stages kept 4.6 MB. At 16 tokens
-//            (~80 experts, many waves) 3 CTAs per SM keep as much in flight as
-//            5 CTAs of 4 stages did.
+//            expert), 4 warps side by side along N, 7 stages (70 KB: 3 CTAs per
+//            sm_90 SM, 2 per sm_80 SM). Where the grid is one wave the weight
+//            bytes in flight set the streaming rate (Little's law): at batch 1
+//            (30B-A3B, 8 experts: 192 GEMM1 CTAs) each CTA keeps 6 stages = 48 KB
+//            of weights in flight, 9.2 MB over the GPU. With 6 stages (7.7 MB)
+//            an H200 streamed GEMM1 at 2.75 TB/s, 64% of its copy, while the
+//            235B-A22B layer (384 CTAs, twice the bytes in flight) reached 74%
+//            overall (benchmarks/NOTES.md). 7 is the most that keeps 3 CTAs per
+//            Hopper SM: at many waves (16-64 tokens) an SM keeps 18 stages in
+//            flight (6 stages: 15), and GEMM2's CTAs still fit beside GEMM1's
+//            at batch 1 (its weights issued before its programmatic wait).
 //   mid      <= 64 rows/expert: BLOCK_M 64, BLOCK_N 128, 2 x 4 warps of 32 x 32,
 //            4 stages (96 KB, 2 CTAs per SM on sm_90).
 //   prefill  otherwise: BLOCK_M 128, BLOCK_N 128, 2 x 4 warps of 64 x 32,
@@ -104,7 +107,14 @@ struct GemmConfig {
                 "wgmma: every A / B tile of every stage on a swizzle-atom boundary");
 };
 
-using DecodeGemmConfig = GemmConfig<16, 64, 1, 4, 6>;
+using DecodeGemmConfig = GemmConfig<16, 64, 1, 4, 7>;
+// The decode tile's occupancy its comment assumes: 3 CTAs on an sm_90 SM (228 KB of shared memory,
+// 1 KB of it reserved per CTA).
+constexpr int kHopperSmemPerSm = 228 * 1024;
+constexpr int kSmemReservedPerCta = 1024;
+constexpr int kDecodeCtasPerHopperSm = 3;
+static_assert(kDecodeCtasPerHopperSm * (DecodeGemmConfig::kSmemAllocBytes + kSmemReservedPerCta) <= kHopperSmemPerSm,
+              "the decode tile's stages must leave 3 CTAs per sm_90 SM");
 using MidGemmConfig = GemmConfig<64, 128, 2, 4, 4>;
 using PrefillGemmConfig = GemmConfig<128, 128, 2, 4, 3>;
 using PrefillWgmmaGemmConfig = GemmConfig<128, 128, 8, 1, 3, GemmMainloop::kWgmma>;

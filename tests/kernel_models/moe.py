@@ -68,7 +68,7 @@ class GemmConfig:
             assert (self.kStageElems * 2) % WGMMA_ATOM_BYTES == 0
 
 
-DECODE = GemmConfig("decode", 16, 64, 1, 4, 6)
+DECODE = GemmConfig("decode", 16, 64, 1, 4, 7)
 MID = GemmConfig("mid", 64, 128, 2, 4, 4)
 PREFILL = GemmConfig("prefill", 128, 128, 2, 4, 3)
 PREFILL_WGMMA = GemmConfig("prefill", 128, 128, 8, 1, 3, mainloop="wgmma")  # sm_90a
