@@ -335,8 +335,8 @@ GPU_PERF_KERNEL_TIMES_RUNS ?= "--ops moe_layer --shapes model=Qwen3-30B-A3B,toke
     "--ops attention_decode --shapes model=Qwen3-4B,batch=1,context=1024 --providers qwen3x,qwen3x_l2,sdpa_cudnn,sdpa_flash --timeline" \
     "--ops attention_decode --shapes model=Qwen3-4B,batch=1,context=1024 --providers qwen3x,sdpa_cudnn --timeline --warm-code" \
     "--ops attention_decode --shapes model=Qwen3-4B,batch=1,context=1024 --providers qwen3x,sdpa_cudnn --timeline --warm-l2"
-GPU_PERF_ARGS   ?= --targets --ops attention_prefill,attention_decode,moe_layer,moe_route,rms_norm,qk_norm_rope \
-                   --providers qwen3x,qwen3x_no_pdl,qwen3x_no_fence,qwen3x_cluster,qwen3x_l2,qwen3x_serial,sdpa_flash,sdpa_cudnn,hf_grouped_mm,hf_eager,liger \
+GPU_PERF_ARGS   ?= --targets --ops attention_prefill,attention_decode,moe_gate,moe_layer,moe_route,rms_norm,qk_norm_rope \
+                   --providers qwen3x,qwen3x_no_pdl,qwen3x_no_fence,qwen3x_cluster,qwen3x_l2,qwen3x_serial,sdpa_flash,sdpa_cudnn,hf_grouped_mm,hf_eager,liger,torch_linear \
                    --no-precompile
 gpu-check:
 	$(MAKE) gpu STEPS="tests" GPU_SAMPLE=1 GPU_TESTS="$(GPU_CHECK_TESTS)" GPU_TEST_S=160 BUILD_S=200

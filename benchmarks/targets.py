@@ -113,6 +113,8 @@ TARGETS = (
            "moe_layer", _tokens(1, DECODE_TOKENS), "fraction", 0.70),
     Target(6, "decode layer (1 to 64 tokens): speedup of programmatic dependent launch (reported)",
            "moe_layer", _tokens(1, DECODE_TOKENS), "speedup", 1.0, ("qwen3x_no_pdl",), informational=True),
+    Target(6, "the router's GEMM at 1 to 16 tokens: moe_gate against F.linear (reported)",
+           "moe_gate", _tokens(1, 16), "speedup", 1.0, ("torch_linear",), informational=True),
     Target(6, "router + permutation under 10 us at 1 to 64 tokens (moe_route: what the layer runs)",
            "moe_route", _tokens(1, DECODE_TOKENS), "sum_under", ROUTE_PERMUTE_US, strict=True),
     Target(6, "router + permutation as the two separate ops, for comparison",

@@ -9,7 +9,7 @@ For every kernel in the .so (per embedded architecture) prints:
 
 Exit status 1 when any kernel touches local memory (LDL/STL, STACK or LOCAL > 0)
 or when a kernel that must be vectorized (see VECTOR_KERNELS) lacks 16-byte
-loads or stores, or a tensor-core kernel (see MMA_KERNELS) has no HMMA, or has
+loads or stores (VECTOR_LOAD_KERNELS: loads), or a tensor-core kernel (see MMA_KERNELS) has no HMMA, or has
 fewer HMMA inside its main loop (the address range of a backward branch) than
 MMA_LOOP_KERNELS asks, or a Hopper kernel (see WGMMA_LOOP_KERNELS) fewer
 warpgroup HGMMA in its main loop (on sm_90a; built for another architecture it
@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Kernels (demangled-name substrings) whose fast path must move 16-byte
 # vectors both ways.
 VECTOR_KERNELS = ("rms_norm_vec_kernel", "qk_norm_rope_kernel", "silu_and_mul_vec_kernel")
+# Kernels that must read with 16-byte vectors (their outputs are a few scalars a row).
+VECTOR_LOAD_KERNELS = ("moe::moe_gate_kernel",)
 
 # Tensor-core kernels (demangled-name substrings) -> the fewest HMMA their main
 # loop (a backward branch's range) must hold per iteration body.
@@ -82,7 +84,7 @@ EX2 = re.compile(r"\bMUFU\.EX2\b")
 # (griddepcontrol.launch_dependents = PREEXIT).
 PDL_KERNELS = ("attn::attention_fwd_kernel", "qk_norm_rope_kernel",
                "moe::moe_router_kernel", "moe::moe_permute_count_kernel", "moe::moe_permute_scatter_kernel",
-               "moe::moe_expert_gemm_kernel", "moe::moe_combine_kernel")
+               "moe::moe_expert_gemm_kernel", "moe::moe_combine_kernel", "moe::moe_gate_kernel")
 # Of those, kernels that read inputs finished two launches back before their wait (GEMM2: its tile
 # and weights, csrc/moe/grouped_gemm.cuh): they may load before the wait, never store.
 PDL_READS_FIRST = ("(qwen3x::moe::GemmKind)1>",)
@@ -286,6 +288,8 @@ def problems_of(k: Kernel) -> list[str]:
         problems.append("local memory")
     if any(v in k.name for v in VECTOR_KERNELS) and not (k.ldg128 and k.stg128):
         problems.append("no 16-byte vectors")
+    if any(v in k.name for v in VECTOR_LOAD_KERNELS) and not k.ldg128:
+        problems.append("no 16-byte loads")
     wgmma = [need for sub, need in WGMMA_LOOP_KERNELS.items() if sub in k.name]
     if is_stub(k):
         if k.hgmma:

@@ -91,6 +91,9 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen(
     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal);
 
 // csrc/moe/moe.cu
+// [T, H] x [E, H] -> router logits [T, E] (hidden_states @ weight.T): gate.cuh's kernel at decode
+// sizes in bf16 / fp16, at::linear otherwise
+at::Tensor moe_gate(const at::Tensor& hidden_states, const at::Tensor& weight);
 // -> weights [T, k] (logits' dtype), expert_ids [T, k] int32, tokens_per_expert [E] int32
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(
     const at::Tensor& router_logits,  // [T, E] bf16/fp16/fp32, last dim contiguous

@@ -61,6 +61,7 @@ TORCH_LIBRARY(qwen3x, m) {
   m.def(
       "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, bool causal) -> (Tensor, Tensor)");
+  m.def("moe_gate(Tensor hidden_states, Tensor weight) -> Tensor");
   m.def("moe_router(Tensor router_logits, int top_k, bool norm_topk_prob) -> (Tensor, Tensor, Tensor)");
   m.def("moe_permute(Tensor expert_ids, int num_experts, int row_align) -> (Tensor, Tensor, Tensor)");
   m.def(
@@ -85,6 +86,7 @@ TORCH_LIBRARY(qwen3x, m) {
   X(attention)                 \
   X(attention_varlen)          \
   X(qk_norm_rope_attention)    \
+  X(moe_gate)                  \
   X(moe_router)                \
   X(moe_permute)               \
   X(moe_route)                 \

@@ -66,6 +66,7 @@ def first_calls() -> None:
                                                  torch.arange(200, device=dev), inv_freq),
         "attention (prefill)": lambda: ops.attention(q, kv, kv, None, 128 ** -0.5, True),
         "attention (split-KV decode)": lambda: ops.attention(q1, kv_long, kv_long, None, 128 ** -0.5, False),
+        "moe_gate": lambda: ops.moe_gate(x[:4], gate_up[:, 0]),
         "moe_route": lambda: ops.moe_route(logits, 8, True, 16),
         "moe (4 tokens)": lambda: ops.moe(x[:4], logits, gate_up, down, 8, True),
         "moe (2048 tokens)": lambda: ops.moe(x.repeat(256, 1), logits.repeat(512, 1), gate_up, down, 8, True),

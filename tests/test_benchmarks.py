@@ -33,7 +33,7 @@ from qwen3x.testing import router_probs  # noqa: E402
 ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT)])}
 ALL_OPS = (
     "rms_norm qk_norm_rope silu_and_mul attention_prefill attention_varlen attention_decode qk_norm_rope_attention "
-    "moe_router moe_permute moe_route moe_experts moe_layer model_prefill model_decode"
+    "moe_gate moe_router moe_permute moe_route moe_experts moe_layer model_prefill model_decode"
 ).split()
 
 

@@ -587,6 +587,28 @@ def test_moe_router(dtype, tokens, experts, top_k, norm, sms):
     test_moe_gpu._assert_weights(r["weights"], ref_w)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens,experts,hidden,stride", [
+    (1, 8, 256, 256),        # one token, four CTAs
+    (5, 5, 272, 280),        # a last CTA with one expert; 17 chunks a slice; strided rows
+    (12, 4, 4096, 4096),     # every weight register (8 chunks a lane), 96 KB of hidden rows
+    (16, 3, 3072, 3072),     # every token accumulator, 96 KB of hidden rows
+])
+def test_moe_gate(dtype, tokens, experts, hidden, stride):
+    """The router GEMM at decode sizes against the fp64 truth (F.linear in the same dtype the
+    baseline), under both CTA orders and copy timings, without bank conflicts."""
+    from qwen3x import reference as R
+    from qwen3x.testing import assert_close_to_truth
+    g = torch.Generator().manual_seed(tokens * hidden + experts)
+    wide = torch.randn(tokens, stride, generator=g).to(dtype)
+    x = wide[:, :hidden]
+    w = (torch.randn(experts, hidden, generator=g) * hidden**-0.5).to(dtype)
+    r = _run_all("gate", dict(dtype=_dt(dtype), tokens=tokens, experts=experts, hidden=hidden,
+                              hidden_stride=stride, weight_stride=hidden),
+                 dict(hidden=wide, weight=w), {"logits": (dtype, (tokens, experts))})
+    assert_close_to_truth(r["logits"], R.moe_gate(x, w), R.moe_gate(x.double(), w.double()))
+
+
 def _rope(tokens, hq, hkv, dtype, seed):
     from models import tiny_config
     from qwen3x.rope import rope_parameters
@@ -753,11 +775,12 @@ PLANTED = {
 
 def _planted_runner(sanitizer, patches):
     """A runner with the patches applied, built for the patched op alone (attention/ or moe/
-    sources: a fraction of a whole runner's compile time; its other ops are refused by name)."""
+    sources, moe/gate.cuh with the memory-bound kernels: a fraction of a whole runner's compile
+    time; its other ops are refused by name)."""
     from emulator import build as emu_build
 
-    dirs = {file.split("/")[0] for file, _, _ in patches}
-    only = {"attention": "attention", "moe": "experts"}.get(dirs.pop()) if len(dirs) == 1 else None
+    dirs = {"others" if file == "moe/gate.cuh" else file.split("/")[0] for file, _, _ in patches}
+    only = {"attention": "attention", "moe": "experts", "others": "others"}.get(dirs.pop()) if len(dirs) == 1 else None
     return emu_build.build(sanitizer, patches=patches, only=only)
 
 
@@ -902,6 +925,7 @@ RACECHECK = {
     "experts prefill wgmma": lambda: test_moe_experts(_WGMMA_EXPERTS),
     "rms_norm": lambda: test_rms_norm(torch.float32, 5, 200, 203, True),
     "router": lambda: test_moe_router(torch.bfloat16, 40, 128, 8, True, None),  # tokens side by side
+    "moe_gate": lambda: test_moe_gate(torch.bfloat16, 5, 5, 272, 280),
     "qk_norm_rope cache": lambda: test_qk_norm_rope_cache(),
     "qk_norm_rope in place": lambda: test_qk_norm_rope_in_place(torch.bfloat16),
     "silu_and_mul": lambda: test_silu_and_mul(torch.bfloat16, 3, 768, 1536),
@@ -944,6 +968,10 @@ PLANTED_RACES = {
     "attention: cluster combine without its first barrier": (
         PLANTED["attention: cluster combine without its first barrier"][0],
         lambda: test_attention_cluster_combine(CLUSTER_CASES[1])),
+    # the router GEMM reads the staged hidden rows other threads copied, with no barrier between
+    "moe_gate: no barrier after staging the hidden rows": (
+        ("moe/gate.cuh", "  cp_async_wait<0>();\n  __syncthreads();\n", "  cp_async_wait<0>();\n"),
+        lambda: test_moe_gate(torch.bfloat16, 5, 5, 272, 280)),
     # GEMM2's fused combine reads which tokens its CTA completes before the threads that counted
     # the arrivals are past a barrier
     "experts: no barrier after the arrivals": (

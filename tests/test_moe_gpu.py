@@ -1,5 +1,9 @@
-"""CUDA kernels of moe_router, moe_permute and moe_route against the reference on the same CUDA inputs.
-GPU only.
+"""CUDA kernels of moe_gate, moe_router, moe_permute and moe_route against the reference on the same
+CUDA inputs. GPU only.
+
+Router logits (moe_gate): against the fp64 truth by the tolerance rule (qwen3x.testing), with torch's
+own F.linear in the same dtype as the baseline; every element written (poisoned outputs); bitwise the
+same run to run.
 
 Integer outputs (expert ids, counts, sorted rows, offsets, inverse) must match exactly. Router weights:
 within 1e-6 relative in fp32 (only the order of the k-term renormalizing sum may differ), and equal
@@ -16,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3x.testing import assert_identical, poison_allocator
+from qwen3x.testing import assert_close_to_truth, assert_identical, poison_allocator
 
 from qwen3x import _library, ops
 from qwen3x import reference as R
@@ -71,6 +75,70 @@ def _assert_weights(got: torch.Tensor, want: torch.Tensor) -> None:
         assert dist.max().item() <= 1, (
             f"weights: {worst.values.tolist()} ulp at flat {worst.indices.tolist()}: "
             f"got {got.flatten()[worst.indices].tolist()}, want {want.flatten()[worst.indices].tolist()}")
+
+
+# ---- moe_gate -----------------------------------------------------------------------------------
+def _check_gate(hidden, weight):
+    """moe_gate on CUDA: the fp64 truth within the tolerance rule of torch's F.linear in the same
+    dtype, every logit written (the output's memory NaN-poisoned first), the same bits twice."""
+    T, E = hidden.shape[0], weight.shape[0]
+    poison_allocator(T * E * hidden.element_size())
+    got = ops.moe_gate(hidden, weight)
+    assert got.shape == (T, E) and got.dtype == hidden.dtype and got.is_contiguous()
+    truth = R.moe_gate(hidden.double(), weight.double())
+    assert_close_to_truth(got, R.moe_gate(hidden, weight), truth)
+    assert_identical(ops.moe_gate(hidden, weight), got, "a second call")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 12, 16, 17, 64])
+@pytest.mark.parametrize("experts,hidden", [(128, 2048), (128, 4096), (8, 256), (5, 272), (60, 1040), (512, 4096)])
+def test_gate_matches_truth(dtype, tokens, experts, hidden):
+    """Decode sizes run the kernel (bf16/fp16, up to 16 tokens and 96 KB of hidden rows: 12 at
+    H 4096), the others torch's linear: both by the same rule. H 1040: 65 chunks a row, slices that
+    are not whole passes of 32 lanes (H 272: 17 of a lane's 32); E 60 and 5: a last CTA with one
+    expert. (The emulator's CI run takes the sizes up to 300.)"""
+    _needs_kernel("moe_gate")
+    torch.manual_seed(tokens * hidden + experts)
+    x = torch.randn(tokens, hidden, device="cuda").to(dtype)
+    w = (torch.randn(experts, hidden, device="cuda") * hidden**-0.5).to(dtype)
+    _check_gate(x, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gate_strided_and_unaligned_inputs(dtype):
+    """Rows of a wider tensor (row strides other than H), a transposed weight and a hidden view
+    off the 16-byte boundary: read in place where the rows are 16-byte aligned, copied where not."""
+    _needs_kernel("moe_gate")
+    wide = torch.randn(5, 2048 + 64, device="cuda").to(dtype)
+    w_t = (torch.randn(2048, 128, device="cuda") / 45).to(dtype).t()  # [128, 2048], column-major
+    _check_gate(wide[:, 64:], w_t)
+    flat = torch.randn(3 * 2048 + 1, device="cuda").to(dtype)
+    _check_gate(flat[1:].view(3, 2048), (torch.randn(128, 2048, device="cuda") / 45).to(dtype))
+
+
+def test_gate_no_tokens():
+    _needs_kernel("moe_gate")
+    w = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
+    assert ops.moe_gate(torch.empty(0, 2048, device="cuda", dtype=torch.bfloat16), w).shape == (0, 8)
+
+
+BAD_GATE = {
+    "weight_shape": (lambda: ops.moe_gate(_cuda(4, 2048, dtype=torch.bfloat16), _cuda(8, 1024, dtype=torch.bfloat16)),
+                     "weight \\[experts, 2048\\]"),
+    "weight_dtype": (lambda: ops.moe_gate(_cuda(4, 2048, dtype=torch.bfloat16), _cuda(8, 2048)), "same dtype"),
+    "hidden_1d": (lambda: ops.moe_gate(_cuda(2048, dtype=torch.bfloat16), _cuda(8, 2048, dtype=torch.bfloat16)),
+                  "\\[tokens, hidden\\]"),
+    "int": (lambda: ops.moe_gate(_cuda(4, 2048, dtype=torch.int32), _cuda(8, 2048, dtype=torch.int32)), "dtype"),
+    "weight_on_cpu": (lambda: ops.moe_gate(_cuda(4, 2048, dtype=torch.bfloat16),
+                                           torch.zeros(8, 2048, dtype=torch.bfloat16)), "device"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GATE))
+def test_gate_bad_inputs_are_clear_errors(case):
+    call, message = BAD_GATE[case]
+    _clear_error("moe_gate", call, message)
 
 
 def _check_router(logits, top_k, norm):

@@ -46,6 +46,8 @@ def _inputs(op: str):
     if op == "attention_varlen":  # sequences of 3, 0 and 5 queries against 4, 2 and 9 keys; token 8 is in none
         cu_q, cu_k = torch.tensor([0, 3, 3, 8], dtype=torch.int32), torch.tensor([0, 4, 6, 15], dtype=torch.int32)
         return (torch.randn(9, 4, D), torch.randn(15, 2, D), torch.randn(15, 2, D), cu_q, cu_k, 5, 9, D**-0.5, True)
+    if op == "moe_gate":
+        return (torch.randn(T, 48), torch.randn(8, 48))
     if op == "moe_router":
         return (torch.randn(T, 8), 2, True)
     if op == "moe_permute":
@@ -128,7 +130,7 @@ def test_op_equals_reference_and_fake_shapes_match(op):
 
 
 GRAD_OPS = ["rms_norm", "add_rms_norm", "qk_norm_rope", "silu_and_mul", "attention", "attention_varlen",
-            "qk_norm_rope_attention", "moe_router", "moe_route", "moe_experts", "moe"]
+            "qk_norm_rope_attention", "moe_gate", "moe_router", "moe_route", "moe_experts", "moe"]
 
 
 @pytest.mark.parametrize("op", GRAD_OPS)
@@ -422,6 +424,9 @@ BAD = [
                                                                   torch.randn(2, 5, 3, D),
                                                                   *_inputs("qk_norm_rope_attention")[3:]),
      "k and v of one shape"),
+    ("moe_gate", lambda: ops.moe_gate(torch.randn(4, 48), torch.randn(8, 40)), "weight \\[experts, 48\\]"),
+    ("moe_gate", lambda: ops.moe_gate(torch.randn(4, 48), torch.randn(8, 48).double()), "dtype torch.float32"),
+    ("moe_gate", lambda: ops.moe_gate(torch.randn(48), torch.randn(8, 48)), "hidden_states \\[tokens, hidden\\]"),
     ("moe_router", lambda: ops.moe_router(torch.randn(4, 8), 9), "1 <= top_k <= 8"),
     ("moe_permute", lambda: ops.moe_permute(torch.tensor([[0, 9]]), 8), "expert ids in \\[0, 8\\)"),
     ("moe_route", lambda: ops.moe_route(torch.randn(4, 8), 2, True, 0), "row_align >= 1"),

@@ -136,3 +136,12 @@ def test_a_vector_kernel_without_16_byte_loads_is_reported():
     body = ["ACQBULK", "PREEXIT", "LDG.E.64 R4, desc[UR4][R2.64]", "LDGSTS.E.BYPASS [R3], desc[UR4][R4.64]",
             "STG.E.128 desc[UR4][R2.64], R4", "EXIT"]
     assert any("16-byte" in p for p in sass_check.problems_of(_kernel("sm_90a", body, VECTOR_KERNEL)))
+
+
+def test_a_vector_load_kernel_needs_16_byte_loads_only():
+    """moe_gate writes a few 2-byte logits a row: its 16-byte rule is on the loads."""
+    gate = "qwen3x::moe::moe_gate_kernel<__nv_bfloat16>"
+    body = ["ACQBULK", "PREEXIT", "LDG.E.128.CONSTANT R4, desc[UR4][R2.64]", "STG.E.U16 desc[UR4][R2.64], R4", "EXIT"]
+    assert [p for p in sass_check.problems_of(_kernel("sm_90a", body, gate)) if "16-byte" in p] == []
+    narrow = ["ACQBULK", "PREEXIT", "LDG.E.64 R4, desc[UR4][R2.64]", "STG.E.U16 desc[UR4][R2.64], R4", "EXIT"]
+    assert "no 16-byte loads" in sass_check.problems_of(_kernel("sm_90a", narrow, gate))

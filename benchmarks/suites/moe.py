@@ -1,10 +1,12 @@
 """MoE at the Qwen3-30B-A3B (H 2048, I 768) and Qwen3-235B-A22B (H 4096, I 1536) shapes, E 128, top-8.
 
+- moe_gate:    the router's GEMM, hidden states -> router logits (torch's F.linear the peer)
 - moe_router:  router logits -> (weights, expert ids, tokens per expert)
 - moe_permute: expert ids -> stable grouping by expert (sorted rows, offsets, inverse)
 - moe_route:   both, as the layer runs them (one launch up to 64 tokens), with its decode row_align
 - moe_experts: SwiGLU experts + weighted combine, given the routing
-- moe_layer:   a whole sparse block: router GEMM, routing, experts, combine
+- moe_layer:   a whole sparse block: router GEMM (F.linear; the patched layers' moe_gate is
+               timed on its own), routing, experts, combine
 
 Routing inputs are drawn uniformly (each token's logits are a random permutation of distinct
 bf16 values, so top-k has no ties); the byte formulas assume the same uniform routing.
@@ -229,6 +231,42 @@ def _shape(d: ModelDims, tokens: int, **more) -> dict:
     return {"model": d.name, "tokens": tokens, "hidden": d.hidden, "experts": d.experts, "topk": d.topk} | more
 
 
+GATE_TOKENS = (1, 16, 64, 4096)  # the kernel's decode sizes (up to 16), then torch's linear
+
+
+def moe_gate_bytes(tokens: int, experts: int, hidden: int, elem: int = ELEM) -> int:
+    """Read the router weight [E, H] and the hidden states [T, H], write the logits [T, E]."""
+    return (experts * hidden + tokens * hidden + tokens * experts) * elem
+
+
+def _gate_ref(x):
+    return reference.moe_gate(x["hidden_states"], x["router"])
+
+
+def gate_case(d: ModelDims, tokens: int) -> Case:
+    return Case(
+        op="moe_gate",
+        shape=_shape(d, tokens),
+        make_inputs=lambda device: {"hidden_states": randn(tokens, d.hidden, device=device),
+                                    "router": randn(d.experts, d.hidden, device=device, scale=d.hidden**-0.5)},
+        reference=_gate_ref,
+        providers=[
+            qwen3x_provider("moe_gate", lambda x: ops.moe_gate(x["hidden_states"], x["router"])),
+            # what transformers' router runs (the reference, as a peer: the suites' targets name it)
+            Provider("torch_linear", lambda x: lambda: F.linear(x["hidden_states"], x["router"]), note="F.linear (cuBLAS)"),
+        ],
+        flops=2 * tokens * d.hidden * d.experts,
+        bytes=moe_gate_bytes(tokens, d.experts, d.hidden),
+        cuda_graph=graph_worthy(tokens),
+    )
+
+
+def _gates(quick: bool) -> list[Case]:
+    if quick:
+        return [gate_case(MOE_MODELS[0], 1)]
+    return [gate_case(d, t) for d in MOE_MODELS for t in GATE_TOKENS]
+
+
 def _router_ref(x, topk):
     return reference.moe_router(x["router_logits"], topk, NORM_TOPK_PROB)
 
@@ -409,6 +447,7 @@ def _grid(make, quick: bool) -> list[Case]:
 
 
 SUITE = {
+    "moe_gate": _gates,
     "moe_router": functools.partial(_grid, router_case),
     "moe_permute": functools.partial(_grid, permute_case),
     "moe_route": functools.partial(_grid, route_case),

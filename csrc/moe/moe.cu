@@ -1,6 +1,6 @@
-// Torch glue for moe_router, moe_permute, moe_route, moe_experts and moe: argument
-// checks, device guard, current stream, dtype dispatch, output (and
-// workspace) allocation. Kernels: router.cuh, permute.cuh, experts.cuh
+// Torch glue for moe_gate, moe_router, moe_permute, moe_route, moe_experts and moe:
+// argument checks, device guard, current stream, dtype dispatch, output (and
+// workspace) allocation. Kernels: gate.cuh, router.cuh, permute.cuh, experts.cuh
 // (grouped GEMMs + combine).
 //
 // Every output and workspace size follows from the argument shapes (T, k, E,
@@ -8,6 +8,7 @@
 // captured in a CUDA graph.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -22,6 +23,7 @@
 #include "core/mainloop_choice.h"
 #include "core/pdl.cuh"
 #include "moe/experts.cuh"
+#include "moe/gate.cuh"
 #include "moe/gemm_config.h"
 #include "moe/limits.h"
 #include "moe/permute.cuh"
@@ -343,6 +345,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         moe_permute(expert_ids, num_experts, row_align);
   }
   return {weights, expert_ids, tokens_per_expert, p.sorted_rows, p.expert_offsets, p.inverse};
+}
+
+// The router's GEMM. Decode sizes in bf16 / fp16 (moe::gate_kernel_serves: up to 16 tokens) run
+// gate.cuh's kernel, with programmatic dependent launch where the device allows; other sizes and
+// fp32 run at::linear (cuBLAS: a GEMM at prefill sizes), which is also what the reference runs.
+at::Tensor moe_gate(const at::Tensor& hidden_states, const at::Tensor& weight) {
+  constexpr const char* kOp = "moe_gate";
+  check::cuda(kOp, "hidden_states", hidden_states);
+  check::cuda(kOp, "weight", weight);
+  check::same_device(kOp, "weight", weight, "hidden_states", hidden_states);
+  check::float_dtype(kOp, "hidden_states", hidden_states);
+  check::same_dtype(kOp, "weight", weight, "hidden_states", hidden_states);
+  QWEN3X_CHECK(hidden_states.dim() == 2, "qwen3x.", kOp,
+               ": expected hidden_states [tokens, hidden], got shape ", hidden_states.sizes());
+  const int64_t T = hidden_states.size(0);
+  const int64_t H = hidden_states.size(1);
+  QWEN3X_CHECK(weight.dim() == 2 && weight.size(1) == H && weight.size(0) >= 1, "qwen3x.", kOp,
+               ": expected weight [experts, ", H, "] (the router's linear weight), got shape ", weight.sizes());
+  const int64_t E = weight.size(0);
+  QWEN3X_CHECK(E <= kMaxInt32, "qwen3x.", kOp, ": ", E, " experts exceed the kernel's int32 range");
+  const c10::cuda::CUDAGuard device_guard(hidden_states.device());
+  const auto dtype = hidden_states.scalar_type();
+  const bool half = dtype == at::ScalarType::BFloat16 || dtype == at::ScalarType::Half;
+  if (!half || !moe::gate_kernel_serves(T, H)) return at::linear(hidden_states, weight);
+
+  const at::Tensor hidden = rows_16b_readable(hidden_states);
+  const at::Tensor w = rows_16b_readable(weight);
+  at::Tensor logits = at::empty({T, E}, hidden_states.options());
+  const int64_t hidden_stride = T <= 1 ? H : hidden.stride(0);  // a single row's stride is never used
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden_states.get_device()).stream();
+  const bool pdl = pdl_enabled(hidden_states.get_device());
+  const auto launch = [&](auto tag) {
+    using T16 = decltype(tag);
+    C10_CUDA_CHECK(moe::launch_moe_gate<T16>(static_cast<T16*>(logits.mutable_data_ptr()),
+                                             static_cast<const T16*>(hidden.const_data_ptr()),
+                                             static_cast<const T16*>(w.const_data_ptr()), T, H, E,
+                                             hidden_stride, w.stride(0), stream, pdl));
+  };
+  if (dtype == at::ScalarType::BFloat16) {
+    launch(__nv_bfloat16{});
+  } else {
+    launch(__half{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return logits;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& expert_ids,

@@ -57,6 +57,7 @@ SCHEMAS: dict[str, str] = {
         "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float scale, bool causal) -> (Tensor, Tensor)"
     ),
+    "moe_gate": "moe_gate(Tensor hidden_states, Tensor weight) -> Tensor",
     "moe_router": "moe_router(Tensor router_logits, int top_k, bool norm_topk_prob) -> (Tensor, Tensor, Tensor)",
     "moe_permute": "moe_permute(Tensor expert_ids, int num_experts, int row_align) -> (Tensor, Tensor, Tensor)",
     "moe_route": (
@@ -308,6 +309,11 @@ def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal)
 
 
+def _moe_gate(hidden_states, weight):
+    _checks.moe_gate("moe_gate", hidden_states, weight)
+    return reference.moe_gate(hidden_states, weight)
+
+
 def _moe_router(router_logits, top_k, norm_topk_prob):
     _checks.moe_router("moe_router", router_logits, top_k)
     return reference.moe_router(router_logits, top_k, norm_topk_prob)
@@ -343,6 +349,7 @@ REFERENCE_IMPLS: dict[str, Callable] = {
     "attention": _attention,
     "attention_varlen": _attention_varlen,
     "qk_norm_rope_attention": _qk_norm_rope_attention,
+    "moe_gate": _moe_gate,
     "moe_router": _moe_router,
     "moe_permute": _moe_permute,
     "moe_route": _moe_route,
@@ -410,6 +417,11 @@ def _fake_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return q.new_empty((Tq, Hq, D)), q.new_empty((Hq, Tq), dtype=torch.float32)
 
 
+def _fake_moe_gate(hidden_states, weight):
+    _checks.moe_gate("moe_gate", hidden_states, weight)
+    return hidden_states.new_empty((hidden_states.shape[0], weight.shape[0]))
+
+
 def _fake_moe_router(router_logits, top_k, norm_topk_prob):
     _checks.moe_router("moe_router", router_logits, top_k)
     T, E = router_logits.shape
@@ -454,6 +466,7 @@ FAKE_IMPLS: dict[str, Callable] = {
     "attention": _fake_attention,
     "attention_varlen": _fake_attention_varlen,
     "qk_norm_rope_attention": _fake_qk_norm_rope_attention,
+    "moe_gate": _fake_moe_gate,
     "moe_router": _fake_moe_router,
     "moe_permute": _fake_moe_permute,
     "moe_route": _fake_moe_route,

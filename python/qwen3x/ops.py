@@ -184,6 +184,13 @@ def attention_varlen(
     return _ops.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal)
 
 
+def moe_gate(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden_states [T, H] @ weight [E, H].T -> router_logits [T, E] (the MoE router's linear).
+    On CUDA at decode sizes (bf16/fp16, up to 16 tokens) one kernel that reads the weight once and
+    overlaps the launch before it; other sizes run torch's linear."""
+    return _ops.moe_gate(hidden_states, weight)
+
+
 def moe_router(
     router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ __all__ = [
     "qk_norm_rope",
     "silu_and_mul",
     "attention",
+    "moe_gate",
     "moe_router",
     "moe_permute",
     "moe_route",
@@ -299,6 +300,15 @@ def packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k):
 # --------------------------------------------------------------------------------------------
 # Mixture of experts
 # --------------------------------------------------------------------------------------------
+def moe_gate(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The router's GEMM, as transformers' Qwen3-MoE router computes it: F.linear without a bias.
+
+    hidden_states [T, H], weight [E, H] -> router_logits [T, E] in their dtype (fp32 sums for
+    16-bit inputs, rounded once; the order of the sums is the backend's own).
+    """
+    return F.linear(hidden_states, weight)
+
+
 def moe_router(
     router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -116,7 +116,7 @@ def flags(sanitizer: str, debug_info: bool = True) -> list[str]:
     return f + ([f"-fsanitize={sanitizer}"] if sanitizer != "none" else [])
 
 
-ONLY = ("attention", "experts")  # ops a runner can be built for alone (runner.cpp's EMU_ONLY_*)
+ONLY = ("attention", "experts", "others")  # kernels a runner can be built for alone (runner.cpp's EMU_ONLY_*)
 
 
 def build(sanitizer: str = "address", verbose: bool = False,

@@ -36,7 +36,8 @@ NEEDS_A_GPU = {
     "test_bad_inputs", "test_varlen_bad_inputs", "test_bad_inputs_raise_naming_the_op",
 }
 # Parametrizations about another device (the emulated device is the CPU itself).
-NEEDS_A_GPU_CASES = {("test_bad_cuda_inputs_are_clear_errors", "[weight_on_cpu]")}
+NEEDS_A_GPU_CASES = {("test_bad_cuda_inputs_are_clear_errors", "[weight_on_cpu]"),
+                     ("test_gate_bad_inputs_are_clear_errors", "[weight_on_cpu]")}
 # Sizes no parameter names (minutes each on the CPU model).
 TOO_SLOW = {"test_decode_131072_keys", "test_prefill_long", "test_moe_experts_16k_tokens"}
 
@@ -94,7 +95,7 @@ def select(config, items, max_size: int) -> None:
 
 
 OPS = ("rms_norm", "add_rms_norm", "qk_norm_rope", "qk_norm_rope_", "qk_norm_rope_cache_", "silu_and_mul",
-       "attention", "attention_varlen", "qk_norm_rope_attention", "moe_router", "moe_permute", "moe_route",
+       "attention", "attention_varlen", "qk_norm_rope_attention", "moe_gate", "moe_router", "moe_permute", "moe_route",
        "moe_experts", "moe")
 
 

@@ -15,17 +15,19 @@
 #include <sstream>
 #include <string>
 
-// EMU_ONLY_ATTENTION / EMU_ONLY_EXPERTS (build.py's `only`): a runner with that op's kernels alone
-// (the planted-bug builds, each of which compiles its own copy of the sources); any other op is
-// then refused by name. Without either, every op.
-#if !defined(EMU_ONLY_ATTENTION) && !defined(EMU_ONLY_EXPERTS)
+// EMU_ONLY_ATTENTION / EMU_ONLY_EXPERTS / EMU_ONLY_OTHERS (build.py's `only`): a runner with those
+// kernels alone (the planted-bug builds, each of which compiles its own copy of the sources); any
+// other op is then refused by name. Without one, every op.
+#if !defined(EMU_ONLY_ATTENTION) && !defined(EMU_ONLY_EXPERTS) && !defined(EMU_ONLY_OTHERS)
 #define EMU_WITH_ATTENTION 1
 #define EMU_WITH_EXPERTS 1
 #define EMU_WITH_OTHERS 1
 #elif defined(EMU_ONLY_ATTENTION)
 #define EMU_WITH_ATTENTION 1
-#else
+#elif defined(EMU_ONLY_EXPERTS)
 #define EMU_WITH_EXPERTS 1
+#else
+#define EMU_WITH_OTHERS 1
 #endif
 
 #include "core/launch.h"
@@ -39,6 +41,8 @@
 #endif
 #if defined(EMU_WITH_OTHERS)
 #include "activation/silu_and_mul.cuh"
+#include "moe/gate.cuh"
+#include "moe/router.cuh"
 #include "norm/rms_norm.cuh"
 #include "rope/qk_norm_rope.cuh"
 #endif
@@ -183,6 +187,20 @@ void run_router(Job& job) {
               job.i64("logits_stride"), static_cast<int>(E), static_cast<int>(k),
               job.i64("norm_topk_prob") != 0, qwen3x::sm_count(0), nullptr),
           "launch_moe_router");
+  });
+}
+#endif
+
+#if defined(EMU_WITH_OTHERS)
+void run_gate(Job& job) {
+  const int64_t T = job.i64("tokens"), E = job.i64("experts"), H = job.i64("hidden");
+  with_dtype<false>(job, [&](auto tag) {
+    using Tt = decltype(tag);
+    check(qwen3x::moe::launch_moe_gate<Tt>(job.output("logits", T * E * sizeof(Tt)).template as<Tt>(),
+                                           job.input("hidden").template as<Tt>(),
+                                           job.input("weight").template as<Tt>(), T, H, E,
+                                           job.i64("hidden_stride"), job.i64("weight_stride"), nullptr),
+          "launch_moe_gate");
   });
 }
 #endif
@@ -485,6 +503,7 @@ int main(int argc, char** argv) {
     if (op == "rms_norm") { run_rms_norm(job); ran = true; }
     if (op == "silu_and_mul") { run_silu_and_mul(job); ran = true; }
     if (op == "router") { run_router(job); ran = true; }
+    if (op == "gate") { run_gate(job); ran = true; }
     if (op == "qk_norm_rope") { run_qk_norm_rope(job); ran = true; }
 #endif
     if (!ran) throw emu::Error("op " + op + " is unknown or not built into this runner");

@@ -21,16 +21,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, reference
-from .._library import warn_once
+from .._library import has_cuda_kernel, kernels_run_on, warn_once
 from . import packing
 from .dispatch import HALF_DTYPES, autocast_dtype, moe_reference_instead, reference_instead, transforming
 from .mlp import is_silu
 
 
+def gate_logits(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The router's linear (no bias), [T, H] -> [T, E]: the moe_gate op where autograd records
+    nothing and autocast casts nothing (the op takes one dtype; on CUDA at decode sizes one kernel
+    instead of a cuBLAS GEMM, other sizes torch's linear; on the CPU its reference, F.linear), else
+    F.linear as HF calls it."""
+    kernel_or_cpu = not hidden_states.is_cuda or (has_cuda_kernel("moe_gate") and kernels_run_on(hidden_states.device))
+    if (kernel_or_cpu and weight.device == hidden_states.device and weight.dtype == hidden_states.dtype
+            and not torch.is_grad_enabled() and autocast_dtype(hidden_states) is None and not transforming()
+            and type(weight.data) is torch.Tensor and type(hidden_states) is torch.Tensor):
+        return ops.moe_gate(hidden_states, weight)
+    return F.linear(hidden_states, weight)
+
+
 class TopKRouter:
     def forward(self, hidden_states: torch.Tensor):  # [..., H] -> logits [T, E], weights [T, k], ids [T, k]
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        router_logits = F.linear(hidden_states, self.weight)
+        router_logits = gate_logits(hidden_states, self.weight)
         router = reference.moe_router if reference_instead("moe_router", router_logits) else ops.moe_router
         weights, ids, _ = router(router_logits, self.top_k, self.norm_topk_prob)
         # int64 as HF's router gives them: the block may hold experts other than qwen3x's (FP8Experts
@@ -228,7 +241,8 @@ class SparseMoeBlock(packing.Owner):
     def _moe(self, hidden_states: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor):
         B, S, H = hidden_states.shape
         x = hidden_states.reshape(-1, H)
-        router_logits = self.gate(x)  # [T, E]
+        gate = self.gate
+        router_logits = gate_logits(x, gate.weight) if packing.plain_linear(gate) else gate(x)  # [T, E]
         moe = reference.moe if moe_reference_instead("moe", x, H, down.shape[2]) else ops.moe
         # (HF 4.57 rounds the routing weights to the hidden states' dtype, the op to the logits')
         out = moe(x, router_logits.to(x.dtype), gate_up, down, self.top_k, self.norm_topk_prob)
