@@ -117,10 +117,21 @@ def test_gate_strided_and_unaligned_inputs(dtype):
     _check_gate(flat[1:].view(3, 2048), (torch.randn(128, 2048, device="cuda") / 45).to(dtype))
 
 
-def test_gate_no_tokens():
+def test_gate_no_tokens_no_experts_and_other_dtypes():
+    """Sizes and dtypes the kernel does not take run torch's linear, as the reference: no tokens,
+    no experts, fp64 (an fp64 model's router), and under autocast the inputs' dtype is kept."""
     _needs_kernel("moe_gate")
     w = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
     assert ops.moe_gate(torch.empty(0, 2048, device="cuda", dtype=torch.bfloat16), w).shape == (0, 8)
+    x = torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16)
+    assert ops.moe_gate(x, w[:0]).shape == (3, 0)
+    x64, w64 = x.double(), w.double()
+    assert_identical(ops.moe_gate(x64, w64), R.moe_gate(x64, w64), "fp64")
+    x32, w32 = x.float(), w.float()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = ops.moe_gate(x32, w32)
+    assert got.dtype == torch.float32
+    assert_identical(got, R.moe_gate(x32, w32), "fp32 under autocast")
 
 
 BAD_GATE = {
@@ -129,9 +140,10 @@ BAD_GATE = {
     "weight_dtype": (lambda: ops.moe_gate(_cuda(4, 2048, dtype=torch.bfloat16), _cuda(8, 2048)), "same dtype"),
     "hidden_1d": (lambda: ops.moe_gate(_cuda(2048, dtype=torch.bfloat16), _cuda(8, 2048, dtype=torch.bfloat16)),
                   "\\[tokens, hidden\\]"),
-    "int": (lambda: ops.moe_gate(_cuda(4, 2048, dtype=torch.int32), _cuda(8, 2048, dtype=torch.int32)), "dtype"),
+    "int": (lambda: ops.moe_gate(_cuda(4, 2048, dtype=torch.int32), _cuda(8, 2048, dtype=torch.int32)),
+            "floating tensor, got torch.int32"),
     "weight_on_cpu": (lambda: ops.moe_gate(_cuda(4, 2048, dtype=torch.bfloat16),
-                                           torch.zeros(8, 2048, dtype=torch.bfloat16)), "device"),
+                                           torch.zeros(8, 2048, dtype=torch.bfloat16)), "weight to be a CUDA tensor, got cpu"),
 }
 
 

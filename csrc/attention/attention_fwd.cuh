@@ -113,7 +113,7 @@ __device__ __forceinline__ void attention_tile(const Params& p, T* sQ, int b, in
                 tile_begin, tid);
   v_loader.init(static_cast<const T*>(p.v) + seq.v_offset + kvh * p.v_head_stride, p.v_seq_stride,
                 tile_begin, tid);
-  load_q_tile<T, kWgmma>(p, seq, sQ_addr, kvh, row0, tid);
+  load_q_tile<T, kWgmma, kSplitKeys ? kSplitKeysMaxRows : kBlockM>(p, seq, sQ_addr, kvh, row0, tid);
   if (tile_begin < tile_end) {
     k_loader.load(sK_addr, seq.seqlen_k);
     v_loader.load(sV_addr, seq.seqlen_k);

@@ -1,6 +1,6 @@
 // The data movement and tensor-core math of one attention tile:
 //
-//   load_q_tile      global -> shared: the CTA's kBlockM packed rows of Q
+//   load_q_tile      global -> shared: the CTA's kBlockM packed rows of Q (decode: 16)
 //   KVLoader         global -> shared: kBlockN keys of K and of V of one kv head
 //   load_q_fragments shared -> registers: a warp's 16 x 128 Q block as A fragments (both
 //                    mainloops: once per CTA, they stay in registers for every tile)
@@ -51,16 +51,21 @@
 
 namespace qwen3x::attn {
 
-// The CTA's Q rows [row0, row0 + kBlockM) of sequence `seq` -> sQ. Packed row r is query
+// The CTA's Q rows [row0, row0 + kRows) of sequence `seq` -> sQ. Packed row r is query
 // position s = r / group of query head kvh * group + r % group; rows >= seq.rows are zero.
-template <typename T, bool kWgmma>
+// kRows: kBlockM, or at decode (split keys) the kSplitKeysMaxRows rows every warp computes: the
+// tile's other rows are never read there, and each pass of 8 rows costs every thread an integer
+// division and a copy (six of the eight passes, in the prologue that every decode CTA runs once).
+template <typename T, bool kWgmma, int kRows = kBlockM>
 __device__ __forceinline__ void load_q_tile(const Params& p, const SeqSlice& seq,
                                             uint32_t sQ,  // [kBlockM][128] in tile_offset<kWgmma>
                                             int kvh, int row0, int tid) {
+  static_assert(kRows % kLoadRowsPerPass == 0 && kRows <= kBlockM, "whole passes of the Q tile");
+  static_assert(!kWgmma || kRows == kBlockM, "the Hopper layout's offsets are the whole tile's");
   const T* q = static_cast<const T*>(p.q) + seq.q_offset;
   const int chunk = tid % kChunksPerRow;
 #pragma unroll
-  for (int i = 0; i < kBlockM / kLoadRowsPerPass; ++i) {
+  for (int i = 0; i < kRows / kLoadRowsPerPass; ++i) {
     const int local_row = tid / kChunksPerRow + i * kLoadRowsPerPass;
     const int r = row0 + local_row;
     const bool in_range = r < seq.rows;

@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <limits>
@@ -355,20 +356,25 @@ at::Tensor moe_gate(const at::Tensor& hidden_states, const at::Tensor& weight) {
   check::cuda(kOp, "hidden_states", hidden_states);
   check::cuda(kOp, "weight", weight);
   check::same_device(kOp, "weight", weight, "hidden_states", hidden_states);
-  check::float_dtype(kOp, "hidden_states", hidden_states);
+  const auto dtype = hidden_states.scalar_type();
+  QWEN3X_CHECK(at::isFloatingType(dtype), "qwen3x.", kOp,
+               ": expected hidden_states to be a floating tensor, got ", check::dtype_name(dtype));
   check::same_dtype(kOp, "weight", weight, "hidden_states", hidden_states);
   QWEN3X_CHECK(hidden_states.dim() == 2, "qwen3x.", kOp,
                ": expected hidden_states [tokens, hidden], got shape ", hidden_states.sizes());
   const int64_t T = hidden_states.size(0);
   const int64_t H = hidden_states.size(1);
-  QWEN3X_CHECK(weight.dim() == 2 && weight.size(1) == H && weight.size(0) >= 1, "qwen3x.", kOp,
-               ": expected weight [experts, ", H, "] (the router's linear weight), got shape ", weight.sizes());
+  QWEN3X_CHECK(weight.dim() == 2 && weight.size(1) == H, "qwen3x.", kOp, ": expected weight [experts, ", H,
+               "] (the router's linear weight), got shape ", weight.sizes());
   const int64_t E = weight.size(0);
-  QWEN3X_CHECK(E <= kMaxInt32, "qwen3x.", kOp, ": ", E, " experts exceed the kernel's int32 range");
   const c10::cuda::CUDAGuard device_guard(hidden_states.device());
-  const auto dtype = hidden_states.scalar_type();
   const bool half = dtype == at::ScalarType::BFloat16 || dtype == at::ScalarType::Half;
-  if (!half || !moe::gate_kernel_serves(T, H)) return at::linear(hidden_states, weight);
+  if (!half || !moe::gate_kernel_serves(T, H) || E < 1 || E > kMaxInt32) {
+    // torch's linear in the inputs' dtype, as the kernel computes: not cast by an autocast region
+    // around the op (the op has no autocast rule, so the call below would otherwise meet it)
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    return at::linear(hidden_states, weight);
+  }
 
   const at::Tensor hidden = rows_16b_readable(hidden_states);
   const at::Tensor w = rows_16b_readable(weight);

@@ -287,7 +287,7 @@ def moe_gate(op, hidden_states, weight) -> None:
     floating(op, "hidden_states", hidden_states)
     expect(hidden_states.dim() == 2, op, f"expected hidden_states [tokens, hidden], got {_shape(hidden_states)}")
     H = hidden_states.shape[1]
-    expect(weight.dim() == 2 and weight.shape[1] == H and weight.shape[0] >= 1, op,
+    expect(weight.dim() == 2 and weight.shape[1] == H, op,
            f"expected weight [experts, {H}] (the router's linear weight), got {_shape(weight)}")
     expect(weight.dtype == hidden_states.dtype, op,
            f"expected weight of dtype {hidden_states.dtype} (hidden_states'), got {weight.dtype}")

@@ -304,9 +304,11 @@ def moe_gate(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The router's GEMM, as transformers' Qwen3-MoE router computes it: F.linear without a bias.
 
     hidden_states [T, H], weight [E, H] -> router_logits [T, E] in their dtype (fp32 sums for
-    16-bit inputs, rounded once; the order of the sums is the backend's own).
+    16-bit inputs, rounded once; the order of the sums is the backend's own), also inside an
+    autocast region (the op takes one dtype and keeps it; the patched routers call F.linear there).
     """
-    return F.linear(hidden_states, weight)
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        return F.linear(hidden_states, weight)
 
 
 def moe_router(

@@ -212,10 +212,11 @@ def cp_async_16(sm, gbuf, dst_bytes, src, in_range, what):
     sm.cp_async(dst_bytes, vals, what)
 
 
-def load_q_tile(p, seq, sm, kvh, row0, tid, what):
-    """mainloop.cuh load_q_tile: packed rows [row0, row0 + 64) -> sQ; rows >= seq.rows zero."""
+def load_q_tile(p, seq, sm, kvh, row0, tid, what, rows=BLOCK_M):
+    """mainloop.cuh load_q_tile: packed rows [row0, row0 + rows) -> sQ (rows: 64, or 16 at decode);
+    rows >= seq.rows zero."""
     chunk = tid % CHUNKS_PER_ROW
-    for i in range(BLOCK_M // LOAD_ROWS_PER_PASS):
+    for i in range(rows // LOAD_ROWS_PER_PASS):
         local_row = tid // CHUNKS_PER_ROW + i * LOAD_ROWS_PER_PASS
         r = row0 + local_row
         in_range = r < seq.rows
@@ -540,7 +541,7 @@ def attention_tile(p, num, sm, b, kvh, split, row0, stats, what):
     # ---- prologue: Q and the first K/V tile, one group
     k_loader = KVLoader(seq.k_offset + kvh * p.k_head_stride, p.k_seq_stride, tile_begin, tid, p.wgmma)
     v_loader = KVLoader(seq.v_offset + kvh * p.v_head_stride, p.v_seq_stride, tile_begin, tid, p.wgmma)
-    load_q_tile(p, seq, sm, kvh, row0, tid, what)
+    load_q_tile(p, seq, sm, kvh, row0, tid, what, SPLIT_KEYS_MAX_ROWS if split_keys else BLOCK_M)
     if tile_begin < tile_end:
         k_loader.load(sm, p.k, SK, seq.seqlen_k, what + " K load")
         v_loader.load(sm, p.v, SV, seq.seqlen_k, what + " V load")

@@ -28,13 +28,15 @@ from .mlp import is_silu
 
 
 def gate_logits(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The router's linear (no bias), [T, H] -> [T, E]: the moe_gate op where autograd records
-    nothing and autocast casts nothing (the op takes one dtype; on CUDA at decode sizes one kernel
-    instead of a cuBLAS GEMM, other sizes torch's linear; on the CPU its reference, F.linear), else
-    F.linear as HF calls it."""
-    kernel_or_cpu = not hidden_states.is_cuda or (has_cuda_kernel("moe_gate") and kernels_run_on(hidden_states.device))
-    if (kernel_or_cpu and weight.device == hidden_states.device and weight.dtype == hidden_states.dtype
-            and not torch.is_grad_enabled() and autocast_dtype(hidden_states) is None and not transforming()
+    """The router's linear (no bias), [T, H] -> [T, E]: the moe_gate op for bf16/fp16 where autograd
+    records nothing and autocast casts nothing (the op takes one dtype; on CUDA at decode sizes one
+    kernel instead of a cuBLAS GEMM, other sizes torch's linear; on the CPU its reference, F.linear),
+    else F.linear as HF calls it."""
+    device_ok = hidden_states.is_cpu or (hidden_states.is_cuda and has_cuda_kernel("moe_gate")
+                                         and kernels_run_on(hidden_states.device))
+    if (device_ok and hidden_states.dtype in HALF_DTYPES and weight.dtype == hidden_states.dtype
+            and weight.device == hidden_states.device and not torch.is_grad_enabled()
+            and autocast_dtype(hidden_states) is None and not transforming()
             and type(weight.data) is torch.Tensor and type(hidden_states) is torch.Tensor):
         return ops.moe_gate(hidden_states, weight)
     return F.linear(hidden_states, weight)
