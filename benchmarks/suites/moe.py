@@ -5,8 +5,8 @@
 - moe_permute: expert ids -> stable grouping by expert (sorted rows, offsets, inverse)
 - moe_route:   both, as the layer runs them (one launch up to 64 tokens), with its decode row_align
 - moe_experts: SwiGLU experts + weighted combine, given the routing
-- moe_layer:   a whole sparse block: router GEMM (F.linear; the patched layers' moe_gate is
-               timed on its own), routing, experts, combine
+- moe_layer:   a whole sparse block: router GEMM (qwen3x: moe_gate, as the patched layers; the
+               others F.linear), routing, experts, combine
 
 Routing inputs are drawn uniformly (each token's logits are a random permutation of distinct
 bf16 values, so top-k has no ties); the byte formulas assume the same uniform routing.
@@ -399,7 +399,10 @@ def _layer_truth(x, topk):
 
 
 def _layer_qwen3x(x, topk):
-    logits = F.linear(x["hidden_states"], x["router"])
+    """The patched layer's calls: the router's linear as moe_gate (its kernel up to 16 tokens; its
+    logits are F.linear's up to the order of the sums, so a token at a near tie may route
+    otherwise than the truth's F.linear logits: about one decode case in a hundred, estimated), then moe."""
+    logits = ops.moe_gate(x["hidden_states"], x["router"])
     return ops.moe(x["hidden_states"], logits, x["gate_up_proj"], x["down_proj"], topk, NORM_TOPK_PROB)
 
 
@@ -425,11 +428,11 @@ def layer_case(d: ModelDims, tokens: int) -> Case:
         reference=ref,
         truth=functools.partial(_layer_truth, topk=d.topk),
         providers=[
-            qwen3x_provider("moe", functools.partial(_layer_qwen3x, topk=d.topk), note="router GEMM: F.linear"),
+            qwen3x_provider("moe", functools.partial(_layer_qwen3x, topk=d.topk), note="router GEMM: moe_gate"),
             no_pdl_provider(functools.partial(_layer_qwen3x, topk=d.topk), graph_worthy(tokens),
-                            note="QWEN3X_PDL=0; router GEMM: F.linear"),
+                            note="QWEN3X_PDL=0; router GEMM: moe_gate"),
             no_fence_provider("QWEN3X_MOE_MAINLOOP", functools.partial(_layer_qwen3x, topk=d.topk),
-                              _prefill_regime(d, tokens), note="QWEN3X_WGMMA_PROXY_FENCE=0; router GEMM: F.linear"),
+                              _prefill_regime(d, tokens), note="QWEN3X_WGMMA_PROXY_FENCE=0; router GEMM: moe_gate"),
             reference_provider(ref, graphable=False),
             *_hf_providers(d, tokens, with_router=True),
         ],
