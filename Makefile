@@ -149,7 +149,7 @@ NCU_S       ?= 150
 # (Each name is matched anywhere in the function name, ncu's default --kernel-name-base: no namespace.)
 NCU_RUNS    ?= "1 attention_fwd attention_prefill model=Qwen3-4B,seqlen=4096" \
                "1 attention_fwd attention_decode model=Qwen3-4B,batch=1,context=1024" \
-               "1 rms_norm rms_norm tokens=16384,hidden=4096" "3 moe_ moe_layer model=Qwen3-30B-A3B,tokens=1" \
+               "1 rms_norm rms_norm tokens=16384,hidden=4096" "4 moe_ moe_layer model=Qwen3-30B-A3B,tokens=1" \
                "2 moe_expert_gemm moe_layer model=Qwen3-30B-A3B,tokens=16384" \
                "1 qk_norm_rope qk_norm_rope model=Qwen3-4B,tokens=16384"
 NCU_SECTIONS ?= --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
