@@ -27,8 +27,8 @@
 //
 // Requirements (the glue checks them, else it runs at::linear): 16-bit T, 1 <= T <= kGateMaxTokens,
 // H a positive multiple of kGateHMultiple up to kGateMaxHidden, T * H * sizeof(T) <=
-// kGateMaxSmemBytes, 16-byte aligned
-// rows (data and row strides), logits [T, E] contiguous. Torch-free: the glue is moe.cu.
+// kGateMaxSmemBytes, 16-byte aligned rows (data and row strides), logits [T, E] contiguous.
+// Torch-free: the glue is moe.cu.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -350,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // The router's GEMM. Decode sizes in bf16 / fp16 (moe::gate_kernel_serves: up to 16 tokens) run
 // gate.cuh's kernel, with programmatic dependent launch where the device allows; other sizes and
-// fp32 run at::linear (cuBLAS: a GEMM at prefill sizes), which is also what the reference runs.
+// fp32 / fp64 run at::linear (cuBLAS: a GEMM at prefill sizes), which is also what the reference runs.
 at::Tensor moe_gate(const at::Tensor& hidden_states, const at::Tensor& weight) {
   constexpr const char* kOp = "moe_gate";
   check::cuda(kOp, "hidden_states", hidden_states);
