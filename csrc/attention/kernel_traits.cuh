@@ -112,7 +112,7 @@ constexpr int kSmemAllocWgmma = kSmemBytes + kWgmmaAtomBytes;  // room to align 
 constexpr int kOverlapVStages = 3;
 constexpr int kSmemAllocOverlap =
     (kTileQElems + (kStages + kOverlapVStages) * kTileKVElems) * kElemBytes + kWgmmaAtomBytes;
-static_assert(2 * (kSmemAllocOverlap + 1024) <= 228 * 1024,
+static_assert(2 * (kSmemAllocOverlap + kSmemReservedPerCta) <= kHopperSmemPerSm,
               "two CTAs of the overlapped loop per sm_90 SM (228 KB, 1 KB reserved per CTA)");
 
 // Element offset of (row, chunk) inside a tile of `rows` rows in the Hopper layout.

@@ -15,6 +15,10 @@ constexpr int kMaxThreadsPerBlock = 1024;
 // Hopper wgmma's 128-byte-swizzle atom: 8 rows x 128 bytes of shared memory. wgmma operand tiles
 // start on multiples of it (the swizzle is applied to absolute shared-memory addresses).
 constexpr int kWgmmaAtomBytes = 1024;
+// Shared memory of an sm_90 (H100/H200) SM, and what the hardware reserves of it per resident CTA:
+// the occupancy arithmetic of the Hopper tiles (N CTAs fit when N * (bytes + reserved) <= per SM).
+constexpr int kHopperSmemPerSm = 228 * 1024;
+constexpr int kSmemReservedPerCta = 1024;
 // Most blocks along gridDim.y (and z); gridDim.x allows 2^31 - 1.
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxGridX = 2147483647;

@@ -108,10 +108,7 @@ struct GemmConfig {
 };
 
 using DecodeGemmConfig = GemmConfig<16, 64, 1, 4, 7>;
-// The decode tile's occupancy its comment assumes: 3 CTAs on an sm_90 SM (228 KB of shared memory,
-// 1 KB of it reserved per CTA).
-constexpr int kHopperSmemPerSm = 228 * 1024;
-constexpr int kSmemReservedPerCta = 1024;
+// The decode tile's occupancy its comment assumes: 3 CTAs on an sm_90 SM.
 constexpr int kDecodeCtasPerHopperSm = 3;
 static_assert(kDecodeCtasPerHopperSm * (DecodeGemmConfig::kSmemAllocBytes + kSmemReservedPerCta) <= kHopperSmemPerSm,
               "the decode tile's stages must leave 3 CTAs per sm_90 SM");
